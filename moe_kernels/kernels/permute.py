@@ -1,0 +1,338 @@
+"""Token -> expert-row permutation: expert histograms, contiguous and masked layouts, row scatter.
+
+Every function here stays on the device: no host synchronisation (no ``.item()``, ``.tolist()``,
+boolean-mask indexing or ``nonzero``), so the whole MoE forward can be captured in a CUDA graph.
+
+A *slot* is one (token, k) pair of ``topk_ids [T, K]``; slot ``s = t * K + k``. Expert ids are local
+ids in ``[0, E)``; ``-1`` (and, defensively, any id outside ``[0, E)``) means "no expert" and the
+slot is ignored everywhere.
+
+The rank of a slot inside its expert comes from an atomic counter, so the order of rows inside an
+expert segment is not deterministic. Results stay deterministic because :func:`weighted_gather`
+sums each token's slots in fixed ``k`` order and every row is computed independently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor, pick_row_block
+
+_SLOT_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class ContiguousLayout:
+    """Rows of all experts packed one segment after another (DeepGEMM "contiguous" layout).
+
+    Expert ``e`` owns rows ``[expert_start[e], expert_start[e] + align_up(counts[e], alignment))``;
+    the first ``counts[e]`` rows hold its tokens, the rest are padding.
+
+    Attributes:
+        counts: ``[E] int32``, number of slots routed to each expert.
+        expert_start: ``[E] int64``, first row of each segment (exclusive cumsum of
+            ``align_up(counts, alignment)``), so every segment starts on a multiple of ``alignment``.
+        segment_ends: ``[E] int32``, ``expert_start + counts``: the cumulative end offsets that
+            ``torch._grouped_mm(..., offs=segment_ends)`` takes. With ``alignment > 1`` group ``e``
+            of that call also covers the padding rows in front of segment ``e``; they are computed
+            with expert ``e``'s weights and never read, so the result is still correct.
+        dst_row: ``[T, K] int64``, layout row of each slot, ``-1`` where the slot has no expert.
+        grouped_layout: ``[num_rows_bound] int32``, expert id of each row, ``-1`` for padding rows
+            and for rows past the last segment (DeepGEMM ``m_grouped_*_contiguous`` convention).
+        num_rows_bound: host-side upper bound on the rows the layout uses, see
+            :func:`contiguous_rows_bound`; buffers of this many rows always suffice.
+        alignment: the segment alignment the layout was built with.
+    """
+
+    counts: torch.Tensor
+    expert_start: torch.Tensor
+    segment_ends: torch.Tensor
+    dst_row: torch.Tensor
+    grouped_layout: torch.Tensor
+    num_rows_bound: int
+    alignment: int
+
+
+@dataclass(frozen=True)
+class MaskedLayout:
+    """Fixed-capacity per-expert buffers ``[E, capacity, H]`` (DeepGEMM "masked" layout).
+
+    Attributes:
+        counts: ``[E] int32``, rows filled in each expert's buffer, ``min(routed slots, capacity)``
+            (DeepGEMM's ``masked_m``).
+        dst_row: ``[T, K] int64``, ``e * capacity + rank``: the row of the slot in the buffer viewed
+            as ``[E * capacity, H]``; ``-1`` for slots without an expert and for dropped slots.
+        overflow: ``[1] int32``, set to 1 when some slot had ``rank >= capacity`` and was dropped.
+        capacity: rows per expert buffer.
+    """
+
+    counts: torch.Tensor
+    dst_row: torch.Tensor
+    overflow: torch.Tensor
+    capacity: int
+
+
+@triton.jit
+def _count_rank_kernel(
+    ids_ptr,
+    counts_ptr,
+    dst_ptr,
+    overflow_ptr,
+    n_slots,
+    num_experts,
+    capacity,
+    WRITE_DST: tl.constexpr,
+    MASKED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Histogram of expert ids; the counter value each slot's atomic returns is its rank.
+
+    WRITE_DST stores per slot either the rank (contiguous layout, finished by ``_place_kernel``) or,
+    with MASKED, the final row ``e * capacity + rank``.
+    """
+    slots = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = slots < n_slots
+    ids = tl.load(ids_ptr + slots, mask=in_range, other=-1).to(tl.int32)
+    valid = in_range & (ids >= 0) & (ids < num_experts)
+    rank = tl.atomic_add(counts_ptr + ids, 1, mask=valid)
+    if WRITE_DST:
+        dst = rank.to(tl.int64)
+        if MASKED:
+            dropped = valid & (rank >= capacity)
+            # Once a counter reaches capacity every later increment also overflows and clamps it
+            # right after, so the final count is exactly min(routed, capacity).
+            tl.atomic_min(counts_ptr + ids, capacity, mask=dropped)
+            tl.atomic_max(overflow_ptr + tl.zeros_like(ids), 1, mask=dropped)
+            valid = valid & (rank < capacity)
+            dst = ids.to(tl.int64) * capacity + dst
+        tl.store(dst_ptr + slots, tl.where(valid, dst, -1), mask=in_range)
+
+
+@triton.jit
+def _expert_start_kernel(
+    counts_ptr, start_ptr, ends_ptr, num_experts, alignment, E_PAD: tl.constexpr
+):
+    # A single program: E is small and a scan across programs would need a second pass.
+    experts = tl.arange(0, E_PAD)
+    counts = tl.load(counts_ptr + experts, mask=experts < num_experts, other=0).to(tl.int64)
+    padded = (counts + alignment - 1) // alignment * alignment
+    start = tl.cumsum(padded, 0) - padded
+    tl.store(start_ptr + experts, start, mask=experts < num_experts)
+    tl.store(ends_ptr + experts, (start + counts).to(tl.int32), mask=experts < num_experts)
+
+
+@triton.jit
+def _place_kernel(ids_ptr, start_ptr, dst_ptr, layout_ptr, n_slots, num_experts, BLOCK: tl.constexpr):
+    """Turn ranks into contiguous-layout rows and mark those rows with their expert id."""
+    slots = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = slots < n_slots
+    ids = tl.load(ids_ptr + slots, mask=in_range, other=-1).to(tl.int32)
+    rank = tl.load(dst_ptr + slots, mask=in_range, other=-1)
+    valid = in_range & (ids >= 0) & (ids < num_experts) & (rank >= 0)
+    dst = tl.load(start_ptr + ids, mask=valid, other=0) + rank
+    tl.store(dst_ptr + slots, dst, mask=valid)
+    tl.store(layout_ptr + dst, ids, mask=valid)
+
+
+@triton.jit
+def _scatter_rows_kernel(
+    x_ptr, dst_ptr, out_ptr, top_k, n_cols, stride_xm, stride_om, BLOCK: tl.constexpr
+):
+    # One program per (token, column block): the token's row is read once and written K times.
+    tok = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < n_cols
+    vals = tl.load(x_ptr + tok * stride_xm + cols, mask=col_ok, other=0)
+    for k in range(top_k):
+        row = tl.load(dst_ptr + tok * top_k + k)
+        tl.store(out_ptr + row * stride_om + cols, vals, mask=col_ok & (row >= 0))
+
+
+def _check_ids(topk_ids: torch.Tensor, num_experts: int) -> None:
+    check_tensor("topk_ids", topk_ids, dtypes=INDEX_DTYPES, ndim=2)
+    if num_experts < 1:
+        raise ValueError(f"num_experts: expected >= 1, got {num_experts}")
+
+
+def _count_and_rank(
+    topk_ids: torch.Tensor,
+    dst: torch.Tensor | None,
+    overflow: torch.Tensor | None,
+    num_experts: int,
+    capacity: int,
+) -> torch.Tensor:
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=topk_ids.device)
+    n_slots = topk_ids.numel()
+    if n_slots:
+        _count_rank_kernel[(triton.cdiv(n_slots, _SLOT_BLOCK),)](
+            topk_ids,
+            counts,
+            dst,
+            overflow,
+            n_slots,
+            num_experts,
+            capacity,
+            WRITE_DST=dst is not None,
+            MASKED=overflow is not None,
+            BLOCK=_SLOT_BLOCK,
+        )
+    return counts
+
+
+def expert_counts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Number of slots routed to each expert.
+
+    Args:
+        topk_ids: ``[T, K]`` int32/int64, contiguous; ``-1`` entries are ignored.
+        num_experts: ``E``.
+
+    Returns:
+        ``[E] int32`` counts on ``topk_ids.device`` (computed without host sync).
+    """
+    _check_ids(topk_ids, num_experts)
+    return _count_and_rank(topk_ids, None, None, num_experts, 0)
+
+
+def contiguous_rows_bound(num_slots: int, num_experts: int, alignment: int) -> int:
+    """Host-side upper bound on the rows of a contiguous layout, without looking at the routing.
+
+    With ``N = num_slots`` valid slots at most ``min(E, N)`` experts are non-empty and each pads
+    fewer than ``alignment`` rows, so the layout uses at most ``N + min(E, N) * (alignment - 1)``
+    rows. The real row count is a sum of multiples of ``alignment``, hence the bound is that
+    number rounded *down* to a multiple of ``alignment``.
+    """
+    if alignment < 1:
+        raise ValueError(f"alignment: expected >= 1, got {alignment}")
+    worst = num_slots + min(num_experts, num_slots) * (alignment - 1)
+    return worst // alignment * alignment
+
+
+def contiguous_layout(topk_ids: torch.Tensor, num_experts: int, alignment: int) -> ContiguousLayout:
+    """Build the contiguous (expert-sorted, segment-aligned) layout of the routed slots.
+
+    Args:
+        topk_ids: ``[T, K]`` int32/int64, contiguous, local expert ids or ``-1``.
+        num_experts: ``E``.
+        alignment: every expert segment starts on a multiple of this many rows (use a multiple of
+            the grouped GEMM's BLOCK_M, see ``grouped_gemm.contiguous_alignment()``).
+
+    Returns:
+        A :class:`ContiguousLayout`; launches three small kernels, never syncs with the host.
+    """
+    _check_ids(topk_ids, num_experts)
+    num_rows = contiguous_rows_bound(topk_ids.numel(), num_experts, alignment)
+    device = topk_ids.device
+    dst_row = torch.empty(topk_ids.shape, dtype=torch.int64, device=device)
+    counts = _count_and_rank(topk_ids, dst_row, None, num_experts, 0)
+    expert_start = torch.empty(num_experts, dtype=torch.int64, device=device)
+    segment_ends = torch.empty(num_experts, dtype=torch.int32, device=device)
+    _expert_start_kernel[(1,)](
+        counts,
+        expert_start,
+        segment_ends,
+        num_experts,
+        alignment,
+        E_PAD=triton.next_power_of_2(num_experts),
+    )
+    grouped_layout = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
+    if topk_ids.numel():
+        _place_kernel[(triton.cdiv(topk_ids.numel(), _SLOT_BLOCK),)](
+            topk_ids,
+            expert_start,
+            dst_row,
+            grouped_layout,
+            topk_ids.numel(),
+            num_experts,
+            BLOCK=_SLOT_BLOCK,
+        )
+    return ContiguousLayout(
+        counts=counts,
+        expert_start=expert_start,
+        segment_ends=segment_ends,
+        dst_row=dst_row,
+        grouped_layout=grouped_layout,
+        num_rows_bound=num_rows,
+        alignment=alignment,
+    )
+
+
+def masked_layout(topk_ids: torch.Tensor, num_experts: int, capacity: int) -> MaskedLayout:
+    """Assign every slot a row in fixed-capacity per-expert buffers ``[E, capacity, H]``.
+
+    Slots beyond an expert's capacity are dropped (``dst_row = -1``, never written out of bounds)
+    and ``overflow`` is set. ``capacity = T`` can never overflow when each token's top-k ids are
+    distinct, because then an expert receives at most one slot per token.
+
+    Args:
+        topk_ids: ``[T, K]`` int32/int64, contiguous, local expert ids or ``-1``.
+        num_experts: ``E``.
+        capacity: rows per expert buffer, ``>= 1``.
+
+    Returns:
+        A :class:`MaskedLayout`; one kernel launch, no host sync.
+    """
+    _check_ids(topk_ids, num_experts)
+    if capacity < 1:
+        raise ValueError(f"capacity: expected >= 1, got {capacity}")
+    device = topk_ids.device
+    dst_row = torch.empty(topk_ids.shape, dtype=torch.int64, device=device)
+    overflow = torch.zeros(1, dtype=torch.int32, device=device)
+    counts = _count_and_rank(topk_ids, dst_row, overflow, num_experts, capacity)
+    return MaskedLayout(counts=counts, dst_row=dst_row, overflow=overflow, capacity=capacity)
+
+
+def resolve_dst_row(dst_row: torch.Tensor | ContiguousLayout | MaskedLayout) -> torch.Tensor:
+    """The ``[T, K] int64`` slot -> row map held by a layout (or the tensor itself)."""
+    if isinstance(dst_row, (ContiguousLayout, MaskedLayout)):
+        return dst_row.dst_row
+    return dst_row
+
+
+def scatter_rows(
+    x: torch.Tensor,
+    dst_row: torch.Tensor | ContiguousLayout | MaskedLayout,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Copy ``x[t]`` into ``out[dst_row[t, k]]`` for every slot with ``dst_row >= 0``.
+
+    Args:
+        x: ``[T, H]`` bf16/fp16/fp32, unit stride along H.
+        dst_row: ``[T, K] int64`` contiguous (or a layout carrying one). Rows must lie inside
+            ``out``; both layouts guarantee that for their own buffers.
+        out: ``[R, H]`` or ``[E, capacity, H]`` (masked layout), contiguous, same dtype as ``x``.
+            Rows no slot maps to keep their previous contents; zero-fill them first if they are
+            ever read.
+
+    Returns:
+        ``out``.
+    """
+    dst_row = resolve_dst_row(dst_row)
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2, contiguous=False)
+    if x.stride(1) != 1:
+        raise ValueError(f"x: expected unit stride along the hidden dim, got strides {x.stride()}")
+    num_tokens, hidden = x.shape
+    check_tensor("dst_row", dst_row, dtypes=(torch.int64,), shape=(num_tokens, None))
+    check_tensor("out", out, dtypes=(x.dtype,), contiguous=True)
+    if out.dim() < 2 or out.shape[-1] != hidden:
+        raise ValueError(f"out: expected shape [..., {hidden}], got {list(out.shape)}")
+    check_same_device(x=x, dst_row=dst_row, out=out)
+    out_rows = out.view(-1, hidden)
+    if num_tokens == 0 or hidden == 0:
+        return out
+    block, num_warps = pick_row_block(num_tokens, hidden)
+    _scatter_rows_kernel[(num_tokens, triton.cdiv(hidden, block))](
+        x,
+        dst_row,
+        out_rows,
+        dst_row.shape[1],
+        hidden,
+        x.stride(0),
+        out_rows.stride(0),
+        BLOCK=block,
+        num_warps=num_warps,
+    )
+    return out

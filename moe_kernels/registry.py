@@ -1,0 +1,24 @@
+"""Every part :func:`moe_kernels.select.select` may choose from, as factories.
+
+A factory builds a part for a layer (and, for prepare/finalize, the expert-parallel process
+group); building must never fail on a machine that cannot run the part: the part's checks
+say so instead. To add a part, add its factory here.
+"""
+
+from __future__ import annotations
+
+from moe_kernels.experts.reference import TorchReferenceExperts
+from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
+
+PREPARE_FINALIZE = [
+    lambda cfg, group: LocalPrepareAndFinalize(),
+    lambda cfg, group: LocalPrepareAndFinalize(
+        batched=True, capacity=cfg.parallel.max_tokens_per_rank if cfg.parallel.cuda_graphs else None
+    ),
+]
+
+EXPERTS = [
+    lambda cfg: TorchReferenceExperts(),
+]
+
+
