@@ -1,0 +1,1 @@
+"""Benchmarks run by ``moe-kernels bench ...`` (GPU; CUDA-event timing, tables, plots)."""

@@ -1,0 +1,27 @@
+"""Test setup: Triton kernels run under the interpreter when there is no GPU, and GPU tests
+skip cleanly without one."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # must happen before triton is imported anywhere
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_multi = pytest.mark.skip(reason="needs two or more CUDA GPUs")
+    for item in items:
+        if "gpu" in item.keywords and gpus == 0:
+            item.add_marker(skip_gpu)
+        if "multigpu" in item.keywords and gpus < 2:
+            item.add_marker(skip_multi)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
