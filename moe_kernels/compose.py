@@ -154,9 +154,7 @@ class ModularKernel:
         step = self.chunk_size or max(x.shape[0], 1)
         for start in range(0, max(x.shape[0], 1), step):
             end = min(start + step, x.shape[0])
-            self._run(
-                out[start:end], x[start:end], w13, w2, topk_weights[start:end], topk_ids[start:end], expert_map
-            )
+            self._run(out[start:end], x[start:end], w13, w2, topk_weights[start:end], topk_ids[start:end], expert_map)
         return out
 
     def _run(

@@ -84,8 +84,7 @@ class MoEConfig(_Strict):
             assert self.topk_group is not None
             if self.num_experts % self.num_expert_group:
                 raise ValueError(
-                    f"num_experts ({self.num_experts}) must be divisible by num_expert_group "
-                    f"({self.num_expert_group})"
+                    f"num_experts ({self.num_experts}) must be divisible by num_expert_group ({self.num_expert_group})"
                 )
             if self.topk_group > self.num_expert_group:
                 raise ValueError(
@@ -94,8 +93,7 @@ class MoEConfig(_Strict):
             per_group = self.num_experts // self.num_expert_group
             if self.top_k > self.topk_group * per_group:
                 raise ValueError(
-                    f"top_k ({self.top_k}) exceeds the experts in topk_group groups "
-                    f"({self.topk_group} x {per_group})"
+                    f"top_k ({self.top_k}) exceeds the experts in topk_group groups ({self.topk_group} x {per_group})"
                 )
         return self
 
@@ -106,9 +104,7 @@ class ParallelConfig(_Strict):
     ep_size: int = Field(default=1, gt=0)
     ep_rank: int = Field(default=0, ge=0)
     dp_size: int = Field(default=1, gt=0)
-    max_tokens_per_rank: int = Field(
-        default=8192, gt=0, description="largest token count any rank passes to one call"
-    )
+    max_tokens_per_rank: int = Field(default=8192, gt=0, description="largest token count any rank passes to one call")
     cuda_graphs: bool = Field(default=False, description="the layer will be captured in CUDA graphs")
 
     @model_validator(mode="after")

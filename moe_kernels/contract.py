@@ -158,7 +158,7 @@ class WorkspaceSpec:
     dtype: torch.dtype
 
 
-class _Part(ABC):
+class _Part:
     """Shared by both halves: a name and capability checks derived from class data."""
 
     #: device types the part runs on
@@ -203,7 +203,7 @@ class _Part(ABC):
         return 100.0, "no measured preference"
 
 
-class PrepareAndFinalize(_Part):
+class PrepareAndFinalize(_Part, ABC):
     """Moves tokens to the experts that own them (``prepare``) and back (``finalize``)."""
 
     #: the layout ``prepare`` hands to the experts
@@ -250,7 +250,7 @@ class PrepareAndFinalize(_Part):
         return self.output_format.weight_and_reduce is WeightAndReduce.BY_EXPERTS
 
 
-class PermuteExpertsUnpermute(_Part):
+class PermuteExpertsUnpermute(_Part, ABC):
     """Computes ``w2[e] @ silu_and_mul(w13[e] @ x)`` for every routed row of a layout.
 
     Weights: ``w13 [E_local, 2I, H]`` (gate rows, then up rows; SiLU on the gate half),

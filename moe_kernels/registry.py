@@ -8,6 +8,7 @@ say so instead. To add a part, add its factory here.
 from __future__ import annotations
 
 from moe_kernels.experts.reference import TorchReferenceExperts
+from moe_kernels.experts.triton import BatchedTritonExperts, TritonExperts
 from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
 
 PREPARE_FINALIZE = [
@@ -19,6 +20,6 @@ PREPARE_FINALIZE = [
 
 EXPERTS = [
     lambda cfg: TorchReferenceExperts(),
+    lambda cfg: TritonExperts(),
+    lambda cfg: BatchedTritonExperts(),
 ]
-
-

@@ -8,6 +8,7 @@ repeats a capability: refusals come from the checks the parts declare.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -61,7 +62,7 @@ class Selection:
             raise RuntimeError(f"no registered pair can run this layer on {self.device}:\n{self.explain()}")
         return valid[0]
 
-    @property
+    @functools.cached_property
     def kernel(self) -> ModularKernel:
         best = self.best
         return ModularKernel(best.prepare_finalize, best.experts, self.cfg, self.workspace_cache)
@@ -85,7 +86,9 @@ class Selection:
         return "\n".join(lines)
 
 
-def rank(pf: PrepareAndFinalize, experts: PermuteExpertsUnpermute, cfg: LayerConfig, device: torch.device) -> tuple[float, str]:
+def rank(
+    pf: PrepareAndFinalize, experts: PermuteExpertsUnpermute, cfg: LayerConfig, device: torch.device
+) -> tuple[float, str]:
     pf_score, pf_why = pf.preference(cfg, device)
     ex_score, ex_why = experts.preference(cfg, device)
     return pf_score + ex_score, f"{pf_why}; {ex_why}"

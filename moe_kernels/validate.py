@@ -66,8 +66,7 @@ def check_call(
     expect_device("topk_weights", topk_weights, x.device)
     if max_tokens is not None and t > max_tokens:
         raise ValueError(
-            f"x has {t} tokens but this kernel takes at most {max_tokens} per rank "
-            "(raise parallel.max_tokens_per_rank)"
+            f"x has {t} tokens but this kernel takes at most {max_tokens} per rank (raise parallel.max_tokens_per_rank)"
         )
     if check_values and t > 0:
         # one host sync for all value checks

@@ -13,6 +13,7 @@ from moe_kernels.contract import (
     PrepareResult,
     StandardTokens,
 )
+from moe_kernels.platform import triton_check
 from moe_kernels.prepare_finalize.common import to_local_ids
 
 
@@ -47,8 +48,6 @@ class LocalPrepareAndFinalize(PrepareAndFinalize):
 
     def check_device(self, device: torch.device) -> Check:
         if self.batched:
-            from moe_kernels.platform import triton_check
-
             return triton_check(device)
         return super().check_device(device)
 
@@ -60,6 +59,13 @@ class LocalPrepareAndFinalize(PrepareAndFinalize):
         if cfg.parallel.cuda_graphs and self.batched and self.capacity is None:
             return Check.failed("cuda_graphs", "batched without a fixed capacity changes shape with T")
         return super().check_parallel(cfg)
+
+    def preference(self, cfg: LayerConfig, device: torch.device) -> tuple[float, str]:
+        if self.batched:
+            if cfg.parallel.cuda_graphs:
+                return 0.0, "no dispatch; batched shapes are static under CUDA graphs"
+            return 10.0, "no dispatch; batched memory grows as E x T x H, so standard ranks first"
+        return 0.0, "no dispatch; the experts write the output in place"
 
     def num_dispatchers(self) -> int:
         return 1
