@@ -38,10 +38,12 @@ class TritonExperts(_TritonPart):
     scatter ``x`` into expert-contiguous segments (aligned to the GEMM's row tile) ->
     GEMM1 + SiLU-and-mul -> GEMM2 -> weighted gather. Sizes come from a host bound on the
     layout rows (``T*K + min(E, T*K) * (align - 1)``), so nothing syncs with the host; the
-    padding rows are skipped by the GEMMs and never read by the gather.
+    padding rows are skipped by the GEMMs and never read by the gather. Shapes depend only
+    on T, so it can be captured in a CUDA graph per batch size.
     """
 
     input_format = ActivationFormat.STANDARD
+    supports_cuda_graphs = True
 
     def workspace_shapes(self, tokens: StandardTokens, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, WorkspaceSpec]:
         from moe_kernels.kernels import contiguous_alignment, contiguous_rows_bound

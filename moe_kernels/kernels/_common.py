@@ -49,7 +49,7 @@ def check_tensor(
     if t.dtype not in dtypes:
         raise TypeError(f"{name}: expected dtype in {tuple(dtypes)}, got {t.dtype}")
     if shape is not None:
-        ok = t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape))
+        ok = t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape, strict=True))
         if not ok:
             want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
             raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")

@@ -22,11 +22,14 @@ def _silu_and_mul_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    live = cols < n_cols
+    # A skipped row gets zero live columns: the per-row condition is a scalar, and folding it into
+    # the column bound avoids a scalar-bool & vector mask (which trips the triton 3.9 interpreter).
+    n_live = n_cols
     if SKIP_BY_LAYOUT:
-        live = live & (tl.load(row_info_ptr + row) >= 0)
+        n_live = tl.where(tl.load(row_info_ptr + row) >= 0, n_cols, 0)
     if SKIP_BY_COUNTS:
-        live = live & (row % rows_per_group < tl.load(row_info_ptr + row // rows_per_group))
+        n_live = tl.where(row % rows_per_group < tl.load(row_info_ptr + row // rows_per_group), n_cols, 0)
+    live = cols < n_live
     x_row = x_ptr + row * (2 * n_cols)
     gate = tl.load(x_row + cols, mask=live, other=0).to(tl.float32)
     up = tl.load(x_row + n_cols + cols, mask=live, other=0).to(tl.float32)

@@ -25,19 +25,21 @@ def _weighted_gather_kernel(
 ):
     tok = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    col_ok = cols < n_cols
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     # Fixed k order keeps the fp32 sum (and so the output) bit-identical run to run.
     for k in range(top_k):
         row = tl.load(dst_ptr + tok * top_k + k)
-        vals = tl.load(y_ptr + row * stride_ym + cols, mask=col_ok & (row >= 0), other=0)
+        # Scalar condition folded into the column bound (a scalar-bool & vector mask trips the
+        # triton 3.9 interpreter).
+        live = cols < tl.where(row >= 0, n_cols, 0)
+        vals = tl.load(y_ptr + row * stride_ym + cols, mask=live, other=0)
         if HAS_WEIGHTS:
             # Zeroing the weight too keeps a garbage weight on an unused slot out of the sum.
             weight = tl.where(row >= 0, tl.load(weights_ptr + tok * top_k + k).to(tl.float32), 0.0)
             acc += weight * vals.to(tl.float32)
         else:
             acc += vals.to(tl.float32)
-    tl.store(out_ptr + tok * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+    tl.store(out_ptr + tok * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < n_cols)
 
 
 def weighted_gather(

@@ -113,9 +113,7 @@ def _count_rank_kernel(
 
 
 @triton.jit
-def _expert_start_kernel(
-    counts_ptr, start_ptr, ends_ptr, num_experts, alignment, E_PAD: tl.constexpr
-):
+def _expert_start_kernel(counts_ptr, start_ptr, ends_ptr, num_experts, alignment, E_PAD: tl.constexpr):
     # A single program: E is small and a scan across programs would need a second pass.
     experts = tl.arange(0, E_PAD)
     counts = tl.load(counts_ptr + experts, mask=experts < num_experts, other=0).to(tl.int64)
@@ -139,9 +137,7 @@ def _place_kernel(ids_ptr, start_ptr, dst_ptr, layout_ptr, n_slots, num_experts,
 
 
 @triton.jit
-def _scatter_rows_kernel(
-    x_ptr, dst_ptr, out_ptr, top_k, n_cols, stride_xm, stride_om, BLOCK: tl.constexpr
-):
+def _scatter_rows_kernel(x_ptr, dst_ptr, out_ptr, top_k, n_cols, stride_xm, stride_om, BLOCK: tl.constexpr):
     # One program per (token, column block): the token's row is read once and written K times.
     tok = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -149,7 +145,9 @@ def _scatter_rows_kernel(
     vals = tl.load(x_ptr + tok * stride_xm + cols, mask=col_ok, other=0)
     for k in range(top_k):
         row = tl.load(dst_ptr + tok * top_k + k)
-        tl.store(out_ptr + row * stride_om + cols, vals, mask=col_ok & (row >= 0))
+        # Scalar condition folded into the column bound (a scalar-bool & vector mask trips the
+        # triton 3.9 interpreter).
+        tl.store(out_ptr + row * stride_om + cols, vals, mask=cols < tl.where(row >= 0, n_cols, 0))
 
 
 def _check_ids(topk_ids: torch.Tensor, num_experts: int) -> None:
@@ -221,7 +219,7 @@ def contiguous_layout(topk_ids: torch.Tensor, num_experts: int, alignment: int) 
             the grouped GEMM's BLOCK_M, see ``grouped_gemm.contiguous_alignment()``).
 
     Returns:
-        A :class:`ContiguousLayout`; launches three small kernels, never syncs with the host.
+        A :class:`ContiguousLayout`; three small Triton kernels plus two fills, no host sync.
     """
     _check_ids(topk_ids, num_experts)
     num_rows = contiguous_rows_bound(topk_ids.numel(), num_experts, alignment)
@@ -273,7 +271,7 @@ def masked_layout(topk_ids: torch.Tensor, num_experts: int, capacity: int) -> Ma
         capacity: rows per expert buffer, ``>= 1``.
 
     Returns:
-        A :class:`MaskedLayout`; one kernel launch, no host sync.
+        A :class:`MaskedLayout`; one Triton kernel plus two fills, no host sync.
     """
     _check_ids(topk_ids, num_experts)
     if capacity < 1:
