@@ -11,6 +11,7 @@ from moe_kernels import IncompatibleKernelsError, LayerConfig, MoEConfig, Parall
 from moe_kernels.select import candidates
 
 E, K, H, I = 4, 2, 32, 16
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def loop_reference(x, w13, w2, topk_weights, topk_ids):
@@ -50,7 +51,7 @@ def layer(dtype: torch.dtype, **parallel) -> LayerConfig:
 
 
 def valid_pairs(cfg):
-    return [c for c in candidates(cfg, torch.device("cpu")) if c.valid]
+    return [c for c in candidates(cfg, DEVICE) if c.valid]
 
 
 def test_every_format_has_a_runnable_pair_on_cpu():
@@ -67,22 +68,22 @@ def test_accepted_pairs_match_the_reference(dtype, t, routing):
     expected = loop_reference(x, w13, w2, weights, ids)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for cand in valid_pairs(cfg):
-        kernel = compose(cand.prepare_finalize, cand.experts, cfg, device="cpu")
-        out = kernel(x, w13, w2, weights, ids)
+        kernel = compose(cand.prepare_finalize, cand.experts, cfg, device=DEVICE)
+        out = kernel(*(a.to(DEVICE) for a in (x, w13, w2, weights, ids)))
         assert out.shape == (t, H) and out.dtype == dtype, cand.name
-        torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol, msg=cand.name)
+        torch.testing.assert_close(out.float().cpu(), expected, atol=tol, rtol=tol, msg=cand.name)
 
 
 def test_refused_pairs_name_every_failure():
     for cfg in (layer(torch.float32), layer(torch.float32, cuda_graphs=True, max_tokens_per_rank=64)):
-        for cand in candidates(cfg, torch.device("cpu")):
+        for cand in candidates(cfg, DEVICE):
             formats_differ = cand.prepare_finalize.output_format is not cand.experts.input_format
             failed = {c.name for c in cand.failures}
             assert ("format" in failed) == formats_differ, cand.name
             if cand.valid:
                 continue
             with pytest.raises(IncompatibleKernelsError) as info:
-                compose(cand.prepare_finalize, cand.experts, cfg, device="cpu")
+                compose(cand.prepare_finalize, cand.experts, cfg, device=DEVICE)
             assert [c.name for c in info.value.failures] == [c.name for c in cand.failures]
             for check in cand.failures:
                 assert check.reason and check.reason in str(info.value)
@@ -90,6 +91,6 @@ def test_refused_pairs_name_every_failure():
 
 def test_cuda_graph_mode_refuses_parts_that_sync():
     cfg = layer(torch.float32, cuda_graphs=True, max_tokens_per_rank=64)
-    for cand in candidates(cfg, torch.device("cpu")):
+    for cand in candidates(cfg, DEVICE):
         syncs = not (cand.prepare_finalize.supports_cuda_graphs and cand.experts.supports_cuda_graphs)
         assert any(c.name.endswith("cuda_graphs") for c in cand.failures) == syncs, cand.name
