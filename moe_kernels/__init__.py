@@ -19,7 +19,9 @@ from moe_kernels.contract import (
     WorkspaceSpec,
 )
 from moe_kernels.experts.reference import TorchReferenceExperts
+from moe_kernels.layer import FusedMoE
 from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
+from moe_kernels.router import Router, route
 from moe_kernels.select import Selection, select
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "BatchedTokens",
     "Check",
     "ExpandedTokens",
+    "FusedMoE",
     "IncompatibleKernelsError",
     "LayerConfig",
     "LocalPrepareAndFinalize",
@@ -37,6 +40,7 @@ __all__ = [
     "PrepareAndFinalize",
     "PrepareResult",
     "QuantConfig",
+    "Router",
     "Selection",
     "StandardTokens",
     "TorchReferenceExperts",
@@ -45,5 +49,6 @@ __all__ = [
     "WorkspaceSpec",
     "compose",
     "load_config",
+    "route",
     "select",
 ]

@@ -1,0 +1,194 @@
+"""The ``moe-kernels`` command: run, list, explain, bench (in-process through ``main(argv)``,
+plus one real ``python -m moe_kernels`` process)."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import moe_kernels.bench.layer as bench_layer
+from moe_kernels import registry
+from moe_kernels.cli import BENCH_MODULES, DEFAULT_LIST_CONFIG, build_parser, main, mount_bench
+from moe_kernels.compose import ModularKernel
+from moe_kernels.config import LayerConfig, load_config
+from moe_kernels.experts.reference import TorchReferenceExperts
+from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny-test.yaml")
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+
+
+def test_run_checks_and_times_the_tiny_layer(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--config", TINY, "--tokens", "8", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    for field in ("config", "kernel", "max abs err", "rel err", "time"):
+        assert f"  {field} " in out
+    assert "tiny-test" in out and "result       OK" in out
+    assert "per forward" in out and "perf_counter" in out
+    assert "layer forward on 8 tokens" in err  # progress goes to stderr
+
+
+def test_run_dtype_override(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--config", TINY, "--tokens", "3", "--dtype", "float32", "--device", "cpu"]) == 0
+    assert "I=128 float32" in capsys.readouterr().out
+
+
+class ZeroExperts(TorchReferenceExperts):
+    """A wrong kernel: writes zeros."""
+
+    def apply(self, tokens, w13, w2, out, workspace) -> None:  # type: ignore[no-untyped-def]
+        out.zero_()
+
+
+def test_run_fails_on_a_wrong_kernel(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    make = bench_layer.random_layer
+
+    def broken_layer(cfg: LayerConfig, device: torch.device, **kwargs: object) -> object:
+        kwargs["kernel"] = ModularKernel(LocalPrepareAndFinalize(), ZeroExperts(), cfg)
+        return make(cfg, device, **kwargs)
+
+    monkeypatch.setattr(bench_layer, "random_layer", broken_layer)
+    assert main(["run", "--config", TINY, "--tokens", "4", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: the error exceeds the tolerance" in out and "rel err      1.000e+00" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--config", "configs/nope.yaml"], "config file not found: configs/nope.yaml"),
+        (["run", "--config", TINY, "--dtype", "int8"], "--dtype 'int8'"),
+        (["explain", "--config", TINY, "--device", "tpu"], "--device"),
+    ],
+)
+def test_user_errors_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moe-kernels: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_bad_yaml_names_the_file_and_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("moe: {num_experts: 8, top_k: 0, hidden_size: 64, intermediate_size: 128}\n")
+    assert main(["run", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "top_k" in err
+
+
+def test_run_refuses_expert_parallel_configs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ep = tmp_path / "ep.yaml"
+    ep.write_text(Path(TINY).read_text() + "parallel: {ep_size: 2}\n")
+    assert main(["run", "--config", str(ep), "--device", "cpu"]) == 2
+    assert "single-process" in capsys.readouterr().err
+
+
+def test_run_without_any_valid_kernel_explains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # without the Triton interpreter no capturable pair runs on the CPU
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    graphs = tmp_path / "graphs.yaml"
+    graphs.write_text(Path(TINY).read_text() + "parallel: {cuda_graphs: true}\n")
+    assert main(["run", "--config", str(graphs), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no registered kernel can run tiny-test here" in err and "experts.cuda_graphs" in err
+
+
+@no_cuda
+def test_cuda_request_without_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--config", TINY, "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_list_shows_every_registered_part(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    names = [make(DEFAULT_LIST_CONFIG, None).name for make in registry.PREPARE_FINALIZE]
+    names += [make(DEFAULT_LIST_CONFIG).name for make in registry.EXPERTS]
+    for name in names:
+        assert any(line.split()[1:2] == [name] for line in out.splitlines()), name
+
+
+def test_list_says_why_a_part_cannot_run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["list", "--device", "cpu", "--config", TINY]) == 0
+    rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("experts ")}
+    assert "  yes  " in rows["TorchReferenceExperts"]
+    assert "  no  " in rows["TritonExperts"] and "TRITON_INTERPRET=1" in rows["TritonExperts"]
+
+
+def test_explain_prints_the_selection(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "--config", TINY, "--device", "cpu", "--tokens", "32"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("tiny-test\nlayer: E=8 top_k=2 H=64 I=128 bfloat16")
+    assert "CHOSEN" in out and "refused" in out
+
+
+@no_cuda
+def test_bench_layer_skips_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "layer", "--config", TINY]) == 0
+    assert "bench layer: skipped" in capsys.readouterr().out
+
+
+def test_every_bench_subcommand_is_mounted() -> None:
+    parser = build_parser()
+    for name in BENCH_MODULES:
+        args, _ = parser.parse_known_args(["bench", name])
+        assert callable(args.func)
+
+
+def test_missing_bench_module_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    mount_bench(sub, "nope", "moe_kernels.bench.does_not_exist", "a benchmark not written yet")
+    args, _ = parser.parse_known_args(["nope", "--tokens", "4"])
+    from moe_kernels.cli import CliError
+
+    with pytest.raises(CliError, match="moe_kernels.bench.does_not_exist is not available"):
+        args.func(args)
+
+
+def test_check_and_time_measures_error_and_time() -> None:
+    cfg = load_config(TINY)
+    layer = bench_layer.random_layer(cfg, torch.device("cpu"), seed=1)
+    results = bench_layer.measure(layer, [1, 5], timer=bench_layer.cpu_timer)
+    assert [r.tokens for r in results] == [1, 5]
+    for r in results:
+        assert 0 <= r.rel_err <= bench_layer.TOLERANCE[torch.bfloat16]
+        assert r.layer_us > 0 and r.reference_us is not None and r.reference_us > 0
+        assert r.flops == 6 * r.tokens * 2 * 64 * 128
+    table = bench_layer.format_results(results, 3e-2)
+    assert table.splitlines()[0].startswith("| tokens |") and len(table.splitlines()) == 4
+
+    broken = ModularKernel(LocalPrepareAndFinalize(), ZeroExperts(), cfg)
+    wrong = bench_layer.random_layer(cfg, torch.device("cpu"), kernel=broken)
+    assert bench_layer.check_and_time(wrong, 4, timer=bench_layer.cpu_timer).rel_err == 1.0
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe_kernels", "run", "--config", TINY, "--tokens", "4", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "result       OK" in proc.stdout
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.name)
+def test_examples_run(example: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runpy.run_path(str(example), run_name="__main__")
+    assert "out: [" in capsys.readouterr().out

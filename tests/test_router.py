@@ -1,0 +1,231 @@
+"""route() and Router against a plain per-token loop written for clarity, not speed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moe_kernels.config import MoEConfig
+from moe_kernels.router import Router, route
+
+
+def loop_route(
+    logits: torch.Tensor,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    num_expert_group: int | None = None,
+    topk_group: int | None = None,
+    routed_scaling_factor: float = 1.0,
+    correction_bias: torch.Tensor | None = None,
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Per token, in float64: scores, (biased) choice values, allowed groups, best top_k."""
+    bias = [0.0] * logits.shape[1] if correction_bias is None else correction_bias.double().tolist()
+    all_ids, all_weights = [], []
+    for row in logits.double().tolist():
+        num_experts = len(row)
+        if scoring == "softmax":
+            top = max(row)
+            exps = [math.exp(v - top) for v in row]
+            scores = [v / sum(exps) for v in exps]
+        else:
+            scores = [1.0 / (1.0 + math.exp(-v)) for v in row]
+        choice = [scores[e] + bias[e] for e in range(num_experts)]
+
+        allowed = list(range(num_experts))
+        if num_expert_group is not None:
+            size = num_experts // num_expert_group
+            group_score = []
+            for g in range(num_expert_group):
+                members = sorted((choice[e] for e in range(g * size, (g + 1) * size)), reverse=True)
+                # DeepSeek-V3 (with a bias): sum of the two best; otherwise the best one
+                group_score.append(sum(members[:2]) if correction_bias is not None else members[0])
+            best_groups = sorted(range(num_expert_group), key=lambda g: -group_score[g])[:topk_group]
+            allowed = [e for g in best_groups for e in range(g * size, (g + 1) * size)]
+
+        chosen = sorted(allowed, key=lambda e: -choice[e])[:top_k]
+        weights = [scores[e] for e in chosen]
+        if renormalize:
+            total = sum(weights)
+            weights = [w / total for w in weights]
+        all_ids.append(chosen)
+        all_weights.append([w * routed_scaling_factor for w in weights])
+    return all_ids, all_weights
+
+
+def assert_matches_loop(logits: torch.Tensor, top_k: int, **kwargs) -> None:
+    weights, ids = route(logits, top_k, **kwargs)
+    want_ids, want_weights = loop_route(logits, top_k, **kwargs)
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
+    assert ids.shape == weights.shape == (logits.shape[0], top_k)
+    assert ids.tolist() == want_ids
+    torch.testing.assert_close(weights, torch.tensor(want_weights, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+
+
+CASES = {
+    "softmax": dict(top_k=4),
+    "softmax-no-renormalize": dict(top_k=4, renormalize=False),
+    "sigmoid": dict(top_k=4, scoring="sigmoid"),
+    "sigmoid-scaled": dict(top_k=3, scoring="sigmoid", routed_scaling_factor=2.5),
+    "grouped-max": dict(top_k=4, num_expert_group=4, topk_group=2),
+    "grouped-bias-deepseek": dict(
+        top_k=4, scoring="sigmoid", num_expert_group=4, topk_group=2, routed_scaling_factor=2.5, bias=True
+    ),
+    "bias-no-groups": dict(top_k=2, scoring="sigmoid", bias=True),
+    "top1": dict(top_k=1),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_route_matches_loop(case: str, dtype: torch.dtype) -> None:
+    kwargs = dict(CASES[case])
+    gen = torch.Generator().manual_seed(list(CASES).index(case))
+    num_experts = 16
+    if kwargs.pop("bias", False):
+        kwargs["correction_bias"] = torch.randn(num_experts, generator=gen) * 0.1
+    if dtype == torch.float32:
+        logits = torch.randn(33, num_experts, generator=gen) * 2
+    else:
+        # bf16/fp16 round random logits into exact ties, which either order may break:
+        # use distinct multiples of 1/4 (exact in both) instead
+        logits = torch.stack([torch.randperm(num_experts, generator=gen) for _ in range(33)]) * 0.25 - 2
+    logits = logits.to(dtype)
+    assert_matches_loop(logits, **kwargs)
+
+
+def test_group_score_is_top2_sum_with_bias_and_max_without() -> None:
+    # 4 groups of 2 (sigmoid scores): g0 = (0.953, 0.007) has the best expert but a low
+    # top-2 sum; g1 = (0.731, 0.711) and g2 = (0.622, 0.622) have the best sums.
+    logits = torch.tensor([[3.0, -5.0, 1.0, 0.9, 0.5, 0.5, -1.0, -1.0]])
+    common = dict(scoring="sigmoid", num_expert_group=4, topk_group=2)
+    _, ids_sum = route(logits, 2, correction_bias=torch.zeros(8), **common)
+    _, ids_max = route(logits, 2, **common)
+    assert ids_sum.tolist() == [[2, 3]]  # groups 1 and 2 kept; expert 0 excluded
+    assert ids_max.tolist() == [[0, 2]]  # groups 0 and 1 kept
+
+
+def test_bias_steers_choice_but_not_weights() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    bias = torch.tensor([0.0, 0.0, 0.0, 10.0])
+    weights, ids = route(logits, 2, correction_bias=bias)
+    assert ids.tolist() == [[3, 0]]
+    scores = logits.softmax(-1)[0]
+    want = torch.stack([scores[3], scores[0]]) / (scores[3] + scores[0])
+    torch.testing.assert_close(weights[0], want)
+
+
+def test_renormalize_and_scaling() -> None:
+    logits = torch.randn(10, 8, generator=torch.Generator().manual_seed(1))
+    weights, _ = route(logits, 3, routed_scaling_factor=2.5)
+    torch.testing.assert_close(weights.sum(-1), torch.full((10,), 2.5))
+    raw, _ = route(logits, 3, renormalize=False)
+    assert (raw.sum(-1) < 1).all()  # a strict subset of a softmax sums to less than 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    t=st.integers(0, 6),
+    groups=st.sampled_from([None, 1, 2, 4]),
+    scoring=st.sampled_from(["softmax", "sigmoid"]),
+    biased=st.booleans(),
+    data=st.data(),
+)
+def test_ids_distinct_and_in_range_even_with_ties(
+    t: int, groups: int | None, scoring: str, biased: bool, data: st.DataObject
+) -> None:
+    num_experts = 8
+    topk_group = None if groups is None else data.draw(st.integers(1, groups))
+    max_k = num_experts if groups is None else topk_group * (num_experts // groups)
+    top_k = data.draw(st.integers(1, max_k))
+    # few distinct values: many exact ties
+    values = data.draw(st.lists(st.integers(-2, 2), min_size=t * num_experts, max_size=t * num_experts))
+    logits = torch.tensor(values, dtype=torch.float32).view(t, num_experts)
+    bias = torch.tensor(data.draw(st.lists(st.integers(-1, 1), min_size=8, max_size=8)), dtype=torch.float32)
+    weights, ids = route(
+        logits,
+        top_k,
+        scoring=scoring,
+        num_expert_group=groups,
+        topk_group=topk_group,
+        correction_bias=bias if biased else None,
+    )
+    assert ids.shape == (t, top_k)
+    for row in ids.tolist():
+        assert len(set(row)) == top_k
+        assert all(0 <= e < num_experts for e in row)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(t))
+
+
+def test_empty_batch() -> None:
+    weights, ids = route(torch.empty(0, 8), 2, num_expert_group=2, topk_group=1, correction_bias=torch.zeros(8))
+    assert weights.shape == ids.shape == (0, 2)
+
+
+@pytest.mark.parametrize(
+    ("logits", "kwargs", "error", "match"),
+    [
+        (torch.zeros(8), dict(top_k=2), ValueError, "router_logits must be \\[T, E\\]"),
+        (torch.zeros(4, 8, dtype=torch.int32), dict(top_k=2), TypeError, "router_logits must be a floating"),
+        (torch.zeros(4, 8), dict(top_k=0), ValueError, "top_k"),
+        (torch.zeros(4, 8), dict(top_k=9), ValueError, "top_k"),
+        (torch.zeros(4, 8), dict(top_k=2, scoring="relu"), ValueError, "scoring"),
+        (torch.zeros(4, 8), dict(top_k=2, routed_scaling_factor=0.0), ValueError, "routed_scaling_factor"),
+        (torch.zeros(4, 8), dict(top_k=2, num_expert_group=3, topk_group=1), ValueError, "num_expert_group"),
+        (torch.zeros(4, 8), dict(top_k=2, topk_group=1), ValueError, "together"),
+        (torch.zeros(4, 8), dict(top_k=2, num_expert_group=2, topk_group=3), ValueError, "topk_group"),
+        (torch.zeros(4, 8), dict(top_k=5, num_expert_group=4, topk_group=2), ValueError, "top_k \\(5\\) exceeds"),
+        (torch.zeros(4, 8), dict(top_k=2, correction_bias=torch.zeros(7)), ValueError, "correction_bias"),
+        (torch.zeros(4, 8), dict(top_k=2, correction_bias=torch.zeros(8, dtype=torch.int64)), TypeError, "bias"),
+    ],
+)
+def test_bad_arguments(logits: torch.Tensor, kwargs: dict, error: type[Exception], match: str) -> None:
+    top_k = kwargs.pop("top_k")
+    with pytest.raises(error, match=match):
+        route(logits, top_k, **kwargs)
+
+
+def test_router_module_matches_loop_on_its_own_logits() -> None:
+    moe = MoEConfig(
+        num_experts=16,
+        top_k=4,
+        hidden_size=32,
+        intermediate_size=8,
+        dtype=torch.bfloat16,
+        scoring="sigmoid",
+        num_expert_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+    )
+    router = Router(moe, correction_bias=True, device="cpu")
+    assert router.weight.shape == (16, 32) and router.weight.dtype == torch.bfloat16
+    assert not router.weight.requires_grad
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(16, 32, generator=gen) * 0.3)
+        router.e_score_correction_bias.copy_(torch.randn(16, generator=gen) * 0.1)
+    x = torch.randn(9, 32, generator=gen).to(torch.bfloat16)
+    weights, ids = router(x)
+    logits = x @ router.weight.t()  # the gate GEMM in the model dtype, as the router runs it
+    want_ids, want_weights = loop_route(
+        logits,
+        4,
+        scoring="sigmoid",
+        num_expert_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        correction_bias=router.e_score_correction_bias,
+    )
+    assert ids.tolist() == want_ids
+    torch.testing.assert_close(weights, torch.tensor(want_weights, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+    assert "correction_bias" in repr(router) and "groups=2/4" in repr(router)
+
+
+def test_router_without_bias_has_no_bias_parameter() -> None:
+    router = Router(MoEConfig(num_experts=8, top_k=2, hidden_size=16, intermediate_size=8), device="cpu")
+    assert set(router.state_dict()) == {"weight"}
