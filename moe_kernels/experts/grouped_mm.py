@@ -1,0 +1,115 @@
+"""Expert MLPs on ``torch._grouped_mm`` (PyTorch's CUTLASS grouped GEMM): the fast path on
+Hopper/Blackwell GPUs without DeepGEMM.
+
+``torch._grouped_mm(a [M, K], b [E, K, N], offs=[E] int32 cumulative row ends) -> [M, N]``
+computes group ``e`` on rows ``[offs[e-1], offs[e])``. Its constraints (PyTorch source,
+``aten/src/ATen/native/cuda/GroupedBlas.cpp``, ``GroupedMMUtils.h``, ``GroupMMCommon.cuh``):
+
+* the fast kernel runs only for bf16 ``a``, ``b`` and output on compute capability 9.x or 10.x
+  (``scaled_mm_arch_allowed(sm90_only, sm100_only)``); anything else takes a fallback that
+  copies ``offs`` to the host (a sync) and loops over groups -- so we accept bf16 on SM90/SM100 only;
+* ``offs`` is 1-D int32 with one entry per group; empty groups are fine for 2-D x 3-D, and group
+  row counts need no alignment (only strides: rows of 16 bytes, i.e. H and I multiples of 8,
+  which :class:`~moe_kernels.config.MoEConfig` already enforces);
+* one thread per group prepares the problem descriptors (a launch of ``<<<1, E>>>``), so at
+  most 1024 groups;
+* the output is allocated by the op (no ``out=``); rows past ``offs[-1]`` are left
+  uninitialised.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_kernels.config import LayerConfig
+from moe_kernels.contract import (
+    ActivationFormat,
+    Check,
+    PermuteExpertsUnpermute,
+    StandardTokens,
+    WorkspaceSpec,
+)
+from moe_kernels.experts.tuning import experts_preference
+from moe_kernels.platform import triton_check
+
+#: compute capability majors on which ``torch._grouped_mm`` has its no-sync bf16 kernel
+FAST_ARCH_MAJORS = (9, 10)
+#: the descriptor-preparing launch uses one thread per group
+MAX_GROUPS = 1024
+
+
+class GroupedMMExperts(PermuteExpertsUnpermute):
+    """STANDARD in, ``[T, H]`` out (weighted and reduced), on ``torch._grouped_mm``.
+
+    Triton permute (histogram, scatter ``x`` into expert-sorted rows, no padding) ->
+    ``_grouped_mm(rows [R, H], w13^T [E, H, 2I], offs=segment_ends)`` -> Triton SiLU-and-mul
+    (rows past the last segment skipped) -> ``_grouped_mm(act [R, I], w2^T [E, I, H])`` ->
+    weighted gather into ``out [T, H]``. ``R = T * K`` (host-known), so no host sync; the
+    GEMM outputs come from PyTorch's caching allocator (fine under CUDA-graph capture).
+    """
+
+    input_format = ActivationFormat.STANDARD
+    dtypes = (torch.bfloat16,)
+    supports_cuda_graphs = True
+
+    def check_device(self, device: torch.device) -> Check:
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return Check.failed(
+                "device",
+                f"torch._grouped_mm's no-sync bf16 kernel needs a CUDA GPU of SM90 or SM100, not {device.type}",
+            )
+        major, minor = torch.cuda.get_device_capability(device)
+        if major not in FAST_ARCH_MAJORS:
+            return Check.failed(
+                "device",
+                f"torch._grouped_mm runs its grouped kernel on SM90/SM100 only; on SM{major}{minor} it falls back "
+                "to a per-group loop that syncs with the host",
+            )
+        return Check.passed("device", f"SM{major}{minor}")
+
+    def check_torch(self, cfg: LayerConfig) -> Check:
+        if not hasattr(torch, "_grouped_mm"):
+            return Check.failed("grouped_mm", f"torch {torch.__version__} has no torch._grouped_mm (needs >= 2.8)")
+        if cfg.num_local_experts > MAX_GROUPS:
+            return Check.failed(
+                "grouped_mm", f"torch._grouped_mm takes at most {MAX_GROUPS} groups, got {cfg.num_local_experts}"
+            )
+        return Check.passed("grouped_mm", f"torch {torch.__version__}")
+
+    def checks(self, cfg: LayerConfig, device: torch.device) -> list[Check]:
+        # permute, SiLU-and-mul and gather are the Triton kernels of moe_kernels.kernels
+        return [*super().checks(cfg, device), self.check_torch(cfg), triton_check(device)._replace(name="triton")]
+
+    def preference(self, cfg: LayerConfig, device: torch.device) -> tuple[float, str]:
+        return experts_preference(self.name, cfg, device)
+
+    def workspace_shapes(self, tokens: StandardTokens, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, WorkspaceSpec]:
+        rows = tokens.topk_ids.numel()
+        if rows == 0:
+            return {}
+        return {
+            "permuted": WorkspaceSpec((rows, tokens.x.shape[1]), tokens.x.dtype),
+            "activation": WorkspaceSpec((rows, w2.shape[2]), tokens.x.dtype),
+        }
+
+    def apply(
+        self,
+        tokens: StandardTokens,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        out: torch.Tensor,
+        workspace: dict[str, torch.Tensor],
+    ) -> None:
+        from moe_kernels.kernels import contiguous_layout, scatter_rows, silu_and_mul, weighted_gather
+
+        if tokens.topk_ids.numel() == 0:
+            return
+        # alignment 1: _grouped_mm needs no padding, so R = T*K exactly; rows past the last
+        # segment (slots with id -1) belong to no group and are marked -1 in grouped_layout.
+        layout = contiguous_layout(tokens.topk_ids, w13.shape[0], 1)
+        rows, act = workspace["permuted"], workspace["activation"]
+        scatter_rows(tokens.x, layout.dst_row, rows)
+        gate_up = torch._grouped_mm(rows, w13.transpose(-2, -1), offs=layout.segment_ends)
+        silu_and_mul(gate_up, act, grouped_layout=layout.grouped_layout)
+        expert_rows = torch._grouped_mm(act, w2.transpose(-2, -1), offs=layout.segment_ends)
+        weighted_gather(expert_rows, layout.dst_row, tokens.topk_weights, out)
