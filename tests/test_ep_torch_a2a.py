@@ -217,6 +217,9 @@ def _run_select(group) -> dict:
 
 
 def _triton_available() -> str | None:
+    if torch.cuda.is_available():
+        # these ranks run on the CPU (gloo); with a GPU present Triton is not interpreting
+        return "Triton runs on the CPU only under TRITON_INTERPRET=1, which a GPU machine does not set"
     try:
         from moe_kernels.experts.triton import TritonExperts  # noqa: F401
     except Exception as exc:  # the lead's Triton experts may be absent or broken: skip, not fail
