@@ -17,6 +17,7 @@ from moe_kernels.contract import (
     StandardTokens,
     WorkspaceSpec,
 )
+from moe_kernels.experts.tuning import experts_preference
 from moe_kernels.platform import triton_check, triton_interpreting
 
 
@@ -27,9 +28,11 @@ class _TritonPart(PermuteExpertsUnpermute):
     def preference(self, cfg: LayerConfig, device: torch.device) -> tuple[float, str]:
         if device.type == "cpu" and triton_interpreting():
             return 500.0, "Triton under the CPU interpreter: correct but slow"
-        # Measured on H100 (docs/performance.md): slower than DeepGEMM / torch._grouped_mm on
-        # prefill, so it ranks behind them and ahead of the reference loop.
-        return 50.0, "Triton grouped GEMM with fused SiLU-and-mul (portable fallback)"
+        if self.input_format is ActivationFormat.STANDARD:
+            # ranked from the same H100 table as DeepGEMM and torch._grouped_mm where the shape
+            # was measured (docs/experts.md)
+            return experts_preference("TritonExperts", cfg, device)
+        return 50.0, "Triton masked grouped GEMM with fused SiLU-and-mul (portable fallback)"
 
 
 class TritonExperts(_TritonPart):
