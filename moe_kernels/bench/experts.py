@@ -323,11 +323,11 @@ def raw_deepgemm_masked(x: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w
     """Both DeepGEMM masked GEMMs alone on rows already scattered into ``[E, M, H]``."""
     import deep_gemm
 
-    from moe_kernels.experts.deepgemm import masked_rows_multiple
+    from moe_kernels.experts.deepgemm import align_up, masked_rows_multiple
     from moe_kernels.kernels import masked_layout, scatter_rows, silu_and_mul
 
     e, inter, (t, k) = w13.shape[0], w2.shape[2], ids.shape
-    cap = -(-t // masked_rows_multiple()) * masked_rows_multiple()
+    cap = align_up(t, masked_rows_multiple())
     lay = masked_layout(ids, e, cap)
     xb = x.new_empty(e, cap, x.shape[1])
     scatter_rows(x, lay.dst_row, xb)
