@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_kernels.kernels import (
-    contiguous_alignment,
     contiguous_layout,
     contiguous_rows_bound,
     expert_counts,
@@ -163,30 +162,56 @@ def test_contiguous_rows_bound_is_tight() -> None:
 
 
 @FEW
-@given(routings(), st.integers(1, 6))
-def test_masked_layout(routing: tuple[torch.Tensor, int], capacity: int) -> None:
+@given(routings(), st.integers(0, 3))
+def test_masked_layout(routing: tuple[torch.Tensor, int], spare: int) -> None:
     ids, num_experts = routing
+    num_tokens = ids.shape[0]
+    capacity = max(num_tokens, 1) + spare
     layout = masked_layout(ids, num_experts, capacity)
-    routed = histogram(ids, num_experts)
-    assert layout.counts.tolist() == [min(c, capacity) for c in routed]
-    assert layout.overflow.tolist() == [int(any(c > capacity for c in routed))]
+    # A token takes one row per distinct expert, however often it names that expert.
+    tokens_of = [{t for t in range(num_tokens) if e in ids[t].tolist()} for e in range(num_experts)]
+    assert layout.counts.tolist() == [len(tokens) for tokens in tokens_of]
 
-    # Placed rows of expert e are exactly e*capacity + [0, counts[e]); extra slots are dropped.
-    placed: dict[int, list[int]] = {e: [] for e in range(num_experts)}
-    for e, row in zip(ids.flatten().tolist(), layout.dst_row.flatten().tolist(), strict=True):
-        if e < 0:
-            assert row == -1
-        elif row >= 0:
-            placed[e].append(row)
+    row_of: dict[tuple[int, int], int] = {}
+    for t in range(num_tokens):
+        for e, row in zip(ids[t].tolist(), layout.dst_row[t].tolist(), strict=True):
+            if e < 0:
+                assert row == -1
+            else:
+                assert row_of.setdefault((t, e), row) == row, "repeats of an expert in a token must share its row"
+    # Rows of expert e are exactly e*capacity + [0, counts[e]), one per token.
     for e in range(num_experts):
-        base = e * capacity
-        assert sorted(placed[e]) == list(range(base, base + min(routed[e], capacity)))
+        rows = sorted(row for (_, e2), row in row_of.items() if e2 == e)
+        assert rows == list(range(e * capacity, e * capacity + len(tokens_of[e])))
 
 
-def test_masked_layout_capacity_tokens_never_overflows() -> None:
-    ids = distinct_routing(num_tokens=9, top_k=3, num_experts=4, seed=1)
-    layout = masked_layout(ids, 4, capacity=ids.shape[0])
-    assert layout.overflow.item() == 0
+def test_masked_layout_repeated_ids_match_the_loop() -> None:
+    # Expert 2 is named by every slot of the first three tokens: 7 slots but 4 tokens, and the
+    # capacity is exactly T, so a per-slot layout would overflow and drop slots.
+    ids = torch.tensor([[2, 2], [2, 2], [1, 2], [2, -1]], dtype=torch.int32, device=DEVICE)
+    num_tokens, top_k = ids.shape
+    num_experts = 3
+    layout = masked_layout(ids, num_experts, capacity=num_tokens)
+    assert layout.counts.tolist() == [0, 1, 4]
+    weights = torch.rand(num_tokens, top_k, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    x = randn(num_tokens, HIDDEN, dtype=torch.bfloat16, seed=13)
+    w13 = randn(num_experts, 2 * INTER, HIDDEN, dtype=torch.bfloat16, seed=14) / 4
+    w2 = randn(num_experts, HIDDEN, INTER, dtype=torch.bfloat16, seed=15) / 4
+    a = torch.full((num_experts, num_tokens, HIDDEN), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    scatter_rows(x, layout, a)
+    h = torch.empty(num_experts, num_tokens, INTER, dtype=torch.bfloat16, device=DEVICE)
+    grouped_gemm_masked(a, w13, layout.counts, h, fuse_silu_and_mul=True, **SMALL_TILES)
+    y = torch.empty(num_experts, num_tokens, HIDDEN, dtype=torch.bfloat16, device=DEVICE)
+    grouped_gemm_masked(h, w2, layout.counts, y, **SMALL_TILES)
+    out = weighted_gather(y, layout, weights, torch.empty(num_tokens, HIDDEN, dtype=torch.bfloat16, device=DEVICE))
+    assert_close_rel(out, moe_ref(x, ids, weights, w13, w2), 3e-2)
+
+
+def test_masked_layout_capacity_below_tokens_raises() -> None:
+    ids = distinct_routing(num_tokens=10, top_k=2, num_experts=4, seed=1)
+    with pytest.raises(ValueError, match=r"capacity \(4\) must be >= the tokens \(10\): an expert may receive one row"):
+        masked_layout(ids, 4, capacity=4)
+    layout = masked_layout(ids, 4, capacity=10)
     assert layout.counts.tolist() == histogram(ids, 4)
 
 
@@ -358,9 +383,11 @@ def test_full_moe_pipeline_matches_reference(kind: str) -> None:
     assert_close_rel(out, moe_ref(x, ids, weights, w13, w2), 3e-2)
 
 
-def test_contiguous_alignment_matches_default_tile() -> None:
+def test_segments_aligned_to_the_default_tile_run_with_default_tiles() -> None:
+    from moe_kernels.kernels.grouped_gemm import BLOCK_M
+
     ids = distinct_routing(num_tokens=4, top_k=2, num_experts=4, seed=11)
-    layout = contiguous_layout(ids, 4, contiguous_alignment())
+    layout = contiguous_layout(ids, 4, BLOCK_M)
     a = torch.zeros(layout.num_rows_bound, 16, device=DEVICE)
     out = torch.full((layout.num_rows_bound, 8), SENTINEL, device=DEVICE)
     b = torch.ones(4, 8, 16, device=DEVICE)

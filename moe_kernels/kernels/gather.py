@@ -15,17 +15,23 @@ def _weighted_gather_kernel(
     y_ptr,
     dst_ptr,
     weights_ptr,
+    residual_ptr,
     out_ptr,
     top_k,
     n_cols,
     stride_ym,
+    stride_rm,
     stride_om,
     HAS_WEIGHTS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_RESIDUAL:
+        # added here rather than in a pass of its own over [T, H]
+        acc += tl.load(residual_ptr + tok * stride_rm + cols, mask=cols < n_cols, other=0).to(tl.float32)
     # Fixed k order keeps the fp32 sum (and so the output) bit-identical run to run.
     for k in range(top_k):
         row = tl.load(dst_ptr + tok * top_k + k)
@@ -47,8 +53,11 @@ def weighted_gather(
     dst_row: torch.Tensor | ContiguousLayout | MaskedLayout,
     topk_weights: torch.Tensor | None,
     out: torch.Tensor,
+    *,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out[t] = sum_k topk_weights[t, k] * y[dst_row[t, k]]`` over slots with ``dst_row >= 0``.
+    """``out[t] = residual[t] + sum_k topk_weights[t, k] * y[dst_row[t, k]]`` over slots with
+    ``dst_row >= 0`` (no residual term without ``residual``).
 
     Accumulates in fp32 in fixed ``k`` order (deterministic); every row of ``out`` is written, a
     token without any valid slot gets zeros.
@@ -59,6 +68,8 @@ def weighted_gather(
         dst_row: ``[T, K] int64`` contiguous (or a layout carrying one), ``-1`` = skip.
         topk_weights: ``[T, K]`` float32 (bf16/fp16 accepted), contiguous; ``None`` means weight 1.
         out: ``[T, H]`` bf16/fp16/fp32 with unit stride along H.
+        residual: optional ``[T, H]`` bf16/fp16/fp32 with unit stride along H (e.g. the shared
+            experts' output), added in fp32; may alias ``out``.
 
     Returns:
         ``out``.
@@ -75,7 +86,11 @@ def weighted_gather(
     check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(num_tokens, hidden), contiguous=False)
     if out.stride(1) != 1:
         raise ValueError(f"out: expected unit stride along the hidden dim, got strides {out.stride()}")
-    check_same_device(y=y, dst_row=dst_row, topk_weights=topk_weights, out=out)
+    if residual is not None:
+        check_tensor("residual", residual, dtypes=FLOAT_DTYPES, shape=(num_tokens, hidden), contiguous=False)
+        if residual.stride(1) != 1:
+            raise ValueError(f"residual: expected unit stride along the hidden dim, got strides {residual.stride()}")
+    check_same_device(y=y, dst_row=dst_row, topk_weights=topk_weights, out=out, residual=residual)
     if num_tokens == 0 or hidden == 0:
         return out
     y_rows = y.view(-1, hidden)
@@ -84,12 +99,15 @@ def weighted_gather(
         y_rows,
         dst_row,
         topk_weights,
+        residual,
         out,
         top_k,
         hidden,
         y_rows.stride(0),
+        residual.stride(0) if residual is not None else 0,
         out.stride(0),
         HAS_WEIGHTS=topk_weights is not None,
+        HAS_RESIDUAL=residual is not None,
         BLOCK=block,
         num_warps=num_warps,
     )

@@ -61,55 +61,70 @@ class ContiguousLayout:
 class MaskedLayout:
     """Fixed-capacity per-expert buffers ``[E, capacity, H]`` (DeepGEMM "masked" layout).
 
+    A token takes at most one row per expert: a slot whose expert already appears at an earlier
+    ``k`` of the same token shares that slot's row (``weighted_gather`` then adds both weights to
+    the one expert output, which is what the plain per-slot loop computes). An expert therefore
+    receives at most ``T`` rows, and :func:`masked_layout` requires ``capacity >= T``, so no slot
+    is ever dropped.
+
     Attributes:
-        counts: ``[E] int32``, rows filled in each expert's buffer, ``min(routed slots, capacity)``
-            (DeepGEMM's ``masked_m``).
+        counts: ``[E] int32``, rows filled in each expert's buffer: the number of tokens routed to
+            the expert at least once (DeepGEMM's ``masked_m``).
         dst_row: ``[T, K] int64``, ``e * capacity + rank``: the row of the slot in the buffer viewed
-            as ``[E * capacity, H]``; ``-1`` for slots without an expert and for dropped slots.
-        overflow: ``[1] int32``, set to 1 when some slot had ``rank >= capacity`` and was dropped.
+            as ``[E * capacity, H]``; ``-1`` for slots without an expert.
         capacity: rows per expert buffer.
     """
 
     counts: torch.Tensor
     dst_row: torch.Tensor
-    overflow: torch.Tensor
     capacity: int
 
 
 @triton.jit
 def _count_rank_kernel(
-    ids_ptr,
-    counts_ptr,
-    dst_ptr,
-    overflow_ptr,
-    n_slots,
-    num_experts,
-    capacity,
-    WRITE_DST: tl.constexpr,
-    MASKED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ids_ptr, counts_ptr, dst_ptr, n_slots, num_experts, WRITE_DST: tl.constexpr, BLOCK: tl.constexpr
 ):
-    """Histogram of expert ids; the counter value each slot's atomic returns is its rank.
-
-    WRITE_DST stores per slot either the rank (contiguous layout, finished by ``_place_kernel``) or,
-    with MASKED, the final row ``e * capacity + rank``.
-    """
+    """Histogram of expert ids; with WRITE_DST the counter value each slot's atomic returns is
+    stored as its rank, which ``_place_kernel`` turns into a row."""
     slots = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = slots < n_slots
     ids = tl.load(ids_ptr + slots, mask=in_range, other=-1).to(tl.int32)
     valid = in_range & (ids >= 0) & (ids < num_experts)
     rank = tl.atomic_add(counts_ptr + ids, 1, mask=valid)
     if WRITE_DST:
-        dst = rank.to(tl.int64)
-        if MASKED:
-            dropped = valid & (rank >= capacity)
-            # Once a counter reaches capacity every later increment also overflows and clamps it
-            # right after, so the final count is exactly min(routed, capacity).
-            tl.atomic_min(counts_ptr + ids, capacity, mask=dropped)
-            tl.atomic_max(overflow_ptr + tl.zeros_like(ids), 1, mask=dropped)
-            valid = valid & (rank < capacity)
-            dst = ids.to(tl.int64) * capacity + dst
-        tl.store(dst_ptr + slots, tl.where(valid, dst, -1), mask=in_range)
+        tl.store(dst_ptr + slots, tl.where(valid, rank.to(tl.int64), -1), mask=in_range)
+
+
+@triton.jit
+def _masked_rank_kernel(
+    ids_ptr,
+    counts_ptr,
+    dst_ptr,
+    num_tokens,
+    top_k,
+    num_experts,
+    capacity,
+    BLOCK_T: tl.constexpr,
+    K_PAD: tl.constexpr,
+):
+    """Rows of the masked layout for BLOCK_T whole tokens: only the first occurrence of an expert
+    in a token takes a row (atomic rank); later repeats point at that row."""
+    toks = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ks = tl.arange(0, K_PAD)
+    in_range = (toks[:, None] < num_tokens) & (ks[None, :] < top_k)
+    slots = toks[:, None] * top_k + ks[None, :]
+    ids = tl.load(ids_ptr + slots, mask=in_range, other=-1).to(tl.int32)
+    valid = in_range & (ids >= 0) & (ids < num_experts)
+    # same[t, k, j]: slot j of token t is valid and names the expert of slot k. A valid slot
+    # matches itself, so its first occurrence is at most k.
+    same = (ids[:, :, None] == ids[:, None, :]) & valid[:, None, :]
+    first = tl.min(tl.where(same, ks[None, None, :], K_PAD), axis=2)
+    owner = valid & (first == ks[None, :])
+    rank = tl.where(owner, tl.atomic_add(counts_ptr + ids, 1, mask=owner), 0)
+    # Registers cannot be indexed: pick the owner's rank with a one-hot sum over j.
+    rank = tl.sum(tl.where(ks[None, None, :] == first[:, :, None], rank[:, None, :], 0), axis=2)
+    dst = ids.to(tl.int64) * capacity + rank
+    tl.store(dst_ptr + slots, tl.where(valid, dst, -1), mask=in_range)
 
 
 @triton.jit
@@ -124,8 +139,23 @@ def _expert_start_kernel(counts_ptr, start_ptr, ends_ptr, num_experts, alignment
 
 
 @triton.jit
-def _place_kernel(ids_ptr, start_ptr, dst_ptr, layout_ptr, n_slots, num_experts, BLOCK: tl.constexpr):
-    """Turn ranks into contiguous-layout rows and mark those rows with their expert id."""
+def _place_kernel(
+    ids_ptr,
+    start_ptr,
+    dst_ptr,
+    layout_ptr,
+    row_slot_ptr,
+    block_expert_ptr,
+    slot_index_ptr,
+    n_slots,
+    num_experts,
+    block_m,
+    WRITE_LAYOUT: tl.constexpr,
+    WRITE_SLOTS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Turn ranks into contiguous-layout rows; WRITE_LAYOUT marks each row with its expert id,
+    WRITE_SLOTS records the slot of each row, the expert of each row block and each slot's index."""
     slots = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = slots < n_slots
     ids = tl.load(ids_ptr + slots, mask=in_range, other=-1).to(tl.int32)
@@ -133,7 +163,14 @@ def _place_kernel(ids_ptr, start_ptr, dst_ptr, layout_ptr, n_slots, num_experts,
     valid = in_range & (ids >= 0) & (ids < num_experts) & (rank >= 0)
     dst = tl.load(start_ptr + ids, mask=valid, other=0) + rank
     tl.store(dst_ptr + slots, dst, mask=valid)
-    tl.store(layout_ptr + dst, ids, mask=valid)
+    if WRITE_LAYOUT:
+        tl.store(layout_ptr + dst, ids, mask=valid)
+    if WRITE_SLOTS:
+        tl.store(row_slot_ptr + dst, slots.to(tl.int32), mask=valid)
+        # Every block of a segment holds at least one real row, so these (identical, racing)
+        # writes cover all blocks in use; the rest keep the -1 fill.
+        tl.store(block_expert_ptr + dst // block_m, ids, mask=valid)
+        tl.store(slot_index_ptr + slots, tl.where(valid, slots, -1), mask=in_range)
 
 
 @triton.jit
@@ -156,27 +193,12 @@ def _check_ids(topk_ids: torch.Tensor, num_experts: int) -> None:
         raise ValueError(f"num_experts: expected >= 1, got {num_experts}")
 
 
-def _count_and_rank(
-    topk_ids: torch.Tensor,
-    dst: torch.Tensor | None,
-    overflow: torch.Tensor | None,
-    num_experts: int,
-    capacity: int,
-) -> torch.Tensor:
+def _count_and_rank(topk_ids: torch.Tensor, dst: torch.Tensor | None, num_experts: int) -> torch.Tensor:
     counts = torch.zeros(num_experts, dtype=torch.int32, device=topk_ids.device)
     n_slots = topk_ids.numel()
     if n_slots:
         _count_rank_kernel[(triton.cdiv(n_slots, _SLOT_BLOCK),)](
-            topk_ids,
-            counts,
-            dst,
-            overflow,
-            n_slots,
-            num_experts,
-            capacity,
-            WRITE_DST=dst is not None,
-            MASKED=overflow is not None,
-            BLOCK=_SLOT_BLOCK,
+            topk_ids, counts, dst, n_slots, num_experts, WRITE_DST=dst is not None, BLOCK=_SLOT_BLOCK
         )
     return counts
 
@@ -192,7 +214,7 @@ def expert_counts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
         ``[E] int32`` counts on ``topk_ids.device`` (computed without host sync).
     """
     _check_ids(topk_ids, num_experts)
-    return _count_and_rank(topk_ids, None, None, num_experts, 0)
+    return _count_and_rank(topk_ids, None, num_experts)
 
 
 def contiguous_rows_bound(num_slots: int, num_experts: int, alignment: int) -> int:
@@ -209,23 +231,21 @@ def contiguous_rows_bound(num_slots: int, num_experts: int, alignment: int) -> i
     return worst // alignment * alignment
 
 
-def contiguous_layout(topk_ids: torch.Tensor, num_experts: int, alignment: int) -> ContiguousLayout:
-    """Build the contiguous (expert-sorted, segment-aligned) layout of the routed slots.
+def _sorted_rows(
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    alignment: int,
+    grouped_layout: torch.Tensor | None,
+    slot_maps: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Count, rank and place every slot; fill the optional row -> expert and row -> slot maps.
 
-    Args:
-        topk_ids: ``[T, K]`` int32/int64, contiguous, local expert ids or ``-1``.
-        num_experts: ``E``.
-        alignment: every expert segment starts on a multiple of this many rows (use a multiple of
-            the grouped GEMM's BLOCK_M, see ``grouped_gemm.contiguous_alignment()``).
-
-    Returns:
-        A :class:`ContiguousLayout`; three small Triton kernels plus two fills, no host sync.
+    Returns ``(counts, expert_start, segment_ends, dst_row)``.
     """
-    _check_ids(topk_ids, num_experts)
-    num_rows = contiguous_rows_bound(topk_ids.numel(), num_experts, alignment)
     device = topk_ids.device
+    n_slots = topk_ids.numel()
     dst_row = torch.empty(topk_ids.shape, dtype=torch.int64, device=device)
-    counts = _count_and_rank(topk_ids, dst_row, None, num_experts, 0)
+    counts = _count_and_rank(topk_ids, dst_row, num_experts)
     expert_start = torch.empty(num_experts, dtype=torch.int64, device=device)
     segment_ends = torch.empty(num_experts, dtype=torch.int32, device=device)
     _expert_start_kernel[(1,)](
@@ -236,17 +256,42 @@ def contiguous_layout(topk_ids: torch.Tensor, num_experts: int, alignment: int) 
         alignment,
         E_PAD=triton.next_power_of_2(num_experts),
     )
-    grouped_layout = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
-    if topk_ids.numel():
-        _place_kernel[(triton.cdiv(topk_ids.numel(), _SLOT_BLOCK),)](
+    row_slot, block_expert, slot_index = slot_maps if slot_maps is not None else (None, None, None)
+    if n_slots:
+        _place_kernel[(triton.cdiv(n_slots, _SLOT_BLOCK),)](
             topk_ids,
             expert_start,
             dst_row,
             grouped_layout,
-            topk_ids.numel(),
+            row_slot,
+            block_expert,
+            slot_index,
+            n_slots,
             num_experts,
+            alignment,
+            WRITE_LAYOUT=grouped_layout is not None,
+            WRITE_SLOTS=slot_maps is not None,
             BLOCK=_SLOT_BLOCK,
         )
+    return counts, expert_start, segment_ends, dst_row
+
+
+def contiguous_layout(topk_ids: torch.Tensor, num_experts: int, alignment: int) -> ContiguousLayout:
+    """Build the contiguous (expert-sorted, segment-aligned) layout of the routed slots.
+
+    Args:
+        topk_ids: ``[T, K]`` int32/int64, contiguous, local expert ids or ``-1``.
+        num_experts: ``E``.
+        alignment: every expert segment starts on a multiple of this many rows (use a multiple of
+            the grouped GEMM's BLOCK_M, ``grouped_gemm.BLOCK_M`` by default).
+
+    Returns:
+        A :class:`ContiguousLayout`; three small Triton kernels plus two fills, no host sync.
+    """
+    _check_ids(topk_ids, num_experts)
+    num_rows = contiguous_rows_bound(topk_ids.numel(), num_experts, alignment)
+    grouped_layout = torch.full((num_rows,), -1, dtype=torch.int32, device=topk_ids.device)
+    counts, expert_start, segment_ends, dst_row = _sorted_rows(topk_ids, num_experts, alignment, grouped_layout, None)
     return ContiguousLayout(
         counts=counts,
         expert_start=expert_start,
@@ -258,29 +303,76 @@ def contiguous_layout(topk_ids: torch.Tensor, num_experts: int, alignment: int) 
     )
 
 
-def masked_layout(topk_ids: torch.Tensor, num_experts: int, capacity: int) -> MaskedLayout:
-    """Assign every slot a row in fixed-capacity per-expert buffers ``[E, capacity, H]``.
+def contiguous_slot_rows(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Slot-indexed maps of the contiguous layout with segments aligned to ``block_m``.
 
-    Slots beyond an expert's capacity are dropped (``dst_row = -1``, never written out of bounds)
-    and ``overflow`` is set. ``capacity = T`` can never overflow when each token's top-k ids are
-    distinct, because then an expert receives at most one slot per token.
+    The multi-launch build for any number of slots (atomic ranks, so the order of rows inside a
+    segment is not deterministic); ``fused_moe.gather_layout`` uses it above its one-program
+    limit and documents the maps.
 
     Args:
         topk_ids: ``[T, K]`` int32/int64, contiguous, local expert ids or ``-1``.
         num_experts: ``E``.
-        capacity: rows per expert buffer, ``>= 1``.
+        block_m: the row block of the GEMMs that read the layout, ``>= 1``.
 
     Returns:
-        A :class:`MaskedLayout`; one Triton kernel plus two fills, no host sync.
+        ``(slot_row [T, K] int64, row_slot [R] int32, block_expert [R // block_m] int32,
+        slot_index [T, K] int64)`` with ``R = contiguous_rows_bound(T * K, E, block_m)``; three
+        Triton kernels plus three fills, no host sync.
+    """
+    _check_ids(topk_ids, num_experts)
+    num_rows = contiguous_rows_bound(topk_ids.numel(), num_experts, block_m)
+    device = topk_ids.device
+    row_slot = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
+    block_expert = torch.full((num_rows // block_m,), -1, dtype=torch.int32, device=device)
+    slot_index = torch.empty(topk_ids.shape, dtype=torch.int64, device=device)
+    slot_row = _sorted_rows(topk_ids, num_experts, block_m, None, (row_slot, block_expert, slot_index))[3]
+    return slot_row, row_slot, block_expert, slot_index
+
+
+def masked_layout(topk_ids: torch.Tensor, num_experts: int, capacity: int) -> MaskedLayout:
+    """Assign every slot a row in fixed-capacity per-expert buffers ``[E, capacity, H]``.
+
+    Each token takes at most one row per expert (a repeated id shares the first occurrence's
+    row), so an expert receives at most ``T`` rows and ``capacity >= T`` always suffices.
+
+    Args:
+        topk_ids: ``[T, K]`` int32/int64, contiguous, local expert ids or ``-1``.
+        num_experts: ``E``.
+        capacity: rows per expert buffer, ``>= max(T, 1)``.
+
+    Returns:
+        A :class:`MaskedLayout`; one Triton kernel plus one fill, no host sync.
     """
     _check_ids(topk_ids, num_experts)
     if capacity < 1:
         raise ValueError(f"capacity: expected >= 1, got {capacity}")
+    num_tokens, top_k = topk_ids.shape
+    if capacity < num_tokens:
+        raise ValueError(
+            f"capacity ({capacity}) must be >= the tokens ({num_tokens}): an expert may receive one row per token"
+        )
     device = topk_ids.device
     dst_row = torch.empty(topk_ids.shape, dtype=torch.int64, device=device)
-    overflow = torch.zeros(1, dtype=torch.int32, device=device)
-    counts = _count_and_rank(topk_ids, dst_row, overflow, num_experts, capacity)
-    return MaskedLayout(counts=counts, dst_row=dst_row, overflow=overflow, capacity=capacity)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
+    if topk_ids.numel():
+        k_pad = triton.next_power_of_2(top_k)
+        # The [tokens, K, K] comparison tile stays near 2048 elements.
+        block_t = max(1, min(256, 2048 // (k_pad * k_pad)))
+        _masked_rank_kernel[(triton.cdiv(num_tokens, block_t),)](
+            topk_ids,
+            counts,
+            dst_row,
+            num_tokens,
+            top_k,
+            num_experts,
+            capacity,
+            BLOCK_T=block_t,
+            K_PAD=k_pad,
+        )
+    return MaskedLayout(counts=counts, dst_row=dst_row, capacity=capacity)
 
 
 def resolve_dst_row(dst_row: torch.Tensor | ContiguousLayout | MaskedLayout) -> torch.Tensor:

@@ -1,0 +1,738 @@
+"""Fused decode path of the expert MLPs: no scatter, four launches (three when ``top_k == 1``).
+
+::
+
+    gather_layout        slot -> expert-sorted rows, segments aligned to block_m (one program)
+    fused_gemm1_silu     act[r] = silu(x[t] @ gate[e].T) * (x[t] @ up[e].T), x read through row_slot
+    fused_gemm2_weighted y[s]   = w[s] * (act[r] @ w2[e].T), written slot-major (or token-major, K == 1)
+    weighted_gather      out[t] = sum_k y[t * K + k], fixed k order, fp32
+
+At decode the expert weights are the only large operand, so the GEMMs stream each used expert's
+weights once and the launches' fixed cost (1-4 us each inside a CUDA graph) is what remains to
+cut: the permuted copy of ``x`` and its scatter launch disappear because GEMM1 loads its A tile
+straight from ``x`` through the layout. Nothing here reads a device value on the host, so the
+whole path can be captured in a CUDA graph; sizes come from host-side bounds and the programs
+beyond the real work exit at once.
+
+Measured on an H100 (triton 3.6, bf16, CUDA graphs, :func:`default_configs`), against vLLM's
+Triton ``fused_experts`` with its default config: Qwen3-30B-A3B T = 1 35.6 us (vLLM 38.0),
+T = 128 430 us (450); DeepSeek-V3 at 32 local experts T = 1 244 us (251), T = 128 999 us
+(1025), T = 512 1360 us (1489).
+
+Layout, per expert ``e``: rows ``[start_e, start_e + align_up(count_e, block_m))``, the first
+``count_e`` holding its slots, the rest padding. Every row block of ``block_m`` rows therefore
+belongs to one expert, which the GEMMs look up once per program in ``block_expert``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor, interpreting
+from .gather import weighted_gather
+from .permute import contiguous_rows_bound, contiguous_slot_rows
+
+# Above this many slots the one-program layout falls back to the multi-kernel atomic build. The
+# one program sorts the next power of two of the slots inside one CTA (n log^2 n); the fallback
+# costs ~6 launches whatever the size. In CUDA graphs on an H100 (triton 3.6, E = 128): one
+# program 2.0 us at <= 64 slots, 4.7-5.3 us at 256-512, 9.5 us at 1024, 21.7 us at 2048; the
+# fallback 7.6-9.6 us throughout. gather_layout takes the limit as an argument.
+ONE_LAUNCH_MAX_SLOTS = 512
+_FILL_BLOCK = 1024
+
+# H100: 132 SMs, 227 KB of shared memory per block at most; the budget leaves room for the
+# epilogue's layout-conversion scratch, which Triton also takes from shared memory.
+_NUM_SMS = 132
+_SMEM_BUDGET = 200 * 1024
+_BLOCK_M_CHOICES = (16, 32, 64, 128)
+# fp32 accumulator elements per program (GEMM1 holds two): 128x128 is 64 registers per thread
+# at 8 warps, what leaves room for the pipeline without spills.
+_ACCUMULATOR_MAX = 128 * 128
+
+
+@dataclass(frozen=True)
+class GatherLayout:
+    """Expert-sorted rows of the routed slots, each expert's segment starting on a multiple of
+    ``block_m``. A *slot* is ``s = t * K + k`` of ``topk_ids [T, K]``.
+
+    Attributes:
+        row_slot: ``[R] int32``, the slot held by each row, ``-1`` for padding rows and rows past
+            the last segment.
+        block_expert: ``[R // block_m] int32``, the expert of each row block, ``-1`` for blocks
+            past the last segment.
+        slot_row: ``[T, K] int64``, the row of each slot, ``-1`` where the slot has no expert
+            (any id outside ``[0, E)``); the inverse of ``row_slot``.
+        slot_index: ``[T, K] int64``, ``t * K + k`` where the slot has an expert, ``-1``
+            elsewhere: the map ``weighted_gather`` takes to sum slot-major rows ``[T * K, H]``.
+        num_rows: ``R = contiguous_rows_bound(T * K, E, block_m)``, a host-side bound (a multiple
+            of ``block_m``) on the rows any routing can use.
+        block_m: the segment alignment, the row block of both GEMMs.
+        single_launch: True when the one-program kernel built the layout (rows inside a segment
+            in slot order), False for the multi-kernel fallback (order set by atomics).
+    """
+
+    row_slot: torch.Tensor
+    block_expert: torch.Tensor
+    slot_row: torch.Tensor
+    slot_index: torch.Tensor
+    num_rows: int
+    block_m: int
+    single_launch: bool
+
+    @property
+    def top_k(self) -> int:
+        return self.slot_row.shape[1]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_rows // self.block_m
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    """Tiling of one fused GEMM. GEMM1 and GEMM2 of a call share ``block_m`` (their layout's
+    alignment).
+
+    Attributes:
+        block_m: rows per program, a power of two >= 16 (tl.dot's smallest M).
+        block_n: output columns per program, a power of two >= 16.
+        block_k: reduction step, a power of two >= 16.
+        num_warps: warps per program.
+        num_stages: software-pipeline depth of the K loop (weight tiles in flight).
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name}: expected a power of two >= 16, got {value}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps: expected one of 1, 2, 4, 8, 16, got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages: expected >= 1, got {self.num_stages}")
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@triton.jit
+def _gather_layout_kernel(
+    ids_ptr,
+    row_slot_ptr,
+    block_expert_ptr,
+    slot_row_ptr,
+    slot_index_ptr,
+    base_ptr,
+    n_slots,
+    num_experts,
+    num_rows,
+    num_blocks,
+    BLOCK_M: tl.constexpr,
+    SLOTS: tl.constexpr,
+    BINS: tl.constexpr,
+    FILL: tl.constexpr,
+):
+    """The whole layout in one program: histogram -> aligned segment starts -> sort -> scatter."""
+    fill = tl.arange(0, FILL)
+    for r0 in range(0, num_rows, FILL):
+        tl.store(row_slot_ptr + r0 + fill, -1, mask=r0 + fill < num_rows)
+    for b0 in range(0, num_blocks, FILL):
+        tl.store(block_expert_ptr + b0 + fill, -1, mask=b0 + fill < num_blocks)
+
+    lanes = tl.arange(0, SLOTS)
+    ids = tl.load(ids_ptr + lanes, mask=lanes < n_slots, other=-1).to(tl.int32)
+    # Slots without an expert (and lanes past the slots) go to bin E: counted apart, sorted last.
+    bins = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+    experts = tl.arange(0, BINS)
+    counts = tl.where(experts < num_experts, tl.histogram(bins, BINS), 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    # Row of the i-th slot in (expert, slot) order: start[e] + (i - first[e]).
+    base = (tl.cumsum(padded, 0) - padded) - (tl.cumsum(counts, 0) - counts)
+    tl.store(base_ptr + experts, base)
+    # Registers cannot be indexed by a tensor (tl.gather of a short source by a long index trips
+    # triton's layout pass), so base[expert] goes through memory; the barrier also orders the
+    # -1 fills above before the scatters below, which may hit the same rows.
+    tl.debug_barrier()
+
+    keys = tl.sort(bins * SLOTS + lanes)
+    expert = keys // SLOTS
+    slot = keys % SLOTS
+    placed = expert < num_experts
+    row = lanes + tl.load(base_ptr + expert, mask=placed, other=0)
+    is_slot = slot < n_slots
+    tl.store(slot_row_ptr + slot, tl.where(placed, row, -1).to(tl.int64), mask=is_slot)
+    tl.store(slot_index_ptr + slot, tl.where(placed, slot, -1).to(tl.int64), mask=is_slot)
+    tl.store(row_slot_ptr + row, slot, mask=placed)
+    # Every block of a segment holds at least one real row, so these writes (equal values where
+    # they collide) cover all blocks in use.
+    tl.store(block_expert_ptr + row // BLOCK_M, expert, mask=placed)
+
+
+def gather_layout(
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    block_m: int,
+    *,
+    max_one_launch_slots: int = ONE_LAUNCH_MAX_SLOTS,
+) -> GatherLayout:
+    """Expert-sorted layout of the routed slots with ``block_m``-aligned segments.
+
+    Args:
+        topk_ids: ``[T, K]`` int32/int64, contiguous, local expert ids; ``-1`` (or any id outside
+            ``[0, E)``) means no expert. Ids may repeat within a token: each slot gets its own row.
+        num_experts: ``E``.
+        block_m: segment alignment, the ``block_m`` of both fused GEMMs.
+        max_one_launch_slots: up to this many slots ``T * K`` one program builds everything (one
+            launch, rows in slot order inside each segment); above it the multi-kernel atomic
+            build of :mod:`.permute` runs (6 launches).
+
+    Returns:
+        A :class:`GatherLayout`; no host sync, so it can be captured in a CUDA graph.
+    """
+    check_tensor("topk_ids", topk_ids, dtypes=INDEX_DTYPES, ndim=2)
+    if num_experts < 1:
+        raise ValueError(f"num_experts: expected >= 1, got {num_experts}")
+    if block_m < 1:
+        raise ValueError(f"block_m: expected >= 1, got {block_m}")
+    n_slots = topk_ids.numel()
+    num_rows = contiguous_rows_bound(n_slots, num_experts, block_m)
+    lanes = max(32, triton.next_power_of_2(n_slots))
+    # Sort keys are expert * lanes + slot in int32.
+    single = n_slots <= max_one_launch_slots and (num_experts + 1) * lanes < 2**31
+    if not single:
+        slot_row, row_slot, block_expert, slot_index = contiguous_slot_rows(topk_ids, num_experts, block_m)
+        return GatherLayout(row_slot, block_expert, slot_row, slot_index, num_rows, block_m, single_launch=False)
+
+    device = topk_ids.device
+    row_slot = torch.empty(num_rows, dtype=torch.int32, device=device)
+    block_expert = torch.empty(num_rows // block_m, dtype=torch.int32, device=device)
+    slot_row = torch.empty(topk_ids.shape, dtype=torch.int64, device=device)
+    slot_index = torch.empty(topk_ids.shape, dtype=torch.int64, device=device)
+    if n_slots:
+        # triton's histogram lowering splits the bins over a warp's 32 lanes: at least 32 bins.
+        bins = max(32, triton.next_power_of_2(num_experts + 1))
+        base = torch.empty(bins, dtype=torch.int32, device=device)
+        _gather_layout_kernel[(1,)](
+            topk_ids,
+            row_slot,
+            block_expert,
+            slot_row,
+            slot_index,
+            base,
+            n_slots,
+            num_experts,
+            num_rows,
+            num_rows // block_m,
+            BLOCK_M=block_m,
+            SLOTS=lanes,
+            BINS=bins,
+            FILL=_FILL_BLOCK,
+            # >= 32 lanes per warp keeps the histogram input free of replicated elements.
+            num_warps=max(1, min(8, lanes // 256)),
+        )
+    return GatherLayout(row_slot, block_expert, slot_row, slot_index, num_rows, block_m, single_launch=True)
+
+
+# ----------------------------------------------------------------------------- GEMMs
+
+
+@triton.jit
+def _fused_gemm1_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    row_slot_ptr,
+    block_expert_ptr,
+    top_k,
+    n_out,
+    k_dim,
+    stride_xm,
+    stride_we,
+    stride_wn,
+    stride_om,
+    up_offset,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(row_slot_ptr + rows)
+    row_ok = slots >= 0
+    # The A rows come straight from x: row r computes token row_slot[r] // K.
+    tokens = tl.where(row_ok, slots // top_k, 0).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_out
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tokens[:, None] * stride_xm + offs_k[None, :]
+    # w13 is [2I, H] per expert, H contiguous: a [BLOCK_K, BLOCK_N] tile of it is gate^T, so
+    # tl.dot(a, tile) = a @ gate^T without a transpose.
+    gate_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    gate_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    up_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, k_dim, BLOCK_K):
+        k_ok = offs_k < k_dim - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0)
+        w_mask = k_ok[:, None] & col_ok[None, :]
+        gate = tl.load(gate_ptrs, mask=w_mask, other=0)
+        up = tl.load(gate_ptrs + up_offset, mask=w_mask, other=0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            gate = gate.to(tl.float32)
+            up = up.to(tl.float32)
+        gate_acc = tl.dot(a, gate, gate_acc, input_precision=INPUT_PRECISION)
+        up_acc = tl.dot(a, up, up_acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K
+        gate_ptrs += BLOCK_K
+    result = gate_acc * tl.sigmoid(gate_acc) * up_acc
+    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
+    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _fused_gemm2_kernel(
+    act_ptr,
+    w_ptr,
+    out_ptr,
+    row_slot_ptr,
+    block_expert_ptr,
+    weights_ptr,
+    slot_row_ptr,
+    num_blocks,
+    n_slots,
+    n_out,
+    k_dim,
+    stride_am,
+    stride_we,
+    stride_wn,
+    stride_om,
+    HAS_WEIGHTS: tl.constexpr,
+    ZERO_EMPTY: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_out
+    if ZERO_EMPTY:
+        # The programs past the row blocks zero the rows of slots without an expert, so that with
+        # top_k == 1 the output needs no further pass.
+        if pid_m >= num_blocks:
+            slots = (pid_m - num_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+            in_range = slots < n_slots
+            empty = in_range & (tl.load(slot_row_ptr + slots, mask=in_range, other=0) < 0)
+            zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty)
+            tl.store(out_ptr + slots[:, None] * stride_om + cols[None, :], zeros, mask=empty[:, None] & col_ok[None, :])
+            return
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(row_slot_ptr + rows)
+    row_ok = slots >= 0
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = act_ptr + rows[:, None] * stride_am + offs_k[None, :]
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, k_dim, BLOCK_K):
+        k_ok = offs_k < k_dim - k0
+        # Padding rows of act were never written: masked, so stale values never enter the dot.
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    slots = tl.where(row_ok, slots, 0).to(tl.int64)
+    if HAS_WEIGHTS:
+        acc *= tl.load(weights_ptr + slots, mask=row_ok, other=0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + slots[:, None] * stride_om + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _check_layout(layout: GatherLayout, config: FusedConfig, device: torch.device) -> None:
+    if not isinstance(layout, GatherLayout):
+        raise TypeError(f"layout: expected a GatherLayout, got {type(layout).__name__}")
+    if layout.block_m != config.block_m:
+        raise ValueError(f"config.block_m: expected the layout's block_m = {layout.block_m}, got {config.block_m}")
+    if layout.row_slot.device != device:
+        raise ValueError(f"layout: expected tensors on {device}, got {layout.row_slot.device}")
+
+
+def _gemm_kwargs(dtype: torch.dtype, config: FusedConfig) -> dict[str, object]:
+    return {
+        # The CPU interpreter's bf16 tl.dot is wrong (triton 3.9); real GPUs keep bf16 tensor cores.
+        "UPCAST": interpreting(),
+        # fp32 inputs would silently drop to tf32 on tensor cores; keep them exact.
+        "INPUT_PRECISION": "ieee" if dtype == torch.float32 else None,
+        "BLOCK_M": config.block_m,
+        "BLOCK_N": config.block_n,
+        "BLOCK_K": config.block_k,
+        "num_warps": config.num_warps,
+        "num_stages": config.num_stages,
+    }
+
+
+def fused_gemm1_silu(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    layout: GatherLayout,
+    out: torch.Tensor,
+    config: FusedConfig,
+) -> torch.Tensor:
+    """``out[r] = silu(x[t] @ gate[e].T) * (x[t] @ up[e].T)`` for every layout row ``r`` holding a
+    slot of token ``t`` routed to expert ``e``; A rows are read from ``x`` directly (no scatter).
+
+    Padding rows of ``out`` are neither computed nor written; row blocks past the last segment
+    exit at once. The grid is (row blocks, column blocks) with row blocks fastest, so the
+    programs of a hot expert's consecutive blocks read the same weight tile close in time (L2).
+
+    Args:
+        x: ``[T, H]`` bf16/fp16/fp32 with unit stride along H.
+        w13: ``[E, 2I, H]`` same dtype, contiguous; rows ``[0, I)`` gate (SiLU), ``[I, 2I)`` up.
+        layout: from :func:`gather_layout` on the ``topk_ids [T, K]`` of ``x``, built with
+            ``config.block_m``.
+        out: ``[R, I]`` (``R = layout.num_rows``), bf16/fp16/fp32, contiguous.
+        config: tiling; ``block_m`` must equal ``layout.block_m``.
+
+    Returns:
+        ``out``.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2, contiguous=False)
+    if x.stride(1) != 1:
+        raise ValueError(f"x: expected unit stride along the hidden dim, got strides {x.stride()}")
+    num_tokens, hidden = x.shape
+    check_tensor("w13", w13, dtypes=(x.dtype,), ndim=3)
+    if w13.shape[2] != hidden or w13.shape[1] % 2:
+        raise ValueError(f"w13: expected shape [E, 2I, {hidden}], got {list(w13.shape)}")
+    inter = w13.shape[1] // 2
+    _check_layout(layout, config, x.device)
+    if layout.slot_row.shape[0] != num_tokens:
+        raise ValueError(f"layout: expected {num_tokens} tokens (x's rows), got {layout.slot_row.shape[0]}")
+    check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(layout.num_rows, inter))
+    check_same_device(x=x, w13=w13, out=out)
+    if layout.num_blocks == 0 or inter == 0:
+        return out
+    _fused_gemm1_kernel[(layout.num_blocks, triton.cdiv(inter, config.block_n))](
+        x,
+        w13,
+        out,
+        layout.row_slot,
+        layout.block_expert,
+        layout.top_k,
+        inter,
+        hidden,
+        x.stride(0),
+        w13.stride(0),
+        w13.stride(1),
+        out.stride(0),
+        # Offset of the up rows from the gate rows, precomputed so the product is 64-bit on host.
+        inter * w13.stride(1),
+        **_gemm_kwargs(x.dtype, config),
+    )
+    return out
+
+
+def fused_gemm2_weighted(
+    act: torch.Tensor,
+    w2: torch.Tensor,
+    layout: GatherLayout,
+    topk_weights: torch.Tensor | None,
+    out: torch.Tensor,
+    config: FusedConfig,
+) -> torch.Tensor:
+    """``out[s] = topk_weights[s] * (act[r] @ w2[e].T)`` for every layout row ``r`` holding slot
+    ``s`` routed to expert ``e``: written slot-major, the router weight applied in fp32 before
+    rounding to ``out.dtype``.
+
+    With ``top_k > 1`` rows of slots without an expert are left untouched (sum the slots with
+    ``weighted_gather(out, layout.slot_index, None, y)``). With ``top_k == 1`` slot ``s`` is token
+    ``s``, ``out`` is the final ``[T, H]`` output, and rows of tokens without an expert are
+    written with zeros (extra programs past the row blocks), so no further pass is needed.
+
+    Args:
+        act: ``[R, I]`` bf16/fp16/fp32, contiguous, from :func:`fused_gemm1_silu` (padding rows
+            are never read).
+        w2: ``[E, H, I]`` same dtype, contiguous.
+        layout: the layout GEMM1 used.
+        topk_weights: ``[T, K]`` float32 (bf16/fp16 accepted), contiguous; ``None`` = weight 1.
+        out: ``[T * K, H]`` bf16/fp16/fp32 with unit stride along H.
+        config: tiling; ``block_m`` must equal ``layout.block_m``.
+
+    Returns:
+        ``out``.
+    """
+    check_tensor("act", act, dtypes=FLOAT_DTYPES, ndim=2)
+    inter = act.shape[1]
+    check_tensor("w2", w2, dtypes=(act.dtype,), ndim=3)
+    if w2.shape[2] != inter:
+        raise ValueError(f"w2: expected shape [E, H, {inter}], got {list(w2.shape)}")
+    hidden = w2.shape[1]
+    _check_layout(layout, config, act.device)
+    if act.shape[0] != layout.num_rows:
+        raise ValueError(f"act: expected {layout.num_rows} rows (layout.num_rows), got {act.shape[0]}")
+    num_tokens, top_k = layout.slot_row.shape
+    if topk_weights is not None:
+        check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, shape=(num_tokens, top_k))
+    n_slots = num_tokens * top_k
+    check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(n_slots, hidden), contiguous=False)
+    if out.stride(1) != 1:
+        raise ValueError(f"out: expected unit stride along the hidden dim, got strides {out.stride()}")
+    check_same_device(act=act, w2=w2, topk_weights=topk_weights, out=out)
+    if n_slots == 0 or hidden == 0:
+        return out
+    zero_empty = top_k == 1
+    grid_m = layout.num_blocks + (triton.cdiv(n_slots, config.block_m) if zero_empty else 0)
+    _fused_gemm2_kernel[(grid_m, triton.cdiv(hidden, config.block_n))](
+        act,
+        w2,
+        out,
+        layout.row_slot,
+        layout.block_expert,
+        topk_weights,
+        layout.slot_row,
+        layout.num_blocks,
+        n_slots,
+        hidden,
+        inter,
+        act.stride(0),
+        w2.stride(0),
+        w2.stride(1),
+        out.stride(0),
+        HAS_WEIGHTS=topk_weights is not None,
+        ZERO_EMPTY=zero_empty,
+        **_gemm_kwargs(act.dtype, config),
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- whole path
+
+
+def fused_workspace_shapes(
+    num_tokens: int,
+    top_k: int,
+    num_experts: int,
+    hidden: int,
+    inter: int,
+    dtype: torch.dtype,
+    block_m: int,
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The large buffers :func:`fused_experts` takes from its caller, by name: ``shape, dtype``.
+
+    ``activation [R, I]`` (``R = contiguous_rows_bound(T * K, E, block_m)``) and, when
+    ``top_k > 1``, ``slot_rows [T * K, H]``. Their contents need no initialisation.
+    """
+    rows = contiguous_rows_bound(num_tokens * top_k, num_experts, block_m)
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"activation": ((rows, inter), dtype)}
+    if top_k > 1:
+        shapes["slot_rows"] = ((num_tokens * top_k, hidden), dtype)
+    return shapes
+
+
+def fused_experts(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor | None,
+    topk_ids: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    workspace: dict[str, torch.Tensor],
+    gemm1: FusedConfig,
+    gemm2: FusedConfig,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out[t] = residual[t] + sum_k topk_weights[t, k] * expert_mlp(topk_ids[t, k], x[t])`` on
+    the fused path (no residual term without ``residual``).
+
+    Launches: the layout (one program up to ``ONE_LAUNCH_MAX_SLOTS`` slots), GEMM1+SiLU, GEMM2
+    with the router weights, and the top-k sum (fixed k order, fp32) -- three when ``top_k == 1``,
+    where GEMM2 writes ``out`` directly. Slots without an expert (``-1`` or any id outside
+    ``[0, E)``) contribute nothing; a token without any gets zeros. No host sync and no large
+    allocation: capturable in a CUDA graph per batch size.
+
+    Args:
+        x: ``[T, H]`` bf16/fp16/fp32 with unit stride along H.
+        w13: ``[E, 2I, H]`` same dtype, contiguous (gate rows, then up rows).
+        w2: ``[E, H, I]`` same dtype, contiguous.
+        topk_weights: ``[T, K]`` float32 (bf16/fp16 accepted), contiguous; ``None`` = weight 1.
+        topk_ids: ``[T, K]`` int32/int64, contiguous, local expert ids.
+        out: ``[T, H]`` bf16/fp16/fp32 with unit stride along H; every row is written.
+        workspace: the buffers named by :func:`fused_workspace_shapes`, exactly those shapes and
+            dtypes.
+        gemm1, gemm2: tilings of the two GEMMs (see :func:`default_configs`); same ``block_m``.
+        residual: optional ``[T, H]`` added in the top-k sum (with ``top_k == 1``, which has no
+            sum, in a pass of its own).
+
+    Returns:
+        ``out``.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2, contiguous=False)
+    num_tokens, hidden = x.shape
+    check_tensor("w13", w13, dtypes=(x.dtype,), ndim=3)
+    check_tensor("w2", w2, dtypes=(x.dtype,), ndim=3)
+    num_experts, inter = w13.shape[0], w2.shape[2]
+    if w2.shape[:2] != (num_experts, hidden):
+        raise ValueError(f"w2: expected shape [{num_experts}, {hidden}, I], got {list(w2.shape)}")
+    check_tensor("topk_ids", topk_ids, dtypes=INDEX_DTYPES, shape=(num_tokens, None))
+    top_k = topk_ids.shape[1]
+    check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(num_tokens, hidden), contiguous=False)
+    if gemm1.block_m != gemm2.block_m:
+        raise ValueError(f"gemm2.block_m: expected gemm1.block_m = {gemm1.block_m} (one layout), got {gemm2.block_m}")
+    specs = fused_workspace_shapes(num_tokens, top_k, num_experts, hidden, inter, x.dtype, gemm1.block_m)
+    for name, (shape, dtype) in specs.items():
+        if name not in workspace:
+            raise ValueError(f"workspace: expected a buffer {name!r}, got keys {sorted(workspace)}")
+        check_tensor(f"workspace[{name!r}]", workspace[name], dtypes=(dtype,), shape=shape)
+    check_same_device(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids, out=out)
+
+    layout = gather_layout(topk_ids, num_experts, gemm1.block_m)
+    act = fused_gemm1_silu(x, w13, layout, workspace["activation"], gemm1)
+    if top_k == 1:
+        fused_gemm2_weighted(act, w2, layout, topk_weights, out, gemm2)
+        return out if residual is None else out.add_(residual)
+    slot_rows = fused_gemm2_weighted(act, w2, layout, topk_weights, workspace["slot_rows"], gemm2)
+    return weighted_gather(slot_rows, layout.slot_index, None, out, residual=residual)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _shared_bytes(config: FusedConfig, weight_tiles: int, elem_bytes: int = 2) -> int:
+    """Shared memory of the pipelined K loop: one A tile and ``weight_tiles`` B tiles per stage."""
+    per_stage = config.block_k * (config.block_m + weight_tiles * config.block_n)
+    return config.num_stages * per_stage * elem_bytes
+
+
+def _pick_block_m(num_tokens: int, top_k: int, num_experts: int) -> tuple[int, bool]:
+    """``(block_m, streaming)``: see :func:`default_configs`."""
+    slots = num_tokens * top_k
+    mean = slots / max(1, min(num_experts, slots))
+    streaming = mean < 128
+    # Room for the busier experts of a random routing (about two standard deviations of a
+    # Poisson count), so that one block still holds each expert's rows.
+    busy = mean + 2 * mean**0.5
+    for block_m in _BLOCK_M_CHOICES:
+        if block_m >= busy:
+            break
+    # Measured: 128-row tiles streamed GEMM2's weights ~25 % slower than 64-row ones, and a
+    # second block of the same expert runs next to the first (grid order) and hits L2.
+    return (min(block_m, 64) if streaming else block_m), streaming
+
+
+def _warps(block_m: int, block_n: int, weight_tiles: int) -> int:
+    return 8 if block_m * block_n * weight_tiles >= _ACCUMULATOR_MAX else 4
+
+
+def _config_for(block_m: int, n_out: int, k_dim: int, blocks: int, weight_tiles: int, streaming: bool) -> FusedConfig:
+    if streaming:
+        # 64 columns, 128-deep K steps (256-byte weight rows: 16-byte loads per thread, whole
+        # cache lines), several steps in flight.
+        block_n, block_k, num_stages = 64, 128, 4 if block_m <= 32 else 3
+    else:
+        # 128x128 outputs per program (GEMM1 counts its gate and up tiles).
+        block_n, block_k, num_stages = 128 // weight_tiles, 64, 3
+    block_n = max(16, min(block_n, triton.next_power_of_2(n_out)))
+    block_k = min(block_k, max(16, triton.next_power_of_2(k_dim)))
+    # Narrower tiles only when a small N leaves most SMs idle: measured, 96 programs of 64
+    # columns streamed faster than 192 of 32, so half of the 132 SMs is the bar.
+    while block_n > 16 and 2 * blocks * triton.cdiv(n_out, block_n) < _NUM_SMS:
+        block_n //= 2
+    while (
+        num_stages > 2
+        and _shared_bytes(FusedConfig(block_m, block_n, block_k, 4, num_stages), weight_tiles) > _SMEM_BUDGET
+    ):
+        num_stages -= 1
+    return FusedConfig(block_m, block_n, block_k, _warps(block_m, block_n, weight_tiles), num_stages)
+
+
+def default_configs(
+    num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int
+) -> tuple[FusedConfig, FusedConfig]:
+    """Heuristic tilings ``(gemm1, gemm2)`` for a call shape, without measuring anything.
+
+    * ``block_m``: the smallest of 16/32/64/128 that holds a busy expert's rows
+      (``mean + 2 sqrt(mean)``, ``mean = T*K / min(E, T*K)``): each expert's rows then fit one
+      row block, so its weights stream once, with little padding.
+    * While an expert has fewer than 128 rows on average the GEMMs are bound by reading the
+      weights (a bf16 weight byte carries ``rows`` flops; an H100's ridge is ~300): ``block_m``
+      at most 64, ``block_n`` 64, ``block_k`` 128 (each weight row segment 256 bytes: 16-byte
+      loads, whole cache lines), 4 stages (3 at ``block_m = 64``). ``block_n`` halves while the
+      programs would fill fewer than half of the 132 SMs.
+    * Above that (prefill) the GEMMs are compute-bound: 128x128 outputs per program (GEMM1's
+      gate and up tiles count twice), ``block_k`` 64, 3 stages.
+    * ``num_warps``: 8 for accumulators of 128x128 fp32 or more, else 4; stages are lowered
+      until the pipeline fits ~200 KB of shared memory.
+
+    Measured on an H100 (triton 3.6, bf16, CUDA graphs, DeepSeek-V3 at 32 local experts and
+    Qwen3-30B-A3B, T = 1..256): ``block_k`` 128 beat 64 by 5-10 % on GEMM1; ``block_n`` 64 was
+    within 1 % of the best candidate on GEMM2 and on GEMM1 from T = 16 (and the best at T = 1,
+    by 3-6 % over 32); 3-5 stages were within 1-2 %. :func:`candidate_configs` gives the space a
+    tuner measures around these.
+    """
+    block_m, streaming = _pick_block_m(num_tokens, top_k, num_experts)
+    slots = num_tokens * top_k
+    # Row blocks a routing keeps busy: each active expert opens one, a busy one more.
+    blocks = min(num_experts, slots) + slots // block_m
+    return (
+        _config_for(block_m, inter, hidden, blocks, 2, streaming),
+        _config_for(block_m, hidden, inter, blocks, 1, streaming),
+    )
+
+
+def candidate_configs(
+    num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int
+) -> tuple[list[FusedConfig], list[FusedConfig]]:
+    """Search spaces ``(gemm1 candidates, gemm2 candidates)`` for a tuner measuring on the GPU.
+
+    Both lists cover the same two ``block_m`` values (the default's and the next larger one); a
+    tuner times each kernel's candidates on a layout built with that ``block_m`` and keeps the
+    pair with the best summed time. For each: ``block_n`` in 32/64/128 and ``block_k`` in
+    64/128, ``num_warps`` as in :func:`default_configs`; ``num_stages`` in 3/4/5 at the default
+    ``block_m``, the default's depth at the other. Tiles over the accumulator cap or ~200 KB of
+    shared memory are left out: at most 24 candidates per kernel.
+    """
+    default_m = _pick_block_m(num_tokens, top_k, num_experts)[0]
+    position = min(_BLOCK_M_CHOICES.index(default_m), len(_BLOCK_M_CHOICES) - 2)
+    spaces: list[list[FusedConfig]] = []
+    for n_out, k_dim, weight_tiles in ((inter, hidden, 2), (hidden, inter, 1)):
+        cap_n = max(16, triton.next_power_of_2(n_out))
+        cap_k = max(16, triton.next_power_of_2(k_dim))
+        space: list[FusedConfig] = []
+        for block_m in _BLOCK_M_CHOICES[position : position + 2]:
+            stages = (3, 4, 5) if block_m == default_m else (4 if block_m <= 32 else 3,)
+            for block_n in sorted({min(n, cap_n) for n in (32, 64, 128)}):
+                if block_m * block_n * weight_tiles > _ACCUMULATOR_MAX:
+                    continue
+                for block_k in sorted({min(k, cap_k) for k in (64, 128)}):
+                    for num_stages in stages:
+                        config = FusedConfig(
+                            block_m, block_n, block_k, _warps(block_m, block_n, weight_tiles), num_stages
+                        )
+                        if _shared_bytes(config, weight_tiles) <= _SMEM_BUDGET:
+                            space.append(config)
+        spaces.append(space)
+    return spaces[0], spaces[1]
