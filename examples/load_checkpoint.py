@@ -1,56 +1,57 @@
-"""Build a FusedMoE layer and load it from checkpoint-style tensors.
+"""Build a FusedMoE layer and load it from a safetensors checkpoint, as a serving engine does.
 
 Checkpoints (Mixtral, Qwen3-MoE, DeepSeek-V3) store each expert as three nn.Linear weights
-named like ``model.layers.N.mlp.experts.E.gate_proj.weight``. This example makes such a state
-dict with random values, groups it per expert id and hands it to ``load_weights``.
+named like ``model.layers.N.mlp.experts.E.gate_proj.weight``, often sharded over several
+files with a ``model.safetensors.index.json``. This example writes such a checkpoint for the
+tiny test layer (seeded random values, two shards), then loads layer 0 from it: the naming is
+detected, and only this rank's experts are read.
 
     python examples/load_checkpoint.py
 """
 
 from __future__ import annotations
 
-import re
+import json
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from moe_kernels import load_config
-from moe_kernels.layer import FusedMoE
+from moe_kernels import FusedMoE, load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-test.yaml"
-EXPERT_WEIGHT = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
-def fake_checkpoint(num_experts: int, hidden: int, inter: int, layer: int = 0) -> dict[str, torch.Tensor]:
-    """A state dict as a checkpoint holds one MoE layer: fp32 here, any float dtype works."""
+def write_checkpoint(directory: Path, num_experts: int, hidden: int, inter: int, layer: int = 0) -> None:
+    """Two shards (experts split in halves) and the index that maps every key to its shard."""
     gen = torch.Generator().manual_seed(0)
     prefix = f"model.layers.{layer}.mlp"
-    state = {f"{prefix}.gate.weight": torch.randn(num_experts, hidden, generator=gen) * hidden**-0.5}
+    shards: list[dict[str, torch.Tensor]] = [{f"{prefix}.gate.weight": torch.randn(num_experts, hidden, generator=gen)}, {}]
     for e in range(num_experts):
-        state[f"{prefix}.experts.{e}.gate_proj.weight"] = torch.randn(inter, hidden, generator=gen) * hidden**-0.5
-        state[f"{prefix}.experts.{e}.up_proj.weight"] = torch.randn(inter, hidden, generator=gen) * hidden**-0.5
-        state[f"{prefix}.experts.{e}.down_proj.weight"] = torch.randn(hidden, inter, generator=gen) * inter**-0.5
-    return state
+        shard = shards[e * 2 // num_experts]
+        for proj, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter))):
+            shard[f"{prefix}.experts.{e}.{proj}.weight"] = (torch.randn(*shape, generator=gen) * shape[1] ** -0.5).bfloat16()
+    weight_map = {}
+    for n, shard in enumerate(shards):
+        name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name))
+        weight_map.update(dict.fromkeys(shard, name))
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
 
 def main() -> None:
     cfg = load_config(CONFIG)
     m = cfg.moe
-    state = fake_checkpoint(m.num_experts, m.hidden_size, m.intermediate_size)
-
-    per_expert: dict[str, dict[int, torch.Tensor]] = {"gate_proj": {}, "up_proj": {}, "down_proj": {}}
-    for name, tensor in state.items():
-        match = EXPERT_WEIGHT.search(name)
-        if match:
-            per_expert[match.group(2)][int(match.group(1))] = tensor
-
-    layer = FusedMoE.from_config(cfg)
-    layer.load_weights(**per_expert, router_weight=state["model.layers.0.mlp.gate.weight"])
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(Path(tmp), m.num_experts, m.hidden_size, m.intermediate_size)
+        layer = FusedMoE(cfg)
+        layer.load_checkpoint(tmp, layer=0)
     print(layer)
-    print(layer.selection.explain())
+    print(layer.selection.explain() if layer.selection else "")
 
-    hidden_states = torch.randn(5, m.hidden_size, dtype=m.dtype, device=layer.w13.device)
-    out = layer(hidden_states)
+    hidden_states = torch.randn(5, m.hidden_size, generator=torch.Generator().manual_seed(1)).to(m.dtype)
+    out = layer(hidden_states.to(layer.w13.device))
     print(f"out: {list(out.shape)} {out.dtype}, mean |out| = {out.float().abs().mean().item():.4f}")
 
 

@@ -1,38 +1,83 @@
 """moe_kernels: composable Mixture-of-Experts kernels for LLM inference.
 
 The chain: router -> PrepareAndFinalize.prepare -> PermuteExpertsUnpermute.apply ->
-PrepareAndFinalize.finalize. See :mod:`moe_kernels.contract`.
+PrepareAndFinalize.finalize. See :mod:`moe_kernels.contract`. Every registered part is
+importable from here.
 """
 
-from moe_kernels.compose import IncompatibleKernelsError, ModularKernel, WorkspaceCache, compose
-from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig, QuantConfig, load_config
+from moe_kernels.compose import (
+    IncompatibleKernelsError,
+    ModularKernel,
+    TokenRangeKernel,
+    WorkspaceCache,
+    WorkspaceError,
+    compose,
+)
+from moe_kernels.config import ConfigError, LayerConfig, MoEConfig, ParallelConfig, QuantConfig, load_config
 from moe_kernels.contract import (
-    ActivationFormat,
-    BatchedTokens,
     Check,
     ExpandedTokens,
+    LayerContext,
+    Layout,
+    MaskedTokens,
     PermuteExpertsUnpermute,
     PrepareAndFinalize,
     PrepareResult,
     StandardTokens,
-    WeightAndReduce,
+    TokenFormat,
     WorkspaceSpec,
 )
+from moe_kernels.experts.deepgemm import DeepGemmExperts, ExpandedDeepGemmExperts, MaskedDeepGemmExperts
+from moe_kernels.experts.fp8 import (
+    Fp8DeepGemmExperts,
+    Fp8HybridDeepGemmExperts,
+    Fp8MaskedDeepGemmExperts,
+    Fp8TritonExperts,
+)
+from moe_kernels.experts.fused_triton import FusedTritonExperts
+from moe_kernels.experts.grouped_mm import GroupedMMExperts
+from moe_kernels.experts.hybrid import HybridDeepGemmExperts
 from moe_kernels.experts.reference import TorchReferenceExperts
+from moe_kernels.experts.triton import MaskedTritonExperts, TritonExperts
 from moe_kernels.layer import FusedMoE
-from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
+from moe_kernels.placement import ExpertPlacement
+from moe_kernels.prepare_finalize.deepep import (
+    DeepEPHighThroughputPrepareAndFinalize,
+    DeepEPLowLatencyPrepareAndFinalize,
+)
+from moe_kernels.prepare_finalize.local import LocalMaskedPrepareAndFinalize, LocalPrepareAndFinalize
+from moe_kernels.prepare_finalize.torch_a2a import TorchAllToAllPrepareAndFinalize
 from moe_kernels.router import Router, route
 from moe_kernels.select import Selection, select
+from moe_kernels.weights import ExpertWeights
 
 __all__ = [
-    "ActivationFormat",
-    "BatchedTokens",
     "Check",
+    "ConfigError",
+    "DeepEPHighThroughputPrepareAndFinalize",
+    "DeepEPLowLatencyPrepareAndFinalize",
+    "DeepGemmExperts",
+    "ExpandedDeepGemmExperts",
     "ExpandedTokens",
+    "ExpertPlacement",
+    "ExpertWeights",
+    "Fp8DeepGemmExperts",
+    "Fp8HybridDeepGemmExperts",
+    "Fp8MaskedDeepGemmExperts",
+    "Fp8TritonExperts",
     "FusedMoE",
+    "FusedTritonExperts",
+    "GroupedMMExperts",
+    "HybridDeepGemmExperts",
     "IncompatibleKernelsError",
     "LayerConfig",
+    "LayerContext",
+    "Layout",
+    "LocalMaskedPrepareAndFinalize",
     "LocalPrepareAndFinalize",
+    "MaskedDeepGemmExperts",
+    "MaskedTokens",
+    "MaskedTritonExperts",
     "MoEConfig",
     "ModularKernel",
     "ParallelConfig",
@@ -43,9 +88,13 @@ __all__ = [
     "Router",
     "Selection",
     "StandardTokens",
+    "TokenFormat",
+    "TokenRangeKernel",
+    "TorchAllToAllPrepareAndFinalize",
     "TorchReferenceExperts",
-    "WeightAndReduce",
+    "TritonExperts",
     "WorkspaceCache",
+    "WorkspaceError",
     "WorkspaceSpec",
     "compose",
     "load_config",

@@ -3,6 +3,7 @@
 moe-kernels run --config configs/qwen3-30b-a3b.yaml --tokens 16   check + time one layer
 moe-kernels list                                                  every part, can it run here
 moe-kernels explain --config configs/deepseek-v3.yaml             why this kernel was chosen
+moe-kernels tune --config configs/deepseek-v3.yaml                measure this GPU, write a tuning table
 moe-kernels bench layer|experts|ep ...                            GPU benchmarks
 """
 
@@ -11,15 +12,20 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shutil
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import yaml
 
-from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig, load_config
+from moe_kernels.config import ConfigError, LayerConfig, MoEConfig, ParallelConfig, load_config
+
+if TYPE_CHECKING:
+    from moe_kernels.select import Selection
 
 #: what ``list`` checks the parts against when no --config is given: a small unquantized layer
 DEFAULT_LIST_CONFIG = LayerConfig(
@@ -55,16 +61,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-kernels", description="Composable MoE kernels: run, inspect, benchmark.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,list,explain,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,list,explain,tune,doctor,bench}")
 
     run = sub.add_parser("run", help="check a layer with random weights against the reference and time it")
     _add_config_args(run, config_required=True)
     run.add_argument("--tokens", type=_positive_int, default=64, help="tokens in the batch (default: %(default)s)")
     run.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    run.add_argument("--ep-size", type=_positive_int, default=1, help="build one rank's share of an EP layer: ranks")
+    run.add_argument("--ep-rank", type=int, default=0, help="... and which rank (default: %(default)s)")
     run.set_defaults(func=cmd_run)
 
     lst = sub.add_parser("list", help="every registered part and whether it can run here")
     _add_config_args(lst, config_required=False)
+    lst.add_argument("--verbose", action="store_true", help="every failed check, not only the first")
     lst.set_defaults(func=cmd_list)
 
     explain = sub.add_parser("explain", help="which kernel a layer gets here, and why each other pair was refused")
@@ -74,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help="the largest batch the layer will run (sets parallel.max_tokens_per_rank)",
     )
+    explain.add_argument("--verbose", action="store_true", help="every refused pair with every failed check")
     explain.set_defaults(func=cmd_explain)
+
+    mount_bench(sub, "tune", "moe_kernels.bench.tune", "measure tiles and pairs on this GPU; write a tuning table")
+    mount_bench(sub, "doctor", "moe_kernels.doctor", "check this machine's GPU paths and say what is missing")
 
     bench = sub.add_parser("bench", help="benchmarks on a GPU")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="{" + ",".join(BENCH_MODULES) + "}")
@@ -111,58 +124,154 @@ def _unavailable(message: str) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from moe_kernels.bench.layer import TOLERANCE, check_and_time, default_timer, random_layer, weight_bytes
+    from moe_kernels.bench.layer import TOLERANCE, check_and_time, default_timer, random_layer
 
     cfg = load_layer_config(args.config, args.dtype)
     if cfg.parallel.ep_size > 1:
         raise CliError(
             f"{args.config}: run is single-process, so parallel.ep_size must be 1 (got {cfg.parallel.ep_size}); "
-            "use `moe-kernels bench ep` for expert parallelism"
+            "use --ep-size/--ep-rank to run one rank's share, or `moe-kernels bench ep` for expert parallelism"
         )
+    cfg = _one_rank(cfg, args.ep_size, args.ep_rank, args.config)
     device = resolve_device(args.device)
     start = time.perf_counter()
 
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    nbytes = weight_bytes(cfg.moe)
-    progress(
-        f"{cfg.name or args.config}: {cfg.moe.num_experts} experts, {_format_bytes(nbytes)} of weights on {device}"
-    )
-    memory = _physical_memory_bytes()
-    if device.type == "cpu" and memory and nbytes > 0.7 * memory:
-        progress(f"warning: the weights take {_format_bytes(nbytes)} of this machine's {_format_bytes(memory)}")
-    from moe_kernels.select import select
-
-    selection = select(moe=cfg.moe, parallel=cfg.parallel, quant=cfg.quant, device=device)
-    if not any(c.valid for c in selection.candidates):
+    selection = _select_for_run(cfg, device)
+    if not selection.plan:
         raise CliError(f"no registered kernel can run {cfg.name or args.config} here:\n{selection.explain()}")
+    estimate = memory_estimate(cfg, selection, args.tokens)
+    progress(f"{cfg.name or args.config}: {estimate.describe()} on {device}")
+    _refuse_if_too_big(estimate, cfg, device, args)
     layer = random_layer(cfg, device, seed=args.seed, progress=progress, kernel=selection.kernel)
     result = check_and_time(
         layer, args.tokens, timer=default_timer(device), seed=args.seed, time_reference=False, progress=progress
     )
-    tolerance = TOLERANCE[cfg.moe.dtype]
+    tolerance = TOLERANCE[(cfg.moe.dtype, cfg.quant.scheme)]
     ok = result.rel_err <= tolerance
     m = cfg.moe
     rows = [
         ("config", f"{cfg.name or '-'}  ({args.config})"),
         (
             "layer",
-            f"E={m.num_experts} top_k={m.top_k} H={m.hidden_size} I={m.intermediate_size} {_dtype_name(m.dtype)}",
+            f"E={m.num_experts} top_k={m.top_k} H={m.hidden_size} I={m.intermediate_size} {_dtype_name(m.dtype)}"
+            + (f" {cfg.quant.scheme}" if cfg.quant.is_fp8 else ""),
         ),
+        ("experts here", layer.placement.describe()),
         ("device", str(device)),
         ("tokens", str(args.tokens)),
         ("kernel", layer.kernel.name),
-        ("reference", "LocalPrepareAndFinalize + TorchReferenceExperts (composed directly)"),
+        ("reference", "TorchReferenceExperts behind the same prepare/finalize layout (composed directly)"),
         ("max abs err", f"{result.max_abs_err:.3e}"),
         ("rel err", f"{result.rel_err:.3e}  (max|out - ref| / max|ref|, tolerance {tolerance:g})"),
         ("result", "OK" if ok else "FAILED: the error exceeds the tolerance"),
         ("time", f"{_format_us(result.layer_us)} per forward ({_timer_name(device)})"),
     ]
     print(_key_value_table(rows))
-    if layer.kernel.experts.name == "TorchReferenceExperts":
+    if all(c.candidate.experts.name == "TorchReferenceExperts" for c in selection.plan):
         print("note: the chosen kernel is the reference itself, so the check compares two runs of it")
     return 0 if ok else 1
+
+
+def _one_rank(cfg: LayerConfig, ep_size: int, ep_rank: int, where: str) -> LayerConfig:
+    """``cfg`` as rank ``ep_rank`` of ``ep_size`` sees it (its experts only)."""
+    if ep_rank >= ep_size:
+        raise CliError(f"--ep-rank {ep_rank} must be < --ep-size {ep_size}")
+    if ep_size == 1:
+        return cfg
+    try:
+        parallel = ParallelConfig.model_validate({**cfg.parallel.model_dump(), "ep_size": ep_size, "ep_rank": ep_rank})
+        return LayerConfig.model_validate({**cfg.model_dump(), "parallel": parallel})
+    except ValueError as e:
+        raise CliError(f"--ep-size {ep_size} for {where}: {e}") from None
+
+
+def _select_for_run(cfg: LayerConfig, device: torch.device) -> Selection:
+    from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
+    from moe_kernels.select import select
+
+    if cfg.parallel.ep_size == 1:
+        return select(cfg, device=device)
+    # one rank's share, computed by a single process: this rank's experts only
+    return select(cfg, device=device, prepare_finalize_factories=[lambda _: LocalPrepareAndFinalize(partial=True)])
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What ``run`` will allocate, before it allocates anything."""
+
+    weights: int
+    workspaces: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.workspaces + self.activations
+
+    def describe(self) -> str:
+        return (
+            f"about {_format_bytes(self.total)} (weights {_format_bytes(self.weights)}, workspaces "
+            f"{_format_bytes(self.workspaces)}, activations {_format_bytes(self.activations)})"
+        )
+
+
+def memory_estimate(cfg: LayerConfig, selection: Selection, tokens: int) -> MemoryEstimate:
+    from moe_kernels.contract import LayerContext
+    from moe_kernels.select import planned_workspace_bytes, with_max_tokens
+
+    m = cfg.moe
+    e_local = cfg.num_local_experts
+    per_weight = 1 if cfg.quant.is_fp8 else m.dtype.itemsize
+    weights = 3 * e_local * m.hidden_size * m.intermediate_size * per_weight + m.num_experts * m.hidden_size * 2
+    weights += 3 * m.hidden_size * m.shared_width * m.dtype.itemsize
+    if cfg.quant.is_fp8:  # the bf16 source tensors of one expert while it is quantized
+        weights += 3 * m.hidden_size * m.intermediate_size * 4
+    workspaces = 0
+    ctx = selection.ctx
+    for choice in selection.plan:
+        sized = cfg if choice is selection.plan[-1] else with_max_tokens(cfg, choice.high)
+        sub = LayerContext(sized, ctx.device, ctx.placement, ctx.group)
+        pair = choice.candidate
+        workspaces = max(workspaces, planned_workspace_bytes(pair.prepare_finalize, pair.experts, sub))
+    # the input, the output and the reference's fp32 copies of a few [T, H] tensors, plus the
+    # float32 copy of one expert that drawing the weights and the reference hold at a time
+    activations = 8 * tokens * m.hidden_size * 4 + 2 * 3 * m.hidden_size * m.intermediate_size * 4
+    return MemoryEstimate(weights, workspaces, activations)
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return _physical_memory_bytes()
+
+
+def _refuse_if_too_big(estimate: MemoryEstimate, cfg: LayerConfig, device: torch.device, args: argparse.Namespace) -> None:
+    available = _available_bytes(device)
+    if available is None or estimate.total <= 0.9 * available:
+        return
+    hint = ""
+    experts = cfg.moe.num_experts
+    for ep in (2, 4, 8, 16, 32, 64):
+        if experts % ep == 0 and estimate.weights / ep + estimate.workspaces + estimate.activations <= 0.9 * available:
+            share = estimate.weights / ep + estimate.workspaces + estimate.activations
+            hint = (
+                f"; run one expert-parallel rank's share instead (what a rank holds anyway): "
+                f"--ep-size {ep} --ep-rank 0 needs about {_format_bytes(share)}"
+            )
+            break
+    raise CliError(
+        f"{cfg.name or args.config} needs {estimate.describe()}, but {device} has {_format_bytes(available)} "
+        f"available{hint or ' (fewer --tokens or a smaller config would fit)'}"
+    )
 
 
 # --- list ---------------------------------------------------------------------------------
@@ -170,30 +279,39 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from moe_kernels import registry
+    from moe_kernels.compose import layer_context
 
     cfg = load_layer_config(args.config, args.dtype) if args.config else DEFAULT_LIST_CONFIG
     if args.dtype and not args.config:
         cfg = _with_dtype(cfg, args.dtype, "--dtype")
     device = resolve_device(args.device)
+    ctx = layer_context(cfg, device=device)
     rows: list[tuple[str, str, str, str, str]] = []
     for kind, factories in (("prepare/finalize", registry.PREPARE_FINALIZE), ("experts", registry.EXPERTS)):
         for make in factories:
             try:
-                part = make(cfg, None) if kind == "prepare/finalize" else make(cfg)
+                part = make(cfg)
             except Exception as e:  # the registry promises factories never fail; show it if one does
                 rows.append((kind, "?", "-", "no", f"building it failed: {type(e).__name__}: {e}"))
                 continue
-            fmt = part.output_format if kind == "prepare/finalize" else part.input_format
-            checks = part.checks(cfg, device)
+            layout = part.output_layout if kind == "prepare/finalize" else part.input_layout
+            checks = part.checks(ctx)
             failed = [c for c in checks if not c.ok]
-            why = "; ".join(f"{c.name}: {c.reason}" for c in (failed or checks[:1]))
-            rows.append((kind, part.name, fmt.value, "no" if failed else "yes", why))
+            if failed:
+                why = "; ".join(f"{c.name}: {c.reason}" for c in (failed if args.verbose else failed[:1]))
+                if len(failed) > 1 and not args.verbose:
+                    why += f" (+{len(failed) - 1} more, --verbose)"
+            else:
+                why = checks[0].reason
+            rows.append((kind, part.name, layout.value, "no" if failed else "yes", why))
     m = cfg.moe
     print(
-        f"parts checked for layer {cfg.name or '-'} (E={m.num_experts} top_k={m.top_k} H={m.hidden_size} "
-        f"I={m.intermediate_size} {_dtype_name(m.dtype)}, ep_size={cfg.parallel.ep_size}) on {device}:"
+        _wrap(
+            f"parts checked for layer {cfg.name or '-'} (E={m.num_experts} top_k={m.top_k} H={m.hidden_size} "
+            f"I={m.intermediate_size} {_dtype_name(m.dtype)}, ep_size={cfg.parallel.ep_size}) on {device}:"
+        )
     )
-    print(_aligned_table(("kind", "name", "format", "runs here", "why"), rows))
+    print(_aligned_table(("kind", "name", "layout", "runs", "why"), rows))
     return 0
 
 
@@ -204,12 +322,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from moe_kernels.select import select
 
     cfg = load_layer_config(args.config, args.dtype)
-    parallel = cfg.parallel
     if args.tokens is not None:
-        parallel = ParallelConfig.model_validate({**parallel.model_dump(), "max_tokens_per_rank": args.tokens})
-    selection = select(moe=cfg.moe, parallel=parallel, quant=cfg.quant, device=resolve_device(args.device))
+        cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"max_tokens_per_rank": args.tokens})})
+    selection = select(cfg, device=resolve_device(args.device))
     print(f"{cfg.name or args.config}")
-    print(selection.explain())
+    print(_wrap(selection.explain(verbose=args.verbose)))
     return 0
 
 
@@ -219,37 +336,30 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def load_layer_config(path: str, dtype: str | None = None) -> LayerConfig:
     """Read a layer YAML, optionally with ``moe.dtype`` replaced; errors become CliError
     naming the file."""
-    if not Path(path).is_file():
-        raise CliError(f"config file not found: {path} (the configs/ folder holds the shipped ones)")
     try:
         cfg = load_config(path)
-    except (ValueError, yaml.YAMLError) as e:  # pydantic's ValidationError is a ValueError
-        raise CliError(f"{path}: {e}") from None
+    except (FileNotFoundError, ConfigError) as e:
+        raise CliError(str(e)) from None
     return _with_dtype(cfg, dtype, path) if dtype else cfg
 
 
 def _with_dtype(cfg: LayerConfig, dtype: str, where: str) -> LayerConfig:
     try:
         moe = MoEConfig.model_validate({**cfg.moe.model_dump(), "dtype": dtype})
+        return LayerConfig.model_validate({**cfg.model_dump(), "moe": moe})
     except ValueError as e:
         raise CliError(f"--dtype {dtype!r} for {where}: {e}") from None
-    return cfg.model_copy(update={"moe": moe})
 
 
 def resolve_device(name: str | None) -> torch.device:
     """``--device``: default CUDA when present, else the CPU; a CUDA request without CUDA
     is an error, not a silent fallback."""
-    if name is None:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    from moe_kernels.compose import resolve_device as resolve
+
     try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise CliError(f"--device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError(f"--device {name}: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise CliError(f"--device must be cpu or cuda[:N], got {name!r}")
-    return device
+        return resolve(name)
+    except ValueError as e:
+        raise CliError(f"--device: {e}") from None
 
 
 def _add_config_args(parser: argparse.ArgumentParser, *, config_required: bool) -> None:
@@ -304,8 +414,34 @@ def _key_value_table(rows: Sequence[tuple[str, str]]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
+def _terminal_width() -> int:
+    return max(60, shutil.get_terminal_size((80, 24)).columns)
+
+
+def _wrap(text: str) -> str:
+    """Each line wrapped to the terminal, continuation lines indented under their first word."""
+    width = _terminal_width()
+    out = []
+    for line in text.splitlines():
+        indent = len(line) - len(line.lstrip())
+        out.append(textwrap.fill(line, width, subsequent_indent=" " * (indent + 4)) if line.strip() else line)
+    return "\n".join(out)
+
+
 def _aligned_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns; the last column is free text and not padded."""
+    """Left-aligned columns; the last column is free text, wrapped to the terminal under itself
+    (on its own lines below the row when the other columns leave it too little room)."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers[:-1])]
-    line = lambda cells: "  ".join([*(c.ljust(w) for c, w in zip(cells, widths, strict=False)), cells[-1]])
-    return "\n".join([line(headers), line(["-" * w for w in widths] + ["-" * len(headers[-1])]), *map(line, rows)])
+    lead = sum(widths) + 2 * len(widths)
+    room = _terminal_width() - lead
+    out = []
+    for cells in [list(headers), ["-" * w for w in widths] + ["-" * len(headers[-1])], *map(list, rows)]:
+        left = "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False))
+        if room >= 30:
+            wrapped = textwrap.wrap(cells[-1], room) or [""]
+            out.append(f"{left}  {wrapped[0]}".rstrip())
+            out.extend(" " * lead + w for w in wrapped[1:])
+        else:
+            out.append(left.rstrip())
+            out.extend(textwrap.wrap(cells[-1], _terminal_width(), initial_indent="    ", subsequent_indent="    "))
+    return "\n".join(out)

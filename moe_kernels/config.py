@@ -4,18 +4,21 @@ A YAML file in ``configs/`` holds one :class:`LayerConfig`::
 
     moe: {num_experts: 256, top_k: 8, hidden_size: 7168, intermediate_size: 2048, ...}
     parallel: {ep_size: 8}
-    quant: {}
+    quant: {scheme: fp8_w8a8_block}
+
+Every model is strict: no coercion between types (``top_k: true`` or ``hidden_size: '64'`` are
+errors, not 1 and 64), no infinities or NaNs, no unknown keys. :func:`load_config` turns a
+validation failure into one :class:`ConfigError` line naming the file and each bad field.
 """
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, model_validator
 
 _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
@@ -32,13 +35,18 @@ _DTYPES: dict[str, torch.dtype] = {
 def _to_dtype(value: Any) -> torch.dtype:
     if isinstance(value, torch.dtype):
         if value not in _DTYPES.values():
-            raise ValueError(f"dtype must be one of bfloat16, float16, float32; got {value}")
+            raise ValueError(f"must be one of bfloat16, float16, float32; got {value}")
         return value
     if isinstance(value, str):
         key = value.removeprefix("torch.")
         if key in _DTYPES:
             return _DTYPES[key]
-    raise ValueError(f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}; got {value!r}")
+    raise ValueError(f"must be a torch.dtype or one of {sorted(_DTYPES)}; got {value!r}")
+
+
+def _to_pair(value: Any) -> Any:
+    # YAML has no tuples: accept a two-element list, keep everything else for the strict check
+    return tuple(value) if isinstance(value, list) else value
 
 
 TorchDtype = Annotated[
@@ -46,10 +54,17 @@ TorchDtype = Annotated[
     BeforeValidator(_to_dtype),
     PlainSerializer(lambda d: str(d).removeprefix("torch."), return_type=str),
 ]
+IntPair = Annotated[tuple[int, int], BeforeValidator(_to_pair)]
+
+
+class ConfigError(ValueError):
+    """A configuration that does not validate: one line naming the source and each bad field."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, allow_inf_nan=False, arbitrary_types_allowed=True
+    )
 
 
 class MoEConfig(_Strict):
@@ -58,7 +73,7 @@ class MoEConfig(_Strict):
     num_experts: int = Field(gt=0, description="routed experts in the whole model layer")
     top_k: int = Field(gt=0, description="experts each token is routed to")
     hidden_size: int = Field(gt=0, description="H: model width; a multiple of 8")
-    intermediate_size: int = Field(gt=0, description="I: each expert's MLP width")
+    intermediate_size: int = Field(gt=0, description="I: each routed expert's MLP width")
     dtype: TorchDtype = torch.bfloat16
     activation: Literal["silu"] = "silu"
     renormalize: bool = True
@@ -66,18 +81,28 @@ class MoEConfig(_Strict):
     num_expert_group: int | None = Field(default=None, gt=0)
     topk_group: int | None = Field(default=None, gt=0)
     routed_scaling_factor: float = Field(default=1.0, gt=0)
+    correction_bias: bool = Field(
+        default=False, description="the router has a per-expert e_score_correction_bias (DeepSeek-V3 noaux_tc)"
+    )
+    num_shared_experts: int = Field(default=0, ge=0, description="experts every token passes through")
+    shared_intermediate_size: int | None = Field(
+        default=None, gt=0, description="each shared expert's MLP width (they run as one MLP of the summed width)"
+    )
+    shared_expert_gate: bool = Field(
+        default=False, description="the shared output is scaled by sigmoid(x @ gate) (Qwen1.5/2-MoE)"
+    )
     max_tokens_per_chunk: int | None = Field(
-        default=None, gt=0, description="chunk larger batches to bound workspace memory (local only)"
+        default=None, gt=0, description="split larger batches into chunks to bound workspace memory"
     )
 
     @model_validator(mode="after")
     def _check(self) -> MoEConfig:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
-        if self.hidden_size % 8:
-            raise ValueError(f"hidden_size must be a multiple of 8 (16-byte rows); got {self.hidden_size}")
-        if self.intermediate_size % 8:
-            raise ValueError(f"intermediate_size must be a multiple of 8; got {self.intermediate_size}")
+        for name in ("hidden_size", "intermediate_size", "shared_intermediate_size"):
+            value = getattr(self, name)
+            if value is not None and value % 8:
+                raise ValueError(f"{name} must be a multiple of 8 (16-byte rows); got {value}")
         if (self.num_expert_group is None) != (self.topk_group is None):
             raise ValueError("num_expert_group and topk_group must be given together")
         if self.num_expert_group is not None:
@@ -95,17 +120,30 @@ class MoEConfig(_Strict):
                 raise ValueError(
                     f"top_k ({self.top_k}) exceeds the experts in topk_group groups ({self.topk_group} x {per_group})"
                 )
+        if (self.num_shared_experts > 0) != (self.shared_intermediate_size is not None):
+            raise ValueError("num_shared_experts > 0 and shared_intermediate_size must be given together")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ValueError("shared_expert_gate needs num_shared_experts > 0")
         return self
+
+    @property
+    def shared_width(self) -> int:
+        """The shared MLP's intermediate width (``num_shared_experts x shared_intermediate_size``)."""
+        return self.num_shared_experts * (self.shared_intermediate_size or 0)
 
 
 class ParallelConfig(_Strict):
-    """Expert parallelism: this rank holds experts [ep_rank * E/ep_size, (ep_rank+1) * E/ep_size)."""
+    """Expert parallelism and the limits every kernel is sized for when it is built."""
 
     ep_size: int = Field(default=1, gt=0)
     ep_rank: int = Field(default=0, ge=0)
-    dp_size: int = Field(default=1, gt=0)
-    max_tokens_per_rank: int = Field(default=8192, gt=0, description="largest token count any rank passes to one call")
+    max_tokens_per_rank: int = Field(
+        default=8192, gt=0, description="the most tokens one call may pass on any rank; workspaces are sized for it"
+    )
     cuda_graphs: bool = Field(default=False, description="the layer will be captured in CUDA graphs")
+    two_batch_overlap: bool = Field(
+        default=False, description="split each call in two micro-batches so one computes while the other communicates"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ParallelConfig:
@@ -114,14 +152,40 @@ class ParallelConfig(_Strict):
         return self
 
 
-class QuantScheme(str, enum.Enum):
-    NONE = "none"  # activations and weights in MoEConfig.dtype
+#: the quantization schemes a layer may use
+QuantScheme = Literal["none", "fp8_w8a8_block"]
+
+#: the only block/group sizes the fp8 kernels implement (DeepGEMM's 1x128 activation groups and
+#: 128x128 weight blocks; DeepSeek-V3's checkpoints use the same)
+FP8_WEIGHT_BLOCK = (128, 128)
+FP8_ACT_GROUP = 128
 
 
 class QuantConfig(_Strict):
-    """Quantization of the expert weights and activations (only unquantized today)."""
+    """Quantization of the expert weights and activations.
 
-    scheme: QuantScheme = QuantScheme.NONE
+    ``none``: weights and activations in ``moe.dtype``. ``fp8_w8a8_block``: weights in
+    float8_e4m3fn with one float32 scale per ``weight_block`` (N x K) block, activations
+    quantized to float8_e4m3fn with one float32 scale per ``act_group`` columns of a row; GEMMs
+    accumulate in fp32 and write ``moe.dtype``.
+    """
+
+    scheme: QuantScheme = "none"
+    weight_block: IntPair = FP8_WEIGHT_BLOCK
+    act_group: int = Field(default=FP8_ACT_GROUP, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> QuantConfig:
+        if self.weight_block != FP8_WEIGHT_BLOCK or self.act_group != FP8_ACT_GROUP:
+            raise ValueError(
+                f"weight_block must be {list(FP8_WEIGHT_BLOCK)} and act_group {FP8_ACT_GROUP} (the only blocking "
+                f"the fp8 kernels implement); got weight_block={list(self.weight_block)}, act_group={self.act_group}"
+            )
+        return self
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.scheme == "fp8_w8a8_block"
 
 
 class LayerConfig(_Strict):
@@ -138,18 +202,61 @@ class LayerConfig(_Strict):
             raise ValueError(
                 f"num_experts ({self.moe.num_experts}) must be divisible by ep_size ({self.parallel.ep_size})"
             )
+        if self.quant.is_fp8:
+            if self.moe.dtype != torch.bfloat16:
+                raise ValueError(f"fp8_w8a8_block computes in bfloat16: moe.dtype must be bfloat16, got {self.moe.dtype}")
+            block = self.quant.weight_block[0]
+            bad = [f"{n}={v}" for n, v in (("hidden_size", self.moe.hidden_size), ("intermediate_size", self.moe.intermediate_size)) if v % block]
+            if bad:
+                # gate and up rows are stacked into one weight: a block must not straddle them
+                raise ValueError(f"fp8_w8a8_block needs hidden_size and intermediate_size multiples of {block}; got {', '.join(bad)}")
         return self
 
     @property
     def num_local_experts(self) -> int:
         return self.moe.num_experts // self.parallel.ep_size
 
+    @property
+    def max_tokens_per_call(self) -> int:
+        """The most tokens one pass through the kernel handles: the chunk size when the layer
+        chunks, else ``parallel.max_tokens_per_rank``. Workspaces are sized for it."""
+        chunk = self.moe.max_tokens_per_chunk
+        limit = self.parallel.max_tokens_per_rank
+        return min(chunk, limit) if chunk is not None else limit
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Every failure of ``error`` on one line: ``moe.top_k: Input should be a valid integer (got True)``."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        got = item.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r}: {type(got).__name__})"
+        parts.append(f"{where}: {message}{shown}")
+    return "; ".join(parts)
+
 
 def load_config(path: str | Path, **overrides: Any) -> LayerConfig:
     """Read a :class:`LayerConfig` from YAML; ``overrides`` replace top-level sections
-    (e.g. ``parallel=ParallelConfig(ep_size=8)``)."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    (e.g. ``parallel=ParallelConfig(ep_size=8)``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ConfigError: the YAML does not parse or does not validate (one line naming the file
+            and every bad field).
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"config file not found: {source}")
+    try:
+        data = yaml.safe_load(source.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping with 'moe', 'parallel', 'quant'; got {type(data).__name__}")
+        raise ConfigError(f"{source}: expected a mapping with 'moe', 'parallel', 'quant'; got {type(data).__name__}")
     data.update(overrides)
-    return LayerConfig.model_validate(data)
+    try:
+        return LayerConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {describe_validation_error(e)}") from None

@@ -2,65 +2,106 @@
 
 One MoE layer call is a chain; data travels once, front to back::
 
-    x [T, H], topk_ids [T, K], topk_weights [T, K]      (from the router)
-      -> PrepareAndFinalize.prepare      move tokens to the ranks that own their experts,
-                                         lay them out in its ActivationFormat
+    x [T, H], topk_ids [T, K] global ids, topk_weights [T, K] fp32       (from the router)
+      -> PrepareAndFinalize.prepare      move tokens to the ranks that own their experts
+                                         (by the ExpertPlacement fixed at bind), lay them
+                                         out in its Layout, quantize if the format says so
       -> PermuteExpertsUnpermute.apply   GEMM1 -> SiLU-and-mul -> GEMM2 on that layout,
-                                         output in the same layout (tokens.x.shape)
+                                         output in the same layout (tokens.x.shape rows)
       -> PrepareAndFinalize.finalize     bring rows home, weight and reduce over top-k
       -> out [T, H]
 
-Each part declares its format and its capabilities as ``(ok, reason)`` checks; only the
-composer (:mod:`moe_kernels.compose`) looks at both sides.
+Each part declares what it can do as ``(ok, reason)`` checks and the token format it hands
+out or takes (:class:`TokenFormat`: a layout and its parameters); only the composer
+(:mod:`moe_kernels.compose`) looks at both sides. Lifecycle: ``bind`` once when composed
+(agreement between ranks, buffers sized from the declared maxima), then any number of calls
+with no first-call state, then ``release``.
 
-Who applies the router weights and sums over top-k follows from the format
-(:attr:`ActivationFormat.weight_and_reduce`): STANDARD experts return ``[T, H]`` already
-reduced; EXPANDED experts scale each row by its weight and finalize sums (DeepEP's combine
-does not weight); BATCHED experts return raw rows and finalize weights and sums.
+Who applies the router weights and sums over top-k follows from the layout:
+
+============  ============================================  ===================================
+layout        the experts write                             finalize
+============  ============================================  ===================================
+STANDARD      ``[T, H]`` weighted and summed over top-k     nothing locally (EP: adds ranks'
+                                                            partial sums)
+MASKED        ``[E, M, H]`` raw rows                        weights and sums each token's rows
+EXPANDED      ``[R, H]`` rows scaled by their weight        sums each token's rows (DeepEP's
+                                                            combine does not weight)
+============  ============================================  ===================================
 """
 
 from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import torch
+import torch.distributed as dist
 
 from moe_kernels.config import LayerConfig, QuantScheme
+from moe_kernels.placement import ExpertPlacement
+from moe_kernels.weights import ExpertWeights
 
 
-class WeightAndReduce(enum.Enum):
-    """Who multiplies by the router weights and sums a token's top-k rows."""
-
-    BY_EXPERTS = "the experts weight and sum over top-k; their output is already [T, H]"
-    WEIGHT_BY_EXPERTS = "the experts scale each row by its router weight; finalize sums a token's rows"
-    BY_FINALIZE = "the experts return raw rows; finalize weights and sums them"
-
-
-class ActivationFormat(enum.Enum):
-    """How tokens are laid out between prepare and finalize."""
+class Layout(enum.Enum):
+    """How tokens are laid out between prepare and finalize (see the module docstring)."""
 
     STANDARD = "standard"
-    """``[T, H]`` one row per token with its ``[T, K]`` local ids/weights; experts permute."""
-    BATCHED = "batched"
-    """``[E_local, M, H]`` with ``[E_local]`` valid-row counts (masked; CUDA-graph friendly)."""
+    """``[T, H]`` one row per token with its ``[T, K]`` local ids and weights; experts permute."""
+    MASKED = "masked"
+    """``[E_local, M, H]`` with ``[E_local]`` valid-row counts (DeepGEMM's masked layout; vLLM
+    calls it batched). Fixed shapes: CUDA-graph friendly."""
     EXPANDED = "expanded"
     """``[R, H]`` one row per (token, local expert), grouped by expert, each segment aligned
     (DeepEP's expanded dispatch == DeepGEMM's psum layout); no permute needed."""
 
-    @property
-    def weight_and_reduce(self) -> WeightAndReduce:
-        return _REDUCTION[self]
+
+@dataclass(frozen=True)
+class TokenFormat:
+    """A layout with the parameters both sides must agree on.
+
+    ``alignment``: EXPANDED -- every expert segment starts on a multiple of it; MASKED -- the
+    rows per expert ``M`` are a multiple of it; STANDARD -- 1. ``fp8``: activations arrive
+    quantized (float8_e4m3fn with float32 scales per 128 columns) where the prepare/finalize
+    moves or lays them out; a prepare/finalize that hands ``x`` through unchanged may leave them
+    in the activation dtype (the experts quantize on their own way in).
+    """
+
+    layout: Layout
+    alignment: int = 1
+    fp8: bool = False
+
+    def describe(self) -> str:
+        parts = [self.layout.value]
+        if self.alignment > 1:
+            parts.append(f"aligned to {self.alignment} rows")
+        if self.fp8:
+            parts.append("fp8 activations")
+        return ", ".join(parts)
 
 
-_REDUCTION = {
-    ActivationFormat.STANDARD: WeightAndReduce.BY_EXPERTS,
-    ActivationFormat.BATCHED: WeightAndReduce.BY_FINALIZE,
-    ActivationFormat.EXPANDED: WeightAndReduce.WEIGHT_BY_EXPERTS,
-}
+# --- what is added to the output ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Residual:
+    """``tensor [T, H]`` (activation dtype) added to the layer output in its final write -- the
+    shared experts' output -- so it costs no pass of its own over ``[T, H]``. ``ready`` is an
+    event recorded on the stream that computes it (a side stream running beside dispatch and the
+    routed experts); whoever reads ``tensor`` calls :meth:`wait` first."""
+
+    tensor: torch.Tensor
+    ready: torch.cuda.Event | None = None
+
+    def wait(self) -> None:
+        if self.ready is not None:
+            torch.cuda.current_stream(self.tensor.device).wait_event(self.ready)
+
+    def rows(self, start: int, end: int) -> Residual:
+        return Residual(self.tensor[start:end], self.ready)
 
 
 # --- tokens handed from prepare to the experts -------------------------------------------
@@ -68,52 +109,65 @@ _REDUCTION = {
 
 @dataclass(frozen=True)
 class StandardTokens:
-    """``x [T, H]``; ``topk_ids [T, K]`` int32/int64 local expert ids, ``-1`` = not on this
-    rank; ``topk_weights [T, K]`` float32."""
+    """``x [T, H]`` (activation dtype, or float8_e4m3fn with ``x_scale [T, ceil(H/128)]``
+    float32); ``topk_ids [T, K]`` int32/int64 local expert ids, ``-1`` = not on this rank;
+    ``topk_weights [T, K]`` float32. ``residual``: added to ``out`` by the experts' final write
+    when they write the layer output directly (the local path)."""
 
     x: torch.Tensor
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
-    num_local_experts: int
-    format: ClassVar[ActivationFormat] = ActivationFormat.STANDARD
+    x_scale: torch.Tensor | None = None
+    residual: Residual | None = None
+    layout: ClassVar[Layout] = Layout.STANDARD
+
+    @property
+    def num_rows(self) -> int:
+        return self.x.shape[0]
 
 
 @dataclass(frozen=True)
-class BatchedTokens:
-    """``x [E_local, M, H]``: rows ``[0, expert_num_tokens[e])`` of expert e are valid, the
-    rest are padding (any value). ``expected_m`` is a host-side estimate of the valid rows per
-    expert (DeepGEMM's masked GEMM tunes for it); it is never read from the GPU."""
+class MaskedTokens:
+    """``x [E_local, M, H]``: rows ``[0, counts[e])`` of expert e are valid, the rest are padding
+    (any value). ``counts [E_local]`` int32. ``expected_m`` is a host-side estimate of the
+    valid rows per expert (DeepGEMM's masked GEMM tunes for it); never read from the GPU. fp8:
+    ``x`` float8_e4m3fn with ``x_scale [E_local, M, ceil(H/128)]`` float32."""
 
     x: torch.Tensor
-    expert_num_tokens: torch.Tensor
+    counts: torch.Tensor
     expected_m: int
-    format: ClassVar[ActivationFormat] = ActivationFormat.BATCHED
+    x_scale: torch.Tensor | None = None
+    layout: ClassVar[Layout] = Layout.MASKED
 
     @property
-    def num_local_experts(self) -> int:
-        return self.x.shape[0]
+    def num_rows(self) -> int:
+        """Rows per expert (``M``)."""
+        return self.x.shape[1]
 
 
 @dataclass(frozen=True)
 class ExpandedTokens:
     """``x [R, H]``: local expert e owns rows ``[align_up(expert_ends[e-1], alignment),
-    expert_ends[e])`` (``expert_ends [E_local]`` int32, inclusive prefix sums of the counts,
-    DeepEP's ``psum_num_recv_tokens_per_expert``); rows outside every segment are padding and
-    must not reach the output. ``row_weights [R]`` float32 is each row's router weight."""
+    expert_ends[e])`` (``expert_ends [E_local]`` int32, ``expert_ends[e] = align_up(expert_ends[e-1],
+    alignment) + count_e``: DeepEP's ``psum_num_recv_tokens_per_expert``, DeepGEMM's psum layout);
+    rows outside every segment are padding and
+    must not reach the output. ``row_weights [R]`` float32 is each row's router weight. fp8:
+    ``x`` float8_e4m3fn with ``x_scale [R, ceil(H/128)]`` float32."""
 
     x: torch.Tensor
     expert_ends: torch.Tensor
     row_weights: torch.Tensor
     alignment: int
     expected_m: int
-    format: ClassVar[ActivationFormat] = ActivationFormat.EXPANDED
+    x_scale: torch.Tensor | None = None
+    layout: ClassVar[Layout] = Layout.EXPANDED
 
     @property
-    def num_local_experts(self) -> int:
-        return self.expert_ends.shape[0]
+    def num_rows(self) -> int:
+        return self.x.shape[0]
 
 
-ExpertTokens = StandardTokens | BatchedTokens | ExpandedTokens
+ExpertTokens = StandardTokens | MaskedTokens | ExpandedTokens
 
 
 @dataclass(frozen=True)
@@ -123,6 +177,47 @@ class PrepareResult:
 
     tokens: ExpertTokens
     handle: Any = None
+
+
+R = TypeVar("R")
+
+
+class Pending(Generic[R]):
+    """Work that may still be in flight (a dispatch or a combine). ``wait()`` orders the current
+    stream after it -- blocking the host only where the backend must -- and returns its result;
+    a second ``wait()`` returns the same result. The synchronous calls are ``..._async().wait()``."""
+
+    def __init__(self, finish: Callable[[], R]) -> None:
+        self._finish: Callable[[], R] | None = finish
+        self._result: R | None = None
+
+    @classmethod
+    def done(cls, result: R) -> Pending[R]:
+        return cls(lambda: result)
+
+    def wait(self) -> R:
+        if self._finish is not None:
+            self._result, self._finish = self._finish(), None
+        return self._result  # type: ignore[return-value]
+
+
+# --- where a layer runs --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """Everything a part's checks and ``bind`` read: the layer, its device, the expert
+    placement and the expert-parallel process group (``None`` without EP)."""
+
+    cfg: LayerConfig
+    device: torch.device
+    placement: ExpertPlacement
+    group: dist.ProcessGroup | None = None
+
+    @property
+    def max_tokens(self) -> int:
+        """The most tokens one pass through prepare -> experts -> finalize carries."""
+        return self.cfg.max_tokens_per_call
 
 
 # --- capabilities ------------------------------------------------------------------------
@@ -152,21 +247,32 @@ def check_device_type(name: str, device: torch.device, allowed: Sequence[str]) -
 
 @dataclass(frozen=True)
 class WorkspaceSpec:
-    """A scratch tensor an experts implementation needs for one call."""
+    """A scratch tensor a part needs for one call."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
 
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
 
-class _Part:
-    """Shared by both halves: a name and capability checks derived from class data."""
+
+def workspace_bytes(specs: dict[str, WorkspaceSpec]) -> int:
+    return sum(s.nbytes for s in specs.values())
+
+
+class Part:
+    """Shared by both halves: a name, capability checks derived from class data, a lifecycle."""
 
     #: device types the part runs on
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
-    #: activation/weight dtypes it accepts (unquantized scheme)
+    #: activation dtypes it accepts (``moe.dtype``)
     dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.bfloat16, torch.float16, torch.float32)
     #: quantization schemes it implements
-    quant_schemes: ClassVar[tuple[QuantScheme, ...]] = (QuantScheme.NONE,)
+    quant_schemes: ClassVar[tuple[QuantScheme, ...]] = ("none",)
     #: may be captured in a CUDA graph (no host sync, fixed shapes)
     supports_cuda_graphs: ClassVar[bool] = False
     #: the layer may be split into token chunks around this part
@@ -176,47 +282,65 @@ class _Part:
     def name(self) -> str:
         return type(self).__name__
 
-    def check_device(self, device: torch.device) -> Check:
-        return check_device_type("device", device, self.devices)
+    def check_device(self, ctx: LayerContext) -> Check:
+        return check_device_type("device", ctx.device, self.devices)
 
-    def check_quant(self, cfg: LayerConfig) -> Check:
-        scheme, dtype = cfg.quant.scheme, cfg.moe.dtype
+    def check_quant(self, ctx: LayerContext) -> Check:
+        scheme, dtype = ctx.cfg.quant.scheme, ctx.cfg.moe.dtype
         if scheme not in self.quant_schemes:
-            return Check.failed("quant", f"implements {[s.value for s in self.quant_schemes]}, not {scheme.value}")
+            return Check.failed("quant", f"implements quant scheme {' / '.join(self.quant_schemes)}, not {scheme}")
         if dtype not in self.dtypes:
             names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
             return Check.failed("quant", f"needs dtype in ({names}), got {str(dtype).removeprefix('torch.')}")
-        return Check.passed("quant", f"{scheme.value} {str(dtype).removeprefix('torch.')}")
+        return Check.passed("quant", f"{scheme} {str(dtype).removeprefix('torch.')}")
 
-    def check_parallel(self, cfg: LayerConfig) -> Check:
-        if cfg.parallel.cuda_graphs and not self.supports_cuda_graphs:
+    def check_parallel(self, ctx: LayerContext) -> Check:
+        if ctx.cfg.parallel.cuda_graphs and not self.supports_cuda_graphs:
             return Check.failed("cuda_graphs", "cannot be captured in a CUDA graph (it syncs with the host)")
-        return Check.passed("parallel", f"ep_size={cfg.parallel.ep_size}")
+        return Check.passed("parallel", f"ep_size={ctx.placement.ep_size}")
 
-    def checks(self, cfg: LayerConfig, device: torch.device) -> list[Check]:
-        """Every capability predicate of this part for a layer on ``device``."""
-        return [self.check_device(device), self.check_quant(cfg), self.check_parallel(cfg)]
+    def checks(self, ctx: LayerContext) -> list[Check]:
+        """Every capability predicate of this part for the layer in ``ctx``."""
+        return [self.check_device(ctx), self.check_quant(ctx), self.check_parallel(ctx)]
 
-    def preference(self, cfg: LayerConfig, device: torch.device) -> tuple[float, str]:
-        """How this part ranks among valid ones for the layer (lower is better; an estimate of
-        relative cost from measurements) and why. Only called when every check passed."""
-        return 100.0, "no measured preference"
+    def preference(self, ctx: LayerContext) -> tuple[float, str]:
+        """Heuristic rank among valid parts when no measurement covers the layer (lower is
+        better) and why. Measured tables (:mod:`moe_kernels.tuning`) take precedence."""
+        return 100.0, "no heuristic preference"
+
+    def release(self) -> None:
+        """Free what ``bind`` acquired (buffers, communicators). Idempotent."""
 
 
-class PrepareAndFinalize(_Part, ABC):
+class PrepareAndFinalize(Part, ABC):
     """Moves tokens to the experts that own them (``prepare``) and back (``finalize``)."""
 
     #: the layout ``prepare`` hands to the experts
-    output_format: ActivationFormat
+    output_layout: ClassVar[Layout]
     supports_chunking = False
+    #: moving tokens works for either scheme; whether fp8 tokens can be made is check_format's call
+    quant_schemes = ("none", "fp8_w8a8_block")
 
-    @abstractmethod
-    def num_dispatchers(self) -> int:
-        """Ranks whose tokens may arrive here (1 without expert parallelism)."""
+    def check_format(self, ctx: LayerContext, fmt: TokenFormat) -> Check:
+        """Whether this part can hand out ``fmt`` (the experts' input format). The default
+        produces exactly its layout at alignment 1, in the activation dtype."""
+        if fmt.alignment != 1:
+            return Check.failed("format", f"{self.name} aligns nothing; the experts need {fmt.describe()}")
+        return Check.passed("format", fmt.describe())
 
-    @abstractmethod
-    def max_num_tokens_per_rank(self) -> int | None:
-        """The most tokens one call may pass on one rank, ``None`` when unbounded."""
+    def max_expert_rows(self, ctx: LayerContext, fmt: TokenFormat) -> int:
+        """The largest ``tokens.num_rows`` one call hands the experts (host-side bound from the
+        configured maxima): workspaces are sized for it when the kernel is built."""
+        return ctx.max_tokens
+
+    def workspace_specs(self, ctx: LayerContext, fmt: TokenFormat) -> dict[str, WorkspaceSpec]:
+        """Buffers this part takes from the workspace cache at its largest call."""
+        return {}
+
+    def bind(self, ctx: LayerContext, fmt: TokenFormat) -> None:
+        """Called once by the composer before the first call (collectives allowed here, never
+        in ``prepare``/``finalize`` beyond the data exchange itself)."""
+        self.ctx, self.format = ctx, fmt
 
     @abstractmethod
     def prepare(
@@ -224,74 +348,85 @@ class PrepareAndFinalize(_Part, ABC):
         x: torch.Tensor,
         topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
-        *,
-        num_experts: int,
-        num_local_experts: int,
-        expert_map: torch.Tensor | None,
+        workspace: dict[str, torch.Tensor],
     ) -> PrepareResult:
         """Dispatch ``x [T, H]`` with ``topk_ids [T, K]`` (global ids, ``-1`` = none) and
-        ``topk_weights [T, K]`` float32 to the ``num_local_experts`` experts of each rank.
-        ``expert_map [num_experts]`` int32 maps a global id to this rank's local id or ``-1``."""
+        ``topk_weights [T, K]`` float32 to the ranks owning the experts (by the bound placement)."""
+
+    def prepare_async(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        workspace: dict[str, torch.Tensor],
+    ) -> Pending[PrepareResult]:
+        """``prepare`` that may return while the exchange is still running, so the caller can
+        compute meanwhile (the other micro-batch, the shared experts). The default is done at once."""
+        return Pending.done(self.prepare(x, topk_ids, topk_weights, workspace))
 
     def expert_output(self, prepared: PrepareResult, out: torch.Tensor) -> torch.Tensor | None:
-        """A buffer of shape ``prepared.tokens.x.shape`` for the experts to write into, or
-        ``None`` to let the composer take one from its workspace cache. Returning ``out``
-        itself saves a copy when finalize would only copy."""
+        """A buffer of shape ``prepared.tokens.x.shape`` (activation dtype) for the experts to
+        write into, or ``None`` to let the composer take one from its workspace cache.
+        Returning ``out`` itself saves a copy when finalize would only copy."""
         return None
 
     @abstractmethod
-    def finalize(self, out: torch.Tensor, expert_output: torch.Tensor, prepared: PrepareResult) -> None:
-        """Write the layer output ``out [T, H]`` from the experts' output (same layout as
-        ``prepared.tokens.x``, reduced as ``output_format.weight_and_reduce`` says)."""
+    def finalize(
+        self,
+        out: torch.Tensor,
+        expert_output: torch.Tensor,
+        prepared: PrepareResult,
+        residual: Residual | None = None,
+    ) -> None:
+        """Write the layer output ``out [T, H]`` from the experts' output (rows as
+        ``prepared.tokens``, reduced as the layout says: see the module docstring), plus
+        ``residual`` when given (wait for it before reading it)."""
 
-    @property
-    def output_is_reduced(self) -> bool:
-        """True when the experts' output needs no further weighting or summing on this rank."""
-        return self.output_format.weight_and_reduce is WeightAndReduce.BY_EXPERTS
+    def finalize_async(
+        self,
+        out: torch.Tensor,
+        expert_output: torch.Tensor,
+        prepared: PrepareResult,
+        residual: Residual | None = None,
+    ) -> Pending[None]:
+        """``finalize`` that may return while the combine is still running; ``out`` is complete
+        once the result is waited on. The default is done at once."""
+        self.finalize(out, expert_output, prepared, residual)
+        return Pending.done(None)
 
 
-class PermuteExpertsUnpermute(_Part, ABC):
-    """Computes ``w2[e] @ silu_and_mul(w13[e] @ x)`` for every routed row of a layout.
+class PermuteExpertsUnpermute(Part, ABC):
+    """Computes ``w2[e] @ silu_and_mul(w13[e] @ x)`` for every routed row of a layout."""
 
-    Weights: ``w13 [E_local, 2I, H]`` (gate rows, then up rows; SiLU on the gate half),
-    ``w2 [E_local, H, I]``, both in the activation dtype.
-    """
+    #: the layout ``apply`` takes
+    input_layout: ClassVar[Layout]
 
-    input_format: ActivationFormat
-    activations: ClassVar[tuple[str, ...]] = ("silu",)
-    #: handles local ids with ``-1`` for experts on other ranks (expert map / EP)
-    supports_expert_map: ClassVar[bool] = True
+    def input_format(self, ctx: LayerContext) -> TokenFormat:
+        """The format (layout + parameters) this part needs from prepare/finalize."""
+        return TokenFormat(self.input_layout, fp8=ctx.cfg.quant.is_fp8)
 
-    @property
-    def weight_and_reduce(self) -> WeightAndReduce:
-        return self.input_format.weight_and_reduce
-
-    def check_activation(self, cfg: LayerConfig) -> Check:
-        if cfg.moe.activation in self.activations:
-            return Check.passed("activation", cfg.moe.activation)
-        return Check.failed("activation", f"implements {list(self.activations)}, not {cfg.moe.activation}")
-
-    def check_expert_map(self, cfg: LayerConfig) -> Check:
-        if cfg.parallel.ep_size > 1 and not self.supports_expert_map:
-            return Check.failed("expert_map", "cannot skip experts of other ranks (-1 local ids)")
-        return Check.passed("expert_map", "handles -1 local ids")
-
-    def checks(self, cfg: LayerConfig, device: torch.device) -> list[Check]:
-        return [*super().checks(cfg, device), self.check_activation(cfg), self.check_expert_map(cfg)]
-
-    def workspace_shapes(self, tokens: ExpertTokens, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, WorkspaceSpec]:
-        """Scratch tensors for one call on ``tokens``, sized without reading GPU values.
-        The composer allocates them from a cache shared across layers and calls."""
+    def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
+        """Scratch for one call whose tokens have ``num_rows`` rows (STANDARD: tokens T;
+        MASKED: rows per expert M; EXPANDED: rows R), from host ints only."""
         return {}
+
+    def max_workspace_specs(self, ctx: LayerContext, max_rows: int) -> dict[str, WorkspaceSpec]:
+        """The largest scratch over every call with up to ``max_rows`` rows, per name. The
+        default assumes the specs grow with the rows; parts whose path changes with the
+        rows override it."""
+        return self.workspace_specs(ctx, max_rows)
+
+    def bind(self, ctx: LayerContext) -> None:
+        """Called once by the composer before the first call."""
+        self.ctx = ctx
 
     @abstractmethod
     def apply(
         self,
         tokens: ExpertTokens,
-        w13: torch.Tensor,
-        w2: torch.Tensor,
+        weights: ExpertWeights,
         out: torch.Tensor,
         workspace: dict[str, torch.Tensor],
     ) -> None:
-        """Write the expert MLP of ``tokens`` into ``out`` (``tokens.x.shape``, activation
-        dtype), weighted/reduced as ``self.weight_and_reduce`` says."""
+        """Write the expert MLP of ``tokens`` into ``out`` (``tokens.x.shape`` rows, activation
+        dtype), weighted/reduced as the layout says."""

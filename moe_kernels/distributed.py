@@ -5,8 +5,8 @@
   benchmarks (``torchrun`` without the launcher). A rank that hangs is killed at a deadline.
 * :func:`check_agreement` gathers a few integers from every rank once and raises the same
   ``ValueError`` on every rank when they differ, instead of letting a mismatched collective hang.
-* Ownership is contiguous: rank ``r`` holds global experts ``[r * E_local, (r + 1) * E_local)``;
-  an ``expert_map`` is only this rank's view of it (:func:`check_expert_map`).
+* :func:`at_teardown` registers what a rank must release while its process group still exists
+  (DeepEP's buffers hold NCCL windows); :func:`run_ranks` runs those hooks before tearing down.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import dataclasses
 import datetime
 import os
 import queue
-import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -174,7 +173,7 @@ def _rank_main(
     except BaseException as exc:
         value = _failure(rank, exc)
     finally:
-        _release_ep_buffers()
+        run_teardown()
     results.put((rank, value))
     try:
         dist.destroy_process_group()
@@ -186,11 +185,20 @@ def _failure(rank: int, exc: BaseException) -> RankFailure:
     return RankFailure(rank, type(exc).__name__, str(exc), traceback.format_exc())
 
 
-def _release_ep_buffers() -> None:
-    # DeepEP buffers hold NCCL windows: free them while the process group still exists
-    buffers = sys.modules.get("moe_kernels.prepare_finalize.deepep_buffer")
-    if buffers is not None:
-        buffers.release_all()
+_TEARDOWN: list[Callable[[], None]] = []
+
+
+def at_teardown(hook: Callable[[], None]) -> None:
+    """Run ``hook`` (once) before this process's group is destroyed by :func:`run_ranks`, or by
+    a caller of :func:`run_teardown`. Registering the same hook twice runs it once."""
+    if hook not in _TEARDOWN:
+        _TEARDOWN.append(hook)
+
+
+def run_teardown() -> None:
+    """Run the registered hooks, newest first; call before ``dist.destroy_process_group()``."""
+    while _TEARDOWN:
+        _TEARDOWN.pop()()
 
 
 # --- agreement between ranks ---------------------------------------------------------------
@@ -262,21 +270,3 @@ def check_agreement(group: Any, what: str, fields: Mapping[str, int | bool | tor
             problems.append(f"{name}: {held}")
     if problems:
         raise ValueError(f"{what}: the ranks disagree on the layer: " + " | ".join(problems))
-
-
-# --- expert ownership ------------------------------------------------------------------------
-
-
-def check_expert_map(expert_map: torch.Tensor, rank: int, num_local_experts: int) -> None:
-    """Raise ``ValueError`` unless ``expert_map [E]`` is rank ``rank``'s view of contiguous
-    ownership (``e - rank * E_local`` for its own experts, ``-1`` elsewhere). One host sync."""
-    num_experts = expert_map.shape[0]
-    ids = torch.arange(num_experts, device=expert_map.device)
-    local = ids - rank * num_local_experts
-    expected = torch.where((local >= 0) & (local < num_local_experts), local, torch.full_like(local, -1))
-    if not torch.equal(expert_map.to(expected.dtype), expected):
-        raise ValueError(
-            f"expert_map is not rank {rank}'s view of contiguous expert ownership (rank r holds "
-            f"experts [r*{num_local_experts}, (r+1)*{num_local_experts})); expert parallelism here "
-            "moves tokens by that ownership, so a different placement would drop tokens"
-        )

@@ -154,26 +154,20 @@ class Router(nn.Module):
 
     Parameters (inference only, ``requires_grad=False``):
         weight: ``[E, H]`` in ``moe.dtype``. Uninitialized until loaded.
-        e_score_correction_bias: ``[E]`` float32, only when ``correction_bias=True``
+        e_score_correction_bias: ``[E]`` float32, only when ``moe.correction_bias`` is set
             (DeepSeek-V3's ``noaux_tc`` routing). Zeros until loaded.
 
     The gate GEMM runs in the model dtype (as inference engines run it) and routing in fp32.
     """
 
-    def __init__(
-        self,
-        moe: MoEConfig,
-        *,
-        correction_bias: bool = False,
-        device: torch.device | str | None = None,
-    ) -> None:
+    def __init__(self, moe: MoEConfig, *, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.moe = moe
         self.weight = nn.Parameter(
             torch.empty(moe.num_experts, moe.hidden_size, dtype=moe.dtype, device=device), requires_grad=False
         )
         self.e_score_correction_bias: nn.Parameter | None = None
-        if correction_bias:
+        if moe.correction_bias:
             self.e_score_correction_bias = nn.Parameter(
                 torch.zeros(moe.num_experts, dtype=torch.float32, device=device), requires_grad=False
             )

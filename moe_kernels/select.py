@@ -1,9 +1,19 @@
-"""Pick the best valid (prepare/finalize, experts) pair for a layer on a machine.
+"""Pick the fastest valid (prepare/finalize, experts) pair for a layer on a machine, per batch size.
 
 Every registered prepare/finalize is paired with every registered experts class; the
-composer's checks decide which pairs are valid, and each valid pair is ranked by the parts'
-own ``preference`` (lower is better; the parts base it on measured speed). Nothing here
-repeats a capability: refusals come from the checks the parts declare.
+composer's checks decide which pairs are valid (nothing here repeats a capability), and a
+memory check refuses pairs whose workspaces exceed the budget. Among the valid ones, at each
+token count of a grid:
+
+* **measured**: the tuning table of this GPU and layer shape (:mod:`moe_kernels.tuning`) gives
+  each pair's time; the fastest measured pair wins. A pair the table does not cover never
+  outranks a measured one.
+* **heuristic** (no table for this GPU or shape): the parts' documented ``preference`` scores,
+  asked with the layer limited to that token count.
+
+Without expert parallelism the winners per token range become one
+:class:`~moe_kernels.compose.TokenRangeKernel` (each member sized for its range); with EP all
+ranks must run the same collectives, so one pair is chosen for the largest batch.
 """
 
 from __future__ import annotations
@@ -15,23 +25,72 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from moe_kernels.compose import ModularKernel, WorkspaceCache, check_pair, default_device, pair_name
-from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig, QuantConfig
-from moe_kernels.contract import Check, PermuteExpertsUnpermute, PrepareAndFinalize
+from moe_kernels import tuning
+from moe_kernels.compose import (
+    Kernel,
+    ModularKernel,
+    TokenRangeKernel,
+    WorkspaceCache,
+    check_pair,
+    layer_context,
+    pair_name,
+)
+from moe_kernels.config import LayerConfig
+from moe_kernels.contract import (
+    Check,
+    LayerContext,
+    PermuteExpertsUnpermute,
+    PrepareAndFinalize,
+    workspace_bytes,
+)
+from moe_kernels.placement import ExpertPlacement
 
-PrepareFinalizeFactory = Callable[[LayerConfig, "dist.ProcessGroup | None"], PrepareAndFinalize]
+PrepareFinalizeFactory = Callable[[LayerConfig], PrepareAndFinalize]
 ExpertsFactory = Callable[[LayerConfig], PermuteExpertsUnpermute]
+
+LAYOUTS_DIFFER = "layout: the prepare/finalize hands out another token layout than the experts take"
+
+#: token counts the heuristic plan is decided at when no table covers the layer
+HEURISTIC_GRID = (1, 16, 64, 256, 1024, 4096, 16384)
+
+#: default workspace budget: a policy, not a measurement (vLLM and SGLang keep MoE scratch in
+#: the hundreds of MiB; the masked layout at capacity 8192 on Qwen3-30B-A3B would take 12.5 GiB)
+DEFAULT_BUDGET_CAP_BYTES = 4 * 2**30
+DEFAULT_BUDGET_FRACTION = 0.10
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """``min(4 GiB, 10 % of the device's memory)``."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        import os
+
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(min(DEFAULT_BUDGET_CAP_BYTES, DEFAULT_BUDGET_FRACTION * total))
+
+
+def with_max_tokens(cfg: LayerConfig, max_tokens: int) -> LayerConfig:
+    """``cfg`` sized for at most ``max_tokens`` tokens per call."""
+    parallel = cfg.parallel.model_copy(update={"max_tokens_per_rank": max_tokens})
+    return cfg.model_copy(update={"parallel": parallel})
+
+
+def planned_workspace_bytes(pf: PrepareAndFinalize, experts: PermuteExpertsUnpermute, ctx: LayerContext) -> int:
+    """What composing the pair for ``ctx`` would reserve, computed without allocating."""
+    fmt = experts.input_format(ctx)
+    rows = pf.max_expert_rows(ctx, fmt)
+    return workspace_bytes(pf.workspace_specs(ctx, fmt)) + workspace_bytes(experts.max_workspace_specs(ctx, rows))
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One pair, its checks and (when valid) its rank."""
+    """One pair, its checks and its measured times (``{T: us}``, empty when not measured)."""
 
     prepare_finalize: PrepareAndFinalize
     experts: PermuteExpertsUnpermute
     checks: list[Check]
-    score: float = float("inf")
-    why: str = ""
+    times: dict[int, float] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -46,90 +105,226 @@ class Candidate:
         return [c for c in self.checks if not c.ok]
 
 
+@dataclass(frozen=True)
+class Choice:
+    """The pair chosen for token counts up to ``high`` (from the previous choice's ``high``)
+    and why, one reason per grid point it won."""
+
+    high: int
+    candidate: Candidate
+    reasons: tuple[str, ...]
+
+    @property
+    def why(self) -> str:
+        return ", ".join(dict.fromkeys(self.reasons))  # in order, repeats once
+
+
 @dataclass
 class Selection:
-    """The outcome of :func:`select`: ``kernel`` is the best valid pair, composed."""
+    """The outcome of :func:`select`: ``kernel`` is the plan, composed; ``explain()`` says why."""
 
-    cfg: LayerConfig
-    device: torch.device
-    candidates: list[Candidate] = field(default_factory=list)
+    ctx: LayerContext
+    candidates: list[Candidate]
+    plan: list[Choice]
+    decided_by: str
+    budget: int
     workspace_cache: WorkspaceCache | None = None
 
     @property
+    def cfg(self) -> LayerConfig:
+        return self.ctx.cfg
+
+    @property
     def best(self) -> Candidate:
-        valid = [c for c in self.candidates if c.valid]
-        if not valid:
-            raise RuntimeError(f"no registered pair can run this layer on {self.device}:\n{self.explain()}")
-        return valid[0]
+        """The pair chosen for the largest batch."""
+        if not self.plan:
+            raise RuntimeError(f"no registered pair can run this layer on {self.ctx.device}:\n{self.explain()}")
+        return self.plan[-1].candidate
 
     @functools.cached_property
-    def kernel(self) -> ModularKernel:
-        best = self.best
-        return ModularKernel(best.prepare_finalize, best.experts, self.cfg, self.workspace_cache)
+    def kernel(self) -> Kernel:
+        best = self.best  # raises when nothing is valid
+        if len(self.plan) == 1:
+            return ModularKernel(best.prepare_finalize, best.experts, self.ctx, self.workspace_cache)
+        ranges = []
+        for i, choice in enumerate(self.plan):
+            last = i == len(self.plan) - 1
+            cfg = self.cfg if last else with_max_tokens(self.cfg, choice.high)
+            ctx = LayerContext(cfg, self.ctx.device, self.ctx.placement, self.ctx.group)
+            pf, ex = choice.candidate.prepare_finalize, choice.candidate.experts
+            # each range binds its own instances: a part's bound state is per kernel
+            kernel = ModularKernel(_fresh(pf), _fresh(ex), ctx, self.workspace_cache)
+            ranges.append((choice.high, kernel))
+        return TokenRangeKernel(ranges)
 
-    def explain(self) -> str:
-        """Every pair, the chosen one first: why each valid one ranks where it does and why
-        each refused one was refused."""
-        m = self.cfg.moe
+    def explain(self, verbose: bool = False) -> str:
+        """The plan, then every valid pair with its measured times, then the refused pairs
+        grouped by reason (``verbose``: every pair with every failed check)."""
+        m, par = self.cfg.moe, self.cfg.parallel
         lines = [
             f"layer: E={m.num_experts} top_k={m.top_k} H={m.hidden_size} I={m.intermediate_size} "
-            f"{str(m.dtype).removeprefix('torch.')}, ep_size={self.cfg.parallel.ep_size}, device={self.device}"
+            f"{str(m.dtype).removeprefix('torch.')} {self.cfg.quant.scheme}, ep_size={par.ep_size}, "
+            f"max_tokens_per_rank={par.max_tokens_per_rank}, device={self.ctx.device}",
+            f"decided by: {self.decided_by}",
+            f"memory budget for workspaces: {self.budget / 2**20:.0f} MiB",
         ]
+        low = 1
+        for choice in self.plan:
+            span = f"T={low}..{choice.high}" if choice is not self.plan[-1] else f"T>={low}"
+            lines.append(f"  CHOSEN {span}: {choice.candidate.name}  ({choice.why})")
+            low = choice.high + 1
         valid = [c for c in self.candidates if c.valid]
-        for i, c in enumerate(valid):
-            tag = "CHOSEN" if i == 0 else f"#{i + 1}"
-            lines.append(f"  {tag:<7} {c.name}  (score {c.score:g}: {c.why})")
-        for c in self.candidates:
-            if not c.valid:
-                lines.append(f"  refused {c.name}")
-                lines.extend(f"            - {f.name}: {f.reason}" for f in c.failures)
+        if valid:
+            lines.append("valid pairs:")
+        for c in valid:
+            times = ", ".join(f"T={t}: {us:.1f} us" for t, us in sorted(c.times.items())) or "not measured"
+            lines.append(f"  {c.name}: {times}")
+        refused = [c for c in self.candidates if not c.valid]
+        if refused:
+            lines.append(f"refused ({len(refused)} pairs):")
+        if verbose:
+            for c in refused:
+                lines.append(f"  {c.name}")
+                lines.extend(f"    - {f.name}: {f.reason}" for f in c.failures)
+        else:
+            by_reason: dict[str, list[str]] = {}
+            for c in refused:
+                first = c.failures[0]
+                reason = LAYOUTS_DIFFER if first.name == "layout" else f"{first.name}: {first.reason}"
+                by_reason.setdefault(reason, []).append(c.name)
+            for reason, names in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+                lines.append(f"  {len(names)} pair{'s' if len(names) > 1 else ''}: {reason}")
+            if refused:
+                lines.append("  (--verbose / explain(verbose=True) lists every pair and every failed check)")
         return "\n".join(lines)
 
 
-def rank(
-    pf: PrepareAndFinalize, experts: PermuteExpertsUnpermute, cfg: LayerConfig, device: torch.device
-) -> tuple[float, str]:
-    pf_score, pf_why = pf.preference(cfg, device)
-    ex_score, ex_why = experts.preference(cfg, device)
-    return pf_score + ex_score, f"{pf_why}; {ex_why}"
+def _fresh(part: object) -> object:
+    import copy
+
+    return copy.copy(part)
 
 
 def candidates(
-    cfg: LayerConfig,
-    device: torch.device,
-    group: dist.ProcessGroup | None = None,
+    ctx: LayerContext,
+    *,
+    budget: int | None = None,
     prepare_finalize_factories: Sequence[PrepareFinalizeFactory] | None = None,
     experts_factories: Sequence[ExpertsFactory] | None = None,
 ) -> list[Candidate]:
-    """Every registered pair with its checks, valid ones first in rank order."""
+    """Every registered pair with its checks (a memory check against ``budget`` at the layer's
+    largest call included) and its measured times, in registration order."""
     from moe_kernels import registry
 
-    pfs = [make(cfg, group) for make in (prepare_finalize_factories or registry.PREPARE_FINALIZE)]
+    cfg = ctx.cfg
+    pfs = [make(cfg) for make in (prepare_finalize_factories or registry.PREPARE_FINALIZE)]
     exs = [make(cfg) for make in (experts_factories or registry.EXPERTS)]
-    out: list[Candidate] = []
+    table = tuning.table_for(ctx.device)
+    measured = table.pair_times(tuning.ShapeKey.of(cfg)) if table is not None else {}
+    out = []
     for pf in pfs:
         for ex in exs:
-            checks = check_pair(pf, ex, cfg, device)
-            if all(c.ok for c in checks):
-                score, why = rank(pf, ex, cfg, device)
-                out.append(Candidate(pf, ex, checks, score, why))
-            else:
-                out.append(Candidate(pf, ex, checks))
-    # stable: equal scores keep registration order
-    return sorted(out, key=lambda c: (not c.valid, c.score))
+            checks = check_pair(pf, ex, ctx)
+            if budget is not None and all(c.ok for c in checks):
+                checks.append(_memory_check(pf, ex, ctx, budget))
+            out.append(Candidate(pf, ex, checks, measured.get(pair_name(pf, ex), {})))
+    return out
+
+
+def _memory_check(pf: PrepareAndFinalize, ex: PermuteExpertsUnpermute, ctx: LayerContext, budget: int) -> Check:
+    need = planned_workspace_bytes(pf, ex, ctx)
+    at = f"at {ctx.max_tokens} tokens per call"
+    if need > budget:
+        return Check.failed(
+            "memory", f"workspaces take {need / 2**20:.0f} MiB {at}, over the budget of {budget / 2**20:.0f} MiB"
+        )
+    return Check.passed("memory", f"workspaces {need / 2**20:.0f} MiB {at}")
+
+
+def _plan_measured(valid: list[Candidate], ctx: LayerContext, budget: int, grid: list[int]) -> list[Choice]:
+    plan: list[Choice] = []
+    for t in grid:
+        sub = LayerContext(with_max_tokens(ctx.cfg, t), ctx.device, ctx.placement, ctx.group)
+        timed = [
+            (tuning.point_for(c.times, t), c)
+            for c in valid
+            if c.times and planned_workspace_bytes(c.prepare_finalize, c.experts, sub) <= budget
+        ]
+        if not timed:
+            return []
+        (point, us), best = min(timed, key=lambda pc: pc[0][1])
+        plan.append(Choice(t, best, (f"{us:.1f} us at T={point}",)))
+    return plan
+
+
+def _plan_heuristic(valid: list[Candidate], ctx: LayerContext, budget: int, grid: list[int]) -> list[Choice]:
+    plan: list[Choice] = []
+    for t in grid:
+        sub = LayerContext(with_max_tokens(ctx.cfg, t), ctx.device, ctx.placement, ctx.group)
+        scored = []
+        for c in valid:
+            if planned_workspace_bytes(c.prepare_finalize, c.experts, sub) > budget:
+                continue
+            pf_score, pf_why = c.prepare_finalize.preference(sub)
+            ex_score, ex_why = c.experts.preference(sub)
+            scored.append((pf_score + ex_score, f"score {pf_score + ex_score:g}: {pf_why}; {ex_why}", c))
+        if not scored:
+            return []
+        score, why, best = min(scored, key=lambda s: s[0])  # stable: ties keep registration order
+        plan.append(Choice(t, best, (why,)))
+    return plan
+
+
+def _merge(plan: list[Choice]) -> list[Choice]:
+    """Consecutive grid points won by the same pair become one range."""
+    merged: list[Choice] = []
+    for choice in plan:
+        if merged and merged[-1].candidate is choice.candidate:
+            merged[-1] = Choice(choice.high, choice.candidate, merged[-1].reasons + choice.reasons)
+        else:
+            merged.append(choice)
+    return merged
 
 
 def select(
+    cfg: LayerConfig,
     *,
-    moe: MoEConfig,
-    parallel: ParallelConfig | None = None,
-    quant: QuantConfig | None = None,
-    device: torch.device | str | None = None,
+    placement: ExpertPlacement | None = None,
     group: dist.ProcessGroup | None = None,
+    device: torch.device | str | None = None,
     workspace_cache: WorkspaceCache | None = None,
+    memory_budget: int | None = None,
+    prepare_finalize_factories: Sequence[PrepareFinalizeFactory] | None = None,
+    experts_factories: Sequence[ExpertsFactory] | None = None,
 ) -> Selection:
-    """Rank every registered pair for this layer; ``.kernel`` is the best one, composed,
-    ``.explain()`` says why. ``group`` is the expert-parallel process group (EP > 1)."""
-    cfg = LayerConfig(moe=moe, parallel=parallel or ParallelConfig(), quant=quant or QuantConfig())
-    dev = torch.device(device) if device is not None else default_device()
-    return Selection(cfg, dev, candidates(cfg, dev, group), workspace_cache)
+    """Rank every registered pair for the layer; ``.kernel`` is the plan, composed, and
+    ``.explain()`` says why. Takes the configuration as :func:`~moe_kernels.compose.compose`
+    does. ``memory_budget``: most workspace bytes (default :func:`default_memory_budget`)."""
+    ctx = layer_context(cfg, placement=placement, group=group, device=device)
+    budget = default_memory_budget(ctx.device) if memory_budget is None else memory_budget
+    found = candidates(
+        ctx,
+        budget=budget,
+        prepare_finalize_factories=prepare_finalize_factories,
+        experts_factories=experts_factories,
+    )
+    valid = [c for c in found if c.valid]
+    max_tokens = ctx.max_tokens
+    table = tuning.table_for(ctx.device)
+    measured_grid = sorted({t for c in valid for t in c.times})
+    if ctx.placement.ep_size > 1:
+        grid = [max_tokens]
+    elif measured_grid:
+        grid = sorted({t for t in measured_grid if t < max_tokens} | {max_tokens})
+    else:
+        grid = sorted({t for t in HEURISTIC_GRID if t < max_tokens} | {max_tokens})
+    plan: list[Choice] = []
+    decided_by = "nothing: no valid pair"
+    if valid and measured_grid and table is not None:
+        plan = _plan_measured(valid, ctx, budget, grid)
+        decided_by = f"measured table {table.path} ({table.gpu}; {table.source})"
+    if valid and not plan:
+        plan = _plan_heuristic(valid, ctx, budget, grid)
+        reason = "no tuning table for this GPU" if table is None else f"table {table.path} has no times for this shape"
+        decided_by = f"the parts' documented heuristics ({reason})"
+    return Selection(ctx, found, _merge(plan), decided_by, budget, workspace_cache)

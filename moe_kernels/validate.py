@@ -11,6 +11,12 @@ def _dt(d: torch.dtype) -> str:
     return str(d).removeprefix("torch.")
 
 
+def expect_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
 def expect_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
     if t.dtype not in allowed:
         want = " or ".join(_dt(d) for d in allowed)
@@ -27,46 +33,41 @@ def expect_device(name: str, t: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} must be on {device}, got {t.device}")
 
 
-def check_weights(cfg: LayerConfig, w13: torch.Tensor, w2: torch.Tensor) -> None:
-    """``w13 [E_local, 2I, H]`` and ``w2 [E_local, H, I]`` in the layer's dtype."""
-    e, h, i = cfg.num_local_experts, cfg.moe.hidden_size, cfg.moe.intermediate_size
-    expect_shape("w13", w13, (e, 2 * i, h))
-    expect_shape("w2", w2, (e, h, i))
-    expect_dtype("w13", w13, (cfg.moe.dtype,))
-    expect_dtype("w2", w2, (cfg.moe.dtype,))
-    expect_device("w2", w2, w13.device)
-    if not (w13.is_contiguous() and w2.is_contiguous()):
-        raise ValueError("w13 and w2 must be contiguous (K-major rows)")
-
-
 def check_call(
     cfg: LayerConfig,
-    x: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
+    device: torch.device,
+    x: object,
+    topk_weights: object,
+    topk_ids: object,
     *,
     max_tokens: int | None,
     check_values: bool,
 ) -> None:
-    """Shapes, dtypes and devices of one call. With ``check_values`` also the expert ids'
-    range (one host sync; skip it on hot paths and inside CUDA-graph capture)."""
+    """Types, shapes, dtypes and devices of one call, and ``T <= max_tokens``. With
+    ``check_values`` also the expert ids' range and distinctness within a token (one host sync;
+    skip it on hot paths and inside CUDA-graph capture)."""
     moe = cfg.moe
+    x = expect_tensor("x", x)
+    topk_weights = expect_tensor("topk_weights", topk_weights)
+    topk_ids = expect_tensor("topk_ids", topk_ids)
     if x.dim() != 2:
         raise ValueError(f"x must be [T, H] (2-D), got shape {list(x.shape)}")
     t = x.shape[0]
     expect_shape("x", x, (t, moe.hidden_size))
     expect_dtype("x", x, (moe.dtype,))
+    expect_device("x", x, device)
     if not x.is_contiguous():
         raise ValueError("x must be contiguous")
     expect_shape("topk_ids", topk_ids, (t, moe.top_k))
     expect_shape("topk_weights", topk_weights, (t, moe.top_k))
     expect_dtype("topk_ids", topk_ids, (torch.int32, torch.int64))
     expect_dtype("topk_weights", topk_weights, (torch.float32,))
-    expect_device("topk_ids", topk_ids, x.device)
-    expect_device("topk_weights", topk_weights, x.device)
+    expect_device("topk_ids", topk_ids, device)
+    expect_device("topk_weights", topk_weights, device)
     if max_tokens is not None and t > max_tokens:
         raise ValueError(
-            f"x has {t} tokens but this kernel takes at most {max_tokens} per rank (raise parallel.max_tokens_per_rank)"
+            f"x has {t} tokens but this kernel was built for at most {max_tokens} per call "
+            "(raise parallel.max_tokens_per_rank, or set moe.max_tokens_per_chunk to chunk larger batches)"
         )
     if check_values and t > 0:
         # one host sync for all value checks

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_kernels import IncompatibleKernelsError, LayerConfig, MoEConfig, ParallelConfig, compose
+from moe_kernels import ExpertWeights, IncompatibleKernelsError, LayerConfig, MoEConfig, ParallelConfig, compose
+from moe_kernels.compose import layer_context
 from moe_kernels.select import candidates
 
 E, K, H, I = 4, 2, 32, 16  # noqa: E741 (I is the MoE intermediate size)
@@ -47,16 +48,27 @@ def make_inputs(t: int, dtype: torch.dtype, routing: str, seed: int = 0):
 
 def layer(dtype: torch.dtype, **parallel) -> LayerConfig:
     moe = MoEConfig(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, dtype=dtype)
+    # sized for the largest batch below: the masked layout's capacity follows it
+    parallel = {"max_tokens_per_rank": MAX_TOKENS, **parallel}
     return LayerConfig(moe=moe, parallel=ParallelConfig(**parallel))
 
 
+MAX_TOKENS = 32
+
+
+def all_pairs(cfg):
+    return candidates(layer_context(cfg, device=DEVICE))
+
+
 def valid_pairs(cfg):
-    return [c for c in candidates(cfg, DEVICE) if c.valid]
+    return [c for c in all_pairs(cfg) if c.valid]
 
 
-def test_every_format_has_a_runnable_pair_on_cpu():
-    formats = {c.prepare_finalize.output_format for c in valid_pairs(layer(torch.float32))}
-    assert {f.value for f in formats} >= {"standard", "batched"}
+def test_every_layout_has_a_runnable_pair_on_cpu():
+    layouts = {c.prepare_finalize.output_layout for c in valid_pairs(layer(torch.float32))}
+    assert {layout.value for layout in layouts} >= {"standard", "masked"}
+    for cand in valid_pairs(layer(torch.float32)):
+        assert cand.prepare_finalize.output_layout is cand.experts.input_layout, cand.name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -67,19 +79,22 @@ def test_accepted_pairs_match_the_reference(dtype, t, routing):
     x, w13, w2, weights, ids = make_inputs(t, dtype, routing, seed=t)
     expected = loop_reference(x, w13, w2, weights, ids)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    for cand in valid_pairs(cfg):
+    pairs = valid_pairs(cfg)
+    assert pairs
+    for cand in pairs:
         kernel = compose(cand.prepare_finalize, cand.experts, cfg, device=DEVICE)
-        out = kernel(*(a.to(DEVICE) for a in (x, w13, w2, weights, ids)))
+        weights_ = ExpertWeights(w13.to(DEVICE), w2.to(DEVICE))
+        out = kernel(x.to(DEVICE), weights_, weights.to(DEVICE), ids.to(DEVICE))
         assert out.shape == (t, H) and out.dtype == dtype, cand.name
         torch.testing.assert_close(out.float().cpu(), expected, atol=tol, rtol=tol, msg=cand.name)
 
 
 def test_refused_pairs_name_every_failure():
     for cfg in (layer(torch.float32), layer(torch.float32, cuda_graphs=True, max_tokens_per_rank=64)):
-        for cand in candidates(cfg, DEVICE):
-            formats_differ = cand.prepare_finalize.output_format is not cand.experts.input_format
+        for cand in all_pairs(cfg):
+            layouts_differ = cand.prepare_finalize.output_layout is not cand.experts.input_layout
             failed = {c.name for c in cand.failures}
-            assert ("format" in failed) == formats_differ, cand.name
+            assert ("layout" in failed) == layouts_differ, cand.name
             if cand.valid:
                 continue
             with pytest.raises(IncompatibleKernelsError) as info:
@@ -91,7 +106,7 @@ def test_refused_pairs_name_every_failure():
 
 def test_cuda_graph_mode_refuses_parts_that_sync():
     cfg = layer(torch.float32, cuda_graphs=True, max_tokens_per_rank=64)
-    for cand in candidates(cfg, DEVICE):
+    for cand in all_pairs(cfg):
         syncs = not (cand.prepare_finalize.supports_cuda_graphs and cand.experts.supports_cuda_graphs)
         if syncs:
             assert not cand.valid, cand.name

@@ -1,33 +1,51 @@
 """The composer and the selector, exercised with the plain parts (TorchReferenceExperts behind
-LocalPrepareAndFinalize) against a per-token loop: checks, workspace cache, chunking, bad
-input, router weight on input, empty batches, expert maps."""
+LocalPrepareAndFinalize) against a per-token loop: checks, workspaces reserved at build time
+and the capture rule, chunking, bad input, router weight on input, empty batches, placements,
+memory-aware selection."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
-from moe_kernels.compose import IncompatibleKernelsError, ModularKernel, WorkspaceCache, compose
-from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig
-from moe_kernels.contract import StandardTokens, WorkspaceSpec
-from moe_kernels.experts.reference import TorchReferenceExperts
-from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
-from moe_kernels.select import candidates, select
+from moe_kernels import (
+    ExpertPlacement,
+    ExpertWeights,
+    IncompatibleKernelsError,
+    LayerConfig,
+    LocalMaskedPrepareAndFinalize,
+    LocalPrepareAndFinalize,
+    MaskedTritonExperts,
+    ModularKernel,
+    MoEConfig,
+    ParallelConfig,
+    TorchReferenceExperts,
+    TritonExperts,
+    WorkspaceCache,
+    WorkspaceError,
+    WorkspaceSpec,
+    compose,
+    select,
+)
+from moe_kernels.contract import LayerContext
+from moe_kernels.select import candidates
 
 CPU = torch.device("cpu")
 
 
 def loop_moe(
     x: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
+    weights: ExpertWeights,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     expert_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """For each token and each of its experts: w2 @ (silu(gate) * up), weighted, summed (fp32)."""
+    """For each token and each of its experts: w2 @ (silu(gate) * up), weighted, summed (fp32).
+    ``expert_map`` (global -> local or -1) skips experts this rank does not hold."""
+    w13, w2 = weights.w13, weights.w2
     inter = w2.shape[-1]
     out = torch.zeros(x.shape, dtype=torch.float32)
     for t in range(x.shape[0]):
@@ -45,13 +63,13 @@ def loop_moe(
     return out
 
 
-def layer_cfg(dtype: torch.dtype = torch.float32, **moe: object) -> LayerConfig:
+def layer_cfg(dtype: torch.dtype = torch.float32, parallel: ParallelConfig | None = None, **moe: object) -> LayerConfig:
     shape = dict(num_experts=8, top_k=2, hidden_size=16, intermediate_size=32, dtype=dtype)
-    return LayerConfig(moe=MoEConfig(**{**shape, **moe}))
+    return LayerConfig(moe=MoEConfig(**{**shape, **moe}), parallel=parallel or ParallelConfig(max_tokens_per_rank=64))
 
 
-def problem(cfg: LayerConfig, tokens: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, K] f32, topk_ids [T, K] int32
+def problem(cfg: LayerConfig, tokens: int, seed: int = 0) -> tuple[torch.Tensor, ExpertWeights, torch.Tensor, torch.Tensor]:
+    """x [T, H], the local experts' weights, topk_weights [T, K] f32, topk_ids [T, K] int32
     (distinct experts per token)."""
     m = cfg.moe
     gen = torch.Generator().manual_seed(seed)
@@ -61,7 +79,7 @@ def problem(cfg: LayerConfig, tokens: int, seed: int = 0) -> tuple[torch.Tensor,
     w2 = (torch.randn(e, h, i, generator=gen) * i**-0.5).to(m.dtype)
     ids = torch.rand(tokens, m.num_experts, generator=gen).argsort(dim=1)[:, : m.top_k].to(torch.int32)
     weights = torch.rand(tokens, m.top_k, generator=gen)
-    return x, w13, w2, weights, ids
+    return x, ExpertWeights(w13, w2), weights, ids
 
 
 def reference_pair(cfg: LayerConfig, **kwargs: object) -> ModularKernel:
@@ -72,32 +90,36 @@ def reference_pair(cfg: LayerConfig, **kwargs: object) -> ModularKernel:
 @pytest.mark.parametrize("tokens", [1, 7, 33])
 def test_reference_pair_matches_loop(dtype: torch.dtype, tol: float, tokens: int) -> None:
     cfg = layer_cfg(dtype)
-    x, w13, w2, weights, ids = problem(cfg, tokens)
-    out = reference_pair(cfg)(x, w13, w2, weights, ids)
+    x, w, weights, ids = problem(cfg, tokens)
+    out = reference_pair(cfg)(x, w, weights, ids)
     assert out.dtype == dtype and out.shape == x.shape
-    torch.testing.assert_close(out.float(), loop_moe(x, w13, w2, weights, ids), rtol=tol, atol=tol)
+    torch.testing.assert_close(out.float(), loop_moe(x, w, weights, ids), rtol=tol, atol=tol)
 
 
 # --- compose's checks --------------------------------------------------------------------
 
 
 def test_incompatible_pair_lists_every_failure() -> None:
-    cfg = LayerConfig(moe=layer_cfg().moe, parallel=ParallelConfig(ep_size=2, cuda_graphs=True, max_tokens_per_rank=64))
+    cfg = layer_cfg(parallel=ParallelConfig(ep_size=2, cuda_graphs=True, max_tokens_per_rank=64))
     with pytest.raises(IncompatibleKernelsError) as info:
-        compose(LocalPrepareAndFinalize(batched=True), TorchReferenceExperts(), cfg, device="meta")
+        compose(LocalMaskedPrepareAndFinalize(), TorchReferenceExperts(), cfg, device="cpu")
     failed = {c.name for c in info.value.failures}
-    assert failed == {
-        "format",  # batched tokens for standard experts
-        "prepare_finalize.device",  # Triton on a meta device
-        "prepare_finalize.parallel",  # local P/F with ep_size=2
-        "experts.device",
-        "experts.cuda_graphs",  # the reference loop syncs with the host
-    }
+    assert {"layout", "prepare_finalize.parallel", "experts.cuda_graphs"} <= failed
     message = str(info.value)
-    assert message.startswith("LocalPrepareAndFinalize(batched) + TorchReferenceExperts cannot run this layer")
+    assert message.startswith("LocalMaskedPrepareAndFinalize + TorchReferenceExperts cannot run this layer")
+    assert "LocalMaskedPrepareAndFinalize hands out masked tokens, TorchReferenceExperts takes standard" in message
     for check in info.value.failures:
         assert f"- {check.name}: {check.reason}" in message
     assert isinstance(info.value, ValueError)
+
+
+def test_format_parameters_are_checked_naming_both_sides() -> None:
+    class AlignedExperts(TorchReferenceExperts):
+        def input_format(self, ctx):  # type: ignore[no-untyped-def]
+            return super().input_format(ctx).__class__(super().input_format(ctx).layout, alignment=128)
+
+    with pytest.raises(IncompatibleKernelsError, match="AlignedExperts needs standard, aligned to 128 rows; hands"):
+        compose(LocalPrepareAndFinalize(), AlignedExperts(), layer_cfg(), device=CPU)
 
 
 def test_compose_names_the_pair() -> None:
@@ -106,7 +128,7 @@ def test_compose_names_the_pair() -> None:
     assert "TorchReferenceExperts" in repr(kernel)
 
 
-# --- workspace cache ---------------------------------------------------------------------
+# --- workspaces: reserved when built, never replaced under a captured graph -----------------
 
 
 class ScratchReferenceExperts(TorchReferenceExperts):
@@ -116,47 +138,60 @@ class ScratchReferenceExperts(TorchReferenceExperts):
     def __init__(self) -> None:
         self.addresses: list[int] = []
 
-    def workspace_shapes(self, tokens: StandardTokens, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, WorkspaceSpec]:
-        return {"scratch": WorkspaceSpec((tokens.x.shape[0], w2.shape[1]), torch.float32)}
+    def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
+        return {"scratch": WorkspaceSpec((num_rows, ctx.cfg.moe.hidden_size), torch.float32)}
 
-    def apply(self, tokens, w13, w2, out, workspace) -> None:  # type: ignore[no-untyped-def]
+    def apply(self, tokens, weights, out, workspace) -> None:  # type: ignore[no-untyped-def]
         scratch = workspace["scratch"]
-        assert scratch.shape == (tokens.x.shape[0], w2.shape[1]) and scratch.dtype == torch.float32
+        assert scratch.shape == (tokens.num_rows, weights.hidden) and scratch.dtype == torch.float32
         self.addresses.append(scratch.data_ptr())
-        super().apply(tokens, w13, w2, out, workspace)
+        super().apply(tokens, weights, out, workspace)
 
 
-def test_workspace_cache_reuses_its_buffer() -> None:
-    cfg = layer_cfg()
+def test_workspaces_are_reserved_for_the_largest_call_when_built() -> None:
+    cfg = layer_cfg(parallel=ParallelConfig(max_tokens_per_rank=20))
     cache = WorkspaceCache()
     experts = ScratchReferenceExperts()
     kernel = compose(LocalPrepareAndFinalize(), experts, cfg, device=CPU, workspace_cache=cache)
     hidden = cfg.moe.hidden_size
-
-    kernel(*problem(cfg, 8))
-    assert cache.nbytes() == 8 * hidden * 4
-    first = experts.addresses[-1]
-
-    kernel(*problem(cfg, 8, seed=1))  # same size: no new allocation
-    kernel(*problem(cfg, 5, seed=2))  # smaller: a view of the same buffer
-    assert experts.addresses[1:] == [first, first]
-    assert cache.nbytes() == 8 * hidden * 4
-
-    kernel(*problem(cfg, 20, seed=3))  # larger: grows once
+    assert cache.nbytes() == 20 * hidden * 4  # before any call
+    for tokens in (8, 5, 20, 1):
+        kernel(*problem(cfg, tokens, seed=tokens))
+    assert len(set(experts.addresses)) == 1  # every call a view of the one reserved buffer
     assert cache.nbytes() == 20 * hidden * 4
-    grown = experts.addresses[-1]
-    kernel(*problem(cfg, 20, seed=4))
-    assert experts.addresses[-1] == grown
 
 
 def test_layers_share_one_cache() -> None:
-    cfg = layer_cfg()
+    cfg = layer_cfg(parallel=ParallelConfig(max_tokens_per_rank=6))
     cache = WorkspaceCache()
     first, second = ScratchReferenceExperts(), ScratchReferenceExperts()
     for experts in (first, second):
         compose(LocalPrepareAndFinalize(), experts, cfg, device=CPU, workspace_cache=cache)(*problem(cfg, 6))
     assert first.addresses == second.addresses
     assert cache.nbytes() == 6 * cfg.moe.hidden_size * 4
+
+
+def test_a_buffer_a_capture_used_never_grows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The growth rule on the CPU: a view taken while a capture runs pins the buffer; later
+    growth raises instead of handing the captured memory back to the allocator."""
+    cache = WorkspaceCache()
+    dev = torch.device("cuda", 0)  # never allocated: the capture state is faked below
+    small, big = WorkspaceSpec((4, 4), torch.float32), WorkspaceSpec((64, 4), torch.float32)
+    monkeypatch.setattr(torch, "empty", lambda n, dtype, device: torch.zeros(n, dtype=dtype))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cache.reserve({"w": small}, dev)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    captured = cache.view("w", small, dev).data_ptr()
+    with pytest.raises(WorkspaceError, match="during CUDA-graph capture"):
+        cache.view("w", big, dev)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with pytest.raises(WorkspaceError, match="used by a captured CUDA graph and cannot grow"):
+        cache.reserve({"w": big}, dev)
+    assert cache.view("w", small, dev).data_ptr() == captured
+    cache.clear()  # keeps what a capture used
+    assert cache.view("w", small, dev).data_ptr() == captured
+    cache.reserve({"other": big}, dev)  # untouched names still grow
+    assert cache.nbytes() == small.nbytes + big.nbytes
 
 
 # --- chunking ----------------------------------------------------------------------------
@@ -166,9 +201,9 @@ class CountingReferenceExperts(TorchReferenceExperts):
     def __init__(self) -> None:
         self.chunks: list[int] = []
 
-    def apply(self, tokens, w13, w2, out, workspace) -> None:  # type: ignore[no-untyped-def]
-        self.chunks.append(tokens.x.shape[0])
-        super().apply(tokens, w13, w2, out, workspace)
+    def apply(self, tokens, weights, out, workspace) -> None:  # type: ignore[no-untyped-def]
+        self.chunks.append(tokens.num_rows)
+        super().apply(tokens, weights, out, workspace)
 
 
 class UnchunkableLocal(LocalPrepareAndFinalize):
@@ -178,12 +213,12 @@ class UnchunkableLocal(LocalPrepareAndFinalize):
 def test_chunking_gives_the_same_result() -> None:
     whole = layer_cfg()
     chunked = layer_cfg(max_tokens_per_chunk=3)
-    x, w13, w2, weights, ids = problem(whole, 10)
+    x, w, weights, ids = problem(whole, 10)
     experts = CountingReferenceExperts()
-    out = compose(LocalPrepareAndFinalize(), experts, chunked, device=CPU)(x, w13, w2, weights, ids)
+    out = compose(LocalPrepareAndFinalize(), experts, chunked, device=CPU)(x, w, weights, ids)
     assert experts.chunks == [3, 3, 3, 1]  # each chunk counted on its own tokens
-    torch.testing.assert_close(out, reference_pair(whole)(x, w13, w2, weights, ids), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out, loop_moe(x, w13, w2, weights, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, reference_pair(whole)(x, w, weights, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, loop_moe(x, w, weights, ids), rtol=1e-5, atol=1e-5)
 
 
 def test_chunking_is_off_when_a_part_cannot_chunk() -> None:
@@ -191,24 +226,34 @@ def test_chunking_is_off_when_a_part_cannot_chunk() -> None:
     experts = CountingReferenceExperts()
     kernel = compose(UnchunkableLocal(), experts, cfg, device=CPU)
     assert kernel.chunk_size is None
-    kernel(*problem(cfg, 10))
-    assert experts.chunks == [10]
+    with pytest.raises(ValueError, match="x has 10 tokens but this kernel was built for at most 3 per call"):
+        kernel(*problem(cfg, 10))
+
+
+def test_chunking_with_a_fixed_masked_capacity_and_triton_experts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """T=10 through a masked capacity of 4: each chunk fits, nothing is refused or dropped."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg = layer_cfg(parallel=ParallelConfig(max_tokens_per_rank=64, cuda_graphs=True), max_tokens_per_chunk=4)
+    x, w, weights, ids = problem(cfg, 10)
+    kernel = compose(LocalMaskedPrepareAndFinalize(), MaskedTritonExperts(), cfg, device=CPU)
+    assert kernel.chunk_size == 4 and kernel.prepare_finalize.capacity(kernel.ctx, kernel.format) == 4
+    torch.testing.assert_close(kernel(x, w, weights, ids), loop_moe(x, w, weights, ids), rtol=1e-4, atol=1e-4)
+    standard = compose(LocalPrepareAndFinalize(), TritonExperts(), cfg, device=CPU)
+    torch.testing.assert_close(standard(x, w, weights, ids), loop_moe(x, w, weights, ids), rtol=1e-4, atol=1e-4)
 
 
 # --- bad input ---------------------------------------------------------------------------
 
 
-class CappedLocal(LocalPrepareAndFinalize):
-    def max_num_tokens_per_rank(self) -> int | None:
-        return 4
-
-
 Args = dict[str, object]
 BAD_INPUTS: list[tuple[str, Callable[[Args], None], type[Exception], str]] = [
+    ("x numpy", lambda a: a.update(x=a["x"].numpy()), TypeError, "x: expected a torch.Tensor, got ndarray"),
     ("x dtype", lambda a: a.update(x=a["x"].bfloat16()), TypeError, "x must have dtype float32, got bfloat16"),
     ("x 3-D", lambda a: a.update(x=a["x"][None]), ValueError, r"x must be \[T, H\]"),
     ("x hidden", lambda a: a.update(x=torch.zeros(6, 24)), ValueError, r"x must have shape \[6, 16\]"),
     ("x strided", lambda a: a.update(x=torch.zeros(16, 6).t()), ValueError, "x must be contiguous"),
+    ("x meta", lambda a: a.update(x=a["x"].to("meta")), ValueError, "x must be on cpu, got meta"),
+    ("ids None", lambda a: a.update(topk_ids=None), TypeError, "topk_ids: expected a torch.Tensor, got NoneType"),
     ("ids dtype", lambda a: a.update(topk_ids=a["topk_ids"].float()), TypeError, "topk_ids must have dtype int32"),
     ("ids shape", lambda a: a.update(topk_ids=a["topk_ids"][:, :1]), ValueError, r"topk_ids must have shape \[6, 2\]"),
     ("ids device", lambda a: a.update(topk_ids=a["topk_ids"].to("meta")), ValueError, "topk_ids must be on cpu"),
@@ -222,31 +267,74 @@ BAD_INPUTS: list[tuple[str, Callable[[Args], None], type[Exception], str]] = [
         "topk_weights must have dtype float32",
     ),
     ("weights shape", lambda a: a.update(topk_weights=torch.ones(5, 2)), ValueError, "topk_weights must have shape"),
-    ("w13 shape", lambda a: a.update(w13=a["w13"][:, :8]), ValueError, r"w13 must have shape \[8, 64, 16\]"),
-    ("w2 dtype", lambda a: a.update(w2=a["w2"].half()), TypeError, "w2 must have dtype float32"),
-    ("w2 strided", lambda a: a.update(w2=a["w2"].transpose(1, 2).contiguous().transpose(1, 2)), ValueError, "contig"),
-    ("map shape", lambda a: a.update(expert_map=torch.arange(4, dtype=torch.int32)), ValueError, r"expert_map.*\[8\]"),
-    ("map dtype", lambda a: a.update(expert_map=torch.arange(8.0)), TypeError, "expert_map must be int32 or int64"),
-    ("map device", lambda a: a.update(expert_map=torch.arange(8, device="meta")), ValueError, "expert_map must be on"),
+    ("w tuple", lambda a: a.update(weights=(a["weights"].w13, a["weights"].w2)), TypeError, "weights: expected Exp"),
+    (
+        "w13 shape",
+        lambda a: a.update(weights=ExpertWeights(a["weights"].w13[:, :8], a["weights"].w2)),
+        ValueError,
+        r"w13 must have shape \[8, 64, 16\]",
+    ),
+    (
+        "w2 dtype",
+        lambda a: a.update(weights=ExpertWeights(a["weights"].w13, a["weights"].w2.half())),
+        TypeError,
+        "w2 must have dtype float32",
+    ),
+    (
+        "w2 strided",
+        lambda a: a.update(weights=ExpertWeights(a["weights"].w13, a["weights"].w2.mT.contiguous().mT)),
+        ValueError,
+        "contig",
+    ),
+    (
+        "weights on meta",
+        lambda a: a.update(weights=ExpertWeights(a["weights"].w13.to("meta"), a["weights"].w2.to("meta"))),
+        ValueError,
+        r"w13 must be on cpu \(the kernel's device\), got meta",
+    ),
+    (
+        "scales on unquantized",
+        lambda a: a.update(weights=ExpertWeights(a["weights"].w13, a["weights"].w2, torch.ones(1), torch.ones(1))),
+        ValueError,
+        "the layer is unquantized",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("mutate", "error", "match"), [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_names_the_argument(mutate: Callable[[Args], None], error: type[Exception], match: str) -> None:
     cfg = layer_cfg()
-    x, w13, w2, weights, ids = problem(cfg, 6)
-    args: Args = dict(x=x, w13=w13, w2=w2, topk_weights=weights, topk_ids=ids)
-    reference_pair(cfg)(**args)  # valid as built
+    x, w, weights, ids = problem(cfg, 6)
+    args: Args = dict(x=x, weights=w, topk_weights=weights, topk_ids=ids)
+    kernel = reference_pair(cfg)
+    kernel(**args)  # valid as built
     mutate(args)
     with pytest.raises(error, match=match):
-        reference_pair(cfg)(**args)
+        kernel(**args)
 
 
-def test_too_many_tokens_for_the_dispatcher() -> None:
+def test_builders_refuse_bad_configuration_and_devices() -> None:
     cfg = layer_cfg()
-    kernel = compose(CappedLocal(), TorchReferenceExperts(), cfg, device=CPU)
+    with pytest.raises(TypeError, match=r"cfg: expected a LayerConfig, got a MoEConfig \(wrap it"):
+        compose(LocalPrepareAndFinalize(), TorchReferenceExperts(), cfg.moe)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="cfg: expected a LayerConfig, got dict"):
+        select({"moe": {}})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="experts: expected a PermuteExpertsUnpermute"):
+        compose(LocalPrepareAndFinalize(), LocalPrepareAndFinalize(), cfg)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="device: MoE kernels run on 'cpu' or 'cuda"):
+        compose(LocalPrepareAndFinalize(), TorchReferenceExperts(), cfg, device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available on this machine"):
+            compose(LocalPrepareAndFinalize(), TorchReferenceExperts(), cfg, device="cuda")
+    with pytest.raises(ValueError, match="placement: places 4 experts"):
+        reference_pair(cfg, placement=ExpertPlacement.contiguous(4))
+
+
+def test_too_many_tokens_for_the_kernel() -> None:
+    cfg = layer_cfg(parallel=ParallelConfig(max_tokens_per_rank=4))
+    kernel = reference_pair(cfg)
     kernel(*problem(cfg, 4))
-    with pytest.raises(ValueError, match="x has 5 tokens but this kernel takes at most 4"):
+    with pytest.raises(ValueError, match="x has 5 tokens but this kernel was built for at most 4 per call"):
         kernel(*problem(cfg, 5))
 
 
@@ -255,12 +343,12 @@ def test_too_many_tokens_for_the_dispatcher() -> None:
 
 def test_router_weight_on_input_with_top1() -> None:
     cfg = layer_cfg(top_k=1)
-    x, w13, w2, weights, ids = problem(cfg, 9)
-    out = reference_pair(cfg)(x, w13, w2, weights, ids, apply_router_weight_on_input=True)
+    x, w, weights, ids = problem(cfg, 9)
+    out = reference_pair(cfg)(x, w, weights, ids, apply_router_weight_on_input=True)
     # expert(w * x) with weight 1, which is not w * expert(x): the MLP is not linear
-    want = loop_moe(x * weights, w13, w2, torch.ones_like(weights), ids)
+    want = loop_moe(x * weights, w, torch.ones_like(weights), ids)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(out, loop_moe(x, w13, w2, weights, ids), rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(out, loop_moe(x, w, weights, ids), rtol=1e-3, atol=1e-3)
 
 
 def test_router_weight_on_input_refused_for_top_k_above_1() -> None:
@@ -269,7 +357,7 @@ def test_router_weight_on_input_refused_for_top_k_above_1() -> None:
         reference_pair(cfg)(*problem(cfg, 3), apply_router_weight_on_input=True)
 
 
-# --- batch sizes and expert maps -----------------------------------------------------------
+# --- batch sizes and placements ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("chunk", [None, 2])
@@ -281,65 +369,71 @@ def test_empty_batch(chunk: int | None) -> None:
 
 def test_no_expert_ids_contribute_nothing() -> None:
     cfg = layer_cfg()
-    x, w13, w2, weights, ids = problem(cfg, 5)
+    x, w, weights, ids = problem(cfg, 5)
     ids[0, :] = -1  # token 0 goes nowhere
     ids[1, 1] = -1  # token 1 to one expert only
-    out = reference_pair(cfg)(x, w13, w2, weights, ids)
+    out = reference_pair(cfg)(x, w, weights, ids)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
-    torch.testing.assert_close(out, loop_moe(x, w13, w2, weights, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, loop_moe(x, w, weights, ids), rtol=1e-5, atol=1e-5)
 
 
-def test_expert_map_disables_experts() -> None:
-    cfg = layer_cfg()
-    x, w13, w2, weights, ids = problem(cfg, 12)
-    expert_map = torch.arange(8, dtype=torch.int32)
-    expert_map[[2, 5]] = -1
-    out = reference_pair(cfg)(x, w13, w2, weights, ids, expert_map=expert_map)
-    torch.testing.assert_close(out, loop_moe(x, w13, w2, weights, ids, expert_map), rtol=1e-5, atol=1e-5)
-    unmapped = reference_pair(cfg)(x, w13, w2, weights, ids)
-    uses_disabled = ((ids == 2) | (ids == 5)).any(dim=1)
-    assert uses_disabled.any() and (~uses_disabled).any()
-    assert not torch.allclose(out[uses_disabled], unmapped[uses_disabled])
-    torch.testing.assert_close(out[~uses_disabled], unmapped[~uses_disabled])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_partial_rank_computes_its_placement_share(rank: int) -> None:
+    """One rank of a 2-way EP layer with a shuffled placement, run by one process: its output
+    is the sum over exactly the experts the placement gives it, in its local order."""
+    full = layer_cfg()
+    cfg = layer_cfg(parallel=ParallelConfig(ep_size=2, ep_rank=rank, max_tokens_per_rank=64))
+    placement = ExpertPlacement.from_rank_experts([[6, 1, 3, 4], [0, 7, 2, 5]], rank)
+    x, all_w, weights, ids = problem(full, 12)
+    mine = list(placement.local_experts)
+    w = ExpertWeights(all_w.w13[mine].contiguous(), all_w.w2[mine].contiguous())
+    kernel = compose(LocalPrepareAndFinalize(partial=True), TorchReferenceExperts(), cfg, placement=placement)
+    out = kernel(x, w, weights, ids)
+    expert_map = placement.expert_map("cpu")
+    torch.testing.assert_close(out, loop_moe(x, w, weights, ids, expert_map), rtol=1e-5, atol=1e-5)
+    other = ExpertPlacement.from_rank_experts(placement.rank_experts, 1 - rank)
+    other_w = ExpertWeights(all_w.w13[list(other.local_experts)].contiguous(), all_w.w2[list(other.local_experts)].contiguous())
+    both = out + loop_moe(x, other_w, weights, ids, other.expert_map("cpu"))
+    torch.testing.assert_close(both, loop_moe(x, all_w, weights, ids), rtol=1e-5, atol=1e-5)
 
 
-def test_expert_map_renumbers_experts() -> None:
-    cfg = layer_cfg()
-    x, w13, w2, weights, ids = problem(cfg, 12)
-    expert_map = torch.arange(7, -1, -1, dtype=torch.int64)  # global e -> local 7 - e
-    out = reference_pair(cfg)(x, w13, w2, weights, ids, expert_map=expert_map)
-    torch.testing.assert_close(out, loop_moe(x, w13.flip(0), w2.flip(0), weights, ids), rtol=1e-5, atol=1e-5)
+def test_the_local_part_refuses_ep_unless_partial() -> None:
+    cfg = layer_cfg(parallel=ParallelConfig(ep_size=2, max_tokens_per_rank=64))
+    with pytest.raises(IncompatibleKernelsError, match="ep_size=2 needs an EP dispatcher"):
+        compose(LocalPrepareAndFinalize(), TorchReferenceExperts(), cfg, device=CPU)
 
 
 # --- selection ---------------------------------------------------------------------------
 
 
-def test_selection_ranks_valid_pairs_and_explains_refusals() -> None:
+def test_selection_plans_valid_pairs_and_explains_refusals() -> None:
     cfg = layer_cfg(torch.bfloat16)
-    selection = select(moe=cfg.moe, device="cpu")
+    selection = select(cfg, device="cpu")
     valid = [c for c in selection.candidates if c.valid]
-    assert valid and selection.best is valid[0]
-    assert [c.score for c in valid] == sorted(c.score for c in valid)
-    assert all(c.failures for c in selection.candidates if not c.valid)
+    assert valid and selection.best in valid
+    assert "no tuning table" in selection.decided_by
     text = selection.explain()
-    assert f"CHOSEN  {valid[0].name}" in text
-    for c in selection.candidates:
+    assert f"CHOSEN T>=1: {selection.best.name}" in text
+    for c in valid:
         assert c.name in text
+    verbose = selection.explain(verbose=True)
+    for c in selection.candidates:
+        assert c.name in verbose
         for f in c.failures:
-            assert f"- {f.name}: {f.reason}" in text
-    assert selection.kernel.name == valid[0].name
+            assert f"- {f.name}: {f.reason}" in verbose
+    assert selection.kernel.name == selection.best.name
 
 
 def test_cpu_without_triton_interpreter_falls_back_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    selection = select(moe=layer_cfg().moe, device="cpu")
+    selection = select(layer_cfg(), device="cpu")
     assert selection.kernel.name == "LocalPrepareAndFinalize + TorchReferenceExperts"
     assert "TRITON_INTERPRET=1" in selection.explain()  # why the Triton pairs were refused
 
 
 def test_cuda_graphs_only_selects_capturable_parts() -> None:
-    cfg = layer_cfg(torch.bfloat16)
-    selection = select(moe=cfg.moe, parallel=ParallelConfig(cuda_graphs=True, max_tokens_per_rank=16), device="cpu")
+    cfg = layer_cfg(torch.bfloat16, parallel=ParallelConfig(cuda_graphs=True, max_tokens_per_rank=16))
+    selection = select(cfg, device="cpu")
     for c in selection.candidates:
         capturable = c.prepare_finalize.supports_cuda_graphs and c.experts.supports_cuda_graphs
         assert c.valid <= capturable, c.name  # valid implies capturable
@@ -347,21 +441,45 @@ def test_cuda_graphs_only_selects_capturable_parts() -> None:
     assert "experts.cuda_graphs" in {f.name for f in refused.failures}
 
 
+def test_selection_counts_workspaces_against_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The masked layout at a large capacity is refused over the budget (and explain says so);
+    a smaller capacity fits."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg = layer_cfg(torch.bfloat16, parallel=ParallelConfig(cuda_graphs=True, max_tokens_per_rank=4096))
+    name = "LocalMaskedPrepareAndFinalize + MaskedTritonExperts"
+    budget = 2**20
+    selection = select(cfg, device="cpu", memory_budget=budget)
+    masked = next(c for c in selection.candidates if c.name == name)
+    memory = next(f for f in masked.failures if f.name == "memory")
+    assert "over the budget of 1 MiB" in memory.reason and "at 4096 tokens per call" in memory.reason
+    assert "memory: workspaces take" in selection.explain()
+    small = layer_cfg(torch.bfloat16, parallel=ParallelConfig(cuda_graphs=True, max_tokens_per_rank=16))
+    fits = next(c for c in select(small, device="cpu", memory_budget=budget).candidates if c.name == name)
+    assert fits.valid
+
+
 def test_no_valid_pair_raises_with_every_reason() -> None:
-    cfg = layer_cfg()
-    selection = select(moe=cfg.moe, parallel=ParallelConfig(ep_size=2), device="cpu")
+    cfg = layer_cfg(parallel=ParallelConfig(ep_size=2))
+    selection = select(cfg, device="cpu")
     with pytest.raises(RuntimeError, match="no registered pair can run this layer on cpu") as info:
         selection.kernel  # noqa: B018 (the property composes and raises)
-    assert "ep_size=2 needs an EP dispatcher" in str(info.value)
+    assert "needs the expert-parallel process group" in str(info.value)
 
 
-def test_candidates_from_explicit_factories_keep_registration_order_on_ties() -> None:
+def test_candidates_from_explicit_factories_keep_registration_order() -> None:
     cfg = layer_cfg()
+    ctx = LayerContext(cfg, CPU, ExpertPlacement.contiguous(8))
     pair = candidates(
-        cfg,
-        CPU,
-        prepare_finalize_factories=[lambda c, g: LocalPrepareAndFinalize(), lambda c, g: UnchunkableLocal()],
+        ctx,
+        prepare_finalize_factories=[lambda c: LocalPrepareAndFinalize(), lambda c: UnchunkableLocal()],
         experts_factories=[lambda c: TorchReferenceExperts()],
     )
     assert [type(c.prepare_finalize) for c in pair] == [LocalPrepareAndFinalize, UnchunkableLocal]
-    assert all(c.valid for c in pair) and pair[0].score == pair[1].score
+    assert all(c.valid for c in pair)
+
+
+def test_numpy_is_not_a_tensor_anywhere() -> None:
+    cfg = layer_cfg()
+    x, w, weights, ids = problem(cfg, 3)
+    with pytest.raises(TypeError, match="topk_weights: expected a torch.Tensor, got ndarray"):
+        reference_pair(cfg)(x, w, np.asarray(weights), ids)

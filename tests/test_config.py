@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig, load_config
+from moe_kernels.config import ConfigError, LayerConfig, MoEConfig, ParallelConfig, QuantConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -72,8 +72,8 @@ def _moe(**changes: object) -> dict:
         (dict(top_k=9), "", "top_k (9) must be <= num_experts (8)"),
         (dict(hidden_size=12), "", "hidden_size must be a multiple of 8"),
         (dict(intermediate_size=20), "", "intermediate_size must be a multiple of 8"),
-        (dict(dtype="int8"), "dtype", "dtype must be"),
-        (dict(dtype=torch.int8), "dtype", "dtype must be one of"),
+        (dict(dtype="int8"), "dtype", "must be a torch.dtype or one of"),
+        (dict(dtype=torch.int8), "dtype", "must be one of"),
         (dict(scoring="relu"), "scoring", "'softmax' or 'sigmoid'"),
         (dict(num_expert_group=2), "", "num_expert_group and topk_group must be given together"),
         (dict(num_expert_group=3, topk_group=1), "", "divisible by num_expert_group"),
@@ -81,6 +81,15 @@ def _moe(**changes: object) -> dict:
         (dict(routed_scaling_factor=0), "routed_scaling_factor", "greater than 0"),
         (dict(activation="gelu"), "activation", "'silu'"),
         (dict(num_expert=8), "num_expert", "Extra inputs are not permitted"),
+        # strict: no coercion between types, no infinities
+        (dict(top_k=True), "top_k", "valid integer"),
+        (dict(hidden_size="16"), "hidden_size", "valid integer"),
+        (dict(hidden_size=16.0), "hidden_size", "valid integer"),
+        (dict(renormalize=1), "renormalize", "valid boolean"),
+        (dict(routed_scaling_factor=float("inf")), "routed_scaling_factor", "finite number"),
+        (dict(routed_scaling_factor=float("nan")), "routed_scaling_factor", "finite number"),
+        (dict(num_shared_experts=1), "", "num_shared_experts > 0 and shared_intermediate_size must be given together"),
+        (dict(shared_expert_gate=True), "", "shared_expert_gate needs num_shared_experts > 0"),
     ],
 )
 def test_bad_moe_values_name_the_field(changes: dict, field: str, message: str) -> None:
@@ -103,18 +112,71 @@ def test_parallel_values() -> None:
 def test_load_config_errors_name_the_file_or_section(tmp_path: Path) -> None:
     not_mapping = tmp_path / "list.yaml"
     not_mapping.write_text("- 1\n- 2\n")
-    with pytest.raises(ValueError, match="list.yaml: expected a mapping"):
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping"):
         load_config(not_mapping)
 
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("moe: {num_experts: 8, top_k: 2, hidden_size: 16, intermediate_size: 16}\nrouter: {}\n")
-    with pytest.raises(ValidationError, match="router"):
+    with pytest.raises(ConfigError, match="unknown.yaml: router: Extra inputs are not permitted"):
         load_config(unknown)
 
     missing = tmp_path / "missing.yaml"
     missing.write_text("name: x\n")
-    with pytest.raises(ValidationError, match="moe"):
+    with pytest.raises(ConfigError, match="missing.yaml: moe: Field required"):
         load_config(missing)
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("moe: {num_experts: [\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(broken)
+
+    with pytest.raises(FileNotFoundError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+YAML_BASE = "moe: {num_experts: 8, top_k: 2, hidden_size: 16, intermediate_size: 16, %s}\n"
+
+
+@pytest.mark.parametrize(
+    ("fragment", "message"),
+    [
+        ("routed_scaling_factor: .inf", "moe.routed_scaling_factor: Input should be a finite number (got inf: float)"),
+        ("renormalize: 1", "moe.renormalize: Input should be a valid boolean (got 1: int)"),
+        ("scoring: 1", "moe.scoring: Input should be 'softmax' or 'sigmoid' (got 1: int)"),
+        ("dtype: 16", "moe.dtype: must be a torch.dtype or one of"),
+    ],
+)
+def test_yaml_values_are_strict_and_errors_are_one_line(tmp_path: Path, fragment: str, message: str) -> None:
+    path = tmp_path / "layer.yaml"
+    path.write_text(YAML_BASE % fragment)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert text.startswith(f"{path}: ") and message in text and "\n" not in text
+
+
+def test_yaml_top_k_true_and_string_sizes_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "layer.yaml"
+    path.write_text("moe: {num_experts: 8, top_k: true, hidden_size: '64', intermediate_size: 16}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert "moe.top_k: Input should be a valid integer (got True: bool)" in text
+    assert "moe.hidden_size: Input should be a valid integer (got '64': str)" in text
+
+
+def test_quant_config_is_strict() -> None:
+    assert QuantConfig().scheme == "none" and not QuantConfig().is_fp8
+    fp8 = QuantConfig.model_validate({"scheme": "fp8_w8a8_block", "weight_block": [128, 128]})
+    assert fp8.is_fp8 and fp8.weight_block == (128, 128) and fp8.act_group == 128
+    with pytest.raises(ValidationError, match="'none' or 'fp8_w8a8_block'"):
+        QuantConfig.model_validate({"scheme": "int4"})
+    with pytest.raises(ValidationError, match=r"weight_block must be \[128, 128\] and act_group 128"):
+        QuantConfig.model_validate({"scheme": "fp8_w8a8_block", "weight_block": [64, 64]})
+    with pytest.raises(ValidationError, match="fp8_w8a8_block computes in bfloat16"):
+        LayerConfig(moe=MoEConfig(**_moe(dtype="float16", hidden_size=128, intermediate_size=128)), quant=fp8)
+    with pytest.raises(ValidationError, match="multiples of 128; got hidden_size=16"):
+        LayerConfig(moe=MoEConfig(**_moe(intermediate_size=128)), quant=fp8)
 
 
 def test_load_config_overrides_a_section(tmp_path: Path) -> None:

@@ -33,13 +33,16 @@ BIG_T = 4096  # the earlier probe's cudaErrorIllegalAddress shape
 # --- inputs and reference --------------------------------------------------------------------
 
 
-def local_weights(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's ``w13 [E_local, 2I, H]`` and ``w2 [E_local, H, I]`` bf16 (scaled for O(1) outputs)."""
+def local_weights(rank: int, world: int):
+    """This rank's weights, ``w13 [E_local, 2I, H]`` and ``w2 [E_local, H, I]`` bf16 (scaled for
+    O(1) outputs), in local order whatever the placement."""
+    from moe_kernels import ExpertWeights
+
     g = torch.Generator(device="cuda").manual_seed(1000 + rank)
     e_local = E // world
     w13 = torch.randn(e_local, 2 * I, H, device="cuda", dtype=torch.bfloat16, generator=g) / H**0.5
     w2 = torch.randn(e_local, H, I, device="cuda", dtype=torch.bfloat16, generator=g) / I**0.5
-    return w13, w2
+    return ExpertWeights(w13, w2)
 
 
 def routed_tokens(t: int, seed: int, holes: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,11 +56,14 @@ def routed_tokens(t: int, seed: int, holes: bool = True) -> tuple[torch.Tensor, 
     return x, ids, weights.softmax(dim=-1).float().contiguous()
 
 
-def distributed_reference(group, x, ids, weights, w13, w2) -> torch.Tensor:
-    """The whole layer for this rank's tokens in fp32: every rank adds its experts' share for
-    every rank's tokens, then the partial outputs are summed across ranks."""
+def distributed_reference(group, x, ids, weights, w, placement=None) -> torch.Tensor:
+    """The whole layer for this rank's tokens in fp32: every rank adds its experts' share (the
+    experts its placement gives it, contiguous by default) for every rank's tokens, then the
+    partial outputs are summed across ranks."""
     world, rank = group.size(), group.rank()
+    w13, w2 = w.w13, w.w2
     e_local = w13.shape[0]
+    mine = list(placement.local_experts) if placement is not None else list(range(rank * e_local, (rank + 1) * e_local))
     sizes_t = torch.tensor([x.shape[0]], device="cuda")
     sizes = [torch.empty_like(sizes_t) for _ in range(world)]
     dist.all_gather(sizes, sizes_t, group=group)
@@ -74,7 +80,7 @@ def distributed_reference(group, x, ids, weights, w13, w2) -> torch.Tensor:
     all_x, all_ids, all_w = gather(x, 0), gather(ids.long(), -1), gather(weights, 0)
     partial = torch.zeros(all_x.shape, dtype=torch.float32, device="cuda")
     for e in range(e_local):
-        token, slot = torch.nonzero(all_ids == rank * e_local + e, as_tuple=True)
+        token, slot = torch.nonzero(all_ids == mine[e], as_tuple=True)
         if token.numel() == 0:
             continue
         h = all_x[token].float() @ w13[e].float().t()
@@ -116,10 +122,11 @@ def combine_sums_without_weights(group) -> dict:
     """Pin DeepEP 2.5's semantics: expanded dispatch, identity experts (rows NOT weighted),
     combine -> each token gets (number of its valid experts) x itself; passing topk_weights to
     combine changes nothing in x."""
+    from moe_kernels.experts.deepgemm import deep_gemm_alignment
     from moe_kernels.prepare_finalize import deepep_buffer as epb
 
     deep_ep, _ = epb.probe_deep_ep()
-    buffer = epb.get_buffer(group, num_max_tokens_per_rank=MAX_TOKENS, hidden=H, top_k=K)
+    buffer = epb.reserve(group, num_max_tokens_per_rank=MAX_TOKENS, hidden=H, top_k=K)
     x, ids, weights = routed_tokens(64 + 8 * group.rank(), seed=7 + group.rank())
     recv_x, _, recv_w, handle, _ = buffer.dispatch(
         x,
@@ -127,7 +134,7 @@ def combine_sums_without_weights(group) -> dict:
         topk_weights=weights,
         num_experts=E,
         num_max_tokens_per_rank=MAX_TOKENS,
-        expert_alignment=epb.expert_alignment(),
+        expert_alignment=deep_gemm_alignment(),
         num_sms=epb.num_sms_for(buffer, E, K),
         do_cpu_sync=True,
         do_expand=True,
@@ -140,6 +147,7 @@ def combine_sums_without_weights(group) -> dict:
     err_unweighted = calc_diff(plain, unweighted)
     err_weighted = calc_diff(plain, weighted)
     ok = err_unweighted < 1e-4 and err_weighted > 1e-2 and torch.equal(plain, with_weights)
+    epb.release(group)
     return {
         "status": "ok" if ok else "wrong",
         "diff_vs_unweighted_sum": err_unweighted,
@@ -149,14 +157,15 @@ def combine_sums_without_weights(group) -> dict:
     }
 
 
-def run_composed(group, pf, experts, t: int, seed: int, cfg) -> dict:
+def run_composed(group, pf, experts, t: int, seed: int, cfg, placement=None) -> dict:
     from moe_kernels import compose
 
-    w13, w2 = local_weights(group.rank(), group.size())
-    kernel = compose(pf, experts, cfg)
+    w = local_weights(group.rank(), group.size())
+    kernel = compose(pf, experts, cfg, group=group, placement=placement)
     x, ids, weights = routed_tokens(t, seed)
-    out = kernel(x, w13, w2, weights, ids)
-    ref = distributed_reference(group, x, ids, weights, w13, w2)
+    out = kernel(x, w, weights, ids)
+    ref = distributed_reference(group, x, ids, weights, w, placement)
+    kernel.release()
     return verdict(out, ref, tokens=t, pair=kernel.name)
 
 
@@ -166,8 +175,43 @@ def high_throughput(group, empty_rank: bool = False) -> dict:
 
     rank = group.rank()
     t = 0 if empty_rank and rank == 1 else 96 + 17 * rank
-    pf = DeepEPHighThroughputPrepareAndFinalize(group, MAX_TOKENS)
+    pf = DeepEPHighThroughputPrepareAndFinalize()
     return run_composed(group, pf, ExpandedDeepGemmExperts(), t, 11 + rank, layer_cfg(group))
+
+
+def placement_honoured(group) -> dict:
+    """Experts placed in reverse order across the ranks (rank r holds the highest ids, in
+    descending local order): DeepEP routes by contiguous ownership, so the ids are translated
+    first; the output must match the reference for that placement."""
+    from moe_kernels import ExpertPlacement
+    from moe_kernels.experts.deepgemm import ExpandedDeepGemmExperts
+    from moe_kernels.prepare_finalize.deepep import DeepEPHighThroughputPrepareAndFinalize
+
+    world, rank = group.size(), group.rank()
+    per = E // world
+    rank_experts = [list(range(E - 1 - r * per, E - 1 - (r + 1) * per, -1)) for r in range(world)]
+    placement = ExpertPlacement.from_rank_experts(rank_experts, rank)
+    pf = DeepEPHighThroughputPrepareAndFinalize()
+    return run_composed(group, pf, ExpandedDeepGemmExperts(), 64 + 3 * rank, 51 + rank, layer_cfg(group), placement)
+
+
+def placements_that_differ_are_refused(group) -> dict:
+    """Ranks built with different placements: the same error on every rank when the kernel is
+    built, instead of tokens sent to ranks that do not hold their experts."""
+    from moe_kernels import ExpertPlacement, compose
+    from moe_kernels.experts.deepgemm import ExpandedDeepGemmExperts
+    from moe_kernels.prepare_finalize.deepep import DeepEPLowLatencyPrepareAndFinalize
+
+    world, rank = group.size(), group.rank()
+    contiguous = ExpertPlacement.contiguous(E, world, rank)
+    owners = list(range(world)) * (E // world)  # interleaved on rank 0 only
+    placement = ExpertPlacement.from_owners(owners, rank) if rank == 0 else contiguous
+    try:
+        compose(DeepEPLowLatencyPrepareAndFinalize(), ExpandedDeepGemmExperts(), layer_cfg(group), group=group, placement=placement)
+    except ValueError as e:
+        ok = "expert placement (fingerprint)" in str(e)
+        return {"status": "ok" if ok else "wrong", "message": str(e)[:200]}
+    return {"status": "wrong", "message": "a kernel was built although the ranks' placements differ"}
 
 
 def low_latency_with_graph(group) -> dict:
@@ -180,27 +224,28 @@ def low_latency_with_graph(group) -> dict:
 
     rank = group.rank()
     t = 32 + 5 * rank
-    w13, w2 = local_weights(rank, group.size())
-    pf = DeepEPLowLatencyPrepareAndFinalize(group, MAX_TOKENS)
-    kernel = compose(pf, ExpandedDeepGemmExperts(), layer_cfg(group, cuda_graphs=True))
+    w = local_weights(rank, group.size())
+    pf = DeepEPLowLatencyPrepareAndFinalize()
+    kernel = compose(pf, ExpandedDeepGemmExperts(), layer_cfg(group, cuda_graphs=True), group=group)
     x, ids, weights = routed_tokens(t, 21 + rank)
-    eager = kernel(x, w13, w2, weights, ids)
-    result = {"eager": verdict(eager, distributed_reference(group, x, ids, weights, w13, w2))}
+    eager = kernel(x, w, weights, ids)
+    result = {"eager": verdict(eager, distributed_reference(group, x, ids, weights, w))}
 
     static_x, static_ids, static_w = x.clone(), ids.clone(), weights.clone()
     torch.cuda.synchronize()
     dist.barrier(group=group)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = kernel(static_x, w13, w2, static_w, static_ids)
+        static_out = kernel(static_x, w, static_w, static_ids, check_values=False)
     for replay in range(2):
         x, ids, weights = routed_tokens(t, 100 + 10 * replay + rank)
         static_x.copy_(x)
         static_ids.copy_(ids)
         static_w.copy_(weights)
         graph.replay()
-        ref = distributed_reference(group, x, ids, weights, w13, w2)
+        ref = distributed_reference(group, x, ids, weights, w)
         result[f"replay{replay}"] = verdict(static_out.clone(), ref)
+    kernel.release()
     ok = all(v["status"] == "ok" for v in result.values())
     return {"status": "ok" if ok else "wrong", **result}
 
@@ -210,7 +255,7 @@ def torch_a2a_hybrid(group) -> dict:
     from moe_kernels.prepare_finalize.torch_a2a import TorchAllToAllPrepareAndFinalize
 
     rank = group.rank()
-    pf = TorchAllToAllPrepareAndFinalize(group, MAX_TOKENS)
+    pf = TorchAllToAllPrepareAndFinalize()
     return run_composed(group, pf, HybridDeepGemmExperts(), 80 + 9 * rank, 31 + rank, layer_cfg(group))
 
 
@@ -218,10 +263,11 @@ def raw_large_t(group, do_cpu_sync: bool) -> dict:
     """The probe that ended in cudaErrorIllegalAddress, done by the rules: T = 4096 on every
     rank, the same num_max_tokens_per_rank everywhere, the buffer sized by the hint for it,
     SMs explicit. Rows are weighted by hand before combine; then 20 timed round trips."""
+    from moe_kernels.experts.deepgemm import deep_gemm_alignment
     from moe_kernels.prepare_finalize import deepep_buffer as epb
 
     deep_ep, _ = epb.probe_deep_ep()
-    buffer = epb.get_buffer(group, num_max_tokens_per_rank=BIG_T, hidden=H, top_k=K)
+    buffer = epb.reserve(group, num_max_tokens_per_rank=BIG_T, hidden=H, top_k=K)
     x, ids, weights = routed_tokens(BIG_T, seed=41 + group.rank(), holes=False)
     idx = ids.to(deep_ep.topk_idx_t)
     sms = epb.num_sms_for(buffer, E, K)
@@ -233,7 +279,7 @@ def raw_large_t(group, do_cpu_sync: bool) -> dict:
             topk_weights=weights,
             num_experts=E,
             num_max_tokens_per_rank=BIG_T,
-            expert_alignment=epb.expert_alignment(),
+            expert_alignment=deep_gemm_alignment(),
             num_sms=sms,
             do_cpu_sync=do_cpu_sync,
             do_expand=True,
@@ -254,6 +300,7 @@ def raw_large_t(group, do_cpu_sync: bool) -> dict:
         round_trip()
     torch.cuda.synchronize()
     per_trip_ms = (time.perf_counter() - start) / 20 * 1e3
+    epb.release(group)
     return {
         "status": "ok" if diff < 1e-4 else "wrong",
         "diff": diff,
@@ -282,6 +329,8 @@ def gpu_scenarios(group) -> dict:
         record("high_throughput", high_throughput)
         record("high_throughput_empty_rank", high_throughput, True)
         record("low_latency_cuda_graph", low_latency_with_graph)
+        record("placement_honoured", placement_honoured)
+        record("placements_that_differ_are_refused", placements_that_differ_are_refused)
         record("raw_large_t_high_throughput", raw_large_t, True)
         record("raw_large_t_low_latency", raw_large_t, False)
     else:
@@ -296,6 +345,8 @@ DEEPEP_SCENARIOS = [
     "high_throughput",
     "high_throughput_empty_rank",
     "low_latency_cuda_graph",
+    "placement_honoured",
+    "placements_that_differ_are_refused",
     "raw_large_t_high_throughput",
     "raw_large_t_low_latency",
 ]

@@ -9,8 +9,10 @@ import types
 import pytest
 import torch
 
-from moe_kernels import LayerConfig, MoEConfig, ParallelConfig
-from moe_kernels.distributed import check_expert_map
+from moe_kernels import LayerConfig, MoEConfig, ParallelConfig, TorchReferenceExperts, compose
+from moe_kernels.compose import IncompatibleKernelsError
+from moe_kernels.contract import LayerContext, Layout, TokenFormat
+from moe_kernels.placement import ExpertPlacement, map_expert_ids
 from moe_kernels.prepare_finalize import deepep_buffer as epb
 from moe_kernels.prepare_finalize.deepep import (
     DeepEPHighThroughputPrepareAndFinalize,
@@ -59,10 +61,23 @@ def layer(
     return LayerConfig(moe=moe, parallel=par)
 
 
-def check(part, cfg: LayerConfig, name: str, device: torch.device = CUDA):
+def ctx(
+    cfg: LayerConfig,
+    group: FakeGroup | None = None,
+    device: torch.device = CUDA,
+    placement: ExpertPlacement | None = None,
+) -> LayerContext:
+    """The context a part is checked in (built by hand: the composer would refuse a CUDA
+    device on this CPU-only machine)."""
+    par = cfg.parallel
+    placement = placement or ExpertPlacement.contiguous(cfg.moe.num_experts, par.ep_size, par.ep_rank)
+    return LayerContext(cfg, device, placement, group)
+
+
+def check(part, context: LayerContext, name: str):
     """The one check called ``name`` among the part's checks."""
-    found = [c for c in part.checks(cfg, device) if c.name == name]
-    assert len(found) == 1, [c.name for c in part.checks(cfg, device)]
+    found = [c for c in part.checks(context) if c.name == name]
+    assert len(found) == 1, [c.name for c in part.checks(context)]
     return found[0]
 
 
@@ -84,11 +99,30 @@ def fresh_probe():
 
 @pytest.mark.parametrize("cls", [*DEEPEP, TorchAllToAllPrepareAndFinalize])
 def test_parts_build_without_group_or_deep_ep_and_refuse(cls, no_cuda_checks):
-    part = cls(None, 128)
-    c = check(part, layer(), "parallel")
-    assert not c.ok and "needs the expert-parallel process group" in c.reason
-    with pytest.raises(RuntimeError, match="without a process group"):
-        part.num_dispatchers()
+    part = cls()
+    c = check(part, ctx(layer()), "parallel")
+    assert not c.ok and "needs the expert-parallel process group (pass group=)" in c.reason
+
+
+@pytest.mark.parametrize("cls", [*DEEPEP, TorchAllToAllPrepareAndFinalize])
+def test_compose_refuses_a_missing_group_before_any_collective(cls):
+    """Refused by the checks, so bind (where the ranks' agreement collective runs) never starts."""
+    cfg = layer(num_experts=8, top_k=2, hidden=64, dtype=torch.float32)
+    part = cls()
+    with pytest.raises(IncompatibleKernelsError) as info:
+        compose(part, TorchReferenceExperts(), cfg, device=CPU)
+    reasons = {c.name: c.reason for c in info.value.failures}
+    assert "needs the expert-parallel process group" in reasons["prepare_finalize.parallel"], reasons
+    assert not hasattr(part, "ctx")  # never bound
+
+
+@pytest.mark.parametrize("cls", DEEPEP)
+def test_deepep_options_are_checked(cls):
+    for bad in ({"num_sms": 0}, {"num_sms": -2}, {"expert_alignment": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            cls(**bad)
+    part = cls(num_sms=20, expert_alignment=64, zero_padding=True)
+    assert (part.num_sms, part.expert_alignment, part.zero_padding) == (20, 64, True)
 
 
 # --- deep_ep and NCCL probes -----------------------------------------------------------------
@@ -157,7 +191,7 @@ def test_nccl_version_codes():
 
 @pytest.mark.parametrize("cls", DEEPEP)
 def test_deepep_refuses_the_cpu(cls):
-    c = cls(FakeGroup(0, 2), 128).check_device(CPU)
+    c = cls().check_device(ctx(layer(), FakeGroup(0, 2), CPU))
     assert not c.ok and "DeepEP needs a CUDA GPU, not cpu" in c.reason
 
 
@@ -171,7 +205,7 @@ def test_deepep_refuses_the_cpu(cls):
     ],
 )
 def test_deepep_limits(cls, cfg, words):
-    c = cls(FakeGroup(0, 2), 128).check_limits(cfg)
+    c = cls().check_limits(ctx(cfg, FakeGroup(0, 2)))
     assert not c.ok and words in c.reason
 
 
@@ -181,34 +215,85 @@ def test_deepep_limits(cls, cfg, words):
     [
         (FakeGroup(0, 4), layer(ep=2), "process group has size 4, rank 0; the config says ep_size=2"),
         (FakeGroup(1, 2), layer(ep=2, rank=0), "rank 1; the config says ep_size=2, ep_rank=0"),
-        (FakeGroup(0, 2, "gloo"), layer(ep=2), "NCCL process group, this one is gloo"),
+        (FakeGroup(0, 2, "gloo"), layer(ep=2), "DeepEP runs on an NCCL process group, this one is gloo"),
         (FakeGroup(0, 1), layer(ep=1), "ep_size=1: nothing to exchange"),
-        (FakeGroup(0, 2), layer(ep=2, max_tokens=4096), "may pass 4096 tokens per rank; this part was built for 128"),
+        (None, layer(ep=2), "needs the expert-parallel process group"),
+        (FakeGroup(0, 2048), layer(ep=2048, num_experts=2048), "at most 1024 ranks, ep_size=2048"),
     ],
 )
 def test_deepep_parallel_refusals(cls, group, cfg, words):
-    c = cls(group, 128).check_parallel(cfg)
+    c = cls().check_parallel(ctx(cfg, group))
     assert not c.ok and words in c.reason, c.reason
 
 
+@pytest.mark.parametrize("cls", DEEPEP)
+def test_deepep_takes_any_max_tokens_and_placement(cls):
+    """The limit travels in the config (agreed on at bind), so any value passes the checks;
+    so does any placement (the parts translate ids to contiguous slots)."""
+    for max_tokens in (1, 128, 4096):
+        assert cls().check_parallel(ctx(layer(max_tokens=max_tokens), FakeGroup(0, 2))).ok
+    owners = [e % 2 for e in range(256)]  # every other expert on each rank
+    placement = ExpertPlacement.from_owners(owners, 0)
+    assert not placement.is_contiguous
+    assert cls().check_parallel(ctx(layer(), FakeGroup(0, 2), placement=placement)).ok
+
+
 def test_high_throughput_cannot_be_captured_low_latency_can():
-    cfg = layer(cuda_graphs=True)
-    ht = DeepEPHighThroughputPrepareAndFinalize(FakeGroup(0, 2), 128).check_parallel(cfg)
-    ll = DeepEPLowLatencyPrepareAndFinalize(FakeGroup(0, 2), 128).check_parallel(cfg)
+    context = ctx(layer(cuda_graphs=True), FakeGroup(0, 2))
+    ht = DeepEPHighThroughputPrepareAndFinalize().check_parallel(context)
+    ll = DeepEPLowLatencyPrepareAndFinalize().check_parallel(context)
     assert not ht.ok and "cannot be captured in a CUDA graph" in ht.reason
     assert ll.ok, ll.reason
 
 
 def test_low_latency_refuses_huge_worst_case_outputs():
-    cfg = layer(ep=8, max_tokens=8192)
-    c = DeepEPLowLatencyPrepareAndFinalize(FakeGroup(0, 8), 8192).check_parallel(cfg)
+    c = DeepEPLowLatencyPrepareAndFinalize().check_parallel(ctx(layer(ep=8, max_tokens=8192), FakeGroup(0, 8)))
     assert not c.ok and "sized for the worst case" in c.reason and "GiB" in c.reason
+    assert DeepEPLowLatencyPrepareAndFinalize().check_parallel(ctx(layer(ep=8, max_tokens=128), FakeGroup(0, 8))).ok
+    # the high-throughput mode sizes its outputs exactly: no such limit
+    assert (
+        DeepEPHighThroughputPrepareAndFinalize().check_parallel(ctx(layer(ep=8, max_tokens=8192), FakeGroup(0, 8))).ok
+    )
 
 
 @pytest.mark.parametrize("cls", DEEPEP)
 def test_deepep_is_bf16_only(cls):
-    c = cls(FakeGroup(0, 2), 128).check_quant(layer(dtype=torch.float32))
+    c = cls().check_quant(ctx(layer(dtype=torch.float32), FakeGroup(0, 2)))
     assert not c.ok and "bfloat16" in c.reason
+
+
+@pytest.mark.parametrize("cls", DEEPEP)
+def test_deepep_format_follows_the_experts_alignment_unless_pinned(cls):
+    context = ctx(layer(), FakeGroup(0, 2))
+    wants_128 = TokenFormat(Layout.EXPANDED, alignment=128)
+    free = cls().check_format(context, wants_128)
+    assert free.ok and "aligned to 128 rows" in free.reason
+    assert cls().alignment(wants_128) == 128
+    pinned_ok = cls(expert_alignment=256).check_format(context, wants_128)  # a multiple of 128 is aligned to 128
+    assert pinned_ok.ok and "256" in pinned_ok.reason
+    pinned_bad = cls(expert_alignment=64).check_format(context, wants_128)
+    assert not pinned_bad.ok and "expert_alignment=64" in pinned_bad.reason
+    fp8 = cls().check_format(context, TokenFormat(Layout.EXPANDED, alignment=128, fp8=True))
+    assert not fp8.ok and "bf16 only" in fp8.reason
+    assert cls.output_layout is Layout.EXPANDED
+
+
+@pytest.mark.parametrize("cls", DEEPEP)
+def test_deepep_pinned_alignment_refused_by_the_composer(cls, monkeypatch):
+    """The composer asks the prepare/finalize for the experts' format: a pinned alignment that
+    is not a multiple of it is the failed "format" check (the layouts agree)."""
+    from moe_kernels.compose import check_pair
+    from moe_kernels.experts import deepgemm
+    from moe_kernels.experts.deepgemm import ExpandedDeepGemmExperts
+
+    monkeypatch.setattr(deepgemm, "deep_gemm_alignment", lambda: 128)
+    context = ctx(layer(), FakeGroup(0, 2))
+    assert ExpandedDeepGemmExperts().input_format(context) == TokenFormat(Layout.EXPANDED, 128)
+    first = check_pair(cls(expert_alignment=64), ExpandedDeepGemmExperts(), context)[0]
+    assert first.name == "format" and not first.ok
+    assert "ExpandedDeepGemmExperts needs expanded, aligned to 128 rows" in first.reason
+    assert "expert_alignment=64" in first.reason
+    assert check_pair(cls(), ExpandedDeepGemmExperts(), context)[0].ok
 
 
 def test_capacity_rows_formula():
@@ -223,7 +308,7 @@ def test_every_check_passes_for_a_valid_deepseek_layer(no_cuda_checks, monkeypat
     monkeypatch.setitem(sys.modules, "deep_ep", new)
     monkeypatch.setattr(epb, "nccl_version", lambda: ((2, 32, 3), "loaded library"))
     for cls in DEEPEP:
-        failures = [c for c in cls(FakeGroup(0, 2), 128).checks(layer(), CUDA) if not c.ok]
+        failures = [c for c in cls().checks(ctx(layer(), FakeGroup(0, 2))) if not c.ok]
         assert not failures, failures
 
 
@@ -231,15 +316,16 @@ def test_every_check_passes_for_a_valid_deepseek_layer(no_cuda_checks, monkeypat
 
 
 def score(part, cfg: LayerConfig) -> float:
-    return part.preference(cfg, CUDA)[0]
+    score, why = part.preference(ctx(cfg, FakeGroup(0, 2)))
+    assert why
+    return score
 
 
 def test_low_latency_preferred_for_decode_and_graphs_high_throughput_for_prefill():
-    g = FakeGroup(0, 2)
     ht, ll, a2a = (
-        DeepEPHighThroughputPrepareAndFinalize(g, 4096),
-        DeepEPLowLatencyPrepareAndFinalize(g, 4096),
-        TorchAllToAllPrepareAndFinalize(g, 4096),
+        DeepEPHighThroughputPrepareAndFinalize(),
+        DeepEPLowLatencyPrepareAndFinalize(),
+        TorchAllToAllPrepareAndFinalize(),
     )
     decode, graphs, prefill = layer(max_tokens=128), layer(max_tokens=128, cuda_graphs=True), layer(max_tokens=4096)
     assert score(ll, decode) < score(ht, decode) < score(a2a, decode)
@@ -260,8 +346,19 @@ def test_low_latency_preferred_for_decode_and_graphs_high_throughput_for_prefill
     ],
 )
 def test_torch_a2a_backend_matches_device(group, device, ok, words):
-    c = TorchAllToAllPrepareAndFinalize(group).check_device(device)
+    c = TorchAllToAllPrepareAndFinalize().check_device(ctx(layer(), group, device))
     assert c.ok is ok and words in c.reason
+
+
+def test_torch_a2a_sends_whole_rows():
+    context = ctx(layer(), FakeGroup(0, 2, "gloo"), CPU)
+    a2a = TorchAllToAllPrepareAndFinalize()
+    assert a2a.output_layout is Layout.STANDARD
+    assert a2a.check_format(context, TokenFormat(Layout.STANDARD)).ok
+    aligned = a2a.check_format(context, TokenFormat(Layout.STANDARD, alignment=32))
+    assert not aligned.ok and "alignment 1" in aligned.reason
+    fp8 = a2a.check_format(context, TokenFormat(Layout.STANDARD, fp8=True))
+    assert fp8.ok and "fp8" in fp8.reason  # rows travel quantized, with their scales
 
 
 @pytest.mark.parametrize(
@@ -273,21 +370,67 @@ def test_torch_a2a_backend_matches_device(group, device, ok, words):
     ],
 )
 def test_torch_a2a_parallel_refusals(group, cfg, words):
-    c = TorchAllToAllPrepareAndFinalize(group).check_parallel(cfg)
+    c = TorchAllToAllPrepareAndFinalize().check_parallel(ctx(cfg, group, CPU))
     assert not c.ok and words in c.reason
 
 
-def test_torch_a2a_reports_its_limits():
-    part = TorchAllToAllPrepareAndFinalize(FakeGroup(1, 4, "gloo"), 512)
-    assert part.num_dispatchers() == 4 and part.max_num_tokens_per_rank() == 512
-    assert not part.supports_cuda_graphs
+def test_torch_a2a_accepts_its_group():
+    c = TorchAllToAllPrepareAndFinalize().check_parallel(ctx(layer(ep=4, rank=1), FakeGroup(1, 4, "gloo"), CPU))
+    assert c.ok, c.reason
 
 
-# --- expert ownership --------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [*DEEPEP, TorchAllToAllPrepareAndFinalize])
+def test_ep_parts_never_chunk(cls):
+    # every rank would have to agree on the chunk count
+    assert not cls.supports_chunking
+    assert cls.supports_cuda_graphs is (cls is DeepEPLowLatencyPrepareAndFinalize)
 
 
-def test_expert_map_must_be_the_contiguous_view():
-    good = torch.tensor([-1, -1, 0, 1, -1, -1], dtype=torch.int32)
-    check_expert_map(good, rank=1, num_local_experts=2)
-    with pytest.raises(ValueError, match="contiguous expert ownership"):
-        check_expert_map(torch.tensor([-1, -1, 1, 0, -1, -1]), rank=1, num_local_experts=2)
+# --- expert placement --------------------------------------------------------------------------
+
+
+def test_slots_translate_any_placement_to_contiguous_ownership():
+    """What the EP parts route by: global id -> owner * E_local + local index."""
+    rank_experts = [[6, 1, 3], [0, 7, 2], [5, 8, 4]]
+    placement = ExpertPlacement.from_rank_experts(rank_experts, 1)
+    expected = {}
+    for owner, experts in enumerate(rank_experts):
+        for local, e in enumerate(experts):
+            expected[e] = owner * 3 + local
+    assert placement.slots == tuple(expected[e] for e in range(9))
+    assert placement.local_experts == (0, 7, 2) and not placement.is_contiguous
+    ids = torch.tensor([[6, -1], [0, 4], [-1, -1]])
+    assert map_expert_ids(ids, placement.slot_map(CPU)).tolist() == [[0, -1], [3, 8], [-1, -1]]
+    assert map_expert_ids(ids, placement.expert_map(CPU)).tolist() == [[-1, -1], [0, -1], [-1, -1]]
+    contiguous = ExpertPlacement.contiguous(9, 3, 1)
+    assert contiguous.is_contiguous and contiguous.slots == tuple(range(9))
+
+
+@pytest.mark.parametrize("cls", [*DEEPEP, TorchAllToAllPrepareAndFinalize])
+def test_ranks_agree_on_the_layer_and_the_placement(cls):
+    """What bind's collective compares: the same on every rank of one layer, and different
+    wherever a rank built a different layer or placement."""
+    fmt = TokenFormat(Layout.EXPANDED if cls in DEEPEP else Layout.STANDARD, alignment=1)
+    cfg0, cfg1 = layer(ep=2, rank=0), layer(ep=2, rank=1)
+    owners = [e % 2 for e in range(256)]
+    rank0 = cls().agreement(ctx(cfg0, FakeGroup(0, 2)), fmt)
+    rank1 = cls().agreement(ctx(cfg1, FakeGroup(1, 2)), fmt)
+    assert rank0 == rank1
+    for field in (
+        "hidden_size",
+        "top_k",
+        "num_experts",
+        "dtype",
+        "max_tokens_per_rank",
+        "expert placement (fingerprint)",
+    ):
+        assert field in rank0
+    interleaved = cls().agreement(ctx(cfg1, FakeGroup(1, 2), placement=ExpertPlacement.from_owners(owners, 1)), fmt)
+    assert {k for k in rank0 if rank0[k] != interleaved[k]} == {"expert placement (fingerprint)"}
+    other = cls().agreement(ctx(layer(ep=2, rank=1, hidden=4096), FakeGroup(1, 2)), fmt)
+    assert {k for k in rank0 if rank0[k] != other[k]} == {"hidden_size"}
+    aligned = cls().agreement(ctx(cfg1, FakeGroup(1, 2)), TokenFormat(fmt.layout, alignment=128))
+    assert rank0["token alignment"] != aligned["token alignment"]
+    if cls in DEEPEP:
+        assert rank0["mode (do_cpu_sync)"] == cls.do_cpu_sync
+        assert cls(num_sms=20).agreement(ctx(cfg1, FakeGroup(1, 2)), fmt)["num_sms (0 = automatic)"] == 20

@@ -1,9 +1,11 @@
 """Expert parallelism over torch all_to_all on CPUs (gloo), 2 and 4 processes.
 
 Each world size is one launch (process start-up dominates on small CI machines): every rank
-runs every scenario through ``compose(TorchAllToAllPrepareAndFinalize, experts)`` with its
-own slice of the experts, and compares its output with a single-process plain-loop reference
-of the whole layer over all experts. The tests below read the per-scenario outcomes.
+runs every scenario through ``compose(TorchAllToAllPrepareAndFinalize(), experts, cfg,
+placement=..., group=group)`` with the weights of the experts its placement gives it (in local
+order), and compares its output with a single-process plain-loop reference of the whole layer
+over all experts. Layers the ranks disagree on are refused when the kernel is built (bind), on
+every rank with the same message. The tests below read the per-scenario outcomes.
 """
 
 from __future__ import annotations
@@ -26,14 +28,15 @@ SCENARIOS = [
     "skewed_one_expert",
     "skewed_hot_expert",
     "minus_one",
-    "expert_map",
+    "placement_reversed_interleaved",
+    "placement_shuffled",
     "triton_fp32",
     "triton_bf16",
     "mismatch_hidden_size",
     "mismatch_top_k",
     "mismatch_num_experts",
     "mismatch_dtype",
-    "bad_expert_map",
+    "mismatch_placement",
     "group_disagrees_with_config",
     "select_prefers_a2a_on_cpu",
 ]
@@ -93,15 +96,30 @@ def _layer_cfg(world: int, rank: int, dtype: torch.dtype, hidden: int = H, top_k
     return LayerConfig(moe=moe, parallel=ParallelConfig(ep_size=world, ep_rank=rank, max_tokens_per_rank=MAX_TOKENS))
 
 
-def _run_layer(group, routing: str, dtype: torch.dtype, experts_name: str, with_map: bool = False) -> dict:
-    from moe_kernels import TorchReferenceExperts, compose
+def _placement(kind: str, world: int, rank: int):
+    """Which experts each rank holds, in local order."""
+    from moe_kernels.placement import ExpertPlacement
+
+    if kind == "contiguous":
+        return ExpertPlacement.contiguous(E, world, rank)
+    if kind == "reversed_interleaved":  # rank r: experts E-1-r, E-1-r-W, ... (descending, strided)
+        return ExpertPlacement.from_rank_experts([list(range(E - 1 - r, -1, -world)) for r in range(world)], rank)
+    if kind == "shuffled":  # a fixed random permutation cut into equal parts
+        order = torch.randperm(E, generator=torch.Generator().manual_seed(7)).tolist()
+        per = E // world
+        return ExpertPlacement.from_rank_experts([order[r * per : (r + 1) * per] for r in range(world)], rank)
+    raise ValueError(kind)
+
+
+def _run_layer(group, routing: str, dtype: torch.dtype, experts_name: str, placement: str = "contiguous") -> dict:
+    from moe_kernels import ExpertWeights, TorchReferenceExperts, compose
     from moe_kernels.prepare_finalize.torch_a2a import TorchAllToAllPrepareAndFinalize
 
     world, rank = group.size(), group.rank()
     w13, w2, per_rank = make_layer(world, routing, dtype)
     x, ids, weights = per_rank[rank]
-    e_local = E // world
-    lo = rank * e_local
+    placed = _placement(placement, world, rank)
+    mine = list(placed.local_experts)  # this rank's experts, in local order
     if experts_name == "reference":
         experts = TorchReferenceExperts()
     else:
@@ -109,19 +127,35 @@ def _run_layer(group, routing: str, dtype: torch.dtype, experts_name: str, with_
 
         experts = TritonExperts()
     cfg = _layer_cfg(world, rank, dtype)
-    kernel = compose(TorchAllToAllPrepareAndFinalize(group, MAX_TOKENS), experts, cfg, device="cpu")
-    expert_map = None
-    if with_map:
-        expert_map = torch.full((E,), -1, dtype=torch.int32)
-        expert_map[lo : lo + e_local] = torch.arange(e_local, dtype=torch.int32)
-    out = kernel(
-        x, w13[lo : lo + e_local].contiguous(), w2[lo : lo + e_local].contiguous(), weights, ids, expert_map=expert_map
-    )
+    pf = TorchAllToAllPrepareAndFinalize()
+    kernel = compose(pf, experts, cfg, placement=placed, group=group, device="cpu")
+    out = kernel(x, ExpertWeights(w13[mine].contiguous(), w2[mine].contiguous()), weights, ids)
     ref = loop_reference(x, w13, w2, weights, ids)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     close = torch.allclose(out.float(), ref, atol=tol, rtol=tol)
     err = (out.float() - ref).abs().max().item() if out.numel() else 0.0
-    return {"status": "ok" if close else "wrong", "max_abs_err": err, "tokens": x.shape[0], "shape": list(out.shape)}
+    return {
+        "status": "ok" if close else "wrong",
+        "max_abs_err": err,
+        "tokens": x.shape[0],
+        "shape": list(out.shape),
+        "dtype": str(out.dtype),
+        "local_experts": mine,
+        "contiguous": placed.is_contiguous,
+    }
+
+
+def _raised_at_compose(build) -> dict:
+    """Build a kernel; a ValueError (not a refusal by the checks) is the expected outcome."""
+    from moe_kernels import IncompatibleKernelsError
+
+    try:
+        build()
+    except IncompatibleKernelsError as exc:
+        return {"status": "refused by the checks", "message": str(exc)}
+    except ValueError as exc:
+        return {"status": "raised", "message": str(exc)}
+    return {"status": "no error"}
 
 
 def _run_mismatch(group, field: str) -> dict:
@@ -134,47 +168,25 @@ def _run_mismatch(group, field: str) -> dict:
     top_k = K - 1 if odd and field == "top_k" else K
     num_experts = 2 * E if odd and field == "num_experts" else E
     dtype = torch.bfloat16 if odd and field == "dtype" else torch.float32
-    g = torch.Generator().manual_seed(rank)
-    e_local = num_experts // world
     cfg = _layer_cfg(world, rank, dtype, hidden=hidden, top_k=top_k, num_experts=num_experts)
-    kernel = compose(TorchAllToAllPrepareAndFinalize(group, MAX_TOKENS), TorchReferenceExperts(), cfg, device="cpu")
-    x = torch.randn(4, hidden, generator=g).to(dtype)
-    ids = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(4)])
-    w13 = torch.randn(e_local, 2 * I, hidden).to(dtype)
-    w2 = torch.randn(e_local, hidden, I).to(dtype)
-    try:
-        kernel(x, w13, w2, torch.rand(4, top_k), ids)
-    except ValueError as exc:
-        return {"status": "raised", "message": str(exc)}
-    return {"status": "no error"}
+    return _raised_at_compose(
+        lambda: compose(TorchAllToAllPrepareAndFinalize(), TorchReferenceExperts(), cfg, group=group, device="cpu")
+    )
 
 
-def _run_bad_map(group) -> dict:
+def _run_placement_mismatch(group) -> dict:
     from moe_kernels import TorchReferenceExperts, compose
     from moe_kernels.prepare_finalize.torch_a2a import TorchAllToAllPrepareAndFinalize
 
     world, rank = group.size(), group.rank()
-    e_local = E // world
+    # the last rank builds another (valid) table than the others
+    placed = _placement("reversed_interleaved" if rank == world - 1 else "contiguous", world, rank)
     cfg = _layer_cfg(world, rank, torch.float32)
-    kernel = compose(TorchAllToAllPrepareAndFinalize(group, MAX_TOKENS), TorchReferenceExperts(), cfg, device="cpu")
-    reversed_map = torch.full((E,), -1, dtype=torch.int32)  # this rank's experts, numbered backwards
-    reversed_map[rank * e_local : (rank + 1) * e_local] = torch.arange(e_local - 1, -1, -1, dtype=torch.int32)
-    if e_local == 1:  # a single local expert cannot be reversed: point at another rank's instead
-        reversed_map = torch.roll(reversed_map, 1)
-    x = torch.randn(3, H)
-    ids = torch.stack([torch.randperm(E)[:K] for _ in range(3)])
-    try:
-        kernel(
-            x,
-            torch.randn(e_local, 2 * I, H),
-            torch.randn(e_local, H, I),
-            torch.rand(3, K),
-            ids,
-            expert_map=reversed_map,
+    return _raised_at_compose(
+        lambda: compose(
+            TorchAllToAllPrepareAndFinalize(), TorchReferenceExperts(), cfg, placement=placed, group=group, device="cpu"
         )
-    except ValueError as exc:
-        return {"status": "raised", "message": str(exc)}
-    return {"status": "no error"}
+    )
 
 
 def _run_refusals(group) -> dict:
@@ -184,35 +196,52 @@ def _run_refusals(group) -> dict:
     world, rank = group.size(), group.rank()
     cfg = _layer_cfg(world, (rank + 1) % world, torch.float32)  # ep_rank disagrees with the group
     try:
-        compose(TorchAllToAllPrepareAndFinalize(group, MAX_TOKENS), TorchReferenceExperts(), cfg, device="cpu")
+        compose(TorchAllToAllPrepareAndFinalize(), TorchReferenceExperts(), cfg, group=group, device="cpu")
     except IncompatibleKernelsError as exc:
         return {"status": "raised", "message": str(exc)}
     return {"status": "no error"}
 
 
 def _run_select(group) -> dict:
-    from moe_kernels import TorchReferenceExperts
+    from moe_kernels import ExpertWeights, TorchReferenceExperts, select
     from moe_kernels.prepare_finalize.deepep import (
         DeepEPHighThroughputPrepareAndFinalize,
         DeepEPLowLatencyPrepareAndFinalize,
     )
-    from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
+    from moe_kernels.prepare_finalize.local import LocalMaskedPrepareAndFinalize, LocalPrepareAndFinalize
     from moe_kernels.prepare_finalize.torch_a2a import TorchAllToAllPrepareAndFinalize
-    from moe_kernels.select import candidates
 
     world, rank = group.size(), group.rank()
     cfg = _layer_cfg(world, rank, torch.float32)
     pfs = [
-        lambda cfg, group: LocalPrepareAndFinalize(),
-        lambda cfg, group: DeepEPHighThroughputPrepareAndFinalize(group, cfg.parallel.max_tokens_per_rank),
-        lambda cfg, group: DeepEPLowLatencyPrepareAndFinalize(group, cfg.parallel.max_tokens_per_rank),
-        lambda cfg, group: TorchAllToAllPrepareAndFinalize(group, cfg.parallel.max_tokens_per_rank),
+        lambda cfg: LocalPrepareAndFinalize(),
+        lambda cfg: LocalMaskedPrepareAndFinalize(),
+        lambda cfg: DeepEPHighThroughputPrepareAndFinalize(),
+        lambda cfg: DeepEPLowLatencyPrepareAndFinalize(),
+        lambda cfg: TorchAllToAllPrepareAndFinalize(),
     ]
-    found = candidates(cfg, torch.device("cpu"), group, pfs, [lambda cfg: TorchReferenceExperts()])
+    selection = select(
+        cfg,
+        group=group,
+        device="cpu",
+        prepare_finalize_factories=pfs,
+        experts_factories=[lambda cfg: TorchReferenceExperts()],
+    )
+    # the chosen kernel runs the layer (its bind is the ranks' agreement)
+    w13, w2, per_rank = make_layer(world, "random", torch.float32)
+    x, ids, weights = per_rank[rank]
+    e_local = E // world
+    mine = slice(rank * e_local, (rank + 1) * e_local)
+    out = selection.kernel(x, ExpertWeights(w13[mine].contiguous(), w2[mine].contiguous()), weights, ids)
+    close = torch.allclose(out, loop_reference(x, w13, w2, weights, ids), atol=1e-4, rtol=1e-4)
     return {
         "status": "ok",
-        "valid": [c.name for c in found if c.valid],
-        "refused": {c.name: [f.reason for f in c.failures] for c in found if not c.valid},
+        "plan": [choice.candidate.name for choice in selection.plan],
+        "kernel": selection.kernel.name,
+        "kernel_matches_reference": close,
+        "valid": [c.name for c in selection.candidates if c.valid],
+        "refused": {c.name: [f"{f.name}: {f.reason}" for f in c.failures] for c in selection.candidates if not c.valid},
+        "explain": selection.explain(),
     }
 
 
@@ -244,16 +273,18 @@ def rank_scenarios(group) -> dict:
     record("skewed_one_expert", _run_layer, group, "skewed_one_expert", torch.float32, "reference")
     record("skewed_hot_expert", _run_layer, group, "skewed_hot_expert", torch.float32, "reference")
     record("minus_one", _run_layer, group, "minus_one", torch.float32, "reference")
-    record("expert_map", _run_layer, group, "random", torch.float32, "reference", True)
+    for placement in ("reversed_interleaved", "shuffled"):
+        record(f"placement_{placement}", _run_layer, group, "random", torch.float32, "reference", placement)
     skip = _triton_available()
     for dtype, name in ((torch.float32, "triton_fp32"), (torch.bfloat16, "triton_bf16")):
         if skip:
             results[name] = {"status": "skip", "message": skip}
         else:
-            record(name, _run_layer, group, "minus_one", dtype, "triton")
+            # a non-contiguous placement under the Triton experts too: their local ids come from it
+            record(name, _run_layer, group, "minus_one", dtype, "triton", "reversed_interleaved")
     for field in ("hidden_size", "top_k", "num_experts", "dtype"):
         record(f"mismatch_{field}", _run_mismatch, group, field)
-    record("bad_expert_map", _run_bad_map, group)
+    record("mismatch_placement", _run_placement_mismatch, group)
     record("group_disagrees_with_config", _run_refusals, group)
     record("select_prefers_a2a_on_cpu", _run_select, group)
     return results
@@ -282,7 +313,8 @@ LAYER_SCENARIOS = [
     "skewed_one_expert",
     "skewed_hot_expert",
     "minus_one",
-    "expert_map",
+    "placement_reversed_interleaved",
+    "placement_shuffled",
     "triton_fp32",
     "triton_bf16",
 ]
@@ -302,21 +334,43 @@ def test_empty_rank_gets_empty_output(world: int):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("field", ["hidden_size", "top_k", "num_experts", "dtype"])
-def test_mismatched_config_raises_on_every_rank(world: int, field: str):
-    for rank, o in enumerate(outcomes(world, f"mismatch_{field}")):
+def test_non_contiguous_placements_are_honoured(world: int):
+    """Each rank held exactly its placed experts (in the table's local order), and the outputs
+    matched the reference above: the a2a routed every token by the placement."""
+    for kind in ("reversed_interleaved", "shuffled"):
+        per_rank = outcomes(world, f"placement_{kind}")
+        held = [o["local_experts"] for o in per_rank]
+        assert sorted(e for experts in held for e in experts) == list(range(E)), held
+        assert not any(o["contiguous"] for o in per_rank), held
+        if kind == "reversed_interleaved":
+            assert held == [list(range(E - 1 - r, -1, -world)) for r in range(world)], held
+
+
+def _assert_same_error_on_every_rank(per_rank: list[dict], field: str, odd_rank: int, world: int) -> None:
+    messages = set()
+    for rank, o in enumerate(per_rank):
         assert o["status"] == "raised", f"rank {rank}: {o}"
         msg = o["message"]
-        assert f"{field}:" in msg, msg
-        others = ",".join(map(str, range(world - 1)))
+        messages.add(msg)
+        assert f"{field}:" in msg and "the ranks disagree on the layer" in msg, msg
+        others = ",".join(str(r) for r in range(world) if r != odd_rank)
         agreeing = f"on rank {others}" if world == 2 else f"on ranks {others}"
-        assert agreeing in msg and f"on rank {world - 1}" in msg, msg
+        assert agreeing in msg and f"on rank {odd_rank}" in msg, msg
+    assert len(messages) == 1, messages
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_non_contiguous_expert_map_is_refused(world: int):
-    for o in outcomes(world, "bad_expert_map"):
-        assert o["status"] == "raised" and "contiguous expert ownership" in o["message"], o
+@pytest.mark.parametrize("field", ["hidden_size", "top_k", "num_experts", "dtype"])
+def test_mismatched_config_raises_at_compose_on_every_rank(world: int, field: str):
+    _assert_same_error_on_every_rank(outcomes(world, f"mismatch_{field}"), field, world - 1, world)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_with_different_placements_raise_at_compose(world: int):
+    per_rank = outcomes(world, "mismatch_placement")
+    _assert_same_error_on_every_rank(per_rank, "expert placement (fingerprint)", world - 1, world)
+    for o in per_rank:  # the placement is all that differs: one problem listed
+        assert " | " not in o["message"], o["message"]
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -327,13 +381,19 @@ def test_group_that_disagrees_with_config_is_refused(world: int):
 
 @pytest.mark.parametrize("world", [2])
 def test_select_prefers_torch_a2a_on_cpu(world: int):
+    pair = "TorchAllToAllPrepareAndFinalize + TorchReferenceExperts"
     for o in outcomes(world, "select_prefers_a2a_on_cpu"):
-        assert o["valid"] == ["TorchAllToAllPrepareAndFinalize + TorchReferenceExperts"], o
-        local = o["refused"]["LocalPrepareAndFinalize + TorchReferenceExperts"]
-        assert any("needs an EP dispatcher" in r for r in local), local
+        assert o["status"] == "ok", o
+        assert o["valid"] == [pair], o
+        assert o["plan"] == [pair] and o["kernel"] == pair, o  # with EP: one pair, no token ranges
+        assert o["kernel_matches_reference"], o
+        for local in ("LocalPrepareAndFinalize", "LocalMaskedPrepareAndFinalize"):
+            reasons = o["refused"][f"{local} + TorchReferenceExperts"]
+            assert any("needs an EP dispatcher" in r for r in reasons), reasons
         for mode in ("HighThroughput", "LowLatency"):
             reasons = o["refused"][f"DeepEP{mode}PrepareAndFinalize + TorchReferenceExperts"]
             assert any("DeepEP needs a CUDA GPU" in r for r in reasons), reasons
+        assert f"CHOSEN T>=1: {pair}" in o["explain"], o["explain"]
 
 
 # --- the launcher --------------------------------------------------------------------------

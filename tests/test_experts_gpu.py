@@ -1,10 +1,14 @@
-"""GPU tests of the DeepGEMM and torch._grouped_mm experts on real EP-local layer shapes.
+"""GPU tests of every experts class on real EP-local layer shapes, and of CUDA-graph safety.
 
-Every STANDARD/BATCHED experts class runs composed behind LocalPrepareAndFinalize and is
-compared with a plain-torch per-expert loop written here (fp32 from the bf16 inputs), with
-DeepGEMM's own accuracy metric ``1 - 2 sum(x y) / sum(x^2 + y^2)`` and vLLM's bf16 tolerance
+Every STANDARD and MASKED experts class of the registry (plus the hybrid forced to each path)
+runs composed behind the local prepare/finalize of its layout and is compared with a
+plain-torch per-expert loop written here (fp32 from the bf16 inputs), with DeepGEMM's own
+accuracy metric ``1 - 2 sum(x y) / sum(x^2 + y^2)`` and vLLM's bf16 tolerance
 (atol = rtol = 3e-2). The expanded (DeepEP) layout is built by hand. The first call of each
-weight shape JIT-compiles DeepGEMM kernels, so the shapes are few.
+weight shape JIT-compiles kernels, so the shapes are few.
+
+The capture tests replay graphs after eager calls of other sizes and after unrelated
+allocations, and check that the replay is right and wrote nothing outside its own memory.
 """
 
 from __future__ import annotations
@@ -15,19 +19,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_kernels.compose import WorkspaceCache, compose
-from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig
-from moe_kernels.contract import ExpandedTokens
-from moe_kernels.experts.deepgemm import (
-    BatchedDeepGemmExperts,
-    DeepGemmExperts,
+from moe_kernels import (
     ExpandedDeepGemmExperts,
-    contiguous_alignment,
-    deep_gemm_status,
+    ExpertWeights,
+    HybridDeepGemmExperts,
+    LayerConfig,
+    Layout,
+    LocalMaskedPrepareAndFinalize,
+    LocalPrepareAndFinalize,
+    MoEConfig,
+    ParallelConfig,
+    WorkspaceCache,
+    WorkspaceError,
+    compose,
+    registry,
 )
-from moe_kernels.experts.grouped_mm import GroupedMMExperts
-from moe_kernels.experts.hybrid import HybridDeepGemmExperts
-from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
+from moe_kernels.compose import layer_context
+from moe_kernels.contract import ExpandedTokens
+from moe_kernels.experts.deepgemm import deep_gemm_alignment
 
 pytestmark = pytest.mark.gpu
 
@@ -36,42 +45,54 @@ SHAPES = {
     "deepseek_v3_ep8": (32, 8, 7168, 2048),  # 256 experts / EP 8
     "qwen3_30b_a3b": (128, 8, 2048, 768),
 }
-#: (tokens, routing): skewed = one hot expert + a third of the slots -1 (experts on other ranks)
+#: (tokens, routing): skewed = one hot expert spanning many row tiles + a third of the slots -1
 CASES = [(0, "uniform"), (1, "uniform"), (7, "skewed"), (128, "uniform"), (128, "skewed"), (4096, "skewed")]
+MAX_TOKENS = 4096
 HUGE = 10**9
 
-STANDARD = {
-    "deepgemm_contiguous": DeepGemmExperts,
-    "hybrid_contiguous": lambda: HybridDeepGemmExperts(threshold=0),
-    "hybrid_masked": lambda: HybridDeepGemmExperts(threshold=HUGE, masked_memory_budget=2**40),
-    "hybrid_default": HybridDeepGemmExperts,
-    "grouped_mm": GroupedMMExperts,
-}
+
+def experts_by_name() -> dict[str, object]:
+    """Every registered STANDARD/MASKED experts factory by class name, plus the hybrid pinned
+    to each of its paths."""
+    made = {}
+    for make in registry.EXPERTS:
+        part = make(None)
+        if part.input_layout in (Layout.STANDARD, Layout.MASKED) and part.name != "TorchReferenceExperts":
+            made[part.name] = make
+    made["Hybrid(contiguous)"] = lambda cfg: HybridDeepGemmExperts(threshold=0)
+    made["Hybrid(masked)"] = lambda cfg: HybridDeepGemmExperts(threshold=HUGE, masked_memory_budget=2**40)
+    return made
 
 
-def needs(kind: str) -> None:
-    if kind != "grouped_mm":
-        ok, why = deep_gemm_status()
-        if not ok:
-            pytest.skip(why)
-    major = torch.cuda.get_device_capability()[0]
-    if major not in (9, 10):
-        pytest.skip(f"SM{major}x: these experts need SM90/SM100")
+EXPERTS = experts_by_name()
 
 
 def layer(shape: str, **parallel: object) -> LayerConfig:
     e, k, h, i = SHAPES[shape]
     moe = MoEConfig(num_experts=e, top_k=k, hidden_size=h, intermediate_size=i, dtype=torch.bfloat16)
-    return LayerConfig(moe=moe, parallel=ParallelConfig(**parallel))
+    return LayerConfig(moe=moe, parallel=ParallelConfig(**{"max_tokens_per_rank": MAX_TOKENS, **parallel}))
+
+
+def kernel_for(name: str, cfg: LayerConfig, cache: WorkspaceCache | None = None):
+    """The named experts composed behind the local prepare/finalize of their layout; skips with
+    the composer's reasons when this GPU cannot run them (e.g. no deep_gemm)."""
+    experts = EXPERTS[name](cfg)
+    pf = LocalMaskedPrepareAndFinalize() if experts.input_layout is Layout.MASKED else LocalPrepareAndFinalize()
+    from moe_kernels.compose import check_pair
+
+    failed = [c for c in check_pair(pf, experts, layer_context(cfg, device="cuda")) if not c.ok]
+    if failed:
+        pytest.skip("; ".join(f"{c.name}: {c.reason}" for c in failed))
+    return compose(pf, experts, cfg, device="cuda", workspace_cache=cache or WorkspaceCache())
 
 
 @functools.cache
-def weights(shape: str) -> tuple[torch.Tensor, torch.Tensor]:
+def weights(shape: str) -> ExpertWeights:
     e, _, h, i = SHAPES[shape]
     gen = torch.Generator(device="cuda").manual_seed(0)
     w13 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16, generator=gen).mul_(h**-0.5)
     w2 = torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16, generator=gen).mul_(i**-0.5)
-    return w13, w2
+    return ExpertWeights(w13, w2)
 
 
 def routing(shape: str, t: int, kind: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -89,25 +110,24 @@ def routing(shape: str, t: int, kind: str, seed: int) -> tuple[torch.Tensor, tor
     return x, w, ids
 
 
-def reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def reference(x: torch.Tensor, w: ExpertWeights, topk_w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Per expert: gather its tokens, fp32 MLP (SiLU on the first half of w13's rows), add weighted."""
-    inter = w2.shape[-1]
+    inter = w.inter
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in range(w13.shape[0]):
+    for e in range(w.num_experts):
         tok, slot = torch.nonzero(ids == e, as_tuple=True)
         if tok.numel() == 0:
             continue
-        h = x[tok].float() @ w13[e].float().T
-        y = (F.silu(h[:, :inter]) * h[:, inter:]) @ w2[e].float().T
-        out.index_add_(0, tok, y * w[tok, slot, None])
+        h = x[tok].float() @ w.w13[e].float().T
+        y = (F.silu(h[:, :inter]) * h[:, inter:]) @ w.w2[e].float().T
+        out.index_add_(0, tok, y * topk_w[tok, slot, None])
     return out
 
 
 @functools.cache
 def case(shape: str, t: int, kind: str) -> tuple[torch.Tensor, ...]:
-    w13, w2 = weights(shape)
     x, w, ids = routing(shape, t, kind, seed=t)
-    return x, w, ids, reference(x, w13, w2, w, ids)
+    return x, w, ids, reference(x, weights(shape), w, ids)
 
 
 def assert_matches(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
@@ -123,27 +143,12 @@ def assert_matches(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
 
 
 @pytest.mark.parametrize(("t", "route"), CASES)
-@pytest.mark.parametrize("kind", list(STANDARD))
+@pytest.mark.parametrize("name", list(EXPERTS))
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_standard_experts_match_the_loop(shape, kind, t, route):
-    needs(kind)
-    cfg = layer(shape)
-    w13, w2 = weights(shape)
+def test_experts_match_the_loop(shape, name, t, route):
+    kernel = kernel_for(name, layer(shape))
     x, w, ids, ref = case(shape, t, route)
-    kernel = compose(LocalPrepareAndFinalize(), STANDARD[kind](), cfg, device="cuda")
-    assert_matches(kernel(x, w13, w2, w, ids), ref, f"{shape} {kind} T={t} {route}")
-
-
-@pytest.mark.parametrize(("t", "route"), CASES)
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_batched_experts_match_the_loop(shape, t, route):
-    """M = T: unaligned for T = 1, 7 (staged through aligned scratch), aligned for 128, 4096."""
-    needs("batched")
-    cfg = layer(shape)
-    w13, w2 = weights(shape)
-    x, w, ids, ref = case(shape, t, route)
-    kernel = compose(LocalPrepareAndFinalize(batched=True), BatchedDeepGemmExperts(), cfg, device="cuda")
-    assert_matches(kernel(x, w13, w2, w, ids), ref, f"{shape} batched T={t} {route}")
+    assert_matches(kernel(x, weights(shape), w, ids), ref, f"{shape} {name} T={t} {route}")
 
 
 def expanded_layout(counts: list[int], alignment: int, extra: int, hidden: int, seed: int):
@@ -169,9 +174,14 @@ def expanded_layout(counts: list[int], alignment: int, extra: int, hidden: int, 
 @pytest.mark.parametrize("profile", ["skewed", "sparse", "empty"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_expanded_experts_weight_valid_rows_and_zero_the_rest(shape, profile):
-    needs("expanded")
     e, _, h, i = SHAPES[shape]
-    w13, w2 = weights(shape)
+    cfg = layer(shape)
+    ctx = layer_context(cfg, device="cuda")
+    experts = ExpandedDeepGemmExperts()
+    failed = [c for c in experts.checks(ctx) if not c.ok]
+    if failed:
+        pytest.skip("; ".join(c.reason for c in failed))
+    w = weights(shape)
     gen = torch.Generator().manual_seed(e)
     if profile == "skewed":  # one hot expert, the rest random, some empty
         counts = torch.randint(0, 40, (e,), generator=gen)
@@ -183,18 +193,15 @@ def test_expanded_experts_weight_valid_rows_and_zero_the_rest(shape, profile):
     else:
         counts = torch.zeros(e, dtype=torch.int64)
     counts = counts.tolist()
-    alignment = contiguous_alignment()
+    alignment = deep_gemm_alignment()
     x, ends, row_weights, row_expert = expanded_layout(counts, alignment, alignment, h, seed=len(counts))
-    expected_m = max(1, sum(counts) // e)
-    tokens = ExpandedTokens(x, ends, row_weights, alignment, expected_m)
-    experts = ExpandedDeepGemmExperts()
-    failed = [c for c in experts.checks(layer(shape), torch.device("cuda")) if not c.ok]
-    assert not failed, failed
-    workspace = WorkspaceCache().get(experts.workspace_shapes(tokens, w13, w2), x.device)
+    tokens = ExpandedTokens(x, ends, row_weights, alignment, max(1, sum(counts) // e))
+    experts.bind(ctx)
+    workspace = WorkspaceCache().get(experts.workspace_specs(ctx, x.shape[0]), x.device)
     for buf in workspace.values():
         buf.fill_(float("nan"))
     out = torch.full_like(x, float("nan"))
-    experts.apply(tokens, w13, w2, out, workspace)
+    experts.apply(tokens, w, out, workspace)
 
     valid = row_expert >= 0
     assert (out[~valid] == 0).all(), "rows outside the segments must be zeros"
@@ -202,42 +209,58 @@ def test_expanded_experts_weight_valid_rows_and_zero_the_rest(shape, profile):
     for ex in range(e):
         rows = torch.nonzero(row_expert == ex).squeeze(1)
         if rows.numel():
-            hh = x[rows].float() @ w13[ex].float().T
-            ref[rows] = ((F.silu(hh[:, :i]) * hh[:, i:]) @ w2[ex].float().T) * row_weights[rows, None]
+            hh = x[rows].float() @ w.w13[ex].float().T
+            ref[rows] = ((F.silu(hh[:, :i]) * hh[:, i:]) @ w.w2[ex].float().T) * row_weights[rows, None]
     assert_matches(out[valid], ref[valid], f"{shape} expanded {profile}")
 
 
-def capture_and_replay(kernel, shape: str, t: int) -> None:
-    """Warm up, capture one call in a CUDA graph, then feed new inputs in place and replay."""
-    w13, w2 = weights(shape)
-    x, w, ids = routing(shape, t, "skewed", seed=1)
-    kernel(x, w13, w2, w, ids)  # JIT-compiles and grows the workspaces outside the capture
+# --- CUDA graphs ------------------------------------------------------------------------------------
+
+
+GRAPH_SHAPE = "qwen3_30b_a3b"
+
+
+@pytest.mark.parametrize("name", list(EXPERTS))
+def test_replay_survives_larger_eager_calls_and_unrelated_allocations(name):
+    """The sequence that used to corrupt memory: capture at T=64, an eager call at T=6000 on
+    the same stream, then 200 unrelated 16 MiB tensors. Workspaces are reserved for the
+    largest call when the kernel is built, so nothing grows, the replay stays right, and the
+    unrelated tensors (a stand-in for an engine's KV cache) keep their contents."""
+    cfg = layer(GRAPH_SHAPE, cuda_graphs=True, max_tokens_per_rank=8192)
+    kernel = kernel_for(name, cfg)
+    w = weights(GRAPH_SHAPE)
+    x, tw, ids = routing(GRAPH_SHAPE, 64, "skewed", seed=1)
+    kernel(x, w, tw, ids)  # JIT compiles outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = kernel(x, w13, w2, w, ids, check_values=False)
-    x2, w_2, ids2 = routing(shape, t, "uniform", seed=2)
+        out = kernel(x, w, tw, ids, check_values=False)
+    big = routing(GRAPH_SHAPE, 6000, "uniform", seed=3)
+    assert_matches(kernel(*big[:1], w, *big[1:]), reference(big[0], w, big[1], big[2]), f"{name} eager T=6000")
+    others = [torch.full((4 * 2**20,), float(j), device="cuda") for j in range(200)]  # 200 x 16 MiB
+    x2, tw2, ids2 = routing(GRAPH_SHAPE, 64, "uniform", seed=2)
     x.copy_(x2)
-    w.copy_(w_2)
+    tw.copy_(tw2)
     ids.copy_(ids2)
-    graph.replay()
+    for _ in range(3):
+        graph.replay()
     torch.cuda.synchronize()
-    assert_matches(out, reference(x2, w13, w2, w_2, ids2), f"{shape} graph replay")
+    assert_matches(out, reference(x2, w, tw2, ids2), f"{name} graph replay")
+    touched = [j for j, t in enumerate(others) if not bool((t == float(j)).all())]
+    assert not touched, f"{name}: the replay overwrote unrelated tensors {touched}"
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_batched_path_replays_in_a_cuda_graph(shape):
-    needs("batched")
-    cfg = layer(shape, cuda_graphs=True, max_tokens_per_rank=256)
-    pf = LocalPrepareAndFinalize(batched=True, capacity=256)
-    kernel = compose(pf, BatchedDeepGemmExperts(), cfg, device="cuda", workspace_cache=WorkspaceCache())
-    capture_and_replay(kernel, shape, t=200)
-
-
-@pytest.mark.parametrize("kind", ["deepgemm_contiguous", "hybrid_default", "grouped_mm"])
-def test_standard_paths_replay_in_a_cuda_graph(kind):
-    needs(kind)
-    shape = "qwen3_30b_a3b"
-    cfg = layer(shape, cuda_graphs=True)
-    kernel = compose(LocalPrepareAndFinalize(), STANDARD[kind](), cfg, device="cuda", workspace_cache=WorkspaceCache())
-    capture_and_replay(kernel, shape, t=64)
+def test_a_kernel_built_after_a_capture_cannot_grow_its_workspaces():
+    """Growing a buffer a captured graph uses would hand its memory back: building a bigger
+    kernel on the same cache after the capture raises instead."""
+    cache = WorkspaceCache()
+    small = kernel_for("TritonExperts", layer(GRAPH_SHAPE, cuda_graphs=True, max_tokens_per_rank=64), cache)
+    w = weights(GRAPH_SHAPE)
+    x, tw, ids = routing(GRAPH_SHAPE, 64, "uniform", seed=4)
+    small(x, w, tw, ids)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        small(x, w, tw, ids, check_values=False)
+    with pytest.raises(WorkspaceError, match="used by a captured CUDA graph and cannot grow"):
+        kernel_for("TritonExperts", layer(GRAPH_SHAPE, cuda_graphs=True, max_tokens_per_rank=8192), cache)

@@ -1,53 +1,70 @@
 """CPU tests of the DeepGEMM / torch._grouped_mm experts: capability predicates, the composer's
-refusals, the hybrid's threshold logic, the tuning tables, and the glue around the GEMMs.
+refusals, the hybrid's threshold logic, the measured tuning tables, and the glue around the GEMMs.
 
-The glue (permute, padding, psum row map, staging of unaligned batches, gather) runs here
-against a stand-in ``deep_gemm`` module written in torch that mimics DeepGEMM's tile
-semantics: whole BLOCK_M tiles are computed, tiles whose first row is -1 are skipped, psum
-groups start at aligned offsets, masked groups write whole tiles into ``[G*M, N]`` (so an
-unaligned M would corrupt the next group). The real kernels are tested in test_experts_gpu.py.
+The glue (permute, padding, psum row map, masked capacity, gather) runs here against a
+stand-in ``deep_gemm`` module written in torch that mimics DeepGEMM's tile semantics: whole
+BLOCK_M tiles are computed, tiles whose first row is -1 are skipped, psum groups start at
+aligned offsets, masked groups write whole tiles into ``[G*M, N]`` (so an unaligned M would
+corrupt the next group). The real kernels are tested in test_experts_gpu.py.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import random
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_kernels.compose import IncompatibleKernelsError, WorkspaceCache, compose
-from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig
-from moe_kernels.contract import ExpandedTokens, StandardTokens
-from moe_kernels.experts import tuning
+from moe_kernels import tuning
+from moe_kernels.compose import (
+    IncompatibleKernelsError,
+    ModularKernel,
+    WorkspaceCache,
+    check_pair,
+    compose,
+    layer_context,
+)
+from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig, QuantConfig
+from moe_kernels.contract import ExpandedTokens, LayerContext, Layout, MaskedTokens, StandardTokens, workspace_bytes
+from moe_kernels.experts import hybrid as hybrid_module
 from moe_kernels.experts.deepgemm import (
     MASKED_BLOCK_M_MAX,
-    BatchedDeepGemmExperts,
     DeepGemmExperts,
     ExpandedDeepGemmExperts,
+    MaskedDeepGemmExperts,
     deep_gemm_status,
     expanded_row_map,
+    masked_rows_multiple,
     psum_layout_status,
 )
 from moe_kernels.experts.grouped_mm import GroupedMMExperts
 from moe_kernels.experts.hybrid import HybridDeepGemmExperts
-from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
+from moe_kernels.prepare_finalize.local import LocalMaskedPrepareAndFinalize, LocalPrepareAndFinalize
+from moe_kernels.weights import ExpertWeights
 
 # These tests pin the CPU machine's answers (no GPU, Triton interpreter, no deep_gemm/deep_ep);
 # on a GPU machine the same checks pass, which tests/test_*_gpu.py cover.
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only: pins a GPU-less machine")
 
 CPU = torch.device("cpu")
-DEEPGEMM_CLASSES = (DeepGemmExperts, BatchedDeepGemmExperts, ExpandedDeepGemmExperts, HybridDeepGemmExperts)
+DEEPGEMM_CLASSES = (DeepGemmExperts, MaskedDeepGemmExperts, ExpandedDeepGemmExperts, HybridDeepGemmExperts)
 ALL_CLASSES = (*DEEPGEMM_CLASSES, GroupedMMExperts)
 E, K, H, I = 4, 2, 64, 64  # noqa: E741 (the paper's letters)
 
 
-def layer(dtype: torch.dtype = torch.bfloat16, **moe: object) -> LayerConfig:
+def layer(dtype: torch.dtype = torch.bfloat16, max_tokens: int = 8192, **moe: object) -> LayerConfig:
     shape = dict(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, dtype=dtype)
-    return LayerConfig(moe=MoEConfig(**{**shape, **moe}))
+    return LayerConfig(moe=MoEConfig(**{**shape, **moe}), parallel=ParallelConfig(max_tokens_per_rank=max_tokens))
+
+
+def ctx_of(cfg: LayerConfig | None = None) -> LayerContext:
+    return layer_context(cfg or layer(), device=CPU)
 
 
 def clear_probes() -> None:
@@ -187,9 +204,9 @@ def test_probe_accepts_the_bf16_symbols_and_the_psum_signature(fake_deep_gemm):
 
 @pytest.mark.parametrize("cls", ALL_CLASSES)
 def test_cpu_checks_refuse_with_clear_reasons(cls, no_deep_gemm):
-    checks = {c.name: c for c in cls().checks(layer(), CPU)}
+    checks = {c.name: c for c in cls().checks(ctx_of())}
     assert not checks["device"].ok and "CUDA GPU of SM90" in checks["device"].reason
-    assert checks["quant"].ok and checks["activation"].ok and checks["expert_map"].ok
+    assert checks["quant"].ok and checks["parallel"].ok
     if cls is GroupedMMExperts:
         assert "_grouped_mm" in checks["device"].reason
         assert checks["grouped_mm"].ok
@@ -198,17 +215,22 @@ def test_cpu_checks_refuse_with_clear_reasons(cls, no_deep_gemm):
         assert checks["shape"].ok
 
 
+LOCAL_PF = {Layout.STANDARD: LocalPrepareAndFinalize, Layout.MASKED: LocalMaskedPrepareAndFinalize}
+
+
 @pytest.mark.parametrize("cls", DEEPGEMM_CLASSES)
 def test_compose_lists_every_failure(cls, no_deep_gemm):
     cfg = layer(torch.float32, hidden_size=32, intermediate_size=48)
     experts = cls()
-    pf = LocalPrepareAndFinalize(batched=experts.input_format.value == "batched")
+    # no local prepare/finalize hands out expanded tokens: the standard one stands in
+    pf = LOCAL_PF.get(experts.input_layout, LocalPrepareAndFinalize)()
     with pytest.raises(IncompatibleKernelsError) as info:
         compose(pf, experts, cfg, device=CPU)
     failed = {c.name: c.reason for c in info.value.failures}
     expected = {"experts.device", "experts.quant", "experts.deep_gemm", "experts.shape"}
-    if experts.input_format.value == "expanded":
-        expected.add("format")  # no local prepare hands out expanded tokens
+    if experts.input_layout is Layout.EXPANDED:
+        expected.add("layout")
+        assert "hands out standard tokens" in failed["layout"] and "takes expanded" in failed["layout"]
     assert set(failed) == expected
     assert "float32" in failed["experts.quant"]
     assert "hidden_size=32" in failed["experts.shape"] and "intermediate_size=48" in failed["experts.shape"]
@@ -217,48 +239,151 @@ def test_compose_lists_every_failure(cls, no_deep_gemm):
 
 
 def test_grouped_mm_refuses_fp16_and_too_many_groups():
-    checks = {c.name: c for c in GroupedMMExperts().checks(layer(torch.float16), CPU)}
+    checks = {c.name: c for c in GroupedMMExperts().checks(ctx_of(layer(torch.float16)))}
     assert not checks["quant"].ok and "float16" in checks["quant"].reason
     big = LayerConfig(moe=MoEConfig(num_experts=2048, top_k=2, hidden_size=H, intermediate_size=I))
-    checks = {c.name: c for c in GroupedMMExperts().checks(big, CPU)}
+    checks = {c.name: c for c in GroupedMMExperts().checks(ctx_of(big))}
     assert not checks["grouped_mm"].ok and "1024" in checks["grouped_mm"].reason
+    # the limit is on the local experts: 2048 over 2 ranks is 1024 groups
+    split = LayerConfig(moe=big.moe, parallel=ParallelConfig(ep_size=2))
+    assert {c.name: c for c in GroupedMMExperts().checks(ctx_of(split))}["grouped_mm"].ok
 
 
 @pytest.mark.parametrize("cls", ALL_CLASSES)
-def test_parts_claim_cuda_graphs_and_expert_maps(cls):
+def test_parts_claim_cuda_graphs_and_any_placement(cls):
+    from moe_kernels.placement import ExpertPlacement
+
     cfg = LayerConfig(moe=layer().moe, parallel=ParallelConfig(cuda_graphs=True, ep_size=2))
-    checks = {c.name: c for c in cls().checks(cfg, CPU)}
-    assert checks["parallel"].ok and checks["expert_map"].ok
+    interleaved = ExpertPlacement.from_owners([e % 2 for e in range(E)], 0)
+    checks = {c.name: c for c in cls().checks(layer_context(cfg, placement=interleaved, device=CPU))}
+    assert checks["parallel"].ok and "ep_size=2" in checks["parallel"].reason
+    assert cls.supports_cuda_graphs
 
 
-# --- hybrid threshold and tuning ---------------------------------------------------------
+# --- the masked format: M a multiple of the masked GEMM's tile ----------------------------
 
 
-def test_hybrid_threshold_defaults_to_tuning(monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize("alignment", [32, 256])
+@pytest.mark.parametrize("max_tokens", [1, 5, 128, 200])
+def test_masked_capacity_is_rounded_to_the_experts_row_multiple(alignment, max_tokens, monkeypatch):
+    """No masked prepare/finalize pins another row multiple (LocalMasked is the only one and
+    takes any), so the experts' format decides M: the layer's largest call rounded up."""
+    monkeypatch.setitem(sys.modules, "deep_gemm", make_fake_deep_gemm(alignment))
+    clear_probes()
+    try:
+        multiple = masked_rows_multiple()
+        assert multiple == math.lcm(alignment, MASKED_BLOCK_M_MAX)
+        ctx = ctx_of(layer(max_tokens=max_tokens))
+        experts, pf = MaskedDeepGemmExperts(), LocalMaskedPrepareAndFinalize()
+        fmt = experts.input_format(ctx)
+        assert (fmt.layout, fmt.alignment, fmt.fp8) == (Layout.MASKED, multiple, False)
+        format_check = check_pair(pf, experts, ctx)[0]
+        assert format_check.name == "format" and format_check.ok, format_check
+        capacity = pf.capacity(ctx, fmt)
+        assert capacity % multiple == 0 and capacity - multiple < max_tokens <= capacity
+        assert pf.max_expert_rows(ctx, fmt) == capacity
+        specs = pf.workspace_specs(ctx, fmt)
+        assert {n: s.shape for n, s in specs.items()} == {"masked_x": (E, capacity, H), "masked_out": (E, capacity, H)}
+    finally:
+        clear_probes()
+
+
+def test_masked_prepare_takes_any_row_multiple():
+    """Nothing pins LocalMaskedPrepareAndFinalize's M: it accepts the multiple it is asked for."""
+    from moe_kernels.contract import TokenFormat
+
+    ctx, pf = ctx_of(layer(max_tokens=100)), LocalMaskedPrepareAndFinalize()
+    for multiple in (1, 64, 128, 384):
+        fmt = TokenFormat(Layout.MASKED, multiple)
+        c = pf.check_format(ctx, fmt)
+        assert c.ok and f"multiple of {multiple}" in c.reason
+        assert pf.capacity(ctx, fmt) == _align(100, multiple)
+
+
+# --- hybrid threshold --------------------------------------------------------------------
+
+
+def table_with(cfg: LayerConfig, pairs: dict[str, dict[int, float]], gpu: str = "Test GPU") -> tuning.GpuTable:
+    times = {name: {str(t): us for t, us in series.items()} for name, series in pairs.items()}
+    return tuning.GpuTable(gpu, "a test run", "/nowhere.json", shapes={str(tuning.ShapeKey.of(cfg)): {"pairs": times}})
+
+
+def test_hybrid_threshold_defaults_without_a_table():
+    ctx = ctx_of()
+    assert tuning.table_for(ctx.device) is None  # the CPU has no tuning table
     hybrid = HybridDeepGemmExperts()
-    assert hybrid.threshold_for(E, H, I) == tuning.DEFAULT_HYBRID_THRESHOLD
-    monkeypatch.setitem(tuning.HYBRID_THRESHOLDS, (E, H, I), 96)
-    assert hybrid.threshold_for(E, H, I) == 96
-    assert hybrid.use_masked(96, E, H, I) and not hybrid.use_masked(97, E, H, I)
-    assert HybridDeepGemmExperts(threshold=5).threshold_for(E, H, I) == 5
+    assert hybrid.threshold_for(ctx) == (hybrid_module.DEFAULT_THRESHOLD, hybrid_module.DEFAULT_THRESHOLD_SOURCE)
+    assert hybrid_module.DEFAULT_THRESHOLD > 0 and "default" in hybrid_module.DEFAULT_THRESHOLD_SOURCE
+    assert HybridDeepGemmExperts(threshold=5).threshold_for(ctx) == (5, "given")
+
+
+def test_hybrid_threshold_is_the_tables_crossover(monkeypatch: pytest.MonkeyPatch):
+    cfg = layer()
+    masked = {1: 90.0, 64: 110.0, 1024: 420.0, 4096: 1000.0}
+    contiguous = {1: 100.0, 64: 120.0, 1024: 400.0, 4096: 900.0}
+    table = table_with(cfg, {hybrid_module.MASKED_PAIR: masked, hybrid_module.CONTIGUOUS_PAIR: contiguous})
+    monkeypatch.setattr(tuning, "table_for", lambda device: table)
+    assert hybrid_module.MASKED_PAIR == "LocalMaskedPrepareAndFinalize + MaskedDeepGemmExperts"
+    assert hybrid_module.CONTIGUOUS_PAIR == "LocalPrepareAndFinalize + DeepGemmExperts"
+    ctx = ctx_of(cfg)
+    hybrid = HybridDeepGemmExperts()
+    threshold, source = hybrid.threshold_for(ctx)
+    assert threshold == 64 and "measured crossover" in source and "Test GPU" in source
+    hybrid.bind(ctx)
+    assert hybrid.threshold_source == source
+    assert hybrid.use_masked(ctx, 64) and not hybrid.use_masked(ctx, 65)
+    # a threshold given by hand wins over the table
+    assert HybridDeepGemmExperts(threshold=7).threshold_for(ctx) == (7, "given")
+
+
+@pytest.mark.parametrize("what", ["only_masked", "other_shape", "no_shared_t"])
+def test_hybrid_falls_back_to_the_default_when_the_table_cannot_decide(what, monkeypatch):
+    cfg = layer()
+    masked = {1: 90.0, 64: 110.0}
+    contiguous = {1: 100.0, 64: 120.0} if what != "no_shared_t" else {2: 100.0, 128: 120.0}
+    pairs = {hybrid_module.MASKED_PAIR: masked}
+    if what != "only_masked":
+        pairs[hybrid_module.CONTIGUOUS_PAIR] = contiguous
+    table = table_with(layer(num_experts=8) if what == "other_shape" else cfg, pairs)
+    monkeypatch.setattr(tuning, "table_for", lambda device: table)
+    assert HybridDeepGemmExperts().threshold_for(ctx_of(cfg)) == (
+        hybrid_module.DEFAULT_THRESHOLD,
+        hybrid_module.DEFAULT_THRESHOLD_SOURCE,
+    )
 
 
 def test_hybrid_forced_paths_and_empty_batches():
+    ctx = ctx_of()
     contiguous, masked = HybridDeepGemmExperts(threshold=0), HybridDeepGemmExperts(threshold=10**9)
     for t in (1, 7, 4096):
-        assert not contiguous.use_masked(t, E, H, I)
-        assert masked.use_masked(t, E, H, I)
-    assert not masked.use_masked(0, E, H, I)
+        assert not contiguous.use_masked(ctx, t)
+        assert masked.use_masked(ctx, t)
+    assert not masked.use_masked(ctx, 0)
 
 
 def test_hybrid_memory_budget_forces_contiguous():
+    ctx = ctx_of()
     hybrid = HybridDeepGemmExperts(threshold=10**9, masked_memory_budget=10**6)
-    needed = hybrid.masked_bytes(128, E, H, I)
+    needed = hybrid.masked_bytes(ctx, 128)
     assert needed == E * 128 * (H + 3 * I) * 2
-    assert (needed <= 10**6) == hybrid.use_masked(128, E, H, I)
-    assert not hybrid.use_masked(10**5, E, H, I)
+    assert hybrid.masked_bytes(ctx, 1) == needed  # rows per expert are rounded up to the tile
+    assert (needed <= 10**6) == hybrid.use_masked(ctx, 128)
+    assert not hybrid.use_masked(ctx, 10**5)
     # DeepSeek-V3 at 32 local experts, 16384 tokens: 16 GB of masked scratch -> contiguous
-    assert not HybridDeepGemmExperts(threshold=10**9).use_masked(16384, 32, 7168, 2048)
+    dsv3 = ctx_of(LayerConfig(moe=MoEConfig(num_experts=32, top_k=8, hidden_size=7168, intermediate_size=2048)))
+    assert not HybridDeepGemmExperts(threshold=10**9).use_masked(dsv3, 16384)
+
+
+def test_hybrid_reserves_its_largest_call(fake_deep_gemm):
+    """Kernels reserve their largest call when built: per name, max_workspace_specs covers the
+    workspace of every T up to max_rows, whichever path T takes."""
+    ctx = ctx_of(layer(max_tokens=300))
+    for hybrid in (HybridDeepGemmExperts(threshold=130), HybridDeepGemmExperts(threshold=0)):
+        hybrid.bind(ctx)
+        reserved = hybrid.max_workspace_specs(ctx, 300)
+        for t in range(1, 301):
+            for name, spec in hybrid.workspace_specs(ctx, t).items():
+                assert name in reserved and reserved[name].nbytes >= spec.nbytes, (hybrid, t, name)
 
 
 def test_hybrid_rejects_bad_arguments():
@@ -270,53 +395,202 @@ def test_hybrid_rejects_bad_arguments():
 
 @pytest.mark.parametrize("cls", ALL_CLASSES)
 def test_preferences_are_well_formed_and_rank_between_triton_and_reference(cls):
-    score, why = cls().preference(layer(), CPU)
+    from moe_kernels.experts.reference import TorchReferenceExperts
+
+    ctx = ctx_of()
+    score, why = cls().preference(ctx)
     assert isinstance(score, float) and 0 < score < 50 and why
+    assert score < TorchReferenceExperts().preference(ctx)[0]
 
 
-def test_measured_table_drives_the_score(monkeypatch: pytest.MonkeyPatch):
-    key = (E, H, I)
-    table = {
-        "HybridDeepGemmExperts": {1: 10.0, 1024: 100.0},
-        "GroupedMMExperts": {1: 20.0, 1024: 100.0},
+# --- the measured tables (moe_kernels.tuning) ----------------------------------------------
+
+
+def test_shape_key_is_the_local_layer():
+    moe = MoEConfig(num_experts=32, top_k=8, hidden_size=7168, intermediate_size=2048)
+    key = tuning.ShapeKey.of(LayerConfig(moe=moe, parallel=ParallelConfig(ep_size=4, ep_rank=3)))
+    assert key == tuning.ShapeKey(8, 8, 7168, 2048, "bfloat16", "none")
+    assert str(key) == "E=8,K=8,H=7168,I=2048,bfloat16,none"
+    fp8 = tuning.ShapeKey.of(LayerConfig(moe=moe, quant=QuantConfig(scheme="fp8_w8a8_block")))
+    assert str(fp8) == "E=32,K=8,H=7168,I=2048,bfloat16,fp8_w8a8_block"
+    assert str(tuning.ShapeKey.of(layer(torch.float16))) == f"E={E},K={K},H={H},I={I},float16,none"
+
+
+def test_point_for_takes_the_smallest_measured_t_at_or_above():
+    points = {1: "a", 16: "b", 256: "c"}
+    assert tuning.point_for(points, 1) == (1, "a")
+    assert tuning.point_for(points, 2) == (16, "b")
+    assert tuning.point_for(points, 16) == (16, "b")
+    assert tuning.point_for(points, 17) == (256, "c")
+    assert tuning.point_for(points, 10**6) == (256, "c")  # above every point: the largest
+    with pytest.raises(ValueError):
+        tuning.point_for({}, 1)
+
+
+def crossover_by_brute_force(low: dict[int, float], high: dict[int, float]) -> int | None:
+    """Try every candidate threshold; keep the one whose choices cost the least over the per-T
+    best, as a product of ratios (the smallest threshold on ties)."""
+    shared = sorted(set(low) & set(high))
+    if not shared:
+        return None
+    best, best_cost = None, None
+    for threshold in [0, *shared]:
+        cost = 1.0
+        for t in shared:
+            chosen = low[t] if t <= threshold else high[t]
+            cost *= chosen / min(low[t], high[t])
+        if best_cost is None or cost < best_cost * (1 - 1e-12):
+            best, best_cost = threshold, cost
+    return best
+
+
+def test_crossover_fits_the_measured_series():
+    low = {1: 90.0, 64: 110.0, 1024: 420.0, 4096: 1000.0}
+    high = {1: 100.0, 64: 120.0, 1024: 400.0, 4096: 900.0}
+    threshold, note = tuning.crossover(low, high)
+    assert threshold == 64 and "[1, 64]" in note
+    assert tuning.crossover(low, {t: 1.0 for t in high})[0] == 0  # the first path never wins
+    assert tuning.crossover({t: 1.0 for t in low}, high)[0] == 4096  # it always wins
+    assert tuning.crossover(high, high)[0] == 0  # ties: the smallest threshold
+    # one slow point at T=1 does not hide the run of wins after it
+    slow_first = {1: 85.0, 8: 226.0, 64: 475.0, 256: 500.0, 4096: 1300.0}
+    other = {1: 60.0, 8: 250.0, 64: 554.0, 256: 600.0, 4096: 1000.0}
+    threshold, note = tuning.crossover(slow_first, other)
+    assert threshold == 256 and "costs" in note  # T=1 is given up, and the note says so
+    # only the token counts measured for both count
+    assert tuning.crossover({1: 1.0, 16: 1.0, 99: 1.0}, {16: 2.0, 32: 0.5})[0] == 16
+    assert tuning.crossover({1: 1.0}, {2: 1.0}) == (None, "no token count measured for both paths")
+
+
+def test_crossover_matches_a_brute_force_search():
+    rng = random.Random(0)
+    for _ in range(50):
+        ts = sorted(rng.sample([1, 2, 4, 8, 16, 64, 256, 1024, 4096], rng.randint(1, 6)))
+        low = {t: rng.uniform(10, 100) * t**0.5 for t in ts}
+        high = {t: rng.uniform(10, 100) * t**0.5 for t in ts}
+        assert tuning.crossover(low, high)[0] == crossover_by_brute_force(low, high), (low, high)
+
+
+def table_json(gpu: str = "Test GPU 9000", source: str = "a test run") -> dict:
+    cfg = layer()
+    return {
+        "format": tuning.FORMAT,
+        "gpu": gpu,
+        "source": source,
+        "copy_gbps": 1234.5,
+        "shapes": {
+            str(tuning.ShapeKey.of(cfg)): {
+                "pairs": {"LocalPrepareAndFinalize + TritonExperts": {"1": 12.5, "64": 40}},
+                "kernels": {"fused_moe": {"16": {"gemm1": {"BLOCK_M": 16}}}},
+            }
+        },
     }
-    monkeypatch.setitem(tuning.EXPERTS_US, key, table)
-    assert tuning.relative_cost("HybridDeepGemmExperts", key) == pytest.approx(1.0)
-    assert tuning.relative_cost("GroupedMMExperts", key) == pytest.approx(math.sqrt(2.0))
-    assert tuning.relative_cost("DeepGemmExperts", key) is None
-    # on the CPU (not Hopper) the defaults apply
-    assert (
-        tuning.experts_preference("GroupedMMExperts", layer(), CPU)[0] == tuning.DEFAULT_SCORES["GroupedMMExperts"][0]
-    )
 
 
-def test_every_default_score_has_a_reason_and_the_threshold_says_where_it_comes_from():
-    for name, (score, why) in tuning.DEFAULT_SCORES.items():
-        assert 0 < score <= 50 and why, name
-        assert (score == 50) == (name == "TritonExperts"), name
-    assert tuning.DEFAULT_HYBRID_THRESHOLD > 0 and tuning.DEFAULT_HYBRID_THRESHOLD_SOURCE
-    assert all(m.source for m in tuning.GEMM_MEASUREMENTS)
+def test_load_table_reads_a_file(tmp_path: Path):
+    path = tmp_path / "test-gpu-9000.json"
+    path.write_text(json.dumps(table_json()))
+    table = tuning.load_table(path)
+    assert (table.gpu, table.source, table.path, table.copy_gbps) == ("Test GPU 9000", "a test run", str(path), 1234.5)
+    key = tuning.ShapeKey.of(layer())
+    assert table.pair_times(key) == {"LocalPrepareAndFinalize + TritonExperts": {1: 12.5, 64: 40.0}}
+    assert table.kernel_configs(key, "fused_moe") == {16: {"gemm1": {"BLOCK_M": 16}}}
+    other = tuning.ShapeKey.of(layer(num_experts=8))
+    assert table.pair_times(other) == {} and table.kernel_configs(key, "other_kernel") == {}
+    # what a tuning run writes reads back the same
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps(table.to_json()))
+    assert tuning.load_table(again).shapes == table.shapes
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        json.dumps({"format": tuning.FORMAT + 1, "shapes": {}}),
+        json.dumps({"format": tuning.FORMAT}),
+        json.dumps({"format": tuning.FORMAT, "shapes": []}),
+        json.dumps([1, 2]),
+    ],
+    ids=["not_json", "other_format", "no_shapes", "shapes_not_a_dict", "a_list"],
+)
+def test_load_table_refuses_a_malformed_file_naming_it(tmp_path: Path, text: str):
+    path = tmp_path / "broken.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="broken.json"):
+        tuning.load_table(path)
+
+
+@pytest.mark.parametrize("text", ["5", "null", json.dumps([{"a": 1}, {"b": 2}])])
+def test_load_table_refuses_a_json_value_that_is_not_an_object(tmp_path: Path, text: str):
+    path = tmp_path / "scalar.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="scalar.json"):
+        tuning.load_table(path)
+
+
+def test_load_table_names_a_missing_file(tmp_path: Path):
+    with pytest.raises(ValueError, match="absent.json"):
+        tuning.load_table(tmp_path / "absent.json")
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch):
+    """Every device reports a GPU called "Test GPU 9000"; cached tables are dropped around the test."""
+    monkeypatch.setattr(tuning, "gpu_name", lambda device: "Test GPU 9000")
+    tuning.forget_tables()
+    yield "test-gpu-9000.json"
+    tuning.forget_tables()
+
+
+def test_tables_are_found_in_the_env_directory(tmp_path: Path, monkeypatch, fake_gpu):
+    assert tuning.slug("Test GPU 9000") + ".json" == fake_gpu
+    assert tuning.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    monkeypatch.delenv(tuning.ENV_DIR, raising=False)
+    assert tuning.table_dirs() == [tuning.SHIPPED_DIR]
+    assert tuning.table_for(CPU) is None  # nobody tuned this GPU
+    monkeypatch.setenv(tuning.ENV_DIR, str(tmp_path))
+    assert tuning.table_dirs() == [tmp_path, tuning.SHIPPED_DIR]  # the user's tables come first
+    assert tuning.table_for(CPU) is None
+    (tmp_path / fake_gpu).write_text(json.dumps(table_json(source="first run")))
+    assert tuning.table_for(CPU) is None  # looked up once and remembered...
+    tuning.forget_tables()
+    found = tuning.table_for(CPU)  # ...until told to forget
+    assert found is not None and found.path == str(tmp_path / fake_gpu) and found.source == "first run"
+    (tmp_path / fake_gpu).write_text(json.dumps(table_json(source="second run")))
+    tuning.forget_tables()
+    assert tuning.table_for(CPU).source == "second run"
+
+
+def test_a_malformed_table_in_the_env_directory_is_an_error_naming_it(tmp_path: Path, monkeypatch, fake_gpu):
+    monkeypatch.setenv(tuning.ENV_DIR, str(tmp_path))
+    (tmp_path / fake_gpu).write_text("{}")
+    with pytest.raises(ValueError, match=fake_gpu):
+        tuning.table_for(CPU)
+
+
+def test_a_cpu_has_no_table():
+    assert tuning.gpu_name(CPU) is None and tuning.table_for(CPU) is None
 
 
 # --- empty batches launch nothing (deep_gemm not even imported) ----------------------------
 
 
 def test_empty_batches_return_without_touching_deep_gemm(no_deep_gemm):
-    w13 = torch.zeros(E, 2 * I, H, dtype=torch.bfloat16)
-    w2 = torch.zeros(E, H, I, dtype=torch.bfloat16)
+    ctx = ctx_of()
+    weights = ExpertWeights(torch.zeros(E, 2 * I, H, dtype=torch.bfloat16), torch.zeros(E, H, I, dtype=torch.bfloat16))
     x = torch.zeros(0, H, dtype=torch.bfloat16)
-    std = StandardTokens(x, torch.zeros(0, K, dtype=torch.int32), torch.zeros(0, K), E)
+    std = StandardTokens(x, torch.zeros(0, K, dtype=torch.int32), torch.zeros(0, K))
     for experts in (DeepGemmExperts(), HybridDeepGemmExperts(), GroupedMMExperts()):
-        assert experts.workspace_shapes(std, w13, w2) == {}
-        experts.apply(std, w13, w2, torch.empty(0, H, dtype=torch.bfloat16), {})
-    from moe_kernels.contract import BatchedTokens
-
-    batched = BatchedTokens(torch.zeros(E, 0, H, dtype=torch.bfloat16), torch.zeros(E, dtype=torch.int32), 1)
-    assert BatchedDeepGemmExperts().workspace_shapes(batched, w13, w2) == {}
-    BatchedDeepGemmExperts().apply(batched, w13, w2, torch.empty(E, 0, H, dtype=torch.bfloat16), {})
+        experts.bind(ctx)
+        assert experts.workspace_specs(ctx, 0) == {}
+        experts.apply(std, weights, torch.empty(0, H, dtype=torch.bfloat16), {})
+    masked = MaskedTokens(torch.zeros(E, 0, H, dtype=torch.bfloat16), torch.zeros(E, dtype=torch.int32), 1)
+    assert workspace_bytes(MaskedDeepGemmExperts().workspace_specs(ctx, 0)) == 0
+    MaskedDeepGemmExperts().apply(masked, weights, torch.empty(E, 0, H, dtype=torch.bfloat16), {})
     expanded = ExpandedTokens(x, torch.zeros(E, dtype=torch.int32), torch.zeros(0), 128, 1)
-    assert ExpandedDeepGemmExperts().workspace_shapes(expanded, w13, w2) == {}
-    ExpandedDeepGemmExperts().apply(expanded, w13, w2, torch.empty(0, H, dtype=torch.bfloat16), {})
+    assert ExpandedDeepGemmExperts().workspace_specs(ctx, 0) == {}
+    ExpandedDeepGemmExperts().apply(expanded, weights, torch.empty(0, H, dtype=torch.bfloat16), {})
 
 
 # --- the glue, end to end on the stand-in -------------------------------------------------
@@ -375,11 +649,14 @@ STANDARD_EXPERTS = {
 @pytest.mark.parametrize("kind", list(STANDARD_EXPERTS))
 def test_standard_glue_matches_the_loop(kind, t, fake_deep_gemm):
     x, w13, w2, weights, ids = problem(t, seed=t)
+    ctx = ctx_of(layer(max_tokens=64))
     experts = STANDARD_EXPERTS[kind]()
-    tokens = StandardTokens(x, ids, weights, E)
-    ws = poisoned(experts.workspace_shapes(tokens, w13, w2), WorkspaceCache())
+    experts.bind(ctx)
+    if kind == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip(f"torch {torch.__version__} has no torch._grouped_mm")
+    ws = poisoned(experts.workspace_specs(ctx, t), WorkspaceCache())
     out = torch.full((t, H), float("nan"), dtype=torch.bfloat16)
-    experts.apply(tokens, w13, w2, out, ws)
+    experts.apply(StandardTokens(x, ids, weights), ExpertWeights(w13, w2), out, ws)
     close(out, loop_reference(x, w13, w2, weights, ids))
     expected_gemms = {
         "contiguous": {"contiguous"},
@@ -391,36 +668,52 @@ def test_standard_glue_matches_the_loop(kind, t, fake_deep_gemm):
 
 
 def test_contiguous_workspace_is_declared_exactly(fake_deep_gemm):
-    x, w13, w2, weights, ids = problem(17, seed=3)
-    specs = DeepGemmExperts().workspace_shapes(StandardTokens(x, ids, weights, E), w13, w2)
+    ctx = ctx_of()
+    specs = DeepGemmExperts().workspace_specs(ctx, 17)
     rows = (17 * K + min(E, 17 * K) * 31) // 32 * 32  # host bound at the stand-in's alignment of 32
     assert {n: s.shape for n, s in specs.items()} == {
         "permuted": (rows, H),
         "gate_up": (rows, 2 * I),
         "activation": (rows, I),
     }
-    masked = HybridDeepGemmExperts(threshold=10**9).workspace_shapes(StandardTokens(x, ids, weights, E), w13, w2)
+    masked = HybridDeepGemmExperts(threshold=10**9).workspace_specs(ctx, 17)
     assert {n: s.shape for n, s in masked.items()} == {
         "masked_rows": (E, 128, H),
         "gate_up": (E, 128, 2 * I),
         "activation": (E, 128, I),
     }
+    assert {n: s.shape for n, s in MaskedDeepGemmExperts().workspace_specs(ctx, 256).items()} == {
+        "gate_up": (E, 256, 2 * I),
+        "activation": (E, 256, I),
+    }
 
 
-@pytest.mark.parametrize("t", [1, 5, 128])
-def test_batched_glue_matches_the_loop(t, fake_deep_gemm):
-    """Through local batched prepare/finalize: M = T (staged when unaligned) or a 128 capacity."""
+def poison_cache(cache: WorkspaceCache) -> None:
+    """Every reserved byte 0xFF: a NaN in bf16, so a stale row that reached the output would show."""
+    for buf in cache._buffers.values():
+        buf.fill_(255)
+
+
+@pytest.mark.parametrize(("t", "max_tokens"), [(1, 1), (128, 128), (5, 200)])
+def test_masked_glue_matches_the_loop(t, max_tokens, fake_deep_gemm):
+    """Local masked prepare/finalize + masked DeepGEMM, chained by the composer: M is the
+    capacity rounded to the GEMM tile (never T), rows past the counts are never read."""
     x, w13, w2, weights, ids = problem(t, seed=t)
-    pf = LocalPrepareAndFinalize(batched=True)
-    prepared = pf.prepare(x, ids, weights, num_experts=E, num_local_experts=E, expert_map=None)
-    experts = BatchedDeepGemmExperts()
-    specs = experts.workspace_shapes(prepared.tokens, w13, w2)
-    assert ("masked_rows" in specs) == (t % 128 != 0)
-    expert_out = torch.full(prepared.tokens.x.shape, float("nan"), dtype=torch.bfloat16)
-    experts.apply(prepared.tokens, w13, w2, expert_out, poisoned(specs, WorkspaceCache()))
-    out = torch.empty(t, H, dtype=torch.bfloat16)
-    pf.finalize(out, expert_out, prepared)
+    ctx = ctx_of(layer(max_tokens=max_tokens))
+    pf, experts = LocalMaskedPrepareAndFinalize(), MaskedDeepGemmExperts()
+    assert all(c.ok for c in check_pair(pf, experts, ctx) if not c.name.startswith("experts.device"))
+    seen: list[MaskedTokens] = []
+    apply = experts.apply
+    experts.apply = lambda tokens, *args: (seen.append(tokens), apply(tokens, *args))[1]
+    cache = WorkspaceCache()
+    kernel = ModularKernel(pf, experts, ctx, cache)  # bound without checks: the device check refuses the CPU
+    poison_cache(cache)
+    out = kernel(x, ExpertWeights(w13, w2), weights, ids)
     close(out, loop_reference(x, w13, w2, weights, ids))
+    assert [call[0] for call in fake_deep_gemm.calls] == ["masked", "masked"]
+    (tokens,) = seen
+    assert tokens.num_rows == _align(max_tokens, 128)
+    assert tokens.counts.tolist() == [int((ids == e).sum()) for e in range(E)]
 
 
 def expanded_problem(counts: list[int], alignment: int, extra_rows: int, seed: int = 0):
@@ -452,12 +745,15 @@ def test_expanded_row_map_marks_segments_only():
 
 @pytest.mark.parametrize("counts", [[0, 3, 0, 40], [5, 0, 0, 0], [0, 0, 0, 0], [33, 1, 32, 2]])
 def test_expanded_glue_weights_valid_rows_and_zeros_the_rest(counts, fake_deep_gemm):
+    ctx = ctx_of()
     _, w13, w2, _, _ = problem(0, seed=1)
     x, ends, row_weights, row_expert = expanded_problem(counts, alignment=32, extra_rows=32, seed=len(counts))
     tokens = ExpandedTokens(x, ends, row_weights, alignment=32, expected_m=max(1, sum(counts) // E))
     experts = ExpandedDeepGemmExperts()
+    assert experts.input_format(ctx).alignment == 32  # the stand-in's contiguous alignment
     out = torch.full(x.shape, float("nan"), dtype=torch.bfloat16)
-    experts.apply(tokens, w13, w2, out, poisoned(experts.workspace_shapes(tokens, w13, w2), WorkspaceCache()))
+    ws = poisoned(experts.workspace_specs(ctx, tokens.num_rows), WorkspaceCache())
+    experts.apply(tokens, ExpertWeights(w13, w2), out, ws)
     for r, e in enumerate(row_expert):
         if e < 0:
             assert (out[r] == 0).all(), r
@@ -468,72 +764,11 @@ def test_expanded_glue_weights_valid_rows_and_zeros_the_rest(counts, fake_deep_g
 
 
 def test_expanded_refuses_a_foreign_alignment(fake_deep_gemm):
+    ctx = ctx_of()
     _, w13, w2, _, _ = problem(0, seed=1)
     x, ends, row_weights, _ = expanded_problem([3, 4, 0, 1], alignment=64, extra_rows=0)
     tokens = ExpandedTokens(x, ends, row_weights, alignment=64, expected_m=2)
     experts = ExpandedDeepGemmExperts()
+    ws = WorkspaceCache().get(experts.workspace_specs(ctx, tokens.num_rows), CPU)
     with pytest.raises(ValueError, match="expert_alignment=32"):
-        experts.apply(
-            tokens, w13, w2, torch.empty_like(x), WorkspaceCache().get(experts.workspace_shapes(tokens, w13, w2), CPU)
-        )
-
-
-# --- the benchmark's pure-torch baselines and reporting (no GPU needed) -------------------
-
-
-@pytest.mark.parametrize("t", [1, 9])
-def test_bench_baselines_match_the_loop(t):
-    from moe_kernels.bench.experts import per_expert_loop, torch_ops_moe
-
-    x, w13, w2, weights, ids = problem(t, seed=t)
-    ref = loop_reference(x, w13, w2, weights, ids)
-    close(torch_ops_moe(x, w13, w2, weights, ids), ref)
-    close(per_expert_loop(x, w13, w2, weights, ids), ref)
-
-
-def test_bench_crossover_and_tuning_snippet():
-    from moe_kernels.bench.experts import SHAPES, Point, ShapeResult, crossover, report, tuning_snippet
-
-    def point(t: int, contiguous: float, masked: float | None) -> Point:
-        us = {"deepgemm": contiguous, "grouped_mm": contiguous * 1.1, "triton": contiguous * 2}
-        if masked is not None:
-            us["masked"] = masked
-        return Point(t, us=us)
-
-    pts = [
-        point(1, 100, 90),
-        point(64, 120, 110),
-        point(1024, 400, 420),
-        point(4096, 900, 1000),
-        point(16384, 3000, None),
-    ]
-    assert crossover(pts)[0] == 64
-    assert crossover(pts[:2])[0] == 64
-    assert crossover([point(1, 100, 101)])[0] == 0
-    assert crossover([point(1, 100, None)])[0] is None
-    # one slow point at T=1 does not hide the run of wins after it
-    wins_after_a_loss = [point(1, 60, 85), point(8, 250, 226), point(64, 554, 475), point(256, 600, 500)]
-    assert crossover([*wins_after_a_loss, point(4096, 1000, 1300)])[0] == 256
-
-    result = ShapeResult("deepseek-v3", SHAPES["deepseek-v3"], pts, *crossover(pts))
-    scope: dict[str, object] = {}
-    exec(tuning_snippet([result], "test run"), scope)
-    table = scope["EXPERTS_US"][(32, 7168, 2048)]
-    assert table["HybridDeepGemmExperts"] == {1: 90, 64: 110, 1024: 400, 4096: 900, 16384: 3000}  # masked T <= 64
-    assert table["GroupedMMExperts"][1] == pytest.approx(110)
-    assert scope["HYBRID_THRESHOLDS"] == {(32, 7168, 2048): 64}
-    text = report([result], ["- test"], "test run")
-    assert "Hybrid crossover: masked up to T = 64" in text and "| 16384 |" in text
-
-
-def test_measured_tables_are_consistent():
-    """Every measured shape has a threshold, and the hybrid's row follows it."""
-    assert set(tuning.HYBRID_THRESHOLDS) == set(tuning.EXPERTS_US)
-    for key, table in tuning.EXPERTS_US.items():
-        threshold = tuning.HYBRID_THRESHOLDS[key]
-        hybrid, contiguous = table["HybridDeepGemmExperts"], table["DeepGemmExperts"]
-        for t, us in hybrid.items():
-            if t > threshold:
-                assert us == contiguous[t], (key, t)
-        for name in table:
-            assert tuning.relative_cost(name, key) >= 1.0, (key, name)
+        experts.apply(tokens, ExpertWeights(w13, w2), torch.empty_like(x), ws)

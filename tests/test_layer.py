@@ -1,5 +1,5 @@
-"""FusedMoE: weight loading, the whole layer (router included) against per-token loops, and
-expert-parallel ownership."""
+"""FusedMoE: weight loading, the whole layer (router included) against per-token loops,
+expert placement, and the errors a new user meets first."""
 
 from __future__ import annotations
 
@@ -11,11 +11,20 @@ import torch.nn.functional as F
 from test_compose import loop_moe
 from test_router import loop_route
 
-from moe_kernels.compose import ModularKernel, WorkspaceCache, compose
-from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig, load_config
-from moe_kernels.experts.reference import TorchReferenceExperts
-from moe_kernels.layer import FusedMoE
-from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
+from moe_kernels import (
+    ExpertPlacement,
+    ExpertWeights,
+    FusedMoE,
+    LayerConfig,
+    LocalPrepareAndFinalize,
+    ModularKernel,
+    MoEConfig,
+    ParallelConfig,
+    TorchReferenceExperts,
+    WorkspaceCache,
+    compose,
+    load_config,
+)
 
 E, K, H, INTER = 8, 2, 16, 32
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -23,6 +32,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def moe_cfg(dtype: torch.dtype = torch.float32, **changes: object) -> MoEConfig:
     return MoEConfig(**{**dict(num_experts=E, top_k=K, hidden_size=H, intermediate_size=INTER, dtype=dtype), **changes})
+
+
+def layer_cfg(dtype: torch.dtype = torch.float32, parallel: ParallelConfig | None = None, **changes: object) -> LayerConfig:
+    return LayerConfig(moe=moe_cfg(dtype, **changes), parallel=parallel or ParallelConfig(max_tokens_per_rank=64))
 
 
 def checkpoint(seed: int = 0) -> dict[str, object]:
@@ -36,13 +49,14 @@ def checkpoint(seed: int = 0) -> dict[str, object]:
     )
 
 
-def reference_kernel(cfg: LayerConfig) -> ModularKernel:
-    """The plain pair, composed without compose()'s checks so that it also stands in for one
-    EP rank: the local P/F with an expert map computes exactly this rank's share."""
-    return ModularKernel(LocalPrepareAndFinalize(), TorchReferenceExperts(), cfg, WorkspaceCache())
+def reference_kernel(cfg: LayerConfig, placement: ExpertPlacement | None = None) -> ModularKernel:
+    """The plain pair; for one rank of an EP layer, the partial local P/F computes exactly this
+    rank's share."""
+    pf = LocalPrepareAndFinalize(partial=cfg.parallel.ep_size > 1)
+    return compose(pf, TorchReferenceExperts(), cfg, placement=placement, device="cpu", workspace_cache=WorkspaceCache())
 
 
-def loop_layer(x: torch.Tensor, ckpt: dict, moe: MoEConfig, owned: range = range(E), bias=None) -> torch.Tensor:
+def loop_layer(x: torch.Tensor, ckpt: dict, moe: MoEConfig, owned=range(E), bias=None) -> torch.Tensor:
     """The whole layer per token: gate GEMM in the model dtype, routing and experts in loops;
     only the experts in ``owned`` contribute (one EP rank's share)."""
     gate = ckpt["router_weight"].to(moe.dtype)
@@ -61,7 +75,7 @@ def loop_layer(x: torch.Tensor, ckpt: dict, moe: MoEConfig, owned: range = range
     w13 = torch.stack([torch.cat([ckpt["gate_proj"][e], ckpt["up_proj"][e]]) for e in range(E)]).to(moe.dtype)
     w2 = torch.stack([ckpt["down_proj"][e] for e in range(E)]).to(moe.dtype)
     expert_map = torch.tensor([e if e in owned else -1 for e in range(E)])
-    return loop_moe(x, w13, w2, torch.tensor(weights), torch.tensor(ids), expert_map)
+    return loop_moe(x, ExpertWeights(w13, w2), torch.tensor(weights), torch.tensor(ids), expert_map)
 
 
 def assert_close_rel(out: torch.Tensor, want: torch.Tensor, rel: float) -> None:
@@ -74,7 +88,7 @@ def assert_close_rel(out: torch.Tensor, want: torch.Tensor, rel: float) -> None:
 
 @pytest.mark.parametrize("form", ["dict", "str-keys", "list", "stacked"])
 def test_load_weights_round_trip(form: str) -> None:
-    layer = FusedMoE(moe_cfg(torch.bfloat16), device="cpu")
+    layer = FusedMoE(layer_cfg(torch.bfloat16), device="cpu")
     ckpt = checkpoint()
     projections = {}
     for name in ("gate_proj", "up_proj", "down_proj"):
@@ -95,7 +109,7 @@ def test_load_weights_round_trip(form: str) -> None:
 
 
 def test_load_weights_one_projection_at_a_time() -> None:
-    layer = FusedMoE(moe_cfg(), device="cpu")
+    layer = FusedMoE(layer_cfg(), device="cpu")
     ckpt = checkpoint()
     layer.load_weights(down_proj=ckpt["down_proj"])
     layer.load_weights(gate_proj=ckpt["gate_proj"], up_proj=ckpt["up_proj"])
@@ -103,14 +117,9 @@ def test_load_weights_one_projection_at_a_time() -> None:
     assert torch.equal(layer.w13[3, INTER:], ckpt["up_proj"][3])
 
 
-def _drop(d: dict, key: int) -> dict:
-    return {k: v for k, v in d.items() if k != key}
-
-
 @pytest.mark.parametrize(
     ("make_args", "error", "match"),
     [
-        (lambda c: dict(gate_proj=_drop(c["gate_proj"], 3)), ValueError, r"gate_proj: missing expert\(s\) \[3\]"),
         (lambda c: dict(up_proj={**c["up_proj"], 2: torch.zeros(INTER, H + 8)}), ValueError, r"up_proj\[2\] must have"),
         (
             lambda c: dict(down_proj={**c["down_proj"], 5: torch.zeros(INTER, H)}),
@@ -127,11 +136,17 @@ def _drop(d: dict, key: int) -> dict:
         ),
         (lambda c: dict(gate_proj="weights.safetensors"), TypeError, "gate_proj: expected a dict"),
         (lambda c: dict(router_weight=torch.zeros(E, H + 8)), ValueError, r"router_weight must have shape \[8, 16\]"),
-        (lambda c: dict(e_score_correction_bias=torch.zeros(E)), ValueError, "without correction_bias=True"),
+        (lambda c: dict(e_score_correction_bias=torch.zeros(E)), ValueError, "moe.correction_bias false"),
+        (lambda c: dict(gate_proj_scale=c["gate_proj"]), ValueError, "the layer is unquantized"),
+        (
+            lambda c: dict(gate_proj={**c["gate_proj"], 1: torch.zeros(INTER, H, dtype=torch.float8_e4m3fn)}),
+            TypeError,
+            "floating-point tensor",
+        ),
     ],
 )
 def test_load_weights_errors_leave_the_layer_unchanged(make_args, error: type[Exception], match: str) -> None:
-    layer = FusedMoE(moe_cfg(), device="cpu")
+    layer = FusedMoE(layer_cfg(), device="cpu")
     ckpt = checkpoint()
     layer.load_weights(**{k: ckpt[k] for k in ("gate_proj", "up_proj", "down_proj", "router_weight")})
     before = {k: v.clone() for k, v in layer.state_dict().items()}
@@ -145,14 +160,14 @@ def test_load_weights_errors_leave_the_layer_unchanged(make_args, error: type[Ex
 
 def test_load_weights_needs_something_to_load() -> None:
     with pytest.raises(ValueError, match="nothing to load"):
-        FusedMoE(moe_cfg(), device="cpu").load_weights()
+        FusedMoE(layer_cfg(), device="cpu").load_weights()
 
 
 # --- forward -----------------------------------------------------------------------------
 
 
-def loaded_layer(moe: MoEConfig, ckpt: dict, **kwargs: object) -> FusedMoE:
-    layer = FusedMoE(moe, device="cpu", **kwargs)
+def loaded_layer(cfg: LayerConfig, ckpt: dict, **kwargs: object) -> FusedMoE:
+    layer = FusedMoE(cfg, device="cpu", **kwargs)
     layer.load_weights(**{k: ckpt[k] for k in ("gate_proj", "up_proj", "down_proj", "router_weight")})
     return layer
 
@@ -160,35 +175,65 @@ def loaded_layer(moe: MoEConfig, ckpt: dict, **kwargs: object) -> FusedMoE:
 @pytest.mark.parametrize(("dtype", "rel"), [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("selected", [True, False], ids=["selected-kernel", "reference-kernel"])
 def test_forward_matches_loop(dtype: torch.dtype, rel: float, selected: bool) -> None:
-    moe = moe_cfg(dtype)
-    cfg = LayerConfig(moe=moe)
+    cfg = layer_cfg(dtype)
     ckpt = checkpoint()
-    layer = loaded_layer(moe, ckpt, kernel=None if selected else reference_kernel(cfg))
+    layer = loaded_layer(cfg, ckpt, kernel=None if selected else reference_kernel(cfg))
     x = torch.randn(13, H, generator=torch.Generator().manual_seed(7)).to(dtype)
     out = layer(x)
     assert out.shape == x.shape and out.dtype == dtype
-    assert_close_rel(out, loop_layer(x, ckpt, moe), rel)
+    assert_close_rel(out, loop_layer(x, ckpt, cfg.moe), rel)
 
 
 def test_forward_deepseek_style_routing() -> None:
-    moe = moe_cfg(
-        torch.float32, top_k=3, scoring="sigmoid", num_expert_group=4, topk_group=2, routed_scaling_factor=2.5
+    cfg = layer_cfg(
+        top_k=3, scoring="sigmoid", num_expert_group=4, topk_group=2, routed_scaling_factor=2.5, correction_bias=True
     )
     ckpt = checkpoint(seed=2)
-    layer = loaded_layer(moe, ckpt, correction_bias=True, kernel=reference_kernel(LayerConfig(moe=moe)))
+    layer = loaded_layer(cfg, ckpt, kernel=reference_kernel(cfg))
     bias = torch.randn(E, generator=torch.Generator().manual_seed(3)) * 0.2
     layer.load_weights(e_score_correction_bias=bias)
     x = torch.randn(11, H, generator=torch.Generator().manual_seed(4))
-    assert_close_rel(layer(x), loop_layer(x, ckpt, moe, bias=bias), 1e-5)
+    assert_close_rel(layer(x), loop_layer(x, ckpt, cfg.moe, bias=bias), 1e-5)
 
 
 def test_forward_empty_batch_and_bad_input() -> None:
-    layer = loaded_layer(moe_cfg(), checkpoint())
+    layer = loaded_layer(layer_cfg(), checkpoint())
     assert layer(torch.zeros(0, H)).shape == (0, H)
     with pytest.raises(ValueError, match=r"hidden_states must be \[T, 16\]"):
         layer(torch.zeros(4, H + 8))
     with pytest.raises(TypeError, match="hidden_states must have dtype float32"):
         layer(torch.zeros(4, H, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="hidden_states: expected a torch.Tensor, got ndarray"):
+        layer(torch.zeros(4, H).numpy())
+    with pytest.raises(ValueError, match="hidden_states must be on cpu, got meta"):
+        layer(torch.zeros(4, H, device="meta"))
+    with pytest.raises(ValueError, match="x has 65 tokens but this kernel was built for at most 64"):
+        layer(torch.zeros(65, H))
+
+
+def test_forward_before_the_weights_are_loaded_is_refused() -> None:
+    """Uninitialized parameters would give NaN or garbage: the layer says what is missing."""
+    layer = FusedMoE(layer_cfg(), device="cpu")
+    x = torch.randn(3, H)
+    with pytest.raises(RuntimeError, match=r"weights not loaded: router_weight; gate_proj of expert\(s\) \[0, 1,"):
+        layer(x)
+    ckpt = checkpoint()
+    layer.load_weights(gate_proj=ckpt["gate_proj"], up_proj=ckpt["up_proj"], router_weight=ckpt["router_weight"])
+    layer.load_weights(down_proj={e: ckpt["down_proj"][e] for e in range(E) if e != 5})
+    with pytest.raises(RuntimeError, match=r"weights not loaded: down_proj of expert\(s\) \[5\]"):
+        layer(x)
+    layer.load_weights(down_proj={5: ckpt["down_proj"][5]})
+    assert_close_rel(layer(x), loop_layer(x, ckpt, layer.cfg.moe), 1e-4)
+
+
+def test_device_arguments_are_checked() -> None:
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available on this machine"):
+            FusedMoE(layer_cfg(), device="cuda")
+    with pytest.raises(ValueError, match="device: MoE kernels run on 'cpu' or 'cuda"):
+        FusedMoE(layer_cfg(), device="meta")
+    with pytest.raises(TypeError, match="cfg: expected a LayerConfig, got a MoEConfig"):
+        FusedMoE(moe_cfg(), device="cpu")  # type: ignore[arg-type]
 
 
 # --- expert parallelism ------------------------------------------------------------------
@@ -196,61 +241,78 @@ def test_forward_empty_batch_and_bad_input() -> None:
 
 def test_ep_layer_without_a_dispatcher_is_refused_with_reasons() -> None:
     with pytest.raises(RuntimeError, match="no registered pair can run this layer") as info:
-        FusedMoE(moe_cfg(), ParallelConfig(ep_size=2, ep_rank=1), device="cpu")
-    assert "ep_size=2" in str(info.value)
+        FusedMoE(layer_cfg(parallel=ParallelConfig(ep_size=2, ep_rank=1)), device="cpu")
+    assert "needs the expert-parallel process group" in str(info.value)
 
 
-def test_ep_rank_keeps_only_its_experts() -> None:
-    moe = moe_cfg()
-    parallel = ParallelConfig(ep_size=2, ep_rank=1)
+@pytest.mark.parametrize(
+    "rank_experts",
+    [[[0, 1, 2, 3], [4, 5, 6, 7]], [[7, 6, 5, 4], [3, 2, 1, 0]], [[0, 2, 4, 6], [1, 3, 5, 7]]],
+    ids=["contiguous", "reversed", "interleaved"],
+)
+def test_ep_rank_keeps_only_its_placed_experts(rank_experts: list[list[int]]) -> None:
+    """Each rank loads the experts its placement gives it, in local order, and computes their
+    share; the two ranks' shares add up to the whole layer (the placement is honoured)."""
     ckpt = checkpoint()
-    layer = loaded_layer(moe, ckpt, parallel=parallel, kernel=reference_kernel(LayerConfig(moe=moe, parallel=parallel)))
-    assert list(layer.local_experts) == [4, 5, 6, 7]
-    assert layer.w13.shape == (4, 2 * INTER, H) and layer.w2.shape == (4, H, INTER)
-    for local, expert in enumerate(range(4, 8)):
-        assert torch.equal(layer.w13[local, :INTER], ckpt["gate_proj"][expert])
-        assert torch.equal(layer.w2[local], ckpt["down_proj"][expert])
-    assert layer.expert_map.tolist() == [-1, -1, -1, -1, 0, 1, 2, 3]
-    assert "ep_rank=1/2 (experts 4..7)" in repr(layer)
-
-    # a rank's checkpoint may hold only its own experts; one of them missing is an error
-    layer.load_weights(gate_proj={e: ckpt["gate_proj"][e] for e in range(4, 8)})
-    with pytest.raises(ValueError, match=r"missing expert\(s\) \[6\].*experts 4..7"):
-        layer.load_weights(gate_proj={e: ckpt["gate_proj"][e] for e in (4, 5, 7)})
-
-    # without a dispatcher the local P/F keeps every token here: the output is this rank's
-    # share (experts 4..7 only), and the two ranks' shares add up to the whole layer
     x = torch.randn(10, H, generator=torch.Generator().manual_seed(5))
-    rank1 = layer(x)
-    assert_close_rel(rank1, loop_layer(x, ckpt, moe, owned=range(4, 8)), 1e-5)
-    parallel0 = ParallelConfig(ep_size=2, ep_rank=0)
-    rank0 = loaded_layer(
-        moe, ckpt, parallel=parallel0, kernel=reference_kernel(LayerConfig(moe=moe, parallel=parallel0))
-    )
-    assert_close_rel(rank0(x) + rank1, loop_layer(x, ckpt, moe), 1e-5)
+    outputs = []
+    for rank in (0, 1):
+        cfg = layer_cfg(parallel=ParallelConfig(ep_size=2, ep_rank=rank, max_tokens_per_rank=64))
+        placement = ExpertPlacement.from_rank_experts(rank_experts, rank)
+        layer = loaded_layer(cfg, ckpt, placement=placement, kernel=reference_kernel(cfg, placement))
+        mine = rank_experts[rank]
+        assert list(layer.local_experts) == mine
+        assert layer.w13.shape == (4, 2 * INTER, H) and layer.w2.shape == (4, H, INTER)
+        for local, expert in enumerate(mine):
+            assert torch.equal(layer.w13[local, :INTER], ckpt["gate_proj"][expert])
+            assert torch.equal(layer.w2[local], ckpt["down_proj"][expert])
+        share = layer(x)
+        assert_close_rel(share, loop_layer(x, ckpt, cfg.moe, owned=set(mine)), 1e-5)
+        outputs.append(share)
+    assert_close_rel(outputs[0] + outputs[1], loop_layer(x, ckpt, layer_cfg().moe), 1e-5)
+
+
+def test_a_rank_reads_only_its_experts_from_a_partial_checkpoint() -> None:
+    cfg = layer_cfg(parallel=ParallelConfig(ep_size=2, ep_rank=1, max_tokens_per_rank=64))
+    ckpt = checkpoint()
+    layer = FusedMoE(cfg, device="cpu", kernel=reference_kernel(cfg))
+    layer.load_weights(gate_proj={e: ckpt["gate_proj"][e] for e in range(4, 8)})
+    assert "rank 1/2 holds experts 4..7" in repr(layer)
+
+
+def test_placement_must_fit_the_layer() -> None:
+    with pytest.raises(ValueError, match="placed exactly once; out of range: none, placed twice: \\[3\\]"):
+        ExpertPlacement.from_rank_experts([[0, 1, 2, 3], [3, 5, 6, 7]], 0)
+    with pytest.raises(ValueError, match="same number"):
+        ExpertPlacement.from_rank_experts([[0, 1, 2], [3, 4, 5, 6, 7]], 0)
+    with pytest.raises(ValueError, match="placement: places 8 experts over 4 ranks"):
+        FusedMoE(layer_cfg(), device="cpu", placement=ExpertPlacement.contiguous(8, 4, 0))
 
 
 # --- construction ------------------------------------------------------------------------
 
 
 def test_selection_and_repr() -> None:
-    layer = FusedMoE(moe_cfg(), device="cpu")
+    layer = FusedMoE(layer_cfg(), device="cpu")
     assert layer.selection is not None
-    assert layer.kernel.name in layer.selection.explain().splitlines()[1]  # the CHOSEN line
+    assert f"CHOSEN T>=1: {layer.kernel.name}" in layer.selection.explain()
     assert f"kernel={layer.kernel.name}" in repr(layer)
     assert set(layer.state_dict()) == {"router.weight", "w13", "w2"}
     assert not any(p.requires_grad for p in layer.parameters())
 
 
 def test_supplied_kernel_must_match_the_layer() -> None:
-    other = LayerConfig(moe=moe_cfg(top_k=1))
+    other = layer_cfg(top_k=1)
     with pytest.raises(ValueError, match="kernel was composed for"):
-        FusedMoE(moe_cfg(), device="cpu", kernel=reference_kernel(other))
-    cfg = LayerConfig(moe=moe_cfg())
+        FusedMoE(layer_cfg(), device="cpu", kernel=reference_kernel(other))
+    cfg = layer_cfg()
     kernel = compose(LocalPrepareAndFinalize(), TorchReferenceExperts(), cfg, device="cpu")
     with pytest.raises(ValueError, match="workspace_cache"):
-        FusedMoE(moe_cfg(), device="cpu", kernel=kernel, workspace_cache=WorkspaceCache())
-    layer = FusedMoE(moe_cfg(), device="cpu", kernel=kernel)
+        FusedMoE(cfg, device="cpu", kernel=kernel, workspace_cache=WorkspaceCache())
+    reversed_placement = ExpertPlacement.from_rank_experts([list(range(7, -1, -1))], 0)
+    with pytest.raises(ValueError, match="non-contiguous placement"):
+        FusedMoE(cfg, device="cpu", kernel=kernel, placement=reversed_placement)
+    layer = FusedMoE(cfg, device="cpu", kernel=kernel)
     assert layer.selection is None and layer.kernel is kernel
 
 

@@ -201,8 +201,9 @@ def test_router_module_matches_loop_on_its_own_logits() -> None:
         num_expert_group=4,
         topk_group=2,
         routed_scaling_factor=2.5,
+        correction_bias=True,
     )
-    router = Router(moe, correction_bias=True, device="cpu")
+    router = Router(moe, device="cpu")
     assert router.weight.shape == (16, 32) and router.weight.dtype == torch.bfloat16
     assert not router.weight.requires_grad
     gen = torch.Generator().manual_seed(3)

@@ -183,22 +183,30 @@ def _path_calls(
     )
     from moe_kernels.prepare_finalize.torch_a2a import TorchAllToAllPrepareAndFinalize
 
+    from moe_kernels.compose import layer_context
+    from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig
+    from moe_kernels.contract import Layout, TokenFormat
+    from moe_kernels.experts.deepgemm import deep_gemm_alignment
+
     t, e = x.shape[0], p["num_experts"]
-    e_local = e // group.size()
     ht = path.endswith("-ht")
     capacity = p["ht_max_tokens"] if ht else max(t, p["ll_min_capacity"])
     out = torch.empty_like(x)
+    alignment = deep_gemm_alignment() or 1  # what the DeepGEMM experts would ask for
 
     if path == "torch-a2a" or path.startswith("ours"):
+        moe = MoEConfig(num_experts=e, top_k=p["top_k"], hidden_size=p["hidden"], intermediate_size=8)
+        parallel = ParallelConfig(ep_size=group.size(), ep_rank=group.rank(), max_tokens_per_rank=capacity)
+        ctx = layer_context(LayerConfig(moe=moe, parallel=parallel), group=group)
         if path == "torch-a2a":
-            pf = TorchAllToAllPrepareAndFinalize(group, capacity)
-        elif ht:
-            pf = DeepEPHighThroughputPrepareAndFinalize(group, capacity, num_sms=p["num_sms"])
+            pf, fmt = TorchAllToAllPrepareAndFinalize(), TokenFormat(Layout.STANDARD)
         else:
-            pf = DeepEPLowLatencyPrepareAndFinalize(group, capacity, num_sms=p["num_sms"])
+            mode = DeepEPHighThroughputPrepareAndFinalize if ht else DeepEPLowLatencyPrepareAndFinalize
+            pf, fmt = mode(num_sms=p["num_sms"]), TokenFormat(Layout.EXPANDED, alignment)
+        pf.bind(ctx, fmt)
 
         def dispatch() -> Any:
-            return pf.prepare(x, ids, w, num_experts=e, num_local_experts=e_local, expert_map=None)
+            return pf.prepare(x, ids, w, {})
 
         def combine(prepared: Any) -> None:
             pf.finalize(out, prepared.tokens.x, prepared)  # the dispatched rows stand in for the experts'
@@ -206,10 +214,9 @@ def _path_calls(
         return dispatch, combine
 
     deep_ep, _ = epb.probe_deep_ep()
-    buffer = epb.get_buffer(group, num_max_tokens_per_rank=capacity, hidden=x.shape[1], top_k=ids.shape[1])
+    buffer = epb.reserve(group, num_max_tokens_per_rank=capacity, hidden=x.shape[1], top_k=ids.shape[1])
     sms = p["num_sms"] or epb.num_sms_for(buffer, e, ids.shape[1])
     idx = ids.to(deep_ep.topk_idx_t)
-    alignment = epb.expert_alignment()
 
     def raw_dispatch() -> Any:
         recv_x, _, _, handle, _ = buffer.dispatch(

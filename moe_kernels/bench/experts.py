@@ -1,126 +1,71 @@
-"""``moe-kernels bench experts``: time every experts implementation on EP-local layer shapes.
+"""``moe-kernels bench experts``: what ``select()`` picks and every valid local pair of the registry,
+beside vLLM's fused MoE (``--peer``), the GEMMs alone and the hardware limits, on EP-local shapes.
 
-For each shape and token count T it times (CUDA events, L2 flushed, median), on one random
-routing:
+For each shape (:mod:`moe_kernels.bench.shapes`) and token count T, on one uniform routing
+(every token picks top-k distinct local experts), in one process on one GPU:
 
-* the experts classes through their ``apply`` (workspaces from a cache, no composer):
-  DeepGEMM contiguous, DeepGEMM masked (the hybrid forced to its masked path), torch._grouped_mm,
-  Triton;
-* the GEMMs alone on the same routing (raw DeepGEMM contiguous / masked and raw
-  ``torch._grouped_mm``, inputs already permuted): the floor the glue adds to;
-* a straightforward torch-ops MoE (:func:`torch_ops_moe`: sort/index_select permute,
-  ``torch._grouped_mm``, torch SiLU-and-mul, ``index_add_`` unpermute) -- the baseline;
-* a per-expert torch loop (small T only: it syncs with the host per expert);
-* the permute kernels alone (layout + scatter, weighted gather) as bytes/s against the
-  measured copy bandwidth, and for decode (T <= 64) the experts time against the HBM bound
-  (weight bytes of the experts the routing touches / copy bandwidth).
+* ``select``: the kernel :func:`moe_kernels.select.select` builds for the layer (sized for the
+  largest T; it switches pairs by T where the tuning table says so);
+* every valid pair of the registry (``--pairs all``), each composed for calls of T tokens;
+* ``peer``: vLLM's Triton ``fused_experts`` on the same inputs -- real ``vllm`` when it
+  imports, else the module ``vllm_fused_moe_peer`` from the ``--peer`` folder;
+* ``GEMMs``: DeepGEMM's contiguous/masked grouped GEMMs and ``torch._grouped_mm`` alone on the
+  same routing, inputs already permuted (the floor the glue adds to);
+* ``torch-ops``: a straightforward torch MoE (sort, index_select, ``_grouped_mm``, index_add);
+* the limits: touched experts' weight bytes / measured copy bandwidth (``HBM bound``) and the
+  GEMM FLOPs / measured dense bf16 GEMM rate (``TC bound``).
 
-Routing, the simple documented choice: each of the T tokens picks top-k distinct experts
-uniformly among the *local* experts, so the experts see T*K rows. (With EP the rows a rank sees
-come from more tokens: at DeepSeek-V3's EP=8 a token has on average one of its 8 experts on a
-rank, so T here stands for about T*8 tokens across the EP group.) It ends with the
-masked/contiguous crossover per shape (the hybrid's threshold) and a snippet for
-``moe_kernels/experts/tuning.py``.
+Times are GPU time of one call replayed from a CUDA graph (median of CUDA-event runs, L2 flushed
+before each). Ratios above 1 mean we are faster (``peer / select``) or slower (``select / bound``).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from moe_kernels.bench.timing import copy_bandwidth_gbs, format_table, time_cuda
-from moe_kernels.compose import WorkspaceCache
-from moe_kernels.contract import PermuteExpertsUnpermute, StandardTokens
+from moe_kernels.bench.shapes import SHAPES, BenchShape
+from moe_kernels.bench.timing import copy_bandwidth_gbs, format_table, matmul_tflops, time_cuda
+from moe_kernels.weights import ExpertWeights
 
-
-@dataclass(frozen=True)
-class BenchShape:
-    """An EP-local layer: ``num_experts`` local experts, each token picks ``top_k`` of them."""
-
-    label: str
-    num_experts: int
-    top_k: int
-    hidden: int
-    inter: int
-
-    @property
-    def key(self) -> tuple[int, int, int]:
-        return self.num_experts, self.hidden, self.inter
-
-
-SHAPES: dict[str, BenchShape] = {
-    "deepseek-v3": BenchShape("DeepSeek-V3, EP=8 (32 of 256 experts), top-8", 32, 8, 7168, 2048),
-    "qwen3-30b-a3b": BenchShape("Qwen3-30B-A3B (128 experts), top-8", 128, 8, 2048, 768),
-    "qwen3-235b-a22b": BenchShape("Qwen3-235B-A22B, EP=8 (16 of 128 experts), top-8", 16, 8, 4096, 1536),
-}
-DEFAULT_TOKENS = [1, 8, 64, 256, 1024, 4096, 16384]
-HUGE = 10**9
-
-#: experts implementations timed through ``apply``: column -> (tuning.py name, factory)
-EXPERTS_COLUMNS = ("deepgemm", "masked", "grouped_mm", "triton")
-TUNING_NAMES = {
-    "deepgemm": "DeepGemmExperts",
-    "grouped_mm": "GroupedMMExperts",
-    "triton": "TritonExperts",
-}
-
-
-@dataclass
-class Point:
-    """Everything measured for one (shape, T); times in microseconds, None = not run."""
-
-    tokens: int
-    us: dict[str, float] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
-    max_rel_err: float = 0.0
-    active_experts: int = 0
-    hbm_bound_us: float | None = None
-    scatter_gbs: float | None = None
-    gather_gbs: float | None = None
-
-
-@dataclass
-class ShapeResult:
-    name: str
-    shape: BenchShape
-    points: list[Point] = field(default_factory=list)
-    threshold: int | None = None
-    threshold_note: str = ""
+DEFAULT_TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
+#: where problems and weights are made (the tests run the measuring code on the CPU)
+DEVICE = "cuda"
 
 
 # --- the baselines ------------------------------------------------------------------------
 
 
 def torch_ops_moe(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    x: torch.Tensor, w: ExpertWeights, topk_weights: torch.Tensor, topk_ids: torch.Tensor
 ) -> torch.Tensor:
-    """The straightforward torch MoE the kernels must beat (the BASELINE, not a library path):
+    """The straightforward torch MoE the kernels must beat (a BASELINE, not a library path):
     argsort the slots by expert, ``index_select`` the rows, ``torch._grouped_mm`` twice with a
     torch SiLU-and-mul between, scale by the router weights and ``index_add_`` back (fp32).
-    No host sync (group ends by ``searchsorted``, not ``bincount``), so it too can be timed
-    from a CUDA graph."""
+    No host sync (group ends by ``searchsorted``), so it too can be timed from a CUDA graph."""
     t, k = topk_ids.shape
-    e, inter = w13.shape[0], w2.shape[2]
+    e, inter = w.num_experts, w.inter
     flat = topk_ids.reshape(-1).long()
     key = torch.where(flat >= 0, flat, e)  # -1 slots sort last, past every group
     order = torch.argsort(key, stable=True)
     token = order // k
     bounds = torch.arange(1, e + 1, device=key.device)
-    offs = torch.searchsorted(key[order], bounds).to(torch.int32)  # slots with key < e', e' = 1..E
+    offs = torch.searchsorted(key[order], bounds).to(torch.int32)
     rows = x.index_select(0, token)
-    h = torch._grouped_mm(rows, w13.transpose(-2, -1), offs=offs)
+    h = torch._grouped_mm(rows, w.w13.transpose(-2, -1), offs=offs)
     act = F.silu(h[:, :inter]) * h[:, inter:]
-    y = torch._grouped_mm(act, w2.transpose(-2, -1), offs=offs)
+    y = torch._grouped_mm(act, w.w2.transpose(-2, -1), offs=offs)
     weight = torch.where(key[order] < e, topk_weights.reshape(-1)[order], 0.0)
     # rows past the last group are uninitialised: where(), not a multiply, keeps NaN out
     y = torch.where((key[order] < e)[:, None], y.float() * weight[:, None], 0.0)
@@ -128,34 +73,36 @@ def torch_ops_moe(
     return out.index_add_(0, token, y).to(x.dtype)
 
 
-def per_expert_loop(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
-) -> torch.Tensor:
-    """One small GEMM pair per expert with boolean selection (syncs per expert): small T only."""
-    inter = w2.shape[2]
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in range(w13.shape[0]):
-        tok, slot = torch.nonzero(topk_ids == e, as_tuple=True)
-        if tok.numel() == 0:
-            continue
-        h = x[tok] @ w13[e].T
-        y = (F.silu(h[:, :inter]) * h[:, inter:]) @ w2[e].T
-        out.index_add_(0, tok, y.float() * topk_weights[tok, slot, None])
-    return out.to(x.dtype)
+def load_peer(folder: Path | None) -> tuple[Callable[..., torch.Tensor] | None, str]:
+    """vLLM's ``fused_experts``: from an installed ``vllm`` if any, else ``vllm_fused_moe_peer``
+    in ``folder``; ``(None, why)`` when neither imports."""
+    try:
+        module = importlib.import_module("vllm.model_executor.layers.fused_moe")
+        return module.fused_experts, f"vllm {importlib.import_module('vllm').__version__}"
+    except Exception:  # not installed (the usual case on the benchmark machines): try the folder
+        pass
+    if folder is None:
+        return None, "no vllm installed and no --peer folder given"
+    sys.path.insert(0, str(folder.resolve()))
+    try:
+        module = importlib.import_module("vllm_fused_moe_peer")
+    except Exception as e:  # a missing or broken folder is reported, not fatal
+        return None, f"cannot import vllm_fused_moe_peer from {folder}: {type(e).__name__}: {e}"
+    return module.fused_experts, f"vLLM's fused_experts from {folder} (vllm_fused_moe_peer)"
 
 
 # --- measuring ----------------------------------------------------------------------------
 
 
 class Timer:
-    """CUDA-event medians with a per-measurement time budget (big points get fewer runs)."""
+    """CUDA-graph replay medians with a per-measurement time budget (big points get fewer runs)."""
 
     def __init__(self, max_runs: int, target_s: float) -> None:
         self.max_runs, self.target_s = max_runs, target_s
         self.failures: list[str] = []
 
-    def __call__(self, fn: Callable[[], object]) -> float:
-        fn()  # JIT compiles, workspace growth
+    def eager(self, fn: Callable[[], object]) -> float:
+        fn()
         torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
@@ -164,9 +111,9 @@ class Timer:
         runs = int(min(self.max_runs, max(5, self.target_s / max(single, 1e-6))))
         return time_cuda(fn, warmup=2, runs=runs).median_us
 
-    def graphed(self, fn: Callable[[], object]) -> float:
+    def graphed(self, fn: Callable[[], object], what: str) -> float:
         """GPU time of ``fn`` replayed from a CUDA graph (no host launch overhead, as in decode
-        serving). ``fn`` must not sync; it is run once eagerly first (JIT, workspace growth)."""
+        serving). ``fn`` must not sync; it runs once eagerly first (JIT compiles)."""
         fn()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -175,336 +122,252 @@ class Timer:
                 fn()
         except Exception as e:  # report and time eagerly rather than lose the whole run
             torch.cuda.synchronize()
-            self.failures.append(f"{getattr(fn, '__name__', 'fn')}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-            print(f"bench experts: CUDA-graph capture failed, timing eagerly: {self.failures[-1]}", file=sys.stderr)
-            return self(fn)
+            self.failures.append(f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            print(f"bench: CUDA-graph capture failed, timing eagerly: {self.failures[-1]}", file=sys.stderr)
+            return self.eager(fn)
         try:
-            return self(graph.replay)
+            return self.eager(graph.replay)
         finally:
             del graph
 
 
-def useful_flops(shape: BenchShape, tokens: int) -> float:
-    """2 * T * K * (H * 2I + I * H): the GEMM work of the routed slots (no padding)."""
-    return 2.0 * tokens * shape.top_k * (shape.hidden * 2 * shape.inter + shape.inter * shape.hidden)
-
-
 def make_problem(shape: BenchShape, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(tokens, shape.hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
-    ids = torch.rand(tokens, shape.num_experts, device="cuda", generator=gen).argsort(dim=1)[:, : shape.top_k]
-    weights = torch.rand(tokens, shape.top_k, device="cuda", generator=gen)
+    """``x [T, H]`` bf16, ``topk_weights [T, K]`` f32 (rows sum to 1), ``topk_ids [T, K]`` int32."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(tokens, shape.hidden, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    ids = torch.rand(tokens, shape.num_experts, device=DEVICE, generator=gen).argsort(dim=1)[:, : shape.top_k]
+    weights = torch.rand(tokens, shape.top_k, device=DEVICE, generator=gen)
     weights /= weights.sum(dim=1, keepdim=True)
     return x, weights, ids.to(torch.int32).contiguous()
 
 
-def make_weights(shape: BenchShape, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+def make_weights(shape: BenchShape, seed: int = 0) -> ExpertWeights:
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
     e, h, i = shape.num_experts, shape.hidden, shape.inter
-    w13 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16, generator=gen).mul_(h**-0.5)
-    w2 = torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16, generator=gen).mul_(i**-0.5)
-    return w13, w2
+    w13 = torch.randn(e, 2 * i, h, device=DEVICE, dtype=torch.bfloat16, generator=gen).mul_(h**-0.5)
+    w2 = torch.randn(e, h, i, device=DEVICE, dtype=torch.bfloat16, generator=gen).mul_(i**-0.5)
+    return ExpertWeights(w13, w2)
 
 
-def experts_factories(has_deep_gemm: bool, has_grouped_mm: bool) -> dict[str, Callable[[], PermuteExpertsUnpermute]]:
-    from moe_kernels.experts.triton import TritonExperts
-
-    made: dict[str, Callable[[], PermuteExpertsUnpermute]] = {}
-    if has_deep_gemm:
-        from moe_kernels.experts.deepgemm import DeepGemmExperts
-        from moe_kernels.experts.hybrid import HybridDeepGemmExperts
-
-        made["deepgemm"] = DeepGemmExperts
-        made["masked"] = lambda: HybridDeepGemmExperts(threshold=HUGE, masked_memory_budget=2**62)
-    if has_grouped_mm:
-        from moe_kernels.experts.grouped_mm import GroupedMMExperts
-
-        made["grouped_mm"] = GroupedMMExperts
-    made["triton"] = TritonExperts
-    return made
+def useful_flops(shape: BenchShape, tokens: int) -> float:
+    """2 * T * K * (H * 2I + I * H): the GEMM work of the routed slots (no padding)."""
+    return 6.0 * tokens * shape.top_k * shape.hidden * shape.inter
 
 
-def masked_bytes(shape: BenchShape, tokens: int) -> int:
-    m = -(-tokens // 128) * 128
-    return shape.num_experts * m * (shape.hidden + 3 * shape.inter) * 2
+def valid_pairs(cfg: Any) -> list[tuple[str, Callable[[], Any]]]:
+    """``(name, build)`` for every registered pair the composer accepts for ``cfg`` here
+    (the reference loop left out: it syncs per expert); ``build()`` composes a fresh kernel."""
+    from moe_kernels import registry
+    from moe_kernels.compose import WorkspaceCache, check_pair, compose, layer_context, pair_name
+
+    ctx = layer_context(cfg)
+    out = []
+    for make_pf in registry.PREPARE_FINALIZE:
+        for make_ex in registry.EXPERTS:
+            pf, ex = make_pf(cfg), make_ex(cfg)
+            if ex.name == "TorchReferenceExperts" or not all(c.ok for c in check_pair(pf, ex, ctx)):
+                continue
+
+            def build(make_pf=make_pf, make_ex=make_ex):  # noqa: ANN202 (a closure over the loop)
+                return compose(make_pf(cfg), make_ex(cfg), cfg, workspace_cache=WorkspaceCache())
+
+            out.append((pair_name(pf, ex), build))
+    return out
+
+
+@dataclass
+class Point:
+    """Everything measured for one (shape, T); times in microseconds."""
+
+    tokens: int
+    us: dict[str, float] = field(default_factory=dict)
+    max_rel_err: dict[str, float] = field(default_factory=dict)
+    select_pair: str = ""
+    active_experts: int = 0
+    hbm_bound_us: float = 0.0
+    tc_bound_us: float = 0.0
+
+
+@dataclass
+class ShapeResult:
+    name: str
+    shape: BenchShape
+    decided_by: str = ""
+    points: list[Point] = field(default_factory=list)
 
 
 def bench_point(
     shape: BenchShape,
     tokens: int,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    factories: dict[str, Callable[[], PermuteExpertsUnpermute]],
+    w: ExpertWeights,
+    selection: Any,
+    peer: Callable[..., torch.Tensor] | None,
     timer: Timer,
     args: argparse.Namespace,
-    copy_gbs: float,
+    limits: tuple[float, float],
+    tuned: dict[str, dict[int, float]],
 ) -> Point:
     point = Point(tokens)
-    x, weights, ids = make_problem(shape, tokens, seed=tokens)
-    tokens_obj = StandardTokens(x, ids, weights, shape.num_experts)
-    e, h, i = shape.num_experts, shape.hidden, shape.inter
-    free = torch.cuda.mem_get_info()[0]
-
-    # the baseline first: its output is what every implementation is checked against
-    ref = torch_ops_moe(x, w13, w2, weights, ids).float()
-    point.us["torch_ops"] = timer.graphed(lambda: torch_ops_moe(x, w13, w2, weights, ids))
-    if tokens <= args.loop_max_tokens:
-        point.us["loop"] = timer(lambda: per_expert_loop(x, w13, w2, weights, ids))
-    else:
-        point.skipped["loop"] = f"T > {args.loop_max_tokens}"
-
-    cache = WorkspaceCache()
+    x, tw, ids = make_problem(shape, tokens, seed=tokens)
+    ref = torch_ops_moe(x, w, tw, ids).float()
     scale = max(ref.abs().max().item(), 1e-6)
-    for column, make in factories.items():
-        if column == "masked":
-            if tokens > args.crossover_max_tokens:
-                point.skipped[column] = f"T > {args.crossover_max_tokens}"
-                continue
-            if masked_bytes(shape, tokens) > 0.4 * free:
-                point.skipped[column] = "masked scratch would not fit"
-                continue
-        experts = make()
-        out = torch.empty_like(x)
-        ws = cache.get(experts.workspace_shapes(tokens_obj, w13, w2), x.device)
-        run = lambda experts=experts, out=out, ws=ws: experts.apply(tokens_obj, w13, w2, out, ws)
-        point.us[f"{column}_eager"] = timer(run)
-        point.us[column] = timer.graphed(run)
-        point.max_rel_err = max(point.max_rel_err, (out.float() - ref).abs().max().item() / scale)
-        del ws
-    cache.clear()
 
-    # the GEMMs alone, inputs already permuted
-    if "deepgemm" in factories:
-        point.us["gemm_deepgemm"] = raw_deepgemm_contiguous(x, ids, w13, w2, timer)
-        if "masked" in point.us:
-            point.us["gemm_masked"] = raw_deepgemm_masked(x, ids, w13, w2, timer)
-    if "grouped_mm" in factories:
-        point.us["gemm_grouped_mm"] = raw_grouped_mm(x, ids, w13, w2, timer)
+    def record(name: str, fn: Callable[[], torch.Tensor]) -> None:
+        point.max_rel_err[name] = (fn().float() - ref).abs().max().item() / scale
+        point.us[name] = timer.graphed(fn, f"{shape.label} T={tokens} {name}")
 
-    # the permute kernels alone
-    point.us["scatter"], point.us["gather"] = permute_kernels(x, weights, ids, e, "deepgemm" in factories, timer)
-    row_bytes = h * x.element_size()
-    slots = tokens * shape.top_k
-    point.scatter_gbs = (tokens + slots) * row_bytes / point.us["scatter"] / 1e3
-    point.gather_gbs = (slots + tokens) * row_bytes / point.us["gather"] / 1e3
+    kernel = selection.kernel
+    chosen = kernel.kernel_for(tokens) if hasattr(kernel, "kernel_for") else kernel
+    point.select_pair = chosen.name
+    record("select", lambda: kernel(x, w, tw, ids, check_values=False))
+    if peer is not None:
+        record("peer", lambda: peer(x, w.w13, w.w2, tw, ids))
+    record("torch-ops", lambda: torch_ops_moe(x, w, tw, ids))
+    if args.pairs == "all":
+        for name, build in valid_pairs(shape.layer(tokens)):
+            pair = build()
+            record(name, lambda pair=pair: pair(x, w, tw, ids, check_values=False))
+            del pair
+    else:  # measured by the tuner a moment ago, in this process
+        point.us.update({name: times[tokens] for name, times in tuned.items() if tokens in times})
+    gemm_alone(point, x, ids, w, timer)
 
+    copy_gbs, peak_tflops = limits
     point.active_experts = int(torch.unique(ids).numel())
-    if tokens <= 64:
-        weight_bytes = point.active_experts * 3 * h * i * w13.element_size()
-        point.hbm_bound_us = weight_bytes / (copy_gbs * 1e9) * 1e6
+    touched = point.active_experts * 3 * shape.hidden * shape.inter * w.w13.element_size()
+    point.hbm_bound_us = touched / (copy_gbs * 1e9) * 1e6
+    point.tc_bound_us = useful_flops(shape, tokens) / (peak_tflops * 1e12) * 1e6
     return point
 
 
-def raw_deepgemm_contiguous(
-    x: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, timer: Timer
-) -> float:
-    """Both DeepGEMM contiguous GEMMs alone on already permuted rows."""
-    import deep_gemm
+def gemm_alone(point: Point, x: torch.Tensor, ids: torch.Tensor, w: ExpertWeights, timer: Timer) -> None:
+    """The two grouped GEMMs alone on already permuted rows: DeepGEMM contiguous and masked
+    (when it imports) and ``torch._grouped_mm``; the fastest lands in ``point.us["gemms"]``."""
+    from moe_kernels.experts.deepgemm import deep_gemm_alignment, deep_gemm_status, masked_rows_multiple
+    from moe_kernels.kernels import contiguous_layout, masked_layout, scatter_rows
 
-    from moe_kernels.experts.deepgemm import contiguous_alignment
-    from moe_kernels.kernels import contiguous_layout, scatter_rows, silu_and_mul
+    inter, (t, k), e = w.inter, ids.shape, w.num_experts
+    times = []
+    if deep_gemm_status()[0]:
+        import deep_gemm
 
-    inter = w2.shape[2]
-    lay = contiguous_layout(ids, w13.shape[0], contiguous_alignment())
-    rows = x.new_empty(lay.num_rows_bound, x.shape[1])
-    scatter_rows(x, lay.dst_row, rows)
-    gate_up, act, y = x.new_empty(rows.shape[0], 2 * inter), x.new_empty(rows.shape[0], inter), torch.empty_like(rows)
-    deep_gemm.m_grouped_bf16_gemm_nt_contiguous(rows, w13, gate_up, lay.grouped_layout)
-    silu_and_mul(gate_up, act, grouped_layout=lay.grouped_layout)
+        lay = contiguous_layout(ids, e, deep_gemm_alignment())
+        rows = x.new_empty(lay.num_rows_bound, x.shape[1])
+        scatter_rows(x, lay.dst_row, rows)
+        gate_up, act, y = x.new_empty(rows.shape[0], 2 * inter), x.new_empty(rows.shape[0], inter), torch.empty_like(rows)
 
-    def gemms() -> None:
-        deep_gemm.m_grouped_bf16_gemm_nt_contiguous(rows, w13, gate_up, lay.grouped_layout)
-        deep_gemm.m_grouped_bf16_gemm_nt_contiguous(act, w2, y, lay.grouped_layout)
+        def contiguous() -> None:
+            deep_gemm.m_grouped_bf16_gemm_nt_contiguous(rows, w.w13, gate_up, lay.grouped_layout)
+            deep_gemm.m_grouped_bf16_gemm_nt_contiguous(act, w.w2, y, lay.grouped_layout)
 
-    return timer.graphed(gemms)
+        times.append(timer.graphed(contiguous, "DeepGEMM contiguous GEMMs"))
+        cap = -(-t // masked_rows_multiple()) * masked_rows_multiple()
+        masked = masked_layout(ids, e, cap)
+        xb = x.new_empty(e, cap, x.shape[1])
+        scatter_rows(x, masked.dst_row, xb)
+        gu, ac, yb = x.new_empty(e, cap, 2 * inter), x.new_empty(e, cap, inter), torch.empty_like(xb)
+        expected_m = -(-t * k // e)
 
+        def masked_gemms() -> None:
+            deep_gemm.m_grouped_bf16_gemm_nt_masked(xb, w.w13, gu, masked.counts, expected_m)
+            deep_gemm.m_grouped_bf16_gemm_nt_masked(ac, w.w2, yb, masked.counts, expected_m)
 
-def raw_deepgemm_masked(x: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, timer: Timer) -> float:
-    """Both DeepGEMM masked GEMMs alone on rows already scattered into ``[E, M, H]``."""
-    import deep_gemm
+        times.append(timer.graphed(masked_gemms, "DeepGEMM masked GEMMs"))
+    if hasattr(torch, "_grouped_mm"):
+        lay = contiguous_layout(ids, e, 1)
+        rows = x.new_empty(lay.num_rows_bound, x.shape[1])
+        scatter_rows(x, lay.dst_row, rows)
+        act = x.new_empty(rows.shape[0], inter)
+        w13t, w2t = w.w13.transpose(-2, -1), w.w2.transpose(-2, -1)
 
-    from moe_kernels.experts.deepgemm import align_up, masked_rows_multiple
-    from moe_kernels.kernels import masked_layout, scatter_rows, silu_and_mul
+        def grouped() -> None:
+            torch._grouped_mm(rows, w13t, offs=lay.segment_ends)
+            torch._grouped_mm(act, w2t, offs=lay.segment_ends)
 
-    e, inter, (t, k) = w13.shape[0], w2.shape[2], ids.shape
-    cap = align_up(t, masked_rows_multiple())
-    lay = masked_layout(ids, e, cap)
-    xb = x.new_empty(e, cap, x.shape[1])
-    scatter_rows(x, lay.dst_row, xb)
-    gate_up, act, yb = x.new_empty(e, cap, 2 * inter), x.new_empty(e, cap, inter), torch.empty_like(xb)
-    expected_m = -(-t * k // e)
-    deep_gemm.m_grouped_bf16_gemm_nt_masked(xb, w13, gate_up, lay.counts, expected_m)
-    silu_and_mul(gate_up, act, counts=lay.counts)
-
-    def gemms() -> None:
-        deep_gemm.m_grouped_bf16_gemm_nt_masked(xb, w13, gate_up, lay.counts, expected_m)
-        deep_gemm.m_grouped_bf16_gemm_nt_masked(act, w2, yb, lay.counts, expected_m)
-
-    return timer.graphed(gemms)
-
-
-def raw_grouped_mm(x: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, timer: Timer) -> float:
-    """Both ``torch._grouped_mm`` calls alone on already permuted (unpadded) rows."""
-    from moe_kernels.kernels import contiguous_layout, scatter_rows, silu_and_mul
-
-    lay = contiguous_layout(ids, w13.shape[0], 1)
-    rows = x.new_empty(lay.num_rows_bound, x.shape[1])
-    scatter_rows(x, lay.dst_row, rows)
-    w13t, w2t = w13.transpose(-2, -1), w2.transpose(-2, -1)
-    act = x.new_empty(rows.shape[0], w2.shape[2])
-    silu_and_mul(torch._grouped_mm(rows, w13t, offs=lay.segment_ends), act, grouped_layout=lay.grouped_layout)
-
-    def gemms() -> None:
-        torch._grouped_mm(rows, w13t, offs=lay.segment_ends)
-        torch._grouped_mm(act, w2t, offs=lay.segment_ends)
-
-    return timer.graphed(gemms)
-
-
-def permute_kernels(
-    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int, deep_gemm_alignment: bool, timer: Timer
-) -> tuple[float, float]:
-    """(layout + scatter, weighted gather) in us, at DeepGEMM's alignment (else the Triton GEMM's)."""
-    from moe_kernels.kernels import contiguous_layout, scatter_rows, weighted_gather
-
-    if deep_gemm_alignment:
-        from moe_kernels.experts.deepgemm import contiguous_alignment
-    else:
-        from moe_kernels.kernels import contiguous_alignment
-    alignment = contiguous_alignment()
-    lay = contiguous_layout(ids, num_experts, alignment)
-    rows = x.new_empty(lay.num_rows_bound, x.shape[1])
-    out = torch.empty_like(x)
-    scatter_us = timer.graphed(lambda: scatter_rows(x, contiguous_layout(ids, num_experts, alignment).dst_row, rows))
-    gather_us = timer.graphed(lambda: weighted_gather(rows, lay.dst_row, weights, out))
-    return scatter_us, gather_us
+        times.append(timer.graphed(grouped, "torch._grouped_mm GEMMs"))
+    if times:
+        point.us["gemms"] = min(times)
 
 
 # --- reporting ----------------------------------------------------------------------------
-
-
-def best_experts(point: Point) -> tuple[str, float] | None:
-    timed = [(c, point.us[c]) for c in EXPERTS_COLUMNS if c in point.us]
-    return min(timed, key=lambda cu: cu[1]) if timed else None
-
-
-def crossover(points: list[Point]) -> tuple[int | None, str]:
-    """The hybrid threshold (masked for ``T <= threshold``) that fits the measurements best:
-    among 0 and the measured T, the one minimising the summed ``log(chosen path / faster path)``
-    over the measured T (the smallest on ties); ``None`` without masked/contiguous pairs."""
-    both = sorted((p for p in points if "masked" in p.us and "deepgemm" in p.us), key=lambda p: p.tokens)
-    if not both:
-        return None, "no DeepGEMM masked/contiguous pair measured"
-
-    def loss(threshold: int) -> float:
-        total = 0.0
-        for p in both:
-            chosen = p.us["masked"] if p.tokens <= threshold else p.us["deepgemm"]
-            total += math.log(chosen / min(p.us["masked"], p.us["deepgemm"]))
-        return total
-
-    threshold = min([0, *(p.tokens for p in both)], key=lambda t: (loss(t), t))
-    wins = [p.tokens for p in both if p.us["masked"] <= p.us["deepgemm"]]
-    note = f"masked measured no slower at T in {wins or 'none'} of {[p.tokens for p in both]}"
-    if loss(threshold) > 0:
-        note += f"; this threshold costs {math.expm1(loss(threshold) / len(both)):.1%} over per-T best on average"
-    return threshold, note
 
 
 def _ratio(num: float | None, den: float | None) -> float | str:
     return num / den if num and den else "-"
 
 
-def shape_table(result: ShapeResult) -> str:
+def best_pair(point: Point) -> tuple[str, float] | None:
+    """Our fastest composed pair at this point (``select`` itself included)."""
+    ours = {n: us for n, us in point.us.items() if " + " in n or n == "select"}
+    return min(ours.items(), key=lambda kv: kv[1]) if ours else None
+
+
+def summary_table(result: ShapeResult) -> str:
     headers = [
-        "T",
-        "DG contig us",
-        "DG masked us",
-        "grouped_mm us",
-        "Triton us",
-        "best",
-        "best eager us",
-        "best TFLOP/s",
-        "GEMMs us",
-        "best/GEMMs",
-        "torch-ops us",
-        "torch-ops/best",
-        "loop/best",
-        "HBM bound us",
-        "best/HBM",
-        "scatter GB/s",
-        "gather GB/s",
+        "T", "select us", "select picks", "peer us", "peer/select", "best us", "select/best",
+        "GEMMs us", "select/GEMMs", "HBM bound us", "select/HBM", "TFLOP/s", "select/TC bound", "torch-ops/select",
         "max rel err",
-    ]
+    ]  # fmt: skip
     rows = []
     for p in result.points:
-        best = best_experts(p)
-        best_col, best_us = best if best else ("-", None)
-        gemms = [p.us[c] for c in ("gemm_deepgemm", "gemm_masked", "gemm_grouped_mm") if c in p.us]
-        gemm_us = min(gemms) if gemms else None
+        sel = p.us.get("select")
+        best = best_pair(p)
         rows.append(
             [
                 p.tokens,
-                *(p.us.get(c, "-") for c in EXPERTS_COLUMNS),
-                best_col,
-                p.us.get(f"{best_col}_eager", "-"),
-                useful_flops(result.shape, p.tokens) / best_us / 1e6 if best_us else "-",
-                gemm_us or "-",
-                _ratio(best_us, gemm_us),
-                p.us.get("torch_ops", "-"),
-                _ratio(p.us.get("torch_ops"), best_us),
-                _ratio(p.us.get("loop"), best_us),
-                p.hbm_bound_us or "-",
-                _ratio(best_us, p.hbm_bound_us),
-                p.scatter_gbs or "-",
-                p.gather_gbs or "-",
-                f"{p.max_rel_err:.1e}",
+                sel or "-",
+                p.select_pair.replace("PrepareAndFinalize", "PF").replace("Experts", ""),
+                p.us.get("peer", "-"),
+                _ratio(p.us.get("peer"), sel),
+                best[1] if best else "-",
+                _ratio(sel, best[1] if best else None),
+                p.us.get("gemms", "-"),
+                _ratio(sel, p.us.get("gemms")),
+                p.hbm_bound_us,
+                _ratio(sel, p.hbm_bound_us),
+                useful_flops(result.shape, p.tokens) / sel / 1e6 if sel else "-",
+                _ratio(sel, p.tc_bound_us),
+                _ratio(p.us.get("torch-ops"), sel),
+                f"{max(p.max_rel_err.values(), default=0.0):.1e}",
             ]
         )
     return format_table(headers, rows)
 
 
-def tuning_snippet(results: list[ShapeResult], source: str) -> str:
-    lines = [f'EXPERTS_US_SOURCE = "{source}"', "EXPERTS_US = {"]
-    for r in results:
-        table: dict[str, dict[int, float]] = {}
-        for p in r.points:
-            for column, name in TUNING_NAMES.items():
-                if column in p.us:
-                    table.setdefault(name, {})[p.tokens] = round(p.us[column], 1)
-            if r.threshold is not None and "deepgemm" in p.us:
-                masked = "masked" in p.us and p.tokens <= r.threshold
-                us = p.us["masked"] if masked else p.us["deepgemm"]
-                table.setdefault("HybridDeepGemmExperts", {})[p.tokens] = round(us, 1)
-        lines.append(f"    {r.shape.key}: {table!r},  # {r.name}")
-    lines.append("}")
-    lines.append("HYBRID_THRESHOLDS = {")
-    for r in results:
-        if r.threshold is not None:
-            lines.append(f"    {r.shape.key}: {r.threshold},  # {r.name}: {r.threshold_note}")
-    lines.append("}")
-    return "\n".join(lines)
+def pairs_table(result: ShapeResult) -> str:
+    names = sorted({n for p in result.points for n in p.us if " + " in n})
+    if not names:
+        return ""
+    headers = ["pair", *(f"T={p.tokens}" for p in result.points)]
+    rows = [[n, *(p.us.get(n, "-") for p in result.points)] for n in names]
+    return format_table(headers, rows)
 
 
-def report(results: list[ShapeResult], header: list[str], source: str) -> str:
+def report(results: list[ShapeResult], header: list[str]) -> str:
     parts = ["# Experts benchmark", "", *header, ""]
     for r in results:
-        parts += [f"## {r.name}: {r.shape.label}, E={r.shape.num_experts} H={r.shape.hidden} I={r.shape.inter}", ""]
-        parts += [shape_table(r), ""]
-        skipped = sorted({f"{c}: {why}" for p in r.points for c, why in p.skipped.items()})
-        if skipped:
-            parts += ["Not run: " + "; ".join(skipped), ""]
-        if r.threshold is not None:
-            parts += [f"Hybrid crossover: masked up to T = {r.threshold} ({r.threshold_note}).", ""]
-    parts += [
-        "## Snippet for moe_kernels/experts/tuning.py",
-        "",
-        "```python",
-        tuning_snippet(results, source),
-        "```",
-        "",
-    ]
+        shape = r.shape
+        parts += [f"## {r.name}: {shape.label}, E={shape.num_experts} K={shape.top_k} H={shape.hidden} I={shape.inter}", ""]
+        parts += [f"select() decided by: {r.decided_by}", "", summary_table(r), ""]
+        table = pairs_table(r)
+        if table:
+            parts += ["Every valid pair (us):", "", table, ""]
     return "\n".join(parts)
+
+
+def panels(results: list[ShapeResult]) -> list[Any]:
+    from moe_kernels.bench.plot import Panel
+
+    out = []
+    for r in results:
+        panel = Panel(f"{r.name}: E={r.shape.num_experts} K={r.shape.top_k} H={r.shape.hidden} I={r.shape.inter}")
+        for p in r.points:
+            for name, us in p.us.items():
+                label = name.replace("PrepareAndFinalize", "PF").replace("Experts", "")
+                panel.series.setdefault(label, []).append((p.tokens, us))
+        panel.emphasis = ("select", "peer")
+        out.append(panel)
+    return out
 
 
 # --- CLI ----------------------------------------------------------------------------------
@@ -530,25 +393,26 @@ def _shape_list(text: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--shapes",
-        type=_shape_list,
-        default=list(SHAPES),
-        help=f"comma-separated, from {', '.join(SHAPES)} (default: all)",
+        "--shapes", type=_shape_list, default=list(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}"
     )
     parser.add_argument(
         "--tokens", type=_int_list, default=DEFAULT_TOKENS, help="comma-separated token counts (default: %(default)s)"
     )
+    parser.add_argument("--peer", type=Path, help="folder holding vllm_fused_moe_peer.py (unless vllm is installed)")
+    parser.add_argument(
+        "--pairs", choices=("all", "none"), default="all", help="also time every valid pair (default: all)"
+    )
+    parser.add_argument(
+        "--tune-out",
+        type=Path,
+        help="tune each shape first (moe-kernels tune: tiles, then every pair) and write the table here; with "
+        "--pairs none the pairs' times come from that run. The 'untuned' shape is never tuned",
+    )
+    parser.add_argument("--tile-candidates", type=int, default=6, help="with --tune-out: tilings timed per GEMM")
     parser.add_argument("--out", type=Path, help="directory for experts.md, experts.json and experts.png")
     parser.add_argument("--runs", type=int, default=30, help="most timed runs per measurement (default: %(default)s)")
-    parser.add_argument(
-        "--target-ms", type=float, default=250.0, help="time budget of one measurement, fewer runs when slow"
-    )
-    parser.add_argument("--loop-max-tokens", type=int, default=64, help="largest T for the per-expert loop")
-    parser.add_argument(
-        "--crossover-max-tokens", type=int, default=4096, help="largest T for the masked path (its memory grows E x T)"
-    )
+    parser.add_argument("--target-ms", type=float, default=200.0, help="time budget of one measurement")
     parser.add_argument("--time-budget-s", type=float, help="stop starting new points after this many seconds")
-    parser.add_argument("--no-plot", action="store_true", help="skip the PNG even when matplotlib is present")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -556,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("bench experts: skipped: it times with CUDA events and this machine has no CUDA GPU")
         return 0
-    from moe_kernels.experts.deepgemm import deep_gemm_status
+    from moe_kernels.select import select
 
     start = time.perf_counter()
 
@@ -564,85 +428,73 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     device = torch.device("cuda", torch.cuda.current_device())
-    major, minor = torch.cuda.get_device_capability(device)
-    dg_ok, dg_why = deep_gemm_status()
-    has_grouped_mm = hasattr(torch, "_grouped_mm") and major in (9, 10)
-    copy_gbs = copy_bandwidth_gbs()
     gpu = torch.cuda.get_device_name(device)
-    source = f"moe-kernels bench experts, {gpu}, {datetime.date.today().isoformat()}"
+    peer, peer_info = load_peer(args.peer)
+    limits = (copy_bandwidth_gbs(), matmul_tflops())
     header = [
-        f"- GPU: {gpu} (SM{major}{minor}), torch {torch.__version__}, {dg_why if dg_ok else 'no DeepGEMM: ' + dg_why}",
-        f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}; copy bandwidth {copy_gbs:.0f} GB/s "
-        "(read + write)",
-        "- routing: every token picks top-k distinct local experts uniformly at random; T*K rows per rank",
-        "- times: GPU time of one call replayed from a CUDA graph (median of CUDA-event runs, L2 flushed before "
-        "each), as decode serving runs; 'best eager us' is the same call launched from Python (host-bound at "
-        "small T); experts timed through apply (no composer); the per-expert loop syncs, so it runs eagerly",
-        "- TFLOP/s counts 2*T*K*(H*2I + I*H); GEMMs = the faster of raw DeepGEMM (contiguous or masked) and raw "
-        "torch._grouped_mm on the same routing; HBM bound = touched experts' weight bytes / copy bandwidth",
+        f"- GPU: {gpu}, torch {torch.__version__}, date {datetime.datetime.now().isoformat(timespec='minutes')}",
+        f"- peer: {peer_info}",
+        f"- measured limits: copy {limits[0]:.0f} GB/s (read + write), dense bf16 GEMM {limits[1]:.0f} TFLOP/s",
+        "- routing: every token picks top-k distinct local experts uniformly at random",
+        "- times: GPU time of one call replayed from a CUDA graph, median of CUDA-event runs, L2 flushed before each",
+        "- peer/select > 1: we are faster; select/best: what select() costs over our fastest pair at that T;",
+        "  HBM bound = touched experts' weight bytes / copy bandwidth; TC bound = GEMM FLOPs / dense GEMM rate",
     ]
     progress(header[0].removeprefix("- "))
-    factories = experts_factories(dg_ok, has_grouped_mm)
     timer = Timer(args.runs, args.target_ms / 1e3)
     results: list[ShapeResult] = []
-    stopped = False
     for name in args.shapes:
         shape = SHAPES[name]
-        w13, w2 = make_weights(shape)
-        result = ShapeResult(name, shape)
+        tuned: dict[str, dict[int, float]] = {}
+        if args.tune_out is not None and name != "untuned":
+            from moe_kernels.bench.tune import tune_shape
+
+            source = f"moe-kernels bench experts --tune-out, {datetime.date.today().isoformat()}, torch {torch.__version__}"
+            tuned = tune_shape(
+                shape, sorted(args.tokens), timer.graphed, tile_candidates=args.tile_candidates, progress=progress,
+                tables_dir=args.tune_out, source=source,
+            )  # fmt: skip
+        w = make_weights(shape)
+        selection = select(shape.layer(max(args.tokens)), device=device)
+        result = ShapeResult(name, shape, selection.decided_by)
         results.append(result)
         for tokens in args.tokens:
             if args.time_budget_s and time.perf_counter() - start > args.time_budget_s:
                 progress(f"time budget of {args.time_budget_s:.0f} s spent: stopping before {name} T={tokens}")
-                stopped = True
                 break
-            progress(f"{name} T={tokens} ...")
             try:
-                point = bench_point(shape, tokens, w13, w2, factories, timer, args, copy_gbs)
+                point = bench_point(shape, tokens, w, selection, peer, timer, args, limits, tuned)
             except torch.cuda.OutOfMemoryError as e:
                 progress(f"{name} T={tokens}: out of memory ({str(e).splitlines()[0]}); skipping larger T")
                 torch.cuda.empty_cache()
                 break
             result.points.append(point)
-            best = best_experts(point)
-            progress(
-                f"{name} T={tokens}: "
-                + ", ".join(f"{c} {us:.1f} us" for c, us in point.us.items())
-                + (f"; best {best[0]}" if best else "")
-            )
+            peer_ratio = _ratio(point.us.get("peer"), point.us.get("select"))
+            shown = f"{peer_ratio:.2f}" if isinstance(peer_ratio, float) else peer_ratio
+            progress(f"{name} T={tokens}: select {point.us['select']:.1f} us ({point.select_pair}), peer/select {shown}")
             torch.cuda.empty_cache()
-            _write(args, results, header, source)
-        result.threshold, result.threshold_note = crossover(result.points)
-        if result.threshold is not None:
-            progress(f"{name}: recommended hybrid threshold {result.threshold} ({result.threshold_note})")
-        del w13, w2
+            _write(args, results, header)
+        selection.kernel.release()
+        del w, selection
         torch.cuda.empty_cache()
-        _write(args, results, header, source)
-        if stopped:
-            break
-
     if timer.failures:
         header.append("- CUDA-graph capture failed for (timed eagerly instead): " + "; ".join(timer.failures))
-    print(report(results, header, source))
-    _write(args, results, header, source)
+    print(report(results, header))
+    _write(args, results, header)
     return 0
 
 
-def _write(args: argparse.Namespace, results: list[ShapeResult], header: list[str], source: str) -> None:
+def _write(args: argparse.Namespace, results: list[ShapeResult], header: list[str]) -> None:
     """Write what is measured so far (a run cut short still leaves its results)."""
     if args.out is None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "experts.md").write_text(report(results, header, source))
-    raw = [
-        {"name": r.name, "shape": asdict(r.shape), "threshold": r.threshold, "points": [asdict(p) for p in r.points]}
-        for r in results
-    ]
-    (args.out / "experts.json").write_text(json.dumps(raw, indent=1))
-    if not args.no_plot:
-        from moe_kernels.bench.plot import plot_experts
+    (args.out / "experts.md").write_text(report(results, header))
+    raw = [{"name": r.name, "shape": asdict(r.shape), "decided_by": r.decided_by, "points": [asdict(p) for p in r.points]} for r in results]
+    (args.out / "experts.json").write_text(json.dumps({"header": header, "shapes": raw}, indent=1))
+    from moe_kernels.bench.plot import plot_panels
 
-        plot_experts(results, args.out / "experts.png")
+    plot_panels(panels(results), args.out / "experts.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,8 @@
 
 ``moe-kernels bench layer`` times the layer over token counts on a GPU, next to the
 reference pair (``LocalPrepareAndFinalize + TorchReferenceExperts`` composed directly, on the
-same weights and routing). ``moe-kernels run`` uses the same helpers for one token count on
-any device.
+same weights, placement and routing). ``moe-kernels run`` uses the same helpers for one token
+count on any device.
 """
 
 from __future__ import annotations
@@ -18,18 +18,28 @@ from dataclasses import dataclass
 import torch
 
 from moe_kernels.bench.timing import format_table, time_cuda
-from moe_kernels.compose import ModularKernel, compose
-from moe_kernels.config import LayerConfig, MoEConfig
+from moe_kernels.compose import Kernel, ModularKernel, compose
+from moe_kernels.config import ConfigError, LayerConfig, load_config
 from moe_kernels.experts.reference import TorchReferenceExperts
 from moe_kernels.layer import FusedMoE
+from moe_kernels.placement import ExpertPlacement
 from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
 
 #: ``timer(fn)`` -> median microseconds of one ``fn()`` call
 Timer = Callable[[Callable[[], object]], float]
 
-#: largest accepted ``max |out - ref| / max |ref|`` per dtype. bf16: vLLM's combination
-#: tester uses 3e-2 against a torch reference; fp32 leaves room for TF32 tensor-core GEMMs.
-TOLERANCE: dict[torch.dtype, float] = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 5e-3}
+#: largest accepted ``max |out - ref| / max |ref|`` per (dtype, quant scheme). bf16: vLLM's
+#: combination tester uses 3e-2 against a torch reference; fp32 leaves room for TF32 tensor-core
+#: GEMMs. fp8: the reference runs on the dequantized weights but unquantized activations, and
+#: rounding to e4m3 (3 mantissa bits) moves each activation by up to 2^-4 of itself (about
+#: 3.6 % standard deviation); that passes through two GEMMs and the SiLU, so a few percent of
+#: the output's scale is expected and 0.1 of its maximum leaves room without hiding a wrong row.
+TOLERANCE: dict[tuple[torch.dtype, str], float] = {
+    (torch.bfloat16, "none"): 3e-2,
+    (torch.float16, "none"): 1e-2,
+    (torch.float32, "none"): 5e-3,
+    (torch.bfloat16, "fp8_w8a8_block"): 0.1,
+}
 
 
 def cuda_timer(fn: Callable[[], object]) -> float:
@@ -53,40 +63,46 @@ def default_timer(device: torch.device) -> Timer:
     return cuda_timer if device.type == "cuda" else cpu_timer
 
 
-def weight_bytes(moe: MoEConfig) -> int:
-    """Bytes of the expert weights of the whole layer (w13 + w2, all experts)."""
-    return 3 * moe.num_experts * moe.hidden_size * moe.intermediate_size * moe.dtype.itemsize
-
-
 def random_layer(
     cfg: LayerConfig,
     device: torch.device,
     *,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
-    kernel: ModularKernel | None = None,
+    kernel: Kernel | None = None,
 ) -> FusedMoE:
     """A ``FusedMoE`` with random weights scaled so activations stay O(1): each matrix is
-    N(0, 1/fan_in). Every expert gets its own weights, so a kernel that mixes experts up
-    shows in the error."""
-    layer = FusedMoE.from_config(cfg, device=device, kernel=kernel)
+    N(0, 1/fan_in). Every local expert gets its own weights, so a kernel that mixes experts
+    up shows in the error. FP8 layers quantize the drawn weights."""
+    layer = FusedMoE(cfg, device=device, kernel=kernel)
     gen = torch.Generator(device=device).manual_seed(seed)
     h, i = cfg.moe.hidden_size, cfg.moe.intermediate_size
     with torch.no_grad():
-        layer.router.weight.normal_(0.0, h**-0.5, generator=gen)
+        router = torch.empty(cfg.moe.num_experts, h, device=device).normal_(0.0, h**-0.5, generator=gen)
+        layer.load_weights(router_weight=router)
         n = cfg.num_local_experts
         step = max(1, n // 8)  # about 8 progress lines for a big layer
-        for e in range(n):
-            layer.w13[e].normal_(0.0, h**-0.5, generator=gen)
-            layer.w2[e].normal_(0.0, i**-0.5, generator=gen)
-            if progress is not None and n >= 16 and (e + 1) % step == 0:
-                progress(f"random weights: {e + 1}/{n} experts")
+        for done, e in enumerate(layer.local_experts, start=1):
+            gate, up = torch.empty(2, i, h, device=device).normal_(0.0, h**-0.5, generator=gen)
+            down = torch.empty(h, i, device=device).normal_(0.0, i**-0.5, generator=gen)
+            layer.load_weights(gate_proj={e: gate}, up_proj={e: up}, down_proj={e: down})
+            if progress is not None and n >= 16 and done % step == 0:
+                progress(f"random weights: {done}/{n} experts")
+        if layer.shared_w13 is not None:
+            width = cfg.moe.shared_width
+            gate, up = torch.empty(2, width, h, device=device).normal_(0.0, h**-0.5, generator=gen)
+            down = torch.empty(h, width, device=device).normal_(0.0, width**-0.5, generator=gen)
+            gated = layer.shared_gate is not None
+            expert_gate = torch.empty(1, h, device=device).normal_(0.0, h**-0.5, generator=gen) if gated else None
+            layer.load_weights(shared_gate_proj=gate, shared_up_proj=up, shared_down_proj=down, shared_expert_gate=expert_gate)
     return layer
 
 
-def reference_kernel(cfg: LayerConfig, device: torch.device) -> ModularKernel:
-    """The yardstick: the plain torch experts behind the no-dispatch prepare/finalize."""
-    return compose(LocalPrepareAndFinalize(), TorchReferenceExperts(), cfg, device=device)
+def reference_kernel(cfg: LayerConfig, device: torch.device, placement: ExpertPlacement) -> ModularKernel:
+    """The yardstick: the plain torch experts behind the no-dispatch prepare/finalize (a
+    partial one for one rank's share of an EP layer)."""
+    pf = LocalPrepareAndFinalize(partial=placement.ep_size > 1)
+    return compose(pf, TorchReferenceExperts(), cfg, placement=placement, device=device)
 
 
 @dataclass(frozen=True)
@@ -121,14 +137,16 @@ def check_and_time(
     device = layer.w13.device
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     x = torch.randn(tokens, cfg.moe.hidden_size, generator=gen, device=device).to(cfg.moe.dtype)
-    ref_kernel = reference_kernel(cfg, device)
+    ref_kernel = reference_kernel(cfg, device, layer.placement)
     say = progress or (lambda _msg: None)
     with torch.inference_mode():
         say(f"layer forward on {tokens} tokens")
         out = layer(x)
         say("reference forward")
         topk_weights, topk_ids = layer.router(x)
-        run_ref = lambda: ref_kernel(x, layer.w13, layer.w2, topk_weights, topk_ids)
+        # the shared experts are plain torch either way: the check is about the routed kernel
+        shared = layer.shared_experts(x) if layer.shared_w13 is not None else None
+        run_ref = lambda: ref_kernel(x, layer.weights, topk_weights, topk_ids, residual=shared)
         ref = run_ref()
         diff = (out.float() - ref.float()).abs().max().item() if tokens else 0.0
         scale = ref.float().abs().max().item() if tokens else 0.0
@@ -161,15 +179,20 @@ def run(args: argparse.Namespace) -> int:
             "On the CPU, `moe-kernels run --config ...` checks a layer and times one call."
         )
         return 0
-    from moe_kernels.cli import load_layer_config  # the CLI owns config loading and its errors
-
-    cfg = load_layer_config(args.config, args.dtype)
+    try:
+        cfg = load_config(args.config)
+    except (FileNotFoundError, ConfigError) as e:
+        print(f"bench layer: {e}", file=sys.stderr)
+        return 2
+    if args.dtype:
+        cfg = LayerConfig.model_validate({**cfg.model_dump(), "moe": {**cfg.moe.model_dump(), "dtype": args.dtype}})
     device = torch.device("cuda", torch.cuda.current_device())
     layer = random_layer(cfg, device, seed=args.seed)
     results = measure(layer, args.tokens, timer=cuda_timer, seed=args.seed, time_reference=not args.no_reference)
     print(f"{cfg.name or args.config} on {torch.cuda.get_device_name(device)}: {layer.kernel.name}")
-    print(format_results(results, TOLERANCE[cfg.moe.dtype]))
-    return 0 if all(r.rel_err <= TOLERANCE[cfg.moe.dtype] for r in results) else 1
+    tolerance = TOLERANCE[(cfg.moe.dtype, cfg.quant.scheme)]
+    print(format_results(results, tolerance))
+    return 0 if all(r.rel_err <= tolerance for r in results) else 1
 
 
 def measure(

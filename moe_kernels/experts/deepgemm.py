@@ -6,7 +6,7 @@ Three layouts, one class each, all without host synchronisation:
   contiguous layout (expert segments aligned to ``get_mk_alignment_for_contiguous_layout()``,
   padding rows marked ``-1``), ``m_grouped_bf16_gemm_nt_contiguous`` x 2 with SiLU-and-mul
   between, weighted gather back to ``[T, H]``.
-* :class:`BatchedDeepGemmExperts` (BATCHED ``[E, M, H]`` + counts): ``m_grouped_bf16_gemm_nt_masked``
+* :class:`MaskedDeepGemmExperts` (MASKED ``[E, M, H]`` + counts): ``m_grouped_bf16_gemm_nt_masked``
   x 2; raw rows out (finalize weights them).
 * :class:`ExpandedDeepGemmExperts` (EXPANDED: DeepEP's expanded dispatch output): the contiguous
   GEMM with ``use_psum_layout=True`` reads the dispatched rows in place; each row is scaled by
@@ -31,18 +31,20 @@ from typing import Any
 
 import torch
 
-from moe_kernels.config import LayerConfig
 from moe_kernels.contract import (
-    ActivationFormat,
-    BatchedTokens,
     Check,
     ExpandedTokens,
+    Layout,
+    LayerContext,
+    MaskedTokens,
     PermuteExpertsUnpermute,
     StandardTokens,
+    TokenFormat,
     WorkspaceSpec,
 )
-from moe_kernels.experts.tuning import experts_preference
+from moe_kernels.experts.common import write_output
 from moe_kernels.platform import triton_check
+from moe_kernels.weights import ExpertWeights
 
 #: The bf16 grouped entry points every DeepGEMM experts class calls.
 REQUIRED_SYMBOLS = ("m_grouped_bf16_gemm_nt_contiguous", "m_grouped_bf16_gemm_nt_masked")
@@ -70,7 +72,7 @@ def deep_gemm_status() -> tuple[bool, str]:
         first = str(e).splitlines()[0][:160] if str(e) else ""
         return False, f"deep_gemm does not import ({type(e).__name__}: {first})"
     missing = [s for s in REQUIRED_SYMBOLS if not hasattr(dg, s)]
-    if not _has_alignment_getter(dg):
+    if _alignment_getter(dg) is None:
         missing.append("get_mk_alignment_for_contiguous_layout")
     version = getattr(dg, "__version__", "?")
     if missing:
@@ -92,8 +94,11 @@ def psum_layout_status() -> tuple[bool, str]:
     return False, f"{why}, but its contiguous GEMM takes no use_psum_layout/expected_m_for_psum_layout"
 
 
-def _has_alignment_getter(dg: Any) -> bool:
-    return hasattr(dg, "get_mk_alignment_for_contiguous_layout") or hasattr(dg, "get_m_alignment_for_contiguous_layout")
+def _alignment_getter(dg: Any) -> Any:
+    # older DeepGEMM releases name it get_m_alignment_for_contiguous_layout
+    return getattr(dg, "get_mk_alignment_for_contiguous_layout", None) or getattr(
+        dg, "get_m_alignment_for_contiguous_layout", None
+    )
 
 
 def _deep_gemm() -> ModuleType:
@@ -103,17 +108,17 @@ def _deep_gemm() -> ModuleType:
     return importlib.import_module("deep_gemm")
 
 
-def contiguous_alignment() -> int:
+def deep_gemm_alignment() -> int | None:
     """DeepGEMM's row alignment of expert segments (its contiguous GEMM's BLOCK_M; process-global,
-    ``deep_gemm.set_mk_alignment_for_contiguous_layout`` changes it)."""
-    dg = _deep_gemm()
-    getter = getattr(dg, "get_mk_alignment_for_contiguous_layout", None) or dg.get_m_alignment_for_contiguous_layout
-    return int(getter())
+    ``deep_gemm.set_mk_alignment_for_contiguous_layout`` changes it); ``None`` without DeepGEMM."""
+    if not deep_gemm_status()[0]:
+        return None
+    return int(_alignment_getter(_deep_gemm())())
 
 
 def masked_rows_multiple() -> int:
     """``M`` of a masked GEMM must be a multiple of this (see :data:`MASKED_BLOCK_M_MAX`)."""
-    return math.lcm(contiguous_alignment(), MASKED_BLOCK_M_MAX)
+    return math.lcm(deep_gemm_alignment() or 1, MASKED_BLOCK_M_MAX)
 
 
 def align_up(n: int, multiple: int) -> int:
@@ -138,9 +143,9 @@ def deep_gemm_check() -> Check:
     return Check("deep_gemm", ok, why)
 
 
-def k_multiple_check(cfg: LayerConfig, backend: str, multiple: int) -> Check:
+def k_multiple_check(ctx: LayerContext, backend: str, multiple: int) -> Check:
     """Both GEMMs' contraction dims (H for GEMM1, I for GEMM2) are multiples of ``multiple``."""
-    h, i = cfg.moe.hidden_size, cfg.moe.intermediate_size
+    h, i = ctx.cfg.moe.hidden_size, ctx.cfg.moe.intermediate_size
     bad = [f"{name}={v}" for name, v in (("hidden_size", h), ("intermediate_size", i)) if v % multiple]
     if bad:
         return Check.failed("shape", f"{backend} needs K % {multiple} == 0 for both GEMMs; got {', '.join(bad)}")
@@ -154,20 +159,20 @@ class DeepGemmPart(PermuteExpertsUnpermute):
     dtypes = (torch.bfloat16,)
     supports_cuda_graphs = True
 
-    def check_device(self, device: torch.device) -> Check:
-        return deep_gemm_device_check(device)
+    def check_device(self, ctx: LayerContext) -> Check:
+        return deep_gemm_device_check(ctx.device)
 
-    def checks(self, cfg: LayerConfig, device: torch.device) -> list[Check]:
+    def checks(self, ctx: LayerContext) -> list[Check]:
         return [
-            *super().checks(cfg, device),
+            *super().checks(ctx),
             deep_gemm_check(),
-            k_multiple_check(cfg, "DeepGEMM", K_MULTIPLE),
+            k_multiple_check(ctx, "DeepGEMM", K_MULTIPLE),
             # permute, SiLU-and-mul and gather are the Triton kernels of moe_kernels.kernels
-            triton_check(device)._replace(name="triton"),
+            triton_check(ctx.device)._replace(name="triton"),
         ]
 
-    def preference(self, cfg: LayerConfig, device: torch.device) -> tuple[float, str]:
-        return experts_preference(self.name, cfg, device)
+    def preference(self, ctx: LayerContext) -> tuple[float, str]:
+        return 10.0, "DeepGEMM grouped GEMMs (at parity with torch._grouped_mm on prefill, at the HBM limit masked)"
 
 
 # --- the GEMM pipelines (shared by the classes here and the hybrid) ----------------------
@@ -175,8 +180,7 @@ class DeepGemmPart(PermuteExpertsUnpermute):
 
 def contiguous_mlp(
     rows: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
+    weights: ExpertWeights,
     grouped_layout: torch.Tensor,
     gate_up: torch.Tensor,
     act: torch.Tensor,
@@ -192,15 +196,14 @@ def contiguous_mlp(
     from moe_kernels.kernels import silu_and_mul
 
     dg = _deep_gemm()
-    dg.m_grouped_bf16_gemm_nt_contiguous(rows, w13, gate_up, grouped_layout)
+    dg.m_grouped_bf16_gemm_nt_contiguous(rows, weights.w13, gate_up, grouped_layout)
     silu_and_mul(gate_up, act, grouped_layout=grouped_layout)
-    dg.m_grouped_bf16_gemm_nt_contiguous(act, w2, out_rows, grouped_layout)
+    dg.m_grouped_bf16_gemm_nt_contiguous(act, weights.w2, out_rows, grouped_layout)
 
 
 def masked_mlp(
     x: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
+    weights: ExpertWeights,
     counts: torch.Tensor,
     expected_m: int,
     gate_up: torch.Tensor,
@@ -221,52 +224,54 @@ def masked_mlp(
         raise ValueError(f"masked GEMM rows per expert ({m}) must be a multiple of {masked_rows_multiple()}")
     expected_m = max(1, min(int(expected_m), m))
     dg = _deep_gemm()
-    dg.m_grouped_bf16_gemm_nt_masked(x, w13, gate_up, counts, expected_m)
+    dg.m_grouped_bf16_gemm_nt_masked(x, weights.w13, gate_up, counts, expected_m)
     silu_and_mul(gate_up, act, counts=counts)
-    dg.m_grouped_bf16_gemm_nt_masked(act, w2, out, counts, expected_m)
+    dg.m_grouped_bf16_gemm_nt_masked(act, weights.w2, out, counts, expected_m)
 
 
-def contiguous_workspace(tokens: StandardTokens, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, WorkspaceSpec]:
-    """Scratch for :func:`contiguous_mlp` on a layout of ``contiguous_rows_bound`` rows."""
+def contiguous_workspace(ctx: LayerContext, num_tokens: int) -> dict[str, WorkspaceSpec]:
+    """Scratch for :func:`apply_contiguous` on ``num_tokens`` tokens (``contiguous_rows_bound`` rows)."""
     from moe_kernels.kernels import contiguous_rows_bound
 
-    rows = contiguous_rows_bound(tokens.topk_ids.numel(), w13.shape[0], contiguous_alignment())
-    hidden, inter, dtype = w2.shape[1], w2.shape[2], tokens.x.dtype
+    if num_tokens == 0:
+        return {}
+    moe = ctx.cfg.moe
+    rows = contiguous_rows_bound(num_tokens * moe.top_k, ctx.placement.num_local_experts, deep_gemm_alignment() or 1)
     return {
         # the permuted rows; GEMM2 writes its output over them (they are dead by then)
-        "permuted": WorkspaceSpec((rows, hidden), dtype),
-        "gate_up": WorkspaceSpec((rows, 2 * inter), dtype),
-        "activation": WorkspaceSpec((rows, inter), dtype),
+        "permuted": WorkspaceSpec((rows, moe.hidden_size), moe.dtype),
+        "gate_up": WorkspaceSpec((rows, 2 * moe.intermediate_size), moe.dtype),
+        "activation": WorkspaceSpec((rows, moe.intermediate_size), moe.dtype),
     }
 
 
 def apply_contiguous(
-    tokens: StandardTokens, w13: torch.Tensor, w2: torch.Tensor, out: torch.Tensor, workspace: dict[str, torch.Tensor]
+    tokens: StandardTokens, weights: ExpertWeights, out: torch.Tensor, workspace: dict[str, torch.Tensor]
 ) -> None:
     """STANDARD tokens through the contiguous layout into ``out [T, H]`` (weighted, reduced)."""
-    from moe_kernels.kernels import contiguous_layout, scatter_rows, weighted_gather
+    from moe_kernels.kernels import contiguous_layout, scatter_rows
 
-    layout = contiguous_layout(tokens.topk_ids, w13.shape[0], contiguous_alignment())
+    alignment = deep_gemm_alignment()
+    assert alignment is not None  # the deep_gemm check refused the layer otherwise
+    layout = contiguous_layout(tokens.topk_ids, weights.num_experts, alignment)
     rows = workspace["permuted"]
     # Rows no slot maps to (padding) keep stale values: they are computed (or skipped per tile)
     # but the gather only reads rows named by dst_row.
     scatter_rows(tokens.x, layout.dst_row, rows)
-    contiguous_mlp(rows, w13, w2, layout.grouped_layout, workspace["gate_up"], workspace["activation"], rows)
-    weighted_gather(rows, layout.dst_row, tokens.topk_weights, out)
+    contiguous_mlp(rows, weights, layout.grouped_layout, workspace["gate_up"], workspace["activation"], rows)
+    write_output(rows, layout.dst_row, tokens, out)
 
 
-def masked_workspace(
-    num_experts: int, rows_per_expert: int, w2: torch.Tensor, dtype: torch.dtype, *, with_rows: bool
-) -> dict[str, WorkspaceSpec]:
+def masked_workspace(ctx: LayerContext, rows_per_expert: int, *, with_rows: bool) -> dict[str, WorkspaceSpec]:
     """Scratch for :func:`masked_mlp` with ``rows_per_expert`` (already aligned) rows per expert;
     ``with_rows`` adds the ``[E, M, H]`` input/output buffer ("masked_rows")."""
-    hidden, inter = w2.shape[1], w2.shape[2]
+    moe, e = ctx.cfg.moe, ctx.placement.num_local_experts
     specs = {
-        "gate_up": WorkspaceSpec((num_experts, rows_per_expert, 2 * inter), dtype),
-        "activation": WorkspaceSpec((num_experts, rows_per_expert, inter), dtype),
+        "gate_up": WorkspaceSpec((e, rows_per_expert, 2 * moe.intermediate_size), moe.dtype),
+        "activation": WorkspaceSpec((e, rows_per_expert, moe.intermediate_size), moe.dtype),
     }
     if with_rows:
-        specs["masked_rows"] = WorkspaceSpec((num_experts, rows_per_expert, hidden), dtype)
+        specs["masked_rows"] = WorkspaceSpec((e, rows_per_expert, moe.hidden_size), moe.dtype)
     return specs
 
 
@@ -285,70 +290,53 @@ class DeepGemmExperts(DeepGemmPart):
     DeepGEMM. Shapes depend only on T, so a CUDA graph per batch size captures it.
     """
 
-    input_format = ActivationFormat.STANDARD
+    input_layout = Layout.STANDARD
 
-    def workspace_shapes(self, tokens: StandardTokens, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, WorkspaceSpec]:
-        if tokens.x.shape[0] == 0:
-            return {}
-        return contiguous_workspace(tokens, w13, w2)
+    def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
+        return contiguous_workspace(ctx, num_rows)
 
     def apply(
         self,
         tokens: StandardTokens,
-        w13: torch.Tensor,
-        w2: torch.Tensor,
+        weights: ExpertWeights,
         out: torch.Tensor,
         workspace: dict[str, torch.Tensor],
     ) -> None:
-        if tokens.x.shape[0] == 0:
+        if tokens.num_rows == 0:
             return
-        apply_contiguous(tokens, w13, w2, out, workspace)
+        apply_contiguous(tokens, weights, out, workspace)
 
 
-class BatchedDeepGemmExperts(DeepGemmPart):
-    """BATCHED in and out: ``x [E, M, H]`` with ``expert_num_tokens [E]`` int32 valid rows per
-    expert -> ``out [E, M, H]`` raw (unweighted; finalize weights and sums).
+class MaskedDeepGemmExperts(DeepGemmPart):
+    """MASKED in and out: ``x [E, M, H]`` with ``counts [E]`` int32 valid rows per expert ->
+    ``out [E, M, H]`` raw (unweighted; finalize weights and sums).
 
     Two ``m_grouped_bf16_gemm_nt_masked`` calls with the masked SiLU-and-mul between, tuned for
-    the host-side ``expected_m``. No host sync and static shapes: capturable in a CUDA graph.
-    An empty batch (``M == 0``) launches nothing (DeepGEMM asserts ``M > 0``).
-
-    DeepGEMM writes whole row tiles, so ``M`` must be a multiple of :func:`masked_rows_multiple`
-    (128 on H100). When the prepare hands over another ``M`` (e.g. ``M = T``), the rows are
-    staged through aligned scratch buffers: one extra copy in and one out. Give prepare a
-    capacity that is a multiple of 128 to avoid them.
+    the host-side ``expected_m``. Its format asks for ``M`` a multiple of DeepGEMM's tile
+    (:func:`masked_rows_multiple`), so the GEMMs read the prepared rows in place. No host sync
+    and static shapes: capturable in a CUDA graph.
     """
 
-    input_format = ActivationFormat.BATCHED
+    input_layout = Layout.MASKED
 
-    def workspace_shapes(self, tokens: BatchedTokens, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, WorkspaceSpec]:
-        e, m, _ = tokens.x.shape
-        if m == 0:
-            return {}
-        padded = align_up(m, masked_rows_multiple())
-        staged = padded != m or not tokens.x.is_contiguous()
-        return masked_workspace(e, padded, w2, tokens.x.dtype, with_rows=staged)
+    def input_format(self, ctx: LayerContext) -> TokenFormat:
+        return TokenFormat(Layout.MASKED, alignment=masked_rows_multiple())
+
+    def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
+        return masked_workspace(ctx, num_rows, with_rows=False)
 
     def apply(
         self,
-        tokens: BatchedTokens,
-        w13: torch.Tensor,
-        w2: torch.Tensor,
+        tokens: MaskedTokens,
+        weights: ExpertWeights,
         out: torch.Tensor,
         workspace: dict[str, torch.Tensor],
     ) -> None:
-        x = tokens.x
-        m = x.shape[1]
-        if m == 0:
+        if tokens.num_rows == 0:
             return
-        gate_up, act = workspace["gate_up"], workspace["activation"]
-        if "masked_rows" not in workspace:  # M already tile-aligned and x contiguous: no copies
-            masked_mlp(x, w13, w2, tokens.expert_num_tokens, tokens.expected_m, gate_up, act, out)
-            return
-        rows = workspace["masked_rows"]
-        rows[:, :m].copy_(x)
-        masked_mlp(rows, w13, w2, tokens.expert_num_tokens, tokens.expected_m, gate_up, act, rows)
-        out.copy_(rows[:, :m])
+        masked_mlp(
+            tokens.x, weights, tokens.counts, tokens.expected_m, workspace["gate_up"], workspace["activation"], out
+        )
 
 
 class ExpandedDeepGemmExperts(DeepGemmPart):
@@ -360,46 +348,45 @@ class ExpandedDeepGemmExperts(DeepGemmPart):
     expected_m``). SiLU-and-mul runs on valid rows only. The last step writes every row of
     ``out``: valid rows scaled by ``row_weights`` (DeepEP's combine sums without weights), all
     other rows (segment padding, rows past the last expert) as zeros, so a combine that summed
-    them would add nothing. No host sync: capturable in a CUDA graph.
-
-    ``alignment`` must equal DeepGEMM's ``get_mk_alignment_for_contiguous_layout()`` (the
-    dispatch must be built with it).
+    them would add nothing. No host sync: capturable in a CUDA graph. Its format asks the
+    dispatcher for DeepGEMM's contiguous alignment.
     """
 
-    input_format = ActivationFormat.EXPANDED
+    input_layout = Layout.EXPANDED
 
-    def checks(self, cfg: LayerConfig, device: torch.device) -> list[Check]:
-        checks = super().checks(cfg, device)
+    def input_format(self, ctx: LayerContext) -> TokenFormat:
+        return TokenFormat(Layout.EXPANDED, alignment=deep_gemm_alignment() or 1)
+
+    def checks(self, ctx: LayerContext) -> list[Check]:
+        checks = super().checks(ctx)
         if deep_gemm_status()[0]:
             ok, why = psum_layout_status()
             checks.append(Check("psum_layout", ok, why))
         return checks
 
-    def workspace_shapes(self, tokens: ExpandedTokens, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, WorkspaceSpec]:
-        r = tokens.x.shape[0]
-        if r == 0:
+    def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
+        if num_rows == 0:
             return {}
-        hidden, inter, dtype = w2.shape[1], w2.shape[2], tokens.x.dtype
+        moe = ctx.cfg.moe
         return {
-            "gate_up": WorkspaceSpec((r, 2 * inter), dtype),
-            "activation": WorkspaceSpec((r, inter), dtype),
-            "expert_rows": WorkspaceSpec((r, hidden), dtype),
+            "gate_up": WorkspaceSpec((num_rows, 2 * moe.intermediate_size), moe.dtype),
+            "activation": WorkspaceSpec((num_rows, moe.intermediate_size), moe.dtype),
+            "expert_rows": WorkspaceSpec((num_rows, moe.hidden_size), moe.dtype),
         }
 
     def apply(
         self,
         tokens: ExpandedTokens,
-        w13: torch.Tensor,
-        w2: torch.Tensor,
+        weights: ExpertWeights,
         out: torch.Tensor,
         workspace: dict[str, torch.Tensor],
     ) -> None:
         from moe_kernels.kernels import silu_and_mul, weighted_gather
 
-        r = tokens.x.shape[0]
+        r = tokens.num_rows
         if r == 0:
             return
-        alignment = contiguous_alignment()
+        alignment = deep_gemm_alignment()
         if tokens.alignment != alignment:
             raise ValueError(
                 f"expanded tokens are aligned to {tokens.alignment} rows but DeepGEMM's contiguous "
@@ -413,11 +400,11 @@ class ExpandedDeepGemmExperts(DeepGemmPart):
         expected_m = max(1, int(tokens.expected_m))
         dg = _deep_gemm()
         dg.m_grouped_bf16_gemm_nt_contiguous(
-            tokens.x, w13, gate_up, ends, use_psum_layout=True, expected_m_for_psum_layout=expected_m
+            tokens.x, weights.w13, gate_up, ends, use_psum_layout=True, expected_m_for_psum_layout=expected_m
         )
         silu_and_mul(gate_up, act, grouped_layout=row_expert)
         dg.m_grouped_bf16_gemm_nt_contiguous(
-            act, w2, rows, ends, use_psum_layout=True, expected_m_for_psum_layout=expected_m
+            act, weights.w2, rows, ends, use_psum_layout=True, expected_m_for_psum_layout=expected_m
         )
         # One slot per row: out[r] = row_weights[r] * rows[r] where dst_row[r] = r, zeros where -1.
         weighted_gather(rows, dst_row, tokens.row_weights.reshape(r, 1), out)
@@ -444,11 +431,11 @@ def expanded_row_map(expert_ends: torch.Tensor, num_rows: int, alignment: int) -
 
 
 __all__ = [
-    "BatchedDeepGemmExperts",
     "DeepGemmExperts",
     "ExpandedDeepGemmExperts",
+    "MaskedDeepGemmExperts",
     "apply_contiguous",
-    "contiguous_alignment",
+    "deep_gemm_alignment",
     "deep_gemm_status",
     "masked_rows_multiple",
 ]

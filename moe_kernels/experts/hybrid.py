@@ -1,20 +1,24 @@
 """DeepGEMM experts that choose the masked or the contiguous layout per call from the batch size.
 
 Small batches (decode): the masked GEMM skips each expert's empty tiles and measured 5-8 %
-faster than ``torch._grouped_mm`` at the HBM limit (field notes), but its scratch grows as
+faster than ``torch._grouped_mm`` at the HBM limit, but its scratch grows as
 ``E x T x (H + 3I)``. Large batches (prefill): the contiguous layout's memory is proportional
 to the routed rows only. ``T`` is a host int, so choosing costs no sync, and for a given ``T``
 the choice is fixed: a CUDA graph captured per batch size replays one path.
+
+The threshold is the measured crossover of the two paths on this GPU and layer shape (the
+tuning table's times of the local masked DeepGEMM pair and the contiguous one), else a default
+from earlier measurements.
 """
 
 from __future__ import annotations
 
 import torch
 
-from moe_kernels.contract import ActivationFormat, StandardTokens, WorkspaceSpec
-from moe_kernels.experts import tuning
+from moe_kernels import tuning
+from moe_kernels.contract import Layout, LayerContext, StandardTokens, WorkspaceSpec
+from moe_kernels.experts.common import write_output
 from moe_kernels.experts.deepgemm import (
-    MASKED_BLOCK_M_MAX,
     DeepGemmPart,
     align_up,
     apply_contiguous,
@@ -23,6 +27,21 @@ from moe_kernels.experts.deepgemm import (
     masked_rows_multiple,
     masked_workspace,
 )
+from moe_kernels.weights import ExpertWeights
+
+#: For a GPU or shape without measurements: the three shapes measured on an H100 (2026-11-23,
+#: docs/performance.md) all crossed over between T=1024 and T=4096, masked faster up to 1024.
+DEFAULT_THRESHOLD = 1024
+DEFAULT_THRESHOLD_SOURCE = "default: masked was faster up to T=1024 on every shape measured on an H100 (2026-11-23)"
+
+#: The masked layout needs ``E x align(T) x (H + 3I)`` of scratch (SGLang once saw 16 GB).
+#: Above this many bytes the hybrid takes the contiguous path whatever the threshold says.
+#: A policy choice, not a measurement.
+MASKED_WORKSPACE_BUDGET_BYTES = 2 * 2**30
+
+#: the pairs whose measured times give the crossover
+MASKED_PAIR = "LocalMaskedPrepareAndFinalize + MaskedDeepGemmExperts"
+CONTIGUOUS_PAIR = "LocalPrepareAndFinalize + DeepGemmExperts"
 
 
 class HybridDeepGemmExperts(DeepGemmPart):
@@ -30,20 +49,18 @@ class HybridDeepGemmExperts(DeepGemmPart):
 
     ``T <= threshold`` (and the masked scratch within ``masked_memory_budget`` bytes): masked --
     Triton ``masked_layout`` with capacity ``align_up(T, masked_rows_multiple())`` (an expert gets
-    at most one row per token, since a token's top-k experts are distinct, so nothing overflows),
-    scatter into ``[E, M, H]``, two masked DeepGEMM GEMMs with SiLU-and-mul between, weighted
-    gather. Otherwise contiguous, exactly as :class:`~moe_kernels.experts.deepgemm.DeepGemmExperts`.
-    ``T == 0`` returns at once, launching nothing.
+    at most one row per token, so nothing overflows), scatter into ``[E, M, H]``, two masked
+    DeepGEMM GEMMs with SiLU-and-mul between, weighted gather. Otherwise contiguous, exactly as
+    :class:`~moe_kernels.experts.deepgemm.DeepGemmExperts`. ``T == 0`` launches nothing.
 
     Args:
-        threshold: largest T that takes the masked path; ``None`` = the measured crossover for the
-            layer shape from :mod:`moe_kernels.experts.tuning` (or its documented default).
-            ``0`` forces contiguous, a huge value masked (within the memory budget).
-        masked_memory_budget: most bytes of masked scratch; ``None`` =
-            :data:`~moe_kernels.experts.tuning.MASKED_WORKSPACE_BUDGET_BYTES`.
+        threshold: largest T that takes the masked path; ``None`` = the measured crossover for
+            the layer on this GPU (or :data:`DEFAULT_THRESHOLD`). ``0`` forces contiguous, a
+            huge value masked (within the memory budget).
+        masked_memory_budget: most bytes of masked scratch; ``None`` = :data:`MASKED_WORKSPACE_BUDGET_BYTES`.
     """
 
-    input_format = ActivationFormat.STANDARD
+    input_layout = Layout.STANDARD
 
     def __init__(self, threshold: int | None = None, *, masked_memory_budget: int | None = None) -> None:
         if threshold is not None and threshold < 0:
@@ -51,64 +68,82 @@ class HybridDeepGemmExperts(DeepGemmPart):
         if masked_memory_budget is not None and masked_memory_budget < 0:
             raise ValueError(f"masked_memory_budget must be >= 0 bytes, got {masked_memory_budget}")
         self.threshold = threshold
-        self.masked_memory_budget = masked_memory_budget
+        self.masked_memory_budget = (
+            MASKED_WORKSPACE_BUDGET_BYTES if masked_memory_budget is None else masked_memory_budget
+        )
 
     def __repr__(self) -> str:
         return f"HybridDeepGemmExperts(threshold={self.threshold}, masked_memory_budget={self.masked_memory_budget})"
 
-    def threshold_for(self, num_experts: int, hidden: int, inter: int) -> int:
-        """The threshold in force for a local layer shape (explicit, else from tuning)."""
+    def threshold_for(self, ctx: LayerContext) -> tuple[int, str]:
+        """The threshold in force for the layer, and where it comes from."""
         if self.threshold is not None:
-            return self.threshold
-        return tuning.hybrid_threshold(num_experts, hidden, inter)[0]
+            return self.threshold, "given"
+        table = tuning.table_for(ctx.device)
+        if table is not None:
+            times = table.pair_times(tuning.ShapeKey.of(ctx.cfg))
+            if MASKED_PAIR in times and CONTIGUOUS_PAIR in times:
+                threshold, note = tuning.crossover(times[MASKED_PAIR], times[CONTIGUOUS_PAIR])
+                if threshold is not None:
+                    return threshold, f"measured crossover ({table.gpu}, {table.source}): {note}"
+        return DEFAULT_THRESHOLD, DEFAULT_THRESHOLD_SOURCE
 
-    def masked_bytes(self, num_tokens: int, num_experts: int, hidden: int, inter: int, itemsize: int = 2) -> int:
-        """Scratch of the masked path: rows ``[E, M, H]`` + gate/up ``[E, M, 2I]`` + act ``[E, M, I]``
-        with ``M = align_up(T, 128)`` (the row multiple at DeepGEMM's default alignment; computed
-        without importing deep_gemm)."""
-        m = align_up(num_tokens, MASKED_BLOCK_M_MAX)
-        return num_experts * m * (hidden + 3 * inter) * itemsize
+    def bind(self, ctx: LayerContext) -> None:
+        super().bind(ctx)
+        self._threshold, self.threshold_source = self.threshold_for(ctx)
 
-    def use_masked(self, num_tokens: int, num_experts: int, hidden: int, inter: int) -> bool:
+    def masked_bytes(self, ctx: LayerContext, num_tokens: int) -> int:
+        """Scratch of the masked path: rows ``[E, M, H]`` + gate/up ``[E, M, 2I]`` + act ``[E, M, I]``."""
+        specs = masked_workspace(ctx, align_up(num_tokens, masked_rows_multiple()), with_rows=True)
+        return sum(s.nbytes for s in specs.values())
+
+    def use_masked(self, ctx: LayerContext, num_tokens: int) -> bool:
         """The path for a call with ``num_tokens`` tokens (host ints only)."""
-        if num_tokens == 0 or num_tokens > self.threshold_for(num_experts, hidden, inter):
+        threshold = self._threshold if hasattr(self, "_threshold") else self.threshold_for(ctx)[0]
+        if num_tokens == 0 or num_tokens > threshold:
             return False
-        budget = self.masked_memory_budget
-        if budget is None:
-            budget = tuning.MASKED_WORKSPACE_BUDGET_BYTES
-        return self.masked_bytes(num_tokens, num_experts, hidden, inter) <= budget
+        return self.masked_bytes(ctx, num_tokens) <= self.masked_memory_budget
 
-    def _masked(self, tokens: StandardTokens, w13: torch.Tensor, w2: torch.Tensor) -> bool:
-        return self.use_masked(tokens.x.shape[0], w13.shape[0], w2.shape[1], w2.shape[2])
-
-    def workspace_shapes(self, tokens: StandardTokens, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, WorkspaceSpec]:
-        t = tokens.x.shape[0]
-        if t == 0:
+    def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
+        if num_rows == 0:
             return {}
-        if self._masked(tokens, w13, w2):
-            return masked_workspace(
-                w13.shape[0], align_up(t, masked_rows_multiple()), w2, tokens.x.dtype, with_rows=True
-            )
-        return contiguous_workspace(tokens, w13, w2)
+        if self.use_masked(ctx, num_rows):
+            return masked_workspace(ctx, align_up(num_rows, masked_rows_multiple()), with_rows=True)
+        return contiguous_workspace(ctx, num_rows)
+
+    def max_workspace_specs(self, ctx: LayerContext, max_rows: int) -> dict[str, WorkspaceSpec]:
+        # the masked path peaks at the largest T it takes, the contiguous one at max_rows: per
+        # name, whichever needs more bytes (the cache keeps one flat buffer per name)
+        candidates = [self.workspace_specs(ctx, max_rows)]
+        masked_t = min(max_rows, self.threshold_for(ctx)[0])
+        while masked_t > 0 and not self.use_masked(ctx, masked_t):
+            masked_t //= 2  # the memory budget cut the masked path below the threshold
+        if masked_t > 0:
+            candidates.append(self.workspace_specs(ctx, masked_t))
+        merged: dict[str, WorkspaceSpec] = {}
+        for specs in candidates:
+            for name, spec in specs.items():
+                if name not in merged or spec.nbytes > merged[name].nbytes:
+                    merged[name] = spec
+        return merged
 
     def apply(
         self,
         tokens: StandardTokens,
-        w13: torch.Tensor,
-        w2: torch.Tensor,
+        weights: ExpertWeights,
         out: torch.Tensor,
         workspace: dict[str, torch.Tensor],
     ) -> None:
-        t = tokens.x.shape[0]
+        t = tokens.num_rows
         if t == 0:
             return
-        if not self._masked(tokens, w13, w2):
-            apply_contiguous(tokens, w13, w2, out, workspace)
+        if not self.use_masked(self.ctx, t):
+            apply_contiguous(tokens, weights, out, workspace)
             return
 
-        from moe_kernels.kernels import masked_layout, scatter_rows, weighted_gather
+        from moe_kernels.kernels import masked_layout, scatter_rows
 
-        num_experts, top_k = w13.shape[0], tokens.topk_ids.shape[1]
+        num_experts, top_k = weights.num_experts, tokens.topk_ids.shape[1]
         capacity = align_up(t, masked_rows_multiple())
         layout = masked_layout(tokens.topk_ids, num_experts, capacity)
         rows = workspace["masked_rows"]
@@ -116,5 +151,5 @@ class HybridDeepGemmExperts(DeepGemmPart):
         # DeepGEMM tunes for the mean rows per expert; with EP some slots are -1, so this is an
         # upper estimate (the host cannot count them without a sync).
         expected_m = -(-t * top_k // num_experts)
-        masked_mlp(rows, w13, w2, layout.counts, expected_m, workspace["gate_up"], workspace["activation"], rows)
-        weighted_gather(rows, layout.dst_row, tokens.topk_weights, out)
+        masked_mlp(rows, weights, layout.counts, expected_m, workspace["gate_up"], workspace["activation"], rows)
+        write_output(rows, layout.dst_row, tokens, out)

@@ -1,44 +1,54 @@
-"""A plain, obviously-correct torch implementation of the expert MLPs (STANDARD layout)."""
+"""The plain torch experts: the yardstick every other implementation is tested against."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from moe_kernels.config import LayerConfig
-from moe_kernels.contract import ActivationFormat, PermuteExpertsUnpermute, StandardTokens
+from moe_kernels.contract import Layout, LayerContext, PermuteExpertsUnpermute, StandardTokens
+from moe_kernels.weights import ExpertWeights
 
 
 class TorchReferenceExperts(PermuteExpertsUnpermute):
     """For each local expert: select its tokens, run the MLP in fp32, add the weighted result.
 
     Slow (one small GEMM pair per expert, boolean indexing syncs with the host) and meant as
-    the yardstick the other experts are tested against, and the CPU fallback.
+    the yardstick the other experts are tested against, and the CPU fallback. Quantized layers
+    are computed from the dequantized weights (and dequantized activations when they arrive
+    in fp8), so the difference to a quantized kernel is that kernel's quantization error.
     """
 
-    input_format = ActivationFormat.STANDARD
+    input_layout = Layout.STANDARD
+    quant_schemes = ("none", "fp8_w8a8_block")
 
-    def preference(self, cfg: LayerConfig, device: torch.device) -> tuple[float, str]:
+    def preference(self, ctx: LayerContext) -> tuple[float, str]:
         return 1000.0, "plain per-expert torch loop: the yardstick, chosen only when nothing else runs"
 
     def apply(
         self,
         tokens: StandardTokens,
-        w13: torch.Tensor,
-        w2: torch.Tensor,
+        weights: ExpertWeights,
         out: torch.Tensor,
         workspace: dict[str, torch.Tensor],
     ) -> None:
         acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+        if tokens.residual is not None:
+            tokens.residual.wait()
+            acc += tokens.residual.tensor.float()
         x = tokens.x.float()
-        inter = w2.shape[-1]
-        for e in range(w13.shape[0]):
+        if tokens.x_scale is not None:
+            from moe_kernels.kernels.quant import dequantize_fp8_token_groups
+
+            x = dequantize_fp8_token_groups(tokens.x, tokens.x_scale)
+        inter = weights.inter
+        for e in range(weights.num_experts):
             token_idx, slot = torch.nonzero(tokens.topk_ids == e, as_tuple=True)
             if token_idx.numel() == 0:
                 continue
-            gate_up = x[token_idx] @ w13[e].float().t()
+            w13, w2 = weights.dequantized(e)
+            gate_up = x[token_idx] @ w13.t()
             h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-            y = h @ w2[e].float().t()
+            y = h @ w2.t()
             weight = tokens.topk_weights[token_idx, slot].unsqueeze(1)
             acc.index_add_(0, token_idx, y * weight)
         out.copy_(acc)

@@ -8,31 +8,30 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.config import LayerConfig
 from moe_kernels.contract import (
-    ActivationFormat,
-    BatchedTokens,
     Check,
+    Layout,
+    LayerContext,
+    MaskedTokens,
     PermuteExpertsUnpermute,
     StandardTokens,
     WorkspaceSpec,
 )
-from moe_kernels.experts.tuning import experts_preference
+from moe_kernels.experts.common import write_output
 from moe_kernels.platform import triton_check, triton_interpreting
+from moe_kernels.weights import ExpertWeights
 
 
 class _TritonPart(PermuteExpertsUnpermute):
-    def check_device(self, device: torch.device) -> Check:
-        return triton_check(device)
+    supports_cuda_graphs = True
 
-    def preference(self, cfg: LayerConfig, device: torch.device) -> tuple[float, str]:
-        if device.type == "cpu" and triton_interpreting():
+    def check_device(self, ctx: LayerContext) -> Check:
+        return triton_check(ctx.device)
+
+    def preference(self, ctx: LayerContext) -> tuple[float, str]:
+        if ctx.device.type == "cpu" and triton_interpreting():
             return 500.0, "Triton under the CPU interpreter: correct but slow"
-        if self.input_format is ActivationFormat.STANDARD:
-            # ranked from the same H100 table as DeepGEMM and torch._grouped_mm where the shape
-            # was measured (docs/experts.md)
-            return experts_preference("TritonExperts", cfg, device)
-        return 50.0, "Triton masked grouped GEMM with fused SiLU-and-mul (portable fallback)"
+        return 50.0, "Triton grouped GEMM with fused SiLU-and-mul (portable fallback)"
 
 
 class TritonExperts(_TritonPart):
@@ -45,71 +44,64 @@ class TritonExperts(_TritonPart):
     on T, so it can be captured in a CUDA graph per batch size.
     """
 
-    input_format = ActivationFormat.STANDARD
-    supports_cuda_graphs = True
+    input_layout = Layout.STANDARD
 
-    def workspace_shapes(self, tokens: StandardTokens, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, WorkspaceSpec]:
-        from moe_kernels.kernels import contiguous_alignment, contiguous_rows_bound
+    def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
+        from moe_kernels.kernels import contiguous_rows_bound
+        from moe_kernels.kernels.grouped_gemm import BLOCK_M
 
-        rows = contiguous_rows_bound(tokens.topk_ids.numel(), w13.shape[0], contiguous_alignment())
-        hidden, inter = w2.shape[1], w2.shape[2]
+        moe = ctx.cfg.moe
+        rows = contiguous_rows_bound(num_rows * moe.top_k, ctx.placement.num_local_experts, BLOCK_M)
         return {
-            "permuted": WorkspaceSpec((rows, hidden), tokens.x.dtype),
-            "activation": WorkspaceSpec((rows, inter), tokens.x.dtype),
-            "expert_rows": WorkspaceSpec((rows, hidden), tokens.x.dtype),
+            "permuted": WorkspaceSpec((rows, moe.hidden_size), moe.dtype),
+            "activation": WorkspaceSpec((rows, moe.intermediate_size), moe.dtype),
+            "expert_rows": WorkspaceSpec((rows, moe.hidden_size), moe.dtype),
         }
 
     def apply(
         self,
         tokens: StandardTokens,
-        w13: torch.Tensor,
-        w2: torch.Tensor,
+        weights: ExpertWeights,
         out: torch.Tensor,
         workspace: dict[str, torch.Tensor],
     ) -> None:
-        from moe_kernels.kernels import (
-            contiguous_alignment,
-            contiguous_layout,
-            grouped_gemm_contiguous,
-            scatter_rows,
-            weighted_gather,
-        )
+        from moe_kernels.kernels import contiguous_layout, grouped_gemm_contiguous, scatter_rows
+        from moe_kernels.kernels.grouped_gemm import BLOCK_M
 
-        if tokens.x.shape[0] == 0:
+        if tokens.num_rows == 0:
             return
-        align = contiguous_alignment()
-        layout = contiguous_layout(tokens.topk_ids, w13.shape[0], align)
+        layout = contiguous_layout(tokens.topk_ids, weights.num_experts, BLOCK_M)
         permuted, act, rows = workspace["permuted"], workspace["activation"], workspace["expert_rows"]
         scatter_rows(tokens.x, layout.dst_row, permuted)
-        grouped_gemm_contiguous(permuted, w13, layout.grouped_layout, act, fuse_silu_and_mul=True, alignment=align)
-        grouped_gemm_contiguous(act, w2, layout.grouped_layout, rows, alignment=align)
-        weighted_gather(rows, layout.dst_row, tokens.topk_weights, out)
+        grouped_gemm_contiguous(
+            permuted, weights.w13, layout.grouped_layout, act, fuse_silu_and_mul=True, alignment=BLOCK_M
+        )
+        grouped_gemm_contiguous(act, weights.w2, layout.grouped_layout, rows, alignment=BLOCK_M)
+        write_output(rows, layout.dst_row, tokens, out)
 
 
-class BatchedTritonExperts(_TritonPart):
-    """BATCHED in and out: ``[E, M, H]`` with ``expert_num_tokens [E]``; rows past an
-    expert's count are neither computed nor written. Fixed shapes, no host sync: capturable
-    in CUDA graphs."""
+class MaskedTritonExperts(_TritonPart):
+    """MASKED in and out: ``[E, M, H]`` with ``counts [E]``; rows past an expert's count are
+    neither computed nor written. Fixed shapes, no host sync: capturable in CUDA graphs."""
 
-    input_format = ActivationFormat.BATCHED
-    supports_cuda_graphs = True
+    input_layout = Layout.MASKED
 
-    def workspace_shapes(self, tokens: BatchedTokens, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, WorkspaceSpec]:
-        e, m, _ = tokens.x.shape
-        return {"activation": WorkspaceSpec((e, m, w2.shape[2]), tokens.x.dtype)}
+    def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
+        moe = ctx.cfg.moe
+        shape = (ctx.placement.num_local_experts, num_rows, moe.intermediate_size)
+        return {"activation": WorkspaceSpec(shape, moe.dtype)}
 
     def apply(
         self,
-        tokens: BatchedTokens,
-        w13: torch.Tensor,
-        w2: torch.Tensor,
+        tokens: MaskedTokens,
+        weights: ExpertWeights,
         out: torch.Tensor,
         workspace: dict[str, torch.Tensor],
     ) -> None:
         from moe_kernels.kernels import grouped_gemm_masked
 
-        if tokens.x.shape[1] == 0:
+        if tokens.num_rows == 0:
             return
         act = workspace["activation"]
-        grouped_gemm_masked(tokens.x, w13, tokens.expert_num_tokens, act, fuse_silu_and_mul=True)
-        grouped_gemm_masked(act, w2, tokens.expert_num_tokens, out)
+        grouped_gemm_masked(tokens.x, weights.w13, tokens.counts, act, fuse_silu_and_mul=True)
+        grouped_gemm_masked(act, weights.w2, tokens.counts, out)

@@ -30,14 +30,6 @@ BLOCK_K = 64
 NUM_STAGES = 3
 
 
-def contiguous_alignment() -> int:
-    """Segment alignment the contiguous layout needs for :func:`grouped_gemm_contiguous` defaults.
-
-    Any multiple of this value works too (e.g. 128 to also suit DeepGEMM).
-    """
-    return BLOCK_M
-
-
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr,
@@ -194,7 +186,7 @@ def grouped_gemm_contiguous(
     """Contiguous-layout grouped GEMM: ``out[r] = a[r] @ b[grouped_layout[r]].T``.
 
     Caller contract: every expert segment starts on a multiple of ``block_m`` (build the layout
-    with an alignment that is a multiple of ``block_m``, by default :func:`contiguous_alignment`),
+    with an alignment that is a multiple of ``block_m``, by default :data:`BLOCK_M`),
     so that each row tile holds rows of one expert. Tiles whose first row is ``-1`` are skipped;
     ``-1`` rows inside a tile are computed but not written.
 

@@ -1,9 +1,10 @@
 """Expert parallelism over DeepEP 2.5's ``EPBuffer`` (NVLink kernels), EXPANDED output.
 
 Both parts dispatch with ``do_expand=True``: DeepEP writes one row per (token, local expert),
-grouped by expert, each expert's segment starting on a multiple of the alignment DeepGEMM's
-contiguous layout needs. That is :class:`~moe_kernels.contract.ExpandedTokens` as is -- the
-received tensors are handed to the experts without a copy:
+grouped by expert, each expert's segment starting on a multiple of the alignment the experts'
+format asks for (DeepGEMM's contiguous-layout alignment for the DeepGEMM experts). That is
+:class:`~moe_kernels.contract.ExpandedTokens` as is -- the received tensors are handed to the
+experts without a copy:
 
 * ``x = recv_x [R, H]`` bf16,
 * ``expert_ends = handle.psum_num_recv_tokens_per_expert [E_local]`` int32 (expert e's rows are
@@ -20,19 +21,35 @@ finalize is the combine alone.
   worst case (:func:`~.deepep_buffer.expanded_capacity_rows`), counts only on the GPU, no
   host sync anywhere: capturable in a CUDA graph.
 
-Rules DeepEP 2.5 does not check on the device and these parts enforce (a violation writes
-through a peer's NVLink window -- ``cudaErrorIllegalAddress`` -- or hangs):
+DeepEP routes by contiguous ownership (expert ``e`` on rank ``e // E_local``); any other
+:class:`~moe_kernels.placement.ExpertPlacement` is honoured by translating the ids first (one
+gather on the device, no sync).
 
-* every rank passes the same ``num_max_tokens_per_rank`` and sizes its buffer identically
-  (the buffer is symmetric memory; slot offsets are ``src_rank * num_max_tokens_per_rank``):
-  the ranks' layer parameters are compared once, before the buffer is built;
-* ``T <= num_max_tokens_per_rank`` on every call; ``top_k <= 32``; ``num_experts <= 2048``;
-  ``num_experts / ep_size <= 512``; expert ids in ``[-1, num_experts)`` and distinct within a
-  token (the composer checks ids unless told not to or while capturing);
+Rules DeepEP 2.5 does not check (a violation writes through a peer's NVLink window --
+``cudaErrorIllegalAddress`` --, traps the receiving GPU or hangs), which these parts enforce:
+
+* every rank passes the same ``num_max_tokens_per_rank``, hidden size, expert count and top-k
+  and sizes its buffer identically (the buffer is symmetric memory; slot offsets are
+  ``src_rank * num_max_tokens_per_rank``): the ranks' layer parameters are compared when the
+  kernel is built, before the buffer is;
+* expert ids in ``[-1, num_experts)`` (larger ids write out of bounds) and distinct within a
+  token (a repeat traps the receiving GPU): the composer checks ids unless told not to or
+  while capturing; FusedMoE's router makes distinct ids by construction;
+* ``hidden % 256 == 0`` (combine's kernel does not compile otherwise) -- checked with the
+  compiled limits below.
+
+DeepEP itself checks on the host (and raises): ``T <= num_max_tokens_per_rank``, the
+``topk_idx`` dtype, ``num_experts % ranks == 0``, ``top_k <= 32``, ``num_experts <= 2048``,
+``num_experts / ep_size <= 512``. Further facts:
+
 * ``num_max_tokens_per_rank``, ``hidden``, ``num_experts``, ``top_k``, the alignment, the SM
   count and the mode are JIT template parameters: they are fixed per part, so each part
   compiles its kernels once (warm up before timing or capturing);
-* a rank with no tokens still calls both collectives (it sends one token routed nowhere).
+* a rank with no tokens still calls both collectives (it sends one token routed nowhere);
+* row order inside an expert's segment is not deterministic (atomic slot assignment); the
+  experts compute every row independently, so the output does not depend on it;
+* ``torch.use_deterministic_algorithms(True)`` makes every DeepEP call assert (it fills
+  uninitialized memory): leave it off.
 """
 
 from __future__ import annotations
@@ -42,25 +59,32 @@ from abc import abstractmethod
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 
-from moe_kernels.config import LayerConfig
 from moe_kernels.contract import (
-    ActivationFormat,
     Check,
     ExpandedTokens,
-    PrepareAndFinalize,
+    Layout,
+    LayerContext,
+    Pending,
     PrepareResult,
+    Residual,
+    TokenFormat,
+    WorkspaceSpec,
     check_device_type,
 )
-from moe_kernels.distributed import check_agreement, check_expert_map, group_backend
+from moe_kernels.distributed import group_backend
 from moe_kernels.prepare_finalize import deepep_buffer as epb
+from moe_kernels.prepare_finalize.ep_base import ExpertParallelPrepareAndFinalize
 
 #: at or below this many tokens per rank a call is decode-sized: the low-latency mode wins
 DECODE_MAX_TOKENS = 256
 
-#: the low-latency mode allocates its worst-case ``recv_x`` every call; refuse beyond this
+#: the low-latency mode's worst-case ``recv_x``; refuse layers that would need more
 LOW_LATENCY_RECV_BUDGET_BYTES = 4 * 2**30
+
+#: combine's kernel is written for hidden sizes in multiples of 256 elements (DeepEP 2.5
+#: csrc/kernels/.../combine.cuh); other sizes fail to compile at the first finalize
+HIDDEN_MULTIPLE = 256
 
 
 class _Route:
@@ -74,283 +98,320 @@ class _Route:
         self.num_tokens = num_tokens
 
 
-class _DeepEPPrepareAndFinalize(PrepareAndFinalize):
+class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
     """Shared by both modes; see the module docstring.
 
-    ``group``: the expert-parallel NCCL process group (``None`` builds a part whose checks
-    refuse, so registries can build it anywhere). ``max_num_tokens_per_rank``: the most tokens
-    any rank passes in one call (``ParallelConfig.max_tokens_per_rank``; identical on all ranks).
     ``num_sms``: SMs for dispatch/combine (default: DeepEP's estimate, 24 when it cannot read
-    NVLink bandwidth). ``expert_alignment``: segment alignment (default: DeepGEMM's contiguous
-    alignment, 128 on SM90). ``zero_padding``: have DeepEP zero the alignment gaps; off by
+    NVLink bandwidth). ``expert_alignment``: pin the segment alignment (default: whatever the
+    experts' format asks for). ``zero_padding``: have DeepEP zero the alignment gaps; off by
     default because the experts never read them and zeroing up to ``(A-1) * E_local`` rows per
     call costs more than a decode dispatch itself.
     """
 
-    output_format = ActivationFormat.EXPANDED
+    output_layout = Layout.EXPANDED
     devices = ("cuda",)
     dtypes = (torch.bfloat16,)  # EPBuffer.combine takes bf16 only
-    supports_chunking = False
     #: DeepEP's mode switch: wait on the host for exact sizes (HT) or size for the worst case (LL)
     do_cpu_sync: ClassVar[bool]
 
-    def __init__(
-        self,
-        group: dist.ProcessGroup | None,
-        max_num_tokens_per_rank: int,
-        *,
-        num_sms: int | None = None,
-        expert_alignment: int | None = None,
-        zero_padding: bool = False,
-    ) -> None:
-        if max_num_tokens_per_rank <= 0:
-            raise ValueError(f"max_num_tokens_per_rank must be positive, got {max_num_tokens_per_rank}")
+    def __init__(self, *, num_sms: int | None = None, expert_alignment: int | None = None, zero_padding: bool = False):
         if num_sms is not None and num_sms <= 0:
             raise ValueError(f"num_sms must be positive, got {num_sms}")
         if expert_alignment is not None and expert_alignment <= 0:
             raise ValueError(f"expert_alignment must be positive, got {expert_alignment}")
-        self.group = group
-        self._max_tokens = max_num_tokens_per_rank
-        self._num_sms = num_sms
-        self._alignment = expert_alignment
+        self.num_sms = num_sms
+        self.expert_alignment = expert_alignment
         self.zero_padding = zero_padding
-        self._sms = 0  # settled by _setup (with the other ranks) on the first call
-        self._ready = False
-        self._map_checked = False
 
     # --- capabilities ---------------------------------------------------------------------
 
-    @property
-    def expert_alignment(self) -> int:
-        return self._alignment if self._alignment is not None else epb.expert_alignment()
-
-    def check_device(self, device: torch.device) -> Check:
-        base = check_device_type("device", device, self.devices)
-        if not base.ok:
-            return Check.failed("device", f"DeepEP needs a CUDA GPU, not {device.type}")
+    def check_device(self, ctx: LayerContext) -> Check:
+        if not check_device_type("device", ctx.device, self.devices).ok:
+            return Check.failed("device", f"DeepEP needs a CUDA GPU, not {ctx.device.type}")
         from moe_kernels.platform import sm_check
 
-        return sm_check(device, 9, "DeepEP 2.5 (TMA kernels)")
+        return sm_check(ctx.device, 9, "DeepEP 2.5 (TMA kernels)")
 
-    def check_parallel(self, cfg: LayerConfig) -> Check:
-        par = cfg.parallel
-        if self.group is None:
-            return Check.failed("parallel", "needs the expert-parallel process group (pass group= to select)")
-        if par.ep_size == 1:
+    def check_format(self, ctx: LayerContext, fmt: TokenFormat) -> Check:
+        pinned = self.expert_alignment
+        if pinned is not None and pinned % fmt.alignment:
+            return Check.failed("format", f"{self.name} was built with expert_alignment={pinned}")
+        if fmt.fp8:
+            return Check.failed("format", f"{self.name} dispatches bf16 only")
+        return Check.passed("format", f"expert segments aligned to {pinned or fmt.alignment} rows")
+
+    def check_parallel(self, ctx: LayerContext) -> Check:
+        base = super().check_parallel(ctx)
+        if not base.ok:
+            return base
+        if ctx.placement.ep_size > epb.MAX_RANKS:
             return Check.failed(
-                "parallel", "ep_size=1: nothing to exchange; LocalPrepareAndFinalize runs it without communication"
+                "parallel", f"DeepEP 2.5 handles at most {epb.MAX_RANKS} ranks, ep_size={ctx.placement.ep_size}"
             )
-        if par.ep_size > epb.MAX_RANKS:
-            return Check.failed("parallel", f"DeepEP 2.5 handles at most {epb.MAX_RANKS} ranks, ep_size={par.ep_size}")
-        size, rank = self.group.size(), self.group.rank()
-        if size != par.ep_size or rank != par.ep_rank:
-            return Check.failed(
-                "parallel",
-                f"the process group has size {size}, rank {rank}; the config says ep_size={par.ep_size}, "
-                f"ep_rank={par.ep_rank}",
-            )
-        backend = group_backend(self.group)
+        assert ctx.group is not None  # the base check refuses a missing group
+        backend = group_backend(ctx.group)
         if "nccl" not in backend:
             return Check.failed("parallel", f"DeepEP runs on an NCCL process group, this one is {backend}")
-        if par.max_tokens_per_rank > self._max_tokens:
-            return Check.failed(
-                "parallel",
-                f"the layer may pass {par.max_tokens_per_rank} tokens per rank; this part was built for "
-                f"{self._max_tokens} (num_max_tokens_per_rank)",
-            )
-        return super().check_parallel(cfg)
+        return base
 
-    def check_limits(self, cfg: LayerConfig) -> Check:
+    def check_limits(self, ctx: LayerContext) -> Check:
         """DeepEP 2.5's compiled limits (beyond them its kernels write out of bounds or trap)."""
-        moe, ep = cfg.moe, cfg.parallel.ep_size
+        moe, e_local = ctx.cfg.moe, ctx.placement.num_local_experts
         if moe.top_k > epb.MAX_TOP_K:
             return Check.failed("limits", f"DeepEP handles top_k <= {epb.MAX_TOP_K}, got {moe.top_k}")
         if moe.num_experts > epb.MAX_EXPERTS:
             return Check.failed("limits", f"DeepEP handles <= {epb.MAX_EXPERTS} experts, got {moe.num_experts}")
-        if moe.num_experts % ep:
-            return Check.failed("limits", f"num_experts ({moe.num_experts}) must be divisible by ep_size ({ep})")
-        if moe.num_experts // ep > epb.MAX_EXPERTS_PER_RANK:
+        if e_local > epb.MAX_EXPERTS_PER_RANK:
             return Check.failed(
-                "limits", f"DeepEP handles <= {epb.MAX_EXPERTS_PER_RANK} experts per rank, got {moe.num_experts // ep}"
+                "limits", f"DeepEP handles <= {epb.MAX_EXPERTS_PER_RANK} experts per rank, got {e_local}"
             )
-        return Check.passed("limits", f"top_k={moe.top_k}, {moe.num_experts // ep} experts per rank")
+        if moe.hidden_size % HIDDEN_MULTIPLE:
+            return Check.failed(
+                "limits", f"DeepEP's combine needs hidden_size % {HIDDEN_MULTIPLE} == 0, got {moe.hidden_size}"
+            )
+        return Check.passed("limits", f"top_k={moe.top_k}, {e_local} experts per rank")
 
-    def checks(self, cfg: LayerConfig, device: torch.device) -> list[Check]:
-        return [*super().checks(cfg, device), epb.deep_ep_check(), epb.nccl_check(), self.check_limits(cfg)]
+    def checks(self, ctx: LayerContext) -> list[Check]:
+        return [*super().checks(ctx), epb.deep_ep_check(), epb.nccl_check(), self.check_limits(ctx)]
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def alignment(self, fmt: TokenFormat) -> int:
+        return self.expert_alignment or fmt.alignment
+
+    def agreement(self, ctx: LayerContext, fmt: TokenFormat) -> dict[str, int | bool | torch.dtype]:
+        return {
+            **super().agreement(ctx, fmt),
+            "mode (do_cpu_sync)": self.do_cpu_sync,
+            "expert_alignment": self.alignment(fmt),
+            "num_sms (0 = automatic)": self.num_sms or 0,
+        }
+
+    def bind(self, ctx: LayerContext, fmt: TokenFormat) -> None:
+        """Agree with the other ranks on everything that sizes the buffer or enters a JIT
+        template, reserve the group's buffer and settle the SM count."""
+        super().bind(ctx, fmt)
+        moe = ctx.cfg.moe
+        self._max_tokens = ctx.cfg.parallel.max_tokens_per_rank
+        buffer = epb.reserve(
+            self.group, num_max_tokens_per_rank=self._max_tokens, hidden=moe.hidden_size, top_k=moe.top_k
+        )
+        self._reserved = True
+        sms = self.num_sms or epb.num_sms_for(buffer, moe.num_experts, moe.top_k)
+        sms += sms % 2  # DeepEP rounds up to even; agree on what it will use
+        if self.num_sms is None:
+            from moe_kernels.distributed import check_agreement
+
+            check_agreement(self.group, self.name, {"num_sms": sms})
+        self._sms = sms
+        self._alignment = self.alignment(fmt)
+
+    def release(self) -> None:
+        if getattr(self, "_reserved", False):
+            self._reserved = False
+            epb.release(self.group)
 
     # --- the chain ------------------------------------------------------------------------
-
-    def num_dispatchers(self) -> int:
-        return self._require_group().size()
-
-    def max_num_tokens_per_rank(self) -> int | None:
-        return self._max_tokens
 
     def prepare(
         self,
         x: torch.Tensor,
         topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
-        *,
-        num_experts: int,
-        num_local_experts: int,
-        expert_map: torch.Tensor | None,
+        workspace: dict[str, torch.Tensor],
     ) -> PrepareResult:
         """Dispatch ``x [T, H]`` bf16 by ``topk_ids [T, K]`` (global ids, ``-1`` = none) into
         the expanded layout on the owning ranks; see the module docstring for the result."""
-        group = self._require_group()
-        world = group.size()
-        t, k = topk_ids.shape
-        if t > self._max_tokens:
-            raise ValueError(
-                f"x has {t} tokens; this DeepEP part takes at most {self._max_tokens} per rank "
-                "(num_max_tokens_per_rank: more would overrun the peers' receive slots)"
-            )
-        if num_local_experts * world != num_experts:
-            raise ValueError(
-                f"num_experts ({num_experts}) must equal num_local_experts ({num_local_experts}) x ranks ({world})"
-            )
-        if x.dtype != torch.bfloat16:
-            raise TypeError(f"DeepEP dispatches bf16 activations, got {x.dtype}")
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not self._ready:
-            if capturing:
-                raise RuntimeError(f"{self.name} must run once before CUDA-graph capture (it builds the buffer then)")
-            self._setup(x.shape[1], k, num_experts, num_local_experts)
-        if expert_map is not None and not self._map_checked and not capturing:
-            check_expert_map(expert_map, group.rank(), num_local_experts)
-            self._map_checked = True
+        return self._dispatch(x, topk_ids, topk_weights, overlap=False).wait()
 
+    def prepare_async(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        workspace: dict[str, torch.Tensor],
+    ) -> Pending[PrepareResult]:
+        """:meth:`prepare` on DeepEP's communication stream (``async_with_compute_stream``): the
+        compute stream goes on until the result is waited on (its event)."""
+        return self._dispatch(x, topk_ids, topk_weights, overlap=True)
+
+    def _dispatch(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *, overlap: bool
+    ) -> Pending[PrepareResult]:
+        group = self.group
+        t, k = topk_ids.shape
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            epb.mark_captured(group)
         deep_ep, _ = epb.probe_deep_ep()
-        buffer = epb.get_buffer(group, num_max_tokens_per_rank=self._max_tokens, hidden=x.shape[1], top_k=k)
+        buffer = epb.current(group)
         if t == 0:
             # an empty rank still joins both collectives: one token routed to no expert
             x = x.new_zeros((1, x.shape[1]))
             ids = torch.full((1, k), -1, dtype=deep_ep.topk_idx_t, device=x.device)
             weights = torch.zeros((1, k), dtype=torch.float32, device=x.device)
         else:
-            ids = topk_ids.to(deep_ep.topk_idx_t).contiguous()
+            ids = self.slots(topk_ids).to(deep_ep.topk_idx_t).contiguous()
             weights = topk_weights.contiguous()
-        alignment = self.expert_alignment
-        recv_x, _, recv_weights, handle, _ = buffer.dispatch(
+        recv_x, _, recv_weights, handle, event = buffer.dispatch(
             x,
             topk_idx=ids,
             topk_weights=weights,
-            num_experts=num_experts,
+            num_experts=self.ctx.cfg.moe.num_experts,
             num_max_tokens_per_rank=self._max_tokens,
-            expert_alignment=alignment,
+            expert_alignment=self._alignment,
             num_sms=self._sms,
             do_cpu_sync=self.do_cpu_sync,
             do_expand=True,
             do_zero_padding=self.zero_padding,
+            async_with_compute_stream=overlap,
         )
-        tokens = ExpandedTokens(
-            x=recv_x,
-            expert_ends=handle.psum_num_recv_tokens_per_expert,
-            row_weights=recv_weights,
-            alignment=alignment,
-            expected_m=self._expected_m(handle, t, world, k, num_experts, num_local_experts),
-        )
-        return PrepareResult(tokens, handle=_Route(handle, buffer, t))
 
-    def finalize(self, out: torch.Tensor, expert_output: torch.Tensor, prepared: PrepareResult) -> None:
+        def finish() -> PrepareResult:
+            if overlap:
+                event.current_stream_wait()
+            tokens = ExpandedTokens(
+                x=recv_x,
+                expert_ends=handle.psum_num_recv_tokens_per_expert,
+                row_weights=recv_weights,
+                alignment=self._alignment,
+                expected_m=self._expected_m(handle, t),
+            )
+            return PrepareResult(tokens, handle=_Route(handle, buffer, t))
+
+        return Pending(finish)
+
+    def finalize(
+        self,
+        out: torch.Tensor,
+        expert_output: torch.Tensor,
+        prepared: PrepareResult,
+        residual: Residual | None = None,
+    ) -> None:
         """Combine the weighted rows ``expert_output [R, H]`` bf16 back to their source ranks:
-        ``out[t]`` = the sum of token t's rows (DeepEP applies no weights here)."""
+        ``out[t]`` = the sum of token t's rows (DeepEP applies no weights here) + ``residual``."""
+        self._combine(out, expert_output, prepared, residual, overlap=False).wait()
+
+    def finalize_async(
+        self,
+        out: torch.Tensor,
+        expert_output: torch.Tensor,
+        prepared: PrepareResult,
+        residual: Residual | None = None,
+    ) -> Pending[None]:
+        return self._combine(out, expert_output, prepared, residual, overlap=True)
+
+    def _combine(
+        self,
+        out: torch.Tensor,
+        expert_output: torch.Tensor,
+        prepared: PrepareResult,
+        residual: Residual | None,
+        *,
+        overlap: bool,
+    ) -> Pending[None]:
         route: _Route = prepared.handle
-        combined, _, _ = route.buffer.combine(expert_output.contiguous(), handle=route.handle)
-        out.copy_(combined[: route.num_tokens])
-
-    # --- internals ------------------------------------------------------------------------
-
-    def _setup(self, hidden: int, top_k: int, num_experts: int, num_local_experts: int) -> None:
-        """Agree with the other ranks on everything that sizes the buffer or enters a JIT
-        template, then build (or reuse) the group's buffer and settle the SM count."""
-        group = self._require_group()
-        check_agreement(
-            group,
-            self.name,
-            {
-                "mode (do_cpu_sync)": self.do_cpu_sync,
-                "hidden_size": hidden,
-                "top_k": top_k,
-                "num_experts": num_experts,
-                "num_local_experts": num_local_experts,
-                "max_num_tokens_per_rank": self._max_tokens,
-                "expert_alignment": self.expert_alignment,
-                "num_sms (0 = automatic)": self._num_sms or 0,
-            },
+        combined, _, event = route.buffer.combine(
+            expert_output.contiguous(), handle=route.handle, async_with_compute_stream=overlap
         )
-        buffer = epb.get_buffer(group, num_max_tokens_per_rank=self._max_tokens, hidden=hidden, top_k=top_k)
-        sms = self._num_sms or epb.num_sms_for(buffer, num_experts, top_k)
-        sms += sms % 2  # DeepEP rounds up to even; agree on what it will use
-        if self._num_sms is None:
-            check_agreement(group, self.name, {"num_sms": sms})
-        self._sms = sms
-        self._ready = True
+
+        def finish() -> None:
+            if overlap:
+                event.current_stream_wait()
+            rows = combined[: route.num_tokens]
+            if residual is None:
+                out.copy_(rows)
+                return
+            residual.wait()
+            torch.add(rows, residual.tensor, out=out)  # in the copy's place: no extra pass
+
+        return Pending(finish)
+
+    def capacity_rows(self, ctx: LayerContext, fmt: TokenFormat) -> int:
+        """Rows of a worst-case expanded dispatch (every rank sends every token here)."""
+        moe, placement = ctx.cfg.moe, ctx.placement
+        return epb.expanded_capacity_rows(
+            placement.ep_size,
+            ctx.cfg.parallel.max_tokens_per_rank,
+            moe.top_k,
+            placement.num_local_experts,
+            self.alignment(fmt),
+        )
 
     @abstractmethod
-    def _expected_m(self, handle: Any, t: int, world: int, top_k: int, num_experts: int, num_local_experts: int) -> int:
+    def _expected_m(self, handle: Any, t: int) -> int:
         """A host-side estimate of the valid rows per local expert (DeepGEMM tunes for it)."""
-
-    def _require_group(self) -> dist.ProcessGroup:
-        if self.group is None:
-            raise RuntimeError(f"{self.name} was built without a process group")
-        return self.group
 
 
 class DeepEPHighThroughputPrepareAndFinalize(_DeepEPPrepareAndFinalize):
     """EXPANDED dispatch with exact, host-known sizes (``do_cpu_sync=True``): for prefill and
-    large batches. One host sync per call (the CPU waits for the received counts)."""
+    large batches. One host sync per call (the CPU waits for the received counts). The received
+    rows vary per call, so the experts' workspaces are reserved for a balanced routing and grow
+    on demand (this part is never captured in a CUDA graph)."""
 
     do_cpu_sync = True
     supports_cuda_graphs = False
 
-    def preference(self, cfg: LayerConfig, device: torch.device) -> tuple[float, str]:
-        if cfg.parallel.max_tokens_per_rank > DECODE_MAX_TOKENS:
+    def max_expert_rows(self, ctx: LayerContext, fmt: TokenFormat) -> int:
+        moe, e_local = ctx.cfg.moe, ctx.placement.num_local_experts
+        balanced = ctx.cfg.parallel.max_tokens_per_rank * min(moe.top_k, e_local)
+        return epb.expanded_capacity_rows(1, balanced, 1, e_local, self.alignment(fmt))
+
+    def preference(self, ctx: LayerContext) -> tuple[float, str]:
+        if ctx.cfg.parallel.max_tokens_per_rank > DECODE_MAX_TOKENS:
             return 10.0, "DeepEP high-throughput: NVLink kernels, zero-copy expanded layout, exact sizes"
         return 25.0, (
             f"DeepEP high-throughput at <= {DECODE_MAX_TOKENS} tokens per rank: its host sync per call "
             "dominates; the low-latency mode is preferred"
         )
 
-    def _expected_m(self, handle: Any, t: int, world: int, top_k: int, num_experts: int, num_local_experts: int) -> int:
+    def _expected_m(self, handle: Any, t: int) -> int:
         # the host already knows the (aligned) rows per expert
-        return max(1, math.ceil(handle.num_expanded_tokens / num_local_experts))
+        return max(1, math.ceil(handle.num_expanded_tokens / self.ctx.placement.num_local_experts))
 
 
 class DeepEPLowLatencyPrepareAndFinalize(_DeepEPPrepareAndFinalize):
     """EXPANDED dispatch with capacity-sized outputs and GPU-only counts (``do_cpu_sync=False``):
     for decode; no host sync in prepare or finalize, so prepare -> experts -> finalize can be
-    captured in a CUDA graph (after one eager call has built the buffer and compiled the kernels).
+    captured in a CUDA graph (the buffer is built and the shapes fixed when the kernel is
+    built; warm the JIT up with one eager call before capturing).
     """
 
     do_cpu_sync = False
     supports_cuda_graphs = True
 
-    def check_parallel(self, cfg: LayerConfig) -> Check:
-        base = super().check_parallel(cfg)
+    def check_parallel(self, ctx: LayerContext) -> Check:
+        base = super().check_parallel(ctx)
         if not base.ok:
             return base
-        moe, ep = cfg.moe, cfg.parallel.ep_size
-        rows = epb.expanded_capacity_rows(ep, self._max_tokens, moe.top_k, moe.num_experts // ep, self.expert_alignment)
-        nbytes = rows * moe.hidden_size * moe.dtype.itemsize
+        fmt = TokenFormat(Layout.EXPANDED, self.expert_alignment or 1)
+        rows = self.capacity_rows(ctx, fmt)
+        nbytes = rows * ctx.cfg.moe.hidden_size * ctx.cfg.moe.dtype.itemsize
         if nbytes > LOW_LATENCY_RECV_BUDGET_BYTES:
             return Check.failed(
                 "parallel",
-                f"low-latency outputs are sized for the worst case: {rows} rows x H={moe.hidden_size} = "
-                f"{nbytes / 2**30:.1f} GiB per call at max_tokens_per_rank={self._max_tokens} "
+                f"low-latency outputs are sized for the worst case: {rows} rows x H={ctx.cfg.moe.hidden_size} = "
+                f"{nbytes / 2**30:.1f} GiB per call at max_tokens_per_rank={ctx.cfg.parallel.max_tokens_per_rank} "
                 f"(budget {LOW_LATENCY_RECV_BUDGET_BYTES / 2**30:.0f} GiB); lower max_tokens_per_rank "
                 "or use the high-throughput mode",
             )
         return base
 
-    def preference(self, cfg: LayerConfig, device: torch.device) -> tuple[float, str]:
-        if cfg.parallel.cuda_graphs:
+    def max_expert_rows(self, ctx: LayerContext, fmt: TokenFormat) -> int:
+        return self.capacity_rows(ctx, fmt)
+
+    def workspace_specs(self, ctx: LayerContext, fmt: TokenFormat) -> dict[str, WorkspaceSpec]:
+        # the experts' output rows, at the fixed capacity a captured graph replays with
+        rows = self.capacity_rows(ctx, fmt)
+        return {"expert_output": WorkspaceSpec((rows, ctx.cfg.moe.hidden_size), ctx.cfg.moe.dtype)}
+
+    def preference(self, ctx: LayerContext) -> tuple[float, str]:
+        if ctx.cfg.parallel.cuda_graphs:
             return 5.0, "DeepEP low-latency: no host sync, the DeepEP mode a CUDA graph can capture"
-        if cfg.parallel.max_tokens_per_rank <= DECODE_MAX_TOKENS:
+        if ctx.cfg.parallel.max_tokens_per_rank <= DECODE_MAX_TOKENS:
             return 8.0, f"DeepEP low-latency: no host sync at decode sizes (<= {DECODE_MAX_TOKENS} tokens per rank)"
         return 30.0, "DeepEP low-latency at large batches: worst-case-sized outputs waste memory and bandwidth"
 
-    def _expected_m(self, handle: Any, t: int, world: int, top_k: int, num_experts: int, num_local_experts: int) -> int:
+    def _expected_m(self, handle: Any, t: int) -> int:
         # nothing may be read from the GPU: assume every rank routes like this one, balanced
-        return max(1, math.ceil(world * t * top_k / num_experts))
+        placement, moe = self.ctx.placement, self.ctx.cfg.moe
+        return max(1, math.ceil(placement.ep_size * t * moe.top_k / moe.num_experts))

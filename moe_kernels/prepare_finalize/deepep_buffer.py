@@ -9,13 +9,16 @@ Probes never raise; each answers with a :class:`~moe_kernels.contract.Check`:
   versions to be equal. ``torch.cuda.nccl.version()`` reports the version torch was *compiled*
   with, so the loaded library is asked directly (``ncclGetVersion``).
 
-Buffer lifecycle (:func:`get_buffer`): one ``EPBuffer`` per process group, shared by every
-layer and by both modes, created on first use (a collective: every rank's first call
-creates it), sized with ``EPBuffer.get_buffer_size_hint`` for the largest
-``(num_max_tokens_per_rank, hidden, top_k)`` asked so far, regrown (destroyed and recreated)
-when a later layer needs more, and never created or regrown during CUDA-graph capture: run
-every layer once before capturing. :func:`release_all` destroys the buffers (they are built
-with ``explicitly_destroy=True``); call it before ``dist.destroy_process_group()``.
+Buffer lifecycle: one ``EPBuffer`` per process group, shared by every layer and by both modes.
+Each DeepEP part reserves it (:func:`reserve`) when its kernel is built (a collective: every rank
+binds the same layers in the same order, which the parts check first), sized with
+``EPBuffer.get_buffer_size_hint`` for the largest ``(num_max_tokens_per_rank, hidden, top_k)``
+reserved so far; a larger later reservation regrows it (destroy and recreate) -- unless a
+captured CUDA graph has used it, in which case growing would leave the graph writing through
+freed memory, so it raises. :func:`release` drops one part's reservation and destroys the
+buffer with the last one (buffers are built with ``explicitly_destroy=True``);
+:func:`release_all` runs at process-group teardown
+(:func:`moe_kernels.distributed.at_teardown`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from moe_kernels.contract import Check
+from moe_kernels.distributed import at_teardown
 
 #: DeepEP 2.5 needs ncclCommQueryProperties (2.29.2); 2.31 lifts the compile == runtime rule
 NCCL_MIN = (2, 29, 2)
@@ -43,9 +47,6 @@ MAX_TOP_K = 32
 MAX_EXPERTS = 2048
 MAX_EXPERTS_PER_RANK = 512
 MAX_RANKS = 1024
-
-#: DeepGEMM's SM90 contiguous-layout alignment, used when deep_gemm cannot be asked
-DEFAULT_EXPERT_ALIGNMENT = 128
 
 #: SMs for dispatch/combine when DeepEP cannot read the NVLink bandwidth (its own estimate
 #: then falls to 4 SMs, far too few)
@@ -134,19 +135,6 @@ def _fmt(v: tuple[int, int, int]) -> str:
     return ".".join(map(str, v))
 
 
-@functools.cache
-def expert_alignment() -> int:
-    """Row alignment of each expert's segment: DeepGEMM's contiguous-layout alignment
-    (``deep_gemm.get_mk_alignment_for_contiguous_layout()``), 128 (SM90) without DeepGEMM."""
-    try:
-        dg = importlib.import_module("deep_gemm")
-        # older DeepGEMM releases name it get_m_alignment_for_contiguous_layout
-        getter = getattr(dg, "get_mk_alignment_for_contiguous_layout", None) or dg.get_m_alignment_for_contiguous_layout
-        return int(getter())
-    except Exception:  # DeepGEMM absent or without the symbol: its documented SM90 value
-        return DEFAULT_EXPERT_ALIGNMENT
-
-
 def expanded_capacity_rows(world: int, max_tokens: int, top_k: int, num_local_experts: int, alignment: int) -> int:
     """Rows DeepEP allocates for an expanded dispatch without a host sync: every rank could send
     every token to ``min(top_k, E_local)`` of this rank's experts, plus each expert's alignment
@@ -162,19 +150,23 @@ def expanded_capacity_rows(world: int, max_tokens: int, top_k: int, num_local_ex
 class _Entry:
     buffer: Any
     num_bytes: int
+    users: int = 0
+    captured: bool = False
 
 
 _BUFFERS: dict[Any, _Entry] = {}
-#: get_buffer_size_hint answers, so a call costs a dict lookup once the buffer exists
+#: get_buffer_size_hint answers, so a reservation costs a dict lookup once the buffer exists
 _HINTS: dict[tuple[Any, int, int, int], int] = {}
 
 
-def get_buffer(group: dist.ProcessGroup, *, num_max_tokens_per_rank: int, hidden: int, top_k: int) -> Any:
-    """The group's ``deep_ep.EPBuffer``, large enough for dispatches of up to
-    ``num_max_tokens_per_rank`` tokens of ``hidden`` bf16 values with ``top_k`` experts.
+def reserve(group: dist.ProcessGroup, *, num_max_tokens_per_rank: int, hidden: int, top_k: int) -> Any:
+    """Count one more user of ``group``'s ``deep_ep.EPBuffer`` and make it large enough for
+    dispatches of up to ``num_max_tokens_per_rank`` tokens of ``hidden`` bf16 values with
+    ``top_k`` experts; returns the buffer.
 
     Collective when it creates or regrows the buffer: every rank must call it with the same
-    arguments at the same point (the parts check that the ranks agree before calling it).
+    arguments at the same point. Raises ``RuntimeError`` during CUDA-graph capture, or when the
+    buffer must grow after a capture used it.
     """
     deep_ep, info = probe_deep_ep()
     if deep_ep is None:
@@ -189,23 +181,38 @@ def get_buffer(group: dist.ProcessGroup, *, num_max_tokens_per_rank: int, hidden
         )
         _HINTS[key] = need
     entry = _BUFFERS.get(group)
-    if entry is not None and entry.num_bytes >= need:
-        return entry.buffer
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "the DeepEP buffer must be created (or grown) before CUDA-graph capture: run every MoE layer "
-            "once eagerly with its largest max_tokens_per_rank before capturing"
-        )
-    num_bytes = max(need, entry.num_bytes if entry is not None else 0)
-    if entry is not None:
-        # every handle of the old buffer died with the call that made it; graphs captured
-        # against it would not, hence the capture rule above
-        _synchronize()
-        entry.buffer.destroy()
-        del _BUFFERS[group]
-    buffer = deep_ep.EPBuffer(group, num_bytes=num_bytes, explicitly_destroy=True)
-    _BUFFERS[group] = _Entry(buffer, num_bytes)
-    return buffer
+    if entry is None or entry.num_bytes < need:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the DeepEP buffer must be created (or grown) before CUDA-graph capture: build every layer first")
+        if entry is not None and entry.captured:
+            raise RuntimeError(
+                f"the DeepEP buffer ({entry.num_bytes / 2**20:.0f} MiB) is used by a captured CUDA graph and cannot "
+                f"grow to {need / 2**20:.0f} MiB: build every MoE layer before capturing any graph"
+            )
+        users = 0
+        if entry is not None:
+            users = entry.users
+            # kernels still in flight may use the old buffer
+            _synchronize()
+            entry.buffer.destroy()
+        buffer = deep_ep.EPBuffer(group, num_bytes=need, explicitly_destroy=True)
+        entry = _BUFFERS[group] = _Entry(buffer, need, users)
+        at_teardown(release_all)
+    entry.users += 1
+    return entry.buffer
+
+
+def current(group: dist.ProcessGroup) -> Any:
+    """``group``'s buffer as it is now (a later, larger reservation may have replaced it)."""
+    entry = _BUFFERS.get(group)
+    if entry is None:
+        raise RuntimeError("no DeepEP buffer is reserved for this process group (was the kernel released?)")
+    return entry.buffer
+
+
+def mark_captured(group: dist.ProcessGroup) -> None:
+    """Record that a CUDA-graph capture used ``group``'s buffer (it may never be replaced)."""
+    _BUFFERS[group].captured = True
 
 
 def num_sms_for(buffer: Any, num_experts: int, top_k: int) -> int:
@@ -222,9 +229,14 @@ def num_sms_for(buffer: Any, num_experts: int, top_k: int) -> int:
 
 
 def release(group: dist.ProcessGroup) -> None:
-    """Destroy ``group``'s buffer, if any (collective-free; do it on every rank)."""
-    entry = _BUFFERS.pop(group, None)
-    if entry is not None:
+    """Drop one user of ``group``'s buffer; the last one destroys it. Destroying is collective
+    (a GPU barrier and NCCL window deregistration): every rank must release the same kernels."""
+    entry = _BUFFERS.get(group)
+    if entry is None:
+        return
+    entry.users -= 1
+    if entry.users <= 0:
+        del _BUFFERS[group]
         _synchronize()
         entry.buffer.destroy()
 
@@ -236,7 +248,10 @@ def _synchronize() -> None:
 
 
 def release_all() -> None:
-    """Destroy every buffer; call before ``dist.destroy_process_group()``."""
+    """Destroy every buffer (collective, as :func:`release`); runs before
+    ``dist.destroy_process_group()``."""
     for group in list(_BUFFERS):
-        release(group)
+        entry = _BUFFERS.pop(group)
+        _synchronize()
+        entry.buffer.destroy()
     _HINTS.clear()

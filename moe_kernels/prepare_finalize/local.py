@@ -1,115 +1,205 @@
-"""Prepare/finalize without expert parallelism: every expert is on this device."""
+"""Prepare/finalize without expert parallelism: every expert of the layer is on this device.
+
+* :class:`LocalPrepareAndFinalize` (STANDARD): hands ``x`` and the local ids through; the
+  experts write the layer output in place, so finalize has nothing left to do.
+* :class:`LocalMaskedPrepareAndFinalize` (MASKED): scatters the tokens into fixed-capacity
+  per-expert buffers ``[E, M, H]``; finalize weights and sums each token's rows back.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from moe_kernels.config import LayerConfig
 from moe_kernels.contract import (
-    ActivationFormat,
-    BatchedTokens,
     Check,
+    Layout,
+    LayerContext,
+    MaskedTokens,
     PrepareAndFinalize,
     PrepareResult,
+    Residual,
     StandardTokens,
+    TokenFormat,
+    WorkspaceSpec,
 )
+from moe_kernels.placement import map_expert_ids
 from moe_kernels.platform import triton_check
-from moe_kernels.prepare_finalize.common import to_local_ids
 
 
-class LocalPrepareAndFinalize(PrepareAndFinalize):
-    """No dispatch: the tokens stay on this device.
+def align_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
-    ``batched=False`` (STANDARD): hands ``x [T, H]`` and the local ids through; the experts
-    write the layer output directly, so finalize has nothing to do.
 
-    ``batched=True`` (BATCHED): scatters the tokens into ``[E_local, M, H]`` (Triton) with
-    ``M = capacity`` or T; finalize weights and sums each token's rows back into ``[T, H]``.
-    A token's top-k experts are distinct, so an expert receives at most T rows and a capacity
-    of T never overflows; a fixed ``capacity`` (the most tokens a call may pass) keeps the
-    shapes static for CUDA graphs.
-    """
+class _Local(PrepareAndFinalize):
+    """What both local parts share: no exchange, ids mapped to local ids by the placement."""
 
     supports_chunking = True
     supports_cuda_graphs = True
 
-    def __init__(self, batched: bool = False, capacity: int | None = None) -> None:
-        if capacity is not None and not batched:
-            raise ValueError("capacity only applies to batched=True")
-        if capacity is not None and capacity <= 0:
-            raise ValueError(f"capacity must be positive, got {capacity}")
-        self.batched = batched
-        self.capacity = capacity
-        self.output_format = ActivationFormat.BATCHED if batched else ActivationFormat.STANDARD
+    def check_parallel(self, ctx: LayerContext) -> Check:
+        ep = ctx.placement.ep_size
+        if ep > 1:
+            return Check.failed("parallel", f"moves no tokens between ranks; ep_size={ep} needs an EP dispatcher")
+        return super().check_parallel(ctx)
+
+    def bind(self, ctx: LayerContext, fmt: TokenFormat) -> None:
+        super().bind(ctx, fmt)
+        placement = ctx.placement
+        # the identity map costs a gather per call for nothing
+        identity = placement.ep_size == 1 and placement.is_contiguous
+        self._expert_map = None if identity else placement.expert_map(ctx.device)
+
+    def local_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Global ids ``[T, K]`` -> this rank's local ids, ``-1`` for none or another rank's expert."""
+        return map_expert_ids(topk_ids, self._expert_map)
+
+
+class LocalPrepareAndFinalize(_Local):
+    """STANDARD, no dispatch: the experts see ``x [T, H]`` and local ids and write ``out`` directly.
+
+    ``partial=True`` also accepts a layer with ``ep_size > 1`` run by a single process: the
+    experts compute this rank's share only (slots of other ranks' experts count as ``-1``) and
+    the caller must add the ranks' outputs (e.g. with a reduce-scatter). It is never selected
+    automatically: a partial sum where a full one is expected would be a silent wrong result.
+    """
+
+    output_layout = Layout.STANDARD
+
+    def __init__(self, *, partial: bool = False) -> None:
+        self.partial = partial
 
     @property
     def name(self) -> str:
-        return "LocalPrepareAndFinalize(batched)" if self.batched else "LocalPrepareAndFinalize"
+        return "LocalPrepareAndFinalize(partial)" if self.partial else "LocalPrepareAndFinalize"
 
-    def check_device(self, device: torch.device) -> Check:
-        if self.batched:
-            return triton_check(device)
-        return super().check_device(device)
+    def check_parallel(self, ctx: LayerContext) -> Check:
+        if self.partial and ctx.group is None:
+            return Check.passed("parallel", f"{ctx.placement.describe()}; computes this rank's share only")
+        return super().check_parallel(ctx)
 
-    def check_parallel(self, cfg: LayerConfig) -> Check:
-        if cfg.parallel.ep_size > 1:
-            return Check.failed(
-                "parallel", f"moves no tokens between ranks; ep_size={cfg.parallel.ep_size} needs an EP dispatcher"
-            )
-        if cfg.parallel.cuda_graphs and self.batched and self.capacity is None:
-            return Check.failed("cuda_graphs", "batched without a fixed capacity changes shape with T")
-        return super().check_parallel(cfg)
+    def check_format(self, ctx: LayerContext, fmt: TokenFormat) -> Check:
+        if fmt.alignment != 1:
+            return Check.failed("format", "hands x through unpermuted (alignment 1)")
+        # fp8 experts quantize on their own way in (fused into their scatter): x stays as is
+        return Check.passed("format", "x handed through unchanged")
 
-    def preference(self, cfg: LayerConfig, device: torch.device) -> tuple[float, str]:
-        if self.batched:
-            if cfg.parallel.cuda_graphs:
-                return 0.0, "no dispatch; batched shapes are static under CUDA graphs"
-            return 10.0, "no dispatch; batched memory grows as E x T x H, so standard ranks first"
+    def preference(self, ctx: LayerContext) -> tuple[float, str]:
         return 0.0, "no dispatch; the experts write the output in place"
-
-    def num_dispatchers(self) -> int:
-        return 1
-
-    def max_num_tokens_per_rank(self) -> int | None:
-        return self.capacity
 
     def prepare(
         self,
         x: torch.Tensor,
         topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
-        *,
-        num_experts: int,
-        num_local_experts: int,
-        expert_map: torch.Tensor | None,
+        workspace: dict[str, torch.Tensor],
     ) -> PrepareResult:
-        ids = to_local_ids(topk_ids, expert_map)
-        if not self.batched:
-            return PrepareResult(StandardTokens(x, ids, topk_weights, num_local_experts))
-
-        from moe_kernels.kernels.permute import masked_layout, scatter_rows
-
-        t, k = ids.shape
-        e, h = num_local_experts, x.shape[1]
-        capacity = self.capacity or max(t, 1)
-        layout = masked_layout(ids, e, capacity)
-        batched = x.new_empty((e, capacity, h))
-        scatter_rows(x, layout.dst_row, batched.view(e * capacity, h))
-        expected_m = max(1, min(capacity, -(-t * k // e)))
-        tokens = BatchedTokens(batched, layout.counts, expected_m)
-        return PrepareResult(tokens, handle=(layout.dst_row, topk_weights))
+        return PrepareResult(StandardTokens(x, self.local_ids(topk_ids), topk_weights))
 
     def expert_output(self, prepared: PrepareResult, out: torch.Tensor) -> torch.Tensor | None:
-        return None if self.batched else out
+        return out
 
-    def finalize(self, out: torch.Tensor, expert_output: torch.Tensor, prepared: PrepareResult) -> None:
-        if not self.batched:
-            if expert_output.data_ptr() != out.data_ptr():
-                out.copy_(expert_output)
-            return
+    def finalize(
+        self,
+        out: torch.Tensor,
+        expert_output: torch.Tensor,
+        prepared: PrepareResult,
+        residual: Residual | None = None,
+    ) -> None:
+        # the composer hands the residual to the experts' final write instead (no extra pass)
+        if expert_output.data_ptr() != out.data_ptr():
+            out.copy_(expert_output)
+        if residual is not None:
+            residual.wait()
+            out.add_(residual.tensor)
 
+
+class LocalMaskedPrepareAndFinalize(_Local):
+    """MASKED: scatters ``x [T, H]`` into ``[E_local, M, H]`` (Triton) and weights and sums the
+    experts' rows back into ``[T, H]`` in finalize.
+
+    ``M`` is the layer's largest call (``parallel.max_tokens_per_rank``, or the chunk size)
+    rounded up to the experts' row multiple, fixed when the kernel is built: static shapes for
+    CUDA graphs. An expert receives at most one row per token (a token's repeated ids share one
+    row), so ``M >= T`` never overflows. Memory grows as ``E x M x H``: selection counts it
+    against the memory budget.
+    """
+
+    output_layout = Layout.MASKED
+
+    def check_device(self, ctx: LayerContext) -> Check:
+        return triton_check(ctx.device)
+
+    def check_format(self, ctx: LayerContext, fmt: TokenFormat) -> Check:
+        quantized = "quantized to fp8 while scattered, " if fmt.fp8 else ""
+        return Check.passed("format", f"{quantized}rows per expert rounded up to a multiple of {fmt.alignment}")
+
+    def preference(self, ctx: LayerContext) -> tuple[float, str]:
+        return 10.0, "no dispatch; masked memory grows as E x M x H, so the standard layout ranks first"
+
+    def capacity(self, ctx: LayerContext, fmt: TokenFormat) -> int:
+        """Rows per expert ``M``."""
+        return align_up(ctx.max_tokens, fmt.alignment)
+
+    def max_expert_rows(self, ctx: LayerContext, fmt: TokenFormat) -> int:
+        return self.capacity(ctx, fmt)
+
+    def workspace_specs(self, ctx: LayerContext, fmt: TokenFormat) -> dict[str, WorkspaceSpec]:
+        e, m, h = ctx.placement.num_local_experts, self.capacity(ctx, fmt), ctx.cfg.moe.hidden_size
+        dtype = ctx.cfg.moe.dtype
+        specs = {"masked_out": WorkspaceSpec((e, m, h), dtype)}
+        if fmt.fp8:
+            from moe_kernels.scales import masked_scale_spec
+            from moe_kernels.weights import FP8_DTYPE
+
+            specs["masked_x"] = WorkspaceSpec((e, m, h), FP8_DTYPE)
+            specs["masked_x_scale"] = masked_scale_spec(e, m, h)
+        else:
+            specs["masked_x"] = WorkspaceSpec((e, m, h), dtype)
+        return specs
+
+    def prepare(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        workspace: dict[str, torch.Tensor],
+    ) -> PrepareResult:
+        from moe_kernels.kernels.permute import masked_layout, scatter_rows
+
+        ids = self.local_ids(topk_ids)
+        masked_x = workspace["masked_x"]
+        e, capacity, _ = masked_x.shape
+        layout = masked_layout(ids, e, capacity)
+        scale = None
+        if self.format.fp8:
+            from moe_kernels.config import FP8_ACT_GROUP
+            from moe_kernels.kernels.quant import scatter_rows_quant_fp8
+            from moe_kernels.scales import scale_view
+
+            scale = scale_view(workspace["masked_x_scale"])
+            scatter_rows_quant_fp8(x, layout.dst_row, masked_x, scale, group=FP8_ACT_GROUP)
+        else:
+            scatter_rows(x, layout.dst_row, masked_x)
+        t, k = ids.shape
+        expected_m = max(1, min(capacity, -(-t * k // e)))
+        tokens = MaskedTokens(masked_x, layout.counts, expected_m, scale)
+        return PrepareResult(tokens, handle=(layout.dst_row, topk_weights, workspace["masked_out"]))
+
+    def expert_output(self, prepared: PrepareResult, out: torch.Tensor) -> torch.Tensor | None:
+        return prepared.handle[2]
+
+    def finalize(
+        self,
+        out: torch.Tensor,
+        expert_output: torch.Tensor,
+        prepared: PrepareResult,
+        residual: Residual | None = None,
+    ) -> None:
         from moe_kernels.kernels.gather import weighted_gather
 
-        dst_row, topk_weights = prepared.handle
+        dst_row, topk_weights, _ = prepared.handle
         e, m, h = expert_output.shape
-        weighted_gather(expert_output.view(e * m, h), dst_row, topk_weights, out)
+        if residual is not None:
+            residual.wait()
+        added = None if residual is None else residual.tensor
+        weighted_gather(expert_output.view(e * m, h), dst_row, topk_weights, out, residual=added)

@@ -11,6 +11,10 @@ One call = four collectives: the split sizes (``[W]`` counts; ``all_to_all_singl
 on the host, so this part syncs with the host and cannot be captured in a CUDA graph), the
 rows, their ids+weights, and the partial rows coming back. Every rank must call
 ``prepare``/``finalize`` for every layer call, also with zero tokens.
+
+The received row count changes with the routing, so the experts' workspaces are reserved for
+the balanced case (``max_tokens_per_rank`` rows) and grow on demand: this part is never
+captured in a CUDA graph, where growing would be unsafe.
 """
 
 from __future__ import annotations
@@ -18,89 +22,61 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moe_kernels.config import LayerConfig
+from moe_kernels.config import FP8_ACT_GROUP
 from moe_kernels.contract import (
-    ActivationFormat,
     Check,
-    PrepareAndFinalize,
+    Layout,
+    LayerContext,
+    Pending,
     PrepareResult,
+    Residual,
     StandardTokens,
+    TokenFormat,
     check_device_type,
 )
-from moe_kernels.distributed import check_agreement, check_expert_map, group_backend
+from moe_kernels.distributed import group_backend
+from moe_kernels.prepare_finalize.ep_base import ExpertParallelPrepareAndFinalize
 
 
-class TorchAllToAllPrepareAndFinalize(PrepareAndFinalize):
-    """STANDARD prepare/finalize that moves tokens between the ranks of ``group``.
+class TorchAllToAllPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
+    """STANDARD prepare/finalize that moves tokens between the ranks of the EP group."""
 
-    ``group``: the expert-parallel process group (``None`` builds a part whose checks refuse
-    every layer, so registries can build it anywhere). ``max_num_tokens_per_rank``: the most
-    tokens one call may pass on one rank (``ParallelConfig.max_tokens_per_rank``), or ``None``.
-    """
-
-    output_format = ActivationFormat.STANDARD
+    output_layout = Layout.STANDARD
     supports_cuda_graphs = False  # the split sizes must reach the host every call
-    supports_chunking = False
-
-    def __init__(self, group: dist.ProcessGroup | None, max_num_tokens_per_rank: int | None = None) -> None:
-        if max_num_tokens_per_rank is not None and max_num_tokens_per_rank <= 0:
-            raise ValueError(f"max_num_tokens_per_rank must be positive, got {max_num_tokens_per_rank}")
-        self.group = group
-        self._max_tokens = max_num_tokens_per_rank
-        self._agreed = False
-        self._map_checked = False
 
     # --- capabilities ---------------------------------------------------------------------
 
-    def check_device(self, device: torch.device) -> Check:
-        base = check_device_type("device", device, self.devices)
-        if not base.ok or self.group is None:
+    def check_device(self, ctx: LayerContext) -> Check:
+        base = check_device_type("device", ctx.device, self.devices)
+        if not base.ok or ctx.group is None:
             return base
-        backend = group_backend(self.group)
-        needed = "nccl" if device.type == "cuda" else "gloo"
+        backend = group_backend(ctx.group)
+        needed = "nccl" if ctx.device.type == "cuda" else "gloo"
         if needed not in backend:
             return Check.failed(
-                "device", f"all_to_all of {device.type} tensors needs a {needed} process group, this one is {backend}"
+                "device",
+                f"all_to_all of {ctx.device.type} tensors needs a {needed} process group, this one is {backend}",
             )
-        return Check.passed("device", f"{device.type} over {backend}")
+        return Check.passed("device", f"{ctx.device.type} over {backend}")
 
-    def check_parallel(self, cfg: LayerConfig) -> Check:
-        par = cfg.parallel
-        if self.group is None:
-            return Check.failed("parallel", "needs the expert-parallel process group (pass group= to select)")
-        if par.ep_size == 1:
-            return Check.failed(
-                "parallel", "ep_size=1: nothing to exchange; LocalPrepareAndFinalize runs it without communication"
-            )
-        size, rank = self.group.size(), self.group.rank()
-        if size != par.ep_size or rank != par.ep_rank:
-            return Check.failed(
-                "parallel",
-                f"the process group has size {size}, rank {rank}; the config says ep_size={par.ep_size}, "
-                f"ep_rank={par.ep_rank}",
-            )
-        return super().check_parallel(cfg)
+    def check_format(self, ctx: LayerContext, fmt: TokenFormat) -> Check:
+        if fmt.alignment != 1:
+            return Check.failed("format", "sends whole tokens (alignment 1)")
+        if fmt.fp8:
+            return Check.passed("format", "one fp8 row + scales per (token, destination rank)")
+        return Check.passed("format", "one row per (token, destination rank)")
 
-    def preference(self, cfg: LayerConfig, device: torch.device) -> tuple[float, str]:
+    def preference(self, ctx: LayerContext) -> tuple[float, str]:
         return 60.0, "torch all_to_all_single: a host sync and four collectives per call (fallback without DeepEP)"
 
     # --- the chain ------------------------------------------------------------------------
-
-    def num_dispatchers(self) -> int:
-        return self._require_group().size()
-
-    def max_num_tokens_per_rank(self) -> int | None:
-        return self._max_tokens
 
     def prepare(
         self,
         x: torch.Tensor,
         topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
-        *,
-        num_experts: int,
-        num_local_experts: int,
-        expert_map: torch.Tensor | None,
+        workspace: dict[str, torch.Tensor],
     ) -> PrepareResult:
         """Send each token of ``x [T, H]`` once to every rank owning one of its experts.
 
@@ -108,32 +84,23 @@ class TorchAllToAllPrepareAndFinalize(PrepareAndFinalize):
         source token order), local ids ``[R, K]`` int32 (``-1`` = expert elsewhere) and weights
         ``[R, K]`` float32.
         """
-        group = self._require_group()
-        world, rank = group.size(), group.rank()
-        t, k = topk_ids.shape
-        if num_local_experts * world != num_experts:
-            raise ValueError(
-                f"num_experts ({num_experts}) must equal num_local_experts ({num_local_experts}) x ranks ({world})"
-            )
-        if not self._agreed:
-            check_agreement(
-                group,
-                "TorchAllToAllPrepareAndFinalize",
-                {
-                    "hidden_size": x.shape[1],
-                    "top_k": k,
-                    "num_experts": num_experts,
-                    "num_local_experts": num_local_experts,
-                    "dtype": x.dtype,
-                },
-            )
-            self._agreed = True
-        if expert_map is not None and not self._map_checked:
-            check_expert_map(expert_map, rank, num_local_experts)
-            self._map_checked = True
+        return self.prepare_async(x, topk_ids, topk_weights, workspace).wait()
 
-        ids = topk_ids.long()
-        owner = torch.where(ids >= 0, ids // num_local_experts, torch.full_like(ids, -1))  # [T, K]
+    def prepare_async(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        workspace: dict[str, torch.Tensor],
+    ) -> Pending[PrepareResult]:
+        """:meth:`prepare` with the row exchanges left running (``async_op``); the split sizes
+        are still exchanged and read on the host first, which ``all_to_all_single`` needs."""
+        group = self.group
+        world = group.size()
+        e_local = self.ctx.placement.num_local_experts
+        t, k = topk_ids.shape
+        slots = self.slots(topk_ids.long())
+        owner = torch.where(slots >= 0, slots // e_local, torch.full_like(slots, -1))  # [T, K]
         ranks = torch.arange(world, device=x.device)
         goes_to = (owner.unsqueeze(-1) == ranks).any(dim=1)  # [T, W]
         # row-major nonzero of [W, T]: grouped by destination rank, token order inside
@@ -141,53 +108,110 @@ class TorchAllToAllPrepareAndFinalize(PrepareAndFinalize):
         send_counts = goes_to.sum(dim=0)  # [W] int64
 
         dest_col = dest.unsqueeze(1)
-        local_ids = torch.where(owner[token] == dest_col, ids[token] - dest_col * num_local_experts, -1)
+        local_ids = torch.where(owner[token] == dest_col, slots[token] - dest_col * e_local, -1)
         send_meta = torch.empty((token.shape[0], 2 * k), dtype=torch.int32, device=x.device)
         send_meta[:, :k] = local_ids
         send_meta[:, k:] = topk_weights[token].view(torch.int32)  # weights travel bit-exact
-        send_x = x[token]
 
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=group)
         send_split, recv_split = send_counts.tolist(), recv_counts.tolist()  # the host sync
         num_recv = sum(recv_split)
 
-        recv_x = x.new_empty((num_recv, x.shape[1]))
         recv_meta = send_meta.new_empty((num_recv, 2 * k))
-        # as bytes: gloo's all_to_all does not take every float dtype
-        dist.all_to_all_single(_bytes(recv_x), _bytes(send_x), recv_split, send_split, group=group)
-        dist.all_to_all_single(recv_meta, send_meta, recv_split, send_split, group=group)
+        meta_sent = dist.all_to_all_single(recv_meta, send_meta, recv_split, send_split, group=group, async_op=True)
+        rows = self._exchange_rows(x, token, recv_split, send_split)
 
-        tokens = StandardTokens(
-            x=recv_x,
-            topk_ids=recv_meta[:, :k].contiguous(),
-            topk_weights=recv_meta[:, k:].contiguous().view(torch.float32),
-            num_local_experts=num_local_experts,
-        )
-        return PrepareResult(tokens, handle=_Route(token, send_split, recv_split, t))
+        def finish() -> PrepareResult:
+            meta_sent.wait()
+            tokens = StandardTokens(
+                x=rows.wait(),
+                topk_ids=recv_meta[:, :k].contiguous(),
+                topk_weights=recv_meta[:, k:].contiguous().view(torch.float32),
+            )
+            return PrepareResult(tokens, handle=_Route(token, send_split, recv_split, t))
 
-    def finalize(self, out: torch.Tensor, expert_output: torch.Tensor, prepared: PrepareResult) -> None:
+        return Pending(finish)
+
+    def _exchange_rows(
+        self, x: torch.Tensor, token: torch.Tensor, recv_split: list[int], send_split: list[int]
+    ) -> Pending[torch.Tensor]:
+        """Send row ``x[token[i]]`` for each sent row; the received ``[R, H]`` rows once waited on.
+
+        fp8 format: rows travel as fp8 with one float32 scale per 128 columns (about half the
+        bytes) and are dequantized on arrival; the fp8 experts quantize them again on their way
+        in, which finds the same group scales and so the same fp8 values (up to the bf16
+        rounding of the dequantized value)."""
+        group = self.group
+        num_recv = sum(recv_split)
+        if not self.format.fp8:
+            recv_x = x.new_empty((num_recv, x.shape[1]))
+            # as bytes: gloo's all_to_all does not take every float dtype
+            sent = dist.all_to_all_single(
+                _bytes(recv_x), _bytes(x[token]), recv_split, send_split, group=group, async_op=True
+            )
+            return Pending(lambda: (sent.wait(), recv_x)[1])
+        from moe_kernels.kernels.quant import FP8_DTYPE, dequantize_fp8_token_groups, quantize_fp8_token_groups
+
+        q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+        scale = torch.empty((x.shape[0], -(-x.shape[1] // FP8_ACT_GROUP)), dtype=torch.float32, device=x.device)
+        if x.shape[0]:
+            quantize_fp8_token_groups(x, q, scale, group=FP8_ACT_GROUP)
+        recv_q = q.new_empty((num_recv, x.shape[1]))
+        recv_scale = scale.new_empty((num_recv, scale.shape[1]))
+        sent = [
+            dist.all_to_all_single(_bytes(recv), _bytes(src[token]), recv_split, send_split, group=group, async_op=True)
+            for recv, src in ((recv_q, q), (recv_scale, scale))
+        ]
+
+        def finish() -> torch.Tensor:
+            for work in sent:
+                work.wait()
+            return dequantize_fp8_token_groups(recv_q, recv_scale, FP8_ACT_GROUP).to(x.dtype)
+
+        return Pending(finish)
+
+    def finalize(
+        self,
+        out: torch.Tensor,
+        expert_output: torch.Tensor,
+        prepared: PrepareResult,
+        residual: Residual | None = None,
+    ) -> None:
         """Send the partial rows ``expert_output [R, H]`` back and write ``out [T, H]``: the
         fp32 sum of each token's partials, one per rank it visited (zero for a token routed
-        nowhere)."""
-        group = self._require_group()
+        nowhere), plus ``residual``."""
+        self.finalize_async(out, expert_output, prepared, residual).wait()
+
+    def finalize_async(
+        self,
+        out: torch.Tensor,
+        expert_output: torch.Tensor,
+        prepared: PrepareResult,
+        residual: Residual | None = None,
+    ) -> Pending[None]:
         route: _Route = prepared.handle
         partial = expert_output.contiguous()
         back = partial.new_empty((route.token.shape[0], partial.shape[1]))
-        dist.all_to_all_single(_bytes(back), _bytes(partial), route.send_split, route.recv_split, group=group)
-        acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
-        start = 0
-        for n in route.send_split:
-            # a token appears at most once per rank's segment: no colliding adds, fixed order
-            if n:
-                acc.index_add_(0, route.token[start : start + n], back[start : start + n].float())
-            start += n
-        out.copy_(acc)
+        sent = dist.all_to_all_single(
+            _bytes(back), _bytes(partial), route.send_split, route.recv_split, group=self.group, async_op=True
+        )
 
-    def _require_group(self) -> dist.ProcessGroup:
-        if self.group is None:
-            raise RuntimeError("TorchAllToAllPrepareAndFinalize was built without a process group")
-        return self.group
+        def finish() -> None:
+            sent.wait()
+            acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+            if residual is not None:
+                residual.wait()
+                acc += residual.tensor.float()
+            start = 0
+            for n in route.send_split:
+                # a token appears at most once per rank's segment: no colliding adds, fixed order
+                if n:
+                    acc.index_add_(0, route.token[start : start + n], back[start : start + n].float())
+                start += n
+            out.copy_(acc)
+
+        return Pending(finish)
 
 
 class _Route:

@@ -1,0 +1,203 @@
+"""``moe-kernels tune``: measure on this GPU what selection and the Triton kernels should use, and
+write it as a tuning table (:mod:`moe_kernels.tuning`).
+
+For each layer (a ``--config`` YAML, taken EP-local, or a named ``--shapes`` entry) and each
+token count of the grid:
+
+1. the tile configs of the fused Triton decode path: its candidate tilings
+   (:func:`moe_kernels.kernels.fused_moe.candidate_configs`, the ``--tile-candidates`` nearest
+   the heuristic's) timed through the whole path, at the token counts where it is a contender;
+2. every valid pair of the registry (the reference loop left out), composed for calls of T
+   tokens, with the tuned tiles in force.
+
+Times are GPU time of one call replayed from a CUDA graph, L2 flushed, median. The table is
+written after every layer (a run cut short keeps what it measured) to
+``--out/<gpu>.json``, merged with what that file already holds for other shapes; point
+``MOE_KERNELS_TABLES`` at ``--out`` to use it, or copy it into ``moe_kernels/tables`` to ship it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_kernels import tuning
+from moe_kernels.bench.shapes import SHAPES, BenchShape
+from moe_kernels.bench.timing import copy_bandwidth_gbs
+
+DEFAULT_TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
+#: the fused path's tiles are tuned where it can win: up to this many rows per expert
+TILE_MAX_ROWS_PER_EXPERT = 256
+
+
+def tune_tiles(
+    shape: BenchShape,
+    tokens: int,
+    candidates: int,
+    measure: Callable[[Callable[[], object], str], float],
+) -> tuple[Any, Any, float]:
+    """The fastest ``(gemm1, gemm2)`` tiling of the fused path at ``tokens`` tokens, and its time:
+    GEMM1's candidates with GEMM2 at its default, then GEMM2's with the best GEMM1 (both on the
+    same row block, as the layout requires)."""
+    from moe_kernels.bench.experts import make_problem, make_weights
+    from moe_kernels.compose import compose
+    from moe_kernels.experts.fused_triton import FusedTritonExperts
+    from moe_kernels.kernels.fused_moe import candidate_configs, default_configs
+    from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
+
+    k, e, h, i = shape.top_k, shape.num_experts, shape.hidden, shape.inter
+    cfg = shape.layer(tokens)
+    w = make_weights(shape)
+    x, tw, ids = make_problem(shape, tokens, seed=tokens)
+    default1, default2 = default_configs(tokens, k, e, h, i)
+    space1, space2 = candidate_configs(tokens, k, e, h, i)
+
+    def nearest(space: list[Any], default: Any) -> list[Any]:
+        # the candidates that differ least from the heuristic's choice, it included
+        def distance(c: Any) -> tuple[int, ...]:
+            return tuple(int(a != b) for a, b in zip(asdict(c).values(), asdict(default).values(), strict=True))
+
+        return sorted(space, key=lambda c: (sum(distance(c)), distance(c)))[:candidates]
+
+    def timed(g1: Any, g2: Any) -> float:
+        kernel = compose(LocalPrepareAndFinalize(), FusedTritonExperts(tiles={tokens: (g1, g2)}), cfg)
+        return measure(lambda: kernel(x, w, tw, ids, check_values=False), f"tiles {g1} {g2}")
+
+    def partner(config: Any) -> Any:
+        # GEMM2's default on the same row block (one layout serves both GEMMs)
+        return dataclasses.replace(default2, block_m=config.block_m)
+
+    best1 = min(nearest(space1, default1), key=lambda g1: timed(g1, partner(g1)))
+    seconds = [c for c in nearest(space2, default2) if c.block_m == best1.block_m] or [partner(best1)]
+    us, best2 = min(((timed(best1, g2), g2) for g2 in seconds), key=lambda r: r[0])
+    return best1, best2, us
+
+
+def tune_shape(
+    shape: BenchShape,
+    grid: list[int],
+    measure: Callable[[Callable[[], object], str], float],
+    *,
+    tile_candidates: int,
+    progress: Callable[[str], None],
+    tables_dir: Path,
+    source: str,
+    gpu: str | None = None,
+) -> dict[str, dict[int, float]]:
+    """Tune one layer: tiles first (written to the table so the pairs use them), then every valid
+    pair. Returns ``pair name -> {T: us}``; the table in ``tables_dir`` is updated as it goes."""
+    from moe_kernels.bench.experts import make_problem, make_weights, valid_pairs
+
+    key = str(tuning.ShapeKey.of(shape.layer(max(grid))))
+    kernels: dict[int, dict[str, Any]] = {}
+    for tokens in grid:
+        if tokens * shape.top_k / shape.num_experts > TILE_MAX_ROWS_PER_EXPERT:
+            continue
+        g1, g2, us = tune_tiles(shape, tokens, tile_candidates, measure)
+        kernels[tokens] = {"gemm1": asdict(g1), "gemm2": asdict(g2)}
+        progress(f"{key} T={tokens}: fused tiles {g1} / {g2}: {us:.1f} us")
+    write_table(tables_dir, key, {"kernels": {"FusedTritonExperts": kernels}}, source, gpu)
+
+    pairs: dict[str, dict[int, float]] = {}
+    w = make_weights(shape)
+    for tokens in grid:
+        x, tw, ids = make_problem(shape, tokens, seed=tokens)
+        for name, build in valid_pairs(shape.layer(tokens)):
+            try:
+                kernel = build()
+                pairs.setdefault(name, {})[tokens] = measure(
+                    lambda kernel=kernel: kernel(x, w, tw, ids, check_values=False), f"{name} T={tokens}"
+                )
+            except torch.cuda.OutOfMemoryError:
+                progress(f"{key} T={tokens}: {name} ran out of memory; left unmeasured")
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        best = min((times[tokens], n) for n, times in pairs.items() if tokens in times)
+        progress(f"{key} T={tokens}: fastest {best[1]} {best[0]:.1f} us")
+        write_table(tables_dir, key, {"pairs": {n: dict(t) for n, t in pairs.items()}}, source, gpu)
+    return pairs
+
+
+def write_table(directory: Path, key: str, entry: dict[str, Any], source: str, gpu: str | None = None) -> Path:
+    """Merge ``entry`` into ``key`` of ``gpu``'s table (default: this GPU's) in ``directory`` and
+    make it the one selection reads in this process."""
+    gpu = gpu or torch.cuda.get_device_name()
+    path = directory / f"{tuning.slug(gpu)}.json"
+    directory.mkdir(parents=True, exist_ok=True)
+    data = json.loads(path.read_text()) if path.is_file() else {"format": tuning.FORMAT, "gpu": gpu, "shapes": {}}
+    data["source"] = source
+    if data.get("copy_gbps") is None and torch.cuda.is_available():
+        data["copy_gbps"] = round(copy_bandwidth_gbs(), 1)
+    shape = data["shapes"].setdefault(key, {})
+    for section, values in entry.items():
+        shape[section] = {name: {str(t): v for t, v in per_t.items()} for name, per_t in values.items()}
+    path.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.environ[tuning.ENV_DIR] = str(directory)
+    tuning.forget_tables()
+    return path
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from moe_kernels.bench.experts import _int_list, _shape_list
+
+    parser.add_argument("--config", action="append", default=[], help="a layer YAML (repeatable), taken EP-local")
+    parser.add_argument("--shapes", type=_shape_list, default=[], help=f"named shapes, from {', '.join(SHAPES)}")
+    parser.add_argument("--tokens", type=_int_list, default=DEFAULT_TOKENS, help="the token grid (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("tables"), help="where the table goes (default: ./tables)")
+    parser.add_argument("--tile-candidates", type=int, default=6, help="tilings timed per GEMM (default: %(default)s)")
+    parser.add_argument("--runs", type=int, default=20, help="most timed runs per measurement (default: %(default)s)")
+    parser.add_argument("--target-ms", type=float, default=100.0, help="time budget of one measurement")
+
+
+def layers(args: argparse.Namespace) -> list[BenchShape]:
+    from moe_kernels.config import ConfigError, load_config
+
+    shapes = [SHAPES[name] for name in args.shapes]
+    for path in args.config:
+        try:
+            shapes.append(BenchShape.of(load_config(path)))
+        except (FileNotFoundError, ConfigError) as e:
+            raise SystemExit(f"tune: {e}") from None
+    return shapes
+
+
+def run(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("tune: skipped: it measures on a CUDA GPU and this machine has none")
+        return 0
+    from moe_kernels.bench.experts import Timer
+
+    shapes = layers(args)
+    if not shapes:
+        print("tune: give --config FILE or --shapes NAMES", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+
+    def progress(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    source = f"moe-kernels tune, {datetime.date.today().isoformat()}, torch {torch.__version__}"
+    timer = Timer(args.runs, args.target_ms / 1e3)
+    for shape in shapes:
+        progress(f"tuning {shape.label}")
+        tune_shape(
+            shape, sorted(args.tokens), timer.graphed, tile_candidates=args.tile_candidates, progress=progress,
+            tables_dir=args.out, source=source,
+        )  # fmt: skip
+    print(f"tune: wrote {args.out / (tuning.slug(torch.cuda.get_device_name()) + '.json')}")
+    return 0

@@ -1,0 +1,158 @@
+"""``moe-kernels doctor``: one screen on what this machine can run, and what each missing piece costs.
+
+Every line is a probe that never raises: the GPU and its SM version, torch and its CUDA, the
+NCCL library actually loaded, Triton, ``deep_gemm`` with its bf16 and fp8 grouped GEMMs,
+``deep_ep`` with ``EPBuffer``, GIN or NVLink-only, and the tuning table for this GPU. A missing
+piece names the registered parts it takes away and the fix (``docs/gpu-setup.md``).
+``--require deepgemm,deepep`` exits 1 when a required piece is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+#: what --require accepts
+CAPABILITIES = ("gpu", "triton", "deepgemm", "deepgemm-fp8", "deepep", "table")
+SETUP = "docs/gpu-setup.md"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One probe: ``capability`` (for --require), what was found, and when missing, its cost and fix."""
+
+    capability: str
+    label: str
+    ok: bool
+    found: str
+    costs: str = ""
+    fix: str = ""
+
+
+def parts_needing(check_names: set[str]) -> str:
+    """The registered parts refused here by a check of one of ``check_names`` (on a small
+    unquantized and a small fp8 layer)."""
+    from moe_kernels import registry
+    from moe_kernels.compose import layer_context
+    from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig, QuantConfig
+
+    moe = MoEConfig(num_experts=8, top_k=2, hidden_size=256, intermediate_size=256)
+    layers = [LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=64))]
+    layers.append(layers[0].model_copy(update={"quant": QuantConfig(scheme="fp8_w8a8_block")}))
+    names: list[str] = []
+    for cfg in layers:
+        ctx = layer_context(cfg, device="cpu") if not torch.cuda.is_available() else layer_context(cfg)
+        for make in (*registry.PREPARE_FINALIZE, *registry.EXPERTS):
+            part = make(cfg)
+            if part.name not in names and any(not c.ok and c.name in check_names for c in part.checks(ctx)):
+                names.append(part.name)
+    return ", ".join(names) or "none"
+
+
+def findings() -> list[Finding]:
+    from moe_kernels.experts.deepgemm import deep_gemm_status, psum_layout_status
+    from moe_kernels.experts.fp8 import fp8_deep_gemm_check
+    from moe_kernels.platform import triton_check
+    from moe_kernels.prepare_finalize import deepep_buffer as epb
+    from moe_kernels.tuning import table_dirs, table_for
+
+    out = []
+    cuda = torch.cuda.is_available()
+    if cuda:
+        dev = torch.device("cuda", torch.cuda.current_device())
+        props = torch.cuda.get_device_properties(dev)
+        gpu = f"{props.name}, SM{props.major}{props.minor}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.1f} GiB"
+        out.append(Finding("gpu", "GPU", props.major >= 9, gpu, "" if props.major >= 9 else "the Hopper-only paths"))
+    else:
+        dev = torch.device("cpu")
+        out.append(
+            Finding(
+                "gpu", "GPU", False, "no CUDA GPU visible", "every GPU path (the CPU runs the reference and, "
+                "under TRITON_INTERPRET=1, the Triton kernels)", f"a Hopper GPU and a CUDA build of torch ({SETUP})",
+            )
+        )  # fmt: skip
+    out.append(Finding("", "torch", True, f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})"))
+    nccl, where = epb.nccl_version()
+    if nccl is None:
+        out.append(Finding("", "NCCL", False, where, "DeepEP", f"nvidia-nccl-cu13==2.32.3 ({SETUP})"))
+    else:
+        check = epb.nccl_check()
+        out.append(Finding("", "NCCL", check.ok, check.reason, "" if check.ok else "DeepEP", f"NCCL >= 2.32.3 ({SETUP})"))
+    tri = triton_check(dev)
+    out.append(Finding("triton", "Triton", tri.ok, tri.reason, "" if tri.ok else parts_needing({"device", "triton"})))
+    ok, why = deep_gemm_status()
+    if ok:
+        psum_ok, psum_why = psum_layout_status()
+        why = f"{why}; {'psum layout' if psum_ok else 'no psum layout'}"
+    fix = f"pip install deepinfer-gemm (builds DeepGEMM; {SETUP})"
+    out.append(Finding("deepgemm", "deep_gemm", ok, why, "" if ok else parts_needing({"deep_gemm"}), fix))
+    fp8 = fp8_deep_gemm_check()
+    out.append(Finding("deepgemm-fp8", "deep_gemm fp8", fp8.ok, fp8.reason, "" if fp8.ok else "the fp8 DeepGEMM experts", fix))
+    ep = epb.deep_ep_check()
+    out.append(
+        Finding(
+            "deepep", "deep_ep", ep.ok, ep.reason, "" if ep.ok else "DeepEPHighThroughput/LowLatencyPrepareAndFinalize",
+            f"pip install deepinfer-ep after NCCL 2.32.3 ({SETUP})",
+        )
+    )  # fmt: skip
+    gin = os.environ.get("EP_DISABLE_GIN") == "1"
+    out.append(
+        Finding(
+            "", "GIN", True,
+            "EP_DISABLE_GIN=1: DeepEP uses NVLink only (no RDMA NIC needed)" if gin
+            else "GIN on: DeepEP expects an RDMA NIC (set EP_DISABLE_GIN=1 on NVLink-only machines)",
+        )
+    )  # fmt: skip
+    table = table_for(dev) if cuda else None
+    if table is not None:
+        found = f"{table.path}: {len(table.shapes)} shape(s), {table.source}"
+    else:
+        found = f"none for this GPU in {', '.join(map(str, table_dirs()))}"
+    out.append(
+        Finding(
+            "table", "tuning table", table is not None, found,
+            "" if table is not None else "measured selection (the parts' heuristics decide)",
+            "moe-kernels tune --config YOUR.yaml --out DIR, then MOE_KERNELS_TABLES=DIR",
+        )
+    )  # fmt: skip
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--require",
+        default="",
+        help=f"comma-separated capabilities that must be present (exit 1 otherwise): {', '.join(CAPABILITIES)}",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    required = [c.strip() for c in args.require.split(",") if c.strip()]
+    unknown = [c for c in required if c not in CAPABILITIES]
+    if unknown:
+        print(f"doctor: unknown capabilities {unknown}; known: {', '.join(CAPABILITIES)}", file=sys.stderr)
+        return 2
+    import textwrap
+
+    from moe_kernels.cli import _terminal_width
+
+    width = _terminal_width()
+    results = findings()
+    for f in results:
+        mark = "ok " if f.ok else "-- "
+        lines = [f"{mark}{f.label:<14}{f.found}"]
+        if not f.ok and f.costs:
+            lines.append(f"   {'':<14}without it: {f.costs}")
+        if not f.ok and f.fix:
+            lines.append(f"   {'':<14}fix: {f.fix}")
+        for line in lines:
+            print(textwrap.fill(line, width, subsequent_indent=" " * 17, break_on_hyphens=False))
+    missing = [c for c in required if any(f.capability == c and not f.ok for f in results)]
+    if missing:
+        print(f"doctor: missing required: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,133 @@
+"""The fused Triton decode path as an experts implementation (:mod:`moe_kernels.kernels.fused_moe`).
+
+No scatter: GEMM1 reads its A tile straight from ``x`` through the expert-sorted slots, SiLU-and-
+mul is fused into it, GEMM2 applies the router weight in its epilogue, and the top-k sum (fixed k
+order, fp32) adds the residual in the same pass: 4 launches (3 at top-1), with the layout built
+in one program at decode sizes. The tile configs come from this GPU's tuning table for the layer
+shape and token count (``moe-kernels tune``), else from the kernels' documented heuristic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from moe_kernels import tuning
+from moe_kernels.contract import Layout, LayerContext, StandardTokens, WorkspaceSpec
+from moe_kernels.experts.triton import _TritonPart
+from moe_kernels.platform import triton_interpreting
+from moe_kernels.weights import ExpertWeights
+
+Tiles = tuple[Any, Any]  # (gemm1, gemm2) FusedConfig
+
+#: at or below this many rows per expert on average the GEMMs stream weights (decode), the regime
+#: the fused path is built for; the kernels' own heuristic switches tile shapes at the same point
+DECODE_ROWS_PER_EXPERT = 128
+
+
+class FusedTritonExperts(_TritonPart):
+    """STANDARD in, ``[T, H]`` out (weighted, reduced). ``tiles``: ``{T: (gemm1, gemm2)}``
+    :class:`~moe_kernels.kernels.fused_moe.FusedConfig` pairs to use instead of the tuning table
+    (the tuner measures candidates this way); a call with T tokens takes the entry of the smallest
+    T' >= T (:func:`moe_kernels.tuning.point_for`)."""
+
+    input_layout = Layout.STANDARD
+
+    def __init__(self, tiles: Mapping[int, Tiles] | None = None) -> None:
+        self.tiles = dict(tiles) if tiles is not None else None
+
+    def preference(self, ctx: LayerContext) -> tuple[float, str]:
+        if ctx.device.type == "cpu" and triton_interpreting():
+            return 500.0, "Triton under the CPU interpreter: correct but slow"
+        moe = ctx.cfg.moe
+        rows = ctx.max_tokens * moe.top_k / ctx.placement.num_local_experts
+        if rows <= DECODE_ROWS_PER_EXPERT:
+            return 5.0, f"fused Triton decode path: weights streamed once, 4 launches ({rows:.0f} rows per expert)"
+        return 30.0, f"fused Triton path at {rows:.0f} rows per expert: prefill GEMMs favour DeepGEMM/_grouped_mm"
+
+    def _measured(self, ctx: LayerContext) -> dict[int, Tiles]:
+        from moe_kernels.kernels import FusedConfig
+
+        if self.tiles is not None:
+            return self.tiles
+        table = tuning.table_for(ctx.device)
+        if table is None:
+            return {}
+        entries = table.kernel_configs(tuning.ShapeKey.of(ctx.cfg), self.name)
+        return {t: (FusedConfig(**c["gemm1"]), FusedConfig(**c["gemm2"])) for t, c in entries.items()}
+
+    def bind(self, ctx: LayerContext) -> None:
+        super().bind(ctx)
+        self._tiles = self._measured(ctx)
+        self.tiles_source = "given" if self.tiles is not None else ("tuning table" if self._tiles else "heuristic")
+
+    def configs_for(self, ctx: LayerContext, num_tokens: int) -> Tiles:
+        """The ``(gemm1, gemm2)`` tilings for a call of ``num_tokens`` tokens."""
+        from moe_kernels.kernels.fused_moe import default_configs
+
+        tiles = self._tiles if hasattr(self, "_tiles") else self._measured(ctx)
+        if tiles:
+            return tuning.point_for(tiles, num_tokens)[1]
+        moe = ctx.cfg.moe
+        return default_configs(
+            num_tokens, moe.top_k, ctx.placement.num_local_experts, moe.hidden_size, moe.intermediate_size
+        )
+
+    def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
+        from moe_kernels.kernels import fused_workspace_shapes
+
+        if num_rows == 0:
+            return {}
+        moe = ctx.cfg.moe
+        gemm1, _ = self.configs_for(ctx, num_rows)
+        shapes = fused_workspace_shapes(
+            num_rows, moe.top_k, ctx.placement.num_local_experts, moe.hidden_size, moe.intermediate_size,
+            moe.dtype, gemm1.block_m,
+        )  # fmt: skip
+        return {name: WorkspaceSpec(tuple(shape), dtype) for name, (shape, dtype) in shapes.items()}
+
+    def max_workspace_specs(self, ctx: LayerContext, max_rows: int) -> dict[str, WorkspaceSpec]:
+        # the row block (and so the padded row bound) changes with T: take each name's largest
+        # over the token counts where the tiling may change (powers of two, the tuned points)
+        tiles = self._tiles if hasattr(self, "_tiles") else self._measured(ctx)
+        points = {max_rows, *(t for t in tiles if t < max_rows)}
+        t = 1
+        while t < max_rows:
+            points.add(t)
+            t *= 2
+        merged: dict[str, WorkspaceSpec] = {}
+        for rows in points:
+            for name, spec in self.workspace_specs(ctx, rows).items():
+                if name not in merged or spec.nbytes > merged[name].nbytes:
+                    merged[name] = spec
+        return merged
+
+    def apply(
+        self,
+        tokens: StandardTokens,
+        weights: ExpertWeights,
+        out: torch.Tensor,
+        workspace: dict[str, torch.Tensor],
+    ) -> None:
+        from moe_kernels.kernels import fused_experts
+
+        if tokens.num_rows == 0:
+            return
+        gemm1, gemm2 = self.configs_for(self.ctx, tokens.num_rows)
+        residual = tokens.residual
+        if residual is not None:
+            residual.wait()
+        fused_experts(
+            tokens.x,
+            weights.w13,
+            weights.w2,
+            tokens.topk_weights,
+            tokens.topk_ids,
+            out,
+            workspace=workspace,
+            gemm1=gemm1,
+            gemm2=gemm2,
+            residual=None if residual is None else residual.tensor,
+        )

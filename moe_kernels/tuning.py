@@ -1,0 +1,174 @@
+"""Measured tables: per GPU and layer shape, how long every valid pair takes at each token count,
+and the tile configs of the Triton kernels.
+
+``moe-kernels tune --config FILE`` writes them (:mod:`moe_kernels.bench.tune`); selection and
+the Triton experts read them. Nothing here is typed by hand: a number in a table is a
+measurement with its source, and where no table covers a GPU or shape the parts' documented
+heuristics decide (and ``explain()`` says so).
+
+Where tables are looked for, first hit wins: the directory named by the ``MOE_KERNELS_TABLES``
+environment variable (your own tuning runs), then the tables shipped in ``moe_kernels/tables``.
+A file is named after the GPU (``nvidia-h100-80gb-hbm3.json``) and holds::
+
+    {"format": 1, "gpu": "NVIDIA H100 80GB HBM3", "source": "...", "copy_gbps": 2966.0,
+     "shapes": {"E=32,K=8,H=7168,I=2048,bfloat16,none": {
+         "pairs":   {"LocalPrepareAndFinalize + FusedTritonExperts": {"1": 97.1, "16": ...}, ...},
+         "kernels": {"fused_moe": {"1": {"gemm1": {...}, "gemm2": {...}}, ...}}}}}
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from moe_kernels.config import LayerConfig
+
+FORMAT = 1
+ENV_DIR = "MOE_KERNELS_TABLES"
+SHIPPED_DIR = Path(__file__).resolve().parent / "tables"
+
+X = TypeVar("X")
+
+
+@dataclass(frozen=True)
+class ShapeKey:
+    """What a measurement depends on besides the GPU: the local layer shape and number format."""
+
+    num_experts: int  # local experts
+    top_k: int
+    hidden: int
+    inter: int
+    dtype: str
+    quant: str
+
+    @classmethod
+    def of(cls, cfg: LayerConfig) -> ShapeKey:
+        moe = cfg.moe
+        dtype = str(moe.dtype).removeprefix("torch.")
+        return cls(cfg.num_local_experts, moe.top_k, moe.hidden_size, moe.intermediate_size, dtype, cfg.quant.scheme)
+
+    def __str__(self) -> str:
+        return f"E={self.num_experts},K={self.top_k},H={self.hidden},I={self.inter},{self.dtype},{self.quant}"
+
+
+@dataclass
+class GpuTable:
+    """One GPU's measurements (see the module docstring for the file format)."""
+
+    gpu: str
+    source: str
+    path: str
+    copy_gbps: float | None = None
+    shapes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def pair_times(self, key: ShapeKey) -> dict[str, dict[int, float]]:
+        """``pair name -> {T: microseconds}`` for ``key`` (empty when not measured)."""
+        pairs = self.shapes.get(str(key), {}).get("pairs", {})
+        return {name: {int(t): float(us) for t, us in times.items()} for name, times in pairs.items()}
+
+    def kernel_configs(self, key: ShapeKey, kernel: str) -> dict[int, dict[str, Any]]:
+        """``{T: config}`` of a Triton kernel for ``key`` (empty when not tuned)."""
+        configs = self.shapes.get(str(key), {}).get("kernels", {}).get(kernel, {})
+        return {int(t): c for t, c in configs.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "gpu": self.gpu,
+            "source": self.source,
+            "copy_gbps": self.copy_gbps,
+            "shapes": self.shapes,
+        }
+
+
+def slug(gpu: str) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``: the table's file name."""
+    return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+
+
+def gpu_name(device: torch.device) -> str | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(device)
+
+
+def load_table(path: Path) -> GpuTable:
+    """Read one table file; ``ValueError`` naming the file when it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable tuning table ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a tuning table (a JSON {type(data).__name__}, not an object)")
+    if data.get("format") != FORMAT or not isinstance(data.get("shapes"), dict):
+        raise ValueError(f"{path}: not a tuning table of format {FORMAT} (keys: {sorted(data)[:6]})")
+    return GpuTable(
+        gpu=str(data.get("gpu", "")),
+        source=str(data.get("source", "")),
+        path=str(path),
+        copy_gbps=data.get("copy_gbps"),
+        shapes=data["shapes"],
+    )
+
+
+def table_dirs() -> list[Path]:
+    dirs = [Path(os.environ[ENV_DIR])] if os.environ.get(ENV_DIR) else []
+    return [*dirs, SHIPPED_DIR]
+
+
+@functools.cache
+def _table_for_gpu(gpu: str, dirs: tuple[Path, ...]) -> GpuTable | None:
+    for directory in dirs:
+        path = directory / f"{slug(gpu)}.json"
+        if path.is_file():
+            return load_table(path)
+    return None
+
+
+def table_for(device: torch.device) -> GpuTable | None:
+    """The table of ``device``'s GPU, or ``None`` (CPU, or a GPU nobody tuned)."""
+    gpu = gpu_name(device)
+    return None if gpu is None else _table_for_gpu(gpu, tuple(table_dirs()))
+
+
+def forget_tables() -> None:
+    """Drop cached tables (after a tuning run wrote a new one)."""
+    _table_for_gpu.cache_clear()
+
+
+def point_for(points: Mapping[int, X], num_tokens: int) -> tuple[int, X]:
+    """The measurement that stands for ``num_tokens``: the smallest measured T >= it (a path
+    that measured fastest there handled at least as many rows), else the largest measured T."""
+    if not points:
+        raise ValueError("no measured points")
+    above = [t for t in points if t >= num_tokens]
+    t = min(above) if above else max(points)
+    return t, points[t]
+
+
+def crossover(low: Mapping[int, float], high: Mapping[int, float]) -> tuple[int | None, str]:
+    """The threshold ``T*`` for "use ``low`` when T <= T*, ``high`` above" that fits two measured
+    series best: among 0 and the T measured in both, the one minimising the summed
+    ``log(chosen / faster)`` (the smallest on ties). ``None`` when they share no T."""
+    both = sorted(set(low) & set(high))
+    if not both:
+        return None, "no token count measured for both paths"
+
+    def loss(threshold: int) -> float:
+        return sum(math.log((low[t] if t <= threshold else high[t]) / min(low[t], high[t])) for t in both)
+
+    best = min([0, *both], key=lambda t: (loss(t), t))
+    wins = [t for t in both if low[t] <= high[t]]
+    note = f"the first path measured no slower at T in {wins or 'none'} of {both}"
+    if loss(best) > 0:
+        note += f"; this threshold costs {math.expm1(loss(best) / len(both)):.1%} over the per-T best on average"
+    return best, note
