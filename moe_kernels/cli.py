@@ -37,6 +37,7 @@ BENCH_MODULES = {
     "experts": ("moe_kernels.bench.experts", "time every experts implementation on one problem"),
     "ep": ("moe_kernels.bench.ep", "time expert-parallel dispatch/combine across GPUs"),
     "layer": ("moe_kernels.bench.layer", "time a whole FusedMoE layer against the reference"),
+    "shared": ("moe_kernels.bench.shared", "time the shared experts beside the routed ones, overlapped or not"),
 }
 
 
@@ -230,8 +231,8 @@ def memory_estimate(cfg: LayerConfig, selection: Selection, tokens: int) -> Memo
         weights += 3 * m.hidden_size * m.intermediate_size * 4
     workspaces = 0
     ctx = selection.ctx
-    for choice in selection.plan:
-        sized = cfg if choice is selection.plan[-1] else with_max_tokens(cfg, choice.high)
+    for choice in selection.steps:
+        sized = cfg if choice is selection.steps[-1] else with_max_tokens(cfg, choice.high)
         sub = LayerContext(sized, ctx.device, ctx.placement, ctx.group)
         pair = choice.candidate
         workspaces = max(workspaces, planned_workspace_bytes(pair.prepare_finalize, pair.experts, sub))

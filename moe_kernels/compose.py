@@ -231,13 +231,18 @@ class ModularKernel:
         self.chunk_size: int | None = chunk if can_chunk else None
         self.overlapped = ctx.cfg.parallel.two_batch_overlap
         prepare_finalize.bind(ctx, self.format)
-        experts.bind(ctx)
-        self._pf_specs = prepare_finalize.workspace_specs(ctx, self.format)
-        max_rows = prepare_finalize.max_expert_rows(ctx, self.format)
-        self._max_expert_specs = experts.max_workspace_specs(ctx, max_rows)
-        for tag in self._tags():
-            self.workspaces.reserve(self._pf_specs, ctx.device, tag)
-            self.workspaces.reserve(self._max_expert_specs, ctx.device, tag)
+        try:
+            experts.bind(ctx)
+            self._pf_specs = prepare_finalize.workspace_specs(ctx, self.format)
+            max_rows = prepare_finalize.max_expert_rows(ctx, self.format)
+            self._max_expert_specs = experts.max_workspace_specs(ctx, max_rows)
+            for tag in self._tags():
+                self.workspaces.reserve(self._pf_specs, ctx.device, tag)
+                self.workspaces.reserve(self._max_expert_specs, ctx.device, tag)
+        except Exception:
+            # nothing will own this kernel: give back what the parts acquired when bound
+            self.release()
+            raise
 
     def _tags(self) -> tuple[str, ...]:
         return tuple(self.workspace_tag + t for t in MICRO_BATCH_TAGS) if self.overlapped else (self.workspace_tag,)

@@ -1,9 +1,9 @@
 """Pick the fastest valid (prepare/finalize, experts) pair for a layer on a machine, per batch size.
 
 Every registered prepare/finalize is paired with every registered experts class; the
-composer's checks decide which pairs are valid (nothing here repeats a capability), and a
-memory check refuses pairs whose workspaces exceed the budget. Among the valid ones, at each
-token count of a grid:
+composer's checks decide which pairs are valid (nothing here repeats a capability). At each
+token count of a grid, the valid pairs whose workspaces for calls of that size fit the memory
+budget compete:
 
 * **measured**: the tuning table of this GPU and layer shape (:mod:`moe_kernels.tuning`) gives
   each pair's time; the fastest measured pair wins. A pair the table does not cover never
@@ -125,10 +125,17 @@ class Selection:
 
     ctx: LayerContext
     candidates: list[Candidate]
-    plan: list[Choice]
+    steps: list[Choice]
     decided_by: str
     budget: int
     workspace_cache: WorkspaceCache | None = None
+    #: pair name -> why it was left out of the larger steps (its workspaces over the budget)
+    over_budget: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def plan(self) -> list[Choice]:
+        """The steps with consecutive wins of one pair merged (what ``explain`` shows)."""
+        return _merge(self.steps)
 
     @property
     def cfg(self) -> LayerConfig:
@@ -146,11 +153,12 @@ class Selection:
         best = self.best  # raises when nothing is valid
         if len(self.plan) == 1:
             return ModularKernel(best.prepare_finalize, best.experts, self.ctx, self.workspace_cache)
+        # one member per grid step, sized for its step's largest T: exactly what was measured
+        # there (a masked layout's capacity, for one, costs time even when its rows are empty)
         ranges = []
-        for i, choice in enumerate(self.plan):
-            last = i == len(self.plan) - 1
-            cfg = self.cfg if last else with_max_tokens(self.cfg, choice.high)
-            ctx = LayerContext(cfg, self.ctx.device, self.ctx.placement, self.ctx.group)
+        for i, choice in enumerate(self.steps):
+            last = i == len(self.steps) - 1
+            ctx = self.ctx if last else step_context(self.ctx, choice.high)
             pf, ex = choice.candidate.prepare_finalize, choice.candidate.experts
             # each range binds its own instances: a part's bound state is per kernel
             kernel = ModularKernel(_fresh(pf), _fresh(ex), ctx, self.workspace_cache)
@@ -169,8 +177,9 @@ class Selection:
             f"memory budget for workspaces: {self.budget / 2**20:.0f} MiB",
         ]
         low = 1
-        for choice in self.plan:
-            span = f"T={low}..{choice.high}" if choice is not self.plan[-1] else f"T>={low}"
+        plan = self.plan
+        for i, choice in enumerate(plan):
+            span = f"T={low}..{choice.high}" if i < len(plan) - 1 else f"T>={low}"
             lines.append(f"  CHOSEN {span}: {choice.candidate.name}  ({choice.why})")
             low = choice.high + 1
         valid = [c for c in self.candidates if c.valid]
@@ -179,6 +188,8 @@ class Selection:
         for c in valid:
             times = ", ".join(f"T={t}: {us:.1f} us" for t, us in sorted(c.times.items())) or "not measured"
             lines.append(f"  {c.name}: {times}")
+            if c.name in self.over_budget:
+                lines.append(f"    - memory: {self.over_budget[c.name]}")
         refused = [c for c in self.candidates if not c.valid]
         if refused:
             lines.append(f"refused ({len(refused)} pairs):")
@@ -208,12 +219,10 @@ def _fresh(part: object) -> object:
 def candidates(
     ctx: LayerContext,
     *,
-    budget: int | None = None,
     prepare_finalize_factories: Sequence[PrepareFinalizeFactory] | None = None,
     experts_factories: Sequence[ExpertsFactory] | None = None,
 ) -> list[Candidate]:
-    """Every registered pair with its checks (a memory check against ``budget`` at the layer's
-    largest call included) and its measured times, in registration order."""
+    """Every registered pair with its checks and its measured times, in registration order."""
     from moe_kernels import registry
 
     cfg = ctx.cfg
@@ -224,32 +233,40 @@ def candidates(
     out = []
     for pf in pfs:
         for ex in exs:
-            checks = check_pair(pf, ex, ctx)
-            if budget is not None and all(c.ok for c in checks):
-                checks.append(_memory_check(pf, ex, ctx, budget))
-            out.append(Candidate(pf, ex, checks, measured.get(pair_name(pf, ex), {})))
+            out.append(Candidate(pf, ex, check_pair(pf, ex, ctx), measured.get(pair_name(pf, ex), {})))
     return out
 
 
-def _memory_check(pf: PrepareAndFinalize, ex: PermuteExpertsUnpermute, ctx: LayerContext, budget: int) -> Check:
-    need = planned_workspace_bytes(pf, ex, ctx)
-    at = f"at {ctx.max_tokens} tokens per call"
-    if need > budget:
-        return Check.failed(
-            "memory", f"workspaces take {need / 2**20:.0f} MiB {at}, over the budget of {budget / 2**20:.0f} MiB"
-        )
-    return Check.passed("memory", f"workspaces {need / 2**20:.0f} MiB {at}")
+def step_context(ctx: LayerContext, max_tokens: int) -> LayerContext:
+    """``ctx`` for the kernel of one grid step: calls of up to ``max_tokens`` tokens."""
+    return LayerContext(with_max_tokens(ctx.cfg, max_tokens), ctx.device, ctx.placement, ctx.group)
 
 
-def _plan_measured(valid: list[Candidate], ctx: LayerContext, budget: int, grid: list[int]) -> list[Choice]:
+def within_budget(
+    valid: list[Candidate], ctx: LayerContext, budget: int, grid: list[int]
+) -> tuple[dict[int, list[Candidate]], dict[str, str]]:
+    """The pairs whose workspaces, sized for each step, fit the budget; and for the others, from
+    which step on they do not and why."""
+    fits: dict[int, list[Candidate]] = {}
+    over: dict[str, str] = {}
+    for t in grid:
+        fits[t] = []
+        for c in valid:
+            need = planned_workspace_bytes(c.prepare_finalize, c.experts, step_context(ctx, t))
+            if need <= budget:
+                fits[t].append(c)
+            elif c.name not in over:
+                over[c.name] = (
+                    f"left out from T={t} on: workspaces {need / 2**20:.0f} MiB, over the budget of "
+                    f"{budget / 2**20:.0f} MiB"
+                )
+    return fits, over
+
+
+def _plan_measured(fits: dict[int, list[Candidate]], grid: list[int]) -> list[Choice]:
     plan: list[Choice] = []
     for t in grid:
-        sub = LayerContext(with_max_tokens(ctx.cfg, t), ctx.device, ctx.placement, ctx.group)
-        timed = [
-            (tuning.point_for(c.times, t), c)
-            for c in valid
-            if c.times and planned_workspace_bytes(c.prepare_finalize, c.experts, sub) <= budget
-        ]
+        timed = [(tuning.point_for(c.times, t), c) for c in fits[t] if c.times]
         if not timed:
             return []
         (point, us), best = min(timed, key=lambda pc: pc[0][1])
@@ -257,14 +274,12 @@ def _plan_measured(valid: list[Candidate], ctx: LayerContext, budget: int, grid:
     return plan
 
 
-def _plan_heuristic(valid: list[Candidate], ctx: LayerContext, budget: int, grid: list[int]) -> list[Choice]:
+def _plan_heuristic(fits: dict[int, list[Candidate]], ctx: LayerContext, grid: list[int]) -> list[Choice]:
     plan: list[Choice] = []
     for t in grid:
-        sub = LayerContext(with_max_tokens(ctx.cfg, t), ctx.device, ctx.placement, ctx.group)
+        sub = step_context(ctx, t)
         scored = []
-        for c in valid:
-            if planned_workspace_bytes(c.prepare_finalize, c.experts, sub) > budget:
-                continue
+        for c in fits[t]:
             pf_score, pf_why = c.prepare_finalize.preference(sub)
             ex_score, ex_why = c.experts.preference(sub)
             scored.append((pf_score + ex_score, f"score {pf_score + ex_score:g}: {pf_why}; {ex_why}", c))
@@ -303,10 +318,7 @@ def select(
     ctx = layer_context(cfg, placement=placement, group=group, device=device)
     budget = default_memory_budget(ctx.device) if memory_budget is None else memory_budget
     found = candidates(
-        ctx,
-        budget=budget,
-        prepare_finalize_factories=prepare_finalize_factories,
-        experts_factories=experts_factories,
+        ctx, prepare_finalize_factories=prepare_finalize_factories, experts_factories=experts_factories
     )
     valid = [c for c in found if c.valid]
     max_tokens = ctx.max_tokens
@@ -318,13 +330,14 @@ def select(
         grid = sorted({t for t in measured_grid if t < max_tokens} | {max_tokens})
     else:
         grid = sorted({t for t in HEURISTIC_GRID if t < max_tokens} | {max_tokens})
+    fits, over = within_budget(valid, ctx, budget, grid)
     plan: list[Choice] = []
-    decided_by = "nothing: no valid pair"
+    decided_by = "nothing: no valid pair fits"
     if valid and measured_grid and table is not None:
-        plan = _plan_measured(valid, ctx, budget, grid)
+        plan = _plan_measured(fits, grid)
         decided_by = f"measured table {table.path} ({table.gpu}; {table.source})"
     if valid and not plan:
-        plan = _plan_heuristic(valid, ctx, budget, grid)
+        plan = _plan_heuristic(fits, ctx, grid)
         reason = "no tuning table for this GPU" if table is None else f"table {table.path} has no times for this shape"
         decided_by = f"the parts' documented heuristics ({reason})"
-    return Selection(ctx, found, _merge(plan), decided_by, budget, workspace_cache)
+    return Selection(ctx, found, plan, decided_by, budget, workspace_cache, over)

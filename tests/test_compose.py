@@ -442,20 +442,31 @@ def test_cuda_graphs_only_selects_capturable_parts() -> None:
 
 
 def test_selection_counts_workspaces_against_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The masked layout at a large capacity is refused over the budget (and explain says so);
-    a smaller capacity fits."""
+    """Workspaces are counted per step of the plan, sized for that step's calls: the masked
+    layout (memory E x M x H) is used where it fits the budget and left out from the step where
+    it does not (explain says so), and the kernel built for the plan stays within the budget."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    cfg = layer_cfg(torch.bfloat16, parallel=ParallelConfig(cuda_graphs=True, max_tokens_per_rank=4096))
-    name = "LocalMaskedPrepareAndFinalize + MaskedTritonExperts"
-    budget = 2**20
-    selection = select(cfg, device="cpu", memory_budget=budget)
-    masked = next(c for c in selection.candidates if c.name == name)
-    memory = next(f for f in masked.failures if f.name == "memory")
-    assert "over the budget of 1 MiB" in memory.reason and "at 4096 tokens per call" in memory.reason
-    assert "memory: workspaces take" in selection.explain()
-    small = layer_cfg(torch.bfloat16, parallel=ParallelConfig(cuda_graphs=True, max_tokens_per_rank=16))
-    fits = next(c for c in select(small, device="cpu", memory_budget=budget).candidates if c.name == name)
-    assert fits.valid
+    cfg = layer_cfg(torch.bfloat16, parallel=ParallelConfig(max_tokens_per_rank=4096))
+    masked = "LocalMaskedPrepareAndFinalize + MaskedTritonExperts"
+    factories = dict(
+        prepare_finalize_factories=[lambda c: LocalMaskedPrepareAndFinalize(), lambda c: LocalPrepareAndFinalize()],
+        experts_factories=[lambda c: MaskedTritonExperts(), lambda c: TorchReferenceExperts()],
+    )
+    budget = 2**20  # the masked pair takes exactly 1 MiB at 1024 tokens, 4 MiB at 4096
+    selection = select(cfg, device="cpu", memory_budget=budget, **factories)
+    assert [(c.high, c.candidate.name) for c in selection.steps][-2:] == [
+        (1024, masked),
+        (4096, "LocalPrepareAndFinalize + TorchReferenceExperts"),
+    ]
+    note = selection.over_budget[masked]
+    assert note == "left out from T=4096 on: workspaces 4 MiB, over the budget of 1 MiB"
+    assert f"- memory: {note}" in selection.explain()
+    assert selection.kernel.workspace_bytes() <= budget
+    # nothing fits at the largest call: no kernel, and explain says why
+    nothing = select(cfg, device="cpu", memory_budget=2**10, **{**factories, "prepare_finalize_factories": [factories["prepare_finalize_factories"][0]]})
+    with pytest.raises(RuntimeError, match="no registered pair can run this layer") as info:
+        nothing.kernel  # noqa: B018
+    assert "- memory: left out from T=" in str(info.value)
 
 
 def test_no_valid_pair_raises_with_every_reason() -> None:

@@ -15,6 +15,11 @@ For each shape (:mod:`moe_kernels.bench.shapes`) and token count T, on one unifo
 * the limits: touched experts' weight bytes / measured copy bandwidth (``HBM bound``) and the
   GEMM FLOPs / measured dense bf16 GEMM rate (``TC bound``).
 
+``--quant fp8``: the fp8 block-scaled layer of each shape (weights quantized in 128 x 128
+blocks), beside ``bf16``: what ``select()`` picks for the unquantized layer of the same shape on
+the dequantized weights and the same routing (the peer and the GEMMs-alone columns are bf16-only
+and left out). The HBM bound then counts fp8 weight bytes plus their scales.
+
 Times are GPU time of one call replayed from a CUDA graph (median of CUDA-event runs, L2 flushed
 before each). Ratios above 1 mean we are faster (``peer / select``) or slower (``select / bound``).
 """
@@ -141,12 +146,28 @@ def make_problem(shape: BenchShape, tokens: int, seed: int) -> tuple[torch.Tenso
     return x, weights, ids.to(torch.int32).contiguous()
 
 
-def make_weights(shape: BenchShape, seed: int = 0) -> ExpertWeights:
+def make_weights(shape: BenchShape, seed: int = 0, quant: str = "none") -> ExpertWeights:
+    """Random bf16 expert weights (N(0, 1/fan_in)), or their fp8 block quantization."""
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     e, h, i = shape.num_experts, shape.hidden, shape.inter
     w13 = torch.randn(e, 2 * i, h, device=DEVICE, dtype=torch.bfloat16, generator=gen).mul_(h**-0.5)
     w2 = torch.randn(e, h, i, device=DEVICE, dtype=torch.bfloat16, generator=gen).mul_(i**-0.5)
-    return ExpertWeights(w13, w2)
+    if quant == "none":
+        return ExpertWeights(w13, w2)
+    from moe_kernels.kernels.quant import quantize_fp8_blocks
+
+    (q13, s13), (q2, s2) = quantize_fp8_blocks(w13.float()), quantize_fp8_blocks(w2.float())
+    return ExpertWeights(q13, q2, s13, s2)
+
+
+def dequantized(w: ExpertWeights) -> ExpertWeights:
+    """The bf16 weights an fp8 layer's weights stand for (what its bf16 twin runs on)."""
+    from moe_kernels.kernels.quant import dequantize_fp8_blocks
+
+    assert w.w13_scale is not None and w.w2_scale is not None
+    return ExpertWeights(
+        dequantize_fp8_blocks(w.w13, w.w13_scale).bfloat16(), dequantize_fp8_blocks(w.w2, w.w2_scale).bfloat16()
+    )
 
 
 def useful_flops(shape: BenchShape, tokens: int) -> float:
@@ -206,10 +227,14 @@ def bench_point(
     args: argparse.Namespace,
     limits: tuple[float, float],
     tuned: dict[str, dict[int, float]],
+    bf16: tuple[ExpertWeights, Any] | None = None,
 ) -> Point:
+    """One token count. ``bf16``: for an fp8 layer, the dequantized weights and the bf16 layer's
+    selection, timed on the same routing as ``bf16``."""
     point = Point(tokens)
     x, tw, ids = make_problem(shape, tokens, seed=tokens)
-    ref = torch_ops_moe(x, w, tw, ids).float()
+    plain = bf16[0] if bf16 is not None else w
+    ref = torch_ops_moe(x, plain, tw, ids).float()
     scale = max(ref.abs().max().item(), 1e-6)
 
     def record(name: str, fn: Callable[[], torch.Tensor]) -> None:
@@ -220,22 +245,26 @@ def bench_point(
     chosen = kernel.kernel_for(tokens) if hasattr(kernel, "kernel_for") else kernel
     point.select_pair = chosen.name
     record("select", lambda: kernel(x, w, tw, ids, check_values=False))
-    if peer is not None:
+    if bf16 is not None:
+        bf16_kernel = bf16[1].kernel
+        record("bf16", lambda: bf16_kernel(x, plain, tw, ids, check_values=False))
+    elif peer is not None:
         record("peer", lambda: peer(x, w.w13, w.w2, tw, ids))
-    record("torch-ops", lambda: torch_ops_moe(x, w, tw, ids))
+    record("torch-ops", lambda: torch_ops_moe(x, plain, tw, ids))
     if args.pairs == "all":
-        for name, build in valid_pairs(shape.layer(tokens)):
+        for name, build in valid_pairs(shape.layer(tokens, args.quant)):
             pair = build()
             record(name, lambda pair=pair: pair(x, w, tw, ids, check_values=False))
             del pair
     else:  # measured by the tuner a moment ago, in this process
         point.us.update({name: times[tokens] for name, times in tuned.items() if tokens in times})
-    gemm_alone(point, x, ids, w, timer)
+    if bf16 is None:
+        gemm_alone(point, x, ids, w, timer)
 
     copy_gbs, peak_tflops = limits
     point.active_experts = int(torch.unique(ids).numel())
-    touched = point.active_experts * 3 * shape.hidden * shape.inter * w.w13.element_size()
-    point.hbm_bound_us = touched / (copy_gbs * 1e9) * 1e6
+    per_expert = w.nbytes() / w.num_experts  # weights and (fp8) their scales
+    point.hbm_bound_us = point.active_experts * per_expert / (copy_gbs * 1e9) * 1e6
     point.tc_bound_us = useful_flops(shape, tokens) / (peak_tflops * 1e12) * 1e6
     return point
 
@@ -303,8 +332,9 @@ def best_pair(point: Point) -> tuple[str, float] | None:
 
 
 def summary_table(result: ShapeResult) -> str:
+    peer = "bf16" if any("bf16" in p.us for p in result.points) else "peer"
     headers = [
-        "T", "select us", "select picks", "peer us", "peer/select", "best us", "select/best",
+        "T", "select us", "select picks", f"{peer} us", f"{peer}/select", "best us", "select/best",
         "GEMMs us", "select/GEMMs", "HBM bound us", "select/HBM", "TFLOP/s", "select/TC bound", "torch-ops/select",
         "max rel err",
     ]  # fmt: skip
@@ -317,8 +347,8 @@ def summary_table(result: ShapeResult) -> str:
                 p.tokens,
                 sel or "-",
                 p.select_pair.replace("PrepareAndFinalize", "PF").replace("Experts", ""),
-                p.us.get("peer", "-"),
-                _ratio(p.us.get("peer"), sel),
+                p.us.get(peer, "-"),
+                _ratio(p.us.get(peer), sel),
                 best[1] if best else "-",
                 _ratio(sel, best[1] if best else None),
                 p.us.get("gemms", "-"),
@@ -409,6 +439,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pairs none the pairs' times come from that run. The 'untuned' shape is never tuned",
     )
     parser.add_argument("--tile-candidates", type=int, default=6, help="with --tune-out: tilings timed per GEMM")
+    parser.add_argument(
+        "--quant", choices=("none", "fp8"), default="none", help="fp8: the fp8 block-scaled layers beside bf16"
+    )
     parser.add_argument("--out", type=Path, help="directory for experts.md, experts.json and experts.png")
     parser.add_argument("--runs", type=int, default=30, help="most timed runs per measurement (default: %(default)s)")
     parser.add_argument("--target-ms", type=float, default=200.0, help="time budget of one measurement")
@@ -420,6 +453,7 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("bench experts: skipped: it times with CUDA events and this machine has no CUDA GPU")
         return 0
+    from moe_kernels.compose import WorkspaceCache
     from moe_kernels.select import select
 
     start = time.perf_counter()
@@ -443,6 +477,8 @@ def run(args: argparse.Namespace) -> int:
     progress(header[0].removeprefix("- "))
     timer = Timer(args.runs, args.target_ms / 1e3)
     results: list[ShapeResult] = []
+    quant = "fp8_w8a8_block" if args.quant == "fp8" else "none"
+    args.quant = quant
     for name in args.shapes:
         shape = SHAPES[name]
         tuned: dict[str, dict[int, float]] = {}
@@ -452,10 +488,15 @@ def run(args: argparse.Namespace) -> int:
             source = f"moe-kernels bench experts --tune-out, {datetime.date.today().isoformat()}, torch {torch.__version__}"
             tuned = tune_shape(
                 shape, sorted(args.tokens), timer.graphed, tile_candidates=args.tile_candidates, progress=progress,
-                tables_dir=args.tune_out, source=source,
+                tables_dir=args.tune_out, source=source, quant=quant,
             )  # fmt: skip
-        w = make_weights(shape)
-        selection = select(shape.layer(max(args.tokens)), device=device)
+        w = make_weights(shape, quant=quant)
+        # a cache of its own per shape, so that the scratch of one shape is freed before the next
+        selection = select(shape.layer(max(args.tokens), quant), device=device, workspace_cache=WorkspaceCache())
+        bf16 = None
+        if quant != "none":
+            twin = select(shape.layer(max(args.tokens)), device=device, workspace_cache=WorkspaceCache())
+            bf16 = (dequantized(w), twin)
         result = ShapeResult(name, shape, selection.decided_by)
         results.append(result)
         for tokens in args.tokens:
@@ -463,19 +504,20 @@ def run(args: argparse.Namespace) -> int:
                 progress(f"time budget of {args.time_budget_s:.0f} s spent: stopping before {name} T={tokens}")
                 break
             try:
-                point = bench_point(shape, tokens, w, selection, peer, timer, args, limits, tuned)
+                point = bench_point(shape, tokens, w, selection, peer, timer, args, limits, tuned, bf16)
             except torch.cuda.OutOfMemoryError as e:
                 progress(f"{name} T={tokens}: out of memory ({str(e).splitlines()[0]}); skipping larger T")
                 torch.cuda.empty_cache()
                 break
             result.points.append(point)
-            peer_ratio = _ratio(point.us.get("peer"), point.us.get("select"))
-            shown = f"{peer_ratio:.2f}" if isinstance(peer_ratio, float) else peer_ratio
-            progress(f"{name} T={tokens}: select {point.us['select']:.1f} us ({point.select_pair}), peer/select {shown}")
+            other = "bf16" if bf16 is not None else "peer"
+            ratio = _ratio(point.us.get(other), point.us.get("select"))
+            shown = f"{ratio:.2f}" if isinstance(ratio, float) else ratio
+            progress(f"{name} T={tokens}: select {point.us['select']:.1f} us ({point.select_pair}), {other}/select {shown}")
             torch.cuda.empty_cache()
             _write(args, results, header)
         selection.kernel.release()
-        del w, selection
+        del w, selection, bf16
         torch.cuda.empty_cache()
     if timer.failures:
         header.append("- CUDA-graph capture failed for (timed eagerly instead): " + "; ".join(timer.failures))

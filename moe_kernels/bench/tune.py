@@ -47,11 +47,11 @@ def tune_tiles(
     candidates: int,
     measure: Callable[[Callable[[], object], str], float],
 ) -> tuple[Any, Any, float]:
-    """The fastest ``(gemm1, gemm2)`` tiling of the fused path at ``tokens`` tokens, and its time:
+    """The fastest ``(gemm1, gemm2)`` tiling of the fused (bf16) path at ``tokens`` tokens, and its time:
     GEMM1's candidates with GEMM2 at its default, then GEMM2's with the best GEMM1 (both on the
     same row block, as the layout requires)."""
     from moe_kernels.bench.experts import make_problem, make_weights
-    from moe_kernels.compose import compose
+    from moe_kernels.compose import WorkspaceCache, compose
     from moe_kernels.experts.fused_triton import FusedTritonExperts
     from moe_kernels.kernels.fused_moe import candidate_configs, default_configs
     from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
@@ -71,7 +71,8 @@ def tune_tiles(
         return sorted(space, key=lambda c: (sum(distance(c)), distance(c)))[:candidates]
 
     def timed(g1: Any, g2: Any) -> float:
-        kernel = compose(LocalPrepareAndFinalize(), FusedTritonExperts(tiles={tokens: (g1, g2)}), cfg)
+        experts = FusedTritonExperts(tiles={tokens: (g1, g2)})
+        kernel = compose(LocalPrepareAndFinalize(), experts, cfg, workspace_cache=WorkspaceCache())
         return measure(lambda: kernel(x, w, tw, ids, check_values=False), f"tiles {g1} {g2}")
 
     def partner(config: Any) -> Any:
@@ -94,26 +95,28 @@ def tune_shape(
     tables_dir: Path,
     source: str,
     gpu: str | None = None,
+    quant: str = "none",
 ) -> dict[str, dict[int, float]]:
     """Tune one layer: tiles first (written to the table so the pairs use them), then every valid
     pair. Returns ``pair name -> {T: us}``; the table in ``tables_dir`` is updated as it goes."""
     from moe_kernels.bench.experts import make_problem, make_weights, valid_pairs
 
-    key = str(tuning.ShapeKey.of(shape.layer(max(grid))))
+    key = str(tuning.ShapeKey.of(shape.layer(max(grid), quant)))
     kernels: dict[int, dict[str, Any]] = {}
     for tokens in grid:
-        if tokens * shape.top_k / shape.num_experts > TILE_MAX_ROWS_PER_EXPERT:
+        if quant != "none" or tokens * shape.top_k / shape.num_experts > TILE_MAX_ROWS_PER_EXPERT:
             continue
         g1, g2, us = tune_tiles(shape, tokens, tile_candidates, measure)
         kernels[tokens] = {"gemm1": asdict(g1), "gemm2": asdict(g2)}
         progress(f"{key} T={tokens}: fused tiles {g1} / {g2}: {us:.1f} us")
-    write_table(tables_dir, key, {"kernels": {"FusedTritonExperts": kernels}}, source, gpu)
+    if kernels:
+        write_table(tables_dir, key, {"kernels": {"FusedTritonExperts": kernels}}, source, gpu)
 
     pairs: dict[str, dict[int, float]] = {}
-    w = make_weights(shape)
+    w = make_weights(shape, quant=quant)
     for tokens in grid:
         x, tw, ids = make_problem(shape, tokens, seed=tokens)
-        for name, build in valid_pairs(shape.layer(tokens)):
+        for name, build in valid_pairs(shape.layer(tokens, quant)):
             try:
                 kernel = build()
                 pairs.setdefault(name, {})[tokens] = measure(

@@ -72,7 +72,7 @@ from moe_kernels.contract import (
     WorkspaceSpec,
     check_device_type,
 )
-from moe_kernels.distributed import group_backend
+from moe_kernels.distributed import check_agreement, group_backend
 from moe_kernels.prepare_finalize import deepep_buffer as epb
 from moe_kernels.prepare_finalize.ep_base import ExpertParallelPrepareAndFinalize
 
@@ -200,9 +200,12 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
         sms = self.num_sms or epb.num_sms_for(buffer, moe.num_experts, moe.top_k)
         sms += sms % 2  # DeepEP rounds up to even; agree on what it will use
         if self.num_sms is None:
-            from moe_kernels.distributed import check_agreement
-
-            check_agreement(self.group, self.name, {"num_sms": sms})
+            try:
+                check_agreement(self.group, self.name, {"num_sms": sms})
+            except ValueError:
+                # raised on every rank alike, so the (collective) release pairs up
+                self.release()
+                raise
         self._sms = sms
         self._alignment = self.alignment(fmt)
 
