@@ -48,7 +48,8 @@ def main() -> None:
 
     topk_weights, topk_ids = route(router_logits, moe.top_k, scoring="softmax", renormalize=True)
     out = kernel(x, weights, topk_weights, topk_ids)
-    print(f"{kernel.name}: token 0 -> experts {topk_ids[0].tolist()} weights {[round(w, 4) for w in topk_weights[0].tolist()]}")
+    weights0 = [round(w, 4) for w in topk_weights[0].tolist()]
+    print(f"{kernel.name}: token 0 -> experts {topk_ids[0].tolist()} weights {weights0}")
     print(f"out: {list(out.shape)}, mean |out| = {out.abs().mean().item():.4f}")
 
 

@@ -27,11 +27,20 @@ def write_checkpoint(directory: Path, num_experts: int, hidden: int, inter: int,
     """Two shards (experts split in halves) and the index that maps every key to its shard."""
     gen = torch.Generator().manual_seed(0)
     prefix = f"model.layers.{layer}.mlp"
-    shards: list[dict[str, torch.Tensor]] = [{f"{prefix}.gate.weight": torch.randn(num_experts, hidden, generator=gen)}, {}]
+    shards: list[dict[str, torch.Tensor]] = [
+        {f"{prefix}.gate.weight": torch.randn(num_experts, hidden, generator=gen)},
+        {},
+    ]
     for e in range(num_experts):
         shard = shards[e * 2 // num_experts]
-        for proj, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter))):
-            shard[f"{prefix}.experts.{e}.{proj}.weight"] = (torch.randn(*shape, generator=gen) * shape[1] ** -0.5).bfloat16()
+        for proj, shape in (
+            ("gate_proj", (inter, hidden)),
+            ("up_proj", (inter, hidden)),
+            ("down_proj", (hidden, inter)),
+        ):
+            shard[f"{prefix}.experts.{e}.{proj}.weight"] = (
+                torch.randn(*shape, generator=gen) * shape[1] ** -0.5
+            ).bfloat16()
     weight_map = {}
     for n, shard in enumerate(shards):
         name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"

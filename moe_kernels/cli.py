@@ -133,14 +133,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{args.config}: run is single-process, so parallel.ep_size must be 1 (got {cfg.parallel.ep_size}); "
             "use --ep-size/--ep-rank to run one rank's share, or `moe-kernels bench ep` for expert parallelism"
         )
-    cfg = _one_rank(cfg, args.ep_size, args.ep_rank, args.config)
+    cfg = one_rank_config(cfg, args.ep_size, args.ep_rank, args.config)
     device = resolve_device(args.device)
     start = time.perf_counter()
 
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    selection = _select_for_run(cfg, device)
+    selection = select_for_run(cfg, device)
     if not selection.plan:
         raise CliError(f"no registered kernel can run {cfg.name or args.config} here:\n{selection.explain()}")
     estimate = memory_estimate(cfg, selection, args.tokens)
@@ -176,7 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _one_rank(cfg: LayerConfig, ep_size: int, ep_rank: int, where: str) -> LayerConfig:
+def one_rank_config(cfg: LayerConfig, ep_size: int, ep_rank: int, where: str) -> LayerConfig:
     """``cfg`` as rank ``ep_rank`` of ``ep_size`` sees it (its experts only)."""
     if ep_rank >= ep_size:
         raise CliError(f"--ep-rank {ep_rank} must be < --ep-size {ep_size}")
@@ -189,7 +189,7 @@ def _one_rank(cfg: LayerConfig, ep_size: int, ep_rank: int, where: str) -> Layer
         raise CliError(f"--ep-size {ep_size} for {where}: {e}") from None
 
 
-def _select_for_run(cfg: LayerConfig, device: torch.device) -> Selection:
+def select_for_run(cfg: LayerConfig, device: torch.device) -> Selection:
     from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
     from moe_kernels.select import select
 
@@ -255,7 +255,9 @@ def _available_bytes(device: torch.device) -> int | None:
     return _physical_memory_bytes()
 
 
-def _refuse_if_too_big(estimate: MemoryEstimate, cfg: LayerConfig, device: torch.device, args: argparse.Namespace) -> None:
+def _refuse_if_too_big(
+    estimate: MemoryEstimate, cfg: LayerConfig, device: torch.device, args: argparse.Namespace
+) -> None:
     available = _available_bytes(device)
     if available is None or estimate.total <= 0.9 * available:
         return
@@ -415,13 +417,13 @@ def _key_value_table(rows: Sequence[tuple[str, str]]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
-def _terminal_width() -> int:
+def terminal_width() -> int:
     return max(60, shutil.get_terminal_size((80, 24)).columns)
 
 
 def _wrap(text: str) -> str:
     """Each line wrapped to the terminal, continuation lines indented under their first word."""
-    width = _terminal_width()
+    width = terminal_width()
     out = []
     for line in text.splitlines():
         indent = len(line) - len(line.lstrip())
@@ -434,7 +436,7 @@ def _aligned_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     (on its own lines below the row when the other columns leave it too little room)."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers[:-1])]
     lead = sum(widths) + 2 * len(widths)
-    room = _terminal_width() - lead
+    room = terminal_width() - lead
     out = []
     for cells in [list(headers), ["-" * w for w in widths] + ["-" * len(headers[-1])], *map(list, rows)]:
         left = "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False))
@@ -444,5 +446,5 @@ def _aligned_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
             out.extend(" " * lead + w for w in wrapped[1:])
         else:
             out.append(left.rstrip())
-            out.extend(textwrap.wrap(cells[-1], _terminal_width(), initial_indent="    ", subsequent_indent="    "))
+            out.extend(textwrap.wrap(cells[-1], terminal_width(), initial_indent="    ", subsequent_indent="    "))
     return "\n".join(out)

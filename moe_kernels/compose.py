@@ -339,9 +339,7 @@ class ModularKernel:
                 )
         return residual
 
-    def _start(
-        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, tag: str
-    ) -> Pending:
+    def _start(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, tag: str) -> Pending:
         specs = self.workspaces.get(self._pf_specs, self.ctx.device, tag)
         return self.prepare_finalize.prepare_async(x, topk_ids, topk_weights, specs)
 
@@ -398,9 +396,11 @@ class ModularKernel:
         h = (t + 1) // 2
         spans = ((0, h), (h, t))
         tags = self._tags()
-        started = [self._start(x[a:b], topk_weights[a:b], topk_ids[a:b], tag) for (a, b), tag in zip(spans, tags)]
+        started = [
+            self._start(x[a:b], topk_weights[a:b], topk_ids[a:b], tag) for (a, b), tag in zip(spans, tags, strict=True)
+        ]
         combines = []
-        for (a, b), pending, tag in zip(spans, started, tags):
+        for (a, b), pending, tag in zip(spans, started, tags, strict=True):
             rows = residual.rows(a, b) if residual is not None else None
             combines.append(self._compute(out[a:b], pending, weights, rows, tag))
         for combine in combines:

@@ -35,13 +35,13 @@ _DTYPES: dict[str, torch.dtype] = {
 def _to_dtype(value: Any) -> torch.dtype:
     if isinstance(value, torch.dtype):
         if value not in _DTYPES.values():
-            raise ValueError(f"must be one of bfloat16, float16, float32; got {value}")
+            raise ValueError("must be one of bfloat16, float16, float32")
         return value
     if isinstance(value, str):
         key = value.removeprefix("torch.")
         if key in _DTYPES:
             return _DTYPES[key]
-    raise ValueError(f"must be a torch.dtype or one of {sorted(_DTYPES)}; got {value!r}")
+    raise ValueError(f"must be a torch.dtype or one of {sorted(_DTYPES)}")
 
 
 def _to_pair(value: Any) -> Any:
@@ -204,12 +204,19 @@ class LayerConfig(_Strict):
             )
         if self.quant.is_fp8:
             if self.moe.dtype != torch.bfloat16:
-                raise ValueError(f"fp8_w8a8_block computes in bfloat16: moe.dtype must be bfloat16, got {self.moe.dtype}")
+                got = str(self.moe.dtype).removeprefix("torch.")
+                raise ValueError(f"fp8_w8a8_block computes in bfloat16: moe.dtype must be bfloat16, got {got}")
             block = self.quant.weight_block[0]
-            bad = [f"{n}={v}" for n, v in (("hidden_size", self.moe.hidden_size), ("intermediate_size", self.moe.intermediate_size)) if v % block]
+            bad = [
+                f"{n}={v}"
+                for n, v in (("hidden_size", self.moe.hidden_size), ("intermediate_size", self.moe.intermediate_size))
+                if v % block
+            ]
             if bad:
                 # gate and up rows are stacked into one weight: a block must not straddle them
-                raise ValueError(f"fp8_w8a8_block needs hidden_size and intermediate_size multiples of {block}; got {', '.join(bad)}")
+                raise ValueError(
+                    f"fp8_w8a8_block needs hidden_size and intermediate_size multiples of {block}; got {', '.join(bad)}"
+                )
         return self
 
     @property

@@ -65,7 +65,8 @@ def findings() -> list[Finding]:
     if cuda:
         dev = torch.device("cuda", torch.cuda.current_device())
         props = torch.cuda.get_device_properties(dev)
-        gpu = f"{props.name}, SM{props.major}{props.minor}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.1f} GiB"
+        memory = f"{props.total_memory / 2**30:.1f} GiB"
+        gpu = f"{props.name}, SM{props.major}{props.minor}, {props.multi_processor_count} SMs, {memory}"
         out.append(Finding("gpu", "GPU", props.major >= 9, gpu, "" if props.major >= 9 else "the Hopper-only paths"))
     else:
         dev = torch.device("cpu")
@@ -81,7 +82,9 @@ def findings() -> list[Finding]:
         out.append(Finding("", "NCCL", False, where, "DeepEP", f"nvidia-nccl-cu13==2.32.3 ({SETUP})"))
     else:
         check = epb.nccl_check()
-        out.append(Finding("", "NCCL", check.ok, check.reason, "" if check.ok else "DeepEP", f"NCCL >= 2.32.3 ({SETUP})"))
+        out.append(
+            Finding("", "NCCL", check.ok, check.reason, "" if check.ok else "DeepEP", f"NCCL >= 2.32.3 ({SETUP})")
+        )
     tri = triton_check(dev)
     out.append(Finding("triton", "Triton", tri.ok, tri.reason, "" if tri.ok else parts_needing({"device", "triton"})))
     ok, why = deep_gemm_status()
@@ -91,7 +94,9 @@ def findings() -> list[Finding]:
     fix = f"pip install deepinfer-gemm (builds DeepGEMM; {SETUP})"
     out.append(Finding("deepgemm", "deep_gemm", ok, why, "" if ok else parts_needing({"deep_gemm"}), fix))
     fp8 = fp8_deep_gemm_check()
-    out.append(Finding("deepgemm-fp8", "deep_gemm fp8", fp8.ok, fp8.reason, "" if fp8.ok else "the fp8 DeepGEMM experts", fix))
+    out.append(
+        Finding("deepgemm-fp8", "deep_gemm fp8", fp8.ok, fp8.reason, "" if fp8.ok else "the fp8 DeepGEMM experts", fix)
+    )
     ep = epb.deep_ep_check()
     out.append(
         Finding(
@@ -138,9 +143,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import textwrap
 
-    from moe_kernels.cli import _terminal_width
+    from moe_kernels.cli import terminal_width
 
-    width = _terminal_width()
+    width = terminal_width()
     results = findings()
     for f in results:
         mark = "ok " if f.ok else "-- "

@@ -316,7 +316,11 @@ class FusedMoE(nn.Module):
             if tensor is None:
                 continue
             if name not in targets:
-                why = "no shared expert gate (moe.shared_expert_gate)" if self.shared_w13 is not None else "no shared experts"
+                why = (
+                    "no shared expert gate (moe.shared_expert_gate)"
+                    if self.shared_w13 is not None
+                    else "no shared experts"
+                )
                 raise ValueError(f"{name}: this layer's config has {why}")
             dst, shape = targets[name]
             copies.append((dst, _float(name, tensor, shape)))
@@ -358,10 +362,19 @@ class FusedMoE(nn.Module):
         for start in range(0, len(mine), experts_per_read):
             first = start == 0
             part = read_moe_layer(
-                reader, layer, mine[start : start + experts_per_read], naming=naming, shared=shared and first, device=device
+                reader,
+                layer,
+                mine[start : start + experts_per_read],
+                naming=naming,
+                shared=shared and first,
+                device=device,
             )
             projections = {"gate_proj": part.gate_proj, "up_proj": part.up_proj, "down_proj": part.down_proj}
-            scales = {"gate_proj": part.gate_proj_scale, "up_proj": part.up_proj_scale, "down_proj": part.down_proj_scale}
+            scales = {
+                "gate_proj": part.gate_proj_scale,
+                "up_proj": part.up_proj_scale,
+                "down_proj": part.down_proj_scale,
+            }
             if part.is_fp8 and not self.cfg.quant.is_fp8:
                 from moe_kernels.kernels.quant import dequantize_fp8_blocks
 
@@ -379,7 +392,9 @@ class FusedMoE(nn.Module):
                     "config has moe.correction_bias false: set it to true"
                 )
             if bias is None and self.cfg.moe.correction_bias:
-                raise ValueError(f"{path}: layer {layer} has no e_score_correction_bias, but moe.correction_bias is true")
+                raise ValueError(
+                    f"{path}: layer {layer} has no e_score_correction_bias, but moe.correction_bias is true"
+                )
             self.load_weights(
                 **projections,
                 **{f"{name}_scale": value for name, value in scales.items()},

@@ -317,9 +317,7 @@ def select(
     does. ``memory_budget``: most workspace bytes (default :func:`default_memory_budget`)."""
     ctx = layer_context(cfg, placement=placement, group=group, device=device)
     budget = default_memory_budget(ctx.device) if memory_budget is None else memory_budget
-    found = candidates(
-        ctx, prepare_finalize_factories=prepare_finalize_factories, experts_factories=experts_factories
-    )
+    found = candidates(ctx, prepare_finalize_factories=prepare_finalize_factories, experts_factories=experts_factories)
     valid = [c for c in found if c.valid]
     max_tokens = ctx.max_tokens
     table = tuning.table_for(ctx.device)

@@ -13,7 +13,7 @@ A file is named after the GPU (``nvidia-h100-80gb-hbm3.json``) and holds::
     {"format": 1, "gpu": "NVIDIA H100 80GB HBM3", "source": "...", "copy_gbps": 2966.0,
      "shapes": {"E=32,K=8,H=7168,I=2048,bfloat16,none": {
          "pairs":   {"LocalPrepareAndFinalize + FusedTritonExperts": {"1": 97.1, "16": ...}, ...},
-         "kernels": {"fused_moe": {"1": {"gemm1": {...}, "gemm2": {...}}, ...}}}}}
+         "kernels": {"FusedTritonExperts": {"1": {"gemm1": {...}, "gemm2": {...}}, ...}}}}}
 """
 
 from __future__ import annotations

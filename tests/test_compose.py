@@ -68,7 +68,9 @@ def layer_cfg(dtype: torch.dtype = torch.float32, parallel: ParallelConfig | Non
     return LayerConfig(moe=MoEConfig(**{**shape, **moe}), parallel=parallel or ParallelConfig(max_tokens_per_rank=64))
 
 
-def problem(cfg: LayerConfig, tokens: int, seed: int = 0) -> tuple[torch.Tensor, ExpertWeights, torch.Tensor, torch.Tensor]:
+def problem(
+    cfg: LayerConfig, tokens: int, seed: int = 0
+) -> tuple[torch.Tensor, ExpertWeights, torch.Tensor, torch.Tensor]:
     """x [T, H], the local experts' weights, topk_weights [T, K] f32, topk_ids [T, K] int32
     (distinct experts per token)."""
     m = cfg.moe
@@ -392,7 +394,9 @@ def test_a_partial_rank_computes_its_placement_share(rank: int) -> None:
     expert_map = placement.expert_map("cpu")
     torch.testing.assert_close(out, loop_moe(x, w, weights, ids, expert_map), rtol=1e-5, atol=1e-5)
     other = ExpertPlacement.from_rank_experts(placement.rank_experts, 1 - rank)
-    other_w = ExpertWeights(all_w.w13[list(other.local_experts)].contiguous(), all_w.w2[list(other.local_experts)].contiguous())
+    other_w = ExpertWeights(
+        all_w.w13[list(other.local_experts)].contiguous(), all_w.w2[list(other.local_experts)].contiguous()
+    )
     both = out + loop_moe(x, other_w, weights, ids, other.expert_map("cpu"))
     torch.testing.assert_close(both, loop_moe(x, all_w, weights, ids), rtol=1e-5, atol=1e-5)
 
@@ -463,7 +467,12 @@ def test_selection_counts_workspaces_against_the_memory_budget(monkeypatch: pyte
     assert f"- memory: {note}" in selection.explain()
     assert selection.kernel.workspace_bytes() <= budget
     # nothing fits at the largest call: no kernel, and explain says why
-    nothing = select(cfg, device="cpu", memory_budget=2**10, **{**factories, "prepare_finalize_factories": [factories["prepare_finalize_factories"][0]]})
+    nothing = select(
+        cfg,
+        device="cpu",
+        memory_budget=2**10,
+        **{**factories, "prepare_finalize_factories": [factories["prepare_finalize_factories"][0]]},
+    )
     with pytest.raises(RuntimeError, match="no registered pair can run this layer") as info:
         nothing.kernel  # noqa: B018
     assert "- memory: left out from T=" in str(info.value)

@@ -5,9 +5,9 @@ One launch runs every scenario (process start-up, NCCL set-up and DeepEP's JIT c
 paid once); the tests read the per-scenario outcomes. The reference gathers every rank's
 tokens, lets each rank add its own experts' contributions in fp32, and sums across ranks.
 
-Run on a machine with DeepEP 2.5, DeepGEMM and NCCL >= 2.29.2 (see docs/expert-parallel.md)::
+Run on a machine with DeepEP 2.5, DeepGEMM and NCCL >= 2.29.2, set up as docs/gpu-setup.md says::
 
-    source .gpu/base/env.sh && python3 -m pytest -q -m multigpu tests/test_deepep_gpu.py
+    python3 -m pytest -q -m multigpu tests/test_deepep_gpu.py
 """
 
 from __future__ import annotations
@@ -207,7 +207,13 @@ def placements_that_differ_are_refused(group) -> dict:
     owners = list(range(world)) * (E // world)  # interleaved on rank 0 only
     placement = ExpertPlacement.from_owners(owners, rank) if rank == 0 else contiguous
     try:
-        compose(DeepEPLowLatencyPrepareAndFinalize(), ExpandedDeepGemmExperts(), layer_cfg(group), group=group, placement=placement)
+        compose(
+            DeepEPLowLatencyPrepareAndFinalize(),
+            ExpandedDeepGemmExperts(),
+            layer_cfg(group),
+            group=group,
+            placement=placement,
+        )
     except ValueError as e:
         ok = "expert placement (fingerprint)" in str(e)
         return {"status": "ok" if ok else "wrong", "message": str(e)[:200]}

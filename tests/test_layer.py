@@ -34,7 +34,9 @@ def moe_cfg(dtype: torch.dtype = torch.float32, **changes: object) -> MoEConfig:
     return MoEConfig(**{**dict(num_experts=E, top_k=K, hidden_size=H, intermediate_size=INTER, dtype=dtype), **changes})
 
 
-def layer_cfg(dtype: torch.dtype = torch.float32, parallel: ParallelConfig | None = None, **changes: object) -> LayerConfig:
+def layer_cfg(
+    dtype: torch.dtype = torch.float32, parallel: ParallelConfig | None = None, **changes: object
+) -> LayerConfig:
     return LayerConfig(moe=moe_cfg(dtype, **changes), parallel=parallel or ParallelConfig(max_tokens_per_rank=64))
 
 
@@ -53,7 +55,9 @@ def reference_kernel(cfg: LayerConfig, placement: ExpertPlacement | None = None)
     """The plain pair; for one rank of an EP layer, the partial local P/F computes exactly this
     rank's share."""
     pf = LocalPrepareAndFinalize(partial=cfg.parallel.ep_size > 1)
-    return compose(pf, TorchReferenceExperts(), cfg, placement=placement, device="cpu", workspace_cache=WorkspaceCache())
+    return compose(
+        pf, TorchReferenceExperts(), cfg, placement=placement, device="cpu", workspace_cache=WorkspaceCache()
+    )
 
 
 def loop_layer(x: torch.Tensor, ckpt: dict, moe: MoEConfig, owned=range(E), bias=None) -> torch.Tensor:

@@ -87,7 +87,9 @@ def test_missing_shared_weights_are_named() -> None:
     ckpt = checkpoint()
     layer = FusedMoE(layer_cfg(), device="cpu")
     layer.load_weights(**{k: v for k, v in ckpt.items() if not k.startswith("shared")})
-    with pytest.raises(RuntimeError, match="weights not loaded: shared_gate_proj; shared_up_proj; shared_down_proj; shared_expert_gate"):
+    with pytest.raises(
+        RuntimeError, match="weights not loaded: shared_gate_proj; shared_up_proj; shared_down_proj; shared_expert_gate"
+    ):
         layer(torch.randn(2, H))
     plain = FusedMoE(layer_cfg(gate=False), device="cpu")
     with pytest.raises(ValueError, match="shared_expert_gate: this layer's config has no shared expert gate"):
@@ -117,7 +119,9 @@ def test_a_residual_is_added_by_every_layout_in_its_final_write(monkeypatch: pyt
         out = compose(pf, ex, cfg, device="cpu")(x, w, tw, ids, residual=residual)
         torch.testing.assert_close(out, plain + residual, rtol=1e-4, atol=1e-4, msg=ex.name)
     with pytest.raises(ValueError, match=r"residual must match x \(\[7, 32\]"):
-        compose(LocalPrepareAndFinalize(), TorchReferenceExperts(), cfg, device="cpu")(x, w, tw, ids, residual=residual[:3])
+        compose(LocalPrepareAndFinalize(), TorchReferenceExperts(), cfg, device="cpu")(
+            x, w, tw, ids, residual=residual[:3]
+        )
 
 
 # --- expert parallelism over gloo -------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import moe_kernels.bench.experts as bench_experts
+import moe_kernels.bench.problems as bench_problems
 from moe_kernels import ExpertWeights, FusedTritonExperts, TokenRangeKernel, select, tuning
 from moe_kernels.bench.shapes import BenchShape
 from moe_kernels.bench.tune import tune_shape
@@ -48,7 +48,7 @@ def tuned_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
         mp.setenv(tuning.ENV_DIR, str(directory))  # the tuner points it at its table; restored after
-        mp.setattr(bench_experts, "DEVICE", "cpu")
+        mp.setattr(bench_problems, "DEVICE", "cpu")
         mp.setattr(tuning, "gpu_name", lambda device: GPU)
         tune_shape(
             SHAPE, GRID, cost_model, tile_candidates=2, progress=lambda msg: None, tables_dir=directory,
@@ -104,7 +104,8 @@ def test_selection_switches_pairs_where_the_table_says(tuned_table: Path) -> Non
     # the switching kernel computes the layer on both sides of the switch
     gen = torch.Generator().manual_seed(0)
     w = ExpertWeights(
-        (torch.randn(4, 256, 64, generator=gen) * 0.125).bfloat16(), (torch.randn(4, 64, 128, generator=gen) * 0.09).bfloat16()
+        (torch.randn(4, 256, 64, generator=gen) * 0.125).bfloat16(),
+        (torch.randn(4, 64, 128, generator=gen) * 0.09).bfloat16(),
     )
     from moe_kernels import LocalPrepareAndFinalize, TorchReferenceExperts, compose
 

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moe_kernels.bench.shapes import positive_ints
 from moe_kernels.bench.timing import format_table
 
 DEFAULT_TOKENS = [1, 16, 128, 512, 4096]
@@ -48,7 +49,7 @@ DEEPEP_PATHS = ("ours-ht", "raw-ht", "ours-ll", "raw-ll")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokens",
-        type=_int_list,
+        type=positive_ints,
         default=DEFAULT_TOKENS,
         help="comma-separated tokens per rank (default: %(default)s)",
     )
@@ -176,17 +177,16 @@ def _path_calls(
     path: str, group: dist.ProcessGroup, p: dict[str, Any], x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor
 ) -> tuple[Callable[[], Any], Callable[[Any], None]]:
     """``dispatch()`` -> state, ``combine(state)``, for one path at this T."""
+    from moe_kernels.compose import layer_context
+    from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig
+    from moe_kernels.contract import Layout, TokenFormat
+    from moe_kernels.experts.deepgemm import deep_gemm_alignment
     from moe_kernels.prepare_finalize import deepep_buffer as epb
     from moe_kernels.prepare_finalize.deepep import (
         DeepEPHighThroughputPrepareAndFinalize,
         DeepEPLowLatencyPrepareAndFinalize,
     )
     from moe_kernels.prepare_finalize.torch_a2a import TorchAllToAllPrepareAndFinalize
-
-    from moe_kernels.compose import layer_context
-    from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig
-    from moe_kernels.contract import Layout, TokenFormat
-    from moe_kernels.experts.deepgemm import deep_gemm_alignment
 
     t, e = x.shape[0], p["num_experts"]
     ht = path.endswith("-ht")
@@ -308,16 +308,6 @@ def _empty_row(path: str, t: int, note: str) -> dict[str, Any]:
 
 def _fmt_us(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def _path_list(text: str) -> list[str]:

@@ -40,13 +40,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moe_kernels.bench.shapes import SHAPES, BenchShape
-from moe_kernels.bench.timing import copy_bandwidth_gbs, format_table, matmul_tflops, time_cuda
+from moe_kernels.bench.problems import Timer, dequantized, make_problem, make_weights, valid_pairs
+from moe_kernels.bench.shapes import SHAPES, BenchShape, positive_ints, shape_names
+from moe_kernels.bench.timing import copy_bandwidth_gbs, format_table, matmul_tflops
+from moe_kernels.bench.tune import tune_shape
 from moe_kernels.weights import ExpertWeights
 
 DEFAULT_TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
-#: where problems and weights are made (the tests run the measuring code on the CPU)
-DEVICE = "cuda"
 
 
 # --- the baselines ------------------------------------------------------------------------
@@ -99,101 +99,9 @@ def load_peer(folder: Path | None) -> tuple[Callable[..., torch.Tensor] | None, 
 # --- measuring ----------------------------------------------------------------------------
 
 
-class Timer:
-    """CUDA-graph replay medians with a per-measurement time budget (big points get fewer runs)."""
-
-    def __init__(self, max_runs: int, target_s: float) -> None:
-        self.max_runs, self.target_s = max_runs, target_s
-        self.failures: list[str] = []
-
-    def eager(self, fn: Callable[[], object]) -> float:
-        fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        single = time.perf_counter() - start
-        runs = int(min(self.max_runs, max(5, self.target_s / max(single, 1e-6))))
-        return time_cuda(fn, warmup=2, runs=runs).median_us
-
-    def graphed(self, fn: Callable[[], object], what: str) -> float:
-        """GPU time of ``fn`` replayed from a CUDA graph (no host launch overhead, as in decode
-        serving). ``fn`` must not sync; it runs once eagerly first (JIT compiles)."""
-        fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                fn()
-        except Exception as e:  # report and time eagerly rather than lose the whole run
-            torch.cuda.synchronize()
-            self.failures.append(f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-            print(f"bench: CUDA-graph capture failed, timing eagerly: {self.failures[-1]}", file=sys.stderr)
-            return self.eager(fn)
-        try:
-            return self.eager(graph.replay)
-        finally:
-            del graph
-
-
-def make_problem(shape: BenchShape, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x [T, H]`` bf16, ``topk_weights [T, K]`` f32 (rows sum to 1), ``topk_ids [T, K]`` int32."""
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    x = torch.randn(tokens, shape.hidden, device=DEVICE, dtype=torch.bfloat16, generator=gen)
-    ids = torch.rand(tokens, shape.num_experts, device=DEVICE, generator=gen).argsort(dim=1)[:, : shape.top_k]
-    weights = torch.rand(tokens, shape.top_k, device=DEVICE, generator=gen)
-    weights /= weights.sum(dim=1, keepdim=True)
-    return x, weights, ids.to(torch.int32).contiguous()
-
-
-def make_weights(shape: BenchShape, seed: int = 0, quant: str = "none") -> ExpertWeights:
-    """Random bf16 expert weights (N(0, 1/fan_in)), or their fp8 block quantization."""
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    e, h, i = shape.num_experts, shape.hidden, shape.inter
-    w13 = torch.randn(e, 2 * i, h, device=DEVICE, dtype=torch.bfloat16, generator=gen).mul_(h**-0.5)
-    w2 = torch.randn(e, h, i, device=DEVICE, dtype=torch.bfloat16, generator=gen).mul_(i**-0.5)
-    if quant == "none":
-        return ExpertWeights(w13, w2)
-    from moe_kernels.kernels.quant import quantize_fp8_blocks
-
-    (q13, s13), (q2, s2) = quantize_fp8_blocks(w13.float()), quantize_fp8_blocks(w2.float())
-    return ExpertWeights(q13, q2, s13, s2)
-
-
-def dequantized(w: ExpertWeights) -> ExpertWeights:
-    """The bf16 weights an fp8 layer's weights stand for (what its bf16 twin runs on)."""
-    from moe_kernels.kernels.quant import dequantize_fp8_blocks
-
-    assert w.w13_scale is not None and w.w2_scale is not None
-    return ExpertWeights(
-        dequantize_fp8_blocks(w.w13, w.w13_scale).bfloat16(), dequantize_fp8_blocks(w.w2, w.w2_scale).bfloat16()
-    )
-
-
 def useful_flops(shape: BenchShape, tokens: int) -> float:
     """2 * T * K * (H * 2I + I * H): the GEMM work of the routed slots (no padding)."""
     return 6.0 * tokens * shape.top_k * shape.hidden * shape.inter
-
-
-def valid_pairs(cfg: Any) -> list[tuple[str, Callable[[], Any]]]:
-    """``(name, build)`` for every registered pair the composer accepts for ``cfg`` here
-    (the reference loop left out: it syncs per expert); ``build()`` composes a fresh kernel."""
-    from moe_kernels import registry
-    from moe_kernels.compose import WorkspaceCache, check_pair, compose, layer_context, pair_name
-
-    ctx = layer_context(cfg)
-    out = []
-    for make_pf in registry.PREPARE_FINALIZE:
-        for make_ex in registry.EXPERTS:
-            pf, ex = make_pf(cfg), make_ex(cfg)
-            if ex.name == "TorchReferenceExperts" or not all(c.ok for c in check_pair(pf, ex, ctx)):
-                continue
-
-            def build(make_pf=make_pf, make_ex=make_ex):  # noqa: ANN202 (a closure over the loop)
-                return compose(make_pf(cfg), make_ex(cfg), cfg, workspace_cache=WorkspaceCache())
-
-            out.append((pair_name(pf, ex), build))
-    return out
 
 
 @dataclass
@@ -283,7 +191,11 @@ def gemm_alone(point: Point, x: torch.Tensor, ids: torch.Tensor, w: ExpertWeight
         lay = contiguous_layout(ids, e, deep_gemm_alignment())
         rows = x.new_empty(lay.num_rows_bound, x.shape[1])
         scatter_rows(x, lay.dst_row, rows)
-        gate_up, act, y = x.new_empty(rows.shape[0], 2 * inter), x.new_empty(rows.shape[0], inter), torch.empty_like(rows)
+        gate_up, act, y = (
+            x.new_empty(rows.shape[0], 2 * inter),
+            x.new_empty(rows.shape[0], inter),
+            torch.empty_like(rows),
+        )
 
         def contiguous() -> None:
             deep_gemm.m_grouped_bf16_gemm_nt_contiguous(rows, w.w13, gate_up, lay.grouped_layout)
@@ -377,7 +289,10 @@ def report(results: list[ShapeResult], header: list[str]) -> str:
     parts = ["# Experts benchmark", "", *header, ""]
     for r in results:
         shape = r.shape
-        parts += [f"## {r.name}: {shape.label}, E={shape.num_experts} K={shape.top_k} H={shape.hidden} I={shape.inter}", ""]
+        parts += [
+            f"## {r.name}: {shape.label}, E={shape.num_experts} K={shape.top_k} H={shape.hidden} I={shape.inter}",
+            "",
+        ]
         parts += [f"select() decided by: {r.decided_by}", "", summary_table(r), ""]
         table = pairs_table(r)
         if table:
@@ -403,30 +318,15 @@ def panels(results: list[ShapeResult]) -> list[Any]:
 # --- CLI ----------------------------------------------------------------------------------
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive token counts, got {text!r}")
-    return values
-
-
-def _shape_list(text: str) -> list[str]:
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [n for n in names if n not in SHAPES]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
-    return names
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--shapes", type=_shape_list, default=list(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}"
+        "--shapes", type=shape_names, default=list(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}"
     )
     parser.add_argument(
-        "--tokens", type=_int_list, default=DEFAULT_TOKENS, help="comma-separated token counts (default: %(default)s)"
+        "--tokens",
+        type=positive_ints,
+        default=DEFAULT_TOKENS,
+        help="comma-separated token counts (default: %(default)s)",
     )
     parser.add_argument("--peer", type=Path, help="folder holding vllm_fused_moe_peer.py (unless vllm is installed)")
     parser.add_argument(
@@ -483,9 +383,9 @@ def run(args: argparse.Namespace) -> int:
         shape = SHAPES[name]
         tuned: dict[str, dict[int, float]] = {}
         if args.tune_out is not None and name != "untuned":
-            from moe_kernels.bench.tune import tune_shape
-
-            source = f"moe-kernels bench experts --tune-out, {datetime.date.today().isoformat()}, torch {torch.__version__}"
+            source = (
+                f"moe-kernels bench experts --tune-out, {datetime.date.today().isoformat()}, torch {torch.__version__}"
+            )
             tuned = tune_shape(
                 shape, sorted(args.tokens), timer.graphed, tile_candidates=args.tile_candidates, progress=progress,
                 tables_dir=args.tune_out, source=source, quant=quant,
@@ -513,7 +413,9 @@ def run(args: argparse.Namespace) -> int:
             other = "bf16" if bf16 is not None else "peer"
             ratio = _ratio(point.us.get(other), point.us.get("select"))
             shown = f"{ratio:.2f}" if isinstance(ratio, float) else ratio
-            progress(f"{name} T={tokens}: select {point.us['select']:.1f} us ({point.select_pair}), {other}/select {shown}")
+            progress(
+                f"{name} T={tokens}: select {point.us['select']:.1f} us ({point.select_pair}), {other}/select {shown}"
+            )
             torch.cuda.empty_cache()
             _write(args, results, header)
         selection.kernel.release()
@@ -532,7 +434,10 @@ def _write(args: argparse.Namespace, results: list[ShapeResult], header: list[st
         return
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "experts.md").write_text(report(results, header))
-    raw = [{"name": r.name, "shape": asdict(r.shape), "decided_by": r.decided_by, "points": [asdict(p) for p in r.points]} for r in results]
+    raw = [
+        {"name": r.name, "shape": asdict(r.shape), "decided_by": r.decided_by, "points": [asdict(p) for p in r.points]}
+        for r in results
+    ]
     (args.out / "experts.json").write_text(json.dumps({"header": header, "shapes": raw}, indent=1))
     from moe_kernels.bench.plot import plot_panels
 

@@ -94,7 +94,9 @@ def random_layer(
             down = torch.empty(h, width, device=device).normal_(0.0, width**-0.5, generator=gen)
             gated = layer.shared_gate is not None
             expert_gate = torch.empty(1, h, device=device).normal_(0.0, h**-0.5, generator=gen) if gated else None
-            layer.load_weights(shared_gate_proj=gate, shared_up_proj=up, shared_down_proj=down, shared_expert_gate=expert_gate)
+            layer.load_weights(
+                shared_gate_proj=gate, shared_up_proj=up, shared_down_proj=down, shared_expert_gate=expert_gate
+            )
     return layer
 
 

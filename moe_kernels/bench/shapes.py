@@ -6,6 +6,7 @@ An EP-local layer is what one rank computes: its ``E_local`` experts, each token
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,9 @@ class BenchShape:
         """The EP-local shape of a layer config (one rank of its expert parallelism)."""
         e_local = cfg.num_local_experts
         ep = cfg.parallel.ep_size
-        label = f"{cfg.name or 'layer'}" + (f", EP={ep} local ({e_local} of {cfg.moe.num_experts} experts)" if ep > 1 else "")
+        label = f"{cfg.name or 'layer'}" + (
+            f", EP={ep} local ({e_local} of {cfg.moe.num_experts} experts)" if ep > 1 else ""
+        )
         return cls(label, e_local, min(cfg.moe.top_k, e_local), cfg.moe.hidden_size, cfg.moe.intermediate_size)
 
 
@@ -56,3 +59,23 @@ SHAPES: dict[str, BenchShape] = {
     # nobody tuned for it: no table of ours, no vLLM config file (E=40, N=1536)
     "untuned": BenchShape("an untuned shape: 40 experts, top-6, H=3072, I=1536", 40, 6, 3072, 1536),
 }
+
+
+def positive_ints(text: str) -> list[int]:
+    """``"1,16,64"`` -> ``[1, 16, 64]`` for command-line options (token counts, sizes)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def shape_names(text: str) -> list[str]:
+    """``"deepseek-v3,qwen3-30b"`` -> the names, each a key of :data:`SHAPES`."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
+    return names

@@ -18,19 +18,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 
+from moe_kernels.bench.problems import Timer
+from moe_kernels.bench.shapes import positive_ints
 from moe_kernels.bench.timing import format_table
+
+if TYPE_CHECKING:
+    from moe_kernels.layer import FusedMoE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from moe_kernels.bench.experts import _int_list
-
     parser.add_argument("--config", default="configs/deepseek-v3.yaml", help="a layer with shared experts")
     parser.add_argument("--ep-size", type=int, default=8, help="take one rank's share of this EP size")
     parser.add_argument("--ep-rank", type=int, default=0)
-    parser.add_argument("--tokens", type=_int_list, default=[64, 256, 1024, 4096])
+    parser.add_argument("--tokens", type=positive_ints, default=[64, 256, 1024, 4096])
     parser.add_argument("--out", help="file for the table (markdown)")
 
 
@@ -38,38 +42,22 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("bench shared: skipped: it times with CUDA events and this machine has no CUDA GPU")
         return 0
-    from moe_kernels.bench.experts import Timer
     from moe_kernels.bench.layer import random_layer
-    from moe_kernels.cli import _one_rank, _select_for_run, load_layer_config
+    from moe_kernels.cli import load_layer_config, one_rank_config, select_for_run
 
-    cfg = _one_rank(load_layer_config(args.config), args.ep_size, args.ep_rank, args.config)
+    cfg = one_rank_config(load_layer_config(args.config), args.ep_size, args.ep_rank, args.config)
     if not cfg.moe.num_shared_experts:
         print(f"bench shared: {args.config} has no shared experts", file=sys.stderr)
         return 2
     cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"max_tokens_per_rank": max(args.tokens)})})
     device = torch.device("cuda", torch.cuda.current_device())
-    layer = random_layer(cfg, device, kernel=_select_for_run(cfg, device).kernel)
+    layer = random_layer(cfg, device, kernel=select_for_run(cfg, device).kernel)
     side = torch.cuda.Stream(device)
     timer = Timer(30, 0.2)
     rows = []
+    layer._side_stream = side
     for t in args.tokens:
-        x = torch.randn(t, cfg.moe.hidden_size, device=device, dtype=cfg.moe.dtype)
-        tw, ids = layer.router(x)
-        w = layer.weights
-
-        def overlapped() -> torch.Tensor:
-            layer._side_stream = side
-            return layer.kernel(x, w, tw, ids, residual=layer._start_shared_experts(x), check_values=False)
-
-        def serial() -> torch.Tensor:
-            return layer.kernel(x, w, tw, ids, residual=layer.shared_experts(x), check_values=False)
-
-        us = {
-            "routed": timer.graphed(lambda: layer.kernel(x, w, tw, ids, check_values=False), "routed"),
-            "shared": timer.graphed(lambda: layer.shared_experts(x), "shared"),
-            "serial": timer.graphed(serial, "serial"),
-            "overlapped": timer.graphed(overlapped, "overlapped"),
-        }
+        us = measure(layer, torch.randn(t, cfg.moe.hidden_size, device=device, dtype=cfg.moe.dtype), timer)
         cost = (us["overlapped"] - us["routed"]) / us["shared"]
         rows.append([t, us["routed"], us["shared"], us["serial"], us["overlapped"], f"{cost:.2f}"])
         print(f"bench shared: T={t}: {us}, shared cost {cost:.2f}", file=sys.stderr, flush=True)
@@ -83,3 +71,19 @@ def run(args: argparse.Namespace) -> int:
         with open(args.out, "w") as f:
             f.write(f"{title}\n\n{table}\n")
     return 0
+
+
+def measure(layer: FusedMoE, x: torch.Tensor, timer: Timer) -> dict[str, float]:
+    """The four timings of one token count (see the module docstring)."""
+    tw, ids = layer.router(x)
+    w, kernel = layer.weights, layer.kernel
+    return {
+        "routed": timer.graphed(lambda: kernel(x, w, tw, ids, check_values=False), "routed"),
+        "shared": timer.graphed(lambda: layer.shared_experts(x), "shared"),
+        "serial": timer.graphed(
+            lambda: kernel(x, w, tw, ids, residual=layer.shared_experts(x), check_values=False), "serial"
+        ),
+        "overlapped": timer.graphed(
+            lambda: kernel(x, w, tw, ids, residual=layer._start_shared_experts(x), check_values=False), "overlapped"
+        ),
+    }

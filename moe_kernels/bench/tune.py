@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import sys
@@ -33,7 +34,8 @@ from typing import Any
 import torch
 
 from moe_kernels import tuning
-from moe_kernels.bench.shapes import SHAPES, BenchShape
+from moe_kernels.bench.problems import Timer, make_problem, make_weights, valid_pairs
+from moe_kernels.bench.shapes import SHAPES, BenchShape, positive_ints, shape_names
 from moe_kernels.bench.timing import copy_bandwidth_gbs
 
 DEFAULT_TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
@@ -50,7 +52,6 @@ def tune_tiles(
     """The fastest ``(gemm1, gemm2)`` tiling of the fused (bf16) path at ``tokens`` tokens, and its time:
     GEMM1's candidates with GEMM2 at its default, then GEMM2's with the best GEMM1 (both on the
     same row block, as the layout requires)."""
-    from moe_kernels.bench.experts import make_problem, make_weights
     from moe_kernels.compose import WorkspaceCache, compose
     from moe_kernels.experts.fused_triton import FusedTritonExperts
     from moe_kernels.kernels.fused_moe import candidate_configs, default_configs
@@ -99,7 +100,6 @@ def tune_shape(
 ) -> dict[str, dict[int, float]]:
     """Tune one layer: tiles first (written to the table so the pairs use them), then every valid
     pair. Returns ``pair name -> {T: us}``; the table in ``tables_dir`` is updated as it goes."""
-    from moe_kernels.bench.experts import make_problem, make_weights, valid_pairs
 
     key = str(tuning.ShapeKey.of(shape.layer(max(grid), quant)))
     kernels: dict[int, dict[str, Any]] = {}
@@ -119,9 +119,8 @@ def tune_shape(
         for name, build in valid_pairs(shape.layer(tokens, quant)):
             try:
                 kernel = build()
-                pairs.setdefault(name, {})[tokens] = measure(
-                    lambda kernel=kernel: kernel(x, w, tw, ids, check_values=False), f"{name} T={tokens}"
-                )
+                call = functools.partial(kernel, x, w, tw, ids, check_values=False)
+                pairs.setdefault(name, {})[tokens] = measure(call, f"{name} T={tokens}")
             except torch.cuda.OutOfMemoryError:
                 progress(f"{key} T={tokens}: {name} ran out of memory; left unmeasured")
             finally:
@@ -156,11 +155,11 @@ def write_table(directory: Path, key: str, entry: dict[str, Any], source: str, g
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from moe_kernels.bench.experts import _int_list, _shape_list
-
     parser.add_argument("--config", action="append", default=[], help="a layer YAML (repeatable), taken EP-local")
-    parser.add_argument("--shapes", type=_shape_list, default=[], help=f"named shapes, from {', '.join(SHAPES)}")
-    parser.add_argument("--tokens", type=_int_list, default=DEFAULT_TOKENS, help="the token grid (default: %(default)s)")
+    parser.add_argument("--shapes", type=shape_names, default=[], help=f"named shapes, from {', '.join(SHAPES)}")
+    parser.add_argument(
+        "--tokens", type=positive_ints, default=DEFAULT_TOKENS, help="the token grid (default: %(default)s)"
+    )
     parser.add_argument("--out", type=Path, default=Path("tables"), help="where the table goes (default: ./tables)")
     parser.add_argument("--tile-candidates", type=int, default=6, help="tilings timed per GEMM (default: %(default)s)")
     parser.add_argument("--runs", type=int, default=20, help="most timed runs per measurement (default: %(default)s)")
@@ -183,8 +182,6 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("tune: skipped: it measures on a CUDA GPU and this machine has none")
         return 0
-    from moe_kernels.bench.experts import Timer
-
     shapes = layers(args)
     if not shapes:
         print("tune: give --config FILE or --shapes NAMES", file=sys.stderr)

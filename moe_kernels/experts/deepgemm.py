@@ -34,8 +34,8 @@ import torch
 from moe_kernels.contract import (
     Check,
     ExpandedTokens,
-    Layout,
     LayerContext,
+    Layout,
     MaskedTokens,
     PermuteExpertsUnpermute,
     StandardTokens,

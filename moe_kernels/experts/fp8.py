@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import torch
 
+from moe_kernels.config import FP8_ACT_GROUP as GROUP
 from moe_kernels.contract import (
     Check,
-    Layout,
     LayerContext,
+    Layout,
     MaskedTokens,
     PermuteExpertsUnpermute,
     StandardTokens,
@@ -40,7 +41,6 @@ from moe_kernels.experts.deepgemm import (
     k_multiple_check,
     masked_rows_multiple,
 )
-from moe_kernels.config import FP8_ACT_GROUP as GROUP
 from moe_kernels.platform import triton_check
 from moe_kernels.scales import masked_scale_spec, scale_spec, scale_view
 from moe_kernels.weights import FP8_DTYPE, ExpertWeights
@@ -150,7 +150,9 @@ def apply_contiguous_fp8(
     if gemm == "deep_gemm":
         dg.m_grouped_fp8_gemm_nt_contiguous((aq, sa), (weights.w2, weights.w2_scale), rows, layout.grouped_layout)
     else:
-        grouped_gemm_fp8_contiguous(aq, sa, weights.w2, weights.w2_scale, layout.grouped_layout, rows, alignment=alignment)
+        grouped_gemm_fp8_contiguous(
+            aq, sa, weights.w2, weights.w2_scale, layout.grouped_layout, rows, alignment=alignment
+        )
     write_output(rows, layout.dst_row, tokens, out)
 
 

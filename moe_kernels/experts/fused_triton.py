@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from moe_kernels import tuning
-from moe_kernels.contract import Layout, LayerContext, StandardTokens, WorkspaceSpec
+from moe_kernels.contract import LayerContext, Layout, StandardTokens, WorkspaceSpec
 from moe_kernels.experts.triton import _TritonPart
 from moe_kernels.platform import triton_interpreting
 from moe_kernels.weights import ExpertWeights

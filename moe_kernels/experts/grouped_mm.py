@@ -23,8 +23,8 @@ import torch
 
 from moe_kernels.contract import (
     Check,
-    Layout,
     LayerContext,
+    Layout,
     PermuteExpertsUnpermute,
     StandardTokens,
     WorkspaceSpec,

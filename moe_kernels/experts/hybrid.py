@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from moe_kernels import tuning
-from moe_kernels.contract import Layout, LayerContext, StandardTokens, WorkspaceSpec
+from moe_kernels.contract import LayerContext, Layout, StandardTokens, WorkspaceSpec
 from moe_kernels.experts.common import write_output
 from moe_kernels.experts.deepgemm import (
     DeepGemmPart,

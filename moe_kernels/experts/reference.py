@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_kernels.contract import Layout, LayerContext, PermuteExpertsUnpermute, StandardTokens
+from moe_kernels.contract import LayerContext, Layout, PermuteExpertsUnpermute, StandardTokens
 from moe_kernels.weights import ExpertWeights
 
 

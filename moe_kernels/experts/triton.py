@@ -10,8 +10,8 @@ import torch
 
 from moe_kernels.contract import (
     Check,
-    Layout,
     LayerContext,
+    Layout,
     MaskedTokens,
     PermuteExpertsUnpermute,
     StandardTokens,

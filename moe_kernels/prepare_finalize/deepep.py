@@ -63,8 +63,8 @@ import torch
 from moe_kernels.contract import (
     Check,
     ExpandedTokens,
-    Layout,
     LayerContext,
+    Layout,
     Pending,
     PrepareResult,
     Residual,

@@ -183,7 +183,9 @@ def reserve(group: dist.ProcessGroup, *, num_max_tokens_per_rank: int, hidden: i
     entry = _BUFFERS.get(group)
     if entry is None or entry.num_bytes < need:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the DeepEP buffer must be created (or grown) before CUDA-graph capture: build every layer first")
+            raise RuntimeError(
+                "the DeepEP buffer must be created (or grown) before CUDA-graph capture: build every layer first"
+            )
         if entry is not None and entry.captured:
             raise RuntimeError(
                 f"the DeepEP buffer ({entry.num_bytes / 2**20:.0f} MiB) is used by a captured CUDA graph and cannot "

@@ -12,8 +12,8 @@ import torch
 
 from moe_kernels.contract import (
     Check,
-    Layout,
     LayerContext,
+    Layout,
     MaskedTokens,
     PrepareAndFinalize,
     PrepareResult,

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from moe_kernels.config import FP8_ACT_GROUP
 from moe_kernels.contract import (
     Check,
-    Layout,
     LayerContext,
+    Layout,
     Pending,
     PrepareResult,
     Residual,
