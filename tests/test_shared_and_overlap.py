@@ -1,6 +1,7 @@
 """Shared experts (added in the routed path's final write) and the asynchronous
-prepare/finalize API with the two-batch-overlap driver, on the CPU: the local path in one
-process, torch all-to-all over gloo with 2 and 4 processes, each against a plain loop."""
+prepare/finalize API with the two-batch-overlap driver, each against a plain loop: on the CPU the
+local path in one process and torch all-to-all over gloo with 2 and 4 processes; on one GPU the
+shared experts on their side stream, captured in a CUDA graph."""
 
 from __future__ import annotations
 
@@ -81,6 +82,28 @@ def test_shared_experts_are_added_once(gate: bool, tbo: bool) -> None:
     for t in (0, 1, 9):
         x = torch.randn(t, H, generator=torch.Generator().manual_seed(t))
         torch.testing.assert_close(layer(x), loop_layer(x, ckpt, gate), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", [True, False], ids=["qwen-gated", "deepseek-plain"])
+def test_side_stream_shared_experts_replay_from_a_cuda_graph(gate: bool) -> None:
+    """On a GPU the shared experts run on a side stream beside the routed path: the capture must
+    see the fork joined, and replays on new inputs must match the plain loop. float32, so that
+    the layer's router picks the loop's experts (bf16 logits could swap near-ties)."""
+    ckpt = checkpoint()
+    layer = load(FusedMoE(layer_cfg(gate, cuda_graphs=True), device="cuda"), ckpt, gate)
+    assert layer._side_stream is not None, "the shared experts should overlap on a CUDA device"
+    static = torch.zeros(16, H, device="cuda")
+    layer(static)  # JIT compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(static)
+    for seed in (1, 2):
+        x = torch.randn(16, H, generator=torch.Generator().manual_seed(seed))
+        static.copy_(x)
+        graph.replay()
+        # Triton's fp32 dots run in tf32
+        torch.testing.assert_close(out.cpu(), loop_layer(x, ckpt, gate), rtol=5e-3, atol=5e-3)
 
 
 def test_missing_shared_weights_are_named() -> None:
