@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
@@ -262,6 +262,17 @@ class WorkspaceSpec:
 
 def workspace_bytes(specs: dict[str, WorkspaceSpec]) -> int:
     return sum(s.nbytes for s in specs.values())
+
+
+def largest_specs(candidates: Iterable[dict[str, WorkspaceSpec]]) -> dict[str, WorkspaceSpec]:
+    """Per name, the candidate spec of the most bytes: the workspace cache keeps one flat buffer
+    per name, so a part whose path changes with the rows reserves each name's peak."""
+    merged: dict[str, WorkspaceSpec] = {}
+    for specs in candidates:
+        for name, spec in specs.items():
+            if name not in merged or spec.nbytes > merged[name].nbytes:
+                merged[name] = spec
+    return merged
 
 
 class Part:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_kernels.bench.shapes import positive_ints
 from moe_kernels.bench.timing import format_table, time_cuda
 from moe_kernels.compose import Kernel, ModularKernel, compose
 from moe_kernels.config import ConfigError, LayerConfig, load_config
@@ -164,7 +165,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="configs/qwen3-30b-a3b.yaml", help="layer YAML (default: %(default)s)")
     parser.add_argument(
         "--tokens",
-        type=_token_list,
+        type=positive_ints,
         default=[1, 8, 64, 512, 4096],
         help="comma-separated token counts (default: 1,8,64,512,4096)",
     )
@@ -216,13 +217,3 @@ def format_results(results: list[LayerResult], tolerance: float) -> str:
         speedup = "-" if r.reference_us is None else f"{r.reference_us / r.layer_us:.1f}x"
         rows.append([r.tokens, r.layer_us, r.tflops, ref, speedup, f"{r.rel_err:.2e}", r.rel_err <= tolerance])
     return format_table(headers, rows)
-
-
-def _token_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive token counts, got {text!r}")
-    return values

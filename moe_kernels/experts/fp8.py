@@ -30,6 +30,7 @@ from moe_kernels.contract import (
     StandardTokens,
     TokenFormat,
     WorkspaceSpec,
+    largest_specs,
 )
 from moe_kernels.experts.common import write_output
 from moe_kernels.experts.deepgemm import (
@@ -259,12 +260,7 @@ class Fp8HybridDeepGemmExperts(_Fp8DeepGemmPart):
         return contiguous_fp8_workspace(ctx, num_rows, deep_gemm_alignment() or 1)
 
     def max_workspace_specs(self, ctx: LayerContext, max_rows: int) -> dict[str, WorkspaceSpec]:
-        merged: dict[str, WorkspaceSpec] = {}
-        for rows in {max_rows, min(max_rows, self.threshold)}:
-            for name, spec in self.workspace_specs(ctx, rows).items():
-                if name not in merged or spec.nbytes > merged[name].nbytes:
-                    merged[name] = spec
-        return merged
+        return largest_specs(self.workspace_specs(ctx, rows) for rows in {max_rows, min(max_rows, self.threshold)})
 
     def apply(self, tokens: StandardTokens, weights: ExpertWeights, out: torch.Tensor, workspace: dict) -> None:
         from moe_kernels.kernels import masked_layout

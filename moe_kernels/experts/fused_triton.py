@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from moe_kernels import tuning
-from moe_kernels.contract import LayerContext, Layout, StandardTokens, WorkspaceSpec
+from moe_kernels.contract import LayerContext, Layout, StandardTokens, WorkspaceSpec, largest_specs
 from moe_kernels.experts.triton import _TritonPart
 from moe_kernels.platform import triton_interpreting
 from moe_kernels.weights import ExpertWeights
@@ -97,12 +97,7 @@ class FusedTritonExperts(_TritonPart):
         while t < max_rows:
             points.add(t)
             t *= 2
-        merged: dict[str, WorkspaceSpec] = {}
-        for rows in points:
-            for name, spec in self.workspace_specs(ctx, rows).items():
-                if name not in merged or spec.nbytes > merged[name].nbytes:
-                    merged[name] = spec
-        return merged
+        return largest_specs(self.workspace_specs(ctx, rows) for rows in points)
 
     def apply(
         self,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from moe_kernels import tuning
-from moe_kernels.contract import LayerContext, Layout, StandardTokens, WorkspaceSpec
+from moe_kernels.contract import LayerContext, Layout, StandardTokens, WorkspaceSpec, largest_specs
 from moe_kernels.experts.common import write_output
 from moe_kernels.experts.deepgemm import (
     DeepGemmPart,
@@ -112,20 +112,14 @@ class HybridDeepGemmExperts(DeepGemmPart):
         return contiguous_workspace(ctx, num_rows)
 
     def max_workspace_specs(self, ctx: LayerContext, max_rows: int) -> dict[str, WorkspaceSpec]:
-        # the masked path peaks at the largest T it takes, the contiguous one at max_rows: per
-        # name, whichever needs more bytes (the cache keeps one flat buffer per name)
+        # the masked path peaks at the largest T it takes, the contiguous one at max_rows
         candidates = [self.workspace_specs(ctx, max_rows)]
         masked_t = min(max_rows, self.threshold_for(ctx)[0])
         while masked_t > 0 and not self.use_masked(ctx, masked_t):
             masked_t //= 2  # the memory budget cut the masked path below the threshold
         if masked_t > 0:
             candidates.append(self.workspace_specs(ctx, masked_t))
-        merged: dict[str, WorkspaceSpec] = {}
-        for specs in candidates:
-            for name, spec in specs.items():
-                if name not in merged or spec.nbytes > merged[name].nbytes:
-                    merged[name] = spec
-        return merged
+        return largest_specs(candidates)
 
     def apply(
         self,
