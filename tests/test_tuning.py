@@ -18,7 +18,7 @@ import torch
 import moe_kernels.bench.problems as bench_problems
 from moe_kernels import ExpertWeights, FusedTritonExperts, TokenRangeKernel, select, tuning
 from moe_kernels.bench.shapes import BenchShape
-from moe_kernels.bench.tune import tune_shape
+from moe_kernels.bench.tune import tune_shape, write_table
 from moe_kernels.compose import layer_context
 
 GPU = "Test GPU 80GB"
@@ -157,3 +157,16 @@ def test_point_for_takes_the_next_measured_token_count() -> None:
     assert [tuning.point_for(points, t)[1] for t in (1, 2, 16, 17, 256, 10**6)] == ["a", "b", "b", "c", "c", "c"]
     with pytest.raises(ValueError, match="no measured points"):
         tuning.point_for({}, 3)
+
+
+def test_a_tuning_run_over_part_of_the_grid_keeps_the_other_points(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(tuning.ENV_DIR, str(tmp_path))  # write_table points it at its table: restored after
+    key = "E=4,K=2,H=64,I=128,bfloat16,none"
+    write_table(tmp_path, key, {"pairs": {FUSED: {1: 12.0, 64: 138.0}, TRITON: {1: 21.0}}}, "first run", GPU)
+    path = write_table(tmp_path, key, {"pairs": {FUSED: {64: 100.0, 256: 400.0}}}, "second run", GPU)
+    data = json.loads(path.read_text())
+    assert data["source"] == "second run"
+    assert data["shapes"][key]["pairs"] == {FUSED: {"1": 12.0, "64": 100.0, "256": 400.0}, TRITON: {"1": 21.0}}
+    tuning.forget_tables()

@@ -61,15 +61,25 @@ SHAPES: dict[str, BenchShape] = {
 }
 
 
-def positive_ints(text: str) -> list[int]:
-    """``"1,16,64"`` -> ``[1, 16, 64]`` for command-line options (token counts, sizes)."""
+def int_list(text: str, minimum: int) -> list[int]:
+    """``"1,16,64"`` -> ``[1, 16, 64]`` for command-line options, each at least ``minimum``."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if not values or any(v < minimum for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {text!r}")
     return values
+
+
+def positive_ints(text: str) -> list[int]:
+    """Token counts, sizes: integers >= 1."""
+    return int_list(text, 1)
+
+
+def non_negative_ints(text: str) -> list[int]:
+    """Counts that may be zero (SMs kept back, say)."""
+    return int_list(text, 0)
 
 
 def shape_names(text: str) -> list[str]:

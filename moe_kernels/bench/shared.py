@@ -12,6 +12,12 @@ timed per token count from CUDA-graph replays (L2 flushed, median), with the rou
 
 ``shared cost`` = (overlapped - routed) / shared: the fraction of its own time the shared expert
 still costs when overlapped (1 = no overlap at all).
+
+``--reserve-sms 0,16,32``: also time ``overlapped`` with DeepGEMM limited to all SMs but that
+many (``deep_gemm.set_num_sms``), leaving them to the side stream: DeepGEMM's kernels are
+persistent, one CTA per SM, so without a reservation the shared expert waits for them. The cost
+is then counted against the unrestricted ``routed`` time (what the reservation slows the routed
+path by is part of it).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moe_kernels.bench.problems import Timer
-from moe_kernels.bench.shapes import positive_ints
+from moe_kernels.bench.shapes import non_negative_ints, positive_ints
 from moe_kernels.bench.timing import format_table
 
 if TYPE_CHECKING:
@@ -35,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ep-size", type=int, default=8, help="take one rank's share of this EP size")
     parser.add_argument("--ep-rank", type=int, default=0)
     parser.add_argument("--tokens", type=positive_ints, default=[64, 256, 1024, 4096])
+    parser.add_argument(
+        "--reserve-sms",
+        type=non_negative_ints,
+        default=[0],
+        help="comma-separated SM counts kept from DeepGEMM for the side stream (default: 0)",
+    )
     parser.add_argument("--out", help="file for the table (markdown)")
 
 
@@ -56,16 +68,26 @@ def run(args: argparse.Namespace) -> int:
     timer = Timer(30, 0.2)
     rows = []
     layer._side_stream = side
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
     for t in args.tokens:
-        us = measure(layer, torch.randn(t, cfg.moe.hidden_size, device=device, dtype=cfg.moe.dtype), timer)
-        cost = (us["overlapped"] - us["routed"]) / us["shared"]
-        rows.append([t, us["routed"], us["shared"], us["serial"], us["overlapped"], f"{cost:.2f}"])
-        print(f"bench shared: T={t}: {us}, shared cost {cost:.2f}", file=sys.stderr, flush=True)
+        x = torch.randn(t, cfg.moe.hidden_size, device=device, dtype=cfg.moe.dtype)
+        us = measure(layer, x, timer)
+        for reserve in args.reserve_sms:
+            overlapped = us["overlapped"] if reserve == 0 else overlapped_with_sms(layer, x, timer, sm_count - reserve)
+            cost = (overlapped - us["routed"]) / us["shared"]
+            rows.append([t, reserve, us["routed"], us["shared"], us["serial"], overlapped, f"{cost:.2f}"])
+            print(
+                f"bench shared: T={t}: {us}, {reserve} SMs reserved: overlapped {overlapped:.1f} us, "
+                f"shared cost {cost:.2f}",
+                file=sys.stderr,
+                flush=True,
+            )
     title = (
         f"{cfg.name}, one rank of EP={args.ep_size} ({cfg.num_local_experts} routed experts + shared "
         f"{cfg.moe.shared_width}), {torch.cuda.get_device_name(device)}, kernel {layer.kernel.name}"
     )
-    table = format_table(["T", "routed us", "shared us", "serial us", "overlapped us", "shared cost"], rows)
+    headers = ["T", "reserved SMs", "routed us", "shared us", "serial us", "overlapped us", "shared cost"]
+    table = format_table(headers, rows)
     print(f"{title}\n\n{table}")
     if args.out:
         with open(args.out, "w") as f:
@@ -73,17 +95,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def measure(layer: FusedMoE, x: torch.Tensor, timer: Timer) -> dict[str, float]:
-    """The four timings of one token count (see the module docstring)."""
+def measure(layer: FusedMoE, x: torch.Tensor, timer: Timer, only: str | None = None) -> dict[str, float]:
+    """The four timings of one token count (see the module docstring), or just ``only``."""
     tw, ids = layer.router(x)
     w, kernel = layer.weights, layer.kernel
-    return {
-        "routed": timer.graphed(lambda: kernel(x, w, tw, ids, check_values=False), "routed"),
-        "shared": timer.graphed(lambda: layer.shared_experts(x), "shared"),
-        "serial": timer.graphed(
-            lambda: kernel(x, w, tw, ids, residual=layer.shared_experts(x), check_values=False), "serial"
-        ),
-        "overlapped": timer.graphed(
-            lambda: kernel(x, w, tw, ids, residual=layer._start_shared_experts(x), check_values=False), "overlapped"
-        ),
+    calls = {
+        "routed": lambda: kernel(x, w, tw, ids, check_values=False),
+        "shared": lambda: layer.shared_experts(x),
+        "serial": lambda: kernel(x, w, tw, ids, residual=layer.shared_experts(x), check_values=False),
+        "overlapped": lambda: kernel(x, w, tw, ids, residual=layer._start_shared_experts(x), check_values=False),
     }
+    return {name: timer.graphed(fn, name) for name, fn in calls.items() if only in (None, name)}
+
+
+def overlapped_with_sms(layer: FusedMoE, x: torch.Tensor, timer: Timer, num_sms: int) -> float:
+    """``overlapped`` with DeepGEMM's kernels limited to ``num_sms`` SMs (captured that way)."""
+    import deep_gemm
+
+    before = deep_gemm.get_num_sms()
+    deep_gemm.set_num_sms(num_sms)
+    try:
+        return measure(layer, x, timer, only="overlapped")["overlapped"]
+    finally:
+        deep_gemm.set_num_sms(before)

@@ -102,15 +102,13 @@ def tune_shape(
     pair. Returns ``pair name -> {T: us}``; the table in ``tables_dir`` is updated as it goes."""
 
     key = str(tuning.ShapeKey.of(shape.layer(max(grid), quant)))
-    kernels: dict[int, dict[str, Any]] = {}
     for tokens in grid:
         if quant != "none" or tokens * shape.top_k / shape.num_experts > TILE_MAX_ROWS_PER_EXPERT:
             continue
         g1, g2, us = tune_tiles(shape, tokens, tile_candidates, measure)
-        kernels[tokens] = {"gemm1": asdict(g1), "gemm2": asdict(g2)}
         progress(f"{key} T={tokens}: fused tiles {g1} / {g2}: {us:.1f} us")
-    if kernels:
-        write_table(tables_dir, key, {"kernels": {"FusedTritonExperts": kernels}}, source, gpu)
+        tiles = {"FusedTritonExperts": {tokens: {"gemm1": asdict(g1), "gemm2": asdict(g2)}}}
+        write_table(tables_dir, key, {"kernels": tiles}, source, gpu)  # each point as it is done
 
     pairs: dict[str, dict[int, float]] = {}
     w = make_weights(shape, quant=quant)
@@ -133,8 +131,9 @@ def tune_shape(
 
 
 def write_table(directory: Path, key: str, entry: dict[str, Any], source: str, gpu: str | None = None) -> Path:
-    """Merge ``entry`` into ``key`` of ``gpu``'s table (default: this GPU's) in ``directory`` and
-    make it the one selection reads in this process."""
+    """Merge ``entry`` (``section -> name -> {T: value}``) into ``key`` of ``gpu``'s table (default:
+    this GPU's) in ``directory``, token count by token count: a run over part of the grid refines
+    those points and keeps the others. Makes it the table selection reads in this process."""
     gpu = gpu or torch.cuda.get_device_name()
     path = directory / f"{tuning.slug(gpu)}.json"
     directory.mkdir(parents=True, exist_ok=True)
@@ -144,7 +143,8 @@ def write_table(directory: Path, key: str, entry: dict[str, Any], source: str, g
         data["copy_gbps"] = round(copy_bandwidth_gbs(), 1)
     shape = data["shapes"].setdefault(key, {})
     for section, values in entry.items():
-        shape[section] = {name: {str(t): v for t, v in per_t.items()} for name, per_t in values.items()}
+        for name, per_t in values.items():
+            shape.setdefault(section, {}).setdefault(name, {}).update({str(t): v for t, v in per_t.items()})
     path.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.environ[tuning.ENV_DIR] = str(directory)
     tuning.forget_tables()

@@ -710,10 +710,12 @@ def candidate_configs(
 
     Both lists cover the same two ``block_m`` values (the default's and the next larger one); a
     tuner times each kernel's candidates on a layout built with that ``block_m`` and keeps the
-    pair with the best summed time. For each: ``block_n`` in 32/64/128 and ``block_k`` in
+    pair with the best summed time. For each: ``block_n`` in 32/64/128/256 and ``block_k`` in
     64/128, ``num_warps`` as in :func:`default_configs`; ``num_stages`` in 3/4/5 at the default
-    ``block_m``, the default's depth at the other. Tiles over the accumulator cap or ~200 KB of
-    shared memory are left out: at most 24 candidates per kernel.
+    ``block_m``, the default's depth at the other. The search allows accumulators up to twice
+    the defaults' cap (128 x 256 fp32 at 8 warps: the tile vLLM's tuned configs use for
+    GEMM2-like shapes on Hopper), since a tuner measures whether the registers spill. Tiles
+    over that or ~200 KB of shared memory are left out: at most 36 candidates per kernel.
     """
     default_m = _pick_block_m(num_tokens, top_k, num_experts)[0]
     position = min(_BLOCK_M_CHOICES.index(default_m), len(_BLOCK_M_CHOICES) - 2)
@@ -724,8 +726,8 @@ def candidate_configs(
         space: list[FusedConfig] = []
         for block_m in _BLOCK_M_CHOICES[position : position + 2]:
             stages = (3, 4, 5) if block_m == default_m else (4 if block_m <= 32 else 3,)
-            for block_n in sorted({min(n, cap_n) for n in (32, 64, 128)}):
-                if block_m * block_n * weight_tiles > _ACCUMULATOR_MAX:
+            for block_n in sorted({min(n, cap_n) for n in (32, 64, 128, 256)}):
+                if block_m * block_n * weight_tiles > 2 * _ACCUMULATOR_MAX:
                     continue
                 for block_k in sorted({min(k, cap_k) for k in (64, 128)}):
                     for num_stages in stages:
