@@ -30,6 +30,7 @@ from moe_kernels.contract import (
 from moe_kernels.experts.deepgemm import DeepGemmExperts, ExpandedDeepGemmExperts, MaskedDeepGemmExperts
 from moe_kernels.experts.fp8 import (
     Fp8DeepGemmExperts,
+    Fp8ExpandedDeepGemmExperts,
     Fp8HybridDeepGemmExperts,
     Fp8MaskedDeepGemmExperts,
     Fp8TritonExperts,
@@ -62,6 +63,7 @@ __all__ = [
     "ExpertPlacement",
     "ExpertWeights",
     "Fp8DeepGemmExperts",
+    "Fp8ExpandedDeepGemmExperts",
     "Fp8HybridDeepGemmExperts",
     "Fp8MaskedDeepGemmExperts",
     "Fp8TritonExperts",

@@ -239,9 +239,12 @@ def _encode(value: int | bool | torch.dtype) -> int:
     return int(value)
 
 
-def _decode(field: str, code: int, is_dtype: bool) -> str:
-    if is_dtype and 0 <= code < len(_DTYPE_CODES):
+def _decode(code: int, kind: type) -> str:
+    """A gathered code as the value it encodes (``kind``: the type of the value sent)."""
+    if kind is torch.dtype and 0 <= code < len(_DTYPE_CODES):
         return str(_DTYPE_CODES[code]).removeprefix("torch.")
+    if kind is bool:
+        return str(bool(code))
     return str(code)
 
 
@@ -251,7 +254,7 @@ def check_agreement(group: Any, what: str, fields: Mapping[str, int | bool | tor
     value, when they differ. Every rank must call it with the same field names in the same order.
     """
     names = list(fields)
-    is_dtype = [isinstance(fields[n], torch.dtype) for n in names]
+    kinds = [type(fields[n]) for n in names]
     local = torch.tensor([_encode(fields[n]) for n in names], dtype=torch.int64, device=backend_device(group))
     world = group.size()
     gathered = [torch.empty_like(local) for _ in range(world)]
@@ -264,7 +267,7 @@ def check_agreement(group: Any, what: str, fields: Mapping[str, int | bool | tor
             ranks_by_value.setdefault(row[j], []).append(r)
         if len(ranks_by_value) > 1:
             held = "; ".join(
-                f"{_decode(name, v, is_dtype[j])} on rank{'s' if len(rs) > 1 else ''} {','.join(map(str, rs))}"
+                f"{_decode(v, kinds[j])} on rank{'s' if len(rs) > 1 else ''} {','.join(map(str, rs))}"
                 for v, rs in sorted(ranks_by_value.items(), key=lambda kv: kv[1][0])
             )
             problems.append(f"{name}: {held}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from moe_kernels.experts.deepgemm import DeepGemmExperts, ExpandedDeepGemmExperts, MaskedDeepGemmExperts
 from moe_kernels.experts.fp8 import (
     Fp8DeepGemmExperts,
+    Fp8ExpandedDeepGemmExperts,
     Fp8HybridDeepGemmExperts,
     Fp8MaskedDeepGemmExperts,
     Fp8TritonExperts,
@@ -49,4 +50,5 @@ EXPERTS = [
     lambda cfg: Fp8HybridDeepGemmExperts(),
     lambda cfg: Fp8DeepGemmExperts(),
     lambda cfg: Fp8MaskedDeepGemmExperts(),
+    lambda cfg: Fp8ExpandedDeepGemmExperts(),
 ]

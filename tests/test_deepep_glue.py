@@ -11,7 +11,20 @@ runs every scenario in the same order (so collectives pair up) and reports small
 tests below read. Every rank regenerates all ranks' inputs from a seed, so it can build the
 single-process plain-torch reference of its own tokens' output (the whole layer over all
 experts) and of the rows each of its experts must receive. The experts are
-:class:`ExpandedReferenceExperts`, written here: the EXPANDED contract in plain torch.
+:class:`ExpandedReferenceExperts`, written here: the EXPANDED contract in plain torch, which
+also takes fp8 rows (dequantized) for the fp8 scenarios.
+
+fp8 tolerances. *The dispatched rows*: the part quantizes each token per 128 columns with scale
+``s = max(amax, 1e-4) / 448`` and e4m3 keeps 3 mantissa bits, so rounding moves a normal value by
+at most half a unit in its last place, ``2^-4`` of itself, and a value in e4m3's subnormal
+range (``|x| / s < 2^-6``) by at most half the subnormal spacing, ``2^-10 s``; the received row
+dequantizes to within ``2^-4 |x| + 2^-10 s`` of the sent one (``FP8_ROW_SLACK`` doubles the
+absolute term for the fp32 rounding of ``s`` and of ``q * s``). *The layer*: the reference loop
+runs on the dequantized weights (exactly what the experts multiply) and the unquantized
+activations, so the difference is the activations' quantization error: up to ``2^-4`` per
+element (about 3.6 % rms), which a dot product over H roughly keeps; two GEMMs, the SiLU and
+bf16 rounding follow. As in tests/test_fp8.py we accept ``max|out - ref| <= 0.1 max|ref|``; the
+row check above is the sharp one.
 """
 
 from __future__ import annotations
@@ -28,9 +41,13 @@ from moe_kernels.contract import ExpandedTokens, Layout, PermuteExpertsUnpermute
 from moe_kernels.distributed import run_ranks
 
 E, K, H, I = 8, 3, 256, 32  # noqa: E741 (the usual MoE letters; combine needs H % 256 == 0)
+FP8_I = 128  # fp8 layers need I % 128 == 0 (one weight block must not straddle gate and up)
+GROUP = 128  # columns per activation scale
 MAX_TOKENS = 16
 BIG_MAX_TOKENS = 4096  # large enough that the stand-in's size hint outgrows the first buffer
 REL_TOL = 3e-2  # bf16: max|out - ref| <= REL_TOL * max|ref|
+FP8_REL_TOL = 0.1  # fp8 layers against the loop on dequantized weights (module docstring)
+FP8_ROW_SLACK = 2**-9  # a dispatched fp8 row: |dequantized - sent| <= 2^-4 |sent| + 2^-9 s
 HOT = 5  # the hot expert of the "hot_expert" routing
 
 
@@ -46,20 +63,26 @@ class ExpandedReferenceExperts(PermuteExpertsUnpermute):
     A), expert_ends[e])`` of ``tokens.x`` go through the SiLU-gated MLP in fp32 and are scaled by
     their ``row_weights``; every other row of ``out`` is zero (DeepEP's combine sums rows as they
     are). ``A`` is the alignment the tokens say they carry (a multiple of the one asked for here).
+    On an fp8 layer its format asks for fp8 rows; it dequantizes them with ``x_scale`` and
+    computes on the dequantized weights.
 
     Each call records what it received (row count, alignment, per expert the count and the
-    sorted row weights), so the tests can compare the dispatch with the global routing."""
+    sorted row weights, and the raw rows, scales and weights of every segment), so the tests can
+    compare the dispatch with the global routing and with the tokens that were sent."""
 
     input_layout = Layout.EXPANDED
+    quant_schemes = ("none", "fp8_w8a8_block")
 
     def __init__(self, alignment: int) -> None:
         self.alignment = alignment
         self.calls: list[dict[str, Any]] = []
 
     def input_format(self, ctx) -> TokenFormat:
-        return TokenFormat(Layout.EXPANDED, alignment=self.alignment)
+        return TokenFormat(Layout.EXPANDED, alignment=self.alignment, fp8=ctx.cfg.quant.is_fp8)
 
     def apply(self, tokens, weights, out, workspace) -> None:
+        from moe_kernels.kernels.quant import dequantize_fp8_token_groups
+
         if not isinstance(tokens, ExpandedTokens):
             raise TypeError(f"expected ExpandedTokens, got {type(tokens).__name__}")
         a = tokens.alignment
@@ -75,7 +98,17 @@ class ExpandedReferenceExperts(PermuteExpertsUnpermute):
             raise ValueError(f"{len(ends)} expert ends for {weights.num_experts} local experts")
         inter = weights.inter
         out.zero_()
-        record: dict[str, Any] = {"rows": rows, "alignment": a, "counts": [], "weights": [], "finite": True}
+        scales = tokens.x_scale
+        record: dict[str, Any] = {
+            "rows": rows,
+            "alignment": a,
+            "counts": [],
+            "weights": [],
+            "finite": True,
+            "x_dtype": str(tokens.x.dtype),
+            "scale_layout": None if scales is None else [list(scales.shape), list(scales.stride()), str(scales.dtype)],
+            "segments": [],
+        }
         prev = 0
         for e, end in enumerate(ends):
             start = align_up(prev, a)
@@ -84,13 +117,16 @@ class ExpandedReferenceExperts(PermuteExpertsUnpermute):
                 raise ValueError(f"expert {e}: segment [{start}, {end}) outside [0, {rows}]")
             record["counts"].append(end - start)
             record["weights"].append(sorted(tokens.row_weights[start:end].tolist()))
+            x, w = tokens.x[start:end], tokens.row_weights[start:end]
+            s = None if scales is None else scales[start:end]
+            record["segments"].append((x.clone(), None if s is None else s.clone(), w.clone()))
             if end == start:
                 continue
-            x = tokens.x[start:end].float()
-            w = tokens.row_weights[start:end]
+            x = x.float() if s is None else dequantize_fp8_token_groups(x, s, GROUP)
             record["finite"] &= bool(x.isfinite().all()) and bool(w.isfinite().all())
-            gate_up = x @ weights.w13[e].float().t()
-            y = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ weights.w2[e].float().t()
+            w13, w2 = weights.dequantized(e)
+            gate_up = x @ w13.t()
+            y = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ w2.t()
             out[start:end] = (y * w[:, None]).to(out.dtype)
         self.calls.append(record)
 
@@ -98,12 +134,15 @@ class ExpandedReferenceExperts(PermuteExpertsUnpermute):
 # --- inputs and the single-process reference -------------------------------------------------
 
 
-def make_layer(world: int, routing: str, seed: int = 0):
+def make_layer(world: int, routing: str, seed: int = 0, *, fp8: bool = False):
     """The same global layer on every rank: all experts' weights and every rank's
-    ``(x [T, H] bf16, topk_ids [T, K] (int32 on odd ranks), topk_weights [T, K] float32)``."""
+    ``(x [T, H] bf16, topk_ids [T, K] (int32 on odd ranks), topk_weights [T, K] float32)``.
+    ``fp8``: I = FP8_I, and each 128-column group of a token is scaled by its own power of two
+    in ``[2^-3, 2^3]``, so a scale that landed on another row or group would show."""
     g = torch.Generator().manual_seed(seed)
-    w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(torch.bfloat16)
-    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(torch.bfloat16)
+    inter = FP8_I if fp8 else I
+    w13 = (torch.randn(E, 2 * inter, H, generator=g) / H**0.5).to(torch.bfloat16)
+    w2 = (torch.randn(E, H, inter, generator=g) / inter**0.5).to(torch.bfloat16)
     per_rank = []
     for r in range(world):
         t = 5 + 3 * r
@@ -111,7 +150,11 @@ def make_layer(world: int, routing: str, seed: int = 0):
             t = 0
         if routing == "tiny":  # one token or none: a micro-batch of two-batch overlap is empty
             t = (r + 1) % 2
-        x = torch.randn(t, H, generator=g).to(torch.bfloat16)
+        x = torch.randn(t, H, generator=g)
+        if fp8:
+            magnitudes = 2.0 ** torch.randint(-3, 4, (t, H // GROUP), generator=g)
+            x = x * magnitudes.repeat_interleave(GROUP, dim=1)
+        x = x.to(torch.bfloat16)
         ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(t)]) if t else torch.empty(0, K)
         ids = ids.to(torch.int64)
         if routing == "hot_expert" and t:  # every token of every rank uses expert HOT, plus others
@@ -130,14 +173,29 @@ def make_layer(world: int, routing: str, seed: int = 0):
 def loop_reference(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
     """out[t] = sum_k w[t,k] * w2[e] @ (silu(gate_e @ x[t]) * (up_e @ x[t])) over all E experts, fp32."""
     out = torch.zeros(x.shape, dtype=torch.float32)
+    inter = w2.shape[-1]
     for t in range(x.shape[0]):
         for k in range(topk_ids.shape[1]):
             e = int(topk_ids[t, k])
             if e < 0:
                 continue
             h = w13[e].float() @ x[t].float()
-            out[t] += float(topk_weights[t, k]) * (w2[e].float() @ (F.silu(h[:I]) * h[I:]))
+            out[t] += float(topk_weights[t, k]) * (w2[e].float() @ (F.silu(h[:inter]) * h[inter:]))
     return out
+
+
+def layer_weights(w13, w2, mine: list[int], fp8: bool):
+    """This rank's ``ExpertWeights`` of the global ``w13``, ``w2`` and the global weights the
+    reference loop runs on: as they are, or (``fp8``) quantized per 128 x 128 block and the
+    dequantized values of exactly those blocks."""
+    from moe_kernels import ExpertWeights
+    from moe_kernels.kernels.quant import dequantize_fp8_blocks, quantize_fp8_blocks
+
+    if not fp8:
+        return ExpertWeights(w13[mine].contiguous(), w2[mine].contiguous()), w13, w2
+    (q13, s13), (q2, s2) = quantize_fp8_blocks(w13), quantize_fp8_blocks(w2)
+    local = ExpertWeights(q13[mine].contiguous(), q2[mine].contiguous(), s13[mine].contiguous(), s2[mine].contiguous())
+    return local, dequantize_fp8_blocks(q13, s13), dequantize_fp8_blocks(q2, s2)
 
 
 def expected_rows(per_rank, mine: list[int], spans: list[tuple[int, int]]) -> dict[str, list]:
@@ -150,9 +208,9 @@ def expected_rows(per_rank, mine: list[int], spans: list[tuple[int, int]]) -> di
     return {"counts": [len(ws) for ws in weights], "weights": [sorted(ws) for ws in weights]}
 
 
-def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
+def compare(out: torch.Tensor, ref: torch.Tensor, rel_tol: float = REL_TOL) -> dict:
     err = (out.float() - ref).abs().max().item() if out.numel() else 0.0
-    bound = REL_TOL * ref.abs().max().item() if ref.numel() else 0.0
+    bound = rel_tol * ref.abs().max().item() if ref.numel() else 0.0
     finite = bool(out.isfinite().all())
     ref_max = ref.abs().max().item() if ref.numel() else 0.0
     return {"max_abs_err": err, "ref_max": ref_max, "bound": bound, "finite": finite, "close": finite and err <= bound}
@@ -161,12 +219,23 @@ def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
 # --- building kernels on the stand-in ----------------------------------------------------------
 
 
-def layer_cfg(world: int, rank: int, *, hidden: int = H, max_tokens: int = MAX_TOKENS, tbo: bool = False, **moe):
-    from moe_kernels import LayerConfig, MoEConfig, ParallelConfig
+def layer_cfg(
+    world: int,
+    rank: int,
+    *,
+    hidden: int = H,
+    max_tokens: int = MAX_TOKENS,
+    tbo: bool = False,
+    fp8: bool = False,
+    **moe,
+):
+    from moe_kernels import LayerConfig, MoEConfig, ParallelConfig, QuantConfig
 
+    inter = FP8_I if fp8 else I
     return LayerConfig(
-        moe=MoEConfig(num_experts=E, top_k=K, hidden_size=hidden, intermediate_size=I, dtype=torch.bfloat16, **moe),
+        moe=MoEConfig(num_experts=E, top_k=K, hidden_size=hidden, intermediate_size=inter, dtype=torch.bfloat16, **moe),
         parallel=ParallelConfig(ep_size=world, ep_rank=rank, max_tokens_per_rank=max_tokens, two_batch_overlap=tbo),
+        quant=QuantConfig(scheme="fp8_w8a8_block" if fp8 else "none"),
     )
 
 
@@ -222,44 +291,50 @@ def run_layer(
     placement: str = "contiguous",
     residual: bool = False,
     pf_kwargs: dict | None = None,
+    fp8: bool = False,
 ) -> dict:
-    """One kernel, one call, compared with the reference; then released."""
-    from moe_kernels import ExpertWeights
+    """One kernel, one call, compared with the reference; then released. ``fp8``: an fp8 layer,
+    so the part dispatches fp8 rows; the reference loop runs on the dequantized weights."""
     from moe_kernels.compose import WorkspaceCache
     from moe_kernels.prepare_finalize import deepep_buffer as epb
 
     world, rank = group.size(), group.rank()
-    w13, w2, per_rank = make_layer(world, routing)
+    w13, w2, per_rank = make_layer(world, routing, fp8=fp8)
     x, ids, weights = per_rank[rank]
     placed = make_placement(placement, world, rank)
     mine = list(placed.local_experts)
+    local_weights, ref13, ref2 = layer_weights(w13, w2, mine, fp8)
     experts = ExpandedReferenceExperts(alignment)
     cache = WorkspaceCache()
-    kernel = build(group, layer_cfg(world, rank), make_pf(mode, **(pf_kwargs or {})), experts, placed, cache)
+    cfg = layer_cfg(world, rank, fp8=fp8)
+    kernel = build(group, cfg, make_pf(mode, **(pf_kwargs or {})), experts, placed, cache)
+    tol = FP8_REL_TOL if fp8 else REL_TOL
     try:
         reserved_bytes = cache.nbytes()
         res = None
         if residual:
             res = torch.randn(x.shape, generator=torch.Generator().manual_seed(100 + rank)).to(torch.bfloat16)
-        out = kernel(x, ExpertWeights(w13[mine].contiguous(), w2[mine].contiguous()), weights, ids, residual=res)
-        ref = loop_reference(x, w13, w2, weights, ids)
+        out = kernel(x, local_weights, weights, ids, residual=res)
+        ref = loop_reference(x, ref13, ref2, weights, ids)
         result: dict[str, Any] = {
             "status": "ok",
             "tokens": x.shape[0],
             "shape": list(out.shape),
             "dtype": str(out.dtype),
         }
-        result |= compare(out, ref + (res.float() if res is not None else 0))
+        result |= compare(out, ref + (res.float() if res is not None else 0), tol)
         if res is not None:
             # added once: without the residual the same call lands on the reference
-            result["without_residual"] = compare(out.float() - res.float(), ref)
+            result["without_residual"] = compare(out.float() - res.float(), ref, tol)
         nowhere = (ids < 0).all(dim=1) if x.shape[0] else torch.zeros(0, dtype=torch.bool)
         result["nowhere_rows"] = int(nowhere.sum())
         result["nowhere_zero"] = bool((out[nowhere] == 0).all())
         # what the experts received, against the global routing
         (call,) = experts.calls
         want = expected_rows(per_rank, mine, [(0, p[0].shape[0]) for p in per_rank])
-        result["received"] = {k: call[k] for k in ("rows", "alignment", "counts", "finite")}
+        result["received"] = {k: call[k] for k in ("rows", "alignment", "counts", "finite", "x_dtype", "scale_layout")}
+        if fp8:
+            result["sent_rows"] = sent_rows_report(call, per_rank, mine)
         result["rows_as_routed"] = call["counts"] == want["counts"] and call["weights"] == want["weights"]
         result["want_counts"] = want["counts"]
         a = call["alignment"]
@@ -278,20 +353,45 @@ def run_layer(
     return result
 
 
-def run_two_batch_overlap(group, mode: str, routing: str, placement: str) -> dict:
+def sent_rows_report(call: dict, per_rank, mine: list[int]) -> dict:
+    """Every fp8 row this rank's experts received, against the token it was sent from (found by
+    its global expert and its router weight, which are unique here): the largest ratio of
+    ``|dequantized - sent|`` to its bound (module docstring), and whether rows and scales arrived
+    bit for bit as the part's quantizer makes them from that token (they travel as bytes)."""
+    from moe_kernels.kernels.quant import FP8_DTYPE, dequantize_fp8_token_groups, quantize_fp8_token_groups
+
+    sent = {}
+    for x, ids, w in per_rank:
+        q, s = torch.empty(x.shape, dtype=FP8_DTYPE), torch.empty(x.shape[0], H // GROUP)
+        quantize_fp8_token_groups(x, q, s, group=GROUP)
+        for t in range(x.shape[0]):
+            for k in range(K):
+                sent[(int(ids[t, k]), float(w[t, k]))] = (x[t].float(), q[t], s[t])
+    worst, bit_exact, checked = 0.0, True, 0
+    for g, (rows, scales, row_weights) in zip(mine, call["segments"], strict=True):
+        got = dequantize_fp8_token_groups(rows, scales, GROUP)
+        for i, w in enumerate(row_weights.tolist()):
+            x, q, s = sent[(g, w)]
+            bound = 2**-4 * x.abs() + FP8_ROW_SLACK * s.repeat_interleave(GROUP)
+            worst = max(worst, ((got[i] - x).abs() / bound).max().item())
+            bit_exact &= torch.equal(rows[i].view(torch.uint8), q.view(torch.uint8)) and torch.equal(scales[i], s)
+            checked += 1
+    return {"rows": checked, "worst_error_over_bound": worst, "bit_exact": bit_exact}
+
+
+def run_two_batch_overlap(group, mode: str, routing: str, placement: str, fp8: bool = False) -> dict:
     """The same call through a serial kernel and a two-batch-overlapped one (both with a
     residual): equal results, and the overlapped kernel dispatched two micro-batches."""
-    from moe_kernels import ExpertWeights
-
     world, rank = group.size(), group.rank()
-    w13, w2, per_rank = make_layer(world, routing, seed=3)
+    w13, w2, per_rank = make_layer(world, routing, seed=3, fp8=fp8)
     x, ids, weights = per_rank[rank]
     placed = make_placement(placement, world, rank)
     mine = list(placed.local_experts)
-    w = ExpertWeights(w13[mine].contiguous(), w2[mine].contiguous())
+    w, ref13, ref2 = layer_weights(w13, w2, mine, fp8)
+    tol = FP8_REL_TOL if fp8 else REL_TOL
     res = torch.randn(x.shape, generator=torch.Generator().manual_seed(200 + rank)).to(torch.bfloat16)
     serial_experts, tbo_experts = ExpandedReferenceExperts(8), ExpandedReferenceExperts(8)
-    serial = build(group, layer_cfg(world, rank), make_pf(mode), serial_experts, placed)
+    serial = build(group, layer_cfg(world, rank, fp8=fp8), make_pf(mode), serial_experts, placed)
     tbo_pf = make_pf(mode)
     dispatched: list[int] = []
     real_prepare_async = tbo_pf.prepare_async
@@ -301,11 +401,11 @@ def run_two_batch_overlap(group, mode: str, routing: str, placement: str) -> dic
         return real_prepare_async(x, topk_ids, topk_weights, workspace)
 
     tbo_pf.prepare_async = recording_prepare_async  # the instance's; the class's code runs
-    tbo = build(group, layer_cfg(world, rank, tbo=True), tbo_pf, tbo_experts, placed)
+    tbo = build(group, layer_cfg(world, rank, tbo=True, fp8=fp8), tbo_pf, tbo_experts, placed)
     try:
         out_serial = serial(x, w, weights, ids, residual=res)
         out_tbo = tbo(x, w, weights, ids, residual=res)
-        ref = loop_reference(x, w13, w2, weights, ids) + res.float()
+        ref = loop_reference(x, ref13, ref2, weights, ids) + res.float()
         t = x.shape[0]
         h = (t + 1) // 2
         sizes = [(p[0].shape[0] + 1) // 2 for p in per_rank]
@@ -316,8 +416,8 @@ def run_two_batch_overlap(group, mode: str, routing: str, placement: str) -> dic
         result = {
             "status": "ok",
             "tokens": t,
-            "serial": compare(out_serial, ref),
-            "tbo": compare(out_tbo, ref),
+            "serial": compare(out_serial, ref, tol),
+            "tbo": compare(out_tbo, ref, tol),
             "tbo_vs_serial": compare(out_tbo, out_serial.float()),
             "dispatched": dispatched,
             "want_dispatched": [h, t - h],
@@ -424,11 +524,10 @@ def run_mismatch(group, field: str) -> dict:
     placement = "reversed_interleaved" if odd and field == "placement" else "contiguous"
     hidden = 2 * H if odd and field == "hidden_size" else H
     mode = "ll" if odd and field == "mode" else "ht"
+    fp8 = odd and field == "fp8"  # an fp8 layer: its experts ask for fp8 rows
     placed = make_placement(placement, world, rank)
-    return raised_at_build(
-        group,
-        lambda: build(group, layer_cfg(world, rank, hidden=hidden), make_pf(mode), ExpandedReferenceExperts(8), placed),
-    )
+    cfg = layer_cfg(world, rank, hidden=hidden, fp8=fp8)
+    return raised_at_build(group, lambda: build(group, cfg, make_pf(mode), ExpandedReferenceExperts(8), placed))
 
 
 def run_num_sms_mismatch(group) -> dict:
@@ -534,13 +633,35 @@ LAYER_SCENARIOS["ll_pinned_alignment16_zero_padding"] = (
     {"expert_alignment": 16, "zero_padding": True},
 )
 
+# fp8 layers: the parts quantize and dispatch fp8 rows with their scales (same argument order)
+FP8_SCENARIOS: dict[str, tuple] = {}
+for _mode in ("ht", "ll"):
+    FP8_SCENARIOS |= {
+        f"{_mode}_fp8_random_a1": (_mode, "random", 1),
+        f"{_mode}_fp8_hot_expert": (_mode, "hot_expert", 8),
+        f"{_mode}_fp8_empty_rank": (_mode, "empty_rank", 8),
+        f"{_mode}_fp8_placement_reversed_interleaved": (_mode, "minus_one", 8, "reversed_interleaved", True),
+    }
+# DeepEP zeroes the gaps' rows and scales
+FP8_SCENARIOS["ll_fp8_pinned_alignment16_zero_padding"] = (
+    "ll",
+    "random",
+    8,
+    "contiguous",
+    False,
+    {"expert_alignment": 16, "zero_padding": True},
+)
+EVERY_LAYER_SCENARIO = {**LAYER_SCENARIOS, **FP8_SCENARIOS}
+
 TBO_SCENARIOS = {
     "ht_tbo_random": ("ht", "random", "contiguous"),
     "ll_tbo_random": ("ll", "minus_one", "reversed_interleaved"),
     "ht_tbo_tiny": ("ht", "tiny", "contiguous"),
     "ll_tbo_empty_rank": ("ll", "empty_rank", "contiguous"),
+    "ll_fp8_tbo_random": ("ll", "minus_one", "contiguous", True),
+    "ht_fp8_tbo_tiny": ("ht", "tiny", "reversed_interleaved", True),
 }
-MISMATCHES = ("placement", "hidden_size", "mode")
+MISMATCHES = ("placement", "hidden_size", "mode", "fp8")
 
 
 def rank_scenarios(group) -> dict:
@@ -562,6 +683,8 @@ def rank_scenarios(group) -> dict:
     results["probe"] = {"status": "ok", "version": version, "is_standin": module is deep_ep_standin}
     for name, args in LAYER_SCENARIOS.items():
         record(name, run_layer, *args)
+    for name, args in FP8_SCENARIOS.items():
+        record(name, functools.partial(run_layer, fp8=True), *args)
     for name, args in TBO_SCENARIOS.items():
         record(name, run_two_batch_overlap, *args)
     record("shared_buffer", run_shared_buffer)
@@ -600,19 +723,21 @@ def test_the_standin_is_what_the_parts_import(world: int):
 
 
 @WORLDS
-@pytest.mark.parametrize("scenario", list(LAYER_SCENARIOS))
+@pytest.mark.parametrize("scenario", list(EVERY_LAYER_SCENARIO))
 def test_layer_matches_single_process_reference(world: int, scenario: str):
+    """bf16 layers within bf16 rounding; fp8 layers within the activations' quantization error
+    of the loop on the dequantized weights (module docstring)."""
     for rank, o in enumerate(outcomes(world, scenario)):
         assert o["close"], f"rank {rank}: {o}"
         assert o["shape"] == [o["tokens"], H] and o["dtype"] == "torch.bfloat16", o
 
 
 @WORLDS
-@pytest.mark.parametrize("scenario", list(LAYER_SCENARIOS))
+@pytest.mark.parametrize("scenario", list(EVERY_LAYER_SCENARIO))
 def test_experts_receive_exactly_the_routed_rows(world: int, scenario: str):
     """Per local expert: as many rows as the global routing sends it, with exactly those router
     weights; the rows it reads are finite (no padding, no capacity tail)."""
-    _, _, alignment, *rest = LAYER_SCENARIOS[scenario]
+    _, _, alignment, *rest = EVERY_LAYER_SCENARIO[scenario]
     pinned = rest[2].get("expert_alignment") if len(rest) > 2 else None
     for rank, o in enumerate(outcomes(world, scenario)):
         assert o["rows_as_routed"], f"rank {rank}: received {o['received']}, want counts {o['want_counts']}"
@@ -626,10 +751,34 @@ def test_experts_receive_exactly_the_routed_rows(world: int, scenario: str):
 
 
 @WORLDS
-@pytest.mark.parametrize("scenario", list(LAYER_SCENARIOS))
+@pytest.mark.parametrize("scenario", list(EVERY_LAYER_SCENARIO))
 def test_each_scenario_releases_the_buffer(world: int, scenario: str):
     for o in outcomes(world, scenario):
         assert o["released"] == {"buffer_gone": True, "destroyed": True}, o
+
+
+@WORLDS
+@pytest.mark.parametrize("scenario", list(LAYER_SCENARIOS))
+def test_bf16_layers_dispatch_bf16(world: int, scenario: str):
+    for o in outcomes(world, scenario):
+        assert o["received"]["x_dtype"] == "torch.bfloat16" and o["received"]["scale_layout"] is None, o
+
+
+@WORLDS
+@pytest.mark.parametrize("scenario", list(FP8_SCENARIOS))
+def test_fp8_dispatch_hands_the_experts_the_sent_tokens_quantized(world: int, scenario: str):
+    """The experts get fp8 rows and float32 scales [R, H/128], token-major with a column stride
+    of align(R, 4) (what DeepGEMM reads without a transpose), handed over as DeepEP returned
+    them. Every received row dequantizes to its sent token within e4m3's rounding bound
+    (module docstring), and rows and scales arrive bit for bit as quantized before sending."""
+    for rank, o in enumerate(outcomes(world, scenario)):
+        rows = o["received"]["rows"]
+        assert o["received"]["x_dtype"] == "torch.float8_e4m3fn", f"rank {rank}: {o}"
+        assert o["received"]["scale_layout"] == [[rows, H // GROUP], [1, align_up(rows, 4)], "torch.float32"], o
+        sent = o["sent_rows"]
+        assert sent["rows"] == sum(o["received"]["counts"]) > 0, f"rank {rank}: {sent}"
+        assert sent["worst_error_over_bound"] <= 1.0, f"rank {rank}: {sent}"
+        assert sent["bit_exact"], f"rank {rank}: {sent}"
 
 
 @WORLDS
@@ -726,6 +875,18 @@ def test_ranks_with_different_hidden_sizes_raise_at_build(world: int):
 def test_ranks_with_different_modes_raise_at_build(world: int):
     # each rank names its own part, so the messages differ only in that prefix
     _raised_on_every_rank(outcomes(world, "mismatch_mode"), "mode (do_cpu_sync)", world, same_message=False)
+
+
+@WORLDS
+def test_ranks_disagreeing_on_fp8_dispatch_raise_at_build(world: int):
+    """One rank's layer is fp8 (its experts ask for fp8 rows), the others' bf16: the ranks would
+    size their symmetric buffers and rows differently, so every rank refuses at build, before
+    any buffer is reserved."""
+    per_rank = outcomes(world, "mismatch_fp8")
+    _raised_on_every_rank(per_rank, "fp8 dispatch", world)
+    for o in per_rank:
+        assert "fp8 dispatch: False on rank" in o["message"] and "True on rank" in o["message"], o["message"]
+        assert " | " not in o["message"], o["message"]  # nothing else differs
 
 
 @WORLDS

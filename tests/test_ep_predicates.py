@@ -9,9 +9,9 @@ import types
 import pytest
 import torch
 
-from moe_kernels import LayerConfig, MoEConfig, ParallelConfig, TorchReferenceExperts, compose
+from moe_kernels import LayerConfig, MoEConfig, ParallelConfig, QuantConfig, TorchReferenceExperts, compose
 from moe_kernels.compose import IncompatibleKernelsError
-from moe_kernels.contract import LayerContext, Layout, TokenFormat
+from moe_kernels.contract import LayerContext, Layout, TokenFormat, WorkspaceSpec
 from moe_kernels.placement import ExpertPlacement, map_expert_ids
 from moe_kernels.prepare_finalize import deepep_buffer as epb
 from moe_kernels.prepare_finalize.deepep import (
@@ -55,10 +55,11 @@ def layer(
     dtype: torch.dtype = torch.bfloat16,
     max_tokens: int = 128,
     cuda_graphs: bool = False,
+    fp8: bool = False,
 ) -> LayerConfig:
     moe = MoEConfig(num_experts=num_experts, top_k=top_k, hidden_size=hidden, intermediate_size=2048, dtype=dtype)
     par = ParallelConfig(ep_size=ep, ep_rank=rank, max_tokens_per_rank=max_tokens, cuda_graphs=cuda_graphs)
-    return LayerConfig(moe=moe, parallel=par)
+    return LayerConfig(moe=moe, parallel=par, quant=QuantConfig(scheme="fp8_w8a8_block" if fp8 else "none"))
 
 
 def ctx(
@@ -247,13 +248,20 @@ def test_high_throughput_cannot_be_captured_low_latency_can():
 
 
 def test_low_latency_refuses_huge_worst_case_outputs():
-    c = DeepEPLowLatencyPrepareAndFinalize().check_parallel(ctx(layer(ep=8, max_tokens=8192), FakeGroup(0, 8)))
-    assert not c.ok and "sized for the worst case" in c.reason and "GiB" in c.reason
-    assert DeepEPLowLatencyPrepareAndFinalize().check_parallel(ctx(layer(ep=8, max_tokens=128), FakeGroup(0, 8))).ok
+    """The worst-case recv_x is counted in the experts' format (its alignment, its bytes): at
+    E_local=32, top-8, H=7168, A=128 and 8 ranks x 8192 tokens it holds 528384 rows, 7.1 GiB in
+    bf16 but 3.6 GiB as fp8 rows with their float32 scales (H + 4 H/128 bytes a row)."""
+    ll = DeepEPLowLatencyPrepareAndFinalize()
+    bf16, fp8 = TokenFormat(Layout.EXPANDED, alignment=128), TokenFormat(Layout.EXPANDED, alignment=128, fp8=True)
+    big = ctx(layer(ep=8, max_tokens=8192), FakeGroup(0, 8))
+    c = ll.check_format(big, bf16)
+    assert not c.ok and "sized for the worst case: 528384 rows x H=7168 bfloat16 = 7.1 GiB" in c.reason, c.reason
+    assert ll.check_format(ctx(layer(ep=8, max_tokens=8192, fp8=True), FakeGroup(0, 8)), fp8).ok
+    c = ll.check_format(ctx(layer(ep=8, max_tokens=16384, fp8=True), FakeGroup(0, 8)), fp8)
+    assert not c.ok and "H=7168 fp8 + float32 scales = 7.2 GiB" in c.reason, c.reason
+    assert ll.check_format(ctx(layer(ep=8, max_tokens=128), FakeGroup(0, 8)), bf16).ok
     # the high-throughput mode sizes its outputs exactly: no such limit
-    assert (
-        DeepEPHighThroughputPrepareAndFinalize().check_parallel(ctx(layer(ep=8, max_tokens=8192), FakeGroup(0, 8))).ok
-    )
+    assert DeepEPHighThroughputPrepareAndFinalize().check_format(big, bf16).ok
 
 
 @pytest.mark.parametrize("cls", DEEPEP)
@@ -274,8 +282,30 @@ def test_deepep_format_follows_the_experts_alignment_unless_pinned(cls):
     pinned_bad = cls(expert_alignment=64).check_format(context, wants_128)
     assert not pinned_bad.ok and "expert_alignment=64" in pinned_bad.reason
     fp8 = cls().check_format(context, TokenFormat(Layout.EXPANDED, alignment=128, fp8=True))
-    assert not fp8.ok and "bf16 only" in fp8.reason
+    assert fp8.ok and "fp8 rows with float32 scales per 128 columns" in fp8.reason and "128 rows" in fp8.reason
     assert cls.output_layout is Layout.EXPANDED
+
+
+@pytest.mark.parametrize("cls", DEEPEP)
+def test_deepep_refuses_fp8_it_cannot_dispatch(cls, monkeypatch):
+    fp8 = TokenFormat(Layout.EXPANDED, alignment=128, fp8=True)
+    odd = cls().check_format(ctx(layer(hidden=7168 + 64), FakeGroup(0, 2)), fp8)
+    assert not odd.ok and "one float32 scale per 128 columns, but hidden_size=7232" in odd.reason, odd.reason
+    # the quantizer is a Triton kernel: on the CPU without the interpreter there is none
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cpu = cls().check_format(ctx(layer(), FakeGroup(0, 2), CPU), fp8)
+    assert not cpu.ok and "quantizes x with a Triton kernel first: Triton needs a CUDA device" in cpu.reason
+    assert cls().check_format(ctx(layer(), FakeGroup(0, 2), CPU), TokenFormat(Layout.EXPANDED, 128)).ok
+
+
+@pytest.mark.parametrize("cls", DEEPEP)
+def test_deepep_workspaces_hold_the_quantized_rows_for_fp8_only(cls):
+    context = ctx(layer(max_tokens=64), FakeGroup(0, 2))
+    fp8 = cls().workspace_specs(context, TokenFormat(Layout.EXPANDED, alignment=128, fp8=True))
+    assert fp8["dispatch_x"] == WorkspaceSpec((64, 7168), torch.float8_e4m3fn)
+    assert fp8["dispatch_x_scale"] == WorkspaceSpec((64, 56), torch.float32)
+    bf16 = cls().workspace_specs(context, TokenFormat(Layout.EXPANDED, alignment=128))
+    assert not {"dispatch_x", "dispatch_x_scale"} & set(bf16)
 
 
 @pytest.mark.parametrize("cls", DEEPEP)
@@ -294,6 +324,50 @@ def test_deepep_pinned_alignment_refused_by_the_composer(cls, monkeypatch):
     assert "ExpandedDeepGemmExperts needs expanded, aligned to 128 rows" in first.reason
     assert "expert_alignment=64" in first.reason
     assert check_pair(cls(), ExpandedDeepGemmExperts(), context)[0].ok
+
+
+def test_compose_refuses_mismatched_fp8_pairs_with_plain_reasons(monkeypatch):
+    """Each refusal names what one side needs and what the other offers: bf16 expanded experts
+    on an fp8 layer and fp8 ones on a bf16 layer, fp8 expanded experts behind a STANDARD
+    dispatcher, and a pinned alignment the fp8 experts' format does not divide."""
+    from moe_kernels import ExpandedDeepGemmExperts, Fp8ExpandedDeepGemmExperts
+    from moe_kernels.compose import check_pair
+    from moe_kernels.experts import fp8 as fp8_experts
+
+    monkeypatch.setattr(fp8_experts, "deep_gemm_alignment", lambda: 128)
+    ht, ll, fp8_experts_part = (
+        DeepEPHighThroughputPrepareAndFinalize(),
+        DeepEPLowLatencyPrepareAndFinalize(),
+        Fp8ExpandedDeepGemmExperts(),
+    )
+    cases = [
+        (ht, ExpandedDeepGemmExperts(), layer(fp8=True), "experts.quant", "quant scheme none, not fp8_w8a8_block"),
+        (ll, fp8_experts_part, layer(), "experts.quant", "implements quant scheme fp8_w8a8_block, not none"),
+        (
+            TorchAllToAllPrepareAndFinalize(),
+            fp8_experts_part,
+            layer(fp8=True),
+            "layout",
+            "TorchAllToAllPrepareAndFinalize hands out standard tokens, Fp8ExpandedDeepGemmExperts takes expanded",
+        ),
+        (
+            DeepEPLowLatencyPrepareAndFinalize(expert_alignment=64),
+            fp8_experts_part,
+            layer(fp8=True),
+            "format",
+            "Fp8ExpandedDeepGemmExperts needs expanded, aligned to 128 rows, fp8 activations; "
+            "DeepEPLowLatencyPrepareAndFinalize was built with expert_alignment=64",
+        ),
+    ]
+    for pf, experts, cfg, name, words in cases:
+        with pytest.raises(IncompatibleKernelsError) as info:
+            compose(pf, experts, cfg, group=FakeGroup(0, 2), device=CPU)
+        reasons = {c.name: c.reason for c in info.value.failures}
+        assert words in reasons[name], reasons
+        assert f"- {name}: {reasons[name]}" in str(info.value)
+    # the matching pair agrees on the format (this CPU refuses it for other reasons)
+    fmt_check = check_pair(ll, fp8_experts_part, ctx(layer(fp8=True), FakeGroup(0, 2)))[0]
+    assert fmt_check.name == "format" and fmt_check.ok and "fp8 rows with float32 scales" in fmt_check.reason
 
 
 def test_capacity_rows_formula():

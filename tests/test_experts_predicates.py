@@ -5,7 +5,9 @@ The glue (permute, padding, psum row map, masked capacity, gather) runs here aga
 stand-in ``deep_gemm`` module written in torch that mimics DeepGEMM's tile semantics: whole
 BLOCK_M tiles are computed, tiles whose first row is -1 are skipped, psum groups start at
 aligned offsets, masked groups write whole tiles into ``[G*M, N]`` (so an unaligned M would
-corrupt the next group). The real kernels are tested in test_experts_gpu.py.
+corrupt the next group). Its fp8 contiguous GEMM multiplies the dequantized operands and
+records whether the activation scales came in the layout DeepGEMM reads without a transpose.
+The real kernels are tested in test_experts_gpu.py and test_fp8_gpu.py.
 """
 
 from __future__ import annotations
@@ -31,7 +33,15 @@ from moe_kernels.compose import (
     layer_context,
 )
 from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig, QuantConfig
-from moe_kernels.contract import ExpandedTokens, LayerContext, Layout, MaskedTokens, StandardTokens, workspace_bytes
+from moe_kernels.contract import (
+    ExpandedTokens,
+    LayerContext,
+    Layout,
+    MaskedTokens,
+    StandardTokens,
+    TokenFormat,
+    workspace_bytes,
+)
 from moe_kernels.experts import hybrid as hybrid_module
 from moe_kernels.experts.deepgemm import (
     MASKED_BLOCK_M_MAX,
@@ -43,6 +53,7 @@ from moe_kernels.experts.deepgemm import (
     masked_rows_multiple,
     psum_layout_status,
 )
+from moe_kernels.experts.fp8 import Fp8ExpandedDeepGemmExperts
 from moe_kernels.experts.grouped_mm import GroupedMMExperts
 from moe_kernels.experts.hybrid import HybridDeepGemmExperts
 from moe_kernels.prepare_finalize.local import LocalMaskedPrepareAndFinalize, LocalPrepareAndFinalize
@@ -114,11 +125,47 @@ def make_fake_deep_gemm(alignment: int = 32) -> types.ModuleType:
         """(a, b, d, grouped_layout, compiled_dims, use_psum_layout, ensure_zero_padding,
         expected_m_for_psum_layout, epilogue)"""
         assert a.dtype == b.dtype == d.dtype == torch.bfloat16
+        mod.calls.append(("contiguous", use_psum_layout))
+        contiguous(
+            a, b, d, grouped_layout, lambda rows, e: _mm(a[rows], b[e]), use_psum_layout, expected_m_for_psum_layout
+        )
+
+    def m_grouped_fp8_gemm_nt_contiguous(
+        a,
+        b,
+        d,
+        grouped_layout,
+        recipe=None,
+        recipe_a=None,
+        recipe_b=None,
+        compiled_dims="nk",
+        disable_ue8m0_cast=False,
+        use_psum_layout=False,
+        ensure_zero_padding=True,
+        expected_m_for_psum_layout=None,
+    ):
+        """(a, b, d, grouped_layout, recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast,
+        use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout): DeepGEMM 2.8's"""
+        from moe_kernels.kernels.quant import dequantize_fp8_blocks, dequantize_fp8_token_groups
+
+        (a, sa), (b, sb) = a, b
+        assert a.dtype == b.dtype == torch.float8_e4m3fn and d.dtype == torch.bfloat16
+        assert sa.shape == (a.shape[0], -(-a.shape[1] // 128)) and sa.dtype == torch.float32
+        # what SM90 DeepGEMM reads as it is: token-major, column stride a multiple of 4 (TMA)
+        mod.calls.append(("fp8_contiguous", use_psum_layout, sa.stride(0) == 1 and sa.stride(1) % 4 == 0))
+
+        def mm(rows: slice, e: int) -> torch.Tensor:
+            x = dequantize_fp8_token_groups(a[rows], sa[rows])
+            return (x @ dequantize_fp8_blocks(b[e], sb[e]).T).to(torch.bfloat16)
+
+        contiguous(a, b, d, grouped_layout, mm, use_psum_layout, expected_m_for_psum_layout)
+
+    def contiguous(a, b, d, grouped_layout, mm, use_psum_layout, expected_m_for_psum_layout) -> None:
+        """The contiguous GEMMs' tile semantics; ``mm(rows, e)`` multiplies rows of A by group e."""
         assert grouped_layout.dtype == torch.int32 and grouped_layout.is_contiguous()
         assert a.stride(-1) == 1 and b.is_contiguous() and d.is_contiguous()
         m, g = a.shape[0], b.shape[0]
         assert d.shape == (m, b.shape[1]) and a.shape[1] == b.shape[2] and a.shape[1] % 64 == 0
-        mod.calls.append(("contiguous", use_psum_layout))
         gl = grouped_layout.tolist()
         if use_psum_layout:
             assert len(gl) == g and expected_m_for_psum_layout is not None and expected_m_for_psum_layout > 0
@@ -126,13 +173,13 @@ def make_fake_deep_gemm(alignment: int = 32) -> types.ModuleType:
             for e, end in enumerate(gl):
                 start, stop = _align(prev, alignment), min(_align(end, alignment), m)
                 if stop > start:  # whole tiles, the last one clipped by the tensor
-                    d[start:stop] = _mm(a[start:stop], b[e])
+                    d[start:stop] = mm(slice(start, stop), e)
                 prev = end
             return
         assert len(gl) == m and expected_m_for_psum_layout is None
         for tile in range(0, m, alignment):
             if gl[tile] >= 0:  # the group of a tile is read from its first row
-                d[tile : tile + alignment] = _mm(a[tile : tile + alignment], b[gl[tile]])
+                d[tile : tile + alignment] = mm(slice(tile, tile + alignment), gl[tile])
 
     def m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, expected_m, compiled_dims="nk", epilogue=None):
         assert a.dtype == b.dtype == d.dtype == torch.bfloat16 and masked_m.dtype == torch.int32
@@ -150,6 +197,7 @@ def make_fake_deep_gemm(alignment: int = 32) -> types.ModuleType:
     mod.get_mk_alignment_for_contiguous_layout = get_mk_alignment_for_contiguous_layout
     mod.m_grouped_bf16_gemm_nt_contiguous = m_grouped_bf16_gemm_nt_contiguous
     mod.m_grouped_bf16_gemm_nt_masked = m_grouped_bf16_gemm_nt_masked
+    mod.m_grouped_fp8_gemm_nt_contiguous = m_grouped_fp8_gemm_nt_contiguous
     return mod
 
 
@@ -591,6 +639,9 @@ def test_empty_batches_return_without_touching_deep_gemm(no_deep_gemm):
     expanded = ExpandedTokens(x, torch.zeros(E, dtype=torch.int32), torch.zeros(0), 128, 1)
     assert ExpandedDeepGemmExperts().workspace_specs(ctx, 0) == {}
     ExpandedDeepGemmExperts().apply(expanded, weights, torch.empty(0, H, dtype=torch.bfloat16), {})
+    fp8 = ExpandedTokens(x.to(torch.float8_e4m3fn), expanded.expert_ends, torch.zeros(0), 128, 1, torch.zeros(0, 1))
+    assert Fp8ExpandedDeepGemmExperts().workspace_specs(ctx, 0) == {}
+    Fp8ExpandedDeepGemmExperts().apply(fp8, weights, torch.empty(0, H, dtype=torch.bfloat16), {})
 
 
 # --- the glue, end to end on the stand-in -------------------------------------------------
@@ -716,7 +767,7 @@ def test_masked_glue_matches_the_loop(t, max_tokens, fake_deep_gemm):
     assert tokens.counts.tolist() == [int((ids == e).sum()) for e in range(E)]
 
 
-def expanded_problem(counts: list[int], alignment: int, extra_rows: int, seed: int = 0):
+def expanded_problem(counts: list[int], alignment: int, extra_rows: int, seed: int = 0, hidden: int = H):
     """DeepEP-style expanded layout built by hand: segment e starts at align(end[e-1]); rows
     outside segments (and past the last one) hold NaN, as garbage a dispatch might leave."""
     g = torch.Generator().manual_seed(seed)
@@ -727,10 +778,10 @@ def expanded_problem(counts: list[int], alignment: int, extra_rows: int, seed: i
         end = start + c
         ends.append(end)
     rows = _align(end, alignment) + extra_rows
-    x = torch.full((rows, H), float("nan"))
+    x = torch.full((rows, hidden), float("nan"))
     row_expert = [-1] * rows
     for e, (s, c) in enumerate(zip(starts, counts, strict=True)):
-        x[s : s + c] = torch.randn(c, H, generator=g)
+        x[s : s + c] = torch.randn(c, hidden, generator=g)
         row_expert[s : s + c] = [e] * c
     weights = torch.rand(rows, generator=g)
     return x.to(torch.bfloat16), torch.tensor(ends, dtype=torch.int32), weights, row_expert
@@ -772,3 +823,102 @@ def test_expanded_refuses_a_foreign_alignment(fake_deep_gemm):
     ws = WorkspaceCache().get(experts.workspace_specs(ctx, tokens.num_rows), CPU)
     with pytest.raises(ValueError, match="expert_alignment=32"):
         experts.apply(tokens, ExpertWeights(w13, w2), torch.empty_like(x), ws)
+
+
+# --- the fp8 expanded experts (DeepEP's fp8 dispatch) ------------------------------------------
+
+
+H8 = I8 = 128  # fp8 layers: H and I multiples of the 128 x 128 weight block
+
+
+def fp8_layer() -> LayerConfig:
+    moe = MoEConfig(num_experts=E, top_k=K, hidden_size=H8, intermediate_size=I8)
+    quant = QuantConfig(scheme="fp8_w8a8_block")
+    return LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=64), quant=quant)
+
+
+def test_fp8_expanded_checks_on_the_cpu(no_deep_gemm):
+    ctx = ctx_of(fp8_layer())
+    experts = Fp8ExpandedDeepGemmExperts()
+    checks = {c.name: c for c in experts.checks(ctx)}
+    assert not checks["device"].ok and "SM90 GPU, not cpu" in checks["device"].reason
+    assert checks["quant"].ok and checks["shape"].ok
+    assert not checks["deep_gemm"].ok and "deep_gemm does not import" in checks["deep_gemm"].reason
+    assert "psum_layout" not in checks  # asked only once deep_gemm imports
+    assert experts.input_format(ctx) == TokenFormat(Layout.EXPANDED, alignment=1, fp8=True)
+    bf16 = {c.name: c for c in experts.checks(ctx_of(layer()))}["quant"]
+    assert not bf16.ok and "implements quant scheme fp8_w8a8_block, not none" in bf16.reason
+    assert experts.supports_cuda_graphs
+
+
+def test_fp8_expanded_psum_check_reads_the_fp8_gemm(fake_deep_gemm):
+    ctx = ctx_of(fp8_layer())
+    assert Fp8ExpandedDeepGemmExperts().input_format(ctx) == TokenFormat(Layout.EXPANDED, alignment=32, fp8=True)
+    psum = {c.name: c for c in Fp8ExpandedDeepGemmExperts().checks(ctx)}["psum_layout"]
+    assert psum.ok and "m_grouped_fp8_gemm_nt_contiguous" in psum.reason, psum
+    # a DeepGEMM whose fp8 contiguous GEMM predates the psum layout (the bf16 one still has it)
+    fake_deep_gemm.m_grouped_fp8_gemm_nt_contiguous = lambda a, b, d, grouped_layout: None
+    clear_probes()
+    psum = {c.name: c for c in Fp8ExpandedDeepGemmExperts().checks(ctx)}["psum_layout"]
+    assert not psum.ok and "m_grouped_fp8_gemm_nt_contiguous takes no use_psum_layout" in psum.reason, psum
+    assert {c.name: c for c in ExpandedDeepGemmExperts().checks(ctx_of())}["psum_layout"].ok
+
+
+def fp8_expanded_problem(counts: list[int], seed: int):
+    """The hand-built expanded layout quantized as DeepEP's fp8 dispatch hands it over: fp8 rows
+    and float32 scales [R, H/128] token-major with column stride align(R, 4); padding rows hold
+    fp8 NaN (0x7F) and NaN scales. Weights quantized per 128 x 128 block."""
+    from moe_kernels.kernels.quant import empty_group_scales, quantize_fp8_blocks, quantize_fp8_token_groups
+
+    x, ends, row_weights, row_expert = expanded_problem(counts, alignment=32, extra_rows=32, seed=seed, hidden=H8)
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn)
+    scale = empty_group_scales(x.shape, mn_major=True)
+    quantize_fp8_token_groups(x.nan_to_num(), q, scale)  # then the padding rows are poisoned
+    pad = torch.tensor(row_expert) < 0
+    q.view(torch.uint8)[pad] = 0x7F
+    scale[pad] = float("nan")
+    g = torch.Generator().manual_seed(seed + 1)
+    (q13, s13) = quantize_fp8_blocks(torch.randn(E, 2 * I8, H8, generator=g) * H8**-0.5)
+    (q2, s2) = quantize_fp8_blocks(torch.randn(E, H8, I8, generator=g) * I8**-0.5)
+    tokens = ExpandedTokens(q, ends, row_weights, alignment=32, expected_m=max(1, sum(counts) // E), x_scale=scale)
+    return tokens, ExpertWeights(q13, q2, s13, s2), row_expert
+
+
+@pytest.mark.parametrize("counts", [[0, 3, 0, 40], [5, 0, 0, 0], [0, 0, 0, 0], [33, 1, 32, 2]])
+def test_fp8_expanded_glue_weights_valid_rows_and_zeros_the_rest(counts, fake_deep_gemm):
+    """Both GEMMs read the psum layout in place with the scales as dispatched (no transpose
+    needed); padding never reaches the output. Tolerance: against the loop on the dequantized
+    rows and weights the only difference is GEMM2's input, quantized to e4m3 inside (up to 2^-4
+    per element, about 3.6 % rms) after a bf16 GEMM1 output: 0.1 max|ref|, as in test_fp8.py."""
+    import torch.nn.functional as F
+
+    from moe_kernels.kernels.quant import dequantize_fp8_token_groups
+
+    ctx = ctx_of(fp8_layer())
+    tokens, weights, row_expert = fp8_expanded_problem(counts, seed=len(counts) + sum(counts))
+    experts = Fp8ExpandedDeepGemmExperts()
+    out = torch.full(tokens.x.shape, float("nan"), dtype=torch.bfloat16)
+    ws = poisoned(experts.workspace_specs(ctx, tokens.num_rows), WorkspaceCache())
+    experts.apply(tokens, weights, out, ws)
+    assert fake_deep_gemm.calls == [("fp8_contiguous", True, True)] * 2
+    valid = [r for r, e in enumerate(row_expert) if e >= 0]
+    assert all((out[r] == 0).all() for r, e in enumerate(row_expert) if e < 0)
+    if not valid:
+        return
+    ref = torch.zeros(len(valid), H8)
+    for j, r in enumerate(valid):
+        w13, w2 = weights.dequantized(row_expert[r])
+        h = w13 @ dequantize_fp8_token_groups(tokens.x[r], tokens.x_scale[r])
+        ref[j] = float(tokens.row_weights[r]) * (w2 @ (F.silu(h[:I8]) * h[I8:]))
+    got = out[valid].float()
+    assert torch.isfinite(got).all()
+    assert (got - ref).abs().max() <= 0.1 * ref.abs().max()
+
+
+def test_fp8_expanded_refuses_rows_without_scales(fake_deep_gemm):
+    tokens, weights, _ = fp8_expanded_problem([3, 0, 1, 0], seed=0)
+    experts = Fp8ExpandedDeepGemmExperts()
+    ws = WorkspaceCache().get(experts.workspace_specs(ctx_of(fp8_layer()), tokens.num_rows), CPU)
+    out = torch.empty(tokens.x.shape, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="with x_scale"):
+        experts.apply(ExpandedTokens(tokens.x, tokens.expert_ends, tokens.row_weights, 32, 1), weights, out, ws)

@@ -1,8 +1,9 @@
 """GPU tests of the fp8 block-scaled experts on real EP-local shapes.
 
-Every fp8 experts class of the registry runs composed behind the local prepare/finalize of its
-layout and is compared with a plain-torch loop on the dequantized weights and the unquantized
-bf16 activations. The difference is then the activations' quantization error: rounding to e4m3
+Every STANDARD and MASKED fp8 experts class of the registry runs composed behind the local
+prepare/finalize of its layout, and the EXPANDED one on a hand-built copy of DeepEP's fp8
+dispatch output; each is compared with a plain-torch loop on the dequantized weights and the
+unquantized bf16 activations. The difference is then the activations' quantization error: rounding to e4m3
 (3 mantissa bits) moves a value by at most 2^-4 of itself, ~3.6 % standard deviation, and a dot
 product of many such independent errors keeps about that relative size; two GEMMs and the SiLU
 follow. We accept DeepGEMM's similarity metric ``1 - 2 sum(xy) / sum(x^2 + y^2)`` below 2e-3
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from moe_kernels import (
     ExpertWeights,
+    Fp8ExpandedDeepGemmExperts,
     LayerConfig,
     Layout,
     LocalMaskedPrepareAndFinalize,
@@ -31,7 +33,9 @@ from moe_kernels import (
     registry,
 )
 from moe_kernels.compose import check_pair, layer_context
-from moe_kernels.kernels.quant import quantize_fp8_blocks
+from moe_kernels.contract import ExpandedTokens
+from moe_kernels.experts.deepgemm import deep_gemm_alignment
+from moe_kernels.kernels.quant import empty_group_scales, quantize_fp8_blocks, quantize_fp8_token_groups
 
 pytestmark = pytest.mark.gpu
 
@@ -40,7 +44,9 @@ CASES = [(0, "uniform"), (1, "uniform"), (7, "skewed"), (128, "uniform"), (4096,
 FP8_EXPERTS = {
     part.name: make
     for make in registry.EXPERTS
-    if "fp8_w8a8_block" in (part := make(None)).quant_schemes and part.name != "TorchReferenceExperts"
+    if "fp8_w8a8_block" in (part := make(None)).quant_schemes
+    and part.name != "TorchReferenceExperts"
+    and part.input_layout is not Layout.EXPANDED  # no local prepare/finalize hands those out
 }
 
 
@@ -138,3 +144,91 @@ def test_fp8_paths_replay_in_a_cuda_graph(name):
     graph.replay()
     torch.cuda.synchronize()
     assert_quantization_close(out, reference(x2, w, tw2, ids2), f"{name} graph replay")
+
+
+# --- the expanded layout of DeepEP's fp8 dispatch ---------------------------------------------
+
+
+def expanded_dispatch(
+    x: torch.Tensor, ids: torch.Tensor, topk_w: torch.Tensor, num_experts: int, alignment: int
+) -> tuple[ExpandedTokens, torch.Tensor, torch.Tensor]:
+    """What DeepEP's expanded fp8 dispatch hands the experts, built by hand: one row per (token,
+    slot) with an id >= 0, grouped by expert, expert e's rows starting at ``align(end[e-1], A)``,
+    and ``A`` more rows past the last segment (a low-latency capacity tail). The rows are the
+    tokens quantized per 128 columns, the scales ``[R, H/128]`` float32 token-major with column
+    stride ``align(R, 4)`` (``use_tma_aligned_col_major_sf=True``). Every row outside a segment
+    holds fp8 NaN (0x7F), a NaN scale and a NaN router weight. Also returns each row's token
+    and expert (-1 outside the segments)."""
+    device, (t, h) = x.device, x.shape
+    tok, slot = torch.nonzero(ids >= 0, as_tuple=True)
+    expert = ids[tok, slot].long()
+    order = torch.argsort(expert, stable=True)
+    tok, slot, expert = tok[order], slot[order], expert[order]
+    counts = torch.bincount(expert, minlength=num_experts).tolist()
+    starts, ends, end = [], [], 0
+    for c in counts:
+        starts.append(-(-end // alignment) * alignment)
+        end = starts[-1] + c
+        ends.append(end)
+    rows = -(-end // alignment) * alignment + alignment
+    first = torch.tensor([sum(counts[:e]) for e in range(num_experts)], device=device)
+    row_of = torch.tensor(starts, device=device)[expert] + torch.arange(len(tok), device=device) - first[expert]
+
+    q_tok = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=device)
+    s_tok = torch.empty(t, -(-h // 128), dtype=torch.float32, device=device)
+    quantize_fp8_token_groups(x, q_tok, s_tok)
+    q = torch.full((rows, h), 0x7F, dtype=torch.uint8, device=device)
+    q[row_of] = q_tok.view(torch.uint8)[tok]
+    scale = empty_group_scales((rows, h), mn_major=True, device=device).fill_(float("nan"))
+    scale[row_of] = s_tok[tok]
+    row_weights = torch.full((rows,), float("nan"), device=device)
+    row_weights[row_of] = topk_w[tok, slot]
+    row_token = torch.full((rows,), -1, dtype=torch.int64, device=device)
+    row_token[row_of] = tok
+    row_expert = torch.full((rows,), -1, dtype=torch.int64, device=device)
+    row_expert[row_of] = expert
+    ends_t = torch.tensor(ends, dtype=torch.int32, device=device)
+    tokens = ExpandedTokens(
+        q.view(torch.float8_e4m3fn), ends_t, row_weights, alignment, max(1, len(tok) // num_experts), x_scale=scale
+    )
+    return tokens, row_token, row_expert
+
+
+@pytest.mark.parametrize("t", [0, 1, 7, 128])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fp8_expanded_experts_weight_valid_rows_and_zero_the_rest(shape, t):
+    """Skewed routing (a hot expert in every token, a third of the slots -1) dispatched by hand
+    into the psum layout with NaN in every padding row, its scale and its weight. Every row
+    outside a segment must come out as zeros; the valid rows, and each token's rows summed (what
+    DeepEP's combine does), must match the loop on the dequantized weights within the fp8
+    tolerance of this module (T=0: a layout of padding rows only)."""
+    e, _, h, i = SHAPES[shape]
+    cfg = layer(shape)
+    ctx = layer_context(cfg, device="cuda")
+    experts = Fp8ExpandedDeepGemmExperts()
+    failed = [c for c in experts.checks(ctx) if not c.ok]
+    if failed:
+        pytest.skip("; ".join(f"{c.name}: {c.reason}" for c in failed))
+    w = weights(shape)
+    x, topk_w, ids = routing(shape, t, "skewed", seed=100 + t)
+    tokens, row_token, row_expert = expanded_dispatch(x, ids, topk_w, e, deep_gemm_alignment())
+    experts.bind(ctx)
+    workspace = WorkspaceCache().get(experts.workspace_specs(ctx, tokens.num_rows), x.device)
+    for buf in workspace.values():
+        buf.view(torch.uint8).fill_(0xFF)  # NaN in bf16, float8_e4m3fn and float32 alike
+    out = torch.full(tokens.x.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+    experts.apply(tokens, w, out, workspace)
+    torch.cuda.synchronize()
+
+    valid = row_token >= 0
+    assert (out[~valid] == 0).all(), "rows outside the segments must be zeros"
+    ref = torch.zeros(out.shape, dtype=torch.float32, device="cuda")
+    for ex in range(e):
+        rows = torch.nonzero(row_expert == ex).squeeze(1)
+        if rows.numel():
+            w13, w2 = w.dequantized(ex)
+            hh = x[row_token[rows]].float() @ w13.T
+            ref[rows] = ((F.silu(hh[:, :i]) * hh[:, i:]) @ w2.T) * tokens.row_weights[rows, None]
+    assert_quantization_close(out[valid], ref[valid], f"{shape} fp8 expanded T={t} rows")
+    combined = torch.zeros(t, h, device="cuda").index_add_(0, row_token[valid], out[valid].float())
+    assert_quantization_close(combined, reference(x, w, topk_w, ids), f"{shape} fp8 expanded T={t} combined")

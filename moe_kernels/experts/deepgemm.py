@@ -81,17 +81,28 @@ def deep_gemm_status() -> tuple[bool, str]:
 
 
 @functools.cache
-def psum_layout_status() -> tuple[bool, str]:
-    """Whether this deep_gemm's contiguous GEMM takes ``use_psum_layout`` (DeepGEMM 2.8.2 does);
-    read from the pybind signature in its docstring, so nothing is launched."""
+def psum_layout_status(gemm: str = "m_grouped_bf16_gemm_nt_contiguous") -> tuple[bool, str]:
+    """Whether this deep_gemm's contiguous GEMM ``gemm`` takes ``use_psum_layout`` (DeepGEMM 2.8
+    does, for the bf16 one and for ``m_grouped_fp8_gemm_nt_contiguous``); read from the pybind
+    signature in its docstring, so nothing is launched."""
     ok, why = deep_gemm_status()
     if not ok:
         return ok, why
-    fn = _deep_gemm().m_grouped_bf16_gemm_nt_contiguous
+    fn = getattr(_deep_gemm(), gemm, None)
+    if fn is None:
+        return False, f"{why}, but without {gemm}"
     doc = getattr(fn, "__doc__", None) or ""
     if "use_psum_layout" in doc and "expected_m_for_psum_layout" in doc:
-        return True, f"{why}, psum layout supported"
-    return False, f"{why}, but its contiguous GEMM takes no use_psum_layout/expected_m_for_psum_layout"
+        return True, f"{why}, psum layout supported by {gemm}"
+    return False, f"{why}, but its {gemm} takes no use_psum_layout/expected_m_for_psum_layout"
+
+
+def psum_layout_checks(gemm: str) -> list[Check]:
+    """The ``psum_layout`` check of an EXPANDED class whose GEMM is ``gemm``; none until DeepGEMM
+    imports (the ``deep_gemm`` check says why it does not)."""
+    if not deep_gemm_status()[0]:
+        return []
+    return [Check("psum_layout", *psum_layout_status(gemm))]
 
 
 def _alignment_getter(dg: Any) -> Any:
@@ -358,11 +369,7 @@ class ExpandedDeepGemmExperts(DeepGemmPart):
         return TokenFormat(Layout.EXPANDED, alignment=deep_gemm_alignment() or 1)
 
     def checks(self, ctx: LayerContext) -> list[Check]:
-        checks = super().checks(ctx)
-        if deep_gemm_status()[0]:
-            ok, why = psum_layout_status()
-            checks.append(Check("psum_layout", ok, why))
-        return checks
+        return [*super().checks(ctx), *psum_layout_checks("m_grouped_bf16_gemm_nt_contiguous")]
 
     def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
         if num_rows == 0:
@@ -381,23 +388,13 @@ class ExpandedDeepGemmExperts(DeepGemmPart):
         out: torch.Tensor,
         workspace: dict[str, torch.Tensor],
     ) -> None:
-        from moe_kernels.kernels import silu_and_mul, weighted_gather
+        from moe_kernels.kernels import silu_and_mul
 
-        r = tokens.num_rows
-        if r == 0:
+        if tokens.num_rows == 0:
             return
-        alignment = deep_gemm_alignment()
-        if tokens.alignment != alignment:
-            raise ValueError(
-                f"expanded tokens are aligned to {tokens.alignment} rows but DeepGEMM's contiguous "
-                f"layout uses {alignment}: dispatch with expert_alignment={alignment}"
-            )
+        row_expert, dst_row, expected_m = psum_rows(tokens)
         ends = tokens.expert_ends
-        if ends.dtype != torch.int32 or not ends.is_contiguous():
-            raise TypeError(f"expert_ends must be contiguous int32, got {ends.dtype}")
-        row_expert, dst_row = expanded_row_map(ends, r, alignment)
         gate_up, act, rows = workspace["gate_up"], workspace["activation"], workspace["expert_rows"]
-        expected_m = max(1, int(tokens.expected_m))
         dg = _deep_gemm()
         dg.m_grouped_bf16_gemm_nt_contiguous(
             tokens.x, weights.w13, gate_up, ends, use_psum_layout=True, expected_m_for_psum_layout=expected_m
@@ -406,8 +403,36 @@ class ExpandedDeepGemmExperts(DeepGemmPart):
         dg.m_grouped_bf16_gemm_nt_contiguous(
             act, weights.w2, rows, ends, use_psum_layout=True, expected_m_for_psum_layout=expected_m
         )
-        # One slot per row: out[r] = row_weights[r] * rows[r] where dst_row[r] = r, zeros where -1.
-        weighted_gather(rows, dst_row, tokens.row_weights.reshape(r, 1), out)
+        write_expanded_output(rows, dst_row, tokens, out)
+
+
+def psum_rows(tokens: ExpandedTokens) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Check that ``tokens`` (``num_rows > 0``) are in DeepGEMM's psum layout and map their rows:
+    ``(row_expert [R] int32, dst_row [R, 1] int64, expected_m)`` (see :func:`expanded_row_map`;
+    ``expected_m`` clamped to >= 1 for ``expected_m_for_psum_layout``). Raises ``ValueError`` when
+    the tokens' alignment is not DeepGEMM's and ``TypeError`` when ``expert_ends`` is not
+    contiguous int32."""
+    alignment = deep_gemm_alignment()
+    if tokens.alignment != alignment:
+        raise ValueError(
+            f"expanded tokens are aligned to {tokens.alignment} rows but DeepGEMM's contiguous "
+            f"layout uses {alignment}: dispatch with expert_alignment={alignment}"
+        )
+    ends = tokens.expert_ends
+    if ends.dtype != torch.int32 or not ends.is_contiguous():
+        raise TypeError(f"expert_ends must be contiguous int32, got {ends.dtype}")
+    row_expert, dst_row = expanded_row_map(ends, tokens.num_rows, alignment)
+    return row_expert, dst_row, max(1, int(tokens.expected_m))
+
+
+def write_expanded_output(rows: torch.Tensor, dst_row: torch.Tensor, tokens: ExpandedTokens, out: torch.Tensor) -> None:
+    """The EXPANDED experts' last step: ``out[r] = row_weights[r] * rows[r]`` for the rows
+    ``dst_row`` maps to themselves, zeros where it is ``-1`` (segment padding, rows past the last
+    expert), so a combine that summed those rows would add nothing. Every row of ``out`` is
+    written; ``rows [R, H]`` bf16 may hold garbage outside the segments."""
+    from moe_kernels.kernels import weighted_gather
+
+    weighted_gather(rows, dst_row, tokens.row_weights.reshape(tokens.num_rows, 1), out)
 
 
 def expanded_row_map(expert_ends: torch.Tensor, num_rows: int, alignment: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -438,4 +463,6 @@ __all__ = [
     "deep_gemm_alignment",
     "deep_gemm_status",
     "masked_rows_multiple",
+    "psum_rows",
+    "write_expanded_output",
 ]

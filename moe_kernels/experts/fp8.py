@@ -6,6 +6,9 @@ blocks and 1 x 128 activation groups, fp32 accumulation, bf16 out -- DeepSeek-V3
   SiLU-and-mul-and-quantize between, weighted gather.
 * :class:`Fp8MaskedDeepGemmExperts` (MASKED, decode, CUDA-graph capturable): the prepare/finalize
   hands fp8 ``[E, M, H]`` rows and their scales; ``m_grouped_fp8_gemm_nt_masked`` x 2.
+* :class:`Fp8ExpandedDeepGemmExperts` (EXPANDED, DeepEP's fp8 dispatch): the dispatched fp8 rows
+  and scales read in place by ``m_grouped_fp8_gemm_nt_contiguous(..., use_psum_layout=True)`` x 2,
+  each row scaled by its router weight.
 * :class:`Fp8HybridDeepGemmExperts` (STANDARD): masked below a token threshold, contiguous above.
 * :class:`Fp8TritonExperts` (STANDARD): the same contiguous pipeline on the Triton block-scaled
   fp8 grouped GEMM, for GPUs without DeepGEMM.
@@ -23,6 +26,7 @@ import torch
 from moe_kernels.config import FP8_ACT_GROUP as GROUP
 from moe_kernels.contract import (
     Check,
+    ExpandedTokens,
     LayerContext,
     Layout,
     MaskedTokens,
@@ -41,6 +45,9 @@ from moe_kernels.experts.deepgemm import (
     deep_gemm_status,
     k_multiple_check,
     masked_rows_multiple,
+    psum_layout_checks,
+    psum_rows,
+    write_expanded_output,
 )
 from moe_kernels.platform import triton_check
 from moe_kernels.scales import masked_scale_spec, scale_spec, scale_view
@@ -232,6 +239,78 @@ class Fp8MaskedDeepGemmExperts(_Fp8DeepGemmPart):
         if tokens.x_scale is None:
             raise ValueError(f"{self.name} takes fp8 masked tokens with x_scale; got {tokens.x.dtype} without scales")
         masked_fp8_mlp(tokens.x, tokens.x_scale, weights, tokens.counts, tokens.expected_m, workspace, out)
+
+
+class Fp8ExpandedDeepGemmExperts(_Fp8DeepGemmPart):
+    """EXPANDED in and out: fp8 ``x [R, H]`` with ``x_scale [R, H/128]`` float32, laid out by
+    DeepEP's expanded fp8 dispatch -> bf16 ``out [R, H]``; the fp8 twin of
+    :class:`~moe_kernels.experts.deepgemm.ExpandedDeepGemmExperts`.
+
+    Expert e owns rows ``[align_up(expert_ends[e-1], alignment), expert_ends[e])``, DeepGEMM's psum
+    layout, so ``m_grouped_fp8_gemm_nt_contiguous((x, x_scale), (w13, w13_scale), ...,
+    use_psum_layout=True, expected_m_for_psum_layout=expected_m)`` reads the dispatched rows and
+    scales in place; the scales are taken as they come (token-major with a column stride that
+    is a multiple of 4 is what DeepGEMM's SM90 kernels read without a transpose: DeepEP's
+    ``use_tma_aligned_col_major_sf=True``, :mod:`moe_kernels.scales`). SiLU-and-mul and the fp8
+    quantization of GEMM2's input run as one kernel on valid rows only; GEMM2 the same way into
+    bf16; the last step writes every row of ``out``: valid rows times ``row_weights``, all other
+    rows zeros. No host sync: capturable in a CUDA graph. Its format asks the dispatcher for fp8
+    rows at DeepGEMM's contiguous alignment.
+    """
+
+    input_layout = Layout.EXPANDED
+
+    def input_format(self, ctx: LayerContext) -> TokenFormat:
+        return TokenFormat(Layout.EXPANDED, alignment=deep_gemm_alignment() or 1, fp8=True)
+
+    def checks(self, ctx: LayerContext) -> list[Check]:
+        return [*super().checks(ctx), *psum_layout_checks("m_grouped_fp8_gemm_nt_contiguous")]
+
+    def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
+        if num_rows == 0:
+            return {}
+        h, i = ctx.cfg.moe.hidden_size, ctx.cfg.moe.intermediate_size
+        return {
+            "gate_up": WorkspaceSpec((num_rows, 2 * i), torch.bfloat16),
+            "activation_q": WorkspaceSpec((num_rows, i), FP8_DTYPE),
+            # a column stride that is a multiple of 4 (TMA): DeepGEMM then reads the scales as they are
+            "activation_scale": scale_spec(align_up(num_rows, 4), i),
+            "expert_rows": WorkspaceSpec((num_rows, h), torch.bfloat16),
+        }
+
+    def apply(self, tokens: ExpandedTokens, weights: ExpertWeights, out: torch.Tensor, workspace: dict) -> None:
+        from moe_kernels.kernels.quant import silu_and_mul_quant_fp8
+
+        r = tokens.num_rows
+        if r == 0:
+            return
+        if tokens.x_scale is None:
+            raise ValueError(f"{self.name} takes fp8 expanded tokens with x_scale; got {tokens.x.dtype} without scales")
+        row_expert, dst_row, expected_m = psum_rows(tokens)
+        ends = tokens.expert_ends
+        gate_up, rows = workspace["gate_up"], workspace["expert_rows"]
+        aq, sa = workspace["activation_q"], scale_view(workspace["activation_scale"])[:r]
+        dg = _deep_gemm()
+        dg.m_grouped_fp8_gemm_nt_contiguous(
+            (tokens.x, tokens.x_scale),
+            (weights.w13, weights.w13_scale),
+            gate_up,
+            ends,
+            use_psum_layout=True,
+            expected_m_for_psum_layout=expected_m,
+        )
+        # rows outside every segment are skipped: their activation and scales keep stale values,
+        # which GEMM2 may compute from but the last step never reads
+        silu_and_mul_quant_fp8(gate_up, aq, sa, group=GROUP, grouped_layout=row_expert)
+        dg.m_grouped_fp8_gemm_nt_contiguous(
+            (aq, sa),
+            (weights.w2, weights.w2_scale),
+            rows,
+            ends,
+            use_psum_layout=True,
+            expected_m_for_psum_layout=expected_m,
+        )
+        write_expanded_output(rows, dst_row, tokens, out)
 
 
 class Fp8HybridDeepGemmExperts(_Fp8DeepGemmPart):

@@ -15,6 +15,20 @@ experts without a copy:
 it takes are only reduced and returned), so EXPANDED experts scale each row by its weight and
 finalize is the combine alone.
 
+fp8 dispatch, when the experts' format asks for fp8 activations
+(:class:`~moe_kernels.experts.fp8.Fp8ExpandedDeepGemmExperts`): prepare first quantizes ``x`` per
+token and 128 columns (:func:`~moe_kernels.kernels.quant.quantize_fp8_token_groups`, scale
+``max(amax, 1e-4) / 448``) into this part's workspaces and dispatches the tuple ``(x_q [T, H]
+float8_e4m3fn, scales [T, H/128] float32 row-major)`` with ``use_tma_aligned_col_major_sf=True``.
+The experts get, again without a copy:
+
+* ``x = recv_x[0] [R, H]`` float8_e4m3fn,
+* ``x_scale = recv_x[1] [R, H/128]`` float32, token-major with column stride ``align(R, 4)``
+  (strides ``(1, align(R, 4))``): the layout DeepGEMM's SM90 fp8 GEMMs read as it is
+  (:mod:`moe_kernels.scales`; any other layout costs them a transpose launch per GEMM).
+
+A row then travels as ``H + 4 H / 128`` bytes instead of ``2 H`` (51.6 %); combine stays bf16.
+
 * :class:`DeepEPHighThroughputPrepareAndFinalize` (``do_cpu_sync=True``): the host waits for
   the received counts, so ``R`` is exact (no wasted rows); one host sync per call.
 * :class:`DeepEPLowLatencyPrepareAndFinalize` (``do_cpu_sync=False``): outputs sized for the
@@ -60,6 +74,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from moe_kernels.config import FP8_ACT_GROUP
 from moe_kernels.contract import (
     Check,
     ExpandedTokens,
@@ -73,13 +88,16 @@ from moe_kernels.contract import (
     check_device_type,
 )
 from moe_kernels.distributed import check_agreement, group_backend
+from moe_kernels.platform import triton_check
 from moe_kernels.prepare_finalize import deepep_buffer as epb
 from moe_kernels.prepare_finalize.ep_base import ExpertParallelPrepareAndFinalize
+from moe_kernels.weights import FP8_DTYPE
 
 #: at or below this many tokens per rank a call is decode-sized: the low-latency mode wins
 DECODE_MAX_TOKENS = 256
 
-#: the low-latency mode's worst-case ``recv_x``; refuse layers that would need more
+#: the low-latency mode's worst-case ``recv_x`` (with its scales when fp8); refuse layers that
+#: would need more
 LOW_LATENCY_RECV_BUDGET_BYTES = 4 * 2**30
 
 #: combine's kernel is written for hidden sizes in multiples of 256 elements (DeepEP 2.5
@@ -136,9 +154,22 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
         pinned = self.expert_alignment
         if pinned is not None and pinned % fmt.alignment:
             return Check.failed("format", f"{self.name} was built with expert_alignment={pinned}")
-        if fmt.fp8:
-            return Check.failed("format", f"{self.name} dispatches bf16 only")
-        return Check.passed("format", f"expert segments aligned to {pinned or fmt.alignment} rows")
+        aligned = f"expert segments aligned to {pinned or fmt.alignment} rows"
+        if not fmt.fp8:
+            return Check.passed("format", aligned)
+        hidden = ctx.cfg.moe.hidden_size
+        if hidden % FP8_ACT_GROUP:
+            return Check.failed(
+                "format",
+                f"fp8 dispatch sends one float32 scale per {FP8_ACT_GROUP} columns, "
+                f"but hidden_size={hidden} is not a multiple of {FP8_ACT_GROUP}",
+            )
+        quantizer = triton_check(ctx.device)
+        if not quantizer.ok:
+            return Check.failed("format", f"fp8 dispatch quantizes x with a Triton kernel first: {quantizer.reason}")
+        return Check.passed(
+            "format", f"fp8 rows with float32 scales per {FP8_ACT_GROUP} columns (about half the bytes), {aligned}"
+        )
 
     def check_parallel(self, ctx: LayerContext) -> Check:
         base = super().check_parallel(ctx)
@@ -194,7 +225,11 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
         moe = ctx.cfg.moe
         self._max_tokens = ctx.cfg.parallel.max_tokens_per_rank
         buffer = epb.reserve(
-            self.group, num_max_tokens_per_rank=self._max_tokens, hidden=moe.hidden_size, top_k=moe.top_k
+            self.group,
+            num_max_tokens_per_rank=self._max_tokens,
+            hidden=moe.hidden_size,
+            top_k=moe.top_k,
+            fp8_dispatch=fmt.fp8,
         )
         self._reserved = True
         sms = self.num_sms or epb.num_sms_for(buffer, moe.num_experts, moe.top_k)
@@ -216,6 +251,17 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
 
     # --- the chain ------------------------------------------------------------------------
 
+    def workspace_specs(self, ctx: LayerContext, fmt: TokenFormat) -> dict[str, WorkspaceSpec]:
+        if not fmt.fp8:
+            return {}
+        # what an fp8 dispatch sends: the quantized rows and their scales, row-major; at least
+        # one row, since an empty rank sends one token routed nowhere
+        t, h = ctx.max_tokens, ctx.cfg.moe.hidden_size
+        return {
+            "dispatch_x": WorkspaceSpec((t, h), FP8_DTYPE),
+            "dispatch_x_scale": WorkspaceSpec((t, -(-h // FP8_ACT_GROUP)), torch.float32),
+        }
+
     def prepare(
         self,
         x: torch.Tensor,
@@ -223,9 +269,10 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
         topk_weights: torch.Tensor,
         workspace: dict[str, torch.Tensor],
     ) -> PrepareResult:
-        """Dispatch ``x [T, H]`` bf16 by ``topk_ids [T, K]`` (global ids, ``-1`` = none) into
-        the expanded layout on the owning ranks; see the module docstring for the result."""
-        return self._dispatch(x, topk_ids, topk_weights, overlap=False).wait()
+        """Dispatch ``x [T, H]`` bf16 (quantized to fp8 first when the format says so) by
+        ``topk_ids [T, K]`` (global ids, ``-1`` = none) into the expanded layout on the owning
+        ranks; see the module docstring for the result."""
+        return self._dispatch(x, topk_ids, topk_weights, workspace, overlap=False).wait()
 
     def prepare_async(
         self,
@@ -236,12 +283,19 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
     ) -> Pending[PrepareResult]:
         """:meth:`prepare` on DeepEP's communication stream (``async_with_compute_stream``): the
         compute stream goes on until the result is waited on (its event)."""
-        return self._dispatch(x, topk_ids, topk_weights, overlap=True)
+        return self._dispatch(x, topk_ids, topk_weights, workspace, overlap=True)
 
     def _dispatch(
-        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *, overlap: bool
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        workspace: dict[str, torch.Tensor],
+        *,
+        overlap: bool,
     ) -> Pending[PrepareResult]:
         group = self.group
+        fp8 = self.format.fp8
         t, k = topk_ids.shape
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             epb.mark_captured(group)
@@ -256,7 +310,7 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
             ids = self.slots(topk_ids).to(deep_ep.topk_idx_t).contiguous()
             weights = topk_weights.contiguous()
         recv_x, _, recv_weights, handle, event = buffer.dispatch(
-            x,
+            self._quantize(x, workspace) if fp8 else x,
             topk_idx=ids,
             topk_weights=weights,
             num_experts=self.ctx.cfg.moe.num_experts,
@@ -266,22 +320,35 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
             do_cpu_sync=self.do_cpu_sync,
             do_expand=True,
             do_zero_padding=self.zero_padding,
+            use_tma_aligned_col_major_sf=fp8,
             async_with_compute_stream=overlap,
         )
 
         def finish() -> PrepareResult:
             if overlap:
                 event.current_stream_wait()
+            rows, scales = recv_x if fp8 else (recv_x, None)
             tokens = ExpandedTokens(
-                x=recv_x,
+                x=rows,
                 expert_ends=handle.psum_num_recv_tokens_per_expert,
                 row_weights=recv_weights,
                 alignment=self._alignment,
                 expected_m=self._expected_m(handle, t),
+                x_scale=scales,
             )
             return PrepareResult(tokens, handle=_Route(handle, buffer, t))
 
         return Pending(finish)
+
+    def _quantize(self, x: torch.Tensor, workspace: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [T, H]`` bf16 -> ``(float8_e4m3fn [T, H], float32 scales [T, H/128])``, both
+        row-major views of this part's workspaces: what an fp8 dispatch sends (DeepEP reads the
+        scales through their strides and lays them out for the receiver itself)."""
+        from moe_kernels.kernels.quant import quantize_fp8_token_groups
+
+        t = x.shape[0]
+        q, scale = workspace["dispatch_x"][:t], workspace["dispatch_x_scale"][:t]
+        return quantize_fp8_token_groups(x, q, scale, group=FP8_ACT_GROUP)
 
     def finalize(
         self,
@@ -382,17 +449,23 @@ class DeepEPLowLatencyPrepareAndFinalize(_DeepEPPrepareAndFinalize):
     do_cpu_sync = False
     supports_cuda_graphs = True
 
-    def check_parallel(self, ctx: LayerContext) -> Check:
-        base = super().check_parallel(ctx)
+    def check_format(self, ctx: LayerContext, fmt: TokenFormat) -> Check:
+        """Also the worst-case ``recv_x``: its rows follow the format's alignment and its bytes
+        whether the rows are fp8 (with their scales) or bf16."""
+        base = super().check_format(ctx, fmt)
         if not base.ok:
             return base
-        fmt = TokenFormat(Layout.EXPANDED, self.expert_alignment or 1)
-        rows = self.capacity_rows(ctx, fmt)
-        nbytes = rows * ctx.cfg.moe.hidden_size * ctx.cfg.moe.dtype.itemsize
+        rows, h = self.capacity_rows(ctx, fmt), ctx.cfg.moe.hidden_size
+        if fmt.fp8:
+            # fp8 rows, and float32 scales whose column stride DeepEP pads to 4 rows (TMA alignment)
+            scale_bytes = math.ceil(rows / 4) * 4 * math.ceil(h / FP8_ACT_GROUP) * 4
+            nbytes, what = rows * h * FP8_DTYPE.itemsize + scale_bytes, "fp8 + float32 scales"
+        else:
+            nbytes, what = rows * h * ctx.cfg.moe.dtype.itemsize, str(ctx.cfg.moe.dtype).removeprefix("torch.")
         if nbytes > LOW_LATENCY_RECV_BUDGET_BYTES:
             return Check.failed(
-                "parallel",
-                f"low-latency outputs are sized for the worst case: {rows} rows x H={ctx.cfg.moe.hidden_size} = "
+                "format",
+                f"low-latency outputs are sized for the worst case: {rows} rows x H={h} {what} = "
                 f"{nbytes / 2**30:.1f} GiB per call at max_tokens_per_rank={ctx.cfg.parallel.max_tokens_per_rank} "
                 f"(budget {LOW_LATENCY_RECV_BUDGET_BYTES / 2**30:.0f} GiB); lower max_tokens_per_rank "
                 "or use the high-throughput mode",
@@ -403,9 +476,12 @@ class DeepEPLowLatencyPrepareAndFinalize(_DeepEPPrepareAndFinalize):
         return self.capacity_rows(ctx, fmt)
 
     def workspace_specs(self, ctx: LayerContext, fmt: TokenFormat) -> dict[str, WorkspaceSpec]:
-        # the experts' output rows, at the fixed capacity a captured graph replays with
+        # the experts' output rows (in the activation dtype, fp8 dispatch or not), at the fixed
+        # capacity a captured graph replays with
         rows = self.capacity_rows(ctx, fmt)
-        return {"expert_output": WorkspaceSpec((rows, ctx.cfg.moe.hidden_size), ctx.cfg.moe.dtype)}
+        specs = super().workspace_specs(ctx, fmt)
+        specs["expert_output"] = WorkspaceSpec((rows, ctx.cfg.moe.hidden_size), ctx.cfg.moe.dtype)
+        return specs
 
     def preference(self, ctx: LayerContext) -> tuple[float, str]:
         if ctx.cfg.parallel.cuda_graphs:

@@ -12,10 +12,10 @@ Probes never raise; each answers with a :class:`~moe_kernels.contract.Check`:
 Buffer lifecycle: one ``EPBuffer`` per process group, shared by every layer and by both modes.
 Each DeepEP part reserves it (:func:`reserve`) when its kernel is built (a collective: every rank
 binds the same layers in the same order, which the parts check first), sized with
-``EPBuffer.get_buffer_size_hint`` for the largest ``(num_max_tokens_per_rank, hidden, top_k)``
-reserved so far; a larger later reservation regrows it (destroy and recreate) -- unless a
-captured CUDA graph has used it, in which case growing would leave the graph writing through
-freed memory, so it raises. :func:`release` drops one part's reservation and destroys the
+``EPBuffer.get_buffer_size_hint`` for the largest ``(num_max_tokens_per_rank, hidden, top_k,
+fp8 dispatch)`` reserved so far; a larger later reservation regrows it (destroy and recreate)
+-- unless a captured CUDA graph has used it, in which case growing would leave the graph writing
+through freed memory, so it raises. :func:`release` drops one part's reservation and destroys the
 buffer with the last one (buffers are built with ``explicitly_destroy=True``);
 :func:`release_all` runs at process-group teardown
 (:func:`moe_kernels.distributed.at_teardown`).
@@ -156,13 +156,16 @@ class _Entry:
 
 _BUFFERS: dict[Any, _Entry] = {}
 #: get_buffer_size_hint answers, so a reservation costs a dict lookup once the buffer exists
-_HINTS: dict[tuple[Any, int, int, int], int] = {}
+_HINTS: dict[tuple[Any, int, int, int, bool], int] = {}
 
 
-def reserve(group: dist.ProcessGroup, *, num_max_tokens_per_rank: int, hidden: int, top_k: int) -> Any:
+def reserve(
+    group: dist.ProcessGroup, *, num_max_tokens_per_rank: int, hidden: int, top_k: int, fp8_dispatch: bool = False
+) -> Any:
     """Count one more user of ``group``'s ``deep_ep.EPBuffer`` and make it large enough for
-    dispatches of up to ``num_max_tokens_per_rank`` tokens of ``hidden`` bf16 values with
-    ``top_k`` experts; returns the buffer.
+    dispatches of up to ``num_max_tokens_per_rank`` tokens of ``hidden`` values (bf16, or fp8
+    with their scales when ``fp8_dispatch``) with ``top_k`` experts, and for their bf16 combine
+    (DeepEP's hint counts both); returns the buffer.
 
     Collective when it creates or regrows the buffer: every rank must call it with the same
     arguments at the same point. Raises ``RuntimeError`` during CUDA-graph capture, or when the
@@ -171,12 +174,16 @@ def reserve(group: dist.ProcessGroup, *, num_max_tokens_per_rank: int, hidden: i
     deep_ep, info = probe_deep_ep()
     if deep_ep is None:
         raise RuntimeError(f"DeepEP is not available: {info}")
-    key = (group, num_max_tokens_per_rank, hidden, top_k)
+    key = (group, num_max_tokens_per_rank, hidden, top_k, fp8_dispatch)
     need = _HINTS.get(key)
     if need is None:
         need = int(
             deep_ep.EPBuffer.get_buffer_size_hint(
-                group, num_max_tokens_per_rank=num_max_tokens_per_rank, hidden=hidden, num_topk=top_k
+                group,
+                num_max_tokens_per_rank=num_max_tokens_per_rank,
+                hidden=hidden,
+                num_topk=top_k,
+                use_fp8_dispatch=fp8_dispatch,
             )
         )
         _HINTS[key] = need
