@@ -715,7 +715,7 @@ def candidate_configs(
     ``block_m``, the default's depth at the other. The search allows accumulators up to twice
     the defaults' cap (128 x 256 fp32 at 8 warps: the tile vLLM's tuned configs use for
     GEMM2-like shapes on Hopper), since a tuner measures whether the registers spill. Tiles
-    over that or ~200 KB of shared memory are left out: at most 36 candidates per kernel.
+    over that or ~200 KB of shared memory are left out: at most 32 candidates per kernel.
     """
     default_m = _pick_block_m(num_tokens, top_k, num_experts)[0]
     position = min(_BLOCK_M_CHOICES.index(default_m), len(_BLOCK_M_CHOICES) - 2)
