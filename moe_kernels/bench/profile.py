@@ -48,6 +48,8 @@ class KernelRecord:
 
 @dataclass
 class KernelRow:
+    """One kernel name of a call: how often it was launched and its GPU time (summed)."""
+
     name: str
     launches: int = 0
     total_us: float = 0.0

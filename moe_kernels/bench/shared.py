@@ -31,6 +31,7 @@ import torch
 from moe_kernels.bench.problems import Timer
 from moe_kernels.bench.shapes import non_negative_ints, positive_ints
 from moe_kernels.bench.timing import format_table
+from moe_kernels.experts.deepgemm import deep_gemm_status
 
 if TYPE_CHECKING:
     from moe_kernels.layer import FusedMoE
@@ -69,6 +70,12 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     layer._side_stream = side
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    if any(args.reserve_sms) and not deep_gemm_status()[0]:
+        print(f"bench shared: --reserve-sms limits DeepGEMM, which is not usable here: {deep_gemm_status()[1]}")
+        return 2
+    if max(args.reserve_sms) >= sm_count:
+        print(f"bench shared: --reserve-sms must leave DeepGEMM at least one of the {sm_count} SMs")
+        return 2
     for t in args.tokens:
         x = torch.randn(t, cfg.moe.hidden_size, device=device, dtype=cfg.moe.dtype)
         us = measure(layer, x, timer)
