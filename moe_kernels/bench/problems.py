@@ -18,6 +18,11 @@ from moe_kernels.weights import ExpertWeights
 DEVICE = "cuda"
 
 
+#: back-to-back calls before timing: a GPU left idle while the host composed or compiled runs
+#: at lower clocks for a while (measured: the first 60 replays of an fp8 decode call 10 % slow)
+WARMUP_S = 0.1
+
+
 class Timer:
     """CUDA-graph replay medians with a per-measurement time budget (big points get fewer runs)."""
 
@@ -31,9 +36,10 @@ class Timer:
         start = time.perf_counter()
         fn()
         torch.cuda.synchronize()
-        single = time.perf_counter() - start
-        runs = int(min(self.max_runs, max(5, self.target_s / max(single, 1e-6))))
-        return time_cuda(fn, warmup=2, runs=runs).median_us
+        single = max(time.perf_counter() - start, 1e-6)
+        runs = int(min(self.max_runs, max(5, self.target_s / single)))
+        warmup = int(min(500, max(2, WARMUP_S / single)))
+        return time_cuda(fn, warmup=warmup, runs=runs).median_us
 
     def graphed(self, fn: Callable[[], object], what: str) -> float:
         """GPU time of ``fn`` replayed from a CUDA graph (no host launch overhead, as in decode
