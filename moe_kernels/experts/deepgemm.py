@@ -163,6 +163,13 @@ def k_multiple_check(ctx: LayerContext, backend: str, multiple: int) -> Check:
     return Check.passed("shape", f"H={h}, I={i} are multiples of {multiple}")
 
 
+def deep_gemm_part_checks(ctx: LayerContext, library: Check) -> list[Check]:
+    """What a DeepGEMM experts class checks beyond the shared ones: ``library`` (deep_gemm with the
+    entry points it calls), K % 64, and Triton for the permute/SiLU-and-mul/gather glue around
+    the GEMMs."""
+    return [library, k_multiple_check(ctx, "DeepGEMM", K_MULTIPLE), triton_check(ctx.device)._replace(name="triton")]
+
+
 class DeepGemmPart(PermuteExpertsUnpermute):
     """What every DeepGEMM experts class shares: bf16 only, SM90/SM100, deep_gemm importable,
     K % 64 == 0, no host sync (capturable in CUDA graphs)."""
@@ -174,13 +181,7 @@ class DeepGemmPart(PermuteExpertsUnpermute):
         return deep_gemm_device_check(ctx.device)
 
     def checks(self, ctx: LayerContext) -> list[Check]:
-        return [
-            *super().checks(ctx),
-            deep_gemm_check(),
-            k_multiple_check(ctx, "DeepGEMM", K_MULTIPLE),
-            # permute, SiLU-and-mul and gather are the Triton kernels of moe_kernels.kernels
-            triton_check(ctx.device)._replace(name="triton"),
-        ]
+        return [*super().checks(ctx), *deep_gemm_part_checks(ctx, deep_gemm_check())]
 
     def preference(self, ctx: LayerContext) -> tuple[float, str]:
         return 10.0, "DeepGEMM grouped GEMMs (at parity with torch._grouped_mm on prefill, at the HBM limit masked)"

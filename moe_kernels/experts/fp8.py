@@ -38,12 +38,11 @@ from moe_kernels.contract import (
 )
 from moe_kernels.experts.common import write_output
 from moe_kernels.experts.deepgemm import (
-    K_MULTIPLE,
     _deep_gemm,
     align_up,
     deep_gemm_alignment,
+    deep_gemm_part_checks,
     deep_gemm_status,
-    k_multiple_check,
     masked_rows_multiple,
     psum_layout_checks,
     psum_rows,
@@ -91,12 +90,7 @@ class _Fp8DeepGemmPart(_Fp8Part):
         return Check.passed("device", f"SM{major}{minor}")
 
     def checks(self, ctx: LayerContext) -> list[Check]:
-        return [
-            *super().checks(ctx),
-            fp8_deep_gemm_check(),
-            k_multiple_check(ctx, "DeepGEMM", K_MULTIPLE),
-            triton_check(ctx.device)._replace(name="triton"),
-        ]
+        return [*super().checks(ctx), *deep_gemm_part_checks(ctx, fp8_deep_gemm_check())]
 
     def preference(self, ctx: LayerContext) -> tuple[float, str]:
         return 10.0, "DeepGEMM fp8 grouped GEMMs: half the weight bytes of bf16, fp8 tensor cores"
