@@ -1,11 +1,12 @@
 """moe_kernels: composable Mixture-of-Experts kernels for LLM inference.
 
 The chain: router -> PrepareAndFinalize.prepare -> PermuteExpertsUnpermute.apply ->
-PrepareAndFinalize.finalize. See :mod:`moe_kernels.contract`. Every registered part is
+PrepareAndFinalize.finalize. See :mod:`moe_kernels.core.contract`. Every registered part is
 importable from here.
 """
 
-from moe_kernels.compose import (
+from moe_kernels.config import ConfigError, LayerConfig, MoEConfig, ParallelConfig, QuantConfig, load_config
+from moe_kernels.core.compose import (
     IncompatibleKernelsError,
     ModularKernel,
     TokenRangeKernel,
@@ -13,8 +14,7 @@ from moe_kernels.compose import (
     WorkspaceError,
     compose,
 )
-from moe_kernels.config import ConfigError, LayerConfig, MoEConfig, ParallelConfig, QuantConfig, load_config
-from moe_kernels.contract import (
+from moe_kernels.core.contract import (
     Check,
     ExpandedTokens,
     LayerContext,
@@ -27,6 +27,7 @@ from moe_kernels.contract import (
     TokenFormat,
     WorkspaceSpec,
 )
+from moe_kernels.core.placement import ExpertPlacement
 from moe_kernels.experts.deepgemm import DeepGemmExperts, ExpandedDeepGemmExperts, MaskedDeepGemmExperts
 from moe_kernels.experts.fp8 import (
     Fp8DeepGemmExperts,
@@ -40,17 +41,16 @@ from moe_kernels.experts.grouped_mm import GroupedMMExperts
 from moe_kernels.experts.hybrid import HybridDeepGemmExperts
 from moe_kernels.experts.reference import TorchReferenceExperts
 from moe_kernels.experts.triton import MaskedTritonExperts, TritonExperts
-from moe_kernels.layer import FusedMoE
-from moe_kernels.placement import ExpertPlacement
+from moe_kernels.mlp.weights import ExpertWeights
+from moe_kernels.model.layer import FusedMoE
+from moe_kernels.model.router import Router, route
 from moe_kernels.prepare_finalize.deepep import (
     DeepEPHighThroughputPrepareAndFinalize,
     DeepEPLowLatencyPrepareAndFinalize,
 )
 from moe_kernels.prepare_finalize.local import LocalMaskedPrepareAndFinalize, LocalPrepareAndFinalize
 from moe_kernels.prepare_finalize.torch_a2a import TorchAllToAllPrepareAndFinalize
-from moe_kernels.router import Router, route
-from moe_kernels.select import Selection, select
-from moe_kernels.weights import ExpertWeights
+from moe_kernels.selection.select import Selection, select
 
 __all__ = [
     "Check",

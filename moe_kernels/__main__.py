@@ -1,5 +1,5 @@
 """``python -m moe_kernels`` == the ``moe-kernels`` command."""
 
-from moe_kernels.cli import main
+from moe_kernels.tools.cli import main
 
 raise SystemExit(main())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from moe_kernels.bench.profile import KernelRecord, short, split_calls, summarize
-from moe_kernels.cli import main
+from moe_kernels.tools.bench.profile import KernelRecord, short, split_calls, summarize
+from moe_kernels.tools.cli import main
 
 
 def calls_of(starts_and_names: list[tuple[float, float, str]]) -> list[KernelRecord]:

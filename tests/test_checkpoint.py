@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moe_kernels import checkpoint as ckpt
-from moe_kernels.checkpoint import (
+from moe_kernels.model import checkpoint as ckpt
+from moe_kernels.model.checkpoint import (
     CheckpointReader,
     MoELayerInfo,
     MoELayerTensors,

@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import moe_kernels.bench.layer as bench_layer
-from moe_kernels import registry
-from moe_kernels.cli import BENCH_MODULES, DEFAULT_LIST_CONFIG, build_parser, main, mount_bench
-from moe_kernels.compose import ModularKernel, layer_context
+import moe_kernels.tools.bench.layer as bench_layer_cli
+import moe_kernels.tools.harness as bench_layer
 from moe_kernels.config import LayerConfig, load_config
+from moe_kernels.core.compose import ModularKernel, layer_context
 from moe_kernels.experts.reference import TorchReferenceExperts
 from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
+from moe_kernels.selection import registry
+from moe_kernels.tools.cli import BENCH_MODULES, DEFAULT_LIST_CONFIG, build_parser, main, mount_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny-test.yaml")
@@ -106,9 +107,9 @@ def test_run_refuses_a_layer_that_does_not_fit(
 ) -> None:
     """DeepSeek-V3's 21 GiB of weights on a small machine: refused before anything is
     allocated, with the number and the one-rank alternative that fits."""
-    import moe_kernels.cli as cli
+    import moe_kernels.tools.cli as cli
 
-    monkeypatch.setattr(cli, "_available_bytes", lambda device: 22 * 2**30)  # a 24 GiB machine
+    monkeypatch.setattr(cli, "available_bytes", lambda device: 22 * 2**30)  # a 24 GiB machine
     monkeypatch.setattr(bench_layer, "random_layer", lambda *a, **k: pytest.fail("allocated anyway"))
     deepseek = str(ROOT / "configs" / "deepseek-v3.yaml")
     assert main(["run", "--config", deepseek, "--device", "cpu"]) == 2
@@ -191,24 +192,24 @@ def test_missing_bench_module_says_so(capsys: pytest.CaptureFixture[str]) -> Non
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
-    mount_bench(sub, "nope", "moe_kernels.bench.does_not_exist", "a benchmark not written yet")
+    mount_bench(sub, "nope", "moe_kernels.tools.bench.does_not_exist", "a benchmark not written yet")
     args, _ = parser.parse_known_args(["nope", "--tokens", "4"])
-    from moe_kernels.cli import CliError
+    from moe_kernels.tools.harness import CliError
 
-    with pytest.raises(CliError, match="moe_kernels.bench.does_not_exist is not available"):
+    with pytest.raises(CliError, match="moe_kernels.tools.bench.does_not_exist is not available"):
         args.func(args)
 
 
 def test_check_and_time_measures_error_and_time() -> None:
     cfg = load_config(TINY)
     layer = bench_layer.random_layer(cfg, torch.device("cpu"), seed=1)
-    results = bench_layer.measure(layer, [1, 5], timer=bench_layer.cpu_timer)
+    results = bench_layer_cli.measure(layer, [1, 5], timer=bench_layer.cpu_timer)
     assert [r.tokens for r in results] == [1, 5]
     for r in results:
         assert 0 <= r.rel_err <= bench_layer.TOLERANCE[(torch.bfloat16, "none")]
         assert r.layer_us > 0 and r.reference_us is not None and r.reference_us > 0
         assert r.flops == 6 * r.tokens * 2 * 64 * 128
-    table = bench_layer.format_results(results, 3e-2)
+    table = bench_layer_cli.format_results(results, 3e-2)
     assert table.splitlines()[0].startswith("| tokens |") and len(table.splitlines()) == 4
 
     broken = ModularKernel(LocalPrepareAndFinalize(), ZeroExperts(), layer_context(cfg, device="cpu"))

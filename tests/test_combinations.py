@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_kernels import ExpertWeights, IncompatibleKernelsError, LayerConfig, MoEConfig, ParallelConfig, compose
-from moe_kernels.compose import layer_context
-from moe_kernels.select import candidates
+from moe_kernels.core.compose import layer_context
+from moe_kernels.selection.select import candidates
 
 E, K, H, I = 4, 2, 32, 16  # noqa: E741 (I is the MoE intermediate size)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

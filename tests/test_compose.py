@@ -30,8 +30,8 @@ from moe_kernels import (
     compose,
     select,
 )
-from moe_kernels.contract import LayerContext
-from moe_kernels.select import candidates
+from moe_kernels.core.contract import LayerContext
+from moe_kernels.selection.select import candidates
 
 CPU = torch.device("cpu")
 

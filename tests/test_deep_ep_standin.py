@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from moe_kernels.distributed import run_ranks
+from moe_kernels.tools.launcher import run_ranks
 
 E, K, H = 8, 3, 256  # experts, top-k, hidden (combine needs a multiple of 256)
 MAX_TOKENS = 16

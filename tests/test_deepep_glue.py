@@ -37,8 +37,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_kernels.contract import ExpandedTokens, Layout, PermuteExpertsUnpermute, TokenFormat
-from moe_kernels.distributed import run_ranks
+from moe_kernels.core.contract import ExpandedTokens, Layout, PermuteExpertsUnpermute, TokenFormat
+from moe_kernels.tools.launcher import run_ranks
 
 E, K, H, I = 8, 3, 256, 32  # noqa: E741 (the usual MoE letters; combine needs H % 256 == 0)
 FP8_I = 128  # fp8 layers need I % 128 == 0 (one weight block must not straddle gate and up)
@@ -240,7 +240,7 @@ def layer_cfg(
 
 
 def make_placement(kind: str, world: int, rank: int):
-    from moe_kernels.placement import ExpertPlacement
+    from moe_kernels.core.placement import ExpertPlacement
 
     if kind == "contiguous":
         return ExpertPlacement.contiguous(E, world, rank)
@@ -260,7 +260,7 @@ def make_pf(mode: str, **kwargs):
 
 def build(group, cfg, pf, experts, placement, cache=None):
     """A kernel bound without the composer's checks (they refuse DeepEP on a CPU/gloo group)."""
-    from moe_kernels.compose import ModularKernel, WorkspaceCache, layer_context
+    from moe_kernels.core.compose import ModularKernel, WorkspaceCache, layer_context
 
     ctx = layer_context(cfg, placement=placement, group=group, device="cpu")
     return ModularKernel(pf, experts, ctx, cache if cache is not None else WorkspaceCache())
@@ -295,7 +295,7 @@ def run_layer(
 ) -> dict:
     """One kernel, one call, compared with the reference; then released. ``fp8``: an fp8 layer,
     so the part dispatches fp8 rows; the reference loop runs on the dequantized weights."""
-    from moe_kernels.compose import WorkspaceCache
+    from moe_kernels.core.compose import WorkspaceCache
     from moe_kernels.prepare_finalize import deepep_buffer as epb
 
     world, rank = group.size(), group.rank()

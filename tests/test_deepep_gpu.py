@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moe_kernels.distributed import run_ranks
+from moe_kernels.tools.launcher import run_ranks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 

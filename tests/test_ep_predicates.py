@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from moe_kernels import LayerConfig, MoEConfig, ParallelConfig, QuantConfig, TorchReferenceExperts, compose
-from moe_kernels.compose import IncompatibleKernelsError
-from moe_kernels.contract import LayerContext, Layout, TokenFormat, WorkspaceSpec
-from moe_kernels.placement import ExpertPlacement, map_expert_ids
+from moe_kernels.core.compose import IncompatibleKernelsError
+from moe_kernels.core.contract import LayerContext, Layout, TokenFormat, WorkspaceSpec
+from moe_kernels.core.placement import ExpertPlacement, map_expert_ids
 from moe_kernels.prepare_finalize import deepep_buffer as epb
 from moe_kernels.prepare_finalize.deepep import (
     DeepEPHighThroughputPrepareAndFinalize,
@@ -85,7 +85,9 @@ def check(part, context: LayerContext, name: str):
 @pytest.fixture
 def no_cuda_checks(monkeypatch):
     """Let checks other than the device one run as if on a GPU (sm_check would fail here)."""
-    monkeypatch.setattr("moe_kernels.platform.sm_check", lambda device, major, what: epb.Check.passed("device", "SM90"))
+    monkeypatch.setattr(
+        "moe_kernels.backends.triton.sm_check", lambda device, major, what: epb.Check.passed("device", "SM90")
+    )
 
 
 @pytest.fixture
@@ -312,7 +314,7 @@ def test_deepep_workspaces_hold_the_quantized_rows_for_fp8_only(cls):
 def test_deepep_pinned_alignment_refused_by_the_composer(cls, monkeypatch):
     """The composer asks the prepare/finalize for the experts' format: a pinned alignment that
     is not a multiple of it is the failed "format" check (the layouts agree)."""
-    from moe_kernels.compose import check_pair
+    from moe_kernels.core.compose import check_pair
     from moe_kernels.experts import deepgemm
     from moe_kernels.experts.deepgemm import ExpandedDeepGemmExperts
 
@@ -331,7 +333,7 @@ def test_compose_refuses_mismatched_fp8_pairs_with_plain_reasons(monkeypatch):
     on an fp8 layer and fp8 ones on a bf16 layer, fp8 expanded experts behind a STANDARD
     dispatcher, and a pinned alignment the fp8 experts' format does not divide."""
     from moe_kernels import ExpandedDeepGemmExperts, Fp8ExpandedDeepGemmExperts
-    from moe_kernels.compose import check_pair
+    from moe_kernels.core.compose import check_pair
     from moe_kernels.experts import fp8 as fp8_experts
 
     monkeypatch.setattr(fp8_experts, "deep_gemm_alignment", lambda: 128)

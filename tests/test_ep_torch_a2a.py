@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_kernels.distributed import run_ranks
+from moe_kernels.tools.launcher import run_ranks
 
 E, K, H, I = 8, 3, 32, 16  # noqa: E741 (the usual MoE letters)
 MAX_TOKENS = 64
@@ -98,7 +98,7 @@ def _layer_cfg(world: int, rank: int, dtype: torch.dtype, hidden: int = H, top_k
 
 def _placement(kind: str, world: int, rank: int):
     """Which experts each rank holds, in local order."""
-    from moe_kernels.placement import ExpertPlacement
+    from moe_kernels.core.placement import ExpertPlacement
 
     if kind == "contiguous":
         return ExpertPlacement.contiguous(E, world, rank)
@@ -414,7 +414,7 @@ def _hangs_on_rank_one(group) -> int:
 
 
 def test_run_ranks_reports_which_rank_raised():
-    from moe_kernels.distributed import RankFailure, RanksFailedError
+    from moe_kernels.tools.launcher import RankFailure, RanksFailedError
 
     with pytest.raises(RanksFailedError, match="rank 1: KeyError: 'rank one is broken'"):
         run_ranks(_fails_on_rank_one, 2, timeout_s=120)

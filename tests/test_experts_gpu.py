@@ -32,11 +32,11 @@ from moe_kernels import (
     WorkspaceCache,
     WorkspaceError,
     compose,
-    registry,
 )
-from moe_kernels.compose import layer_context
-from moe_kernels.contract import ExpandedTokens
+from moe_kernels.core.compose import layer_context
+from moe_kernels.core.contract import ExpandedTokens
 from moe_kernels.experts.deepgemm import deep_gemm_alignment
+from moe_kernels.selection import registry
 
 pytestmark = pytest.mark.gpu
 
@@ -79,7 +79,7 @@ def kernel_for(name: str, cfg: LayerConfig, cache: WorkspaceCache | None = None)
     the composer's reasons when this GPU cannot run them (e.g. no deep_gemm)."""
     experts = EXPERTS[name](cfg)
     pf = LocalMaskedPrepareAndFinalize() if experts.input_layout is Layout.MASKED else LocalPrepareAndFinalize()
-    from moe_kernels.compose import check_pair
+    from moe_kernels.core.compose import check_pair
 
     failed = [c for c in check_pair(pf, experts, layer_context(cfg, device="cuda")) if not c.ok]
     if failed:

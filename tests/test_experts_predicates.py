@@ -23,8 +23,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_kernels import tuning
-from moe_kernels.compose import (
+from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig, QuantConfig
+from moe_kernels.core import tuning
+from moe_kernels.core.compose import (
     IncompatibleKernelsError,
     ModularKernel,
     WorkspaceCache,
@@ -32,8 +33,7 @@ from moe_kernels.compose import (
     compose,
     layer_context,
 )
-from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig, QuantConfig
-from moe_kernels.contract import (
+from moe_kernels.core.contract import (
     ExpandedTokens,
     LayerContext,
     Layout,
@@ -56,8 +56,8 @@ from moe_kernels.experts.deepgemm import (
 from moe_kernels.experts.fp8 import Fp8ExpandedDeepGemmExperts
 from moe_kernels.experts.grouped_mm import GroupedMMExperts
 from moe_kernels.experts.hybrid import HybridDeepGemmExperts
+from moe_kernels.mlp.weights import ExpertWeights
 from moe_kernels.prepare_finalize.local import LocalMaskedPrepareAndFinalize, LocalPrepareAndFinalize
-from moe_kernels.weights import ExpertWeights
 
 # These tests pin the CPU machine's answers (no GPU, Triton interpreter, no deep_gemm/deep_ep);
 # on a GPU machine the same checks pass, which tests/test_*_gpu.py cover.
@@ -299,7 +299,7 @@ def test_grouped_mm_refuses_fp16_and_too_many_groups():
 
 @pytest.mark.parametrize("cls", ALL_CLASSES)
 def test_parts_claim_cuda_graphs_and_any_placement(cls):
-    from moe_kernels.placement import ExpertPlacement
+    from moe_kernels.core.placement import ExpertPlacement
 
     cfg = LayerConfig(moe=layer().moe, parallel=ParallelConfig(cuda_graphs=True, ep_size=2))
     interleaved = ExpertPlacement.from_owners([e % 2 for e in range(E)], 0)
@@ -338,7 +338,7 @@ def test_masked_capacity_is_rounded_to_the_experts_row_multiple(alignment, max_t
 
 def test_masked_prepare_takes_any_row_multiple():
     """Nothing pins LocalMaskedPrepareAndFinalize's M: it accepts the multiple it is asked for."""
-    from moe_kernels.contract import TokenFormat
+    from moe_kernels.core.contract import TokenFormat
 
     ctx, pf = ctx_of(layer(max_tokens=100)), LocalMaskedPrepareAndFinalize()
     for multiple in (1, 64, 128, 384):
@@ -451,7 +451,7 @@ def test_preferences_are_well_formed_and_rank_between_triton_and_reference(cls):
     assert score < TorchReferenceExperts().preference(ctx)[0]
 
 
-# --- the measured tables (moe_kernels.tuning) ----------------------------------------------
+# --- the measured tables (moe_kernels.core.tuning) ----------------------------------------------
 
 
 def test_shape_key_is_the_local_layer():

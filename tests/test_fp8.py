@@ -30,8 +30,8 @@ from moe_kernels import (
     TritonExperts,
     compose,
 )
-from moe_kernels.compose import layer_context
-from moe_kernels.contract import Layout, TokenFormat
+from moe_kernels.core.compose import layer_context
+from moe_kernels.core.contract import Layout, TokenFormat
 from moe_kernels.kernels.quant import dequantize_fp8_blocks, dequantize_fp8_token_groups, quantize_fp8_blocks
 
 E, K, H, I = 4, 2, 128, 256  # noqa: E741
@@ -134,7 +134,7 @@ def test_local_masked_prepare_quantizes_rows_into_the_fp8_layout() -> None:
     fmt = TokenFormat(Layout.MASKED, alignment=128, fp8=True)
     assert pf.check_format(ctx, fmt).ok
     pf.bind(ctx, fmt)
-    from moe_kernels.compose import WorkspaceCache
+    from moe_kernels.core.compose import WorkspaceCache
 
     workspace = WorkspaceCache().get(pf.workspace_specs(ctx, fmt), ctx.device)
     x, tw, ids = routed(9)
@@ -153,7 +153,7 @@ def test_local_masked_prepare_quantizes_rows_into_the_fp8_layout() -> None:
 
 def test_reference_experts_dequantize_fp8_tokens() -> None:
     """Tokens that arrive quantized (fp8 dispatch) are dequantized by the reference."""
-    from moe_kernels.contract import StandardTokens
+    from moe_kernels.core.contract import StandardTokens
     from moe_kernels.kernels.quant import quantize_fp8_token_groups
 
     cfg = fp8_cfg()

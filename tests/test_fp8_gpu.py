@@ -30,12 +30,12 @@ from moe_kernels import (
     QuantConfig,
     WorkspaceCache,
     compose,
-    registry,
 )
-from moe_kernels.compose import check_pair, layer_context
-from moe_kernels.contract import ExpandedTokens
+from moe_kernels.core.compose import check_pair, layer_context
+from moe_kernels.core.contract import ExpandedTokens
 from moe_kernels.experts.deepgemm import deep_gemm_alignment
 from moe_kernels.kernels.quant import empty_group_scales, quantize_fp8_blocks, quantize_fp8_token_groups
+from moe_kernels.selection import registry
 
 pytestmark = pytest.mark.gpu
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_kernels.config import MoEConfig
-from moe_kernels.router import Router, route
+from moe_kernels.model.router import Router, route
 
 
 def loop_route(

@@ -21,7 +21,7 @@ from moe_kernels import (
     TorchReferenceExperts,
     compose,
 )
-from moe_kernels.distributed import run_ranks
+from moe_kernels.tools.launcher import run_ranks
 
 E, K, H, I, S = 8, 2, 32, 16, 24  # noqa: E741 (S: the shared expert's width)
 

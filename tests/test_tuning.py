@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import moe_kernels.bench.problems as bench_problems
-from moe_kernels import ExpertWeights, FusedTritonExperts, TokenRangeKernel, select, tuning
-from moe_kernels.bench.shapes import BenchShape
-from moe_kernels.bench.tune import tune_shape, write_table
-from moe_kernels.compose import layer_context
+import moe_kernels.selection.problems as bench_problems
+from moe_kernels import ExpertWeights, FusedTritonExperts, TokenRangeKernel, select
+from moe_kernels.core import tuning
+from moe_kernels.core.compose import layer_context
+from moe_kernels.selection.problems import BenchShape
+from moe_kernels.selection.tuner import tune_shape, write_table
 
 GPU = "Test GPU 80GB"
 SHAPE = BenchShape("tiny", 4, 2, 64, 128)

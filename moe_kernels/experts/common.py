@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.contract import StandardTokens
+from moe_kernels.core.contract import StandardTokens
 
 
 def write_output(rows: torch.Tensor, dst_row: torch.Tensor, tokens: StandardTokens, out: torch.Tensor) -> None:

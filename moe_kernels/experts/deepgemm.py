@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from moe_kernels.contract import (
+from moe_kernels.backends.triton import triton_check
+from moe_kernels.core.contract import (
     Check,
     ExpandedTokens,
     LayerContext,
@@ -43,8 +44,7 @@ from moe_kernels.contract import (
     WorkspaceSpec,
 )
 from moe_kernels.experts.common import write_output
-from moe_kernels.platform import triton_check
-from moe_kernels.weights import ExpertWeights
+from moe_kernels.mlp.weights import ExpertWeights
 
 #: The bf16 grouped entry points every DeepGEMM experts class calls.
 REQUIRED_SYMBOLS = ("m_grouped_bf16_gemm_nt_contiguous", "m_grouped_bf16_gemm_nt_masked")

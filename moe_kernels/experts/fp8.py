@@ -14,7 +14,7 @@ blocks and 1 x 128 activation groups, fp32 accumulation, bf16 out -- DeepSeek-V3
   fp8 grouped GEMM, for GPUs without DeepGEMM.
 
 Activation scales live in the layout DeepGEMM's SM90 kernels read as they are
-(:mod:`moe_kernels.scales`). SM100 DeepGEMM keeps only the exponent of
+(:mod:`moe_kernels.mlp.scales`). SM100 DeepGEMM keeps only the exponent of
 fp32 scales (it wants UE8M0, powers of two): checkpoint scales are not, so these DeepGEMM
 classes claim SM90 only.
 """
@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from moe_kernels.backends.triton import triton_check
 from moe_kernels.config import FP8_ACT_GROUP as GROUP
-from moe_kernels.contract import (
+from moe_kernels.core.contract import (
     Check,
     ExpandedTokens,
     LayerContext,
@@ -48,9 +49,8 @@ from moe_kernels.experts.deepgemm import (
     psum_rows,
     write_expanded_output,
 )
-from moe_kernels.platform import triton_check
-from moe_kernels.scales import masked_scale_spec, scale_spec, scale_view
-from moe_kernels.weights import FP8_DTYPE, ExpertWeights
+from moe_kernels.mlp.scales import masked_scale_spec, scale_spec, scale_view
+from moe_kernels.mlp.weights import FP8_DTYPE, ExpertWeights
 
 #: DeepGEMM's fp8 grouped entry points
 FP8_SYMBOLS = ("m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked")
@@ -245,7 +245,7 @@ class Fp8ExpandedDeepGemmExperts(_Fp8DeepGemmPart):
     use_psum_layout=True, expected_m_for_psum_layout=expected_m)`` reads the dispatched rows and
     scales in place; the scales are taken as they come (token-major with a column stride that
     is a multiple of 4 is what DeepGEMM's SM90 kernels read without a transpose: DeepEP's
-    ``use_tma_aligned_col_major_sf=True``, :mod:`moe_kernels.scales`). SiLU-and-mul and the fp8
+    ``use_tma_aligned_col_major_sf=True``, :mod:`moe_kernels.mlp.scales`). SiLU-and-mul and the fp8
     quantization of GEMM2's input run as one kernel on valid rows only; GEMM2 the same way into
     bf16; the last step writes every row of ``out``: valid rows times ``row_weights``, all other
     rows zeros. No host sync: capturable in a CUDA graph. Its format asks the dispatcher for fp8

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from moe_kernels import tuning
-from moe_kernels.contract import LayerContext, Layout, StandardTokens, WorkspaceSpec, largest_specs
+from moe_kernels.backends.triton import triton_interpreting
+from moe_kernels.core import tuning
+from moe_kernels.core.contract import LayerContext, Layout, StandardTokens, WorkspaceSpec, largest_specs
 from moe_kernels.experts.triton import _TritonPart
-from moe_kernels.platform import triton_interpreting
-from moe_kernels.weights import ExpertWeights
+from moe_kernels.mlp.weights import ExpertWeights
 
 Tiles = tuple[Any, Any]  # (gemm1, gemm2) FusedConfig
 
@@ -31,7 +31,7 @@ class FusedTritonExperts(_TritonPart):
     """STANDARD in, ``[T, H]`` out (weighted, reduced). ``tiles``: ``{T: (gemm1, gemm2)}``
     :class:`~moe_kernels.kernels.fused_moe.FusedConfig` pairs to use instead of the tuning table
     (the tuner measures candidates this way); a call with T tokens takes the entry of the smallest
-    T' >= T (:func:`moe_kernels.tuning.point_for`)."""
+    T' >= T (:func:`moe_kernels.core.tuning.point_for`)."""
 
     input_layout = Layout.STANDARD
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.contract import (
+from moe_kernels.backends.triton import triton_check
+from moe_kernels.core.contract import (
     Check,
     LayerContext,
     Layout,
@@ -30,8 +31,7 @@ from moe_kernels.contract import (
     WorkspaceSpec,
 )
 from moe_kernels.experts.common import write_output
-from moe_kernels.platform import triton_check
-from moe_kernels.weights import ExpertWeights
+from moe_kernels.mlp.weights import ExpertWeights
 
 #: compute capability majors on which ``torch._grouped_mm`` has its no-sync bf16 kernel
 FAST_ARCH_MAJORS = (9, 10)

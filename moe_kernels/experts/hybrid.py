@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels import tuning
-from moe_kernels.contract import LayerContext, Layout, StandardTokens, WorkspaceSpec, largest_specs
+from moe_kernels.core import tuning
+from moe_kernels.core.contract import LayerContext, Layout, StandardTokens, WorkspaceSpec, largest_specs
 from moe_kernels.experts.common import write_output
 from moe_kernels.experts.deepgemm import (
     DeepGemmPart,
@@ -27,7 +27,7 @@ from moe_kernels.experts.deepgemm import (
     masked_rows_multiple,
     masked_workspace,
 )
-from moe_kernels.weights import ExpertWeights
+from moe_kernels.mlp.weights import ExpertWeights
 
 #: For a GPU or shape without measurements: the three shapes measured on an H100 (2026-11-23,
 #: docs/performance.md) all crossed over between T=1024 and T=4096, masked faster up to 1024.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_kernels.contract import LayerContext, Layout, PermuteExpertsUnpermute, StandardTokens
-from moe_kernels.weights import ExpertWeights
+from moe_kernels.core.contract import LayerContext, Layout, PermuteExpertsUnpermute, StandardTokens
+from moe_kernels.mlp.weights import ExpertWeights
 
 
 class TorchReferenceExperts(PermuteExpertsUnpermute):

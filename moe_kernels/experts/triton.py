@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.contract import (
+from moe_kernels.backends.triton import triton_check, triton_interpreting
+from moe_kernels.core.contract import (
     Check,
     LayerContext,
     Layout,
@@ -18,8 +19,7 @@ from moe_kernels.contract import (
     WorkspaceSpec,
 )
 from moe_kernels.experts.common import write_output
-from moe_kernels.platform import triton_check, triton_interpreting
-from moe_kernels.weights import ExpertWeights
+from moe_kernels.mlp.weights import ExpertWeights
 
 
 class _TritonPart(PermuteExpertsUnpermute):

@@ -3,7 +3,7 @@
 Both parts dispatch with ``do_expand=True``: DeepEP writes one row per (token, local expert),
 grouped by expert, each expert's segment starting on a multiple of the alignment the experts'
 format asks for (DeepGEMM's contiguous-layout alignment for the DeepGEMM experts). That is
-:class:`~moe_kernels.contract.ExpandedTokens` as is -- the received tensors are handed to the
+:class:`~moe_kernels.core.contract.ExpandedTokens` as is -- the received tensors are handed to the
 experts without a copy:
 
 * ``x = recv_x [R, H]`` bf16,
@@ -25,7 +25,7 @@ The experts get, again without a copy:
 * ``x = recv_x[0] [R, H]`` float8_e4m3fn,
 * ``x_scale = recv_x[1] [R, H/128]`` float32, token-major with column stride ``align(R, 4)``
   (strides ``(1, align(R, 4))``): the layout DeepGEMM's SM90 fp8 GEMMs read as it is
-  (:mod:`moe_kernels.scales`; any other layout costs them a transpose launch per GEMM).
+  (:mod:`moe_kernels.mlp.scales`; any other layout costs them a transpose launch per GEMM).
 
 A row then travels as ``H + 4 H / 128`` bytes instead of ``2 H`` (51.6 %); combine stays bf16.
 
@@ -36,7 +36,7 @@ A row then travels as ``H + 4 H / 128`` bytes instead of ``2 H`` (51.6 %); combi
   host sync anywhere: capturable in a CUDA graph.
 
 DeepEP routes by contiguous ownership (expert ``e`` on rank ``e // E_local``); any other
-:class:`~moe_kernels.placement.ExpertPlacement` is honoured by translating the ids first (one
+:class:`~moe_kernels.core.placement.ExpertPlacement` is honoured by translating the ids first (one
 gather on the device, no sync).
 
 Rules DeepEP 2.5 does not check (a violation writes through a peer's NVLink window --
@@ -74,8 +74,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from moe_kernels.backends.triton import triton_check
 from moe_kernels.config import FP8_ACT_GROUP
-from moe_kernels.contract import (
+from moe_kernels.core.contract import (
     Check,
     ExpandedTokens,
     LayerContext,
@@ -87,11 +88,10 @@ from moe_kernels.contract import (
     WorkspaceSpec,
     check_device_type,
 )
-from moe_kernels.distributed import check_agreement, group_backend
-from moe_kernels.platform import triton_check
+from moe_kernels.core.distributed import check_agreement, group_backend
+from moe_kernels.mlp.weights import FP8_DTYPE
 from moe_kernels.prepare_finalize import deepep_buffer as epb
 from moe_kernels.prepare_finalize.ep_base import ExpertParallelPrepareAndFinalize
-from moe_kernels.weights import FP8_DTYPE
 
 #: at or below this many tokens per rank a call is decode-sized: the low-latency mode wins
 DECODE_MAX_TOKENS = 256
@@ -146,7 +146,7 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
     def check_device(self, ctx: LayerContext) -> Check:
         if not check_device_type("device", ctx.device, self.devices).ok:
             return Check.failed("device", f"DeepEP needs a CUDA GPU, not {ctx.device.type}")
-        from moe_kernels.platform import sm_check
+        from moe_kernels.backends.triton import sm_check
 
         return sm_check(ctx.device, 9, "DeepEP 2.5 (TMA kernels)")
 

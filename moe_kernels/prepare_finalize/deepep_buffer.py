@@ -1,6 +1,6 @@
 """DeepEP 2.5 (``deep_ep.EPBuffer``): probing the install, and one buffer per process group.
 
-Probes never raise; each answers with a :class:`~moe_kernels.contract.Check`:
+Probes never raise; each answers with a :class:`~moe_kernels.core.contract.Check`:
 
 * :func:`deep_ep_check`: ``import deep_ep`` works (it also checks at import that the NCCL
   library loaded in this process is the one DeepEP was linked against, and starts its JIT).
@@ -18,7 +18,7 @@ fp8 dispatch)`` reserved so far; a larger later reservation regrows it (destroy 
 through freed memory, so it raises. :func:`release` drops one part's reservation and destroys the
 buffer with the last one (buffers are built with ``explicitly_destroy=True``);
 :func:`release_all` runs at process-group teardown
-(:func:`moe_kernels.distributed.at_teardown`).
+(:func:`moe_kernels.core.distributed.at_teardown`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe_kernels.contract import Check
-from moe_kernels.distributed import at_teardown
+from moe_kernels.core.contract import Check
+from moe_kernels.core.distributed import at_teardown
 
 #: DeepEP 2.5 needs ncclCommQueryProperties (2.29.2); 2.31 lifts the compile == runtime rule
 NCCL_MIN = (2, 29, 2)

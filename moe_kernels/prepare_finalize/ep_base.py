@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moe_kernels.contract import Check, LayerContext, PrepareAndFinalize, TokenFormat
-from moe_kernels.distributed import check_agreement
-from moe_kernels.placement import map_expert_ids
+from moe_kernels.core.contract import Check, LayerContext, PrepareAndFinalize, TokenFormat
+from moe_kernels.core.distributed import check_agreement
+from moe_kernels.core.placement import map_expert_ids
 
 
 class ExpertParallelPrepareAndFinalize(PrepareAndFinalize):

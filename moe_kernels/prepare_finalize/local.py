@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.contract import (
+from moe_kernels.backends.triton import triton_check
+from moe_kernels.core.contract import (
     Check,
     LayerContext,
     Layout,
@@ -22,8 +23,7 @@ from moe_kernels.contract import (
     TokenFormat,
     WorkspaceSpec,
 )
-from moe_kernels.placement import map_expert_ids
-from moe_kernels.platform import triton_check
+from moe_kernels.core.placement import map_expert_ids
 
 
 def align_up(n: int, multiple: int) -> int:
@@ -148,8 +148,8 @@ class LocalMaskedPrepareAndFinalize(_Local):
         dtype = ctx.cfg.moe.dtype
         specs = {"masked_out": WorkspaceSpec((e, m, h), dtype)}
         if fmt.fp8:
-            from moe_kernels.scales import masked_scale_spec
-            from moe_kernels.weights import FP8_DTYPE
+            from moe_kernels.mlp.scales import masked_scale_spec
+            from moe_kernels.mlp.weights import FP8_DTYPE
 
             specs["masked_x"] = WorkspaceSpec((e, m, h), FP8_DTYPE)
             specs["masked_x_scale"] = masked_scale_spec(e, m, h)
@@ -174,7 +174,7 @@ class LocalMaskedPrepareAndFinalize(_Local):
         if self.format.fp8:
             from moe_kernels.config import FP8_ACT_GROUP
             from moe_kernels.kernels.quant import scatter_rows_quant_fp8
-            from moe_kernels.scales import scale_view
+            from moe_kernels.mlp.scales import scale_view
 
             scale = scale_view(workspace["masked_x_scale"])
             scatter_rows_quant_fp8(x, layout.dst_row, masked_x, scale, group=FP8_ACT_GROUP)

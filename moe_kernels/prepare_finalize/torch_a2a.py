@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from moe_kernels.config import FP8_ACT_GROUP
-from moe_kernels.contract import (
+from moe_kernels.core.contract import (
     Check,
     LayerContext,
     Layout,
@@ -34,7 +34,7 @@ from moe_kernels.contract import (
     TokenFormat,
     check_device_type,
 )
-from moe_kernels.distributed import group_backend
+from moe_kernels.core.distributed import group_backend
 from moe_kernels.prepare_finalize.ep_base import ExpertParallelPrepareAndFinalize
 
 

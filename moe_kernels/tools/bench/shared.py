@@ -1,7 +1,7 @@
 """``moe-kernels bench shared``: what the shared experts cost beside the routed ones, overlapped or not.
 
 One rank's share of a layer with shared experts (``--ep-size``/``--ep-rank``: that rank's routed
-experts, the whole shared MLP, the kernel :func:`~moe_kernels.select.select` builds for it),
+experts, the whole shared MLP, the kernel :func:`~moe_kernels.selection.select.select` builds for it),
 timed per token count from CUDA-graph replays (L2 flushed, median), with the routing fixed:
 
 * ``routed``: the routed kernel alone;
@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moe_kernels.bench.problems import Timer
-from moe_kernels.bench.shapes import non_negative_ints, positive_ints
-from moe_kernels.bench.timing import format_table
 from moe_kernels.experts.deepgemm import deep_gemm_status
+from moe_kernels.selection.timing import Timer
+from moe_kernels.tools.args import non_negative_ints, positive_ints
+from moe_kernels.tools.bench.tables import format_table
 
 if TYPE_CHECKING:
-    from moe_kernels.layer import FusedMoE
+    from moe_kernels.model.layer import FusedMoE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("bench shared: skipped: it times with CUDA events and this machine has no CUDA GPU")
         return 0
-    from moe_kernels.bench.layer import random_layer
-    from moe_kernels.cli import load_layer_config, one_rank_config, select_for_run
+    from moe_kernels.tools.harness import load_layer_config, one_rank_config, random_layer, select_for_run
 
     cfg = one_rank_config(load_layer_config(args.config), args.ep_size, args.ep_rank, args.config)
     if not cfg.moe.num_shared_experts:

@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import shutil
 import sys
-import textwrap
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from moe_kernels.config import ConfigError, LayerConfig, MoEConfig, ParallelConfig, load_config
-
-if TYPE_CHECKING:
-    from moe_kernels.select import Selection
+from moe_kernels.config import LayerConfig, MoEConfig
+from moe_kernels.tools.harness import (
+    CliError,
+    MemoryEstimate,
+    _with_dtype,
+    available_bytes,
+    load_layer_config,
+    memory_estimate,
+    one_rank_config,
+    resolve_device,
+    select_for_run,
+)
+from moe_kernels.tools.terminal import aligned_table, dtype_name, format_bytes, format_us, key_value_table, wrap
 
 #: what ``list`` checks the parts against when no --config is given: a small unquantized layer
 DEFAULT_LIST_CONFIG = LayerConfig(
@@ -34,16 +38,12 @@ DEFAULT_LIST_CONFIG = LayerConfig(
 
 #: ``bench`` subcommands written as modules with ``add_arguments(parser)`` and ``run(args)``
 BENCH_MODULES = {
-    "experts": ("moe_kernels.bench.experts", "time every experts implementation on one problem"),
-    "ep": ("moe_kernels.bench.ep", "time expert-parallel dispatch/combine across GPUs"),
-    "layer": ("moe_kernels.bench.layer", "time a whole FusedMoE layer against the reference"),
-    "shared": ("moe_kernels.bench.shared", "time the shared experts beside the routed ones, overlapped or not"),
-    "profile": ("moe_kernels.bench.profile", "where one call's GPU time goes, kernel by kernel, beside the peer"),
+    "experts": ("moe_kernels.tools.bench.experts", "time every experts implementation on one problem"),
+    "ep": ("moe_kernels.tools.bench.ep", "time expert-parallel dispatch/combine across GPUs"),
+    "layer": ("moe_kernels.tools.bench.layer", "time a whole FusedMoE layer against the reference"),
+    "shared": ("moe_kernels.tools.bench.shared", "time the shared experts beside the routed ones, overlapped or not"),
+    "profile": ("moe_kernels.tools.bench.profile", "where one call's GPU time goes, kernel by kernel, beside the peer"),
 }
-
-
-class CliError(Exception):
-    """A user error: printed as one line, exit status 2, no traceback."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--verbose", action="store_true", help="every refused pair with every failed check")
     explain.set_defaults(func=cmd_explain)
 
-    mount_bench(sub, "tune", "moe_kernels.bench.tune", "measure tiles and pairs on this GPU; write a tuning table")
-    mount_bench(sub, "doctor", "moe_kernels.doctor", "check this machine's GPU paths and say what is missing")
+    mount_bench(sub, "tune", "moe_kernels.tools.tune", "measure tiles and pairs on this GPU; write a tuning table")
+    mount_bench(sub, "doctor", "moe_kernels.tools.doctor", "check this machine's GPU paths and say what is missing")
 
     bench = sub.add_parser("bench", help="benchmarks on a GPU")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="{" + ",".join(BENCH_MODULES) + "}")
@@ -126,7 +126,7 @@ def _unavailable(message: str) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from moe_kernels.bench.layer import TOLERANCE, check_and_time, default_timer, random_layer
+    from moe_kernels.tools.harness import TOLERANCE, check_and_time, default_timer, random_layer
 
     cfg = load_layer_config(args.config, args.dtype)
     if cfg.parallel.ep_size > 1:
@@ -158,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ("config", f"{cfg.name or '-'}  ({args.config})"),
         (
             "layer",
-            f"E={m.num_experts} top_k={m.top_k} H={m.hidden_size} I={m.intermediate_size} {_dtype_name(m.dtype)}"
+            f"E={m.num_experts} top_k={m.top_k} H={m.hidden_size} I={m.intermediate_size} {dtype_name(m.dtype)}"
             + (f" {cfg.quant.scheme}" if cfg.quant.is_fp8 else ""),
         ),
         ("experts here", layer.placement.describe()),
@@ -169,97 +169,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         ("max abs err", f"{result.max_abs_err:.3e}"),
         ("rel err", f"{result.rel_err:.3e}  (max|out - ref| / max|ref|, tolerance {tolerance:g})"),
         ("result", "OK" if ok else "FAILED: the error exceeds the tolerance"),
-        ("time", f"{_format_us(result.layer_us)} per forward ({_timer_name(device)})"),
+        ("time", f"{format_us(result.layer_us)} per forward ({_timer_name(device)})"),
     ]
-    print(_key_value_table(rows))
+    print(key_value_table(rows))
     if all(c.candidate.experts.name == "TorchReferenceExperts" for c in selection.plan):
         print("note: the chosen kernel is the reference itself, so the check compares two runs of it")
     return 0 if ok else 1
 
 
-def one_rank_config(cfg: LayerConfig, ep_size: int, ep_rank: int, where: str) -> LayerConfig:
-    """``cfg`` as rank ``ep_rank`` of ``ep_size`` sees it (its experts only)."""
-    if ep_rank >= ep_size:
-        raise CliError(f"--ep-rank {ep_rank} must be < --ep-size {ep_size}")
-    if ep_size == 1:
-        return cfg
-    try:
-        parallel = ParallelConfig.model_validate({**cfg.parallel.model_dump(), "ep_size": ep_size, "ep_rank": ep_rank})
-        return LayerConfig.model_validate({**cfg.model_dump(), "parallel": parallel})
-    except ValueError as e:
-        raise CliError(f"--ep-size {ep_size} for {where}: {e}") from None
-
-
-def select_for_run(cfg: LayerConfig, device: torch.device) -> Selection:
-    from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
-    from moe_kernels.select import select
-
-    if cfg.parallel.ep_size == 1:
-        return select(cfg, device=device)
-    # one rank's share, computed by a single process: this rank's experts only
-    return select(cfg, device=device, prepare_finalize_factories=[lambda _: LocalPrepareAndFinalize(partial=True)])
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """What ``run`` will allocate, before it allocates anything."""
-
-    weights: int
-    workspaces: int
-    activations: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.workspaces + self.activations
-
-    def describe(self) -> str:
-        return (
-            f"about {_format_bytes(self.total)} (weights {_format_bytes(self.weights)}, workspaces "
-            f"{_format_bytes(self.workspaces)}, activations {_format_bytes(self.activations)})"
-        )
-
-
-def memory_estimate(cfg: LayerConfig, selection: Selection, tokens: int) -> MemoryEstimate:
-    from moe_kernels.contract import LayerContext
-    from moe_kernels.select import planned_workspace_bytes, with_max_tokens
-
-    m = cfg.moe
-    e_local = cfg.num_local_experts
-    per_weight = 1 if cfg.quant.is_fp8 else m.dtype.itemsize
-    weights = 3 * e_local * m.hidden_size * m.intermediate_size * per_weight + m.num_experts * m.hidden_size * 2
-    weights += 3 * m.hidden_size * m.shared_width * m.dtype.itemsize
-    if cfg.quant.is_fp8:  # the bf16 source tensors of one expert while it is quantized
-        weights += 3 * m.hidden_size * m.intermediate_size * 4
-    workspaces = 0
-    ctx = selection.ctx
-    for choice in selection.steps:
-        sized = cfg if choice is selection.steps[-1] else with_max_tokens(cfg, choice.high)
-        sub = LayerContext(sized, ctx.device, ctx.placement, ctx.group)
-        pair = choice.candidate
-        workspaces = max(workspaces, planned_workspace_bytes(pair.prepare_finalize, pair.experts, sub))
-    # the input, the output and the reference's fp32 copies of a few [T, H] tensors, plus the
-    # float32 copy of one expert that drawing the weights and the reference hold at a time
-    activations = 8 * tokens * m.hidden_size * 4 + 2 * 3 * m.hidden_size * m.intermediate_size * 4
-    return MemoryEstimate(weights, workspaces, activations)
-
-
-def _available_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return _physical_memory_bytes()
-
-
 def _refuse_if_too_big(
     estimate: MemoryEstimate, cfg: LayerConfig, device: torch.device, args: argparse.Namespace
 ) -> None:
-    available = _available_bytes(device)
+    available = available_bytes(device)
     if available is None or estimate.total <= 0.9 * available:
         return
     hint = ""
@@ -269,11 +190,11 @@ def _refuse_if_too_big(
             share = estimate.weights / ep + estimate.workspaces + estimate.activations
             hint = (
                 f"; run one expert-parallel rank's share instead (what a rank holds anyway): "
-                f"--ep-size {ep} --ep-rank 0 needs about {_format_bytes(share)}"
+                f"--ep-size {ep} --ep-rank 0 needs about {format_bytes(share)}"
             )
             break
     raise CliError(
-        f"{cfg.name or args.config} needs {estimate.describe()}, but {device} has {_format_bytes(available)} "
+        f"{cfg.name or args.config} needs {estimate.describe()}, but {device} has {format_bytes(available)} "
         f"available{hint or ' (fewer --tokens or a smaller config would fit)'}"
     )
 
@@ -282,8 +203,8 @@ def _refuse_if_too_big(
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from moe_kernels import registry
-    from moe_kernels.compose import layer_context
+    from moe_kernels.core.compose import layer_context
+    from moe_kernels.selection import registry
 
     cfg = load_layer_config(args.config, args.dtype) if args.config else DEFAULT_LIST_CONFIG
     if args.dtype and not args.config:
@@ -310,12 +231,12 @@ def cmd_list(args: argparse.Namespace) -> int:
             rows.append((kind, part.name, layout.value, "no" if failed else "yes", why))
     m = cfg.moe
     print(
-        _wrap(
+        wrap(
             f"parts checked for layer {cfg.name or '-'} (E={m.num_experts} top_k={m.top_k} H={m.hidden_size} "
-            f"I={m.intermediate_size} {_dtype_name(m.dtype)}, ep_size={cfg.parallel.ep_size}) on {device}:"
+            f"I={m.intermediate_size} {dtype_name(m.dtype)}, ep_size={cfg.parallel.ep_size}) on {device}:"
         )
     )
-    print(_aligned_table(("kind", "name", "layout", "runs", "why"), rows))
+    print(aligned_table(("kind", "name", "layout", "runs", "why"), rows))
     return 0
 
 
@@ -323,47 +244,18 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from moe_kernels.select import select
+    from moe_kernels.selection.select import select
 
     cfg = load_layer_config(args.config, args.dtype)
     if args.tokens is not None:
         cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"max_tokens_per_rank": args.tokens})})
     selection = select(cfg, device=resolve_device(args.device))
     print(f"{cfg.name or args.config}")
-    print(_wrap(selection.explain(verbose=args.verbose)))
+    print(wrap(selection.explain(verbose=args.verbose)))
     return 0
 
 
 # --- shared helpers -----------------------------------------------------------------------
-
-
-def load_layer_config(path: str, dtype: str | None = None) -> LayerConfig:
-    """Read a layer YAML, optionally with ``moe.dtype`` replaced; errors become CliError
-    naming the file."""
-    try:
-        cfg = load_config(path)
-    except (FileNotFoundError, ConfigError) as e:
-        raise CliError(str(e)) from None
-    return _with_dtype(cfg, dtype, path) if dtype else cfg
-
-
-def _with_dtype(cfg: LayerConfig, dtype: str, where: str) -> LayerConfig:
-    try:
-        moe = MoEConfig.model_validate({**cfg.moe.model_dump(), "dtype": dtype})
-        return LayerConfig.model_validate({**cfg.model_dump(), "moe": moe})
-    except ValueError as e:
-        raise CliError(f"--dtype {dtype!r} for {where}: {e}") from None
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``--device``: default CUDA when present, else the CPU; a CUDA request without CUDA
-    is an error, not a silent fallback."""
-    from moe_kernels.compose import resolve_device as resolve
-
-    try:
-        return resolve(name)
-    except ValueError as e:
-        raise CliError(f"--device: {e}") from None
 
 
 def _add_config_args(parser: argparse.ArgumentParser, *, config_required: bool) -> None:
@@ -382,70 +274,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _physical_memory_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not every platform names these
-        return None
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _timer_name(device: torch.device) -> str:
     if device.type == "cuda":
         return "median of CUDA-event timings, L2 flushed"
     return "median wall time, perf_counter"
-
-
-def _format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _format_us(us: float) -> str:
-    if us >= 1e6:
-        return f"{us / 1e6:.2f} s"
-    return f"{us / 1e3:.2f} ms" if us >= 1e3 else f"{us:.1f} us"
-
-
-def _key_value_table(rows: Sequence[tuple[str, str]]) -> str:
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
-
-
-def terminal_width() -> int:
-    return max(60, shutil.get_terminal_size((80, 24)).columns)
-
-
-def _wrap(text: str) -> str:
-    """Each line wrapped to the terminal, continuation lines indented under their first word."""
-    width = terminal_width()
-    out = []
-    for line in text.splitlines():
-        indent = len(line) - len(line.lstrip())
-        out.append(textwrap.fill(line, width, subsequent_indent=" " * (indent + 4)) if line.strip() else line)
-    return "\n".join(out)
-
-
-def _aligned_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns; the last column is free text, wrapped to the terminal under itself
-    (on its own lines below the row when the other columns leave it too little room)."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers[:-1])]
-    lead = sum(widths) + 2 * len(widths)
-    room = terminal_width() - lead
-    out = []
-    for cells in [list(headers), ["-" * w for w in widths] + ["-" * len(headers[-1])], *map(list, rows)]:
-        left = "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False))
-        if room >= 30:
-            wrapped = textwrap.wrap(cells[-1], room) or [""]
-            out.append(f"{left}  {wrapped[0]}".rstrip())
-            out.extend(" " * lead + w for w in wrapped[1:])
-        else:
-            out.append(left.rstrip())
-            out.extend(textwrap.wrap(cells[-1], terminal_width(), initial_indent="    ", subsequent_indent="    "))
-    return "\n".join(out)

@@ -1,4 +1,4 @@
-"""Every part :func:`moe_kernels.select.select` may choose from, as factories: the one list of parts.
+"""Every part :func:`moe_kernels.selection.select.select` may choose from, as factories: the one list of parts.
 
 Selection, the tuner, the benchmarks, ``moe-kernels list`` and the combination tester all
 iterate these lists. A factory builds a part for a layer; building must never fail on a machine

@@ -1,64 +1,71 @@
-"""What every benchmark measures on: random problems and weights of a shape, the valid pairs of
-the registry, and a timer that replays CUDA graphs within a time budget."""
+"""What the tuner and the benchmarks measure on: EP-local layer shapes, random problems and
+weights of a shape, and the valid pairs of the registry.
+
+An EP-local layer is what one rank computes: its ``E_local`` experts, each token routed to
+``top_k`` of them (uniformly at random, distinct). DeepSeek-V3 at EP=8 is 32 local experts.
+"""
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from moe_kernels.bench.shapes import BenchShape
-from moe_kernels.bench.timing import time_cuda
-from moe_kernels.weights import ExpertWeights
+from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig, QuantConfig
+from moe_kernels.mlp.weights import ExpertWeights
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """``num_experts`` local experts, each token picks ``top_k`` of them; H and I of each expert."""
+
+    label: str
+    num_experts: int
+    top_k: int
+    hidden: int
+    inter: int
+
+    def layer(self, max_tokens: int, quant: str = "none") -> LayerConfig:
+        """The single-rank layer of this shape, built for calls of up to ``max_tokens`` tokens."""
+        moe = MoEConfig(
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            hidden_size=self.hidden,
+            intermediate_size=self.inter,
+            dtype=torch.bfloat16,
+        )
+        return LayerConfig(
+            name=self.label,
+            moe=moe,
+            parallel=ParallelConfig(max_tokens_per_rank=max_tokens),
+            quant=QuantConfig(scheme=quant),  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def of(cls, cfg: LayerConfig) -> BenchShape:
+        """The EP-local shape of a layer config (one rank of its expert parallelism)."""
+        e_local = cfg.num_local_experts
+        ep = cfg.parallel.ep_size
+        label = f"{cfg.name or 'layer'}" + (
+            f", EP={ep} local ({e_local} of {cfg.moe.num_experts} experts)" if ep > 1 else ""
+        )
+        return cls(label, e_local, min(cfg.moe.top_k, e_local), cfg.moe.hidden_size, cfg.moe.intermediate_size)
+
+
+SHAPES: dict[str, BenchShape] = {
+    "deepseek-v3": BenchShape("DeepSeek-V3, EP=8 local (32 of 256 experts), top-8", 32, 8, 7168, 2048),
+    "qwen3-30b-a3b": BenchShape("Qwen3-30B-A3B (128 experts), top-8", 128, 8, 2048, 768),
+    "qwen3-235b-a22b": BenchShape("Qwen3-235B-A22B, EP=8 local (16 of 128 experts), top-8", 16, 8, 4096, 1536),
+    "mixtral-8x7b": BenchShape("Mixtral-8x7B (8 experts), top-2", 8, 2, 4096, 14336),
+    # nobody tuned for it: no table of ours, no vLLM config file (E=40, N=1536)
+    "untuned": BenchShape("an untuned shape: 40 experts, top-6, H=3072, I=1536", 40, 6, 3072, 1536),
+}
+
 
 #: where problems and weights are made (the tests run the measuring code on the CPU)
 DEVICE = "cuda"
-
-
-#: back-to-back calls before timing: a GPU left idle while the host composed or compiled runs
-#: at lower clocks for a while (measured: the first 60 replays of an fp8 decode call 10 % slow)
-WARMUP_S = 0.1
-
-
-class Timer:
-    """CUDA-graph replay medians with a per-measurement time budget (big points get fewer runs)."""
-
-    def __init__(self, max_runs: int, target_s: float) -> None:
-        self.max_runs, self.target_s = max_runs, target_s
-        self.failures: list[str] = []
-
-    def eager(self, fn: Callable[[], object]) -> float:
-        fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        single = max(time.perf_counter() - start, 1e-6)
-        runs = int(min(self.max_runs, max(5, self.target_s / single)))
-        warmup = int(min(500, max(2, WARMUP_S / single)))
-        return time_cuda(fn, warmup=warmup, runs=runs).median_us
-
-    def graphed(self, fn: Callable[[], object], what: str) -> float:
-        """GPU time of ``fn`` replayed from a CUDA graph (no host launch overhead, as in decode
-        serving). ``fn`` must not sync; it runs once eagerly first (JIT compiles)."""
-        fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                fn()
-        except Exception as e:  # report and time eagerly rather than lose the whole run
-            torch.cuda.synchronize()
-            self.failures.append(f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-            print(f"bench: CUDA-graph capture failed, timing eagerly: {self.failures[-1]}", file=sys.stderr)
-            return self.eager(fn)
-        try:
-            return self.eager(graph.replay)
-        finally:
-            del graph
 
 
 def make_problem(shape: BenchShape, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,8 +105,8 @@ def dequantized(w: ExpertWeights) -> ExpertWeights:
 def valid_pairs(cfg: Any) -> list[tuple[str, Callable[[], Any]]]:
     """``(name, build)`` for every registered pair the composer accepts for ``cfg`` here
     (the reference loop left out: it syncs per expert); ``build()`` composes a fresh kernel."""
-    from moe_kernels import registry
-    from moe_kernels.compose import WorkspaceCache, check_pair, compose, layer_context, pair_name
+    from moe_kernels.core.compose import WorkspaceCache, check_pair, compose, layer_context, pair_name
+    from moe_kernels.selection import registry
 
     ctx = layer_context(cfg)
     out = []

@@ -1,7 +1,7 @@
 """Measured tables: per GPU and layer shape, how long every valid pair takes at each token count,
 and the tile configs of the Triton kernels.
 
-``moe-kernels tune --config FILE`` writes them (:mod:`moe_kernels.bench.tune`); selection and
+``moe-kernels tune --config FILE`` writes them (:mod:`moe_kernels.selection.tuner`); selection and
 the Triton experts read them. Nothing here is typed by hand: a number in a table is a
 measurement with its source, and where no table covers a GPU or shape the parts' documented
 heuristics decide (and ``explain()`` says so).

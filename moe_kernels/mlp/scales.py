@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from moe_kernels.config import FP8_ACT_GROUP
-from moe_kernels.contract import WorkspaceSpec
+from moe_kernels.core.contract import WorkspaceSpec
 
 
 def scale_spec(rows: int, cols: int) -> WorkspaceSpec:

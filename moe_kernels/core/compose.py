@@ -2,7 +2,7 @@
 
 ``compose(pf, experts, cfg, placement=..., group=..., device=...)`` -> :class:`ModularKernel`.
 Building a kernel is where everything that sizes memory or needs the other ranks happens: the
-two parts agree on a :class:`~moe_kernels.contract.TokenFormat`, each part is bound (rank
+two parts agree on a :class:`~moe_kernels.core.contract.TokenFormat`, each part is bound (rank
 agreement, buffers), and the workspaces are reserved for the largest call the configuration
 allows. A call then allocates no scratch and runs no collective beyond the data exchange.
 """
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from moe_kernels.config import LayerConfig, MoEConfig
-from moe_kernels.contract import (
+from moe_kernels.core.contract import (
     Check,
     LayerContext,
     Pending,
@@ -27,9 +27,9 @@ from moe_kernels.contract import (
     WorkspaceSpec,
     workspace_bytes,
 )
-from moe_kernels.placement import ExpertPlacement
-from moe_kernels.validate import check_call
-from moe_kernels.weights import ExpertWeights
+from moe_kernels.core.placement import ExpertPlacement
+from moe_kernels.core.validate import check_call
+from moe_kernels.mlp.weights import ExpertWeights
 
 
 class IncompatibleKernelsError(ValueError):

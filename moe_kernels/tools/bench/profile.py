@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from moe_kernels.bench.experts import load_peer
-from moe_kernels.bench.problems import Timer, make_problem, make_weights
-from moe_kernels.bench.shapes import SHAPES, positive_ints, shape_names
-from moe_kernels.bench.timing import format_table
-from moe_kernels.weights import ExpertWeights
+from moe_kernels.mlp.weights import ExpertWeights
+from moe_kernels.selection.problems import SHAPES, make_problem, make_weights
+from moe_kernels.selection.timing import Timer
+from moe_kernels.tools.args import positive_ints, shape_names
+from moe_kernels.tools.bench.experts import load_peer
+from moe_kernels.tools.bench.tables import format_table
 
 #: the separator kernel's length in GPU cycles: long enough to see, short beside any call
 SEPARATOR_CYCLES = 1000
@@ -150,8 +151,8 @@ def profile_point(
     name: str, tokens: int, w: ExpertWeights, peer: Callable[..., torch.Tensor] | None, args: argparse.Namespace
 ) -> None:
     """Profile (or, with ``--ncu``, mark for ncu) ``select()``'s kernel and the peer at one point."""
-    from moe_kernels.compose import WorkspaceCache
-    from moe_kernels.select import select
+    from moe_kernels.core.compose import WorkspaceCache
+    from moe_kernels.selection.select import select
 
     shape = SHAPES[name]
     device = torch.device("cuda", torch.cuda.current_device())
@@ -196,7 +197,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe_kernels.bench.profile", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m moe_kernels.tools.bench.profile", description=__doc__.splitlines()[0]
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

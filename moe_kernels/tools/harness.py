@@ -8,23 +8,29 @@ count on any device.
 
 from __future__ import annotations
 
-import argparse
+import os
+from typing import TYPE_CHECKING
+
+from moe_kernels.config import MoEConfig, ParallelConfig
+from moe_kernels.tools.terminal import format_bytes
+
+if TYPE_CHECKING:
+    from moe_kernels.selection.select import Selection
+
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from moe_kernels.bench.shapes import positive_ints
-from moe_kernels.bench.timing import format_table, time_cuda
-from moe_kernels.compose import Kernel, ModularKernel, compose
 from moe_kernels.config import ConfigError, LayerConfig, load_config
+from moe_kernels.core.compose import Kernel, ModularKernel, compose
+from moe_kernels.core.placement import ExpertPlacement
 from moe_kernels.experts.reference import TorchReferenceExperts
-from moe_kernels.layer import FusedMoE
-from moe_kernels.placement import ExpertPlacement
+from moe_kernels.model.layer import FusedMoE
 from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
+from moe_kernels.selection.timing import time_cuda
 
 #: ``timer(fn)`` -> median microseconds of one ``fn()`` call
 Timer = Callable[[Callable[[], object]], float]
@@ -161,59 +167,120 @@ def check_and_time(
     return LayerResult(tokens, diff, diff / scale if scale > 0 else diff, layer_us, ref_us, flops)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="configs/qwen3-30b-a3b.yaml", help="layer YAML (default: %(default)s)")
-    parser.add_argument(
-        "--tokens",
-        type=positive_ints,
-        default=[1, 8, 64, 512, 4096],
-        help="comma-separated token counts (default: 1,8,64,512,4096)",
-    )
-    parser.add_argument("--dtype", help="override moe.dtype (bfloat16, float16, float32)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-reference", action="store_true", help="do not time the reference kernel")
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2, no traceback."""
 
 
-def run(args: argparse.Namespace) -> int:
-    """``moe-kernels bench layer``: a table of layer times on the current CUDA device."""
-    if not torch.cuda.is_available():
-        print(
-            "bench layer: skipped: it times with CUDA events and this machine has no CUDA GPU. "
-            "On the CPU, `moe-kernels run --config ...` checks a layer and times one call."
-        )
-        return 0
+def one_rank_config(cfg: LayerConfig, ep_size: int, ep_rank: int, where: str) -> LayerConfig:
+    """``cfg`` as rank ``ep_rank`` of ``ep_size`` sees it (its experts only)."""
+    if ep_rank >= ep_size:
+        raise CliError(f"--ep-rank {ep_rank} must be < --ep-size {ep_size}")
+    if ep_size == 1:
+        return cfg
     try:
-        cfg = load_config(args.config)
+        parallel = ParallelConfig.model_validate({**cfg.parallel.model_dump(), "ep_size": ep_size, "ep_rank": ep_rank})
+        return LayerConfig.model_validate({**cfg.model_dump(), "parallel": parallel})
+    except ValueError as e:
+        raise CliError(f"--ep-size {ep_size} for {where}: {e}") from None
+
+
+def select_for_run(cfg: LayerConfig, device: torch.device) -> Selection:
+    from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
+    from moe_kernels.selection.select import select
+
+    if cfg.parallel.ep_size == 1:
+        return select(cfg, device=device)
+    # one rank's share, computed by a single process: this rank's experts only
+    return select(cfg, device=device, prepare_finalize_factories=[lambda _: LocalPrepareAndFinalize(partial=True)])
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What ``run`` will allocate, before it allocates anything."""
+
+    weights: int
+    workspaces: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.workspaces + self.activations
+
+    def describe(self) -> str:
+        return (
+            f"about {format_bytes(self.total)} (weights {format_bytes(self.weights)}, workspaces "
+            f"{format_bytes(self.workspaces)}, activations {format_bytes(self.activations)})"
+        )
+
+
+def memory_estimate(cfg: LayerConfig, selection: Selection, tokens: int) -> MemoryEstimate:
+    from moe_kernels.core.contract import LayerContext
+    from moe_kernels.selection.select import planned_workspace_bytes, with_max_tokens
+
+    m = cfg.moe
+    e_local = cfg.num_local_experts
+    per_weight = 1 if cfg.quant.is_fp8 else m.dtype.itemsize
+    weights = 3 * e_local * m.hidden_size * m.intermediate_size * per_weight + m.num_experts * m.hidden_size * 2
+    weights += 3 * m.hidden_size * m.shared_width * m.dtype.itemsize
+    if cfg.quant.is_fp8:  # the bf16 source tensors of one expert while it is quantized
+        weights += 3 * m.hidden_size * m.intermediate_size * 4
+    workspaces = 0
+    ctx = selection.ctx
+    for choice in selection.steps:
+        sized = cfg if choice is selection.steps[-1] else with_max_tokens(cfg, choice.high)
+        sub = LayerContext(sized, ctx.device, ctx.placement, ctx.group)
+        pair = choice.candidate
+        workspaces = max(workspaces, planned_workspace_bytes(pair.prepare_finalize, pair.experts, sub))
+    # the input, the output and the reference's fp32 copies of a few [T, H] tensors, plus the
+    # float32 copy of one expert that drawing the weights and the reference hold at a time
+    activations = 8 * tokens * m.hidden_size * 4 + 2 * 3 * m.hidden_size * m.intermediate_size * 4
+    return MemoryEstimate(weights, workspaces, activations)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return physical_memory_bytes()
+
+
+def load_layer_config(path: str, dtype: str | None = None) -> LayerConfig:
+    """Read a layer YAML, optionally with ``moe.dtype`` replaced; errors become CliError
+    naming the file."""
+    try:
+        cfg = load_config(path)
     except (FileNotFoundError, ConfigError) as e:
-        print(f"bench layer: {e}", file=sys.stderr)
-        return 2
-    if args.dtype:
-        cfg = LayerConfig.model_validate({**cfg.model_dump(), "moe": {**cfg.moe.model_dump(), "dtype": args.dtype}})
-    device = torch.device("cuda", torch.cuda.current_device())
-    layer = random_layer(cfg, device, seed=args.seed)
-    results = measure(layer, args.tokens, timer=cuda_timer, seed=args.seed, time_reference=not args.no_reference)
-    print(f"{cfg.name or args.config} on {torch.cuda.get_device_name(device)}: {layer.kernel.name}")
-    tolerance = TOLERANCE[(cfg.moe.dtype, cfg.quant.scheme)]
-    print(format_results(results, tolerance))
-    return 0 if all(r.rel_err <= tolerance for r in results) else 1
+        raise CliError(str(e)) from None
+    return _with_dtype(cfg, dtype, path) if dtype else cfg
 
 
-def measure(
-    layer: FusedMoE, token_counts: list[int], *, timer: Timer, seed: int = 0, time_reference: bool = True
-) -> list[LayerResult]:
-    """:func:`check_and_time` for each token count, printing progress to stderr."""
-    results = []
-    for t in token_counts:
-        print(f"bench layer: {t} tokens ...", file=sys.stderr, flush=True)
-        results.append(check_and_time(layer, t, timer=timer, seed=seed, time_reference=time_reference))
-    return results
+def _with_dtype(cfg: LayerConfig, dtype: str, where: str) -> LayerConfig:
+    try:
+        moe = MoEConfig.model_validate({**cfg.moe.model_dump(), "dtype": dtype})
+        return LayerConfig.model_validate({**cfg.model_dump(), "moe": moe})
+    except ValueError as e:
+        raise CliError(f"--dtype {dtype!r} for {where}: {e}") from None
 
 
-def format_results(results: list[LayerResult], tolerance: float) -> str:
-    headers = ["tokens", "layer us", "TFLOP/s", "reference us", "speed-up", "rel err", "ok"]
-    rows: list[list[object]] = []
-    for r in results:
-        ref = "-" if r.reference_us is None else r.reference_us
-        speedup = "-" if r.reference_us is None else f"{r.reference_us / r.layer_us:.1f}x"
-        rows.append([r.tokens, r.layer_us, r.tflops, ref, speedup, f"{r.rel_err:.2e}", r.rel_err <= tolerance])
-    return format_table(headers, rows)
+def resolve_device(name: str | None) -> torch.device:
+    """``--device``: default CUDA when present, else the CPU; a CUDA request without CUDA
+    is an error, not a silent fallback."""
+    from moe_kernels.core.compose import resolve_device as resolve
+
+    try:
+        return resolve(name)
+    except ValueError as e:
+        raise CliError(f"--device: {e}") from None
+
+
+def physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not every platform names these
+        return None

@@ -1,8 +1,10 @@
-"""Timing on the GPU: CUDA events after warm-up, the median of many runs."""
+"""Timing on the GPU for the tuner and the benchmarks: CUDA-graph replays, L2 flushed, median."""
 
 from __future__ import annotations
 
 import statistics
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,16 +63,44 @@ def matmul_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
     return 2 * n**3 / (t.median_us * 1e-6) / 1e12
 
 
-def format_table(headers: list[str], rows: list[list[object]]) -> str:
-    """A Markdown table (readable in a terminal and in docs)."""
-    cells = [[_fmt(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda vals: "| " + " | ".join(v.rjust(w) for v, w in zip(vals, widths, strict=True)) + " |"
-    sep = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
-    return "\n".join([line(headers), sep, *(line(r) for r in cells)])
+#: back-to-back calls before timing: a GPU left idle while the host composed or compiled runs
+#: at lower clocks for a while (measured: the first 60 replays of an fp8 decode call 10 % slow)
+WARMUP_S = 0.1
 
 
-def _fmt(v: object) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
-    return str(v)
+class Timer:
+    """CUDA-graph replay medians with a per-measurement time budget (big points get fewer runs)."""
+
+    def __init__(self, max_runs: int, target_s: float) -> None:
+        self.max_runs, self.target_s = max_runs, target_s
+        self.failures: list[str] = []
+
+    def eager(self, fn: Callable[[], object]) -> float:
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        single = max(time.perf_counter() - start, 1e-6)
+        runs = int(min(self.max_runs, max(5, self.target_s / single)))
+        warmup = int(min(500, max(2, WARMUP_S / single)))
+        return time_cuda(fn, warmup=warmup, runs=runs).median_us
+
+    def graphed(self, fn: Callable[[], object], what: str) -> float:
+        """GPU time of ``fn`` replayed from a CUDA graph (no host launch overhead, as in decode
+        serving). ``fn`` must not sync; it runs once eagerly first (JIT compiles)."""
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                fn()
+        except Exception as e:  # report and time eagerly rather than lose the whole run
+            torch.cuda.synchronize()
+            self.failures.append(f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            print(f"bench: CUDA-graph capture failed, timing eagerly: {self.failures[-1]}", file=sys.stderr)
+            return self.eager(fn)
+        try:
+            return self.eager(graph.replay)
+        finally:
+            del graph

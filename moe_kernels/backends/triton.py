@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from moe_kernels.contract import Check
+from moe_kernels.core.contract import Check
 
 
 def triton_interpreting() -> bool:

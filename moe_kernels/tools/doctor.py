@@ -36,9 +36,9 @@ class Finding:
 def parts_needing(check_names: set[str]) -> str:
     """The registered parts refused here by a check of one of ``check_names`` (on a small
     unquantized and a small fp8 layer)."""
-    from moe_kernels import registry
-    from moe_kernels.compose import layer_context
     from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig, QuantConfig
+    from moe_kernels.core.compose import layer_context
+    from moe_kernels.selection import registry
 
     moe = MoEConfig(num_experts=8, top_k=2, hidden_size=256, intermediate_size=256)
     layers = [LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=64))]
@@ -54,11 +54,11 @@ def parts_needing(check_names: set[str]) -> str:
 
 
 def findings() -> list[Finding]:
+    from moe_kernels.backends.triton import triton_check
+    from moe_kernels.core.tuning import table_dirs, table_for
     from moe_kernels.experts.deepgemm import deep_gemm_status, psum_layout_status
     from moe_kernels.experts.fp8 import fp8_deep_gemm_check
-    from moe_kernels.platform import triton_check
     from moe_kernels.prepare_finalize import deepep_buffer as epb
-    from moe_kernels.tuning import table_dirs, table_for
 
     out = []
     cuda = torch.cuda.is_available()
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import textwrap
 
-    from moe_kernels.cli import terminal_width
+    from moe_kernels.tools.terminal import terminal_width
 
     width = terminal_width()
     results = findings()

@@ -1,6 +1,6 @@
 """``FusedMoE``: one MoE layer as a ``torch.nn.Module`` (router + expert weights + kernel).
 
-The layer owns its weights and routing; the kernel (picked by :func:`moe_kernels.select.select`,
+The layer owns its weights and routing; the kernel (picked by :func:`moe_kernels.selection.select.select`,
 or given) does everything after routing::
 
     hidden_states [T, H] -> Router -> topk_weights, topk_ids (global ids)
@@ -11,7 +11,7 @@ GPU they run on a side stream beside the routed path (dispatch and the routed ex
 their output is added in the routed path's final write (no pass of its own over ``[T, H]``).
 
 Under expert parallelism (``parallel.ep_size > 1``) this rank holds the experts its
-:class:`~moe_kernels.placement.ExpertPlacement` gives it (contiguous by default); the kernel's
+:class:`~moe_kernels.core.placement.ExpertPlacement` gives it (contiguous by default); the kernel's
 prepare/finalize moves tokens to the ranks that own their experts and back.
 """
 
@@ -25,14 +25,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moe_kernels.compose import Kernel, WorkspaceCache, layer_context
 from moe_kernels.config import LayerConfig
-from moe_kernels.contract import Residual
-from moe_kernels.placement import ExpertPlacement
-from moe_kernels.router import Router
-from moe_kernels.select import Selection, select
-from moe_kernels.validate import expect_device, expect_dtype, expect_tensor
-from moe_kernels.weights import FP8_DTYPE, ExpertWeights
+from moe_kernels.core.compose import Kernel, WorkspaceCache, layer_context
+from moe_kernels.core.contract import Residual
+from moe_kernels.core.placement import ExpertPlacement
+from moe_kernels.core.validate import expect_device, expect_dtype, expect_tensor
+from moe_kernels.mlp.weights import FP8_DTYPE, ExpertWeights
+from moe_kernels.model.router import Router
+from moe_kernels.selection.select import Selection, select
 
 #: per-expert tensors keyed by global expert id (int or its decimal string, as checkpoint
 #: names spell it), a list/tuple indexed by global id, or one stacked ``[E, ...]`` tensor
@@ -351,7 +351,7 @@ class FusedMoE(nn.Module):
                 expert, shard or scale, a dtype it cannot take, each naming the key) or from
                 the layer (a shape that does not match the config, naming the tensor).
         """
-        from moe_kernels.checkpoint import CheckpointReader, read_moe_layer
+        from moe_kernels.model.checkpoint import CheckpointReader, read_moe_layer
 
         reader = CheckpointReader(path)
         mine = list(self.local_experts)

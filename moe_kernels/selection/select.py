@@ -5,14 +5,14 @@ composer's checks decide which pairs are valid (nothing here repeats a capabilit
 token count of a grid, the valid pairs whose workspaces for calls of that size fit the memory
 budget compete:
 
-* **measured**: the tuning table of this GPU and layer shape (:mod:`moe_kernels.tuning`) gives
+* **measured**: the tuning table of this GPU and layer shape (:mod:`moe_kernels.core.tuning`) gives
   each pair's time; the fastest measured pair wins. A pair the table does not cover never
   outranks a measured one.
 * **heuristic** (no table for this GPU or shape): the parts' documented ``preference`` scores,
   asked with the layer limited to that token count.
 
 Without expert parallelism the winners per token range become one
-:class:`~moe_kernels.compose.TokenRangeKernel` (each member sized for its range); with EP all
+:class:`~moe_kernels.core.compose.TokenRangeKernel` (each member sized for its range); with EP all
 ranks must run the same collectives, so one pair is chosen for the largest batch.
 """
 
@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from moe_kernels import tuning
-from moe_kernels.compose import (
+from moe_kernels.config import LayerConfig
+from moe_kernels.core import tuning
+from moe_kernels.core.compose import (
     Kernel,
     ModularKernel,
     TokenRangeKernel,
@@ -35,15 +36,14 @@ from moe_kernels.compose import (
     layer_context,
     pair_name,
 )
-from moe_kernels.config import LayerConfig
-from moe_kernels.contract import (
+from moe_kernels.core.contract import (
     Check,
     LayerContext,
     PermuteExpertsUnpermute,
     PrepareAndFinalize,
     workspace_bytes,
 )
-from moe_kernels.placement import ExpertPlacement
+from moe_kernels.core.placement import ExpertPlacement
 
 PrepareFinalizeFactory = Callable[[LayerConfig], PrepareAndFinalize]
 ExpertsFactory = Callable[[LayerConfig], PermuteExpertsUnpermute]
@@ -223,7 +223,7 @@ def candidates(
     experts_factories: Sequence[ExpertsFactory] | None = None,
 ) -> list[Candidate]:
     """Every registered pair with its checks and its measured times, in registration order."""
-    from moe_kernels import registry
+    from moe_kernels.selection import registry
 
     cfg = ctx.cfg
     pfs = [make(cfg) for make in (prepare_finalize_factories or registry.PREPARE_FINALIZE)]
@@ -313,7 +313,7 @@ def select(
     experts_factories: Sequence[ExpertsFactory] | None = None,
 ) -> Selection:
     """Rank every registered pair for the layer; ``.kernel`` is the plan, composed, and
-    ``.explain()`` says why. Takes the configuration as :func:`~moe_kernels.compose.compose`
+    ``.explain()`` says why. Takes the configuration as :func:`~moe_kernels.core.compose.compose`
     does. ``memory_budget``: most workspace bytes (default :func:`default_memory_budget`)."""
     ctx = layer_context(cfg, placement=placement, group=group, device=device)
     budget = default_memory_budget(ctx.device) if memory_budget is None else memory_budget

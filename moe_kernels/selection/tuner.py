@@ -1,31 +1,25 @@
-"""``moe-kernels tune``: measure on this GPU what selection and the Triton kernels should use, and
-write it as a tuning table (:mod:`moe_kernels.tuning`).
+"""The tuner: measure on this GPU what selection and the Triton kernels should use, and write it
+as a tuning table (:mod:`moe_kernels.core.tuning`).
 
-For each layer (a ``--config`` YAML, taken EP-local, or a named ``--shapes`` entry) and each
-token count of the grid:
+For each layer and each token count of the grid:
 
 1. the tile configs of the fused Triton decode path: its candidate tilings
-   (:func:`moe_kernels.kernels.fused_moe.candidate_configs`, the ``--tile-candidates`` nearest
+   (:func:`moe_kernels.kernels.fused_moe.candidate_configs`, the ``tile_candidates`` nearest
    the heuristic's) timed through the whole path, at the token counts where it is a contender;
 2. every valid pair of the registry (the reference loop left out), composed for calls of T
    tokens, with the tuned tiles in force.
 
 Times are GPU time of one call replayed from a CUDA graph, L2 flushed, median. The table is
-written after every layer (a run cut short keeps what it measured) to
-``--out/<gpu>.json``, merged with what that file already holds for other shapes; point
-``MOE_KERNELS_TABLES`` at ``--out`` to use it, or copy it into ``moe_kernels/tables`` to ship it.
+written after every point (a run cut short keeps what it measured), merged with what that file
+already holds.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
 import functools
 import json
 import os
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -33,12 +27,13 @@ from typing import Any
 
 import torch
 
-from moe_kernels import tuning
-from moe_kernels.bench.problems import Timer, make_problem, make_weights, valid_pairs
-from moe_kernels.bench.shapes import SHAPES, BenchShape, positive_ints, shape_names
-from moe_kernels.bench.timing import copy_bandwidth_gbs
+from moe_kernels.core import tuning
+from moe_kernels.selection.problems import BenchShape, make_problem, make_weights, valid_pairs
+from moe_kernels.selection.timing import copy_bandwidth_gbs
 
 DEFAULT_TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
+
+
 #: the fused path's tiles are tuned where it can win: up to this many rows per expert
 TILE_MAX_ROWS_PER_EXPERT = 256
 
@@ -52,7 +47,7 @@ def tune_tiles(
     """The fastest ``(gemm1, gemm2)`` tiling of the fused (bf16) path at ``tokens`` tokens, and its time:
     GEMM1's candidates with GEMM2 at its default, then GEMM2's with the best GEMM1 (both on the
     same row block, as the layout requires)."""
-    from moe_kernels.compose import WorkspaceCache, compose
+    from moe_kernels.core.compose import WorkspaceCache, compose
     from moe_kernels.experts.fused_triton import FusedTritonExperts
     from moe_kernels.kernels.fused_moe import candidate_configs, default_configs
     from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
@@ -149,55 +144,3 @@ def write_table(directory: Path, key: str, entry: dict[str, Any], source: str, g
     os.environ[tuning.ENV_DIR] = str(directory)
     tuning.forget_tables()
     return path
-
-
-# --- CLI ----------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", action="append", default=[], help="a layer YAML (repeatable), taken EP-local")
-    parser.add_argument("--shapes", type=shape_names, default=[], help=f"named shapes, from {', '.join(SHAPES)}")
-    parser.add_argument(
-        "--tokens", type=positive_ints, default=DEFAULT_TOKENS, help="the token grid (default: %(default)s)"
-    )
-    parser.add_argument("--out", type=Path, default=Path("tables"), help="where the table goes (default: ./tables)")
-    parser.add_argument("--tile-candidates", type=int, default=6, help="tilings timed per GEMM (default: %(default)s)")
-    parser.add_argument("--runs", type=int, default=20, help="most timed runs per measurement (default: %(default)s)")
-    parser.add_argument("--target-ms", type=float, default=100.0, help="time budget of one measurement")
-
-
-def layers(args: argparse.Namespace) -> list[BenchShape]:
-    from moe_kernels.config import ConfigError, load_config
-
-    shapes = [SHAPES[name] for name in args.shapes]
-    for path in args.config:
-        try:
-            shapes.append(BenchShape.of(load_config(path)))
-        except (FileNotFoundError, ConfigError) as e:
-            raise SystemExit(f"tune: {e}") from None
-    return shapes
-
-
-def run(args: argparse.Namespace) -> int:
-    if not torch.cuda.is_available():
-        print("tune: skipped: it measures on a CUDA GPU and this machine has none")
-        return 0
-    shapes = layers(args)
-    if not shapes:
-        print("tune: give --config FILE or --shapes NAMES", file=sys.stderr)
-        return 2
-    start = time.perf_counter()
-
-    def progress(msg: str) -> None:
-        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-    source = f"moe-kernels tune, {datetime.date.today().isoformat()}, torch {torch.__version__}"
-    timer = Timer(args.runs, args.target_ms / 1e3)
-    for shape in shapes:
-        progress(f"tuning {shape.label}")
-        tune_shape(
-            shape, sorted(args.tokens), timer.graphed, tile_candidates=args.tile_candidates, progress=progress,
-            tables_dir=args.out, source=source,
-        )  # fmt: skip
-    print(f"tune: wrote {args.out / (tuning.slug(torch.cuda.get_device_name()) + '.json')}")
-    return 0

@@ -1,7 +1,7 @@
 """Top-k routing: which experts each token goes to, and with what weight.
 
 ``route`` turns router logits into ``(topk_weights [T, K] float32, topk_ids [T, K] int32)``,
-the two tensors every kernel of :mod:`moe_kernels.contract` takes. It covers the routings of
+the two tensors every kernel of :mod:`moe_kernels.core.contract` takes. It covers the routings of
 the models in ``configs/``:
 
 - Mixtral / Qwen3-MoE: softmax over all experts, top-k, renormalize over the chosen k;

@@ -1,6 +1,6 @@
 """``moe-kernels bench ep``: expert-parallel dispatch and combine latency across the visible GPUs.
 
-One process per GPU (:func:`moe_kernels.distributed.run_ranks`, NCCL). For each token count T
+One process per GPU (:func:`moe_kernels.tools.launcher.run_ranks`, NCCL). For each token count T
 per rank it times, on one uniform random routing (top-k distinct experts among all E):
 
 * ``ours-ht`` / ``ours-ll``: :class:`DeepEPHighThroughputPrepareAndFinalize` /
@@ -38,8 +38,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe_kernels.bench.shapes import positive_ints
-from moe_kernels.bench.timing import format_table
+from moe_kernels.tools.args import positive_ints
+from moe_kernels.tools.bench.tables import format_table
 
 DEFAULT_TOKENS = [1, 16, 128, 512, 4096]
 PATHS = ("ours-ht", "raw-ht", "ours-ll", "raw-ll", "torch-a2a")
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         "warmup": args.warmup,
         "runs": args.runs,
     }
-    from moe_kernels.distributed import run_ranks
+    from moe_kernels.tools.launcher import run_ranks
 
     print(f"bench ep: {world} ranks, H={args.hidden}, top-{args.top_k}, {args.num_experts} experts", file=sys.stderr)
     results = run_ranks(_bench_rank, world, "nccl", args=(params,), timeout_s=args.timeout)
@@ -177,9 +177,9 @@ def _path_calls(
     path: str, group: dist.ProcessGroup, p: dict[str, Any], x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor
 ) -> tuple[Callable[[], Any], Callable[[Any], None]]:
     """``dispatch()`` -> state, ``combine(state)``, for one path at this T."""
-    from moe_kernels.compose import layer_context
     from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig
-    from moe_kernels.contract import Layout, TokenFormat
+    from moe_kernels.core.compose import layer_context
+    from moe_kernels.core.contract import Layout, TokenFormat
     from moe_kernels.experts.deepgemm import deep_gemm_alignment
     from moe_kernels.prepare_finalize import deepep_buffer as epb
     from moe_kernels.prepare_finalize.deepep import (

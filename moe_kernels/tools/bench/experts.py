@@ -1,10 +1,10 @@
 """``moe-kernels bench experts``: what ``select()`` picks and every valid local pair of the registry,
 beside vLLM's fused MoE (``--peer``), the GEMMs alone and the hardware limits, on EP-local shapes.
 
-For each shape (:mod:`moe_kernels.bench.shapes`) and token count T, on one uniform routing
+For each shape (:mod:`moe_kernels.selection.problems`) and token count T, on one uniform routing
 (every token picks top-k distinct local experts), in one process on one GPU:
 
-* ``select``: the kernel :func:`moe_kernels.select.select` builds for the layer (sized for the
+* ``select``: the kernel :func:`moe_kernels.selection.select.select` builds for the layer (sized for the
   largest T; it switches pairs by T where the tuning table says so);
 * every valid pair of the registry (``--pairs all``), each composed for calls of T tokens;
 * ``peer``: vLLM's Triton ``fused_experts`` on the same inputs -- real ``vllm`` when it
@@ -40,11 +40,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moe_kernels.bench.problems import Timer, dequantized, make_problem, make_weights, valid_pairs
-from moe_kernels.bench.shapes import SHAPES, BenchShape, positive_ints, shape_names
-from moe_kernels.bench.timing import copy_bandwidth_gbs, format_table, matmul_tflops
-from moe_kernels.bench.tune import tune_shape
-from moe_kernels.weights import ExpertWeights
+from moe_kernels.mlp.weights import ExpertWeights
+from moe_kernels.selection.problems import SHAPES, BenchShape, dequantized, make_problem, make_weights, valid_pairs
+from moe_kernels.selection.timing import Timer, copy_bandwidth_gbs, matmul_tflops
+from moe_kernels.selection.tuner import tune_shape
+from moe_kernels.tools.args import positive_ints, shape_names
+from moe_kernels.tools.bench.tables import format_table
 
 DEFAULT_TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
 
@@ -301,7 +302,7 @@ def report(results: list[ShapeResult], header: list[str]) -> str:
 
 
 def panels(results: list[ShapeResult]) -> list[Any]:
-    from moe_kernels.bench.plot import Panel
+    from moe_kernels.tools.bench.plot import Panel
 
     out = []
     for r in results:
@@ -353,8 +354,8 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("bench experts: skipped: it times with CUDA events and this machine has no CUDA GPU")
         return 0
-    from moe_kernels.compose import WorkspaceCache
-    from moe_kernels.select import select
+    from moe_kernels.core.compose import WorkspaceCache
+    from moe_kernels.selection.select import select
 
     start = time.perf_counter()
 
@@ -439,13 +440,15 @@ def _write(args: argparse.Namespace, results: list[ShapeResult], header: list[st
         for r in results
     ]
     (args.out / "experts.json").write_text(json.dumps({"header": header, "shapes": raw}, indent=1))
-    from moe_kernels.bench.plot import plot_panels
+    from moe_kernels.tools.bench.plot import plot_panels
 
     plot_panels(panels(results), args.out / "experts.png")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe_kernels.bench.experts", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m moe_kernels.tools.bench.experts", description=__doc__.splitlines()[0]
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

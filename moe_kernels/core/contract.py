@@ -13,7 +13,7 @@ One MoE layer call is a chain; data travels once, front to back::
 
 Each part declares what it can do as ``(ok, reason)`` checks and the token format it hands
 out or takes (:class:`TokenFormat`: a layout and its parameters); only the composer
-(:mod:`moe_kernels.compose`) looks at both sides. Lifecycle: ``bind`` once when composed
+(:mod:`moe_kernels.core.compose`) looks at both sides. Lifecycle: ``bind`` once when composed
 (agreement between ranks, buffers sized from the declared maxima), then any number of calls
 with no first-call state, then ``release``.
 
@@ -42,8 +42,8 @@ import torch
 import torch.distributed as dist
 
 from moe_kernels.config import LayerConfig, QuantScheme
-from moe_kernels.placement import ExpertPlacement
-from moe_kernels.weights import ExpertWeights
+from moe_kernels.core.placement import ExpertPlacement
+from moe_kernels.mlp.weights import ExpertWeights
 
 
 class Layout(enum.Enum):
@@ -316,7 +316,7 @@ class Part:
 
     def preference(self, ctx: LayerContext) -> tuple[float, str]:
         """Heuristic rank among valid parts when no measurement covers the layer (lower is
-        better) and why. Measured tables (:mod:`moe_kernels.tuning`) take precedence."""
+        better) and why. Measured tables (:mod:`moe_kernels.core.tuning`) take precedence."""
         return 100.0, "no heuristic preference"
 
     def release(self) -> None:

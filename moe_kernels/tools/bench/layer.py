@@ -1,0 +1,73 @@
+"""``moe-kernels bench layer``: check and time a whole ``FusedMoE`` layer (router + chosen kernel)
+against the reference pair, over token counts, on a GPU."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from moe_kernels.config import ConfigError, LayerConfig, load_config
+from moe_kernels.model.layer import FusedMoE
+from moe_kernels.tools.args import positive_ints
+from moe_kernels.tools.bench.tables import format_table
+from moe_kernels.tools.harness import TOLERANCE, LayerResult, Timer, check_and_time, cuda_timer, random_layer
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="configs/qwen3-30b-a3b.yaml", help="layer YAML (default: %(default)s)")
+    parser.add_argument(
+        "--tokens",
+        type=positive_ints,
+        default=[1, 8, 64, 512, 4096],
+        help="comma-separated token counts (default: 1,8,64,512,4096)",
+    )
+    parser.add_argument("--dtype", help="override moe.dtype (bfloat16, float16, float32)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-reference", action="store_true", help="do not time the reference kernel")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``moe-kernels bench layer``: a table of layer times on the current CUDA device."""
+    if not torch.cuda.is_available():
+        print(
+            "bench layer: skipped: it times with CUDA events and this machine has no CUDA GPU. "
+            "On the CPU, `moe-kernels run --config ...` checks a layer and times one call."
+        )
+        return 0
+    try:
+        cfg = load_config(args.config)
+    except (FileNotFoundError, ConfigError) as e:
+        print(f"bench layer: {e}", file=sys.stderr)
+        return 2
+    if args.dtype:
+        cfg = LayerConfig.model_validate({**cfg.model_dump(), "moe": {**cfg.moe.model_dump(), "dtype": args.dtype}})
+    device = torch.device("cuda", torch.cuda.current_device())
+    layer = random_layer(cfg, device, seed=args.seed)
+    results = measure(layer, args.tokens, timer=cuda_timer, seed=args.seed, time_reference=not args.no_reference)
+    print(f"{cfg.name or args.config} on {torch.cuda.get_device_name(device)}: {layer.kernel.name}")
+    tolerance = TOLERANCE[(cfg.moe.dtype, cfg.quant.scheme)]
+    print(format_results(results, tolerance))
+    return 0 if all(r.rel_err <= tolerance for r in results) else 1
+
+
+def measure(
+    layer: FusedMoE, token_counts: list[int], *, timer: Timer, seed: int = 0, time_reference: bool = True
+) -> list[LayerResult]:
+    """:func:`check_and_time` for each token count, printing progress to stderr."""
+    results = []
+    for t in token_counts:
+        print(f"bench layer: {t} tokens ...", file=sys.stderr, flush=True)
+        results.append(check_and_time(layer, t, timer=timer, seed=seed, time_reference=time_reference))
+    return results
+
+
+def format_results(results: list[LayerResult], tolerance: float) -> str:
+    headers = ["tokens", "layer us", "TFLOP/s", "reference us", "speed-up", "rel err", "ok"]
+    rows: list[list[object]] = []
+    for r in results:
+        ref = "-" if r.reference_us is None else r.reference_us
+        speedup = "-" if r.reference_us is None else f"{r.reference_us / r.layer_us:.1f}x"
+        rows.append([r.tokens, r.layer_us, r.tflops, ref, speedup, f"{r.rel_err:.2e}", r.rel_err <= tolerance])
+    return format_table(headers, rows)
