@@ -29,13 +29,6 @@ from moe_kernels.core.contract import (
 )
 from moe_kernels.core.placement import ExpertPlacement
 from moe_kernels.experts.deepgemm import DeepGemmExperts, ExpandedDeepGemmExperts, MaskedDeepGemmExperts
-from moe_kernels.experts.fp8 import (
-    Fp8DeepGemmExperts,
-    Fp8ExpandedDeepGemmExperts,
-    Fp8HybridDeepGemmExperts,
-    Fp8MaskedDeepGemmExperts,
-    Fp8TritonExperts,
-)
 from moe_kernels.experts.fused_triton import FusedTritonExperts
 from moe_kernels.experts.grouped_mm import GroupedMMExperts
 from moe_kernels.experts.hybrid import HybridDeepGemmExperts
@@ -62,11 +55,6 @@ __all__ = [
     "ExpandedTokens",
     "ExpertPlacement",
     "ExpertWeights",
-    "Fp8DeepGemmExperts",
-    "Fp8ExpandedDeepGemmExperts",
-    "Fp8HybridDeepGemmExperts",
-    "Fp8MaskedDeepGemmExperts",
-    "Fp8TritonExperts",
     "FusedMoE",
     "FusedTritonExperts",
     "GroupedMMExperts",

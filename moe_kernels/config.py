@@ -18,7 +18,22 @@ from typing import Annotated, Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from moe_kernels.mlp import fp8
+from moe_kernels.mlp.activations import KINDS as ACTIVATIONS
+from moe_kernels.mlp.activations import Activation
+from moe_kernels.mlp.schemes import SCHEMES
+from moe_kernels.mlp.spec import ExpertMLP
 
 _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
@@ -75,7 +90,7 @@ class MoEConfig(_Strict):
     hidden_size: int = Field(gt=0, description="H: model width; a multiple of 8")
     intermediate_size: int = Field(gt=0, description="I: each routed expert's MLP width")
     dtype: TorchDtype = torch.bfloat16
-    activation: Literal["silu"] = "silu"
+    activation: str = Field(default="silu", description="the expert MLP's activation, a name of mlp.activations.KINDS")
     renormalize: bool = True
     scoring: Literal["softmax", "sigmoid"] = "softmax"
     num_expert_group: int | None = Field(default=None, gt=0)
@@ -94,6 +109,13 @@ class MoEConfig(_Strict):
     max_tokens_per_chunk: int | None = Field(
         default=None, gt=0, description="split larger batches into chunks to bound workspace memory"
     )
+
+    @field_validator("activation")
+    @classmethod
+    def _known_activation(cls, value: str) -> str:
+        if value not in ACTIVATIONS:
+            raise ValueError(f"must be one of {', '.join(map(repr, ACTIVATIONS))}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> MoEConfig:
@@ -152,40 +174,40 @@ class ParallelConfig(_Strict):
         return self
 
 
-#: the quantization schemes a layer may use
-QuantScheme = Literal["none", "fp8_w8a8_block"]
-
-#: the only block/group sizes the fp8 kernels implement (DeepGEMM's 1x128 activation groups and
-#: 128x128 weight blocks; DeepSeek-V3's checkpoints use the same)
-FP8_WEIGHT_BLOCK = (128, 128)
-FP8_ACT_GROUP = 128
-
-
 class QuantConfig(_Strict):
-    """Quantization of the expert weights and activations.
+    """Quantization of the expert weights and activations: a ``scheme`` of
+    :data:`moe_kernels.mlp.schemes.SCHEMES` and the parameters that scheme reads.
 
     ``none``: weights and activations in ``moe.dtype``. ``fp8_w8a8_block``: weights in
     float8_e4m3fn with one float32 scale per ``weight_block`` (N x K) block, activations
     quantized to float8_e4m3fn with one float32 scale per ``act_group`` columns of a row; GEMMs
-    accumulate in fp32 and write ``moe.dtype``.
+    accumulate in fp32 and write ``moe.dtype``. A parameter the scheme does not read must not be
+    given (it would be ignored).
     """
 
-    scheme: QuantScheme = "none"
-    weight_block: IntPair = FP8_WEIGHT_BLOCK
-    act_group: int = Field(default=FP8_ACT_GROUP, gt=0)
+    scheme: str = "none"
+    weight_block: IntPair = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK)
+    act_group: int = Field(default=fp8.SCALE_BLOCK, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> QuantConfig:
-        if self.weight_block != FP8_WEIGHT_BLOCK or self.act_group != FP8_ACT_GROUP:
-            raise ValueError(
-                f"weight_block must be {list(FP8_WEIGHT_BLOCK)} and act_group {FP8_ACT_GROUP} (the only blocking "
-                f"the fp8 kernels implement); got weight_block={list(self.weight_block)}, act_group={self.act_group}"
-            )
+        scheme = SCHEMES.get(self.scheme)
+        if scheme is None:
+            raise ValueError(f"scheme must be one of {', '.join(map(repr, SCHEMES))}; got {self.scheme!r}")
+        defaults = QuantConfig.model_fields
+        ignored = [
+            name
+            for name in type(self).model_fields
+            if name not in ("scheme", *scheme.params) and getattr(self, name) != defaults[name].default
+        ]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)}: not a parameter of scheme {self.scheme} (it would be ignored)")
+        scheme.check_params(self.params)
         return self
 
     @property
-    def is_fp8(self) -> bool:
-        return self.scheme == "fp8_w8a8_block"
+    def params(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in SCHEMES[self.scheme].params}
 
 
 class LayerConfig(_Strict):
@@ -202,22 +224,19 @@ class LayerConfig(_Strict):
             raise ValueError(
                 f"num_experts ({self.moe.num_experts}) must be divisible by ep_size ({self.parallel.ep_size})"
             )
-        if self.quant.is_fp8:
-            if self.moe.dtype != torch.bfloat16:
-                got = str(self.moe.dtype).removeprefix("torch.")
-                raise ValueError(f"fp8_w8a8_block computes in bfloat16: moe.dtype must be bfloat16, got {got}")
-            block = self.quant.weight_block[0]
-            bad = [
-                f"{n}={v}"
-                for n, v in (("hidden_size", self.moe.hidden_size), ("intermediate_size", self.moe.intermediate_size))
-                if v % block
-            ]
-            if bad:
-                # gate and up rows are stacked into one weight: a block must not straddle them
-                raise ValueError(
-                    f"fp8_w8a8_block needs hidden_size and intermediate_size multiples of {block}; got {', '.join(bad)}"
-                )
+        moe, quant = self.moe, self.quant
+        SCHEMES[quant.scheme].check_layer(quant.params, moe.dtype, moe.hidden_size, moe.intermediate_size)
         return self
+
+    @property
+    def mlp(self) -> ExpertMLP:
+        """What each local expert's MLP is (sizes, dtype, weight format, activation quantization,
+        activation function): the one description kernels, loaders and tests read."""
+        moe, quant = self.moe, self.quant
+        weights, act_quant = SCHEMES[quant.scheme].build(quant.params, moe.dtype)
+        return ExpertMLP(
+            moe.hidden_size, moe.intermediate_size, moe.dtype, weights, act_quant, Activation(moe.activation)
+        )
 
     @property
     def num_local_experts(self) -> int:

@@ -166,10 +166,10 @@ def test_yaml_top_k_true_and_string_sizes_are_refused(tmp_path: Path) -> None:
 
 
 def test_quant_config_is_strict() -> None:
-    assert QuantConfig().scheme == "none" and not QuantConfig().is_fp8
+    assert QuantConfig().scheme == "none"
     fp8 = QuantConfig.model_validate({"scheme": "fp8_w8a8_block", "weight_block": [128, 128]})
-    assert fp8.is_fp8 and fp8.weight_block == (128, 128) and fp8.act_group == 128
-    with pytest.raises(ValidationError, match="'none' or 'fp8_w8a8_block'"):
+    assert fp8.scheme == "fp8_w8a8_block" and fp8.weight_block == (128, 128) and fp8.act_group == 128
+    with pytest.raises(ValidationError, match="one of 'none', 'fp8_w8a8_block'; got 'int4'"):
         QuantConfig.model_validate({"scheme": "int4"})
     with pytest.raises(ValidationError, match=r"weight_block must be \[128, 128\] and act_group 128"):
         QuantConfig.model_validate({"scheme": "fp8_w8a8_block", "weight_block": [64, 64]})

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_kernels.core.contract import ExpandedTokens, Layout, PermuteExpertsUnpermute, TokenFormat
+from moe_kernels.mlp.formats import Dense, Fp8Block
 from moe_kernels.tools.launcher import run_ranks
 
 E, K, H, I = 8, 3, 256, 32  # noqa: E741 (the usual MoE letters; combine needs H % 256 == 0)
@@ -71,17 +72,17 @@ class ExpandedReferenceExperts(PermuteExpertsUnpermute):
     compare the dispatch with the global routing and with the tokens that were sent."""
 
     input_layout = Layout.EXPANDED
-    quant_schemes = ("none", "fp8_w8a8_block")
+    weight_formats = (Dense, Fp8Block)
 
     def __init__(self, alignment: int) -> None:
         self.alignment = alignment
         self.calls: list[dict[str, Any]] = []
 
     def input_format(self, ctx) -> TokenFormat:
-        return TokenFormat(Layout.EXPANDED, alignment=self.alignment, fp8=ctx.cfg.quant.is_fp8)
+        return TokenFormat(Layout.EXPANDED, alignment=self.alignment, act_quant=ctx.mlp.act_quant)
 
     def apply(self, tokens, weights, out, workspace) -> None:
-        from moe_kernels.kernels.quant import dequantize_fp8_token_groups
+        from moe_kernels.mlp.fp8 import dequantize_groups
 
         if not isinstance(tokens, ExpandedTokens):
             raise TypeError(f"expected ExpandedTokens, got {type(tokens).__name__}")
@@ -122,7 +123,7 @@ class ExpandedReferenceExperts(PermuteExpertsUnpermute):
             record["segments"].append((x.clone(), None if s is None else s.clone(), w.clone()))
             if end == start:
                 continue
-            x = x.float() if s is None else dequantize_fp8_token_groups(x, s, GROUP)
+            x = x.float() if s is None else dequantize_groups(x, s, GROUP)
             record["finite"] &= bool(x.isfinite().all()) and bool(w.isfinite().all())
             w13, w2 = weights.dequantized(e)
             gate_up = x @ w13.t()
@@ -189,13 +190,13 @@ def layer_weights(w13, w2, mine: list[int], fp8: bool):
     reference loop runs on: as they are, or (``fp8``) quantized per 128 x 128 block and the
     dequantized values of exactly those blocks."""
     from moe_kernels import ExpertWeights
-    from moe_kernels.kernels.quant import dequantize_fp8_blocks, quantize_fp8_blocks
+    from moe_kernels.mlp.fp8 import dequantize_blocks, quantize_blocks
 
     if not fp8:
         return ExpertWeights(w13[mine].contiguous(), w2[mine].contiguous()), w13, w2
-    (q13, s13), (q2, s2) = quantize_fp8_blocks(w13), quantize_fp8_blocks(w2)
+    (q13, s13), (q2, s2) = quantize_blocks(w13), quantize_blocks(w2)
     local = ExpertWeights(q13[mine].contiguous(), q2[mine].contiguous(), s13[mine].contiguous(), s2[mine].contiguous())
-    return local, dequantize_fp8_blocks(q13, s13), dequantize_fp8_blocks(q2, s2)
+    return local, dequantize_blocks(q13, s13), dequantize_blocks(q2, s2)
 
 
 def expected_rows(per_rank, mine: list[int], spans: list[tuple[int, int]]) -> dict[str, list]:
@@ -295,8 +296,8 @@ def run_layer(
 ) -> dict:
     """One kernel, one call, compared with the reference; then released. ``fp8``: an fp8 layer,
     so the part dispatches fp8 rows; the reference loop runs on the dequantized weights."""
+    from moe_kernels.backends import deep_ep as deep_ep_backend
     from moe_kernels.core.compose import WorkspaceCache
-    from moe_kernels.prepare_finalize import deepep_buffer as epb
 
     world, rank = group.size(), group.rank()
     w13, w2, per_rank = make_layer(world, routing, fp8=fp8)
@@ -341,7 +342,7 @@ def run_layer(
         if mode == "ht":  # exact: the aligned segments and nothing else
             result["want_rows"] = sum(align_up(c, a) for c in want["counts"])
         else:  # the worst case, what the low-latency workspaces were reserved for
-            result["want_rows"] = epb.expanded_capacity_rows(world, MAX_TOKENS, K, len(mine), a)
+            result["want_rows"] = deep_ep_backend.expanded_capacity_rows(world, MAX_TOKENS, K, len(mine), a)
             local = len(mine)
             result["want_rows_own_formula"] = align_up(world * MAX_TOKENS * min(K, local) + (a - 1) * local, a)
         result["workspace_grew"] = cache.nbytes() > reserved_bytes
@@ -358,18 +359,19 @@ def sent_rows_report(call: dict, per_rank, mine: list[int]) -> dict:
     its global expert and its router weight, which are unique here): the largest ratio of
     ``|dequantized - sent|`` to its bound (module docstring), and whether rows and scales arrived
     bit for bit as the part's quantizer makes them from that token (they travel as bytes)."""
-    from moe_kernels.kernels.quant import FP8_DTYPE, dequantize_fp8_token_groups, quantize_fp8_token_groups
+    from moe_kernels.kernels import quantize_rows
+    from moe_kernels.mlp.fp8 import FP8_DTYPE, dequantize_groups
 
     sent = {}
     for x, ids, w in per_rank:
         q, s = torch.empty(x.shape, dtype=FP8_DTYPE), torch.empty(x.shape[0], H // GROUP)
-        quantize_fp8_token_groups(x, q, s, group=GROUP)
+        quantize_rows(x, q, s, group=GROUP)
         for t in range(x.shape[0]):
             for k in range(K):
                 sent[(int(ids[t, k]), float(w[t, k]))] = (x[t].float(), q[t], s[t])
     worst, bit_exact, checked = 0.0, True, 0
     for g, (rows, scales, row_weights) in zip(mine, call["segments"], strict=True):
-        got = dequantize_fp8_token_groups(rows, scales, GROUP)
+        got = dequantize_groups(rows, scales, GROUP)
         for i, w in enumerate(row_weights.tolist()):
             x, q, s = sent[(g, w)]
             bound = 2**-4 * x.abs() + FP8_ROW_SLACK * s.repeat_interleave(GROUP)
@@ -396,9 +398,9 @@ def run_two_batch_overlap(group, mode: str, routing: str, placement: str, fp8: b
     dispatched: list[int] = []
     real_prepare_async = tbo_pf.prepare_async
 
-    def recording_prepare_async(x, topk_ids, topk_weights, workspace):
+    def recording_prepare_async(x, topk_weights, topk_ids, workspace):
         dispatched.append(x.shape[0])
-        return real_prepare_async(x, topk_ids, topk_weights, workspace)
+        return real_prepare_async(x, topk_weights, topk_ids, workspace)
 
     tbo_pf.prepare_async = recording_prepare_async  # the instance's; the class's code runs
     tbo = build(group, layer_cfg(world, rank, tbo=True, fp8=fp8), tbo_pf, tbo_experts, placed)
@@ -413,6 +415,9 @@ def run_two_batch_overlap(group, mode: str, routing: str, placement: str, fp8: b
         spans1 = [(s, p[0].shape[0]) for s, p in zip(sizes, per_rank, strict=True)]
         received = [[c["counts"], c["weights"]] for c in tbo_experts.calls]
         want = [list(expected_rows(per_rank, mine, spans).values()) for spans in (spans0, spans1)]
+        # the composer skips the experts of a micro-batch that received no rows (exact sizes: HT)
+        if mode == "ht":
+            want = [w for w in want if sum(w[0])]
         result = {
             "status": "ok",
             "tokens": t,
@@ -677,7 +682,7 @@ def rank_scenarios(group) -> dict:
         except Exception as exc:  # one scenario failing must not hide the others
             results[name] = {"status": "error", "message": f"{type(exc).__name__}: {exc}"}
 
-    from moe_kernels.prepare_finalize.deepep_buffer import probe_deep_ep
+    from moe_kernels.backends.deep_ep import probe_deep_ep
 
     module, version = probe_deep_ep()
     results["probe"] = {"status": "ok", "version": version, "is_standin": module is deep_ep_standin}

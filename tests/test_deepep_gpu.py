@@ -122,10 +122,11 @@ def combine_sums_without_weights(group) -> dict:
     """Pin DeepEP 2.5's semantics: expanded dispatch, identity experts (rows NOT weighted),
     combine -> each token gets (number of its valid experts) x itself; passing topk_weights to
     combine changes nothing in x."""
+    from moe_kernels.backends import deep_ep as deep_ep_backend
     from moe_kernels.experts.deepgemm import deep_gemm_alignment
     from moe_kernels.prepare_finalize import deepep_buffer as epb
 
-    deep_ep, _ = epb.probe_deep_ep()
+    deep_ep, _ = deep_ep_backend.probe_deep_ep()
     buffer = epb.reserve(group, num_max_tokens_per_rank=MAX_TOKENS, hidden=H, top_k=K)
     x, ids, weights = routed_tokens(64 + 8 * group.rank(), seed=7 + group.rank())
     recv_x, _, recv_w, handle, _ = buffer.dispatch(
@@ -269,10 +270,11 @@ def raw_large_t(group, do_cpu_sync: bool) -> dict:
     """The probe that ended in cudaErrorIllegalAddress, done by the rules: T = 4096 on every
     rank, the same num_max_tokens_per_rank everywhere, the buffer sized by the hint for it,
     SMs explicit. Rows are weighted by hand before combine; then 20 timed round trips."""
+    from moe_kernels.backends import deep_ep as deep_ep_backend
     from moe_kernels.experts.deepgemm import deep_gemm_alignment
     from moe_kernels.prepare_finalize import deepep_buffer as epb
 
-    deep_ep, _ = epb.probe_deep_ep()
+    deep_ep, _ = deep_ep_backend.probe_deep_ep()
     buffer = epb.reserve(group, num_max_tokens_per_rank=BIG_T, hidden=H, top_k=K)
     x, ids, weights = routed_tokens(BIG_T, seed=41 + group.rank(), holes=False)
     idx = ids.to(deep_ep.topk_idx_t)
@@ -327,9 +329,9 @@ def gpu_scenarios(group) -> dict:
         torch.cuda.synchronize()
         dist.barrier(group=group)
 
-    from moe_kernels.prepare_finalize import deepep_buffer as epb
+    from moe_kernels.backends import deep_ep as deep_ep_backend
 
-    available = epb.deep_ep_check()
+    available = deep_ep_backend.deep_ep_check()
     if available.ok:
         record("combine_sums_without_weights", combine_sums_without_weights)
         record("high_throughput", high_throughput)

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from moe_kernels import LayerConfig, MoEConfig, ParallelConfig, QuantConfig, TorchReferenceExperts, compose
+from moe_kernels.backends import deep_ep as deep_ep_backend
 from moe_kernels.core.compose import IncompatibleKernelsError
-from moe_kernels.core.contract import LayerContext, Layout, TokenFormat, WorkspaceSpec
+from moe_kernels.core.contract import Check, LayerContext, Layout, TokenFormat, WorkspaceSpec
 from moe_kernels.core.placement import ExpertPlacement, map_expert_ids
-from moe_kernels.prepare_finalize import deepep_buffer as epb
+from moe_kernels.mlp.act_quant import ActQuant
 from moe_kernels.prepare_finalize.deepep import (
     DeepEPHighThroughputPrepareAndFinalize,
     DeepEPLowLatencyPrepareAndFinalize,
@@ -86,15 +87,15 @@ def check(part, context: LayerContext, name: str):
 def no_cuda_checks(monkeypatch):
     """Let checks other than the device one run as if on a GPU (sm_check would fail here)."""
     monkeypatch.setattr(
-        "moe_kernels.backends.triton.sm_check", lambda device, major, what: epb.Check.passed("device", "SM90")
+        "moe_kernels.prepare_finalize.deepep.sm_check", lambda device, major, what: Check.passed("device", "SM90")
     )
 
 
 @pytest.fixture
 def fresh_probe():
-    epb.probe_deep_ep.cache_clear()
+    deep_ep_backend.probe_deep_ep.cache_clear()
     yield
-    epb.probe_deep_ep.cache_clear()
+    deep_ep_backend.probe_deep_ep.cache_clear()
 
 
 # --- building never fails ----------------------------------------------------------------------
@@ -133,7 +134,7 @@ def test_deepep_options_are_checked(cls):
 
 def test_deep_ep_absent_is_a_refusal_not_an_error(monkeypatch, fresh_probe):
     monkeypatch.setitem(sys.modules, "deep_ep", None)  # import raises ModuleNotFoundError
-    c = epb.deep_ep_check()
+    c = deep_ep_backend.deep_ep_check()
     assert not c.ok and "does not import here" in c.reason and "ModuleNotFoundError" in c.reason
 
 
@@ -142,8 +143,8 @@ def test_deep_ep_import_assertion_is_a_refusal(monkeypatch, fresh_probe):
     def broken_import(name, package=None):
         raise AssertionError("Invalid NCCL versions: libnccl.so.2 (loaded) v.s. other (expected)")
 
-    monkeypatch.setattr(epb.importlib, "import_module", broken_import)
-    c = epb.deep_ep_check()
+    monkeypatch.setattr(deep_ep_backend.importlib, "import_module", broken_import)
+    c = deep_ep_backend.deep_ep_check()
     assert not c.ok and "AssertionError: Invalid NCCL versions" in c.reason
 
 
@@ -152,7 +153,7 @@ def test_deep_ep_without_epbuffer_is_refused(monkeypatch, fresh_probe):
     old.__version__ = "1.2.1"
     old.Buffer = object  # V1 API only
     monkeypatch.setitem(sys.modules, "deep_ep", old)
-    c = epb.deep_ep_check()
+    c = deep_ep_backend.deep_ep_check()
     assert not c.ok and "has no EPBuffer" in c.reason
 
 
@@ -161,7 +162,7 @@ def test_deep_ep_25_passes(monkeypatch, fresh_probe):
     new.__version__ = "2.5.0"
     new.EPBuffer = object
     monkeypatch.setitem(sys.modules, "deep_ep", new)
-    assert epb.deep_ep_check() == epb.Check.passed("deep_ep", "deep_ep 2.5.0")
+    assert deep_ep_backend.deep_ep_check() == Check.passed("deep_ep", "deep_ep 2.5.0")
 
 
 @pytest.mark.parametrize(
@@ -173,20 +174,20 @@ def test_deep_ep_25_passes(monkeypatch, fresh_probe):
     ],
 )
 def test_nccl_version_check(monkeypatch, version, ok, words):
-    monkeypatch.setattr(epb, "nccl_version", lambda: (version, "loaded library /x/libnccl.so.2"))
-    c = epb.nccl_check()
+    monkeypatch.setattr(deep_ep_backend, "nccl_version", lambda: (version, "loaded library /x/libnccl.so.2"))
+    c = deep_ep_backend.nccl_check()
     assert c.ok is ok and words in c.reason
 
 
 def test_no_nccl_here_is_a_refusal():
-    c = epb.nccl_check()  # CPU-only torch: no libnccl mapped, no torch.cuda.nccl
+    c = deep_ep_backend.nccl_check()  # CPU-only torch: no libnccl mapped, no torch.cuda.nccl
     assert not c.ok and "no NCCL in this process" in c.reason
 
 
 def test_nccl_version_codes():
-    assert epb._decode_nccl(23203) == (2, 32, 3)
-    assert epb._decode_nccl(22809) == (2, 28, 9)
-    assert epb._decode_nccl(2708) == (2, 7, 8)  # pre-2.9 encoding
+    assert deep_ep_backend._decode_nccl(23203) == (2, 32, 3)
+    assert deep_ep_backend._decode_nccl(22809) == (2, 28, 9)
+    assert deep_ep_backend._decode_nccl(2708) == (2, 7, 8)  # pre-2.9 encoding
 
 
 # --- DeepEP limits and parallel checks ---------------------------------------------------------
@@ -195,7 +196,7 @@ def test_nccl_version_codes():
 @pytest.mark.parametrize("cls", DEEPEP)
 def test_deepep_refuses_the_cpu(cls):
     c = cls().check_device(ctx(layer(), FakeGroup(0, 2), CPU))
-    assert not c.ok and "DeepEP needs a CUDA GPU, not cpu" in c.reason
+    assert not c.ok and "DeepEP needs a CUDA GPU of SM90/SM100, not cpu" in c.reason
 
 
 @pytest.mark.parametrize("cls", DEEPEP)
@@ -254,7 +255,8 @@ def test_low_latency_refuses_huge_worst_case_outputs():
     E_local=32, top-8, H=7168, A=128 and 8 ranks x 8192 tokens it holds 528384 rows, 7.1 GiB in
     bf16 but 3.6 GiB as fp8 rows with their float32 scales (H + 4 H/128 bytes a row)."""
     ll = DeepEPLowLatencyPrepareAndFinalize()
-    bf16, fp8 = TokenFormat(Layout.EXPANDED, alignment=128), TokenFormat(Layout.EXPANDED, alignment=128, fp8=True)
+    bf16 = TokenFormat(Layout.EXPANDED, alignment=128)
+    fp8 = TokenFormat(Layout.EXPANDED, alignment=128, act_quant=ActQuant())
     big = ctx(layer(ep=8, max_tokens=8192), FakeGroup(0, 8))
     c = ll.check_format(big, bf16)
     assert not c.ok and "sized for the worst case: 528384 rows x H=7168 bfloat16 = 7.1 GiB" in c.reason, c.reason
@@ -268,7 +270,7 @@ def test_low_latency_refuses_huge_worst_case_outputs():
 
 @pytest.mark.parametrize("cls", DEEPEP)
 def test_deepep_is_bf16_only(cls):
-    c = cls().check_quant(ctx(layer(dtype=torch.float32), FakeGroup(0, 2)))
+    c = cls().check_mlp(ctx(layer(dtype=torch.float32), FakeGroup(0, 2)))
     assert not c.ok and "bfloat16" in c.reason
 
 
@@ -283,14 +285,14 @@ def test_deepep_format_follows_the_experts_alignment_unless_pinned(cls):
     assert pinned_ok.ok and "256" in pinned_ok.reason
     pinned_bad = cls(expert_alignment=64).check_format(context, wants_128)
     assert not pinned_bad.ok and "expert_alignment=64" in pinned_bad.reason
-    fp8 = cls().check_format(context, TokenFormat(Layout.EXPANDED, alignment=128, fp8=True))
+    fp8 = cls().check_format(context, TokenFormat(Layout.EXPANDED, alignment=128, act_quant=ActQuant()))
     assert fp8.ok and "fp8 rows with float32 scales per 128 columns" in fp8.reason and "128 rows" in fp8.reason
     assert cls.output_layout is Layout.EXPANDED
 
 
 @pytest.mark.parametrize("cls", DEEPEP)
 def test_deepep_refuses_fp8_it_cannot_dispatch(cls, monkeypatch):
-    fp8 = TokenFormat(Layout.EXPANDED, alignment=128, fp8=True)
+    fp8 = TokenFormat(Layout.EXPANDED, alignment=128, act_quant=ActQuant())
     odd = cls().check_format(ctx(layer(hidden=7168 + 64), FakeGroup(0, 2)), fp8)
     assert not odd.ok and "one float32 scale per 128 columns, but hidden_size=7232" in odd.reason, odd.reason
     # the quantizer is a Triton kernel: on the CPU without the interpreter there is none
@@ -303,7 +305,7 @@ def test_deepep_refuses_fp8_it_cannot_dispatch(cls, monkeypatch):
 @pytest.mark.parametrize("cls", DEEPEP)
 def test_deepep_workspaces_hold_the_quantized_rows_for_fp8_only(cls):
     context = ctx(layer(max_tokens=64), FakeGroup(0, 2))
-    fp8 = cls().workspace_specs(context, TokenFormat(Layout.EXPANDED, alignment=128, fp8=True))
+    fp8 = cls().workspace_specs(context, TokenFormat(Layout.EXPANDED, alignment=128, act_quant=ActQuant()))
     assert fp8["dispatch_x"] == WorkspaceSpec((64, 7168), torch.float8_e4m3fn)
     assert fp8["dispatch_x_scale"] == WorkspaceSpec((64, 56), torch.float32)
     bf16 = cls().workspace_specs(context, TokenFormat(Layout.EXPANDED, alignment=128))
@@ -314,11 +316,11 @@ def test_deepep_workspaces_hold_the_quantized_rows_for_fp8_only(cls):
 def test_deepep_pinned_alignment_refused_by_the_composer(cls, monkeypatch):
     """The composer asks the prepare/finalize for the experts' format: a pinned alignment that
     is not a multiple of it is the failed "format" check (the layouts agree)."""
+    from moe_kernels.backends import deep_gemm
     from moe_kernels.core.compose import check_pair
-    from moe_kernels.experts import deepgemm
     from moe_kernels.experts.deepgemm import ExpandedDeepGemmExperts
 
-    monkeypatch.setattr(deepgemm, "deep_gemm_alignment", lambda: 128)
+    monkeypatch.setattr(deep_gemm, "alignment", lambda: 128)
     context = ctx(layer(), FakeGroup(0, 2))
     assert ExpandedDeepGemmExperts().input_format(context) == TokenFormat(Layout.EXPANDED, 128)
     first = check_pair(cls(expert_alignment=64), ExpandedDeepGemmExperts(), context)[0]
@@ -329,36 +331,29 @@ def test_deepep_pinned_alignment_refused_by_the_composer(cls, monkeypatch):
 
 
 def test_compose_refuses_mismatched_fp8_pairs_with_plain_reasons(monkeypatch):
-    """Each refusal names what one side needs and what the other offers: bf16 expanded experts
-    on an fp8 layer and fp8 ones on a bf16 layer, fp8 expanded experts behind a STANDARD
-    dispatcher, and a pinned alignment the fp8 experts' format does not divide."""
-    from moe_kernels import ExpandedDeepGemmExperts, Fp8ExpandedDeepGemmExperts
+    """Each refusal names what one side needs and what the other offers: fp8 expanded experts
+    behind a STANDARD dispatcher, and a pinned alignment the fp8 experts' format does not divide."""
+    from moe_kernels import ExpandedDeepGemmExperts
+    from moe_kernels.backends import deep_gemm
     from moe_kernels.core.compose import check_pair
-    from moe_kernels.experts import fp8 as fp8_experts
 
-    monkeypatch.setattr(fp8_experts, "deep_gemm_alignment", lambda: 128)
-    ht, ll, fp8_experts_part = (
-        DeepEPHighThroughputPrepareAndFinalize(),
-        DeepEPLowLatencyPrepareAndFinalize(),
-        Fp8ExpandedDeepGemmExperts(),
-    )
+    monkeypatch.setattr(deep_gemm, "alignment", lambda: 128)
+    ll, fp8_experts_part = DeepEPLowLatencyPrepareAndFinalize(), ExpandedDeepGemmExperts()
     cases = [
-        (ht, ExpandedDeepGemmExperts(), layer(fp8=True), "experts.quant", "quant scheme none, not fp8_w8a8_block"),
-        (ll, fp8_experts_part, layer(), "experts.quant", "implements quant scheme fp8_w8a8_block, not none"),
         (
             TorchAllToAllPrepareAndFinalize(),
             fp8_experts_part,
             layer(fp8=True),
             "layout",
-            "TorchAllToAllPrepareAndFinalize hands out standard tokens, Fp8ExpandedDeepGemmExperts takes expanded",
+            "TorchAllToAllPrepareAndFinalize hands out standard tokens, ExpandedDeepGemmExperts takes expanded",
         ),
         (
             DeepEPLowLatencyPrepareAndFinalize(expert_alignment=64),
             fp8_experts_part,
             layer(fp8=True),
             "format",
-            "Fp8ExpandedDeepGemmExperts needs expanded, aligned to 128 rows, fp8 activations; "
-            "DeepEPLowLatencyPrepareAndFinalize was built with expert_alignment=64",
+            "ExpandedDeepGemmExperts needs expanded, aligned to 128 rows, fp8 (e4m3) activations, one float32 scale "
+            "per 128 columns; DeepEPLowLatencyPrepareAndFinalize was built with expert_alignment=64",
         ),
     ]
     for pf, experts, cfg, name, words in cases:
@@ -374,15 +369,15 @@ def test_compose_refuses_mismatched_fp8_pairs_with_plain_reasons(monkeypatch):
 
 def test_capacity_rows_formula():
     # DeepEP 2.5: align(W * Tmax * min(K, E_local) + (A - 1) * E_local, A)
-    assert epb.expanded_capacity_rows(2, 128, 8, 128, 128) == 18304
-    assert epb.expanded_capacity_rows(8, 16, 8, 4, 128) == 1024  # 8*16*min(8, 4) + 127*4 = 1020 -> 1024
+    assert deep_ep_backend.expanded_capacity_rows(2, 128, 8, 128, 128) == 18304
+    assert deep_ep_backend.expanded_capacity_rows(8, 16, 8, 4, 128) == 1024  # 8*16*min(8, 4) + 127*4 = 1020 -> 1024
 
 
 def test_every_check_passes_for_a_valid_deepseek_layer(no_cuda_checks, monkeypatch, fresh_probe):
     new = types.ModuleType("deep_ep")
     new.__version__, new.EPBuffer = "2.5.0", object
     monkeypatch.setitem(sys.modules, "deep_ep", new)
-    monkeypatch.setattr(epb, "nccl_version", lambda: ((2, 32, 3), "loaded library"))
+    monkeypatch.setattr(deep_ep_backend, "nccl_version", lambda: ((2, 32, 3), "loaded library"))
     for cls in DEEPEP:
         failures = [c for c in cls().checks(ctx(layer(), FakeGroup(0, 2))) if not c.ok]
         assert not failures, failures
@@ -433,7 +428,7 @@ def test_torch_a2a_sends_whole_rows():
     assert a2a.check_format(context, TokenFormat(Layout.STANDARD)).ok
     aligned = a2a.check_format(context, TokenFormat(Layout.STANDARD, alignment=32))
     assert not aligned.ok and "alignment 1" in aligned.reason
-    fp8 = a2a.check_format(context, TokenFormat(Layout.STANDARD, fp8=True))
+    fp8 = a2a.check_format(context, TokenFormat(Layout.STANDARD, act_quant=ActQuant()))
     assert fp8.ok and "fp8" in fp8.reason  # rows travel quantized, with their scales
 
 

@@ -33,9 +33,10 @@ from moe_kernels import (
     WorkspaceError,
     compose,
 )
+from moe_kernels.backends import deep_gemm
 from moe_kernels.core.compose import layer_context
 from moe_kernels.core.contract import ExpandedTokens
-from moe_kernels.experts.deepgemm import deep_gemm_alignment
+from moe_kernels.mlp.formats import Dense
 from moe_kernels.selection import registry
 
 pytestmark = pytest.mark.gpu
@@ -52,13 +53,13 @@ HUGE = 10**9
 
 
 def experts_by_name() -> dict[str, object]:
-    """Every registered unquantized STANDARD/MASKED experts factory by class name (the fp8 ones
-    are in test_fp8_gpu.py), plus the hybrid pinned to each of its paths."""
+    """Every registered STANDARD/MASKED experts factory that computes unquantized weights, by class
+    name (fp8 weights are test_fp8_gpu.py's), plus the hybrid pinned to each of its paths."""
     made = {}
     for make in registry.EXPERTS:
         part = make(None)
         layouts = (Layout.STANDARD, Layout.MASKED)
-        if part.input_layout in layouts and "none" in part.quant_schemes and part.name != "TorchReferenceExperts":
+        if part.input_layout in layouts and Dense in part.weight_formats and part.name != "TorchReferenceExperts":
             made[part.name] = make
     made["Hybrid(contiguous)"] = lambda cfg: HybridDeepGemmExperts(threshold=0)
     made["Hybrid(masked)"] = lambda cfg: HybridDeepGemmExperts(threshold=HUGE, masked_memory_budget=2**40)
@@ -194,7 +195,7 @@ def test_expanded_experts_weight_valid_rows_and_zero_the_rest(shape, profile):
     else:
         counts = torch.zeros(e, dtype=torch.int64)
     counts = counts.tolist()
-    alignment = deep_gemm_alignment()
+    alignment = deep_gemm.alignment()
     x, ends, row_weights, row_expert = expanded_layout(counts, alignment, alignment, h, seed=len(counts))
     tokens = ExpandedTokens(x, ends, row_weights, alignment, max(1, sum(counts) // e))
     experts.bind(ctx)

@@ -23,6 +23,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moe_kernels.backends import deep_gemm as dg_backend
+from moe_kernels.backends.deep_gemm import MASKED_BLOCK_M_MAX, masked_rows_multiple, psum_layout_status
+from moe_kernels.backends.deep_gemm import status as deep_gemm_status
 from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig, QuantConfig
 from moe_kernels.core import tuning
 from moe_kernels.core.compose import (
@@ -32,6 +35,7 @@ from moe_kernels.core.compose import (
     check_pair,
     compose,
     layer_context,
+    pair_name,
 )
 from moe_kernels.core.contract import (
     ExpandedTokens,
@@ -40,22 +44,17 @@ from moe_kernels.core.contract import (
     MaskedTokens,
     StandardTokens,
     TokenFormat,
-    workspace_bytes,
 )
 from moe_kernels.experts import hybrid as hybrid_module
 from moe_kernels.experts.deepgemm import (
-    MASKED_BLOCK_M_MAX,
     DeepGemmExperts,
     ExpandedDeepGemmExperts,
     MaskedDeepGemmExperts,
-    deep_gemm_status,
     expanded_row_map,
-    masked_rows_multiple,
-    psum_layout_status,
 )
-from moe_kernels.experts.fp8 import Fp8ExpandedDeepGemmExperts
 from moe_kernels.experts.grouped_mm import GroupedMMExperts
 from moe_kernels.experts.hybrid import HybridDeepGemmExperts
+from moe_kernels.mlp.act_quant import ActQuant
 from moe_kernels.mlp.weights import ExpertWeights
 from moe_kernels.prepare_finalize.local import LocalMaskedPrepareAndFinalize, LocalPrepareAndFinalize
 
@@ -146,7 +145,7 @@ def make_fake_deep_gemm(alignment: int = 32) -> types.ModuleType:
     ):
         """(a, b, d, grouped_layout, recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast,
         use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout): DeepGEMM 2.8's"""
-        from moe_kernels.kernels.quant import dequantize_fp8_blocks, dequantize_fp8_token_groups
+        from moe_kernels.mlp.fp8 import dequantize_blocks, dequantize_groups
 
         (a, sa), (b, sb) = a, b
         assert a.dtype == b.dtype == torch.float8_e4m3fn and d.dtype == torch.bfloat16
@@ -155,8 +154,8 @@ def make_fake_deep_gemm(alignment: int = 32) -> types.ModuleType:
         mod.calls.append(("fp8_contiguous", use_psum_layout, sa.stride(0) == 1 and sa.stride(1) % 4 == 0))
 
         def mm(rows: slice, e: int) -> torch.Tensor:
-            x = dequantize_fp8_token_groups(a[rows], sa[rows])
-            return (x @ dequantize_fp8_blocks(b[e], sb[e]).T).to(torch.bfloat16)
+            x = dequantize_groups(a[rows], sa[rows])
+            return (x @ dequantize_blocks(b[e], sb[e]).T).to(torch.bfloat16)
 
         contiguous(a, b, d, grouped_layout, mm, use_psum_layout, expected_m_for_psum_layout)
 
@@ -219,12 +218,10 @@ def test_probe_reports_a_missing_module(no_deep_gemm):
 
 
 def test_probe_never_raises_on_a_broken_import(monkeypatch: pytest.MonkeyPatch):
-    import moe_kernels.experts.deepgemm as dg_module
-
     def broken(name: str):
         raise OSError("libcuda.so.1: cannot open shared object file")
 
-    monkeypatch.setattr(dg_module.importlib, "import_module", broken)
+    monkeypatch.setattr(dg_backend.importlib, "import_module", broken)
     clear_probes()
     try:
         ok, why = deep_gemm_status()
@@ -247,14 +244,14 @@ def test_probe_names_missing_bf16_symbols(monkeypatch: pytest.MonkeyPatch):
 
 def test_probe_accepts_the_bf16_symbols_and_the_psum_signature(fake_deep_gemm):
     assert deep_gemm_status() == (True, "deep_gemm 0.0-fake with bf16 grouped GEMMs")
-    assert psum_layout_status()[0]
+    assert psum_layout_status(False)[0]
 
 
 @pytest.mark.parametrize("cls", ALL_CLASSES)
 def test_cpu_checks_refuse_with_clear_reasons(cls, no_deep_gemm):
     checks = {c.name: c for c in cls().checks(ctx_of())}
     assert not checks["device"].ok and "CUDA GPU of SM90" in checks["device"].reason
-    assert checks["quant"].ok and checks["parallel"].ok
+    assert checks["mlp"].ok and checks["parallel"].ok
     if cls is GroupedMMExperts:
         assert "_grouped_mm" in checks["device"].reason
         assert checks["grouped_mm"].ok
@@ -275,12 +272,12 @@ def test_compose_lists_every_failure(cls, no_deep_gemm):
     with pytest.raises(IncompatibleKernelsError) as info:
         compose(pf, experts, cfg, device=CPU)
     failed = {c.name: c.reason for c in info.value.failures}
-    expected = {"experts.device", "experts.quant", "experts.deep_gemm", "experts.shape"}
+    expected = {"experts.device", "experts.mlp", "experts.deep_gemm", "experts.shape"}
     if experts.input_layout is Layout.EXPANDED:
         expected.add("layout")
         assert "hands out standard tokens" in failed["layout"] and "takes expanded" in failed["layout"]
     assert set(failed) == expected
-    assert "float32" in failed["experts.quant"]
+    assert "float32" in failed["experts.mlp"]
     assert "hidden_size=32" in failed["experts.shape"] and "intermediate_size=48" in failed["experts.shape"]
     for reason in failed.values():
         assert reason in str(info.value)
@@ -288,7 +285,7 @@ def test_compose_lists_every_failure(cls, no_deep_gemm):
 
 def test_grouped_mm_refuses_fp16_and_too_many_groups():
     checks = {c.name: c for c in GroupedMMExperts().checks(ctx_of(layer(torch.float16)))}
-    assert not checks["quant"].ok and "float16" in checks["quant"].reason
+    assert not checks["mlp"].ok and "float16" in checks["mlp"].reason
     big = LayerConfig(moe=MoEConfig(num_experts=2048, top_k=2, hidden_size=H, intermediate_size=I))
     checks = {c.name: c for c in GroupedMMExperts().checks(ctx_of(big))}
     assert not checks["grouped_mm"].ok and "1024" in checks["grouped_mm"].reason
@@ -324,7 +321,7 @@ def test_masked_capacity_is_rounded_to_the_experts_row_multiple(alignment, max_t
         ctx = ctx_of(layer(max_tokens=max_tokens))
         experts, pf = MaskedDeepGemmExperts(), LocalMaskedPrepareAndFinalize()
         fmt = experts.input_format(ctx)
-        assert (fmt.layout, fmt.alignment, fmt.fp8) == (Layout.MASKED, multiple, False)
+        assert (fmt.layout, fmt.alignment, fmt.act_quant) == (Layout.MASKED, multiple, None)
         format_check = check_pair(pf, experts, ctx)[0]
         assert format_check.name == "format" and format_check.ok, format_check
         capacity = pf.capacity(ctx, fmt)
@@ -351,6 +348,10 @@ def test_masked_prepare_takes_any_row_multiple():
 # --- hybrid threshold --------------------------------------------------------------------
 
 
+MASKED_PAIR = pair_name(LocalMaskedPrepareAndFinalize(), MaskedDeepGemmExperts())
+CONTIGUOUS_PAIR = pair_name(LocalPrepareAndFinalize(), DeepGemmExperts())
+
+
 def table_with(cfg: LayerConfig, pairs: dict[str, dict[int, float]], gpu: str = "Test GPU") -> tuning.GpuTable:
     times = {name: {str(t): us for t, us in series.items()} for name, series in pairs.items()}
     return tuning.GpuTable(gpu, "a test run", "/nowhere.json", shapes={str(tuning.ShapeKey.of(cfg)): {"pairs": times}})
@@ -369,16 +370,13 @@ def test_hybrid_threshold_is_the_tables_crossover(monkeypatch: pytest.MonkeyPatc
     cfg = layer()
     masked = {1: 90.0, 64: 110.0, 1024: 420.0, 4096: 1000.0}
     contiguous = {1: 100.0, 64: 120.0, 1024: 400.0, 4096: 900.0}
-    table = table_with(cfg, {hybrid_module.MASKED_PAIR: masked, hybrid_module.CONTIGUOUS_PAIR: contiguous})
+    # keyed as the tuner writes them: from the parts' classes
+    table = table_with(cfg, {MASKED_PAIR: masked, CONTIGUOUS_PAIR: contiguous})
     monkeypatch.setattr(tuning, "table_for", lambda device: table)
-    assert hybrid_module.MASKED_PAIR == "LocalMaskedPrepareAndFinalize + MaskedDeepGemmExperts"
-    assert hybrid_module.CONTIGUOUS_PAIR == "LocalPrepareAndFinalize + DeepGemmExperts"
     ctx = ctx_of(cfg)
     hybrid = HybridDeepGemmExperts()
     threshold, source = hybrid.threshold_for(ctx)
     assert threshold == 64 and "measured crossover" in source and "Test GPU" in source
-    hybrid.bind(ctx)
-    assert hybrid.threshold_source == source
     assert hybrid.use_masked(ctx, 64) and not hybrid.use_masked(ctx, 65)
     # a threshold given by hand wins over the table
     assert HybridDeepGemmExperts(threshold=7).threshold_for(ctx) == (7, "given")
@@ -389,9 +387,9 @@ def test_hybrid_falls_back_to_the_default_when_the_table_cannot_decide(what, mon
     cfg = layer()
     masked = {1: 90.0, 64: 110.0}
     contiguous = {1: 100.0, 64: 120.0} if what != "no_shared_t" else {2: 100.0, 128: 120.0}
-    pairs = {hybrid_module.MASKED_PAIR: masked}
+    pairs = {MASKED_PAIR: masked}
     if what != "only_masked":
-        pairs[hybrid_module.CONTIGUOUS_PAIR] = contiguous
+        pairs[CONTIGUOUS_PAIR] = contiguous
     table = table_with(layer(num_experts=8) if what == "other_shape" else cfg, pairs)
     monkeypatch.setattr(tuning, "table_for", lambda device: table)
     assert HybridDeepGemmExperts().threshold_for(ctx_of(cfg)) == (
@@ -624,24 +622,16 @@ def test_a_cpu_has_no_table():
 # --- empty batches launch nothing (deep_gemm not even imported) ----------------------------
 
 
-def test_empty_batches_return_without_touching_deep_gemm(no_deep_gemm):
+def test_empty_batches_launch_no_experts(no_deep_gemm):
+    """The composer skips the experts of an empty call (prepare and finalize still run, as EP
+    ranks must): deep_gemm, which does not import here, is never touched."""
     ctx = ctx_of()
     weights = ExpertWeights(torch.zeros(E, 2 * I, H, dtype=torch.bfloat16), torch.zeros(E, H, I, dtype=torch.bfloat16))
     x = torch.zeros(0, H, dtype=torch.bfloat16)
-    std = StandardTokens(x, torch.zeros(0, K, dtype=torch.int32), torch.zeros(0, K))
     for experts in (DeepGemmExperts(), HybridDeepGemmExperts(), GroupedMMExperts()):
-        experts.bind(ctx)
-        assert experts.workspace_specs(ctx, 0) == {}
-        experts.apply(std, weights, torch.empty(0, H, dtype=torch.bfloat16), {})
-    masked = MaskedTokens(torch.zeros(E, 0, H, dtype=torch.bfloat16), torch.zeros(E, dtype=torch.int32), 1)
-    assert workspace_bytes(MaskedDeepGemmExperts().workspace_specs(ctx, 0)) == 0
-    MaskedDeepGemmExperts().apply(masked, weights, torch.empty(E, 0, H, dtype=torch.bfloat16), {})
-    expanded = ExpandedTokens(x, torch.zeros(E, dtype=torch.int32), torch.zeros(0), 128, 1)
-    assert ExpandedDeepGemmExperts().workspace_specs(ctx, 0) == {}
-    ExpandedDeepGemmExperts().apply(expanded, weights, torch.empty(0, H, dtype=torch.bfloat16), {})
-    fp8 = ExpandedTokens(x.to(torch.float8_e4m3fn), expanded.expert_ends, torch.zeros(0), 128, 1, torch.zeros(0, 1))
-    assert Fp8ExpandedDeepGemmExperts().workspace_specs(ctx, 0) == {}
-    Fp8ExpandedDeepGemmExperts().apply(fp8, weights, torch.empty(0, H, dtype=torch.bfloat16), {})
+        kernel = ModularKernel(LocalPrepareAndFinalize(), experts, ctx, WorkspaceCache())
+        out = kernel(x, weights, torch.zeros(0, K), torch.zeros(0, K, dtype=torch.int32))
+        assert out.shape == (0, H)
 
 
 # --- the glue, end to end on the stand-in -------------------------------------------------
@@ -801,6 +791,7 @@ def test_expanded_glue_weights_valid_rows_and_zeros_the_rest(counts, fake_deep_g
     x, ends, row_weights, row_expert = expanded_problem(counts, alignment=32, extra_rows=32, seed=len(counts))
     tokens = ExpandedTokens(x, ends, row_weights, alignment=32, expected_m=max(1, sum(counts) // E))
     experts = ExpandedDeepGemmExperts()
+    experts.bind(ctx)
     assert experts.input_format(ctx).alignment == 32  # the stand-in's contiguous alignment
     out = torch.full(x.shape, float("nan"), dtype=torch.bfloat16)
     ws = poisoned(experts.workspace_specs(ctx, tokens.num_rows), WorkspaceCache())
@@ -820,6 +811,7 @@ def test_expanded_refuses_a_foreign_alignment(fake_deep_gemm):
     x, ends, row_weights, _ = expanded_problem([3, 4, 0, 1], alignment=64, extra_rows=0)
     tokens = ExpandedTokens(x, ends, row_weights, alignment=64, expected_m=2)
     experts = ExpandedDeepGemmExperts()
+    experts.bind(ctx)
     ws = WorkspaceCache().get(experts.workspace_specs(ctx, tokens.num_rows), CPU)
     with pytest.raises(ValueError, match="expert_alignment=32"):
         experts.apply(tokens, ExpertWeights(w13, w2), torch.empty_like(x), ws)
@@ -839,27 +831,29 @@ def fp8_layer() -> LayerConfig:
 
 def test_fp8_expanded_checks_on_the_cpu(no_deep_gemm):
     ctx = ctx_of(fp8_layer())
-    experts = Fp8ExpandedDeepGemmExperts()
+    experts = ExpandedDeepGemmExperts()
     checks = {c.name: c for c in experts.checks(ctx)}
-    assert not checks["device"].ok and "SM90 GPU, not cpu" in checks["device"].reason
-    assert checks["quant"].ok and checks["shape"].ok
+    assert not checks["device"].ok and "CUDA GPU of SM90, not cpu" in checks["device"].reason
+    assert checks["mlp"].ok and checks["shape"].ok
     assert not checks["deep_gemm"].ok and "deep_gemm does not import" in checks["deep_gemm"].reason
     assert "psum_layout" not in checks  # asked only once deep_gemm imports
-    assert experts.input_format(ctx) == TokenFormat(Layout.EXPANDED, alignment=1, fp8=True)
-    bf16 = {c.name: c for c in experts.checks(ctx_of(layer()))}["quant"]
-    assert not bf16.ok and "implements quant scheme fp8_w8a8_block, not none" in bf16.reason
+    assert experts.input_format(ctx) == TokenFormat(Layout.EXPANDED, alignment=1, act_quant=ActQuant())
+    # the same class on bf16 weights asks for bf16 tokens
+    assert experts.input_format(ctx_of(layer())) == TokenFormat(Layout.EXPANDED, alignment=1)
     assert experts.supports_cuda_graphs
 
 
 def test_fp8_expanded_psum_check_reads_the_fp8_gemm(fake_deep_gemm):
     ctx = ctx_of(fp8_layer())
-    assert Fp8ExpandedDeepGemmExperts().input_format(ctx) == TokenFormat(Layout.EXPANDED, alignment=32, fp8=True)
-    psum = {c.name: c for c in Fp8ExpandedDeepGemmExperts().checks(ctx)}["psum_layout"]
+    assert ExpandedDeepGemmExperts().input_format(ctx) == TokenFormat(
+        Layout.EXPANDED, alignment=32, act_quant=ActQuant()
+    )
+    psum = {c.name: c for c in ExpandedDeepGemmExperts().checks(ctx)}["psum_layout"]
     assert psum.ok and "m_grouped_fp8_gemm_nt_contiguous" in psum.reason, psum
     # a DeepGEMM whose fp8 contiguous GEMM predates the psum layout (the bf16 one still has it)
     fake_deep_gemm.m_grouped_fp8_gemm_nt_contiguous = lambda a, b, d, grouped_layout: None
     clear_probes()
-    psum = {c.name: c for c in Fp8ExpandedDeepGemmExperts().checks(ctx)}["psum_layout"]
+    psum = {c.name: c for c in ExpandedDeepGemmExperts().checks(ctx)}["psum_layout"]
     assert not psum.ok and "m_grouped_fp8_gemm_nt_contiguous takes no use_psum_layout" in psum.reason, psum
     assert {c.name: c for c in ExpandedDeepGemmExperts().checks(ctx_of())}["psum_layout"].ok
 
@@ -868,18 +862,22 @@ def fp8_expanded_problem(counts: list[int], seed: int):
     """The hand-built expanded layout quantized as DeepEP's fp8 dispatch hands it over: fp8 rows
     and float32 scales [R, H/128] token-major with column stride align(R, 4); padding rows hold
     fp8 NaN (0x7F) and NaN scales. Weights quantized per 128 x 128 block."""
-    from moe_kernels.kernels.quant import empty_group_scales, quantize_fp8_blocks, quantize_fp8_token_groups
+    from moe_kernels.kernels import quantize_rows
+    from moe_kernels.mlp.act_quant import scale_view
+    from moe_kernels.mlp.fp8 import quantize_blocks
 
     x, ends, row_weights, row_expert = expanded_problem(counts, alignment=32, extra_rows=32, seed=seed, hidden=H8)
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn)
-    scale = empty_group_scales(x.shape, mn_major=True)
-    quantize_fp8_token_groups(x.nan_to_num(), q, scale)  # then the padding rows are poisoned
+    rows = x.shape[0]
+    storage, _ = ActQuant().scale_storage(-(-rows // 4) * 4, x.shape[1])
+    scale = scale_view(torch.empty(storage))[:rows]  # token-major, column stride align(R, 4)
+    quantize_rows(x.nan_to_num(), q, scale)  # then the padding rows are poisoned
     pad = torch.tensor(row_expert) < 0
     q.view(torch.uint8)[pad] = 0x7F
     scale[pad] = float("nan")
     g = torch.Generator().manual_seed(seed + 1)
-    (q13, s13) = quantize_fp8_blocks(torch.randn(E, 2 * I8, H8, generator=g) * H8**-0.5)
-    (q2, s2) = quantize_fp8_blocks(torch.randn(E, H8, I8, generator=g) * I8**-0.5)
+    (q13, s13) = quantize_blocks(torch.randn(E, 2 * I8, H8, generator=g) * H8**-0.5)
+    (q2, s2) = quantize_blocks(torch.randn(E, H8, I8, generator=g) * I8**-0.5)
     tokens = ExpandedTokens(q, ends, row_weights, alignment=32, expected_m=max(1, sum(counts) // E), x_scale=scale)
     return tokens, ExpertWeights(q13, q2, s13, s2), row_expert
 
@@ -892,11 +890,12 @@ def test_fp8_expanded_glue_weights_valid_rows_and_zeros_the_rest(counts, fake_de
     per element, about 3.6 % rms) after a bf16 GEMM1 output: 0.1 max|ref|, as in test_fp8.py."""
     import torch.nn.functional as F
 
-    from moe_kernels.kernels.quant import dequantize_fp8_token_groups
+    from moe_kernels.mlp.fp8 import dequantize_groups
 
     ctx = ctx_of(fp8_layer())
     tokens, weights, row_expert = fp8_expanded_problem(counts, seed=len(counts) + sum(counts))
-    experts = Fp8ExpandedDeepGemmExperts()
+    experts = ExpandedDeepGemmExperts()
+    experts.bind(ctx)
     out = torch.full(tokens.x.shape, float("nan"), dtype=torch.bfloat16)
     ws = poisoned(experts.workspace_specs(ctx, tokens.num_rows), WorkspaceCache())
     experts.apply(tokens, weights, out, ws)
@@ -908,7 +907,7 @@ def test_fp8_expanded_glue_weights_valid_rows_and_zeros_the_rest(counts, fake_de
     ref = torch.zeros(len(valid), H8)
     for j, r in enumerate(valid):
         w13, w2 = weights.dequantized(row_expert[r])
-        h = w13 @ dequantize_fp8_token_groups(tokens.x[r], tokens.x_scale[r])
+        h = w13 @ dequantize_groups(tokens.x[r], tokens.x_scale[r])
         ref[j] = float(tokens.row_weights[r]) * (w2 @ (F.silu(h[:I8]) * h[I8:]))
     got = out[valid].float()
     assert torch.isfinite(got).all()
@@ -917,8 +916,9 @@ def test_fp8_expanded_glue_weights_valid_rows_and_zeros_the_rest(counts, fake_de
 
 def test_fp8_expanded_refuses_rows_without_scales(fake_deep_gemm):
     tokens, weights, _ = fp8_expanded_problem([3, 0, 1, 0], seed=0)
-    experts = Fp8ExpandedDeepGemmExperts()
+    experts = ExpandedDeepGemmExperts()
+    experts.bind(ctx_of(fp8_layer()))
     ws = WorkspaceCache().get(experts.workspace_specs(ctx_of(fp8_layer()), tokens.num_rows), CPU)
     out = torch.empty(tokens.x.shape, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="with x_scale"):
+    with pytest.raises(ValueError, match="the layer wants"):
         experts.apply(ExpandedTokens(tokens.x, tokens.expert_ends, tokens.row_weights, 32, 1), weights, out, ws)

@@ -17,8 +17,8 @@ import torch
 
 from moe_kernels import (
     ExpertWeights,
-    Fp8TritonExperts,
     FusedMoE,
+    FusedTritonExperts,
     IncompatibleKernelsError,
     LayerConfig,
     LocalMaskedPrepareAndFinalize,
@@ -32,7 +32,8 @@ from moe_kernels import (
 )
 from moe_kernels.core.compose import layer_context
 from moe_kernels.core.contract import Layout, TokenFormat
-from moe_kernels.kernels.quant import dequantize_fp8_blocks, dequantize_fp8_token_groups, quantize_fp8_blocks
+from moe_kernels.mlp.act_quant import ActQuant
+from moe_kernels.mlp.fp8 import dequantize_blocks, dequantize_groups, quantize_blocks
 
 E, K, H, I = 4, 2, 128, 256  # noqa: E741
 FP8 = QuantConfig(scheme="fp8_w8a8_block")
@@ -77,20 +78,20 @@ def test_fp8_layer_loads_pre_quantized_or_quantizes() -> None:
     s = {f"{name}_scale": {} for name in ckpt}
     for name, per_expert in ckpt.items():
         for e, w in per_expert.items():
-            wq, ws = quantize_fp8_blocks(w[None])
+            wq, ws = quantize_blocks(w[None])
             q[name][e], s[f"{name}_scale"][e] = wq[0], ws[0]
     pre.load_weights(**q, **s)
     for name in ("w13", "w2", "w13_scale", "w2_scale"):
         assert torch.equal(getattr(pre, name).float(), getattr(quantized, name).float()), name
     # gate rows first: the dequantized gate block of expert 2 is close to the source
-    gate = dequantize_fp8_blocks(pre.w13[2:3, :I], pre.w13_scale[2:3, : I // 128])[0]
+    gate = dequantize_blocks(pre.w13[2:3, :I], pre.w13_scale[2:3, : I // 128])[0]
     torch.testing.assert_close(gate, ckpt["gate_proj"][2], atol=0.07 * ckpt["gate_proj"][2].abs().max(), rtol=0)
 
 
 def test_fp8_load_errors() -> None:
     layer = FusedMoE(fp8_cfg(), device="cpu", kernel=reference(fp8_cfg()))
     ckpt = checkpoint()
-    wq, ws = quantize_fp8_blocks(ckpt["down_proj"][0][None])
+    wq, ws = quantize_blocks(ckpt["down_proj"][0][None])
     with pytest.raises(ValueError, match=r"down_proj_scale: missing expert 0"):
         layer.load_weights(down_proj={0: wq[0]}, down_proj_scale={1: ws[0]})
     with pytest.raises(ValueError, match=r"down_proj_scale\[0\] must have shape \[1, 2\]"):
@@ -103,18 +104,21 @@ def reference(cfg: LayerConfig):
     return compose(LocalPrepareAndFinalize(), TorchReferenceExperts(), cfg, device="cpu")
 
 
-def test_compose_refuses_a_part_of_the_other_scheme() -> None:
-    with pytest.raises(IncompatibleKernelsError, match="implements quant scheme none, not fp8_w8a8_block"):
-        compose(LocalPrepareAndFinalize(), TritonExperts(), fp8_cfg(), device="cpu")
+def test_compose_refuses_a_part_that_does_not_compute_the_format() -> None:
+    with pytest.raises(
+        IncompatibleKernelsError, match="computes with dense weights, not fp8 e4m3, 128x128 block scales"
+    ):
+        compose(LocalPrepareAndFinalize(), FusedTritonExperts(), fp8_cfg(), device="cpu")
+    # one class, both formats: the weights' format picks the GEMM
     bf16 = LayerConfig(moe=fp8_cfg().moe, parallel=fp8_cfg().parallel)
-    with pytest.raises(IncompatibleKernelsError, match="implements quant scheme fp8_w8a8_block, not none"):
-        compose(LocalPrepareAndFinalize(), Fp8TritonExperts(), bf16, device="cpu")
+    for cfg in (bf16, fp8_cfg()):
+        assert compose(LocalPrepareAndFinalize(), TritonExperts(), cfg, device="cpu").experts.name == "TritonExperts"
 
 
 @pytest.mark.parametrize("t", [0, 1, 7, 20])
 def test_triton_fp8_experts_match_the_loop_on_dequantized_weights(t: int) -> None:
     cfg = fp8_cfg()
-    layer = FusedMoE(cfg, device="cpu", kernel=compose(LocalPrepareAndFinalize(), Fp8TritonExperts(), cfg))
+    layer = FusedMoE(cfg, device="cpu", kernel=compose(LocalPrepareAndFinalize(), TritonExperts(), cfg))
     layer.load_weights(**checkpoint())
     x, tw, ids = routed(t)
     out = layer.kernel(x, layer.weights, tw, ids)
@@ -131,20 +135,20 @@ def test_local_masked_prepare_quantizes_rows_into_the_fp8_layout() -> None:
     cfg = fp8_cfg()
     ctx = layer_context(cfg, device="cpu")
     pf = LocalMaskedPrepareAndFinalize()
-    fmt = TokenFormat(Layout.MASKED, alignment=128, fp8=True)
+    fmt = TokenFormat(Layout.MASKED, alignment=128, act_quant=ActQuant())
     assert pf.check_format(ctx, fmt).ok
     pf.bind(ctx, fmt)
     from moe_kernels.core.compose import WorkspaceCache
 
     workspace = WorkspaceCache().get(pf.workspace_specs(ctx, fmt), ctx.device)
     x, tw, ids = routed(9)
-    tokens = pf.prepare(x, ids, tw, workspace).tokens
+    tokens = pf.prepare(x, tw, ids, workspace).tokens
     assert tokens.x.dtype == torch.float8_e4m3fn and tokens.x.shape == (E, 128, H)
     assert tokens.x_scale.shape == (E, 128, 1) and tokens.x_scale.stride()[1] == 1  # token-major
     for e in range(E):
         rows = sorted(t for t in range(9) for k in range(K) if int(ids[t, k]) == e)
         assert int(tokens.counts[e]) == len(rows)
-        got = dequantize_fp8_token_groups(tokens.x[e, : len(rows)], tokens.x_scale[e, : len(rows)])
+        got = dequantize_groups(tokens.x[e, : len(rows)], tokens.x_scale[e, : len(rows)])
         want = x[rows].float()
         # rows land in any order (atomic slots): compare as sets of rows, within the fp8 bound
         for row in want:
@@ -154,7 +158,7 @@ def test_local_masked_prepare_quantizes_rows_into_the_fp8_layout() -> None:
 def test_reference_experts_dequantize_fp8_tokens() -> None:
     """Tokens that arrive quantized (fp8 dispatch) are dequantized by the reference."""
     from moe_kernels.core.contract import StandardTokens
-    from moe_kernels.kernels.quant import quantize_fp8_token_groups
+    from moe_kernels.kernels import quantize_rows
 
     cfg = fp8_cfg()
     layer = FusedMoE(cfg, device="cpu", kernel=reference(cfg))
@@ -162,10 +166,11 @@ def test_reference_experts_dequantize_fp8_tokens() -> None:
     x, tw, ids = routed(5)
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn)
     s = torch.empty(5, 1)
-    quantize_fp8_token_groups(x, q, s)
+    quantize_rows(x, q, s)
     experts = TorchReferenceExperts()
+    experts.bind(layer_context(cfg, device="cpu"))
     from_fp8, from_bf16 = torch.empty_like(x), torch.empty_like(x)
     experts.apply(StandardTokens(q, ids, tw, s), layer.weights, from_fp8, {})
-    experts.apply(StandardTokens(dequantize_fp8_token_groups(q, s).bfloat16(), ids, tw), layer.weights, from_bf16, {})
+    experts.apply(StandardTokens(dequantize_groups(q, s).bfloat16(), ids, tw), layer.weights, from_bf16, {})
     torch.testing.assert_close(from_fp8.float(), from_bf16.float(), atol=2e-2, rtol=2e-2)
-    assert isinstance(layer.weights, ExpertWeights) and layer.weights.is_fp8
+    assert isinstance(layer.weights, ExpertWeights) and layer.weights.is_quantized

@@ -1,6 +1,6 @@
 """GPU tests of the fp8 block-scaled experts on real EP-local shapes.
 
-Every STANDARD and MASKED fp8 experts class of the registry runs composed behind the local
+Every STANDARD and MASKED experts class of the registry that computes fp8 weights runs composed behind the local
 prepare/finalize of its layout, and the EXPANDED one on a hand-built copy of DeepEP's fp8
 dispatch output; each is compared with a plain-torch loop on the dequantized weights and the
 unquantized bf16 activations. The difference is then the activations' quantization error: rounding to e4m3
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_kernels import (
+    ExpandedDeepGemmExperts,
     ExpertWeights,
-    Fp8ExpandedDeepGemmExperts,
     LayerConfig,
     Layout,
     LocalMaskedPrepareAndFinalize,
@@ -31,10 +31,13 @@ from moe_kernels import (
     WorkspaceCache,
     compose,
 )
+from moe_kernels.backends import deep_gemm
 from moe_kernels.core.compose import check_pair, layer_context
 from moe_kernels.core.contract import ExpandedTokens
-from moe_kernels.experts.deepgemm import deep_gemm_alignment
-from moe_kernels.kernels.quant import empty_group_scales, quantize_fp8_blocks, quantize_fp8_token_groups
+from moe_kernels.kernels import quantize_rows
+from moe_kernels.mlp.act_quant import ActQuant, scale_view
+from moe_kernels.mlp.formats import Fp8Block
+from moe_kernels.mlp.fp8 import quantize_blocks
 from moe_kernels.selection import registry
 
 pytestmark = pytest.mark.gpu
@@ -44,7 +47,7 @@ CASES = [(0, "uniform"), (1, "uniform"), (7, "skewed"), (128, "uniform"), (4096,
 FP8_EXPERTS = {
     part.name: make
     for make in registry.EXPERTS
-    if "fp8_w8a8_block" in (part := make(None)).quant_schemes
+    if Fp8Block in (part := make(None)).weight_formats
     and part.name != "TorchReferenceExperts"
     and part.input_layout is not Layout.EXPANDED  # no local prepare/finalize hands those out
 }
@@ -72,7 +75,7 @@ def weights(shape: str) -> ExpertWeights:
     gen = torch.Generator(device="cuda").manual_seed(0)
     w13 = torch.randn(e, 2 * i, h, device="cuda", generator=gen) * h**-0.5
     w2 = torch.randn(e, h, i, device="cuda", generator=gen) * i**-0.5
-    (q13, s13), (q2, s2) = quantize_fp8_blocks(w13), quantize_fp8_blocks(w2)
+    (q13, s13), (q2, s2) = quantize_blocks(w13), quantize_blocks(w2)
     return ExpertWeights(q13, q2, s13, s2)
 
 
@@ -126,7 +129,7 @@ def test_fp8_experts_match_the_dequantized_loop(shape, name, t, route):
     assert_quantization_close(out, reference(x, weights(shape), w, ids), f"{shape} {name} T={t} {route}")
 
 
-@pytest.mark.parametrize("name", ["Fp8MaskedDeepGemmExperts", "Fp8HybridDeepGemmExperts", "Fp8DeepGemmExperts"])
+@pytest.mark.parametrize("name", ["MaskedDeepGemmExperts", "HybridDeepGemmExperts", "DeepGemmExperts"])
 def test_fp8_paths_replay_in_a_cuda_graph(name):
     shape = "deepseek_v3_ep8"
     kernel = kernel_for(name, layer(shape, cuda_graphs=True, max_tokens_per_rank=256))
@@ -176,10 +179,11 @@ def expanded_dispatch(
 
     q_tok = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=device)
     s_tok = torch.empty(t, -(-h // 128), dtype=torch.float32, device=device)
-    quantize_fp8_token_groups(x, q_tok, s_tok)
+    quantize_rows(x, q_tok, s_tok)
     q = torch.full((rows, h), 0x7F, dtype=torch.uint8, device=device)
     q[row_of] = q_tok.view(torch.uint8)[tok]
-    scale = empty_group_scales((rows, h), mn_major=True, device=device).fill_(float("nan"))
+    storage, _ = ActQuant().scale_storage(-(-rows // 4) * 4, h)
+    scale = scale_view(torch.empty(storage, device=device))[:rows].fill_(float("nan"))
     scale[row_of] = s_tok[tok]
     row_weights = torch.full((rows,), float("nan"), device=device)
     row_weights[row_of] = topk_w[tok, slot]
@@ -205,13 +209,13 @@ def test_fp8_expanded_experts_weight_valid_rows_and_zero_the_rest(shape, t):
     e, _, h, i = SHAPES[shape]
     cfg = layer(shape)
     ctx = layer_context(cfg, device="cuda")
-    experts = Fp8ExpandedDeepGemmExperts()
+    experts = ExpandedDeepGemmExperts()
     failed = [c for c in experts.checks(ctx) if not c.ok]
     if failed:
         pytest.skip("; ".join(f"{c.name}: {c.reason}" for c in failed))
     w = weights(shape)
     x, topk_w, ids = routing(shape, t, "skewed", seed=100 + t)
-    tokens, row_token, row_expert = expanded_dispatch(x, ids, topk_w, e, deep_gemm_alignment())
+    tokens, row_token, row_expert = expanded_dispatch(x, ids, topk_w, e, deep_gemm.alignment())
     experts.bind(ctx)
     workspace = WorkspaceCache().get(experts.workspace_specs(ctx, tokens.num_rows), x.device)
     for buf in workspace.values():

@@ -12,14 +12,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moe_kernels.core.tiles import candidate_configs, default_configs
 from moe_kernels.kernels.fused_moe import (
     ONE_LAUNCH_MAX_SLOTS,
     FusedConfig,
     GatherLayout,
-    candidate_configs,
-    default_configs,
     fused_experts,
-    fused_gemm1_silu,
+    fused_gemm1,
     fused_gemm2_weighted,
     fused_workspace_shapes,
     gather_layout,
@@ -183,14 +182,14 @@ def test_gather_layout_no_tokens() -> None:
 @pytest.mark.parametrize(
     ("dtype", "block_m"), [(torch.float32, 16), (torch.bfloat16, 32), (torch.float16, 64), (torch.float32, 64)]
 )
-def test_fused_gemm1_silu(dtype: torch.dtype, block_m: int) -> None:
+def test_fused_gemm1(dtype: torch.dtype, block_m: int) -> None:
     num_tokens, top_k, num_experts = 11, 3, 4
     ids = tricky_routing(num_tokens, top_k, num_experts, hot=2, seed=2)
     layout = gather_layout(ids, num_experts, block_m)
     x = randn(num_tokens, HIDDEN, dtype=dtype, seed=3)
     w13 = randn(num_experts, 2 * INTER, HIDDEN, dtype=dtype, seed=4, scale=0.25)
     out = torch.full((layout.num_rows, INTER), float("nan"), dtype=dtype, device=DEVICE)
-    fused_gemm1_silu(x, w13, layout, out, tiles(block_m))
+    fused_gemm1(x, w13, layout, out, tiles(block_m))
 
     written = set()
     for t in range(num_tokens):
@@ -338,7 +337,7 @@ def test_bad_inputs_raise_with_argument_names() -> None:
         fused_experts(x, w13.bfloat16(), w2, None, ids, out, workspace=workspace, gemm1=tiles(16), gemm2=tiles(16))
     layout = gather_layout(ids, 3, 16)
     with pytest.raises(ValueError, match="config.block_m: expected the layout's block_m = 16, got 32"):
-        fused_gemm1_silu(x, w13, layout, workspace["activation"], tiles(32))
+        fused_gemm1(x, w13, layout, workspace["activation"], tiles(32))
     with pytest.raises(ValueError, match=r"out: expected shape \[8, 40\]"):
         fused_gemm2_weighted(workspace["activation"], w2, layout, None, out, tiles(16))
     with pytest.raises(ValueError, match="block_n: expected a power of two >= 16, got 24"):

@@ -12,16 +12,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_kernels.kernels import (
+    activate,
     contiguous_layout,
     contiguous_rows_bound,
-    expert_counts,
     grouped_gemm_contiguous,
     grouped_gemm_masked,
     masked_layout,
     scatter_rows,
-    silu_and_mul,
     weighted_gather,
 )
+from moe_kernels.mlp.activations import SILU
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FEW = settings(max_examples=15, deadline=None)
@@ -103,9 +103,9 @@ def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> tor
 
 @FEW
 @given(routings())
-def test_expert_counts_match_histogram(routing: tuple[torch.Tensor, int]) -> None:
+def test_layout_counts_match_histogram(routing: tuple[torch.Tensor, int]) -> None:
     ids, num_experts = routing
-    counts = expert_counts(ids, num_experts)
+    counts = contiguous_layout(ids, num_experts, 1).counts
     assert counts.dtype == torch.int32
     assert counts.tolist() == histogram(ids, num_experts)
 
@@ -200,7 +200,7 @@ def test_masked_layout_repeated_ids_match_the_loop() -> None:
     a = torch.full((num_experts, num_tokens, HIDDEN), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     scatter_rows(x, layout, a)
     h = torch.empty(num_experts, num_tokens, INTER, dtype=torch.bfloat16, device=DEVICE)
-    grouped_gemm_masked(a, w13, layout.counts, h, fuse_silu_and_mul=True, **SMALL_TILES)
+    grouped_gemm_masked(a, w13, layout.counts, h, activation=SILU, **SMALL_TILES)
     y = torch.empty(num_experts, num_tokens, HIDDEN, dtype=torch.bfloat16, device=DEVICE)
     grouped_gemm_masked(h, w2, layout.counts, y, **SMALL_TILES)
     out = weighted_gather(y, layout, weights, torch.empty(num_tokens, HIDDEN, dtype=torch.bfloat16, device=DEVICE))
@@ -286,9 +286,9 @@ def test_empty_batches_launch_nothing() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_silu_and_mul(dtype: torch.dtype) -> None:
+def test_activate(dtype: torch.dtype) -> None:
     x = randn(5, 2 * 24, dtype=dtype)
-    out = silu_and_mul(x, torch.empty(5, 24, dtype=dtype, device=DEVICE))
+    out = activate(x, torch.empty(5, 24, dtype=dtype, device=DEVICE))
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out.float(), silu_mul_ref(x).to(dtype).float(), rtol=tol, atol=tol)
 
@@ -297,7 +297,7 @@ def test_silu_and_mul_skips_padding_rows_of_grouped_layout() -> None:
     x = randn(6, 16, dtype=torch.bfloat16)
     grouped_layout = torch.tensor([0, -1, 2, -1, -1, 1], dtype=torch.int32, device=DEVICE)
     out = torch.full((6, 8), SENTINEL, dtype=torch.bfloat16, device=DEVICE)
-    silu_and_mul(x, out, grouped_layout=grouped_layout)
+    activate(x, out, grouped_layout=grouped_layout)
     live = grouped_layout >= 0
     torch.testing.assert_close(out[live].float(), silu_mul_ref(x[live]).bfloat16().float(), rtol=1e-2, atol=1e-2)
     assert bool((out[~live] == SENTINEL).all())
@@ -307,7 +307,7 @@ def test_silu_and_mul_skips_rows_past_counts() -> None:
     x = randn(3, 4, 2 * 12)
     counts = torch.tensor([0, 3, 4], dtype=torch.int32, device=DEVICE)
     out = torch.full((3, 4, 12), SENTINEL, device=DEVICE)
-    silu_and_mul(x, out, counts=counts)
+    activate(x, out, counts=counts)
     for e, count in enumerate(counts.tolist()):
         torch.testing.assert_close(out[e, :count], silu_mul_ref(x[e, :count]))
         assert bool((out[e, count:] == SENTINEL).all())
@@ -330,7 +330,9 @@ def test_grouped_gemm_contiguous(fuse: bool, dtype: torch.dtype) -> None:
     b = randn(num_experts, 2 * INTER, HIDDEN, dtype=dtype, seed=4)
     n_out = INTER if fuse else 2 * INTER
     out = torch.full((rows, n_out), SENTINEL, dtype=dtype, device=DEVICE)
-    grouped_gemm_contiguous(a, b, layout.grouped_layout, out, fuse_silu_and_mul=fuse, alignment=16, **SMALL_TILES)
+    grouped_gemm_contiguous(
+        a, b, layout.grouped_layout, out, activation=SILU if fuse else None, alignment=16, **SMALL_TILES
+    )
     for r, e in enumerate(layout.grouped_layout.tolist()):
         if e < 0:
             assert bool((out[r] == SENTINEL).all()), f"padding row {r} was written"
@@ -348,7 +350,7 @@ def test_grouped_gemm_masked(fuse: bool, dtype: torch.dtype) -> None:
     b = randn(num_experts, 2 * INTER, HIDDEN, dtype=dtype, seed=6)
     n_out = INTER if fuse else 2 * INTER
     out = torch.full((num_experts, rows_per_expert, n_out), SENTINEL, dtype=dtype, device=DEVICE)
-    grouped_gemm_masked(a, b, counts, out, fuse_silu_and_mul=fuse, block_m=4, block_n=16, block_k=16)
+    grouped_gemm_masked(a, b, counts, out, activation=SILU if fuse else None, block_m=4, block_n=16, block_k=16)
     for e, count in enumerate(counts.tolist()):
         expected = expert_mlp_ref(a[e, :count], b[e], fuse)
         assert_close_rel(out[e, :count], expected, 1e-5 if dtype == torch.float32 else 2e-2)
@@ -368,7 +370,7 @@ def test_full_moe_pipeline_matches_reference(kind: str) -> None:
         a = torch.zeros(layout.num_rows_bound, HIDDEN, dtype=torch.bfloat16, device=DEVICE)
         scatter_rows(x, layout, a)
         h = torch.empty(layout.num_rows_bound, INTER, dtype=torch.bfloat16, device=DEVICE)
-        grouped_gemm_contiguous(a, w13, layout.grouped_layout, h, fuse_silu_and_mul=True, **SMALL_TILES)
+        grouped_gemm_contiguous(a, w13, layout.grouped_layout, h, activation=SILU, **SMALL_TILES)
         y = torch.empty(layout.num_rows_bound, HIDDEN, dtype=torch.bfloat16, device=DEVICE)
         grouped_gemm_contiguous(h, w2, layout.grouped_layout, y, **SMALL_TILES)
     else:
@@ -376,7 +378,7 @@ def test_full_moe_pipeline_matches_reference(kind: str) -> None:
         a = torch.zeros(num_experts, num_tokens, HIDDEN, dtype=torch.bfloat16, device=DEVICE)
         scatter_rows(x, layout, a)
         h = torch.empty(num_experts, num_tokens, INTER, dtype=torch.bfloat16, device=DEVICE)
-        grouped_gemm_masked(a, w13, layout.counts, h, fuse_silu_and_mul=True, **SMALL_TILES)
+        grouped_gemm_masked(a, w13, layout.counts, h, activation=SILU, **SMALL_TILES)
         y = torch.empty(num_experts, num_tokens, HIDDEN, dtype=torch.bfloat16, device=DEVICE)
         grouped_gemm_masked(h, w2, layout.counts, y, **SMALL_TILES)
     out = weighted_gather(y, layout, weights, torch.empty(num_tokens, HIDDEN, dtype=torch.bfloat16, device=DEVICE))
@@ -402,7 +404,7 @@ def test_segments_aligned_to_the_default_tile_run_with_default_tiles() -> None:
 def test_bad_inputs_raise_with_argument_names() -> None:
     ids = torch.zeros(4, 2, dtype=torch.int32, device=DEVICE)
     with pytest.raises(TypeError, match="topk_ids.*dtype.*float32"):
-        expert_counts(ids.float(), 4)
+        contiguous_layout(ids.float(), 4, 1)
     with pytest.raises(ValueError, match="topk_ids.*2-D"):
         contiguous_layout(ids.flatten(), 4, 16)
     with pytest.raises(ValueError, match="capacity"):
@@ -415,7 +417,7 @@ def test_bad_inputs_raise_with_argument_names() -> None:
     with pytest.raises(TypeError, match=r"b: expected dtype .*bfloat16.* got torch.float32"):
         grouped_gemm_contiguous(a, b.float(), layout, out)
     with pytest.raises(ValueError, match=r"out: expected shape \[32, 4\], got \[32, 8\]"):
-        grouped_gemm_contiguous(a, b, layout, out, fuse_silu_and_mul=True)
+        grouped_gemm_contiguous(a, b, layout, out, activation=SILU)
     with pytest.raises(ValueError, match=r"b: expected K = 16"):
         grouped_gemm_contiguous(a, b[..., :8].contiguous(), layout, out)
     with pytest.raises(ValueError, match="a: expected a contiguous"):
@@ -428,9 +430,9 @@ def test_bad_inputs_raise_with_argument_names() -> None:
         grouped_gemm_masked(a.view(2, 16, 16), b, layout[:3], out.view(2, 16, 8))
 
     with pytest.raises(ValueError, match="x: expected shape"):
-        silu_and_mul(torch.zeros(4, 7, device=DEVICE), torch.zeros(4, 3, device=DEVICE))
+        activate(torch.zeros(4, 7, device=DEVICE), torch.zeros(4, 3, device=DEVICE))
     with pytest.raises(ValueError, match="at most one"):
-        silu_and_mul(a, out, grouped_layout=layout, counts=layout[:2])
+        activate(a, out, grouped_layout=layout, counts=layout[:2])
     with pytest.raises(ValueError, match=r"dst_row: expected shape \[4, \*\]"):
         scatter_rows(torch.zeros(4, 16, device=DEVICE), torch.zeros(3, 2, dtype=torch.int64, device=DEVICE), a)
     with pytest.raises(TypeError, match="topk_weights"):

@@ -23,7 +23,6 @@ from moe_kernels import (
     TorchReferenceExperts,
     WorkspaceCache,
     compose,
-    load_config,
 )
 
 E, K, H, INTER = 8, 2, 16, 32
@@ -318,9 +317,3 @@ def test_supplied_kernel_must_match_the_layer() -> None:
         FusedMoE(cfg, device="cpu", kernel=kernel, placement=reversed_placement)
     layer = FusedMoE(cfg, device="cpu", kernel=kernel)
     assert layer.selection is None and layer.kernel is kernel
-
-
-def test_from_config() -> None:
-    cfg = load_config(CONFIGS / "tiny-test.yaml")
-    layer = FusedMoE.from_config(cfg, device="cpu")
-    assert layer.cfg == cfg and layer.w13.shape == (8, 256, 64)

@@ -1,4 +1,5 @@
-"""Tests of the fp8 quantization kernels and the block-scaled fp8 grouped GEMMs (kernels/quant.py).
+"""Tests of the fp8 quantization fused into the Triton kernels (scatter, activation, plain
+cast) and of the block-scaled fp8 path of the grouped GEMM.
 
 References are plain torch, written for clarity: per-group loops, float64 matmuls. Without a GPU the
 kernels run in the Triton interpreter, so shapes stay small; K and N are chosen both as multiples of
@@ -32,20 +33,9 @@ import math
 import pytest
 import torch
 
-from moe_kernels.kernels.activation import silu_and_mul
-from moe_kernels.kernels.quant import (
-    EPS,
-    FP8_MAX,
-    dequantize_fp8_blocks,
-    dequantize_fp8_token_groups,
-    empty_group_scales,
-    grouped_gemm_fp8_contiguous,
-    grouped_gemm_fp8_masked,
-    quantize_fp8_blocks,
-    quantize_fp8_token_groups,
-    scatter_rows_quant_fp8,
-    silu_and_mul_quant_fp8,
-)
+from moe_kernels.kernels import activate, grouped_gemm_contiguous, grouped_gemm_masked, quantize_rows, scatter_rows
+from moe_kernels.mlp.act_quant import ActQuant, scale_view
+from moe_kernels.mlp.fp8 import EPS, FP8_MAX, dequantize_blocks, dequantize_groups, quantize_blocks
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FP8 = torch.float8_e4m3fn
@@ -66,7 +56,7 @@ def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0, scale:
     return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(DEVICE)
 
 
-def ref_quantize(x: torch.Tensor, group: int, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def ref_quantize(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group cast of ``x [..., K]``, one group at a time."""
     x = x.float()
     n_cols = x.shape[-1]
@@ -75,9 +65,6 @@ def ref_quantize(x: torch.Tensor, group: int, ue8m0: bool) -> tuple[torch.Tensor
     for start in range(0, n_cols, group):
         part = x[..., start : start + group]
         scale = (part.abs().amax(dim=-1).clamp_min(EPS).double() / FP8_MAX).float()
-        if ue8m0:
-            # float64 log2 resolves scales one fp32 ulp above a power of two.
-            scale = torch.exp2(torch.ceil(torch.log2(scale.double()))).float()
         y = (part.double() / scale.double()[..., None]).float()
         q[..., start : start + group] = y.clamp(-FP8_MAX, FP8_MAX).to(FP8)
         scales.append(scale)
@@ -111,6 +98,19 @@ def assert_quant_bound(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, gr
     s_full = scale.double().repeat_interleave(group, dim=-1)[..., : x.shape[-1]]
     bound = (QUANT_REL * x.double().abs() + QUANT_SUBNORMAL * s_full) * (1 + FP32_SLACK)
     assert ((deq - x.double()).abs() <= bound).all()
+
+
+def mn_major_scales(shape: tuple[int, ...]) -> torch.Tensor:
+    """Scales for fp8 rows ``[M, K]`` / ``[E, M, K]`` in the layout DeepGEMM reads as it is: the
+    token dim contiguous, its stride padded to 4 floats (the workspaces' layout)."""
+    quant = ActQuant()
+    *lead, k = shape
+    rows = -(-lead[-1] // 4) * 4
+    if len(lead) == 1:
+        storage_shape, _ = quant.scale_storage(rows, k)
+    else:
+        storage_shape, _ = quant.masked_scale_storage(lead[0], rows, k)
+    return scale_view(torch.empty(storage_shape, device=DEVICE))[..., : lead[-1], :]
 
 
 def poisoned_fp8(*shape: int) -> torch.Tensor:
@@ -155,21 +155,21 @@ def gemm_tolerance(a_deq: torch.Tensor, b_deq: torch.Tensor, ref: torch.Tensor, 
 
 
 @pytest.mark.parametrize(
-    ("shape", "dtype", "group", "ue8m0"),
+    ("shape", "dtype", "group"),
     [
-        ((5, 256), torch.bfloat16, 128, False),
-        ((5, 200), torch.float32, 128, True),
-        ((4, 72), torch.bfloat16, 32, False),
-        ((2, 3, 130), torch.float16, 128, False),
+        ((5, 256), torch.bfloat16, 128),
+        ((5, 200), torch.float32, 128),
+        ((4, 72), torch.bfloat16, 32),
+        ((2, 3, 130), torch.float16, 128),
     ],
 )
-def test_quantize_matches_reference(shape: tuple[int, ...], dtype: torch.dtype, group: int, ue8m0: bool) -> None:
+def test_quantize_matches_reference(shape: tuple[int, ...], dtype: torch.dtype, group: int) -> None:
     # Columns of very different magnitude so that groups differ and small values hit subnormals.
     x = (randn(*shape) * torch.logspace(-3, 2, shape[-1], device=DEVICE)).to(dtype)
     q = poisoned_fp8(*shape)
     scale = torch.full((*shape[:-1], math.ceil(shape[-1] / group)), float("nan"), device=DEVICE)
-    quantize_fp8_token_groups(x, q, scale, group=group, ue8m0=ue8m0)
-    q_ref, scale_ref = ref_quantize(x, group, ue8m0)
+    quantize_rows(x, q, scale, group=group)
+    q_ref, scale_ref = ref_quantize(x, group)
     assert torch.equal(scale, scale_ref)
     assert_same_fp8(q, q_ref)
     assert_quant_bound(q, scale, x, group)
@@ -179,7 +179,7 @@ def test_quantize_error_bound_and_amax_maps_to_448() -> None:
     x = randn(16, 384, seed=1) * torch.logspace(-4, 3, 16, device=DEVICE)[:, None]
     q = torch.empty(16, 384, dtype=FP8, device=DEVICE)
     scale = torch.empty(16, 3, device=DEVICE)
-    quantize_fp8_token_groups(x, q, scale)
+    quantize_rows(x, q, scale)
     assert_quant_bound(q, scale, x, 128)
     # The coarser per-group statement: error <= 2^-4 of the group's amax.
     deq = ref_dequantize_groups(q, scale, 128).view(16, 3, 128)
@@ -196,7 +196,7 @@ def test_zero_and_tiny_groups_use_the_eps_floor() -> None:
     x[1, :128] = 1e-7  # amax below EPS: scale floored, values land in the subnormal range
     q = torch.empty(3, 256, dtype=FP8, device=DEVICE)
     scale = torch.empty(3, 2, device=DEVICE)
-    quantize_fp8_token_groups(x, q, scale)
+    quantize_rows(x, q, scale)
     floor = (torch.tensor(EPS, dtype=torch.float32).double() / FP8_MAX).float()
     assert (scale[0] == floor.to(DEVICE)).all() and scale[1, 0] == floor.to(DEVICE)
     assert (q[0].float() == 0).all()
@@ -204,42 +204,29 @@ def test_zero_and_tiny_groups_use_the_eps_floor() -> None:
     assert_quant_bound(q, scale, x, 128)
 
 
-def test_ue8m0_scales_are_powers_of_two_at_or_above_amax_over_448() -> None:
-    x = randn(8, 256, seed=3) * torch.logspace(-2, 4, 8, device=DEVICE)[:, None]
-    q = torch.empty(8, 256, dtype=FP8, device=DEVICE)
-    scale = torch.empty(8, 2, device=DEVICE)
-    quantize_fp8_token_groups(x, q, scale, ue8m0=True)
-    mantissa, _ = torch.frexp(scale)
-    assert (mantissa == 0.5).all()
-    exact = x.view(8, 2, 128).abs().amax(-1).double() / FP8_MAX
-    assert (scale >= exact).all() and (scale < 2 * exact).all()
-    assert_quant_bound(q, scale, x, 128)
-
-
 def test_mn_major_scale_layout_matches_deepgemm_and_row_major_values() -> None:
-    scale_2d = empty_group_scales((6, 300), mn_major=True, device=DEVICE)
+    scale_2d = mn_major_scales((6, 300))
     assert scale_2d.shape == (6, 3) and scale_2d.stride() == (1, 8)  # align(6, 4) = 8
-    scale_3d = empty_group_scales((2, 5, 256), mn_major=True, device=DEVICE)
+    scale_3d = mn_major_scales((2, 5, 256))
     assert scale_3d.shape == (2, 5, 2) and scale_3d.stride() == (16, 1, 8)
-    assert empty_group_scales((5, 256), device=DEVICE).is_contiguous()
 
     x = randn(2, 5, 256, seed=4)
     q = torch.empty(2, 5, 256, dtype=FP8, device=DEVICE)
-    quantize_fp8_token_groups(x, q, scale_3d)
-    q_ref, scale_ref = ref_quantize(x, 128, False)
+    quantize_rows(x, q, scale_3d)
+    q_ref, scale_ref = ref_quantize(x, 128)
     assert torch.equal(scale_3d, scale_ref)
     assert_same_fp8(q, q_ref)
     x2 = randn(6, 300, seed=5)
-    quantize_fp8_token_groups(x2, torch.empty(6, 300, dtype=FP8, device=DEVICE), scale_2d)
-    assert torch.equal(scale_2d, ref_quantize(x2, 128, False)[1])
+    quantize_rows(x2, torch.empty(6, 300, dtype=FP8, device=DEVICE), scale_2d)
+    assert torch.equal(scale_2d, ref_quantize(x2, 128)[1])
 
 
 def test_quantize_accepts_a_row_slice() -> None:
     x = randn(4, 512, seed=6)[:, :256]
     q = torch.empty(4, 256, dtype=FP8, device=DEVICE)
     scale = torch.empty(4, 2, device=DEVICE)
-    quantize_fp8_token_groups(x, q, scale)
-    q_ref, scale_ref = ref_quantize(x, 128, False)
+    quantize_rows(x, q, scale)
+    q_ref, scale_ref = ref_quantize(x, 128)
     assert torch.equal(scale, scale_ref)
     assert_same_fp8(q, q_ref)
 
@@ -247,17 +234,16 @@ def test_quantize_accepts_a_row_slice() -> None:
 # ----------------------------------------------------------------------------- fused scatter / activation
 
 
-@pytest.mark.parametrize("ue8m0", [False, True])
-def test_scatter_rows_quant_contiguous_layout(ue8m0: bool) -> None:
+def test_scatter_rows_quant_contiguous_layout() -> None:
     ids = routing(num_tokens=6, top_k=3, num_experts=4, seed=7)
     dst_row, grouped_layout = contiguous_routing(ids, 4, alignment=8)
     x = randn(6, 200, dtype=torch.bfloat16, seed=8)
     rows = grouped_layout.numel()
     q = poisoned_fp8(rows, 200)
     scale = torch.full((rows, 2), float("nan"), device=DEVICE)
-    scatter_rows_quant_fp8(x, dst_row, q, scale, ue8m0=ue8m0)
+    scatter_rows(x, dst_row, q, scale_out=scale)
 
-    q_tok, scale_tok = ref_quantize(x, 128, ue8m0)
+    q_tok, scale_tok = ref_quantize(x, 128)
     written = torch.zeros(rows, dtype=torch.bool)
     for t in range(6):
         for k in range(3):
@@ -285,10 +271,10 @@ def test_scatter_rows_quant_masked_layout_with_mn_major_scales() -> None:
                 fill[e] += 1
     x = randn(5, hidden, dtype=torch.bfloat16, seed=10)
     q = poisoned_fp8(num_experts, capacity, hidden)
-    scale = empty_group_scales(q.shape, mn_major=True, device=DEVICE).fill_(float("nan"))
-    scatter_rows_quant_fp8(x, dst.to(DEVICE), q, scale)
+    scale = mn_major_scales(q.shape).fill_(float("nan"))
+    scatter_rows(x, dst.to(DEVICE), q, scale_out=scale)
 
-    q_tok, scale_tok = ref_quantize(x, 128, False)
+    q_tok, scale_tok = ref_quantize(x, 128)
     for e in range(num_experts):
         for m in range(capacity):
             hits = (dst == e * capacity + m).nonzero().tolist()
@@ -306,14 +292,14 @@ def test_silu_and_mul_quant_grouped_layout_matches_unfused() -> None:
     gate_up = randn(rows, 2 * inter, dtype=torch.bfloat16, seed=11, scale=3.0)
     grouped_layout = torch.tensor([0, 0, -1, 1, -1, 2, 2], dtype=torch.int32, device=DEVICE)
     q = poisoned_fp8(rows, inter)
-    scale = empty_group_scales((rows, inter), mn_major=True, device=DEVICE).fill_(float("nan"))
-    silu_and_mul_quant_fp8(gate_up, q, scale, grouped_layout=grouped_layout)
+    scale = mn_major_scales((rows, inter)).fill_(float("nan"))
+    activate(gate_up, q, scale_out=scale, grouped_layout=grouped_layout)
 
-    # Unfused: the repo's silu_and_mul into fp32, then the plain cast.
-    act = silu_and_mul(gate_up, torch.empty(rows, inter, device=DEVICE))
+    # Unfused: the repo's activation into fp32, then the plain cast.
+    act = activate(gate_up, torch.empty(rows, inter, device=DEVICE))
     q_ref = torch.empty(rows, inter, dtype=FP8, device=DEVICE)
     scale_ref = torch.empty(rows, 2, device=DEVICE)
-    quantize_fp8_token_groups(act, q_ref, scale_ref)
+    quantize_rows(act, q_ref, scale_ref)
     # Against an independent torch SiLU the fp8 rounding may differ by one step, within the bound.
     gate, up = gate_up.float().chunk(2, dim=-1)
     act_torch = gate * torch.sigmoid(gate) * up
@@ -327,19 +313,18 @@ def test_silu_and_mul_quant_grouped_layout_matches_unfused() -> None:
     assert_quant_bound(q[live], scale[live], act_torch[live], 128)
 
 
-@pytest.mark.parametrize("ue8m0", [False, True])
-def test_silu_and_mul_quant_masked_counts_matches_unfused(ue8m0: bool) -> None:
+def test_silu_and_mul_quant_masked_counts_matches_unfused() -> None:
     num_experts, capacity, inter = 3, 4, 256
     gate_up = randn(num_experts, capacity, 2 * inter, dtype=torch.bfloat16, seed=12, scale=2.0)
     counts = torch.tensor([4, 0, 2], dtype=torch.int32, device=DEVICE)
     q = poisoned_fp8(num_experts, capacity, inter)
     scale = torch.full((num_experts, capacity, 2), float("nan"), device=DEVICE)
-    silu_and_mul_quant_fp8(gate_up, q, scale, counts=counts, ue8m0=ue8m0)
+    activate(gate_up, q, scale_out=scale, counts=counts)
 
-    act = silu_and_mul(gate_up, torch.empty(num_experts, capacity, inter, device=DEVICE))
+    act = activate(gate_up, torch.empty(num_experts, capacity, inter, device=DEVICE))
     q_ref = torch.empty(num_experts, capacity, inter, dtype=FP8, device=DEVICE)
     scale_ref = torch.empty(num_experts, capacity, 2, device=DEVICE)
-    quantize_fp8_token_groups(act, q_ref, scale_ref, ue8m0=ue8m0)
+    quantize_rows(act, q_ref, scale_ref)
     for e in range(num_experts):
         live = int(counts[e])
         assert_same_fp8(q[e, :live], q_ref[e, :live])
@@ -353,7 +338,7 @@ def test_silu_and_mul_quant_masked_counts_matches_unfused(ue8m0: bool) -> None:
 
 def quantized_weights(num_experts: int, n_out: int, k_dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     w = randn(num_experts, n_out, k_dim, seed=seed) * torch.logspace(-1, 1, k_dim, device=DEVICE)
-    return quantize_fp8_blocks(w)
+    return quantize_blocks(w)
 
 
 @pytest.mark.parametrize(
@@ -368,11 +353,12 @@ def test_grouped_gemm_fp8_contiguous(k_dim: int, n_out: int, out_dtype: torch.dt
     x = randn(7, k_dim, dtype=torch.bfloat16, seed=14)
     # Padding rows of a and its scales hold NaNs: the kernel must not let them into valid rows.
     a = poisoned_fp8(rows, k_dim)
-    a_scale = empty_group_scales((rows, k_dim), mn_major=mn_major, device=DEVICE).fill_(float("nan"))
-    scatter_rows_quant_fp8(x, dst_row, a, a_scale)
+    a_scale = mn_major_scales((rows, k_dim)) if mn_major else torch.empty(rows, -(-k_dim // 128), device=DEVICE)
+    a_scale.fill_(float("nan"))
+    scatter_rows(x, dst_row, a, scale_out=a_scale)
     b, b_scale = quantized_weights(num_experts, n_out, k_dim, seed=15)
     out = torch.full((rows, n_out), 7.0, dtype=out_dtype, device=DEVICE)
-    grouped_gemm_fp8_contiguous(a, a_scale, b, b_scale, grouped_layout, out, alignment=16, **SMALL_TILES)
+    grouped_gemm_contiguous(a, b, grouped_layout, out, a_scale=a_scale, b_scale=b_scale, alignment=16, **SMALL_TILES)
 
     b_deq = ref_dequantize_blocks(b, b_scale)
     for r in range(rows):
@@ -390,12 +376,12 @@ def test_grouped_gemm_fp8_masked() -> None:
     num_experts, capacity, k_dim, n_out = 3, 20, 200, 96
     a_src = randn(num_experts, capacity, k_dim, dtype=torch.bfloat16, seed=16)
     a = torch.empty(num_experts, capacity, k_dim, dtype=FP8, device=DEVICE)
-    a_scale = empty_group_scales(a.shape, mn_major=True, device=DEVICE)
-    quantize_fp8_token_groups(a_src, a, a_scale)
+    a_scale = mn_major_scales(a.shape)
+    quantize_rows(a_src, a, a_scale)
     b, b_scale = quantized_weights(num_experts, n_out, k_dim, seed=17)
     counts = torch.tensor([17, 0, 30], dtype=torch.int32, device=DEVICE)  # 30 > capacity acts as 20
     out = torch.full((num_experts, capacity, n_out), 7.0, dtype=torch.bfloat16, device=DEVICE)
-    grouped_gemm_fp8_masked(a, a_scale, b, b_scale, counts, out, **SMALL_TILES)
+    grouped_gemm_masked(a, b, counts, out, a_scale=a_scale, b_scale=b_scale, **SMALL_TILES)
 
     b_deq = ref_dequantize_blocks(b, b_scale)
     for e, live in enumerate([17, 0, 20]):
@@ -411,11 +397,11 @@ def test_grouped_gemm_fp8_default_tiles() -> None:
     grouped_layout = torch.tensor([0] * 40 + [-1] * 24 + [1] * 64, dtype=torch.int32, device=DEVICE)
     rows = grouped_layout.numel()
     a = torch.empty(rows, k_dim, dtype=FP8, device=DEVICE)
-    a_scale = empty_group_scales(a.shape, device=DEVICE)
-    quantize_fp8_token_groups(randn(rows, k_dim, seed=18), a, a_scale)
+    a_scale = torch.empty((*a.shape[:-1], -(-a.shape[-1] // 128)), device=DEVICE)
+    quantize_rows(randn(rows, k_dim, seed=18), a, a_scale)
     b, b_scale = quantized_weights(num_experts, n_out, k_dim, seed=19)
     out = torch.full((rows, n_out), 7.0, dtype=torch.float32, device=DEVICE)
-    grouped_gemm_fp8_contiguous(a, a_scale, b, b_scale, grouped_layout, out, alignment=64)
+    grouped_gemm_contiguous(a, b, grouped_layout, out, a_scale=a_scale, b_scale=b_scale, alignment=64)
 
     a_deq = ref_dequantize_groups(a, a_scale, 128)
     b_deq = ref_dequantize_blocks(b, b_scale)
@@ -429,21 +415,16 @@ def test_grouped_gemm_fp8_default_tiles() -> None:
 # ----------------------------------------------------------------------------- plain-torch helpers
 
 
-@pytest.mark.parametrize("ue8m0", [False, True])
-def test_quantize_fp8_blocks(ue8m0: bool) -> None:
+def test_quantize_blocks() -> None:
     w = randn(2, 200, 300, seed=20) * torch.logspace(-2, 2, 300, device=DEVICE)
-    q, scale = quantize_fp8_blocks(w, ue8m0=ue8m0)
+    q, scale = quantize_blocks(w)
     assert q.shape == (2, 200, 300) and q.dtype == FP8 and scale.shape == (2, 2, 3)
     for i in range(2):
         for j in range(3):
             tile = w[:, i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128]
             exact = (tile.abs().amax(dim=(-2, -1)).clamp_min(EPS).double() / FP8_MAX).float()
-            if ue8m0:
-                assert (torch.frexp(scale[:, i, j])[0] == 0.5).all()
-                assert (scale[:, i, j] >= exact).all() and (scale[:, i, j] < 2 * exact).all()
-            else:
-                assert torch.equal(scale[:, i, j], exact)
-    deq = dequantize_fp8_blocks(q, scale)
+            assert torch.equal(scale[:, i, j], exact)
+    deq = dequantize_blocks(q, scale)
     # q * s is exact in float64; the helper's fp32 product is that value rounded once.
     assert torch.equal(deq, ref_dequantize_blocks(q, scale).float())
     s_full = scale.double().repeat_interleave(128, -2).repeat_interleave(128, -1)[..., :200, :300]
@@ -454,13 +435,13 @@ def test_quantize_fp8_blocks(ue8m0: bool) -> None:
 def test_token_row_blocks_match_the_kernel() -> None:
     """(1, 128) blocks are per-token groups: torch helper and Triton kernel agree bit for bit."""
     x = randn(6, 300, dtype=torch.bfloat16, seed=21)
-    q_torch, scale_torch = quantize_fp8_blocks(x, block=(1, 128))
+    q_torch, scale_torch = quantize_blocks(x, block=(1, 128))
     q = torch.empty(6, 300, dtype=FP8, device=DEVICE)
     scale = torch.empty(6, 3, device=DEVICE)
-    quantize_fp8_token_groups(x, q, scale)
+    quantize_rows(x, q, scale)
     assert_same_fp8(q, q_torch)
     assert torch.equal(scale, scale_torch)
-    assert torch.equal(dequantize_fp8_token_groups(q, scale), ref_dequantize_groups(q, scale, 128).float())
+    assert torch.equal(dequantize_groups(q, scale), ref_dequantize_groups(q, scale, 128).float())
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -471,19 +452,19 @@ def test_bad_inputs_raise_with_argument_names() -> None:
     q = torch.empty(4, 256, dtype=FP8, device=DEVICE)
     scale = torch.empty(4, 2, device=DEVICE)
     with pytest.raises(TypeError, match="q_out"):
-        quantize_fp8_token_groups(x, torch.empty(4, 256, device=DEVICE), scale)
+        quantize_rows(x, torch.empty(4, 256, device=DEVICE), scale)
     with pytest.raises(ValueError, match="scale_out"):
-        quantize_fp8_token_groups(x, q, torch.empty(4, 3, device=DEVICE))
+        quantize_rows(x, q, torch.empty(4, 3, device=DEVICE))
     with pytest.raises(ValueError, match="group"):
-        quantize_fp8_token_groups(x, q, scale, group=96)
-    with pytest.raises(ValueError, match="q_out"):
+        quantize_rows(x, q, scale, group=96)
+    with pytest.raises(ValueError, match="out: expected shape"):
         dst_row = torch.zeros(4, 1, dtype=torch.int64, device=DEVICE)
-        scatter_rows_quant_fp8(x, dst_row, torch.empty(4, 128, dtype=FP8, device=DEVICE), scale)
+        scatter_rows(x, dst_row, torch.empty(4, 128, dtype=FP8, device=DEVICE), scale_out=scale)
     with pytest.raises(ValueError, match="pass at most one"):
-        silu_and_mul_quant_fp8(
+        activate(
             randn(4, 512),
             q,
-            scale,
+            scale_out=scale,
             grouped_layout=torch.zeros(4, dtype=torch.int32, device=DEVICE),
             counts=torch.zeros(4, dtype=torch.int32, device=DEVICE),
         )
@@ -491,15 +472,17 @@ def test_bad_inputs_raise_with_argument_names() -> None:
     layout = torch.zeros(4, dtype=torch.int32, device=DEVICE)
     out = torch.empty(4, 128, device=DEVICE)
     with pytest.raises(ValueError, match="b_scale"):
-        grouped_gemm_fp8_contiguous(q, scale, b, b_scale[:, :, :1], layout, out)
+        grouped_gemm_contiguous(q, b, layout, out, a_scale=scale, b_scale=b_scale[:, :, :1])
     with pytest.raises(ValueError, match="a_scale"):
-        grouped_gemm_fp8_contiguous(q, scale[:, :1], b, b_scale, layout, out)
+        grouped_gemm_contiguous(q, b, layout, out, a_scale=scale[:, :1], b_scale=b_scale)
     with pytest.raises(ValueError, match="block_n"):
-        grouped_gemm_fp8_contiguous(q, scale, b, b_scale, layout, out, block_n=96)
+        grouped_gemm_contiguous(q, b, layout, out, a_scale=scale, b_scale=b_scale, block_n=96)
     with pytest.raises(ValueError, match="alignment"):
-        grouped_gemm_fp8_contiguous(q, scale, b, b_scale, layout, out, alignment=8)
+        grouped_gemm_contiguous(q, b, layout, out, a_scale=scale, b_scale=b_scale, alignment=8)
     with pytest.raises(ValueError, match="b:"):
-        grouped_gemm_fp8_masked(q.view(1, 4, 256), scale.view(1, 4, 2), b, b_scale, layout[:1], out.view(1, 4, 128))
+        grouped_gemm_masked(
+            q.view(1, 4, 256), b, layout[:1], out.view(1, 4, 128), a_scale=scale.view(1, 4, 2), b_scale=b_scale
+        )
 
 
 # ----------------------------------------------------------------------------- GPU (DeepSeek-V3 EP8-local)
@@ -514,13 +497,12 @@ def gpu_gemm_tolerance(a_deq: torch.Tensor, b_deq: torch.Tensor, ref: torch.Tens
 @pytest.mark.gpu
 def test_gpu_quantize_bitwise_deepseek_shapes() -> None:
     x = randn(512, H, dtype=torch.bfloat16, seed=30, scale=4.0)
-    for ue8m0 in (False, True):
-        q = torch.empty(512, H, dtype=FP8, device=DEVICE)
-        scale = empty_group_scales(q.shape, mn_major=True, device=DEVICE)
-        quantize_fp8_token_groups(x, q, scale, ue8m0=ue8m0)
-        q_ref, scale_ref = ref_quantize(x, 128, ue8m0)
-        assert torch.equal(scale, scale_ref)
-        assert_same_fp8(q, q_ref)
+    q = torch.empty(512, H, dtype=FP8, device=DEVICE)
+    scale = mn_major_scales(q.shape)
+    quantize_rows(x, q, scale)
+    q_ref, scale_ref = ref_quantize(x, 128)
+    assert torch.equal(scale, scale_ref)
+    assert_same_fp8(q, q_ref)
 
 
 @pytest.mark.gpu
@@ -532,24 +514,24 @@ def test_gpu_fp8_moe_pipeline_deepseek_shapes() -> None:
     rows = grouped_layout.numel()
     x = randn(num_tokens, H, dtype=torch.bfloat16, seed=32)
     a1 = poisoned_fp8(rows, H)
-    a1_scale = empty_group_scales(a1.shape, mn_major=True, device=DEVICE).fill_(float("nan"))
-    scatter_rows_quant_fp8(x, dst_row, a1, a1_scale)
-    w13, w13_scale = quantize_fp8_blocks(randn(E, 2 * INTER, H, seed=33, scale=0.02))
-    w2, w2_scale = quantize_fp8_blocks(randn(E, H, INTER, seed=34, scale=0.02))
+    a1_scale = mn_major_scales(a1.shape).fill_(float("nan"))
+    scatter_rows(x, dst_row, a1, scale_out=a1_scale)
+    w13, w13_scale = quantize_blocks(randn(E, 2 * INTER, H, seed=33, scale=0.02))
+    w2, w2_scale = quantize_blocks(randn(E, H, INTER, seed=34, scale=0.02))
 
     h = torch.empty(rows, 2 * INTER, dtype=torch.bfloat16, device=DEVICE)
-    grouped_gemm_fp8_contiguous(a1, a1_scale, w13, w13_scale, grouped_layout, h, alignment=128)
+    grouped_gemm_contiguous(a1, w13, grouped_layout, h, a_scale=a1_scale, b_scale=w13_scale, alignment=128)
     a2 = poisoned_fp8(rows, INTER)
-    a2_scale = empty_group_scales(a2.shape, mn_major=True, device=DEVICE).fill_(float("nan"))
-    silu_and_mul_quant_fp8(h, a2, a2_scale, grouped_layout=grouped_layout)
+    a2_scale = mn_major_scales(a2.shape).fill_(float("nan"))
+    activate(h, a2, scale_out=a2_scale, grouped_layout=grouped_layout)
     y = torch.empty(rows, H, dtype=torch.bfloat16, device=DEVICE)
-    grouped_gemm_fp8_contiguous(a2, a2_scale, w2, w2_scale, grouped_layout, y, alignment=128)
+    grouped_gemm_contiguous(a2, w2, grouped_layout, y, a_scale=a2_scale, b_scale=w2_scale, alignment=128)
 
     live = grouped_layout >= 0
-    a1_deq = dequantize_fp8_token_groups(a1[live], a1_scale[live])
-    a2_deq = dequantize_fp8_token_groups(a2[live], a2_scale[live])
+    a1_deq = dequantize_groups(a1[live], a1_scale[live])
+    a2_deq = dequantize_groups(a2[live], a2_scale[live])
     assert torch.isfinite(a1_deq).all() and torch.isfinite(a2_deq).all()
-    w13_deq, w2_deq = dequantize_fp8_blocks(w13, w13_scale), dequantize_fp8_blocks(w2, w2_scale)
+    w13_deq, w2_deq = dequantize_blocks(w13, w13_scale), dequantize_blocks(w2, w2_scale)
     experts = grouped_layout[live].long()
     for e in range(E):
         sel = experts == e
@@ -560,8 +542,8 @@ def test_gpu_fp8_moe_pipeline_deepseek_shapes() -> None:
         ref2 = a2_deq[sel] @ w2_deq[e].T
         assert ((y[live][sel].float() - ref2).abs() <= gpu_gemm_tolerance(a2_deq[sel], w2_deq[e], ref2)).all()
     # The activation quantization itself: fused == unfused on the real GEMM1 output.
-    act = silu_and_mul(h, torch.empty(rows, INTER, device=DEVICE), grouped_layout=grouped_layout)
-    q_ref, scale_ref = ref_quantize(act[live], 128, False)
+    act = activate(h, torch.empty(rows, INTER, device=DEVICE), grouped_layout=grouped_layout)
+    q_ref, scale_ref = ref_quantize(act[live], 128)
     assert_same_fp8(a2[live], q_ref)
     assert torch.equal(a2_scale[live], scale_ref)
 
@@ -575,20 +557,20 @@ def test_gpu_deepgemm_reads_our_scale_layout_untouched() -> None:
     rows = grouped_layout.numel()
     x = randn(64, H, dtype=torch.bfloat16, seed=36)
     a = torch.zeros(rows, H, dtype=FP8, device=DEVICE)
-    a_scale = empty_group_scales(a.shape, mn_major=True, device=DEVICE).fill_(1.0)
-    scatter_rows_quant_fp8(x, dst_row, a, a_scale)
+    a_scale = mn_major_scales(a.shape).fill_(1.0)
+    scatter_rows(x, dst_row, a, scale_out=a_scale)
     # No transpose launch: DeepGEMM's own layout helper hands our tensor back as is.
     same = deep_gemm.get_mn_major_tma_aligned_tensor(a_scale)
     assert same.data_ptr() == a_scale.data_ptr() and same.stride() == a_scale.stride()
 
-    w, w_scale = quantize_fp8_blocks(randn(E, 2 * INTER, H, seed=37, scale=0.02))
+    w, w_scale = quantize_blocks(randn(E, 2 * INTER, H, seed=37, scale=0.02))
     out_dg = torch.empty(rows, 2 * INTER, dtype=torch.bfloat16, device=DEVICE)
     deep_gemm.m_grouped_fp8_gemm_nt_contiguous((a, a_scale), (w, w_scale), out_dg, grouped_layout)
     out_tr = torch.empty_like(out_dg)
-    grouped_gemm_fp8_contiguous(a, a_scale, w, w_scale, grouped_layout, out_tr, alignment=alignment)
+    grouped_gemm_contiguous(a, w, grouped_layout, out_tr, a_scale=a_scale, b_scale=w_scale, alignment=alignment)
     live = grouped_layout >= 0
-    a_deq = dequantize_fp8_token_groups(a[live], a_scale[live])
-    w_deq = dequantize_fp8_blocks(w, w_scale)
+    a_deq = dequantize_groups(a[live], a_scale[live])
+    w_deq = dequantize_blocks(w, w_scale)
     experts = grouped_layout[live].long()
     for e in range(E):
         sel = experts == e
@@ -601,17 +583,17 @@ def test_gpu_deepgemm_reads_our_scale_layout_untouched() -> None:
     # Masked layout: 3-D MN-major scales, counts as masked_m.
     capacity = 64
     am = torch.empty(E, capacity, H, dtype=FP8, device=DEVICE)
-    am_scale = empty_group_scales(am.shape, mn_major=True, device=DEVICE)
-    quantize_fp8_token_groups(randn(E, capacity, H, dtype=torch.bfloat16, seed=38), am, am_scale)
+    am_scale = mn_major_scales(am.shape)
+    quantize_rows(randn(E, capacity, H, dtype=torch.bfloat16, seed=38), am, am_scale)
     assert deep_gemm.get_mn_major_tma_aligned_tensor(am_scale).data_ptr() == am_scale.data_ptr()
     counts = torch.randint(0, capacity + 1, (E,), generator=torch.Generator().manual_seed(39)).int().to(DEVICE)
     out_m = torch.empty(E, capacity, 2 * INTER, dtype=torch.bfloat16, device=DEVICE)
     deep_gemm.m_grouped_fp8_gemm_nt_masked((am, am_scale), (w, w_scale), out_m, counts, capacity)
     out_mt = torch.empty_like(out_m)
-    grouped_gemm_fp8_masked(am, am_scale, w, w_scale, counts, out_mt)
+    grouped_gemm_masked(am, w, counts, out_mt, a_scale=am_scale, b_scale=w_scale)
     for e in range(E):
         live_e = int(counts[e])
-        a_deq = dequantize_fp8_token_groups(am[e, :live_e], am_scale[e, :live_e])
+        a_deq = dequantize_groups(am[e, :live_e], am_scale[e, :live_e])
         ref = a_deq @ w_deq[e].T
         tol = gpu_gemm_tolerance(a_deq, w_deq[e], ref)
         assert ((out_m[e, :live_e].float() - ref).abs() <= tol).all()

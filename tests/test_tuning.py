@@ -134,8 +134,7 @@ def test_a_pair_the_table_lacks_never_outranks_measured_ones(tuned_table: Path) 
 def test_the_fused_experts_read_their_tiles_from_the_table(tuned_table: Path) -> None:
     experts = FusedTritonExperts()
     ctx = layer_context(SHAPE.layer(64), device="cpu")
-    experts.bind(ctx)
-    assert experts.tiles_source == "tuning table"
+    assert experts.tiles_source(ctx) == "tuning table"
     table = json.loads(tuned_table.read_text())["shapes"][str(tuning.ShapeKey.of(SHAPE.layer(64)))]
     gemm1, gemm2 = experts.configs_for(ctx, 5)  # 5 tokens take the T=8 entry
     assert vars(gemm1) == table["kernels"]["FusedTritonExperts"]["8"]["gemm1"]
@@ -148,9 +147,7 @@ def test_without_a_table_the_heuristics_decide_and_say_so(monkeypatch: pytest.Mo
     tuning.forget_tables()
     selection = select(SHAPE.layer(64), device="cpu")
     assert "the parts' documented heuristics (no tuning table for this GPU)" == selection.decided_by
-    experts = FusedTritonExperts()
-    experts.bind(layer_context(SHAPE.layer(64), device="cpu"))
-    assert experts.tiles_source == "heuristic"
+    assert FusedTritonExperts().tiles_source(layer_context(SHAPE.layer(64), device="cpu")) == "heuristic"
 
 
 def test_point_for_takes_the_next_measured_token_count() -> None:

@@ -1,45 +1,34 @@
-"""What this machine can run: probes that never raise, each answering with a :class:`Check`."""
+"""Triton: whether it imports, its version, and where its kernels can run."""
 
 from __future__ import annotations
 
 import functools
 import importlib
-import os
 
 import torch
 
 from moe_kernels.core.contract import Check
+from moe_kernels.kernels._common import interpreting
 
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+__all__ = ["interpreting", "triton_check", "version"]
 
 
 @functools.cache
-def _triton_version() -> str | None:
+def version() -> str | None:
+    """Triton's version, ``None`` when it does not import (an answer, never an error)."""
     try:
-        return importlib.import_module("triton").__version__
-    except Exception:  # an absent or broken install is an answer, not an error
+        return str(importlib.import_module("triton").__version__)
+    except Exception:  # an absent or broken install is an answer
         return None
 
 
-def triton_check(device: torch.device) -> Check:
+def triton_check(device: torch.device, *, name: str = "device") -> Check:
     """Triton kernels run on CUDA devices, and on the CPU only under ``TRITON_INTERPRET=1``."""
-    version = _triton_version()
-    if version is None:
-        return Check.failed("device", "needs triton, which does not import here")
+    found = version()
+    if found is None:
+        return Check.failed(name, "needs triton, which does not import here")
     if device.type == "cuda":
-        return Check.passed("device", f"triton {version} on {device}")
-    if device.type == "cpu" and triton_interpreting():
-        return Check.passed("device", "triton interpreter on the CPU (TRITON_INTERPRET=1)")
-    return Check.failed("device", f"Triton needs a CUDA device or TRITON_INTERPRET=1 on the CPU, not {device.type}")
-
-
-def sm_check(device: torch.device, min_major: int, what: str) -> Check:
-    """The device is a CUDA GPU of compute capability ``min_major``.x or newer."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return Check.failed("device", f"{what} needs a CUDA GPU of SM{min_major}0+, not {device.type}")
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < min_major:
-        return Check.failed("device", f"{what} needs SM{min_major}0+, this GPU is SM{major}{minor}")
-    return Check.passed("device", f"SM{major}{minor}")
+        return Check.passed(name, f"triton {found} on {device}")
+    if device.type == "cpu" and interpreting():
+        return Check.passed(name, "triton interpreter on the CPU (TRITON_INTERPRET=1)")
+    return Check.failed(name, f"Triton needs a CUDA device or TRITON_INTERPRET=1 on the CPU, not {device.type}")

@@ -10,11 +10,13 @@ allows. A call then allocates no scratch and runs no collective beyond the data 
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from moe_kernels.config import LayerConfig, MoEConfig
+from moe_kernels.core import tuning
 from moe_kernels.core.contract import (
     Check,
     LayerContext,
@@ -46,7 +48,8 @@ class WorkspaceError(RuntimeError):
 
 
 def pair_name(prepare_finalize: PrepareAndFinalize, experts: PermuteExpertsUnpermute) -> str:
-    return f"{prepare_finalize.name} + {experts.name}"
+    """The pair's name: what explanations show and tuning tables key its times by."""
+    return tuning.pair_key(prepare_finalize.name, experts.name)
 
 
 # --- where a layer runs --------------------------------------------------------------------
@@ -301,7 +304,7 @@ class ModularKernel:
         )
         if not isinstance(weights, ExpertWeights):
             raise TypeError(f"weights: expected ExpertWeights, got {type(weights).__name__}")
-        weights.check(ctx.cfg, ctx.device)
+        weights.check(ctx.mlp, ctx.placement.num_local_experts, ctx.device)
         residual = self._check_residual(residual, x)
         if apply_router_weight_on_input:
             if ctx.cfg.moe.top_k != 1:
@@ -341,7 +344,7 @@ class ModularKernel:
 
     def _start(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, tag: str) -> Pending:
         specs = self.workspaces.get(self._pf_specs, self.ctx.device, tag)
-        return self.prepare_finalize.prepare_async(x, topk_ids, topk_weights, specs)
+        return self.prepare_finalize.prepare_async(x, topk_weights, topk_ids, specs)
 
     def _compute(
         self,
@@ -364,8 +367,11 @@ class ModularKernel:
             # the experts write the layer output themselves: their final write adds it
             tokens = dataclasses.replace(tokens, residual=residual)
             residual = None
-        workspace = self.workspaces.get(self.experts.workspace_specs(self.ctx, tokens.num_rows), device, tag)
-        self.experts.apply(tokens, weights, expert_out, workspace)
+        if tokens.num_rows:
+            # an empty call still runs prepare/finalize (EP ranks must join every collective),
+            # but the experts have nothing to compute
+            workspace = self.workspaces.get(self.experts.workspace_specs(self.ctx, tokens.num_rows), device, tag)
+            self.experts.apply(tokens, weights, expert_out, workspace)
         return pf.finalize_async(out, expert_out, prepared, residual)
 
     def _run(
@@ -456,13 +462,62 @@ class TokenRangeKernel:
     def __repr__(self) -> str:
         return f"TokenRangeKernel({self.name})"
 
-    def __call__(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        weights: ExpertWeights,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        *,
+        residual: torch.Tensor | Residual | None = None,
+        apply_router_weight_on_input: bool = False,
+        check_values: bool = True,
+    ) -> torch.Tensor:
+        """As :meth:`ModularKernel.__call__`, on the member for ``x``'s token count."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor [T, H], got {type(x).__name__}")
-        return self.kernel_for(x.shape[0])(x, *args, **kwargs)
+        kernel = self.kernel_for(x.shape[0])
+        return kernel(
+            x,
+            weights,
+            topk_weights,
+            topk_ids,
+            residual=residual,
+            apply_router_weight_on_input=apply_router_weight_on_input,
+            check_values=check_values,
+        )
 
 
-Kernel = ModularKernel | TokenRangeKernel
+class Kernel(Protocol):
+    """What a layer calls: a :class:`ModularKernel` or a :class:`TokenRangeKernel`."""
+
+    @property
+    def ctx(self) -> LayerContext: ...
+
+    @property
+    def cfg(self) -> LayerConfig: ...
+
+    @property
+    def name(self) -> str: ...
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        weights: ExpertWeights,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        *,
+        residual: torch.Tensor | Residual | None = None,
+        apply_router_weight_on_input: bool = False,
+        check_values: bool = True,
+    ) -> torch.Tensor:
+        """``x [T, H]``, the local experts' weights, ``topk_weights [T, K]`` float32,
+        ``topk_ids [T, K]`` global ids -> ``[T, H]``."""
+        ...
+
+    def workspace_bytes(self) -> int: ...
+
+    def release(self) -> None: ...
 
 
 def compose(

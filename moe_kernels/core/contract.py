@@ -36,13 +36,16 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
+from typing import ClassVar, Generic, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from moe_kernels.config import LayerConfig, QuantScheme
+from moe_kernels.config import LayerConfig
 from moe_kernels.core.placement import ExpertPlacement
+from moe_kernels.mlp.act_quant import ActQuant
+from moe_kernels.mlp.formats import Dense, WeightFormat
+from moe_kernels.mlp.spec import ExpertMLP
 from moe_kernels.mlp.weights import ExpertWeights
 
 
@@ -64,22 +67,22 @@ class TokenFormat:
     """A layout with the parameters both sides must agree on.
 
     ``alignment``: EXPANDED -- every expert segment starts on a multiple of it; MASKED -- the
-    rows per expert ``M`` are a multiple of it; STANDARD -- 1. ``fp8``: activations arrive
-    quantized (float8_e4m3fn with float32 scales per 128 columns) where the prepare/finalize
-    moves or lays them out; a prepare/finalize that hands ``x`` through unchanged may leave them
-    in the activation dtype (the experts quantize on their own way in).
+    rows per expert ``M`` are a multiple of it; STANDARD -- 1. ``act_quant``: activations arrive
+    quantized as it says (e.g. float8_e4m3fn with float32 scales per 128 columns) where the
+    prepare/finalize moves or lays them out; a prepare/finalize that hands ``x`` through
+    unchanged may leave them in the activation dtype (the experts quantize on their own way in).
     """
 
     layout: Layout
     alignment: int = 1
-    fp8: bool = False
+    act_quant: ActQuant | None = None
 
     def describe(self) -> str:
         parts = [self.layout.value]
         if self.alignment > 1:
             parts.append(f"aligned to {self.alignment} rows")
-        if self.fp8:
-            parts.append("fp8 activations")
+        if self.act_quant is not None:
+            parts.append(self.act_quant.describe())
         return ", ".join(parts)
 
 
@@ -170,13 +173,17 @@ class ExpandedTokens:
 ExpertTokens = StandardTokens | MaskedTokens | ExpandedTokens
 
 
+H = TypeVar("H")
+
+
 @dataclass(frozen=True)
-class PrepareResult:
-    """What ``prepare`` returns: the tokens for the experts and a handle that only the same
-    PrepareAndFinalize reads back in ``finalize``."""
+class PrepareResult(Generic[H]):
+    """What ``prepare`` returns: the tokens for the experts and a handle of the part's own type
+    (``H``: a frozen dataclass each prepare/finalize defines) that only it reads back in
+    ``finalize``."""
 
     tokens: ExpertTokens
-    handle: Any = None
+    handle: H
 
 
 R = TypeVar("R")
@@ -219,6 +226,11 @@ class LayerContext:
         """The most tokens one pass through prepare -> experts -> finalize carries."""
         return self.cfg.max_tokens_per_call
 
+    @property
+    def mlp(self) -> ExpertMLP:
+        """What each local expert's MLP is (:attr:`moe_kernels.config.LayerConfig.mlp`)."""
+        return self.cfg.mlp
+
 
 # --- capabilities ------------------------------------------------------------------------
 
@@ -260,6 +272,11 @@ class WorkspaceSpec:
         return n * self.dtype.itemsize
 
 
+def align_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is ``>= n``."""
+    return -(-n // multiple) * multiple
+
+
 def workspace_bytes(specs: dict[str, WorkspaceSpec]) -> int:
     return sum(s.nbytes for s in specs.values())
 
@@ -282,8 +299,6 @@ class Part:
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
     #: activation dtypes it accepts (``moe.dtype``)
     dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.bfloat16, torch.float16, torch.float32)
-    #: quantization schemes it implements
-    quant_schemes: ClassVar[tuple[QuantScheme, ...]] = ("none",)
     #: may be captured in a CUDA graph (no host sync, fixed shapes)
     supports_cuda_graphs: ClassVar[bool] = False
     #: the layer may be split into token chunks around this part
@@ -296,14 +311,14 @@ class Part:
     def check_device(self, ctx: LayerContext) -> Check:
         return check_device_type("device", ctx.device, self.devices)
 
-    def check_quant(self, ctx: LayerContext) -> Check:
-        scheme, dtype = ctx.cfg.quant.scheme, ctx.cfg.moe.dtype
-        if scheme not in self.quant_schemes:
-            return Check.failed("quant", f"implements quant scheme {' / '.join(self.quant_schemes)}, not {scheme}")
+    def check_mlp(self, ctx: LayerContext) -> Check:
+        """Whether the part computes (or carries the tokens of) this expert MLP; the default
+        checks the activation dtype only."""
+        dtype = ctx.cfg.moe.dtype
         if dtype not in self.dtypes:
-            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
-            return Check.failed("quant", f"needs dtype in ({names}), got {str(dtype).removeprefix('torch.')}")
-        return Check.passed("quant", f"{scheme} {str(dtype).removeprefix('torch.')}")
+            names = ", ".join(_dt(d) for d in self.dtypes)
+            return Check.failed("mlp", f"needs dtype in ({names}), got {_dt(dtype)}")
+        return Check.passed("mlp", ctx.mlp.describe())
 
     def check_parallel(self, ctx: LayerContext) -> Check:
         if ctx.cfg.parallel.cuda_graphs and not self.supports_cuda_graphs:
@@ -312,7 +327,7 @@ class Part:
 
     def checks(self, ctx: LayerContext) -> list[Check]:
         """Every capability predicate of this part for the layer in ``ctx``."""
-        return [self.check_device(ctx), self.check_quant(ctx), self.check_parallel(ctx)]
+        return [self.check_device(ctx), self.check_mlp(ctx), self.check_parallel(ctx)]
 
     def preference(self, ctx: LayerContext) -> tuple[float, str]:
         """Heuristic rank among valid parts when no measurement covers the layer (lower is
@@ -323,14 +338,13 @@ class Part:
         """Free what ``bind`` acquired (buffers, communicators). Idempotent."""
 
 
-class PrepareAndFinalize(Part, ABC):
-    """Moves tokens to the experts that own them (``prepare``) and back (``finalize``)."""
+class PrepareAndFinalize(Part, ABC, Generic[H]):
+    """Moves tokens to the experts that own them (``prepare``) and back (``finalize``). ``H`` is
+    the type of the handle ``prepare`` hands to ``finalize``."""
 
     #: the layout ``prepare`` hands to the experts
     output_layout: ClassVar[Layout]
     supports_chunking = False
-    #: moving tokens works for either scheme; whether fp8 tokens can be made is check_format's call
-    quant_schemes = ("none", "fp8_w8a8_block")
 
     def check_format(self, ctx: LayerContext, fmt: TokenFormat) -> Check:
         """Whether this part can hand out ``fmt`` (the experts' input format). The default
@@ -357,25 +371,25 @@ class PrepareAndFinalize(Part, ABC):
     def prepare(
         self,
         x: torch.Tensor,
-        topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
         workspace: dict[str, torch.Tensor],
-    ) -> PrepareResult:
-        """Dispatch ``x [T, H]`` with ``topk_ids [T, K]`` (global ids, ``-1`` = none) and
-        ``topk_weights [T, K]`` float32 to the ranks owning the experts (by the bound placement)."""
+    ) -> PrepareResult[H]:
+        """Dispatch ``x [T, H]`` with ``topk_weights [T, K]`` float32 and ``topk_ids [T, K]``
+        (global ids, ``-1`` = none) to the ranks owning the experts (by the bound placement)."""
 
     def prepare_async(
         self,
         x: torch.Tensor,
-        topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
         workspace: dict[str, torch.Tensor],
-    ) -> Pending[PrepareResult]:
+    ) -> Pending[PrepareResult[H]]:
         """``prepare`` that may return while the exchange is still running, so the caller can
         compute meanwhile (the other micro-batch, the shared experts). The default is done at once."""
-        return Pending.done(self.prepare(x, topk_ids, topk_weights, workspace))
+        return Pending.done(self.prepare(x, topk_weights, topk_ids, workspace))
 
-    def expert_output(self, prepared: PrepareResult, out: torch.Tensor) -> torch.Tensor | None:
+    def expert_output(self, prepared: PrepareResult[H], out: torch.Tensor) -> torch.Tensor | None:
         """A buffer of shape ``prepared.tokens.x.shape`` (activation dtype) for the experts to
         write into, or ``None`` to let the composer take one from its workspace cache.
         Returning ``out`` itself saves a copy when finalize would only copy."""
@@ -386,7 +400,7 @@ class PrepareAndFinalize(Part, ABC):
         self,
         out: torch.Tensor,
         expert_output: torch.Tensor,
-        prepared: PrepareResult,
+        prepared: PrepareResult[H],
         residual: Residual | None = None,
     ) -> None:
         """Write the layer output ``out [T, H]`` from the experts' output (rows as
@@ -397,7 +411,7 @@ class PrepareAndFinalize(Part, ABC):
         self,
         out: torch.Tensor,
         expert_output: torch.Tensor,
-        prepared: PrepareResult,
+        prepared: PrepareResult[H],
         residual: Residual | None = None,
     ) -> Pending[None]:
         """``finalize`` that may return while the combine is still running; ``out`` is complete
@@ -407,17 +421,27 @@ class PrepareAndFinalize(Part, ABC):
 
 
 class PermuteExpertsUnpermute(Part, ABC):
-    """Computes ``w2[e] @ silu_and_mul(w13[e] @ x)`` for every routed row of a layout."""
+    """Computes ``w2[e] @ act(w13[e] @ x)`` for every routed row of a layout."""
 
     #: the layout ``apply`` takes
     input_layout: ClassVar[Layout]
+    #: the weight formats it computes with (:mod:`moe_kernels.mlp.formats`)
+    weight_formats: ClassVar[tuple[type[WeightFormat], ...]] = (Dense,)
+
+    def check_mlp(self, ctx: LayerContext) -> Check:
+        verdict = super().check_mlp(ctx)
+        fmt = ctx.mlp.weights
+        if verdict.ok and type(fmt) not in self.weight_formats:
+            names = ", ".join(f.kind for f in self.weight_formats)
+            return Check.failed("mlp", f"computes with {names} weights, not {fmt.describe()}")
+        return verdict
 
     def input_format(self, ctx: LayerContext) -> TokenFormat:
         """The format (layout + parameters) this part needs from prepare/finalize."""
-        return TokenFormat(self.input_layout, fp8=ctx.cfg.quant.is_fp8)
+        return TokenFormat(self.input_layout, act_quant=ctx.mlp.act_quant)
 
     def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
-        """Scratch for one call whose tokens have ``num_rows`` rows (STANDARD: tokens T;
+        """Scratch for one call whose tokens have ``num_rows > 0`` rows (STANDARD: tokens T;
         MASKED: rows per expert M; EXPANDED: rows R), from host ints only."""
         return {}
 
@@ -440,4 +464,9 @@ class PermuteExpertsUnpermute(Part, ABC):
         workspace: dict[str, torch.Tensor],
     ) -> None:
         """Write the expert MLP of ``tokens`` into ``out`` (``tokens.x.shape`` rows, activation
-        dtype), weighted/reduced as the layout says."""
+        dtype), weighted/reduced as the layout says. The composer never calls it with
+        ``tokens.num_rows == 0``."""
+
+
+def _dt(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")

@@ -75,6 +75,17 @@ class GpuTable:
         pairs = self.shapes.get(str(key), {}).get("pairs", {})
         return {name: {int(t): float(us) for t, us in times.items()} for name, times in pairs.items()}
 
+    def experts_times(self, key: ShapeKey, experts: str) -> dict[int, float]:
+        """``{T: microseconds}`` of the experts class named ``experts`` behind whichever
+        prepare/finalize measured fastest at each T (empty when not measured)."""
+        best: dict[int, float] = {}
+        for name, times in self.pair_times(key).items():
+            if split_pair(name)[1] != experts:
+                continue
+            for t, us in times.items():
+                best[t] = min(us, best.get(t, us))
+        return best
+
     def kernel_configs(self, key: ShapeKey, kernel: str) -> dict[int, dict[str, Any]]:
         """``{T: config}`` of a Triton kernel for ``key`` (empty when not tuned)."""
         configs = self.shapes.get(str(key), {}).get("kernels", {}).get(kernel, {})
@@ -88,6 +99,21 @@ class GpuTable:
             "copy_gbps": self.copy_gbps,
             "shapes": self.shapes,
         }
+
+
+#: between the two parts' names in a pair's name (the key of its times in a table)
+PAIR_SEPARATOR = " + "
+
+
+def pair_key(prepare_finalize: str, experts: str) -> str:
+    """The name of a (prepare/finalize, experts) pair, from the parts' names."""
+    return f"{prepare_finalize}{PAIR_SEPARATOR}{experts}"
+
+
+def split_pair(name: str) -> tuple[str, str]:
+    """``pair_key``'s inverse: ``(prepare/finalize name, experts name)``."""
+    pf, _, experts = name.partition(PAIR_SEPARATOR)
+    return pf, experts
 
 
 def slug(gpu: str) -> str:

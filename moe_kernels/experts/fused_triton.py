@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 
-from moe_kernels.backends.triton import triton_interpreting
+from moe_kernels.backends import cuda
+from moe_kernels.backends.triton import interpreting
 from moe_kernels.core import tuning
-from moe_kernels.core.contract import LayerContext, Layout, StandardTokens, WorkspaceSpec, largest_specs
-from moe_kernels.experts.triton import _TritonPart
+from moe_kernels.core.contract import Check, LayerContext, Layout, StandardTokens, WorkspaceSpec, largest_specs
+from moe_kernels.core.tiles import HOPPER_SMS, default_configs
+from moe_kernels.experts.triton import TritonPart
 from moe_kernels.mlp.weights import ExpertWeights
 
 Tiles = tuple[Any, Any]  # (gemm1, gemm2) FusedConfig
@@ -27,19 +29,25 @@ Tiles = tuple[Any, Any]  # (gemm1, gemm2) FusedConfig
 DECODE_ROWS_PER_EXPERT = 128
 
 
-class FusedTritonExperts(_TritonPart):
-    """STANDARD in, ``[T, H]`` out (weighted, reduced). ``tiles``: ``{T: (gemm1, gemm2)}``
-    :class:`~moe_kernels.kernels.fused_moe.FusedConfig` pairs to use instead of the tuning table
-    (the tuner measures candidates this way); a call with T tokens takes the entry of the smallest
-    T' >= T (:func:`moe_kernels.core.tuning.point_for`)."""
+class FusedTritonExperts(TritonPart):
+    """STANDARD in, ``[T, H]`` out (weighted, reduced), unquantized weights, gated activations.
+    ``tiles``: ``{T: (gemm1, gemm2)}`` :class:`~moe_kernels.kernels.fused_moe.FusedConfig` pairs
+    to use instead of the tuning table (the tuner measures candidates this way); a call with T
+    tokens takes the entry of the smallest T' >= T (:func:`moe_kernels.core.tuning.point_for`)."""
 
     input_layout = Layout.STANDARD
 
     def __init__(self, tiles: Mapping[int, Tiles] | None = None) -> None:
         self.tiles = dict(tiles) if tiles is not None else None
 
+    def check_mlp(self, ctx: LayerContext) -> Check:
+        verdict = super().check_mlp(ctx)
+        if verdict.ok and not ctx.mlp.activation.gated:
+            return Check.failed("mlp", f"its GEMM1 computes gated activations, not {ctx.mlp.activation.kind}")
+        return verdict
+
     def preference(self, ctx: LayerContext) -> tuple[float, str]:
-        if ctx.device.type == "cpu" and triton_interpreting():
+        if ctx.device.type == "cpu" and interpreting():
             return 500.0, "Triton under the CPU interpreter: correct but slow"
         moe = ctx.cfg.moe
         rows = ctx.max_tokens * moe.top_k / ctx.placement.num_local_experts
@@ -47,7 +55,8 @@ class FusedTritonExperts(_TritonPart):
             return 5.0, f"fused Triton decode path: weights streamed once, 4 launches ({rows:.0f} rows per expert)"
         return 30.0, f"fused Triton path at {rows:.0f} rows per expert: prefill GEMMs favour DeepGEMM/_grouped_mm"
 
-    def _measured(self, ctx: LayerContext) -> dict[int, Tiles]:
+    def measured_tiles(self, ctx: LayerContext) -> dict[int, Tiles]:
+        """``{T: (gemm1, gemm2)}`` given or measured for the layer on this GPU (empty: none)."""
         from moe_kernels.kernels import FusedConfig
 
         if self.tiles is not None:
@@ -58,28 +67,23 @@ class FusedTritonExperts(_TritonPart):
         entries = table.kernel_configs(tuning.ShapeKey.of(ctx.cfg), self.name)
         return {t: (FusedConfig(**c["gemm1"]), FusedConfig(**c["gemm2"])) for t, c in entries.items()}
 
-    def bind(self, ctx: LayerContext) -> None:
-        super().bind(ctx)
-        self._tiles = self._measured(ctx)
-        self.tiles_source = "given" if self.tiles is not None else ("tuning table" if self._tiles else "heuristic")
+    def tiles_source(self, ctx: LayerContext) -> str:
+        return "given" if self.tiles is not None else ("tuning table" if self.measured_tiles(ctx) else "heuristic")
 
     def configs_for(self, ctx: LayerContext, num_tokens: int) -> Tiles:
         """The ``(gemm1, gemm2)`` tilings for a call of ``num_tokens`` tokens."""
-        from moe_kernels.kernels.fused_moe import default_configs
-
-        tiles = self._tiles if hasattr(self, "_tiles") else self._measured(ctx)
+        tiles = self.measured_tiles(ctx)
         if tiles:
             return tuning.point_for(tiles, num_tokens)[1]
         moe = ctx.cfg.moe
+        num_sms = cuda.num_sms(ctx.device) if ctx.device.type == "cuda" else HOPPER_SMS
         return default_configs(
-            num_tokens, moe.top_k, ctx.placement.num_local_experts, moe.hidden_size, moe.intermediate_size
+            num_tokens, moe.top_k, ctx.placement.num_local_experts, moe.hidden_size, moe.intermediate_size, num_sms
         )
 
     def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
         from moe_kernels.kernels import fused_workspace_shapes
 
-        if num_rows == 0:
-            return {}
         moe = ctx.cfg.moe
         gemm1, _ = self.configs_for(ctx, num_rows)
         shapes = fused_workspace_shapes(
@@ -91,8 +95,7 @@ class FusedTritonExperts(_TritonPart):
     def max_workspace_specs(self, ctx: LayerContext, max_rows: int) -> dict[str, WorkspaceSpec]:
         # the row block (and so the padded row bound) changes with T: take each name's largest
         # over the token counts where the tiling may change (powers of two, the tuned points)
-        tiles = self._tiles if hasattr(self, "_tiles") else self._measured(ctx)
-        points = {max_rows, *(t for t in tiles if t < max_rows)}
+        points = {max_rows, *(t for t in self.measured_tiles(ctx) if t < max_rows)}
         t = 1
         while t < max_rows:
             points.add(t)
@@ -100,16 +103,10 @@ class FusedTritonExperts(_TritonPart):
         return largest_specs(self.workspace_specs(ctx, rows) for rows in points)
 
     def apply(
-        self,
-        tokens: StandardTokens,
-        weights: ExpertWeights,
-        out: torch.Tensor,
-        workspace: dict[str, torch.Tensor],
+        self, tokens: StandardTokens, weights: ExpertWeights, out: torch.Tensor, workspace: dict[str, torch.Tensor]
     ) -> None:
         from moe_kernels.kernels import fused_experts
 
-        if tokens.num_rows == 0:
-            return
         gemm1, gemm2 = self.configs_for(self.ctx, tokens.num_rows)
         residual = tokens.residual
         if residual is not None:
@@ -125,4 +122,5 @@ class FusedTritonExperts(_TritonPart):
             gemm1=gemm1,
             gemm2=gemm2,
             residual=None if residual is None else residual.tensor,
+            activation=self.ctx.mlp.activation,
         )

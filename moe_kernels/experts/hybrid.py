@@ -4,29 +4,40 @@ Small batches (decode): the masked GEMM skips each expert's empty tiles and meas
 faster than ``torch._grouped_mm`` at the HBM limit, but its scratch grows as
 ``E x T x (H + 3I)``. Large batches (prefill): the contiguous layout's memory is proportional
 to the routed rows only. ``T`` is a host int, so choosing costs no sync, and for a given ``T``
-the choice is fixed: a CUDA graph captured per batch size replays one path.
+the choice is fixed: a CUDA graph captured per batch size replays one path. bf16 or fp8, as the
+weights are (:mod:`moe_kernels.experts.deepgemm`).
 
-The threshold is the measured crossover of the two paths on this GPU and layer shape (the
-tuning table's times of the local masked DeepGEMM pair and the contiguous one), else a default
-from earlier measurements.
+The threshold is the measured crossover of the two paths on this GPU, layer shape and format
+(the tuning table's times of :class:`~moe_kernels.experts.deepgemm.MaskedDeepGemmExperts` and
+:class:`~moe_kernels.experts.deepgemm.DeepGemmExperts`), else a default from earlier
+measurements.
 """
 
 from __future__ import annotations
 
 import torch
 
+from moe_kernels.backends import deep_gemm
 from moe_kernels.core import tuning
-from moe_kernels.core.contract import LayerContext, Layout, StandardTokens, WorkspaceSpec, largest_specs
-from moe_kernels.experts.common import write_output
-from moe_kernels.experts.deepgemm import (
-    DeepGemmPart,
+from moe_kernels.core.contract import (
+    LayerContext,
+    Layout,
+    StandardTokens,
+    WorkspaceSpec,
     align_up,
-    apply_contiguous,
-    contiguous_workspace,
-    masked_mlp,
-    masked_rows_multiple,
-    masked_workspace,
+    largest_specs,
+    workspace_bytes,
 )
+from moe_kernels.experts.common import (
+    contiguous_workspace,
+    gemm_input,
+    gemm_input_specs,
+    masked_workspace,
+    run_contiguous,
+    run_masked,
+    write_output,
+)
+from moe_kernels.experts.deepgemm import DeepGemmExperts, DeepGemmPart, MaskedDeepGemmExperts, deep_gemm_masked
 from moe_kernels.mlp.weights import ExpertWeights
 
 #: For a GPU or shape without measurements: the three shapes measured on an H100 (2026-11-23,
@@ -39,19 +50,15 @@ DEFAULT_THRESHOLD_SOURCE = "default: masked was faster up to T=1024 on every sha
 #: A policy choice, not a measurement.
 MASKED_WORKSPACE_BUDGET_BYTES = 2 * 2**30
 
-#: the pairs whose measured times give the crossover
-MASKED_PAIR = "LocalMaskedPrepareAndFinalize + MaskedDeepGemmExperts"
-CONTIGUOUS_PAIR = "LocalPrepareAndFinalize + DeepGemmExperts"
-
 
 class HybridDeepGemmExperts(DeepGemmPart):
     """STANDARD in, ``[T, H]`` out (weighted and reduced).
 
     ``T <= threshold`` (and the masked scratch within ``masked_memory_budget`` bytes): masked --
     Triton ``masked_layout`` with capacity ``align_up(T, masked_rows_multiple())`` (an expert gets
-    at most one row per token, so nothing overflows), scatter into ``[E, M, H]``, two masked
-    DeepGEMM GEMMs with SiLU-and-mul between, weighted gather. Otherwise contiguous, exactly as
-    :class:`~moe_kernels.experts.deepgemm.DeepGemmExperts`. ``T == 0`` launches nothing.
+    at most one row per token, so nothing overflows), scatter (quantizing when fp8) into
+    ``[E, M, H]``, two masked DeepGEMM GEMMs with the activation between, weighted gather.
+    Otherwise contiguous, exactly as :class:`~moe_kernels.experts.deepgemm.DeepGemmExperts`.
 
     Args:
         threshold: largest T that takes the masked path; ``None`` = the measured crossover for
@@ -76,40 +83,45 @@ class HybridDeepGemmExperts(DeepGemmPart):
         return f"HybridDeepGemmExperts(threshold={self.threshold}, masked_memory_budget={self.masked_memory_budget})"
 
     def threshold_for(self, ctx: LayerContext) -> tuple[int, str]:
-        """The threshold in force for the layer, and where it comes from."""
+        """The threshold in force for the layer, and where it comes from (the tables are read
+        once per process, so asking is cheap)."""
         if self.threshold is not None:
             return self.threshold, "given"
         table = tuning.table_for(ctx.device)
         if table is not None:
-            times = table.pair_times(tuning.ShapeKey.of(ctx.cfg))
-            if MASKED_PAIR in times and CONTIGUOUS_PAIR in times:
-                threshold, note = tuning.crossover(times[MASKED_PAIR], times[CONTIGUOUS_PAIR])
-                if threshold is not None:
-                    return threshold, f"measured crossover ({table.gpu}, {table.source}): {note}"
+            key = tuning.ShapeKey.of(ctx.cfg)
+            masked = table.experts_times(key, MaskedDeepGemmExperts.__name__)
+            contiguous = table.experts_times(key, DeepGemmExperts.__name__)
+            threshold, note = tuning.crossover(masked, contiguous)
+            if threshold is not None:
+                return threshold, f"measured crossover ({table.gpu}, {table.source}): {note}"
         return DEFAULT_THRESHOLD, DEFAULT_THRESHOLD_SOURCE
 
-    def bind(self, ctx: LayerContext) -> None:
-        super().bind(ctx)
-        self._threshold, self.threshold_source = self.threshold_for(ctx)
+    def _masked_specs(self, ctx: LayerContext, num_tokens: int) -> dict[str, WorkspaceSpec]:
+        mlp, e = ctx.mlp, ctx.placement.num_local_experts
+        capacity = align_up(num_tokens, deep_gemm.masked_rows_multiple())
+        specs = masked_workspace(mlp, e, capacity) | gemm_input_specs("masked_rows", (e, capacity), mlp.hidden, mlp)
+        if mlp.act_quant is not None:
+            # GEMM2's bf16 output cannot go over its fp8 input
+            specs["masked_out"] = WorkspaceSpec((e, capacity, mlp.hidden), mlp.dtype)
+        return specs
 
     def masked_bytes(self, ctx: LayerContext, num_tokens: int) -> int:
-        """Scratch of the masked path: rows ``[E, M, H]`` + gate/up ``[E, M, 2I]`` + act ``[E, M, I]``."""
-        specs = masked_workspace(ctx, align_up(num_tokens, masked_rows_multiple()), with_rows=True)
-        return sum(s.nbytes for s in specs.values())
+        """Scratch of the masked path: rows ``[E, M, H]``, gate/up ``[E, M, 2I]`` and the
+        activation ``[E, M, I]`` (with their scales and a separate output when quantized)."""
+        return workspace_bytes(self._masked_specs(ctx, num_tokens))
 
     def use_masked(self, ctx: LayerContext, num_tokens: int) -> bool:
         """The path for a call with ``num_tokens`` tokens (host ints only)."""
-        threshold = self._threshold if hasattr(self, "_threshold") else self.threshold_for(ctx)[0]
-        if num_tokens == 0 or num_tokens > threshold:
+        if num_tokens == 0 or num_tokens > self.threshold_for(ctx)[0]:
             return False
         return self.masked_bytes(ctx, num_tokens) <= self.masked_memory_budget
 
     def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
-        if num_rows == 0:
-            return {}
         if self.use_masked(ctx, num_rows):
-            return masked_workspace(ctx, align_up(num_rows, masked_rows_multiple()), with_rows=True)
-        return contiguous_workspace(ctx, num_rows)
+            return self._masked_specs(ctx, num_rows)
+        e = ctx.placement.num_local_experts
+        return contiguous_workspace(ctx.mlp, num_rows, ctx.cfg.moe.top_k, e, deep_gemm.alignment() or 1)
 
     def max_workspace_specs(self, ctx: LayerContext, max_rows: int) -> dict[str, WorkspaceSpec]:
         # the masked path peaks at the largest T it takes, the contiguous one at max_rows
@@ -122,28 +134,23 @@ class HybridDeepGemmExperts(DeepGemmPart):
         return largest_specs(candidates)
 
     def apply(
-        self,
-        tokens: StandardTokens,
-        weights: ExpertWeights,
-        out: torch.Tensor,
-        workspace: dict[str, torch.Tensor],
+        self, tokens: StandardTokens, weights: ExpertWeights, out: torch.Tensor, workspace: dict[str, torch.Tensor]
     ) -> None:
-        t = tokens.num_rows
-        if t == 0:
-            return
+        mlp, t = self.ctx.mlp, tokens.num_rows
         if not self.use_masked(self.ctx, t):
-            apply_contiguous(tokens, weights, out, workspace)
+            run_contiguous(tokens, weights, out, workspace, mlp, deep_gemm.alignment() or 1, deep_gemm.contiguous)
             return
 
         from moe_kernels.kernels import masked_layout, scatter_rows
 
         num_experts, top_k = weights.num_experts, tokens.topk_ids.shape[1]
-        capacity = align_up(t, masked_rows_multiple())
-        layout = masked_layout(tokens.topk_ids, num_experts, capacity)
-        rows = workspace["masked_rows"]
-        scatter_rows(tokens.x, layout.dst_row, rows)
+        rows, rows_scale = gemm_input(workspace, "masked_rows")
+        layout = masked_layout(tokens.topk_ids, num_experts, rows.shape[1])
+        group = mlp.act_quant.group if mlp.act_quant is not None else 1
+        scatter_rows(tokens.x, layout.dst_row, rows, scale_out=rows_scale, group=group)
         # DeepGEMM tunes for the mean rows per expert; with EP some slots are -1, so this is an
         # upper estimate (the host cannot count them without a sync).
         expected_m = -(-t * top_k // num_experts)
-        masked_mlp(rows, weights, layout.counts, expected_m, workspace["gate_up"], workspace["activation"], rows)
-        write_output(rows, layout.dst_row, tokens, out)
+        expert_out = workspace.get("masked_out", rows)
+        run_masked(rows, rows_scale, layout.counts, weights, expert_out, workspace, mlp, deep_gemm_masked(expected_m))
+        write_output(expert_out, layout.dst_row, tokens, out)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from moe_kernels.core.contract import LayerContext, Layout, PermuteExpertsUnpermute, StandardTokens
+from moe_kernels.mlp import fp8
+from moe_kernels.mlp.formats import Dense, Fp8Block
 from moe_kernels.mlp.weights import ExpertWeights
 
 
@@ -15,21 +16,19 @@ class TorchReferenceExperts(PermuteExpertsUnpermute):
     Slow (one small GEMM pair per expert, boolean indexing syncs with the host) and meant as
     the yardstick the other experts are tested against, and the CPU fallback. Quantized layers
     are computed from the dequantized weights (and dequantized activations when they arrive
-    in fp8), so the difference to a quantized kernel is that kernel's quantization error.
+    quantized), so the difference to a quantized kernel is that kernel's quantization error.
+    Every weight format and activation of :mod:`moe_kernels.mlp` is computed from its definition
+    there.
     """
 
     input_layout = Layout.STANDARD
-    quant_schemes = ("none", "fp8_w8a8_block")
+    weight_formats = (Dense, Fp8Block)
 
     def preference(self, ctx: LayerContext) -> tuple[float, str]:
         return 1000.0, "plain per-expert torch loop: the yardstick, chosen only when nothing else runs"
 
     def apply(
-        self,
-        tokens: StandardTokens,
-        weights: ExpertWeights,
-        out: torch.Tensor,
-        workspace: dict[str, torch.Tensor],
+        self, tokens: StandardTokens, weights: ExpertWeights, out: torch.Tensor, workspace: dict[str, torch.Tensor]
     ) -> None:
         acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
         if tokens.residual is not None:
@@ -37,18 +36,14 @@ class TorchReferenceExperts(PermuteExpertsUnpermute):
             acc += tokens.residual.tensor.float()
         x = tokens.x.float()
         if tokens.x_scale is not None:
-            from moe_kernels.kernels.quant import dequantize_fp8_token_groups
-
-            x = dequantize_fp8_token_groups(tokens.x, tokens.x_scale)
-        inter = weights.inter
+            x = fp8.dequantize_groups(tokens.x, tokens.x_scale)
+        activation = self.ctx.mlp.activation
         for e in range(weights.num_experts):
             token_idx, slot = torch.nonzero(tokens.topk_ids == e, as_tuple=True)
             if token_idx.numel() == 0:
                 continue
             w13, w2 = weights.dequantized(e)
-            gate_up = x[token_idx] @ w13.t()
-            h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-            y = h @ w2.t()
+            y = activation.reference(x[token_idx] @ w13.t()) @ w2.t()
             weight = tokens.topk_weights[token_idx, slot].unsqueeze(1)
             acc.index_add_(0, token_idx, y * weight)
         out.copy_(acc)

@@ -1,14 +1,19 @@
-"""Expert MLPs on the Triton grouped GEMM (any CUDA GPU; the CPU under TRITON_INTERPRET=1).
+"""Expert MLPs on the Triton grouped GEMM (any CUDA GPU; the CPU under TRITON_INTERPRET=1),
+bf16/fp16/fp32 or fp8 with block scales.
 
-GEMM1 and SiLU-and-mul are one kernel (the ``[rows, 2I]`` intermediate never reaches memory),
-so each layout needs two GEMM launches.
+Unquantized, GEMM1 and the activation are one kernel (the ``[rows, 2I]`` intermediate never
+reaches memory), so each layout needs two GEMM launches. fp8 weights (``fp8_w8a8_block``) run the
+block-scaled fp8 variant of the same kernel on activations quantized per token and 128 columns;
+the activation is then its own kernel, which quantizes GEMM2's input on the way out.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from moe_kernels.backends.triton import triton_check, triton_interpreting
+from moe_kernels.backends.triton import interpreting, triton_check
 from moe_kernels.core.contract import (
     Check,
     LayerContext,
@@ -18,90 +23,136 @@ from moe_kernels.core.contract import (
     StandardTokens,
     WorkspaceSpec,
 )
-from moe_kernels.experts.common import write_output
+from moe_kernels.experts.common import GroupedGemm, contiguous_workspace, masked_workspace, run_contiguous, run_masked
+from moe_kernels.mlp.formats import Dense, Fp8Block
+from moe_kernels.mlp.spec import ExpertMLP
 from moe_kernels.mlp.weights import ExpertWeights
 
+#: fp8 tensor cores need compute capability 8.9 or newer
+FP8_MIN_CAPABILITY = (8, 9)
 
-class _TritonPart(PermuteExpertsUnpermute):
+
+class TritonPart(PermuteExpertsUnpermute):
+    """What the Triton experts share: where Triton runs (fp8: SM89+), capturable in CUDA graphs."""
+
     supports_cuda_graphs = True
 
     def check_device(self, ctx: LayerContext) -> Check:
-        return triton_check(ctx.device)
+        base = triton_check(ctx.device)
+        if base.ok and ctx.mlp.act_quant is not None and ctx.device.type == "cuda":
+            cap = torch.cuda.get_device_capability(ctx.device)
+            if cap < FP8_MIN_CAPABILITY:
+                return Check.failed("device", f"fp8 tensor cores need SM89+, this GPU is SM{cap[0]}{cap[1]}")
+        return base
 
     def preference(self, ctx: LayerContext) -> tuple[float, str]:
-        if ctx.device.type == "cpu" and triton_interpreting():
+        if ctx.device.type == "cpu" and interpreting():
             return 500.0, "Triton under the CPU interpreter: correct but slow"
-        return 50.0, "Triton grouped GEMM with fused SiLU-and-mul (portable fallback)"
+        if ctx.mlp.act_quant is not None:
+            return 40.0, "Triton block-scaled fp8 grouped GEMM (portable fallback)"
+        return 50.0, "Triton grouped GEMM with the activation fused into GEMM1 (portable fallback)"
 
 
-class TritonExperts(_TritonPart):
+def _triton_contiguous(
+    a: torch.Tensor,
+    a_scale: torch.Tensor | None,
+    w: torch.Tensor,
+    w_scale: torch.Tensor | None,
+    out: torch.Tensor,
+    grouped_layout: torch.Tensor,
+    *,
+    mlp: ExpertMLP | None = None,
+) -> None:
+    """The Triton grouped GEMM as a :data:`~moe_kernels.experts.common.GroupedGemm` (``mlp``: fuse
+    its activation)."""
+    from moe_kernels.kernels import grouped_gemm_contiguous
+    from moe_kernels.kernels.grouped_gemm import BLOCK_M
+
+    activation = mlp.activation if mlp is not None else None
+    grouped_gemm_contiguous(
+        a, w, grouped_layout, out, a_scale=a_scale, b_scale=w_scale, activation=activation, alignment=BLOCK_M
+    )
+
+
+def _triton_masked(
+    a: torch.Tensor,
+    a_scale: torch.Tensor | None,
+    w: torch.Tensor,
+    w_scale: torch.Tensor | None,
+    out: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    mlp: ExpertMLP | None = None,
+) -> None:
+    from moe_kernels.kernels import grouped_gemm_masked
+
+    activation = mlp.activation if mlp is not None else None
+    grouped_gemm_masked(a, w, counts, out, a_scale=a_scale, b_scale=w_scale, activation=activation)
+
+
+def _fused_gemm1(mlp: ExpertMLP, gemm: GroupedGemm) -> GroupedGemm | None:
+    """GEMM1 with the activation fused in, where the kernel can (unquantized, gated)."""
+    if mlp.act_quant is not None or not mlp.activation.gated:
+        return None
+    return functools.partial(gemm, mlp=mlp)
+
+
+class TritonExperts(TritonPart):
     """STANDARD in, ``[T, H]`` out (weighted, reduced).
 
-    scatter ``x`` into expert-contiguous segments (aligned to the GEMM's row tile) ->
-    GEMM1 + SiLU-and-mul -> GEMM2 -> weighted gather. Sizes come from a host bound on the
-    layout rows (``T*K + min(E, T*K) * (align - 1)``), so nothing syncs with the host; the
-    padding rows are skipped by the GEMMs and never read by the gather. Shapes depend only
-    on T, so it can be captured in a CUDA graph per batch size.
+    scatter ``x`` into expert-contiguous segments (aligned to the GEMM's row tile; quantized on
+    the way when fp8) -> GEMM1 + activation (fp8: GEMM1, then the activation quantizing GEMM2's
+    input) -> GEMM2 -> weighted gather. Sizes come from a host bound on the layout rows
+    (``T*K + min(E, T*K) * (align - 1)``), so nothing syncs with the host; the padding rows are
+    skipped by the GEMMs and never read by the gather. Shapes depend only on T, so it can be
+    captured in a CUDA graph per batch size.
     """
 
     input_layout = Layout.STANDARD
+    weight_formats = (Dense, Fp8Block)
 
     def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
-        from moe_kernels.kernels import contiguous_rows_bound
         from moe_kernels.kernels.grouped_gemm import BLOCK_M
 
-        moe = ctx.cfg.moe
-        rows = contiguous_rows_bound(num_rows * moe.top_k, ctx.placement.num_local_experts, BLOCK_M)
-        return {
-            "permuted": WorkspaceSpec((rows, moe.hidden_size), moe.dtype),
-            "activation": WorkspaceSpec((rows, moe.intermediate_size), moe.dtype),
-            "expert_rows": WorkspaceSpec((rows, moe.hidden_size), moe.dtype),
-        }
+        mlp, e = ctx.mlp, ctx.placement.num_local_experts
+        fused = _fused_gemm1(mlp, _triton_contiguous) is not None
+        return contiguous_workspace(mlp, num_rows, ctx.cfg.moe.top_k, e, BLOCK_M, fused_gemm1=fused)
 
     def apply(
-        self,
-        tokens: StandardTokens,
-        weights: ExpertWeights,
-        out: torch.Tensor,
-        workspace: dict[str, torch.Tensor],
+        self, tokens: StandardTokens, weights: ExpertWeights, out: torch.Tensor, workspace: dict[str, torch.Tensor]
     ) -> None:
-        from moe_kernels.kernels import contiguous_layout, grouped_gemm_contiguous, scatter_rows
         from moe_kernels.kernels.grouped_gemm import BLOCK_M
 
-        if tokens.num_rows == 0:
-            return
-        layout = contiguous_layout(tokens.topk_ids, weights.num_experts, BLOCK_M)
-        permuted, act, rows = workspace["permuted"], workspace["activation"], workspace["expert_rows"]
-        scatter_rows(tokens.x, layout.dst_row, permuted)
-        grouped_gemm_contiguous(
-            permuted, weights.w13, layout.grouped_layout, act, fuse_silu_and_mul=True, alignment=BLOCK_M
-        )
-        grouped_gemm_contiguous(act, weights.w2, layout.grouped_layout, rows, alignment=BLOCK_M)
-        write_output(rows, layout.dst_row, tokens, out)
+        mlp = self.ctx.mlp
+        fused = _fused_gemm1(mlp, _triton_contiguous)
+        run_contiguous(tokens, weights, out, workspace, mlp, BLOCK_M, _triton_contiguous, fused)
 
 
-class MaskedTritonExperts(_TritonPart):
-    """MASKED in and out: ``[E, M, H]`` with ``counts [E]``; rows past an expert's count are
-    neither computed nor written. Fixed shapes, no host sync: capturable in CUDA graphs."""
+class MaskedTritonExperts(TritonPart):
+    """MASKED in and out: ``[E, M, H]`` (fp8: with ``x_scale [E, M, H/128]``) with ``counts
+    [E]``; rows past an expert's count are neither computed nor written. Fixed shapes, no host
+    sync: capturable in CUDA graphs."""
 
     input_layout = Layout.MASKED
+    weight_formats = (Dense, Fp8Block)
 
     def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
-        moe = ctx.cfg.moe
-        shape = (ctx.placement.num_local_experts, num_rows, moe.intermediate_size)
-        return {"activation": WorkspaceSpec(shape, moe.dtype)}
+        mlp, e = ctx.mlp, ctx.placement.num_local_experts
+        specs = masked_workspace(mlp, e, num_rows)
+        if _fused_gemm1(mlp, _triton_masked) is not None:
+            del specs["gate_up"]
+        return specs
 
     def apply(
-        self,
-        tokens: MaskedTokens,
-        weights: ExpertWeights,
-        out: torch.Tensor,
-        workspace: dict[str, torch.Tensor],
+        self, tokens: MaskedTokens, weights: ExpertWeights, out: torch.Tensor, workspace: dict[str, torch.Tensor]
     ) -> None:
-        from moe_kernels.kernels import grouped_gemm_masked
-
-        if tokens.num_rows == 0:
+        mlp = self.ctx.mlp
+        if (tokens.x_scale is None) != (mlp.act_quant is None):
+            raise ValueError(f"{self.name}: the layer wants {mlp.describe()}; got {tokens.x.dtype} tokens")
+        fused = _fused_gemm1(mlp, _triton_masked)
+        if fused is None:
+            run_masked(tokens.x, tokens.x_scale, tokens.counts, weights, out, workspace, mlp, _triton_masked)
             return
         act = workspace["activation"]
-        grouped_gemm_masked(tokens.x, weights.w13, tokens.counts, act, fuse_silu_and_mul=True)
-        grouped_gemm_masked(act, weights.w2, tokens.counts, out)
+        fused(tokens.x, None, weights.w13, None, act, tokens.counts)
+        _triton_masked(act, None, weights.w2, None, out, tokens.counts)

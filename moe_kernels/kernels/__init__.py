@@ -1,10 +1,10 @@
-"""Triton kernels of the MoE pipeline: permutation, activation, grouped GEMM, the fused decode
-path, fp8 quantization and un-permutation.
+"""Triton kernels of the MoE pipeline: permutation (fp8 quantization fused in), the activation
+between the GEMMs, grouped GEMM (bf16 or fp8), the fused decode path and un-permutation.
 
 Launch wrappers take tensors and plain numbers only; they never synchronise with the host.
 """
 
-from .activation import silu_and_mul
+from .activation import activate
 from .fused_moe import FusedConfig, GatherLayout, fused_experts, fused_workspace_shapes, gather_layout
 from .gather import weighted_gather
 from .grouped_gemm import grouped_gemm_contiguous, grouped_gemm_masked
@@ -13,8 +13,8 @@ from .permute import (
     MaskedLayout,
     contiguous_layout,
     contiguous_rows_bound,
-    expert_counts,
     masked_layout,
+    quantize_rows,
     scatter_rows,
 )
 
@@ -23,16 +23,16 @@ __all__ = [
     "FusedConfig",
     "GatherLayout",
     "MaskedLayout",
+    "activate",
     "contiguous_layout",
     "contiguous_rows_bound",
-    "expert_counts",
     "fused_experts",
     "fused_workspace_shapes",
     "gather_layout",
     "grouped_gemm_contiguous",
     "grouped_gemm_masked",
     "masked_layout",
+    "quantize_rows",
     "scatter_rows",
-    "silu_and_mul",
     "weighted_gather",
 ]

@@ -1,4 +1,10 @@
-"""SiLU-and-multiply activation of the gated expert MLP, with optional skipping of unused rows."""
+"""The activation between the expert GEMMs (:mod:`moe_kernels.mlp.activations`), optionally
+quantized to fp8 for GEMM2 on the way out, with optional skipping of unused rows.
+
+:func:`apply_activation` is the device function every kernel that applies an activation calls
+(this row-wise kernel and the fused GEMM epilogues); its ``KIND`` is
+:attr:`moe_kernels.mlp.activations.Activation.code`.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +12,45 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_same_device, check_tensor, pick_row_block
+from moe_kernels.mlp import fp8
+from moe_kernels.mlp.activations import SILU, Activation
+
+from ._common import FLOAT_DTYPES, check_same_device, check_tensor, interpreting, pick_row_block
+from .quant import check_group, check_scale_out, quantize_groups, row_tiles, scale_row_offset, scale_strides
 
 
 @triton.jit
-def _silu_and_mul_kernel(
+def apply_activation(gate, up, KIND: tl.constexpr):
+    """``act(gate, up)`` in fp32 for a gated kind (``up`` unused by non-gated ones). KIND 0: SiLU-and-mul."""
+    if KIND == 0:
+        return gate * tl.sigmoid(gate) * up
+    else:
+        tl.static_assert(False, "unknown activation code")
+        return gate
+
+
+@triton.jit
+def _activate_kernel(
     x_ptr,
     out_ptr,
+    s_ptr,
     row_info_ptr,
     rows_per_group,
     n_cols,
+    n_groups,
+    stride_se,
+    stride_sm,
+    stride_sk,
+    KIND: tl.constexpr,
+    GATED: tl.constexpr,
     SKIP_BY_LAYOUT: tl.constexpr,
     SKIP_BY_COUNTS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    QUANT: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
+    GROUP: tl.constexpr,
+    G: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     # A skipped row gets zero live columns: the per-row condition is a scalar, and folding it into
     # the column bound avoids a scalar-bool & vector mask (which trips the triton 3.9 interpreter).
     n_live = n_cols
@@ -29,46 +58,70 @@ def _silu_and_mul_kernel(
         n_live = tl.where(tl.load(row_info_ptr + row) >= 0, n_cols, 0)
     if SKIP_BY_COUNTS:
         n_live = tl.where(row % rows_per_group < tl.load(row_info_ptr + row // rows_per_group), n_cols, 0)
+    groups = tl.program_id(1).to(tl.int64) * G + tl.arange(0, G)
+    cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     live = cols < n_live
-    x_row = x_ptr + row * (2 * n_cols)
+    x_row = x_ptr + row * (2 * n_cols if GATED else n_cols)
     gate = tl.load(x_row + cols, mask=live, other=0).to(tl.float32)
-    up = tl.load(x_row + n_cols + cols, mask=live, other=0).to(tl.float32)
-    result = gate * tl.sigmoid(gate) * up
-    tl.store(out_ptr + row * n_cols + cols, result.to(out_ptr.dtype.element_ty), mask=live)
+    up = gate
+    if GATED:
+        up = tl.load(x_row + n_cols + cols, mask=live, other=0).to(tl.float32)
+    result = apply_activation(gate, up, KIND)
+    if QUANT:
+        q, scale = quantize_groups(result, EXACT_CAST)
+        tl.store(out_ptr + row * n_cols + cols, q.to(out_ptr.dtype.element_ty), mask=live)
+        s_row = s_ptr + scale_row_offset(row, rows_per_group, stride_se, stride_sm)
+        tl.store(s_row + groups * stride_sk, scale, mask=groups < tl.where(n_live > 0, n_groups, 0))
+    else:
+        tl.store(out_ptr + row * n_cols + cols, result.to(out_ptr.dtype.element_ty), mask=live)
 
 
-def silu_and_mul(
+def activate(
     x: torch.Tensor,
     out: torch.Tensor,
     *,
+    activation: Activation = SILU,
+    scale_out: torch.Tensor | None = None,
+    group: int = fp8.SCALE_BLOCK,
     grouped_layout: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out = silu(x[..., :I]) * x[..., I:]``, computed in fp32 and stored in ``out.dtype``.
+    """``out = act(x)`` (gated kinds: ``act(x[..., :I], x[..., I:])``), computed in fp32 and
+    stored in ``out.dtype`` -- or quantized to fp8 (one scale per row and ``group`` columns into
+    ``scale_out``) when ``scale_out`` is given, so GEMM2's input never exists in bf16.
 
     Args:
-        x: ``[R, 2I]`` or, for the masked layout, ``[E, M, 2I]``; bf16/fp16/fp32, contiguous.
-            The first half of the last dim is the gate (SiLU applies to it), the second the up
-            projection.
-        out: same shape as ``x`` with last dim ``I``; bf16/fp16/fp32, contiguous.
+        x: ``[R, 2I]`` or, for the masked layout, ``[E, M, 2I]`` (``I`` columns for a non-gated
+            activation); bf16/fp16/fp32, contiguous. Gated: the first half is the gate, the second
+            the up projection.
+        out: same leading shape as ``x``, last dim ``I``; bf16/fp16/fp32 (float8_e4m3fn with
+            ``scale_out``), contiguous.
+        activation: which function (:mod:`moe_kernels.mlp.activations`).
+        scale_out: ``[..., ceil(I / group)]`` float32, any strides (:mod:`moe_kernels.mlp.act_quant`).
+        group: columns per scale, a power of two.
         grouped_layout: optional ``[R] int32`` (contiguous layout, 2-D ``x``): rows whose entry is
             ``-1`` are skipped.
         counts: optional ``[E] int32`` (masked layout, 3-D ``x``): rows ``m >= counts[e]`` of group
             ``e`` are skipped.
 
-    Skipped rows of ``out`` are left untouched and their ``x`` rows are never read.
+    Skipped rows of ``out`` (and ``scale_out``) are left untouched and their ``x`` rows are never read.
 
     Returns:
         ``out``.
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    if x.dim() not in (2, 3) or x.shape[-1] % 2:
-        raise ValueError(f"x: expected shape [R, 2I] or [E, M, 2I], got {list(x.shape)}")
-    inter = x.shape[-1] // 2
-    check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(*x.shape[:-1], inter))
+    gated = activation.gated
+    if x.dim() not in (2, 3) or (gated and x.shape[-1] % 2):
+        want = "[R, 2I] or [E, M, 2I]" if gated else "[R, I] or [E, M, I]"
+        raise ValueError(f"x: expected shape {want}, got {list(x.shape)}")
+    inter = x.shape[-1] // 2 if gated else x.shape[-1]
+    quant = scale_out is not None
+    check_tensor("out", out, dtypes=(fp8.FP8_DTYPE,) if quant else FLOAT_DTYPES, shape=(*x.shape[:-1], inter))
+    if quant:
+        check_group(group)
+        check_scale_out(scale_out, x.shape[:-1], triton.cdiv(inter, group))
     if grouped_layout is not None and counts is not None:
         raise ValueError("pass at most one of grouped_layout and counts")
-    rows_per_group = 1
     if grouped_layout is not None:
         if x.dim() != 2:
             raise ValueError(f"x: grouped_layout needs a 2-D x [R, 2I], got {list(x.shape)}")
@@ -77,21 +130,36 @@ def silu_and_mul(
         if x.dim() != 3:
             raise ValueError(f"x: counts needs a 3-D x [E, M, 2I], got {list(x.shape)}")
         check_tensor("counts", counts, dtypes=(torch.int32,), shape=(x.shape[0],))
-        rows_per_group = x.shape[1]
-    check_same_device(x=x, out=out, grouped_layout=grouped_layout, counts=counts)
+    check_same_device(x=x, out=out, scale_out=scale_out, grouped_layout=grouped_layout, counts=counts)
     num_rows = x.numel() // max(x.shape[-1], 1)
     if num_rows == 0 or inter == 0:
         return out
+    # One row count serves the counts lookup and the scale addressing: M for 3-D tensors; for
+    # 2-D ones all rows form one group.
+    rows_per_group, stride_se, stride_sm, stride_sk = scale_strides(scale_out)
+    if counts is not None:
+        rows_per_group = x.shape[1]
     block, num_warps = pick_row_block(num_rows, inter)
-    _silu_and_mul_kernel[(num_rows, triton.cdiv(inter, block))](
+    tile, per_program, grid_cols = row_tiles(num_rows, inter, block, group if quant else None)
+    _activate_kernel[(num_rows, grid_cols)](
         x,
         out,
+        scale_out,
         grouped_layout if grouped_layout is not None else counts,
         rows_per_group,
         inter,
+        triton.cdiv(inter, group),
+        stride_se,
+        stride_sm,
+        stride_sk,
+        KIND=activation.code,
+        GATED=gated,
         SKIP_BY_LAYOUT=grouped_layout is not None,
         SKIP_BY_COUNTS=counts is not None,
-        BLOCK=block,
+        QUANT=quant,
+        EXACT_CAST=quant and interpreting(),
+        GROUP=tile,
+        G=per_program,
         num_warps=num_warps,
     )
     return out

@@ -3,7 +3,7 @@
 ::
 
     gather_layout        slot -> expert-sorted rows, segments aligned to block_m (one program)
-    fused_gemm1_silu     act[r] = silu(x[t] @ gate[e].T) * (x[t] @ up[e].T), x read through row_slot
+    fused_gemm1          act[r] = act(x[t] @ gate[e].T, x[t] @ up[e].T), x read through row_slot
     fused_gemm2_weighted y[s]   = w[s] * (act[r] @ w2[e].T), written slot-major (or token-major, K == 1)
     weighted_gather      out[t] = sum_k y[t * K + k], fixed k order, fp32
 
@@ -32,7 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_kernels.mlp.activations import SILU, Activation
+
 from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor, interpreting
+from .activation import apply_activation
 from .gather import weighted_gather
 from .permute import contiguous_rows_bound, contiguous_slot_rows
 
@@ -43,15 +46,6 @@ from .permute import contiguous_rows_bound, contiguous_slot_rows
 # fallback 7.6-9.6 us throughout. gather_layout takes the limit as an argument.
 ONE_LAUNCH_MAX_SLOTS = 512
 _FILL_BLOCK = 1024
-
-# H100: 132 SMs, 227 KB of shared memory per block at most; the budget leaves room for the
-# epilogue's layout-conversion scratch, which Triton also takes from shared memory.
-_NUM_SMS = 132
-_SMEM_BUDGET = 200 * 1024
-_BLOCK_M_CHOICES = (16, 32, 64, 128)
-# fp32 accumulator elements per program (GEMM1 holds two): 128x128 is 64 registers per thread
-# at 8 warps, what leaves room for the pipeline without spills.
-_ACCUMULATOR_MAX = 128 * 128
 
 
 @dataclass(frozen=True)
@@ -261,6 +255,7 @@ def _fused_gemm1_kernel(
     stride_wn,
     stride_om,
     up_offset,
+    ACTIVATION: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -300,7 +295,7 @@ def _fused_gemm1_kernel(
         up_acc = tl.dot(a, up, up_acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K
         gate_ptrs += BLOCK_K
-    result = gate_acc * tl.sigmoid(gate_acc) * up_acc
+    result = apply_activation(gate_acc, up_acc, ACTIVATION)
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
     tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -395,14 +390,15 @@ def _gemm_kwargs(dtype: torch.dtype, config: FusedConfig) -> dict[str, object]:
     }
 
 
-def fused_gemm1_silu(
+def fused_gemm1(
     x: torch.Tensor,
     w13: torch.Tensor,
     layout: GatherLayout,
     out: torch.Tensor,
     config: FusedConfig,
+    activation: Activation = SILU,
 ) -> torch.Tensor:
-    """``out[r] = silu(x[t] @ gate[e].T) * (x[t] @ up[e].T)`` for every layout row ``r`` holding a
+    """``out[r] = act(x[t] @ gate[e].T, x[t] @ up[e].T)`` for every layout row ``r`` holding a
     slot of token ``t`` routed to expert ``e``; A rows are read from ``x`` directly (no scatter).
 
     Padding rows of ``out`` are neither computed nor written; row blocks past the last segment
@@ -411,11 +407,12 @@ def fused_gemm1_silu(
 
     Args:
         x: ``[T, H]`` bf16/fp16/fp32 with unit stride along H.
-        w13: ``[E, 2I, H]`` same dtype, contiguous; rows ``[0, I)`` gate (SiLU), ``[I, 2I)`` up.
+        w13: ``[E, 2I, H]`` same dtype, contiguous; rows ``[0, I)`` gate, ``[I, 2I)`` up.
         layout: from :func:`gather_layout` on the ``topk_ids [T, K]`` of ``x``, built with
             ``config.block_m``.
         out: ``[R, I]`` (``R = layout.num_rows``), bf16/fp16/fp32, contiguous.
         config: tiling; ``block_m`` must equal ``layout.block_m``.
+        activation: a gated one (:mod:`moe_kernels.mlp.activations`).
 
     Returns:
         ``out``.
@@ -425,6 +422,8 @@ def fused_gemm1_silu(
         raise ValueError(f"x: expected unit stride along the hidden dim, got strides {x.stride()}")
     num_tokens, hidden = x.shape
     check_tensor("w13", w13, dtypes=(x.dtype,), ndim=3)
+    if not activation.gated:
+        raise ValueError(f"activation: the fused GEMM1 computes gated activations, not {activation.kind}")
     if w13.shape[2] != hidden or w13.shape[1] % 2:
         raise ValueError(f"w13: expected shape [E, 2I, {hidden}], got {list(w13.shape)}")
     inter = w13.shape[1] // 2
@@ -450,6 +449,7 @@ def fused_gemm1_silu(
         out.stride(0),
         # Offset of the up rows from the gate rows, precomputed so the product is 64-bit on host.
         inter * w13.stride(1),
+        ACTIVATION=activation.code,
         **_gemm_kwargs(x.dtype, config),
     )
     return out
@@ -473,7 +473,7 @@ def fused_gemm2_weighted(
     written with zeros (extra programs past the row blocks), so no further pass is needed.
 
     Args:
-        act: ``[R, I]`` bf16/fp16/fp32, contiguous, from :func:`fused_gemm1_silu` (padding rows
+        act: ``[R, I]`` bf16/fp16/fp32, contiguous, from :func:`fused_gemm1` (padding rows
             are never read).
         w2: ``[E, H, I]`` same dtype, contiguous.
         layout: the layout GEMM1 used.
@@ -564,11 +564,12 @@ def fused_experts(
     gemm1: FusedConfig,
     gemm2: FusedConfig,
     residual: torch.Tensor | None = None,
+    activation: Activation = SILU,
 ) -> torch.Tensor:
     """``out[t] = residual[t] + sum_k topk_weights[t, k] * expert_mlp(topk_ids[t, k], x[t])`` on
     the fused path (no residual term without ``residual``).
 
-    Launches: the layout (one program up to ``ONE_LAUNCH_MAX_SLOTS`` slots), GEMM1+SiLU, GEMM2
+    Launches: the layout (one program up to ``ONE_LAUNCH_MAX_SLOTS`` slots), GEMM1+activation, GEMM2
     with the router weights, and the top-k sum (fixed k order, fp32) -- three when ``top_k == 1``,
     where GEMM2 writes ``out`` directly. Slots without an expert (``-1`` or any id outside
     ``[0, E)``) contribute nothing; a token without any gets zeros. No host sync and no large
@@ -586,6 +587,7 @@ def fused_experts(
         gemm1, gemm2: tilings of the two GEMMs (see :func:`default_configs`); same ``block_m``.
         residual: optional ``[T, H]`` added in the top-k sum (with ``top_k == 1``, which has no
             sum, in a pass of its own).
+        activation: the gated activation GEMM1 applies (:mod:`moe_kernels.mlp.activations`).
 
     Returns:
         ``out``.
@@ -610,7 +612,7 @@ def fused_experts(
     check_same_device(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids, out=out)
 
     layout = gather_layout(topk_ids, num_experts, gemm1.block_m)
-    act = fused_gemm1_silu(x, w13, layout, workspace["activation"], gemm1)
+    act = fused_gemm1(x, w13, layout, workspace["activation"], gemm1, activation)
     if top_k == 1:
         fused_gemm2_weighted(act, w2, layout, topk_weights, out, gemm2)
         return out if residual is None else out.add_(residual)
@@ -619,122 +621,3 @@ def fused_experts(
 
 
 # ----------------------------------------------------------------------------- configs
-
-
-def _shared_bytes(config: FusedConfig, weight_tiles: int, elem_bytes: int = 2) -> int:
-    """Shared memory of the pipelined K loop: one A tile and ``weight_tiles`` B tiles per stage."""
-    per_stage = config.block_k * (config.block_m + weight_tiles * config.block_n)
-    return config.num_stages * per_stage * elem_bytes
-
-
-def _pick_block_m(num_tokens: int, top_k: int, num_experts: int) -> tuple[int, bool]:
-    """``(block_m, streaming)``: see :func:`default_configs`."""
-    slots = num_tokens * top_k
-    mean = slots / max(1, min(num_experts, slots))
-    streaming = mean < 128
-    # Room for the busier experts of a random routing (about two standard deviations of a
-    # Poisson count), so that one block still holds each expert's rows.
-    busy = mean + 2 * mean**0.5
-    for block_m in _BLOCK_M_CHOICES:
-        if block_m >= busy:
-            break
-    # Measured: 128-row tiles streamed GEMM2's weights ~25 % slower than 64-row ones, and a
-    # second block of the same expert runs next to the first (grid order) and hits L2.
-    return (min(block_m, 64) if streaming else block_m), streaming
-
-
-def _warps(block_m: int, block_n: int, weight_tiles: int) -> int:
-    return 8 if block_m * block_n * weight_tiles >= _ACCUMULATOR_MAX else 4
-
-
-def _config_for(block_m: int, n_out: int, k_dim: int, blocks: int, weight_tiles: int, streaming: bool) -> FusedConfig:
-    if streaming:
-        # 64 columns, 128-deep K steps (256-byte weight rows: 16-byte loads per thread, whole
-        # cache lines), several steps in flight.
-        block_n, block_k, num_stages = 64, 128, 4 if block_m <= 32 else 3
-    else:
-        # 128x128 outputs per program (GEMM1 counts its gate and up tiles).
-        block_n, block_k, num_stages = 128 // weight_tiles, 64, 3
-    block_n = max(16, min(block_n, triton.next_power_of_2(n_out)))
-    block_k = min(block_k, max(16, triton.next_power_of_2(k_dim)))
-    # Narrower tiles only when a small N leaves most SMs idle: measured, 96 programs of 64
-    # columns streamed faster than 192 of 32, so half of the 132 SMs is the bar.
-    while block_n > 16 and 2 * blocks * triton.cdiv(n_out, block_n) < _NUM_SMS:
-        block_n //= 2
-    while (
-        num_stages > 2
-        and _shared_bytes(FusedConfig(block_m, block_n, block_k, 4, num_stages), weight_tiles) > _SMEM_BUDGET
-    ):
-        num_stages -= 1
-    return FusedConfig(block_m, block_n, block_k, _warps(block_m, block_n, weight_tiles), num_stages)
-
-
-def default_configs(
-    num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int
-) -> tuple[FusedConfig, FusedConfig]:
-    """Heuristic tilings ``(gemm1, gemm2)`` for a call shape, without measuring anything.
-
-    * ``block_m``: the smallest of 16/32/64/128 that holds a busy expert's rows
-      (``mean + 2 sqrt(mean)``, ``mean = T*K / min(E, T*K)``): each expert's rows then fit one
-      row block, so its weights stream once, with little padding.
-    * While an expert has fewer than 128 rows on average the GEMMs are bound by reading the
-      weights (a bf16 weight byte carries ``rows`` flops; an H100's ridge is ~300): ``block_m``
-      at most 64, ``block_n`` 64, ``block_k`` 128 (each weight row segment 256 bytes: 16-byte
-      loads, whole cache lines), 4 stages (3 at ``block_m = 64``). ``block_n`` halves while the
-      programs would fill fewer than half of the 132 SMs.
-    * Above that (prefill) the GEMMs are compute-bound: 128x128 outputs per program (GEMM1's
-      gate and up tiles count twice), ``block_k`` 64, 3 stages.
-    * ``num_warps``: 8 for accumulators of 128x128 fp32 or more, else 4; stages are lowered
-      until the pipeline fits ~200 KB of shared memory.
-
-    Measured on an H100 (triton 3.6, bf16, CUDA graphs, DeepSeek-V3 at 32 local experts and
-    Qwen3-30B-A3B, T = 1..256): ``block_k`` 128 beat 64 by 5-10 % on GEMM1; ``block_n`` 64 was
-    within 1 % of the best candidate on GEMM2 and on GEMM1 from T = 16 (and the best at T = 1,
-    by 3-6 % over 32); 3-5 stages were within 1-2 %. :func:`candidate_configs` gives the space a
-    tuner measures around these.
-    """
-    block_m, streaming = _pick_block_m(num_tokens, top_k, num_experts)
-    slots = num_tokens * top_k
-    # Row blocks a routing keeps busy: each active expert opens one, a busy one more.
-    blocks = min(num_experts, slots) + slots // block_m
-    return (
-        _config_for(block_m, inter, hidden, blocks, 2, streaming),
-        _config_for(block_m, hidden, inter, blocks, 1, streaming),
-    )
-
-
-def candidate_configs(
-    num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int
-) -> tuple[list[FusedConfig], list[FusedConfig]]:
-    """Search spaces ``(gemm1 candidates, gemm2 candidates)`` for a tuner measuring on the GPU.
-
-    Both lists cover the same two ``block_m`` values (the default's and the next larger one); a
-    tuner times each kernel's candidates on a layout built with that ``block_m`` and keeps the
-    pair with the best summed time. For each: ``block_n`` in 32/64/128/256 and ``block_k`` in
-    64/128, ``num_warps`` as in :func:`default_configs`; ``num_stages`` in 3/4/5 at the default
-    ``block_m``, the default's depth at the other. The search allows accumulators up to twice
-    the defaults' cap (128 x 256 fp32 at 8 warps: the tile vLLM's tuned configs use for
-    GEMM2-like shapes on Hopper), since a tuner measures whether the registers spill. Tiles
-    over that or ~200 KB of shared memory are left out: at most 32 candidates per kernel.
-    """
-    default_m = _pick_block_m(num_tokens, top_k, num_experts)[0]
-    position = min(_BLOCK_M_CHOICES.index(default_m), len(_BLOCK_M_CHOICES) - 2)
-    spaces: list[list[FusedConfig]] = []
-    for n_out, k_dim, weight_tiles in ((inter, hidden, 2), (hidden, inter, 1)):
-        cap_n = max(16, triton.next_power_of_2(n_out))
-        cap_k = max(16, triton.next_power_of_2(k_dim))
-        space: list[FusedConfig] = []
-        for block_m in _BLOCK_M_CHOICES[position : position + 2]:
-            stages = (3, 4, 5) if block_m == default_m else (4 if block_m <= 32 else 3,)
-            for block_n in sorted({min(n, cap_n) for n in (32, 64, 128, 256)}):
-                if block_m * block_n * weight_tiles > 2 * _ACCUMULATOR_MAX:
-                    continue
-                for block_k in sorted({min(k, cap_k) for k in (64, 128)}):
-                    for num_stages in stages:
-                        config = FusedConfig(
-                            block_m, block_n, block_k, _warps(block_m, block_n, weight_tiles), num_stages
-                        )
-                        if _shared_bytes(config, weight_tiles) <= _SMEM_BUDGET:
-                            space.append(config)
-        spaces.append(space)
-    return spaces[0], spaces[1]

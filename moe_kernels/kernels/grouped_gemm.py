@@ -1,15 +1,20 @@
-"""Grouped GEMM over experts, ``out = a @ b[e].T`` per row group, optionally fused with SiLU-and-mul.
+"""Grouped GEMM over experts, ``out = a @ b[e].T`` per row group -- bf16/fp16/fp32, or fp8 with
+block scales -- optionally fused with the activation.
 
-One Triton kernel serves both token layouts produced by :mod:`.permute`:
+One Triton kernel serves both token layouts produced by :mod:`.permute` and both number formats:
 
 * contiguous: rows of ``a [R, K]`` are expert segments; ``grouped_layout [R]`` names each row's
   expert (``-1`` = padding). The expert is looked up once per BLOCK_M row tile, so every segment
   must start on a multiple of BLOCK_M (``alignment % block_m == 0``).
 * masked: ``a [E, M, K]`` holds ``counts[e]`` valid rows per expert.
+* fp8 (``a_scale``/``b_scale`` given): ``a`` float8_e4m3fn with one float32 scale per row and 128
+  columns, ``b [E, N, K]`` float8_e4m3fn with one per 128 x 128 block; per 128-wide K block the
+  fp8 tile product is accumulated in fp32 times ``a_scale[row, kb] * b_scale[e, nb, kb]``.
 
-With ``fuse_silu_and_mul`` the weight ``b [E, 2I, K]`` stacks gate rows over up rows; each program
-accumulates the gate and the up tile of the same output columns and writes ``silu(gate) * up``
-into ``out [..., I]``, so the ``[R, 2I]`` intermediate never goes to memory.
+With ``activation`` the weight ``b [E, 2I, K]`` stacks gate rows over up rows; each program
+accumulates the gate and the up tile of the same output columns and writes ``act(gate, up)``
+into ``out [..., I]``, so the ``[R, 2I]`` intermediate never goes to memory (not with fp8, whose
+GEMM2 input must be quantized first: there the activation is its own kernel).
 
 Rows that are skipped (padding / past ``counts``) are neither computed nor written.
 """
@@ -20,13 +25,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_same_device, check_tensor, interpreting
+from moe_kernels.mlp import fp8
+from moe_kernels.mlp.activations import Activation
 
-# Defaults tuned for H100 bf16: 64-row tiles keep padding low at decode sizes, 128x64 weight tiles
-# with 3 stages fit in shared memory even when the fused path streams gate and up tiles.
+from ._common import FLOAT_DTYPES, check_same_device, check_tensor, interpreting
+from .activation import apply_activation
+
+_SCALE_BLOCK = tl.constexpr(fp8.SCALE_BLOCK)
+
+#: Tiles per format. bf16 (H100): 64-row tiles keep padding low at decode sizes, 128x64 weight
+#: tiles with 3 stages fit in shared memory even when the fused path streams gate and up tiles.
+#: fp8: BLOCK_K is one scale block; 64 + 128 rows of 128 fp8 bytes per stage leave room for 3.
 BLOCK_M = 64
 BLOCK_N = 128
-BLOCK_K = 64
+BLOCK_K = {False: 64, True: fp8.SCALE_BLOCK}
 NUM_STAGES = 3
 
 
@@ -36,17 +48,24 @@ def _grouped_gemm_kernel(
     b_ptr,
     out_ptr,
     group_ptr,
+    a_scale_ptr,
+    b_scale_ptr,
     num_rows,
     rows_per_group,
     n_out,
     k_dim,
-    stride_am,
     stride_be,
     stride_bn,
-    stride_om,
     up_offset,
+    stride_ase,
+    stride_asm,
+    stride_ask,
+    stride_bse,
+    stride_bsn,
+    stride_bsk,
     MASKED: tl.constexpr,
-    FUSE_SILU: tl.constexpr,
+    FP8: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -65,6 +84,7 @@ def _grouped_gemm_kernel(
         local = tile_start + tl.arange(0, BLOCK_M)
         row_ok = local < valid_rows
         rows = expert.to(tl.int64) * rows_per_group + local
+        scale_rows = expert.to(tl.int64) * stride_ase + local.to(tl.int64) * stride_asm
     else:
         tile_start = pid_m * BLOCK_M
         expert = tl.load(group_ptr + tile_start)
@@ -74,52 +94,94 @@ def _grouped_gemm_kernel(
         # Padding rows at the segment tail share the tile; they must stay unwritten.
         row_expert = tl.load(group_ptr + rows, mask=rows < num_rows, other=-1)
         row_ok = row_expert == expert
+        scale_rows = rows * stride_asm
 
+    fused = ACTIVATION >= 0
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_out
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :]
-    # B is [N, K] row-major; reading it as a [BLOCK_K, BLOCK_N] tile gives A @ B^T directly.
-    b_expert = b_ptr + expert.to(tl.int64) * stride_be
-    b_ptrs = b_expert + cols[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    a_ptrs = a_ptr + rows[:, None] * k_dim + offs_k[None, :]
+    # B is [N, K] row-major; reading it as a [BLOCK_K, BLOCK_N] tile gives A @ B^T directly (and
+    # keeps it K-major, as fp8 wgmma wants).
+    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + cols[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    if FP8:
+        # BLOCK_N divides the scale block, so the whole N tile shares one weight-scale row
+        b_scale_row = b_scale_ptr + expert.to(tl.int64) * stride_bse + (pid_n * BLOCK_N // _SCALE_BLOCK) * stride_bsn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_dim, BLOCK_K):
         k_ok = offs_k < k_dim - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0)
         b_mask = k_ok[:, None] & col_ok[None, :]
-        b = tl.load(b_ptrs, mask=b_mask, other=0)
+        # fp8 loads take a float `other` (the interpreter cannot cast the int 0 to fp8). Zeroed
+        # padding rows and K tails contribute nothing even if the memory behind them holds NaNs.
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
         if UPCAST:
+            # The interpreter's low-precision tl.dot is wrong (triton 3.9); upcasting is exact.
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        if FUSE_SILU:
-            b_up = tl.load(b_ptrs + up_offset, mask=b_mask, other=0)
+        if FP8:
+            # BLOCK_K divides the scale block, so the K tile lies in one scale block. A fresh
+            # partial per K tile: Hopper's fp8 tensor-core accumulation is not full fp32, so it is
+            # promoted into the fp32 accumulator at least once per scale block (as DeepGEMM).
+            kb = k0 // _SCALE_BLOCK
+            a_scale = tl.load(a_scale_ptr + scale_rows + kb * stride_ask, mask=row_ok, other=0.0)
+            b_scale = tl.load(b_scale_row + kb * stride_bsk)
+            acc += tl.dot(a, b, input_precision=INPUT_PRECISION) * (a_scale[:, None] * b_scale)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if fused:
+            b_up = tl.load(b_ptrs + up_offset, mask=b_mask, other=0.0)
             if UPCAST:
                 b_up = b_up.to(tl.float32)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
-    if FUSE_SILU:
-        acc = acc * tl.sigmoid(acc) * acc_up
-    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
+    if fused:
+        acc = apply_activation(acc, acc_up, ACTIVATION)
+    out_ptrs = out_ptr + rows[:, None] * n_out + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _check_weights(a: torch.Tensor, b: torch.Tensor, fuse_silu_and_mul: bool) -> int:
-    """Validate ``b [E, N, K]`` against ``a``; return the output width (N, or N/2 when fused)."""
-    check_tensor("b", b, dtypes=(a.dtype,), ndim=3)
+def _check_operands(
+    a: torch.Tensor,
+    a_scale: torch.Tensor | None,
+    b: torch.Tensor,
+    b_scale: torch.Tensor | None,
+    activation: Activation | None,
+) -> int:
+    """Validate ``b [E, N, K]`` (and the scales) against ``a``; return the output width."""
+    quantized = a_scale is not None
+    if quantized != (b_scale is not None):
+        raise ValueError("a_scale and b_scale: give both (fp8 operands) or neither")
+    if quantized:
+        check_tensor("a", a, dtypes=(fp8.FP8_DTYPE,), ndim=a.dim())
+        check_tensor("b", b, dtypes=(fp8.FP8_DTYPE,), ndim=3)
+        scale_shape = (*a.shape[:-1], triton.cdiv(a.shape[-1], fp8.SCALE_BLOCK))
+        check_tensor("a_scale", a_scale, dtypes=(torch.float32,), shape=scale_shape, contiguous=False)
+        e, n, k = b.shape
+        b_scale_shape = (e, triton.cdiv(n, fp8.SCALE_BLOCK), triton.cdiv(k, fp8.SCALE_BLOCK))
+        check_tensor("b_scale", b_scale, dtypes=(torch.float32,), shape=b_scale_shape, contiguous=False)
+        if activation is not None:
+            raise ValueError("activation: fp8 operands take the activation as a kernel of its own (GEMM2 input)")
+    else:
+        check_tensor("a", a, dtypes=FLOAT_DTYPES, ndim=a.dim())
+        check_tensor("b", b, dtypes=(a.dtype,), ndim=3)
     if b.shape[2] != a.shape[-1]:
         raise ValueError(f"b: expected K = {a.shape[-1]} (a's last dim), got shape {list(b.shape)}")
-    if fuse_silu_and_mul and b.shape[1] % 2:
-        raise ValueError(f"b: fuse_silu_and_mul needs an even N = 2I, got shape {list(b.shape)}")
-    return b.shape[1] // 2 if fuse_silu_and_mul else b.shape[1]
+    if activation is not None and activation.gated:
+        if b.shape[1] % 2:
+            raise ValueError(f"b: a gated activation needs an even N = 2I, got shape {list(b.shape)}")
+        return b.shape[1] // 2
+    return b.shape[1]
 
 
 def _launch(
     a: torch.Tensor,
+    a_scale: torch.Tensor | None,
     b: torch.Tensor,
+    b_scale: torch.Tensor | None,
     out: torch.Tensor,
     group: torch.Tensor,
     *,
@@ -127,40 +189,57 @@ def _launch(
     num_row_tiles: int,
     rows_per_group: int,
     n_out: int,
-    fuse_silu_and_mul: bool,
+    activation: Activation | None,
     block_m: int,
     block_n: int,
-    block_k: int,
+    block_k: int | None,
     num_warps: int | None,
     num_stages: int,
 ) -> None:
+    fp8_operands = a_scale is not None
+    block_k = BLOCK_K[fp8_operands] if block_k is None else block_k
+    if fp8_operands:
+        for name, value in (("block_n", block_n), ("block_k", block_k)):
+            if value < 16 or fp8.SCALE_BLOCK % value:
+                raise ValueError(f"{name}: expected a divisor of {fp8.SCALE_BLOCK} that is >= 16, got {value}")
     if num_row_tiles == 0 or n_out == 0:
         return
+    fused = activation is not None and activation.gated
     if num_warps is None:
         # Two fp32 accumulators per program need twice the registers: spread them over 8 warps.
-        num_warps = 8 if fuse_silu_and_mul else 4
+        num_warps = 8 if fused else 4
     k_dim = a.shape[-1]
+    if masked and a_scale is not None:
+        a_scale_strides = a_scale.stride()
+    elif a_scale is not None:
+        a_scale_strides = (0, a_scale.stride(0), a_scale.stride(1))
+    else:
+        a_scale_strides = (0, 0, 0)
+    b_scale_strides = b_scale.stride() if b_scale is not None else (0, 0, 0)
     _grouped_gemm_kernel[(num_row_tiles, triton.cdiv(n_out, block_n))](
         a,
         b,
         out,
         group,
+        a_scale,
+        b_scale,
         a.numel() // max(k_dim, 1),
         rows_per_group,
         n_out,
         k_dim,
-        k_dim,
         b.stride(0),
         b.stride(1),
-        n_out,
         # Offset of the up rows from the gate rows, precomputed so the product is 64-bit on host.
         n_out * b.stride(1),
+        *a_scale_strides,
+        *b_scale_strides,
         MASKED=masked,
-        FUSE_SILU=fuse_silu_and_mul,
-        # The CPU interpreter's bf16 tl.dot is wrong (triton 3.9); real GPUs keep bf16 tensor cores.
+        FP8=fp8_operands,
+        ACTIVATION=activation.code if fused else -1,
+        # The CPU interpreter's low-precision tl.dot is wrong (triton 3.9); GPUs keep tensor cores.
         UPCAST=interpreting(),
         # fp32 inputs would silently drop to tf32 on tensor cores; keep them exact.
-        INPUT_PRECISION="ieee" if a.dtype == torch.float32 else None,
+        INPUT_PRECISION="ieee" if a.dtype == torch.float32 or interpreting() else None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -175,59 +254,55 @@ def grouped_gemm_contiguous(
     grouped_layout: torch.Tensor,
     out: torch.Tensor,
     *,
-    fuse_silu_and_mul: bool = False,
+    a_scale: torch.Tensor | None = None,
+    b_scale: torch.Tensor | None = None,
+    activation: Activation | None = None,
     alignment: int | None = None,
     block_m: int = BLOCK_M,
     block_n: int = BLOCK_N,
-    block_k: int = BLOCK_K,
+    block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int = NUM_STAGES,
 ) -> torch.Tensor:
     """Contiguous-layout grouped GEMM: ``out[r] = a[r] @ b[grouped_layout[r]].T``.
 
     Caller contract: every expert segment starts on a multiple of ``block_m`` (build the layout
-    with an alignment that is a multiple of ``block_m``, by default :data:`BLOCK_M`),
-    so that each row tile holds rows of one expert. Tiles whose first row is ``-1`` are skipped;
-    ``-1`` rows inside a tile are computed but not written.
+    with an alignment that is a multiple of ``block_m``, by default :data:`BLOCK_M`), so that
+    each row tile holds rows of one expert. Tiles whose first row is ``-1`` are skipped; ``-1``
+    rows inside a tile are neither read nor written.
 
     Args:
-        a: ``[R, K]`` bf16/fp16/fp32, contiguous.
-        b: ``[E, N, K]`` same dtype as ``a``, contiguous (nn.Linear weight layout per expert).
+        a: ``[R, K]`` bf16/fp16/fp32, or float8_e4m3fn with ``a_scale``, contiguous.
+        b: ``[E, N, K]`` ``a``'s dtype, contiguous (``nn.Linear`` weight layout per expert).
         grouped_layout: ``[R] int32``, expert of each row, ``-1`` = skip.
-        out: ``[R, N]`` (or ``[R, N/2]`` when fused), bf16/fp16/fp32, contiguous.
-        fuse_silu_and_mul: ``b``'s N = 2I rows are gate then up; write
-            ``silu(a @ gate.T) * (a @ up.T)``.
+        out: ``[R, N]`` (``[R, N/2]`` with a gated ``activation``), bf16/fp16/fp32, contiguous.
+        a_scale: fp8: ``[R, ceil(K/128)]`` float32 per-token-group scales, any strides.
+        b_scale: fp8: ``[E, ceil(N/128), ceil(K/128)]`` float32 block scales, any strides.
+        activation: fuse it: ``b``'s N = 2I rows are gate then up; write ``act(a @ gate.T,
+            a @ up.T)`` (bf16/fp16/fp32 only).
         alignment: the layout's alignment, if known; checked to be a multiple of ``block_m``.
-        block_m, block_n, block_k, num_warps, num_stages: Triton tiling; ``num_warps=None``
-            picks 4 (8 when fused).
+        block_m, block_n, block_k, num_warps, num_stages: Triton tiling (fp8: ``block_n`` and
+            ``block_k`` divide 128 so a tile lies in one scale block); ``block_k=None`` is 64
+            (128 for fp8), ``num_warps=None`` 4 (8 when fused).
 
     Returns:
         ``out``.
     """
-    check_tensor("a", a, dtypes=FLOAT_DTYPES, ndim=2)
-    n_out = _check_weights(a, b, fuse_silu_and_mul)
+    n_out = _check_operands(a, a_scale, b, b_scale, activation)
+    if a.dim() != 2:
+        raise ValueError(f"a: expected a 2-D tensor [R, K], got shape {list(a.shape)}")
     num_rows = a.shape[0]
     check_tensor("grouped_layout", grouped_layout, dtypes=(torch.int32,), shape=(num_rows,))
     check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(num_rows, n_out))
-    check_same_device(a=a, b=b, grouped_layout=grouped_layout, out=out)
+    check_same_device(a=a, b=b, a_scale=a_scale, b_scale=b_scale, grouped_layout=grouped_layout, out=out)
     if alignment is not None and alignment % block_m:
         raise ValueError(f"alignment: expected a multiple of block_m = {block_m}, got {alignment}")
     _launch(
-        a,
-        b,
-        out,
-        grouped_layout,
-        masked=False,
-        num_row_tiles=triton.cdiv(num_rows, block_m),
-        rows_per_group=num_rows,
-        n_out=n_out,
-        fuse_silu_and_mul=fuse_silu_and_mul,
-        block_m=block_m,
-        block_n=block_n,
-        block_k=block_k,
-        num_warps=num_warps,
+        a, a_scale, b, b_scale, out, grouped_layout,
+        masked=False, num_row_tiles=triton.cdiv(num_rows, block_m), rows_per_group=num_rows, n_out=n_out,
+        activation=activation, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
         num_stages=num_stages,
-    )
+    )  # fmt: skip
     return out
 
 
@@ -237,10 +312,12 @@ def grouped_gemm_masked(
     counts: torch.Tensor,
     out: torch.Tensor,
     *,
-    fuse_silu_and_mul: bool = False,
+    a_scale: torch.Tensor | None = None,
+    b_scale: torch.Tensor | None = None,
+    activation: Activation | None = None,
     block_m: int = BLOCK_M,
     block_n: int = BLOCK_N,
-    block_k: int = BLOCK_K,
+    block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int = NUM_STAGES,
 ) -> torch.Tensor:
@@ -249,38 +326,30 @@ def grouped_gemm_masked(
     Rows ``m >= counts[e]`` are neither computed nor written (counts above M act as M).
 
     Args:
-        a: ``[E, M, K]`` bf16/fp16/fp32, contiguous.
-        b: ``[E, N, K]`` same dtype as ``a``, contiguous.
+        a: ``[E, M, K]`` bf16/fp16/fp32, or float8_e4m3fn with ``a_scale [E, M, ceil(K/128)]``
+            (any strides), contiguous.
+        b: ``[E, N, K]`` ``a``'s dtype, contiguous (fp8: with ``b_scale``).
         counts: ``[E] int32`` valid rows per expert (``MaskedLayout.counts``).
-        out: ``[E, M, N]`` (or ``[E, M, N/2]`` when fused), bf16/fp16/fp32, contiguous.
-        fuse_silu_and_mul, block_m, block_n, block_k, num_warps, num_stages: as in
+        out: ``[E, M, N]`` (``[E, M, N/2]`` with a gated ``activation``), bf16/fp16/fp32, contiguous.
+        a_scale, b_scale, activation, block_m, block_n, block_k, num_warps, num_stages: as in
             :func:`grouped_gemm_contiguous`.
 
     Returns:
         ``out``.
     """
-    check_tensor("a", a, dtypes=FLOAT_DTYPES, ndim=3)
-    n_out = _check_weights(a, b, fuse_silu_and_mul)
+    n_out = _check_operands(a, a_scale, b, b_scale, activation)
+    if a.dim() != 3:
+        raise ValueError(f"a: expected a 3-D tensor [E, M, K], got shape {list(a.shape)}")
     num_experts, rows_per_group = a.shape[0], a.shape[1]
     if b.shape[0] != num_experts:
         raise ValueError(f"b: expected E = {num_experts} (a's first dim), got shape {list(b.shape)}")
     check_tensor("counts", counts, dtypes=(torch.int32,), shape=(num_experts,))
     check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(num_experts, rows_per_group, n_out))
-    check_same_device(a=a, b=b, counts=counts, out=out)
+    check_same_device(a=a, b=b, a_scale=a_scale, b_scale=b_scale, counts=counts, out=out)
     _launch(
-        a,
-        b,
-        out,
-        counts,
-        masked=True,
-        num_row_tiles=num_experts * triton.cdiv(rows_per_group, block_m),
-        rows_per_group=rows_per_group,
-        n_out=n_out,
-        fuse_silu_and_mul=fuse_silu_and_mul,
-        block_m=block_m,
-        block_n=block_n,
-        block_k=block_k,
-        num_warps=num_warps,
+        a, a_scale, b, b_scale, out, counts,
+        masked=True, num_row_tiles=num_experts * triton.cdiv(rows_per_group, block_m), rows_per_group=rows_per_group,
+        n_out=n_out, activation=activation, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
         num_stages=num_stages,
-    )
+    )  # fmt: skip
     return out

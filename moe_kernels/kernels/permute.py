@@ -20,7 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor, pick_row_block
+from moe_kernels.mlp import fp8
+
+from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor, interpreting, pick_row_block
+from .quant import check_group, check_scale_out, quantize_groups, row_tiles, scale_row_offset, scale_strides
 
 _SLOT_BLOCK = 256
 
@@ -174,17 +177,47 @@ def _place_kernel(
 
 
 @triton.jit
-def _scatter_rows_kernel(x_ptr, dst_ptr, out_ptr, top_k, n_cols, stride_xm, stride_om, BLOCK: tl.constexpr):
-    # One program per (token, column block): the token's row is read once and written K times.
+def _scatter_rows_kernel(
+    x_ptr,
+    dst_ptr,
+    out_ptr,
+    s_ptr,
+    top_k,
+    n_cols,
+    n_groups,
+    stride_xm,
+    stride_om,
+    scale_rows_per_group,
+    stride_se,
+    stride_sm,
+    stride_sk,
+    IDENTITY: tl.constexpr,
+    QUANT: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
+    GROUP: tl.constexpr,
+    G: tl.constexpr,
+):
+    # One program per (token, column block): the token's row is read (and quantized) once and
+    # written to each of its K destinations (IDENTITY: to its own row).
     tok = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    col_ok = cols < n_cols
-    vals = tl.load(x_ptr + tok * stride_xm + cols, mask=col_ok, other=0)
-    for k in range(top_k):
-        row = tl.load(dst_ptr + tok * top_k + k)
-        # Scalar condition folded into the column bound (a scalar-bool & vector mask trips the
-        # triton 3.9 interpreter).
+    groups = tl.program_id(1).to(tl.int64) * G + tl.arange(0, G)
+    cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    vals = tl.load(x_ptr + tok * stride_xm + cols, mask=cols < n_cols, other=0)
+    scale = tl.zeros([G], dtype=tl.float32)
+    if QUANT:
+        vals, scale = quantize_groups(vals.to(tl.float32), EXACT_CAST)
+    vals = vals.to(out_ptr.dtype.element_ty)
+    for k in range(1 if IDENTITY else top_k):
+        if IDENTITY:
+            row = tok
+        else:
+            row = tl.load(dst_ptr + tok * top_k + k)
+        # Scalar condition folded into the bounds (a scalar-bool & vector mask trips the triton
+        # 3.9 interpreter).
         tl.store(out_ptr + row * stride_om + cols, vals, mask=cols < tl.where(row >= 0, n_cols, 0))
+        if QUANT:
+            s_row = s_ptr + scale_row_offset(row, scale_rows_per_group, stride_se, stride_sm)
+            tl.store(s_row + groups * stride_sk, scale, mask=groups < tl.where(row >= 0, n_groups, 0))
 
 
 def _check_ids(topk_ids: torch.Tensor, num_experts: int) -> None:
@@ -201,20 +234,6 @@ def _count_and_rank(topk_ids: torch.Tensor, dst: torch.Tensor | None, num_expert
             topk_ids, counts, dst, n_slots, num_experts, WRITE_DST=dst is not None, BLOCK=_SLOT_BLOCK
         )
     return counts
-
-
-def expert_counts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Number of slots routed to each expert.
-
-    Args:
-        topk_ids: ``[T, K]`` int32/int64, contiguous; ``-1`` entries are ignored.
-        num_experts: ``E``.
-
-    Returns:
-        ``[E] int32`` counts on ``topk_ids.device`` (computed without host sync).
-    """
-    _check_ids(topk_ids, num_experts)
-    return _count_and_rank(topk_ids, None, num_experts)
 
 
 def contiguous_rows_bound(num_slots: int, num_experts: int, alignment: int) -> int:
@@ -386,43 +405,96 @@ def scatter_rows(
     x: torch.Tensor,
     dst_row: torch.Tensor | ContiguousLayout | MaskedLayout,
     out: torch.Tensor,
+    *,
+    scale_out: torch.Tensor | None = None,
+    group: int = fp8.SCALE_BLOCK,
 ) -> torch.Tensor:
-    """Copy ``x[t]`` into ``out[dst_row[t, k]]`` for every slot with ``dst_row >= 0``.
+    """Copy ``x[t]`` into ``out[dst_row[t, k]]`` for every slot with ``dst_row >= 0`` -- quantized
+    to fp8 on the way when ``scale_out`` is given (each token quantized once, one scale per
+    ``group`` columns written to ``scale_out[dst_row[t, k]]``).
 
     Args:
         x: ``[T, H]`` bf16/fp16/fp32, unit stride along H.
         dst_row: ``[T, K] int64`` contiguous (or a layout carrying one). Rows must lie inside
             ``out``; both layouts guarantee that for their own buffers.
-        out: ``[R, H]`` or ``[E, capacity, H]`` (masked layout), contiguous, same dtype as ``x``.
-            Rows no slot maps to keep their previous contents; zero-fill them first if they are
-            ever read.
+        out: ``[R, H]`` or ``[E, capacity, H]`` (masked layout), contiguous, ``x``'s dtype or
+            float8_e4m3fn with ``scale_out``. Rows no slot maps to keep their previous contents;
+            zero-fill them first if they are ever read.
+        scale_out: ``[R, ceil(H / group)]`` or ``[E, capacity, ceil(H / group)]`` float32, any
+            strides (:mod:`moe_kernels.mlp.act_quant`); untouched where ``out`` is.
+        group: columns per scale, a power of two.
 
     Returns:
         ``out``.
     """
     dst_row = resolve_dst_row(dst_row)
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2, contiguous=False)
-    if x.stride(1) != 1:
+    if x.stride(1) != 1 and x.numel():
         raise ValueError(f"x: expected unit stride along the hidden dim, got strides {x.stride()}")
     num_tokens, hidden = x.shape
     check_tensor("dst_row", dst_row, dtypes=(torch.int64,), shape=(num_tokens, None))
-    check_tensor("out", out, dtypes=(x.dtype,), contiguous=True)
+    _scatter(x, dst_row, out, scale_out, group)
+    return out
+
+
+def quantize_rows(
+    x: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Tensor, *, group: int = fp8.SCALE_BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token-group fp8 cast: ``q_out = x / scale``, one scale per row and ``group`` columns.
+
+    Args:
+        x: ``[M, K]`` (unit stride along K) or ``[E, M, K]`` (contiguous), bf16/fp16/fp32.
+        q_out: same shape as ``x``, float8_e4m3fn, contiguous.
+        scale_out: ``[..., ceil(K / group)]`` float32, any strides (:mod:`moe_kernels.mlp.act_quant`).
+        group: columns per scale, a power of two (128 for DeepGEMM and the GEMMs here).
+
+    Returns:
+        ``(q_out, scale_out)``.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, contiguous=x.dim() == 3)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x: expected shape [M, K] or [E, M, K], got {list(x.shape)}")
+    if x.stride(-1) != 1 and x.numel():
+        raise ValueError(f"x: expected unit stride along K, got strides {x.stride()}")
+    check_tensor("q_out", q_out, dtypes=(fp8.FP8_DTYPE,), shape=tuple(x.shape))
+    # rows are addressed as one run: a 3-D x is dense (checked above)
+    _scatter(x.reshape(-1, x.shape[-1]), None, q_out, scale_out, group)
+    return q_out, scale_out
+
+
+def _scatter(
+    x: torch.Tensor, dst_row: torch.Tensor | None, out: torch.Tensor, scale_out: torch.Tensor | None, group: int
+) -> None:
+    """The one launch behind :func:`scatter_rows` and :func:`quantize_rows` (``dst_row`` None:
+    row ``t`` goes to row ``t``)."""
+    num_tokens, hidden = x.shape
+    quant = scale_out is not None
+    check_tensor("out", out, dtypes=(fp8.FP8_DTYPE,) if quant else (x.dtype,))
     if out.dim() < 2 or out.shape[-1] != hidden:
         raise ValueError(f"out: expected shape [..., {hidden}], got {list(out.shape)}")
-    check_same_device(x=x, dst_row=dst_row, out=out)
-    out_rows = out.view(-1, hidden)
+    if quant:
+        check_group(group)
+        check_scale_out(scale_out, out.shape[:-1], triton.cdiv(hidden, group))
+    check_same_device(x=x, dst_row=dst_row, out=out, scale_out=scale_out)
     if num_tokens == 0 or hidden == 0:
-        return out
+        return
     block, num_warps = pick_row_block(num_tokens, hidden)
-    _scatter_rows_kernel[(num_tokens, triton.cdiv(hidden, block))](
+    tile, per_program, grid_cols = row_tiles(num_tokens, hidden, block, group if quant else None)
+    _scatter_rows_kernel[(num_tokens, grid_cols)](
         x,
         dst_row,
-        out_rows,
-        dst_row.shape[1],
+        out,
+        scale_out,
+        1 if dst_row is None else dst_row.shape[1],
         hidden,
+        triton.cdiv(hidden, group),
         x.stride(0),
-        out_rows.stride(0),
-        BLOCK=block,
+        hidden,
+        *scale_strides(scale_out),
+        IDENTITY=dst_row is None,
+        QUANT=quant,
+        EXACT_CAST=quant and interpreting(),
+        GROUP=tile,
+        G=per_program,
         num_warps=num_warps,
     )
-    return out

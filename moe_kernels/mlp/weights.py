@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from moe_kernels.config import LayerConfig
+from moe_kernels.mlp.formats import Dense, Fp8Block, WeightFormat
+from moe_kernels.mlp.spec import ExpertMLP
 
-FP8_DTYPE = torch.float8_e4m3fn
+PROJECTIONS = ("w13", "w2")
 
 
 def _dt(d: torch.dtype) -> str:
@@ -18,19 +18,35 @@ def _dt(d: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class ExpertWeights:
-    """The local experts' MLP weights (nn.Linear layout: rows are output features, K-major).
+    """The local experts' MLP weights (``nn.Linear`` layout: rows are output features, K-major).
 
-    ``w13 [E_local, 2I, H]``: rows ``[0, I)`` gate, ``[I, 2I)`` up (SiLU on the gate half);
-    ``w2 [E_local, H, I]``. Unquantized: both in the activation dtype, no scales.
-    ``fp8_w8a8_block``: both float8_e4m3fn with float32 block scales, one per 128 x 128 block:
+    ``w13 [E_local, 2I, H]``: rows ``[0, I)`` gate, ``[I, 2I)`` up; ``w2 [E_local, H, I]``, stored
+    as ``format`` says (:mod:`moe_kernels.mlp.formats`): in the activation dtype with no scales
+    (:class:`~moe_kernels.mlp.formats.Dense`), or float8_e4m3fn with float32 block scales
     ``w13_scale [E_local, ceil(2I/128), ceil(H/128)]``, ``w2_scale [E_local, ceil(H/128),
-    ceil(I/128)]``; the real weight is ``w * scale`` blockwise (DeepSeek-V3's ``weight_scale_inv``).
+    ceil(I/128)]`` (:class:`~moe_kernels.mlp.formats.Fp8Block`: the real weight is ``w * scale``
+    blockwise, DeepSeek-V3's ``weight_scale_inv``). ``format`` defaults to what the tensors are:
+    dense without scales, fp8 blocks with them.
     """
 
     w13: torch.Tensor
     w2: torch.Tensor
     w13_scale: torch.Tensor | None = None
     w2_scale: torch.Tensor | None = None
+    format: WeightFormat | None = None
+
+    def __post_init__(self) -> None:
+        if self.format is None:
+            if self.w13_scale is None and isinstance(self.w13, torch.Tensor):
+                inferred: WeightFormat = Dense(self.w13.dtype)
+            else:
+                inferred = Fp8Block()
+            object.__setattr__(self, "format", inferred)
+
+    @property
+    def weight_format(self) -> WeightFormat:
+        assert self.format is not None  # set in __post_init__
+        return self.format
 
     @property
     def num_experts(self) -> int:
@@ -45,52 +61,63 @@ class ExpertWeights:
         return self.w2.shape[2]
 
     @property
-    def is_fp8(self) -> bool:
-        return self.w13_scale is not None
+    def is_quantized(self) -> bool:
+        return self.weight_format.is_quantized
 
     @property
     def device(self) -> torch.device:
         return self.w13.device
 
-    def check(self, cfg: LayerConfig, device: torch.device) -> None:
-        """Raise ``TypeError``/``ValueError`` naming the tensor unless these are the weights of
-        ``cfg``'s local experts on ``device``."""
-        e, h, i = cfg.num_local_experts, cfg.moe.hidden_size, cfg.moe.intermediate_size
-        fp8 = cfg.quant.is_fp8
-        want = FP8_DTYPE if fp8 else cfg.moe.dtype
-        for name, t, shape in (("w13", self.w13, (e, 2 * i, h)), ("w2", self.w2, (e, h, i))):
-            _expect(name, t, shape, want, device)
-        scales = (("w13_scale", self.w13_scale, self.w13.shape), ("w2_scale", self.w2_scale, self.w2.shape))
-        for name, s, weight_shape in scales:
-            if not fp8:
-                if s is not None:
-                    raise ValueError(f"{name}: the layer is unquantized (quant.scheme none) but a scale was given")
-                continue
-            if s is None:
-                raise ValueError(f"{name}: quant.scheme fp8_w8a8_block needs float32 block scales, got None")
-            block_n, block_k = cfg.quant.weight_block
-            shape = (e, math.ceil(weight_shape[1] / block_n), math.ceil(weight_shape[2] / block_k))
-            _expect(name, s, shape, torch.float32, device)
+    def tensors(self, projection: str) -> dict[str, torch.Tensor | None]:
+        """``{"weight": ..., "scale": ...}`` of ``"w13"`` or ``"w2"`` (all experts)."""
+        if projection == "w13":
+            return {"weight": self.w13, "scale": self.w13_scale}
+        if projection == "w2":
+            return {"weight": self.w2, "scale": self.w2_scale}
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+
+    def check(self, mlp: ExpertMLP, num_experts: int, device: torch.device) -> None:
+        """Raise ``TypeError``/``ValueError`` naming the tensor unless these are ``num_experts``
+        experts of ``mlp`` on ``device``, stored as ``mlp.weights``."""
+        for projection, stored in mlp.stored().items():
+            for part, t in self.tensors(projection).items():
+                name = projection if part == "weight" else f"{projection}_{part}"
+                if part not in stored:
+                    if t is not None:
+                        why = "is unquantized" if not mlp.weights.is_quantized else "stores no such tensor"
+                        raise ValueError(f"{name}: the layer {why} ({mlp.weights.describe()}), but one was given")
+                    continue
+                shape, dtype = stored[part]
+                _expect(name, t, (num_experts, *shape), dtype, device)
+        if self.format != mlp.weights:
+            # same tensors, another meaning (a block size, a packing): computing would be wrong
+            have, want = self.weight_format.describe(), mlp.weights.describe()
+            raise TypeError(f"weights are stored as {have}, the layer wants {want}")
 
     def dequantized(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Local expert ``expert``'s ``(w13 [2I, H], w2 [H, I])`` as float32, the scales applied
-        blockwise: what the reference computes with (one expert at a time, so the float32 copy
-        stays small)."""
-        if not self.is_fp8:
-            return self.w13[expert].float(), self.w2[expert].float()
-        from moe_kernels.kernels.quant import dequantize_fp8_blocks
-
-        assert self.w13_scale is not None and self.w2_scale is not None
-        w13 = dequantize_fp8_blocks(self.w13[expert : expert + 1], self.w13_scale[expert : expert + 1])[0]
-        w2 = dequantize_fp8_blocks(self.w2[expert : expert + 1], self.w2_scale[expert : expert + 1])[0]
-        return w13, w2
+        """Local expert ``expert``'s ``(w13 [2I, H], w2 [H, I])`` as float32, scales applied:
+        what the reference computes with (one expert at a time, so the float32 copy stays small)."""
+        fmt = self.weight_format
+        out = []
+        for projection in PROJECTIONS:
+            tensors = {k: v[expert] for k, v in self.tensors(projection).items() if v is not None}
+            out.append(fmt.dequantize(tensors))
+        return out[0], out[1]
 
     def nbytes(self) -> int:
         tensors = (self.w13, self.w2, self.w13_scale, self.w2_scale)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def quantize_weights(w13: torch.Tensor, w2: torch.Tensor, fmt: WeightFormat) -> ExpertWeights:
+    """Float ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` stored as ``fmt`` (setup time, plain torch)."""
+    q13, q2 = fmt.quantize(w13), fmt.quantize(w2)
+    return ExpertWeights(q13["weight"], q2["weight"], q13.get("scale"), q2.get("scale"), format=fmt)
+
+
 def _expect(name: str, t: object, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    if t is None:
+        raise ValueError(f"{name}: missing (expected {list(shape)} {_dt(dtype)})")
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if tuple(t.shape) != tuple(shape):
@@ -99,5 +126,5 @@ def _expect(name: str, t: object, shape: tuple[int, ...], dtype: torch.dtype, de
         raise TypeError(f"{name} must have dtype {_dt(dtype)}, got {_dt(t.dtype)}")
     if t.device != device:
         raise ValueError(f"{name} must be on {device} (the kernel's device), got {t.device}")
-    if not t.is_contiguous():
+    if not t.is_contiguous() and name in PROJECTIONS:
         raise ValueError(f"{name} must be contiguous (K-major rows), got strides {t.stride()}")

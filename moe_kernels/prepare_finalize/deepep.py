@@ -16,8 +16,8 @@ it takes are only reduced and returned), so EXPANDED experts scale each row by i
 finalize is the combine alone.
 
 fp8 dispatch, when the experts' format asks for fp8 activations
-(:class:`~moe_kernels.experts.fp8.Fp8ExpandedDeepGemmExperts`): prepare first quantizes ``x`` per
-token and 128 columns (:func:`~moe_kernels.kernels.quant.quantize_fp8_token_groups`, scale
+(:class:`~moe_kernels.experts.deepgemm.ExpandedDeepGemmExperts` on fp8 weights): prepare first quantizes ``x`` per
+token and 128 columns (:func:`~moe_kernels.kernels.permute.quantize_rows`, scale
 ``max(amax, 1e-4) / 448``) into this part's workspaces and dispatches the tuple ``(x_q [T, H]
 float8_e4m3fn, scales [T, H/128] float32 row-major)`` with ``use_tma_aligned_col_major_sf=True``.
 The experts get, again without a copy:
@@ -70,12 +70,14 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from moe_kernels.backends import deep_ep as deep_ep_backend
+from moe_kernels.backends.cuda import sm_check
 from moe_kernels.backends.triton import triton_check
-from moe_kernels.config import FP8_ACT_GROUP
 from moe_kernels.core.contract import (
     Check,
     ExpandedTokens,
@@ -86,10 +88,9 @@ from moe_kernels.core.contract import (
     Residual,
     TokenFormat,
     WorkspaceSpec,
-    check_device_type,
 )
 from moe_kernels.core.distributed import check_agreement, group_backend
-from moe_kernels.mlp.weights import FP8_DTYPE
+from moe_kernels.mlp import fp8
 from moe_kernels.prepare_finalize import deepep_buffer as epb
 from moe_kernels.prepare_finalize.ep_base import ExpertParallelPrepareAndFinalize
 
@@ -100,23 +101,24 @@ DECODE_MAX_TOKENS = 256
 #: would need more
 LOW_LATENCY_RECV_BUDGET_BYTES = 4 * 2**30
 
+#: DeepEP's fp8 dispatch carries one float32 scale per this many columns (DeepGEMM's recipe)
+DISPATCH_SCALE_GROUP = fp8.SCALE_BLOCK
+
 #: combine's kernel is written for hidden sizes in multiples of 256 elements (DeepEP 2.5
 #: csrc/kernels/.../combine.cuh); other sizes fail to compile at the first finalize
 HIDDEN_MULTIPLE = 256
 
 
-class _Route:
+@dataclass(frozen=True)
+class DeepEPRoute:
     """What finalize needs back: DeepEP's handle, the buffer it belongs to, the caller's T."""
 
-    __slots__ = ("handle", "buffer", "num_tokens")
-
-    def __init__(self, handle: Any, buffer: Any, num_tokens: int) -> None:
-        self.handle = handle
-        self.buffer = buffer
-        self.num_tokens = num_tokens
+    handle: Any
+    buffer: Any
+    num_tokens: int
 
 
-class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
+class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize[DeepEPRoute]):
     """Shared by both modes; see the module docstring.
 
     ``num_sms``: SMs for dispatch/combine (default: DeepEP's estimate, 24 when it cannot read
@@ -144,40 +146,41 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
     # --- capabilities ---------------------------------------------------------------------
 
     def check_device(self, ctx: LayerContext) -> Check:
-        if not check_device_type("device", ctx.device, self.devices).ok:
-            return Check.failed("device", f"DeepEP needs a CUDA GPU, not {ctx.device.type}")
-        from moe_kernels.backends.triton import sm_check
-
-        return sm_check(ctx.device, 9, "DeepEP 2.5 (TMA kernels)")
+        return sm_check(ctx.device, deep_ep_backend.ARCH_MAJORS, "DeepEP")
 
     def check_format(self, ctx: LayerContext, fmt: TokenFormat) -> Check:
         pinned = self.expert_alignment
         if pinned is not None and pinned % fmt.alignment:
             return Check.failed("format", f"{self.name} was built with expert_alignment={pinned}")
         aligned = f"expert segments aligned to {pinned or fmt.alignment} rows"
-        if not fmt.fp8:
+        quant = fmt.act_quant
+        if quant is None:
             return Check.passed("format", aligned)
         hidden = ctx.cfg.moe.hidden_size
-        if hidden % FP8_ACT_GROUP:
+        if quant.dtype != fp8.FP8_DTYPE or quant.group != DISPATCH_SCALE_GROUP:
+            want = f"fp8 with one scale per {DISPATCH_SCALE_GROUP} columns"
+            return Check.failed("format", f"DeepEP dispatches {want}, not {quant.describe()}")
+        if hidden % quant.group:
             return Check.failed(
                 "format",
-                f"fp8 dispatch sends one float32 scale per {FP8_ACT_GROUP} columns, "
-                f"but hidden_size={hidden} is not a multiple of {FP8_ACT_GROUP}",
+                f"fp8 dispatch sends one float32 scale per {quant.group} columns, "
+                f"but hidden_size={hidden} is not a multiple of {quant.group}",
             )
         quantizer = triton_check(ctx.device)
         if not quantizer.ok:
             return Check.failed("format", f"fp8 dispatch quantizes x with a Triton kernel first: {quantizer.reason}")
         return Check.passed(
-            "format", f"fp8 rows with float32 scales per {FP8_ACT_GROUP} columns (about half the bytes), {aligned}"
+            "format", f"fp8 rows with float32 scales per {quant.group} columns (about half the bytes), {aligned}"
         )
 
     def check_parallel(self, ctx: LayerContext) -> Check:
         base = super().check_parallel(ctx)
         if not base.ok:
             return base
-        if ctx.placement.ep_size > epb.MAX_RANKS:
+        limit = deep_ep_backend.MAX_RANKS
+        if ctx.placement.ep_size > limit:
             return Check.failed(
-                "parallel", f"DeepEP 2.5 handles at most {epb.MAX_RANKS} ranks, ep_size={ctx.placement.ep_size}"
+                "parallel", f"DeepEP 2.5 handles at most {limit} ranks, ep_size={ctx.placement.ep_size}"
             )
         assert ctx.group is not None  # the base check refuses a missing group
         backend = group_backend(ctx.group)
@@ -188,13 +191,14 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
     def check_limits(self, ctx: LayerContext) -> Check:
         """DeepEP 2.5's compiled limits (beyond them its kernels write out of bounds or trap)."""
         moe, e_local = ctx.cfg.moe, ctx.placement.num_local_experts
-        if moe.top_k > epb.MAX_TOP_K:
-            return Check.failed("limits", f"DeepEP handles top_k <= {epb.MAX_TOP_K}, got {moe.top_k}")
-        if moe.num_experts > epb.MAX_EXPERTS:
-            return Check.failed("limits", f"DeepEP handles <= {epb.MAX_EXPERTS} experts, got {moe.num_experts}")
-        if e_local > epb.MAX_EXPERTS_PER_RANK:
+        if moe.top_k > deep_ep_backend.MAX_TOP_K:
+            return Check.failed("limits", f"DeepEP handles top_k <= {deep_ep_backend.MAX_TOP_K}, got {moe.top_k}")
+        if moe.num_experts > deep_ep_backend.MAX_EXPERTS:
+            limit = deep_ep_backend.MAX_EXPERTS
+            return Check.failed("limits", f"DeepEP handles <= {limit} experts, got {moe.num_experts}")
+        if e_local > deep_ep_backend.MAX_EXPERTS_PER_RANK:
             return Check.failed(
-                "limits", f"DeepEP handles <= {epb.MAX_EXPERTS_PER_RANK} experts per rank, got {e_local}"
+                "limits", f"DeepEP handles <= {deep_ep_backend.MAX_EXPERTS_PER_RANK} experts per rank, got {e_local}"
             )
         if moe.hidden_size % HIDDEN_MULTIPLE:
             return Check.failed(
@@ -203,7 +207,12 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
         return Check.passed("limits", f"top_k={moe.top_k}, {e_local} experts per rank")
 
     def checks(self, ctx: LayerContext) -> list[Check]:
-        return [*super().checks(ctx), epb.deep_ep_check(), epb.nccl_check(), self.check_limits(ctx)]
+        return [
+            *super().checks(ctx),
+            deep_ep_backend.deep_ep_check(),
+            deep_ep_backend.nccl_check(),
+            self.check_limits(ctx),
+        ]
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -229,7 +238,7 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
             num_max_tokens_per_rank=self._max_tokens,
             hidden=moe.hidden_size,
             top_k=moe.top_k,
-            fp8_dispatch=fmt.fp8,
+            fp8_dispatch=fmt.act_quant is not None,
         )
         self._reserved = True
         sms = self.num_sms or epb.num_sms_for(buffer, moe.num_experts, moe.top_k)
@@ -252,54 +261,55 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
     # --- the chain ------------------------------------------------------------------------
 
     def workspace_specs(self, ctx: LayerContext, fmt: TokenFormat) -> dict[str, WorkspaceSpec]:
-        if not fmt.fp8:
+        quant = fmt.act_quant
+        if quant is None:
             return {}
         # what an fp8 dispatch sends: the quantized rows and their scales, row-major; at least
         # one row, since an empty rank sends one token routed nowhere
         t, h = ctx.max_tokens, ctx.cfg.moe.hidden_size
         return {
-            "dispatch_x": WorkspaceSpec((t, h), FP8_DTYPE),
-            "dispatch_x_scale": WorkspaceSpec((t, -(-h // FP8_ACT_GROUP)), torch.float32),
+            "dispatch_x": WorkspaceSpec(*quant.rows((t,), h)),
+            "dispatch_x_scale": WorkspaceSpec((t, quant.scale_cols(h)), torch.float32),
         }
 
     def prepare(
         self,
         x: torch.Tensor,
-        topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
         workspace: dict[str, torch.Tensor],
-    ) -> PrepareResult:
+    ) -> PrepareResult[DeepEPRoute]:
         """Dispatch ``x [T, H]`` bf16 (quantized to fp8 first when the format says so) by
         ``topk_ids [T, K]`` (global ids, ``-1`` = none) into the expanded layout on the owning
         ranks; see the module docstring for the result."""
-        return self._dispatch(x, topk_ids, topk_weights, workspace, overlap=False).wait()
+        return self._dispatch(x, topk_weights, topk_ids, workspace, overlap=False).wait()
 
     def prepare_async(
         self,
         x: torch.Tensor,
-        topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
         workspace: dict[str, torch.Tensor],
-    ) -> Pending[PrepareResult]:
+    ) -> Pending[PrepareResult[DeepEPRoute]]:
         """:meth:`prepare` on DeepEP's communication stream (``async_with_compute_stream``): the
         compute stream goes on until the result is waited on (its event)."""
-        return self._dispatch(x, topk_ids, topk_weights, workspace, overlap=True)
+        return self._dispatch(x, topk_weights, topk_ids, workspace, overlap=True)
 
     def _dispatch(
         self,
         x: torch.Tensor,
-        topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
         workspace: dict[str, torch.Tensor],
         *,
         overlap: bool,
-    ) -> Pending[PrepareResult]:
+    ) -> Pending[PrepareResult[DeepEPRoute]]:
         group = self.group
-        fp8 = self.format.fp8
+        fp8 = self.format.act_quant is not None
         t, k = topk_ids.shape
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             epb.mark_captured(group)
-        deep_ep, _ = epb.probe_deep_ep()
+        deep_ep, _ = deep_ep_backend.probe_deep_ep()
         buffer = epb.current(group)
         if t == 0:
             # an empty rank still joins both collectives: one token routed to no expert
@@ -324,7 +334,7 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
             async_with_compute_stream=overlap,
         )
 
-        def finish() -> PrepareResult:
+        def finish() -> PrepareResult[DeepEPRoute]:
             if overlap:
                 event.current_stream_wait()
             rows, scales = recv_x if fp8 else (recv_x, None)
@@ -336,7 +346,7 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
                 expected_m=self._expected_m(handle, t),
                 x_scale=scales,
             )
-            return PrepareResult(tokens, handle=_Route(handle, buffer, t))
+            return PrepareResult(tokens, DeepEPRoute(handle, buffer, t))
 
         return Pending(finish)
 
@@ -344,17 +354,17 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
         """``x [T, H]`` bf16 -> ``(float8_e4m3fn [T, H], float32 scales [T, H/128])``, both
         row-major views of this part's workspaces: what an fp8 dispatch sends (DeepEP reads the
         scales through their strides and lays them out for the receiver itself)."""
-        from moe_kernels.kernels.quant import quantize_fp8_token_groups
+        from moe_kernels.kernels import quantize_rows
 
         t = x.shape[0]
         q, scale = workspace["dispatch_x"][:t], workspace["dispatch_x_scale"][:t]
-        return quantize_fp8_token_groups(x, q, scale, group=FP8_ACT_GROUP)
+        return quantize_rows(x, q, scale, group=DISPATCH_SCALE_GROUP)
 
     def finalize(
         self,
         out: torch.Tensor,
         expert_output: torch.Tensor,
-        prepared: PrepareResult,
+        prepared: PrepareResult[DeepEPRoute],
         residual: Residual | None = None,
     ) -> None:
         """Combine the weighted rows ``expert_output [R, H]`` bf16 back to their source ranks:
@@ -365,7 +375,7 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
         self,
         out: torch.Tensor,
         expert_output: torch.Tensor,
-        prepared: PrepareResult,
+        prepared: PrepareResult[DeepEPRoute],
         residual: Residual | None = None,
     ) -> Pending[None]:
         return self._combine(out, expert_output, prepared, residual, overlap=True)
@@ -374,12 +384,12 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
         self,
         out: torch.Tensor,
         expert_output: torch.Tensor,
-        prepared: PrepareResult,
+        prepared: PrepareResult[DeepEPRoute],
         residual: Residual | None,
         *,
         overlap: bool,
     ) -> Pending[None]:
-        route: _Route = prepared.handle
+        route = prepared.handle
         combined, _, event = route.buffer.combine(
             expert_output.contiguous(), handle=route.handle, async_with_compute_stream=overlap
         )
@@ -399,7 +409,7 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
     def capacity_rows(self, ctx: LayerContext, fmt: TokenFormat) -> int:
         """Rows of a worst-case expanded dispatch (every rank sends every token here)."""
         moe, placement = ctx.cfg.moe, ctx.placement
-        return epb.expanded_capacity_rows(
+        return deep_ep_backend.expanded_capacity_rows(
             placement.ep_size,
             ctx.cfg.parallel.max_tokens_per_rank,
             moe.top_k,
@@ -424,7 +434,7 @@ class DeepEPHighThroughputPrepareAndFinalize(_DeepEPPrepareAndFinalize):
     def max_expert_rows(self, ctx: LayerContext, fmt: TokenFormat) -> int:
         moe, e_local = ctx.cfg.moe, ctx.placement.num_local_experts
         balanced = ctx.cfg.parallel.max_tokens_per_rank * min(moe.top_k, e_local)
-        return epb.expanded_capacity_rows(1, balanced, 1, e_local, self.alignment(fmt))
+        return deep_ep_backend.expanded_capacity_rows(1, balanced, 1, e_local, self.alignment(fmt))
 
     def preference(self, ctx: LayerContext) -> tuple[float, str]:
         if ctx.cfg.parallel.max_tokens_per_rank > DECODE_MAX_TOKENS:
@@ -456,10 +466,10 @@ class DeepEPLowLatencyPrepareAndFinalize(_DeepEPPrepareAndFinalize):
         if not base.ok:
             return base
         rows, h = self.capacity_rows(ctx, fmt), ctx.cfg.moe.hidden_size
-        if fmt.fp8:
+        if fmt.act_quant is not None:
             # fp8 rows, and float32 scales whose column stride DeepEP pads to 4 rows (TMA alignment)
-            scale_bytes = math.ceil(rows / 4) * 4 * math.ceil(h / FP8_ACT_GROUP) * 4
-            nbytes, what = rows * h * FP8_DTYPE.itemsize + scale_bytes, "fp8 + float32 scales"
+            scale_bytes = math.ceil(rows / 4) * 4 * fmt.act_quant.scale_cols(h) * 4
+            nbytes, what = rows * h * fp8.FP8_DTYPE.itemsize + scale_bytes, "fp8 + float32 scales"
         else:
             nbytes, what = rows * h * ctx.cfg.moe.dtype.itemsize, str(ctx.cfg.moe.dtype).removeprefix("torch.")
         if nbytes > LOW_LATENCY_RECV_BUDGET_BYTES:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moe_kernels.core.contract import Check, LayerContext, PrepareAndFinalize, TokenFormat
+from moe_kernels.core.contract import Check, H, LayerContext, PrepareAndFinalize, TokenFormat
 from moe_kernels.core.distributed import check_agreement
 from moe_kernels.core.placement import map_expert_ids
 
 
-class ExpertParallelPrepareAndFinalize(PrepareAndFinalize):
+class ExpertParallelPrepareAndFinalize(PrepareAndFinalize[H]):
     """A prepare/finalize that exchanges tokens between the ranks of ``ctx.group``.
 
     ``bind`` gathers the layer's parameters from every rank once (one small all_gather) and
@@ -50,7 +50,7 @@ class ExpertParallelPrepareAndFinalize(PrepareAndFinalize):
             "max_tokens_per_rank": ctx.cfg.parallel.max_tokens_per_rank,
             "expert placement (fingerprint)": ctx.placement.fingerprint(),
             "token alignment": fmt.alignment,
-            "fp8 dispatch": fmt.fp8,
+            "fp8 dispatch": fmt.act_quant is not None,
         }
 
     def bind(self, ctx: LayerContext, fmt: TokenFormat) -> None:

@@ -8,11 +8,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from moe_kernels.backends.triton import triton_check
 from moe_kernels.core.contract import (
     Check,
+    H,
     LayerContext,
     Layout,
     MaskedTokens,
@@ -22,15 +25,13 @@ from moe_kernels.core.contract import (
     StandardTokens,
     TokenFormat,
     WorkspaceSpec,
+    align_up,
 )
 from moe_kernels.core.placement import map_expert_ids
+from moe_kernels.mlp.act_quant import scale_view
 
 
-def align_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-class _Local(PrepareAndFinalize):
+class _Local(PrepareAndFinalize[H]):
     """What both local parts share: no exchange, ids mapped to local ids by the placement."""
 
     supports_chunking = True
@@ -54,7 +55,7 @@ class _Local(PrepareAndFinalize):
         return map_expert_ids(topk_ids, self._expert_map)
 
 
-class LocalPrepareAndFinalize(_Local):
+class LocalPrepareAndFinalize(_Local[None]):
     """STANDARD, no dispatch: the experts see ``x [T, H]`` and local ids and write ``out`` directly.
 
     ``partial=True`` also accepts a layer with ``ep_size > 1`` run by a single process: the
@@ -89,20 +90,20 @@ class LocalPrepareAndFinalize(_Local):
     def prepare(
         self,
         x: torch.Tensor,
-        topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
         workspace: dict[str, torch.Tensor],
-    ) -> PrepareResult:
-        return PrepareResult(StandardTokens(x, self.local_ids(topk_ids), topk_weights))
+    ) -> PrepareResult[None]:
+        return PrepareResult(StandardTokens(x, self.local_ids(topk_ids), topk_weights), None)
 
-    def expert_output(self, prepared: PrepareResult, out: torch.Tensor) -> torch.Tensor | None:
+    def expert_output(self, prepared: PrepareResult[None], out: torch.Tensor) -> torch.Tensor | None:
         return out
 
     def finalize(
         self,
         out: torch.Tensor,
         expert_output: torch.Tensor,
-        prepared: PrepareResult,
+        prepared: PrepareResult[None],
         residual: Residual | None = None,
     ) -> None:
         # the composer hands the residual to the experts' final write instead (no extra pass)
@@ -113,7 +114,17 @@ class LocalPrepareAndFinalize(_Local):
             out.add_(residual.tensor)
 
 
-class LocalMaskedPrepareAndFinalize(_Local):
+@dataclass(frozen=True)
+class MaskedRoute:
+    """What finalize needs back: each slot's row ``dst_row [T, K]`` int64 in ``[E * M, H]``, the
+    router weights ``[T, K]`` float32, and the ``[E, M, H]`` buffer the experts wrote."""
+
+    dst_row: torch.Tensor
+    topk_weights: torch.Tensor
+    expert_output: torch.Tensor
+
+
+class LocalMaskedPrepareAndFinalize(_Local[MaskedRoute]):
     """MASKED: scatters ``x [T, H]`` into ``[E_local, M, H]`` (Triton) and weights and sums the
     experts' rows back into ``[T, H]`` in finalize.
 
@@ -130,7 +141,7 @@ class LocalMaskedPrepareAndFinalize(_Local):
         return triton_check(ctx.device)
 
     def check_format(self, ctx: LayerContext, fmt: TokenFormat) -> Check:
-        quantized = "quantized to fp8 while scattered, " if fmt.fp8 else ""
+        quantized = "quantized while scattered, " if fmt.act_quant is not None else ""
         return Check.passed("format", f"{quantized}rows per expert rounded up to a multiple of {fmt.alignment}")
 
     def preference(self, ctx: LayerContext) -> tuple[float, str]:
@@ -147,57 +158,48 @@ class LocalMaskedPrepareAndFinalize(_Local):
         e, m, h = ctx.placement.num_local_experts, self.capacity(ctx, fmt), ctx.cfg.moe.hidden_size
         dtype = ctx.cfg.moe.dtype
         specs = {"masked_out": WorkspaceSpec((e, m, h), dtype)}
-        if fmt.fp8:
-            from moe_kernels.mlp.scales import masked_scale_spec
-            from moe_kernels.mlp.weights import FP8_DTYPE
-
-            specs["masked_x"] = WorkspaceSpec((e, m, h), FP8_DTYPE)
-            specs["masked_x_scale"] = masked_scale_spec(e, m, h)
-        else:
+        quant = fmt.act_quant
+        if quant is None:
             specs["masked_x"] = WorkspaceSpec((e, m, h), dtype)
+        else:
+            specs["masked_x"] = WorkspaceSpec(*quant.rows((e, m), h))
+            specs["masked_x_scale"] = WorkspaceSpec(*quant.masked_scale_storage(e, m, h))
         return specs
 
     def prepare(
         self,
         x: torch.Tensor,
-        topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
         workspace: dict[str, torch.Tensor],
-    ) -> PrepareResult:
+    ) -> PrepareResult[MaskedRoute]:
         from moe_kernels.kernels.permute import masked_layout, scatter_rows
 
         ids = self.local_ids(topk_ids)
         masked_x = workspace["masked_x"]
         e, capacity, _ = masked_x.shape
         layout = masked_layout(ids, e, capacity)
-        scale = None
-        if self.format.fp8:
-            from moe_kernels.config import FP8_ACT_GROUP
-            from moe_kernels.kernels.quant import scatter_rows_quant_fp8
-            from moe_kernels.mlp.scales import scale_view
-
-            scale = scale_view(workspace["masked_x_scale"])
-            scatter_rows_quant_fp8(x, layout.dst_row, masked_x, scale, group=FP8_ACT_GROUP)
-        else:
-            scatter_rows(x, layout.dst_row, masked_x)
+        quant = self.format.act_quant
+        scale = None if quant is None else scale_view(workspace["masked_x_scale"])
+        scatter_rows(x, layout.dst_row, masked_x, scale_out=scale, group=quant.group if quant is not None else 1)
         t, k = ids.shape
         expected_m = max(1, min(capacity, -(-t * k // e)))
         tokens = MaskedTokens(masked_x, layout.counts, expected_m, scale)
-        return PrepareResult(tokens, handle=(layout.dst_row, topk_weights, workspace["masked_out"]))
+        return PrepareResult(tokens, MaskedRoute(layout.dst_row, topk_weights, workspace["masked_out"]))
 
-    def expert_output(self, prepared: PrepareResult, out: torch.Tensor) -> torch.Tensor | None:
-        return prepared.handle[2]
+    def expert_output(self, prepared: PrepareResult[MaskedRoute], out: torch.Tensor) -> torch.Tensor | None:
+        return prepared.handle.expert_output
 
     def finalize(
         self,
         out: torch.Tensor,
         expert_output: torch.Tensor,
-        prepared: PrepareResult,
+        prepared: PrepareResult[MaskedRoute],
         residual: Residual | None = None,
     ) -> None:
         from moe_kernels.kernels.gather import weighted_gather
 
-        dst_row, topk_weights, _ = prepared.handle
+        dst_row, topk_weights = prepared.handle.dst_row, prepared.handle.topk_weights
         e, m, h = expert_output.shape
         if residual is not None:
             residual.wait()

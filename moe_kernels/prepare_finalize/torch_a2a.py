@@ -19,10 +19,11 @@ captured in a CUDA graph, where growing would be unsafe.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
-from moe_kernels.config import FP8_ACT_GROUP
 from moe_kernels.core.contract import (
     Check,
     LayerContext,
@@ -35,10 +36,22 @@ from moe_kernels.core.contract import (
     check_device_type,
 )
 from moe_kernels.core.distributed import group_backend
+from moe_kernels.mlp import fp8
 from moe_kernels.prepare_finalize.ep_base import ExpertParallelPrepareAndFinalize
 
 
-class TorchAllToAllPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
+@dataclass(frozen=True)
+class Route:
+    """The dispatch bookkeeping finalize reverses: ``token [S]`` int64 (source token of each
+    sent row, grouped by destination rank), the split sizes both ways and the source T."""
+
+    token: torch.Tensor
+    send_split: list[int]
+    recv_split: list[int]
+    num_tokens: int
+
+
+class TorchAllToAllPrepareAndFinalize(ExpertParallelPrepareAndFinalize[Route]):
     """STANDARD prepare/finalize that moves tokens between the ranks of the EP group."""
 
     output_layout = Layout.STANDARD
@@ -62,8 +75,8 @@ class TorchAllToAllPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
     def check_format(self, ctx: LayerContext, fmt: TokenFormat) -> Check:
         if fmt.alignment != 1:
             return Check.failed("format", "sends whole tokens (alignment 1)")
-        if fmt.fp8:
-            return Check.passed("format", "one fp8 row + scales per (token, destination rank)")
+        if fmt.act_quant is not None:
+            return Check.passed("format", f"one row per (token, destination rank) as {fmt.act_quant.describe()}")
         return Check.passed("format", "one row per (token, destination rank)")
 
     def preference(self, ctx: LayerContext) -> tuple[float, str]:
@@ -74,25 +87,25 @@ class TorchAllToAllPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
     def prepare(
         self,
         x: torch.Tensor,
-        topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
         workspace: dict[str, torch.Tensor],
-    ) -> PrepareResult:
+    ) -> PrepareResult[Route]:
         """Send each token of ``x [T, H]`` once to every rank owning one of its experts.
 
         Returns StandardTokens over the received rows ``[R, H]`` (grouped by source rank, in
         source token order), local ids ``[R, K]`` int32 (``-1`` = expert elsewhere) and weights
         ``[R, K]`` float32.
         """
-        return self.prepare_async(x, topk_ids, topk_weights, workspace).wait()
+        return self.prepare_async(x, topk_weights, topk_ids, workspace).wait()
 
     def prepare_async(
         self,
         x: torch.Tensor,
-        topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
         workspace: dict[str, torch.Tensor],
-    ) -> Pending[PrepareResult]:
+    ) -> Pending[PrepareResult[Route]]:
         """:meth:`prepare` with the row exchanges left running (``async_op``); the split sizes
         are still exchanged and read on the host first, which ``all_to_all_single`` needs."""
         group = self.group
@@ -122,14 +135,14 @@ class TorchAllToAllPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
         meta_sent = dist.all_to_all_single(recv_meta, send_meta, recv_split, send_split, group=group, async_op=True)
         rows = self._exchange_rows(x, token, recv_split, send_split)
 
-        def finish() -> PrepareResult:
+        def finish() -> PrepareResult[Route]:
             meta_sent.wait()
             tokens = StandardTokens(
                 x=rows.wait(),
                 topk_ids=recv_meta[:, :k].contiguous(),
                 topk_weights=recv_meta[:, k:].contiguous().view(torch.float32),
             )
-            return PrepareResult(tokens, handle=_Route(token, send_split, recv_split, t))
+            return PrepareResult(tokens, Route(token, send_split, recv_split, t))
 
         return Pending(finish)
 
@@ -138,25 +151,25 @@ class TorchAllToAllPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
     ) -> Pending[torch.Tensor]:
         """Send row ``x[token[i]]`` for each sent row; the received ``[R, H]`` rows once waited on.
 
-        fp8 format: rows travel as fp8 with one float32 scale per 128 columns (about half the
-        bytes) and are dequantized on arrival; the fp8 experts quantize them again on their way
-        in, which finds the same group scales and so the same fp8 values (up to the bf16
+        Quantized format: rows travel as fp8 with one float32 scale per group of columns (about
+        half the bytes) and are dequantized on arrival; the experts quantize them again on their
+        way in, which finds the same group scales and so the same fp8 values (up to the bf16
         rounding of the dequantized value)."""
         group = self.group
         num_recv = sum(recv_split)
-        if not self.format.fp8:
+        quant = self.format.act_quant
+        if quant is None:
             recv_x = x.new_empty((num_recv, x.shape[1]))
             # as bytes: gloo's all_to_all does not take every float dtype
             sent = dist.all_to_all_single(
                 _bytes(recv_x), _bytes(x[token]), recv_split, send_split, group=group, async_op=True
             )
             return Pending(lambda: (sent.wait(), recv_x)[1])
-        from moe_kernels.kernels.quant import FP8_DTYPE, dequantize_fp8_token_groups, quantize_fp8_token_groups
+        from moe_kernels.kernels import quantize_rows
 
-        q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
-        scale = torch.empty((x.shape[0], -(-x.shape[1] // FP8_ACT_GROUP)), dtype=torch.float32, device=x.device)
-        if x.shape[0]:
-            quantize_fp8_token_groups(x, q, scale, group=FP8_ACT_GROUP)
+        q = torch.empty(x.shape, dtype=quant.dtype, device=x.device)
+        scale = torch.empty((x.shape[0], quant.scale_cols(x.shape[1])), dtype=torch.float32, device=x.device)
+        quantize_rows(x, q, scale, group=quant.group)
         recv_q = q.new_empty((num_recv, x.shape[1]))
         recv_scale = scale.new_empty((num_recv, scale.shape[1]))
         sent = [
@@ -167,7 +180,7 @@ class TorchAllToAllPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
         def finish() -> torch.Tensor:
             for work in sent:
                 work.wait()
-            return dequantize_fp8_token_groups(recv_q, recv_scale, FP8_ACT_GROUP).to(x.dtype)
+            return fp8.dequantize_groups(recv_q, recv_scale, quant.group).to(x.dtype)
 
         return Pending(finish)
 
@@ -175,7 +188,7 @@ class TorchAllToAllPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
         self,
         out: torch.Tensor,
         expert_output: torch.Tensor,
-        prepared: PrepareResult,
+        prepared: PrepareResult[Route],
         residual: Residual | None = None,
     ) -> None:
         """Send the partial rows ``expert_output [R, H]`` back and write ``out [T, H]``: the
@@ -187,10 +200,10 @@ class TorchAllToAllPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
         self,
         out: torch.Tensor,
         expert_output: torch.Tensor,
-        prepared: PrepareResult,
+        prepared: PrepareResult[Route],
         residual: Residual | None = None,
     ) -> Pending[None]:
-        route: _Route = prepared.handle
+        route = prepared.handle
         partial = expert_output.contiguous()
         back = partial.new_empty((route.token.shape[0], partial.shape[1]))
         sent = dist.all_to_all_single(
@@ -212,19 +225,6 @@ class TorchAllToAllPrepareAndFinalize(ExpertParallelPrepareAndFinalize):
             out.copy_(acc)
 
         return Pending(finish)
-
-
-class _Route:
-    """The dispatch bookkeeping finalize reverses: ``token [S]`` int64 (source token of each
-    sent row, grouped by destination rank), the split sizes both ways and the source T."""
-
-    __slots__ = ("token", "send_split", "recv_split", "num_tokens")
-
-    def __init__(self, token: torch.Tensor, send_split: list[int], recv_split: list[int], num_tokens: int) -> None:
-        self.token = token
-        self.send_split = send_split
-        self.recv_split = recv_split
-        self.num_tokens = num_tokens
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig, QuantConfig
-from moe_kernels.mlp.weights import ExpertWeights
+from moe_kernels.mlp.weights import PROJECTIONS, ExpertWeights, quantize_weights
 
 
 @dataclass(frozen=True)
@@ -79,27 +79,19 @@ def make_problem(shape: BenchShape, tokens: int, seed: int) -> tuple[torch.Tenso
 
 
 def make_weights(shape: BenchShape, seed: int = 0, quant: str = "none") -> ExpertWeights:
-    """Random bf16 expert weights (N(0, 1/fan_in)), or their fp8 block quantization."""
+    """Random bf16 expert weights (N(0, 1/fan_in)) stored in the weight format of scheme ``quant``."""
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     e, h, i = shape.num_experts, shape.hidden, shape.inter
     w13 = torch.randn(e, 2 * i, h, device=DEVICE, dtype=torch.bfloat16, generator=gen).mul_(h**-0.5)
     w2 = torch.randn(e, h, i, device=DEVICE, dtype=torch.bfloat16, generator=gen).mul_(i**-0.5)
-    if quant == "none":
-        return ExpertWeights(w13, w2)
-    from moe_kernels.kernels.quant import quantize_fp8_blocks
-
-    (q13, s13), (q2, s2) = quantize_fp8_blocks(w13.float()), quantize_fp8_blocks(w2.float())
-    return ExpertWeights(q13, q2, s13, s2)
+    return quantize_weights(w13, w2, shape.layer(1, quant).mlp.weights)
 
 
 def dequantized(w: ExpertWeights) -> ExpertWeights:
-    """The bf16 weights an fp8 layer's weights stand for (what its bf16 twin runs on)."""
-    from moe_kernels.kernels.quant import dequantize_fp8_blocks
-
-    assert w.w13_scale is not None and w.w2_scale is not None
-    return ExpertWeights(
-        dequantize_fp8_blocks(w.w13, w.w13_scale).bfloat16(), dequantize_fp8_blocks(w.w2, w.w2_scale).bfloat16()
-    )
+    """The bf16 weights a quantized layer's weights stand for (what its bf16 twin runs on)."""
+    fmt = w.weight_format
+    w13, w2 = (fmt.dequantize({k: v for k, v in w.tensors(p).items() if v is not None}) for p in PROJECTIONS)
+    return ExpertWeights(w13.bfloat16(), w2.bfloat16())
 
 
 def valid_pairs(cfg: Any) -> list[tuple[str, Callable[[], Any]]]:

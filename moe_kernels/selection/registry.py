@@ -4,18 +4,13 @@ Selection, the tuner, the benchmarks, ``moe-kernels list`` and the combination t
 iterate these lists. A factory builds a part for a layer; building must never fail on a machine
 that cannot run the part (its checks say so instead), and nothing about the process group or
 placement goes in here: parts get those when they are bound. To add a part, add its factory.
+Quantized formats are not separate parts: each experts class computes the formats it declares
+(``weight_formats``) and refuses the others with a reason.
 """
 
 from __future__ import annotations
 
 from moe_kernels.experts.deepgemm import DeepGemmExperts, ExpandedDeepGemmExperts, MaskedDeepGemmExperts
-from moe_kernels.experts.fp8 import (
-    Fp8DeepGemmExperts,
-    Fp8ExpandedDeepGemmExperts,
-    Fp8HybridDeepGemmExperts,
-    Fp8MaskedDeepGemmExperts,
-    Fp8TritonExperts,
-)
 from moe_kernels.experts.fused_triton import FusedTritonExperts
 from moe_kernels.experts.grouped_mm import GroupedMMExperts
 from moe_kernels.experts.hybrid import HybridDeepGemmExperts
@@ -46,9 +41,4 @@ EXPERTS = [
     lambda cfg: GroupedMMExperts(),
     lambda cfg: MaskedDeepGemmExperts(),
     lambda cfg: ExpandedDeepGemmExperts(),
-    lambda cfg: Fp8TritonExperts(),
-    lambda cfg: Fp8HybridDeepGemmExperts(),
-    lambda cfg: Fp8DeepGemmExperts(),
-    lambda cfg: Fp8MaskedDeepGemmExperts(),
-    lambda cfg: Fp8ExpandedDeepGemmExperts(),
 ]

@@ -4,7 +4,7 @@ as a tuning table (:mod:`moe_kernels.core.tuning`).
 For each layer and each token count of the grid:
 
 1. the tile configs of the fused Triton decode path: its candidate tilings
-   (:func:`moe_kernels.kernels.fused_moe.candidate_configs`, the ``tile_candidates`` nearest
+   (:func:`moe_kernels.core.tiles.candidate_configs`, the ``tile_candidates`` nearest
    the heuristic's) timed through the whole path, at the token counts where it is a contender;
 2. every valid pair of the registry (the reference loop left out), composed for calls of T
    tokens, with the tuned tiles in force.
@@ -48,8 +48,8 @@ def tune_tiles(
     GEMM1's candidates with GEMM2 at its default, then GEMM2's with the best GEMM1 (both on the
     same row block, as the layout requires)."""
     from moe_kernels.core.compose import WorkspaceCache, compose
+    from moe_kernels.core.tiles import candidate_configs, default_configs
     from moe_kernels.experts.fused_triton import FusedTritonExperts
-    from moe_kernels.kernels.fused_moe import candidate_configs, default_configs
     from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
 
     k, e, h, i = shape.top_k, shape.num_experts, shape.hidden, shape.inter

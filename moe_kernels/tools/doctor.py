@@ -10,7 +10,6 @@ piece names the registered parts it takes away and the fix (``docs/gpu-setup.md`
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 
@@ -54,11 +53,10 @@ def parts_needing(check_names: set[str]) -> str:
 
 
 def findings() -> list[Finding]:
+    from moe_kernels.backends import deep_ep as deep_ep_backend
+    from moe_kernels.backends import deep_gemm
     from moe_kernels.backends.triton import triton_check
     from moe_kernels.core.tuning import table_dirs, table_for
-    from moe_kernels.experts.deepgemm import deep_gemm_status, psum_layout_status
-    from moe_kernels.experts.fp8 import fp8_deep_gemm_check
-    from moe_kernels.prepare_finalize import deepep_buffer as epb
 
     out = []
     cuda = torch.cuda.is_available()
@@ -77,41 +75,37 @@ def findings() -> list[Finding]:
             )
         )  # fmt: skip
     out.append(Finding("", "torch", True, f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})"))
-    nccl, where = epb.nccl_version()
+    nccl, where = deep_ep_backend.nccl_version()
     if nccl is None:
         out.append(Finding("", "NCCL", False, where, "DeepEP", f"nvidia-nccl-cu13==2.32.3 ({SETUP})"))
     else:
-        check = epb.nccl_check()
+        check = deep_ep_backend.nccl_check()
         out.append(
             Finding("", "NCCL", check.ok, check.reason, "" if check.ok else "DeepEP", f"NCCL >= 2.32.3 ({SETUP})")
         )
     tri = triton_check(dev)
     out.append(Finding("triton", "Triton", tri.ok, tri.reason, "" if tri.ok else parts_needing({"device", "triton"})))
-    ok, why = deep_gemm_status()
+    ok, why = deep_gemm.status()
     if ok:
-        psum_ok, psum_why = psum_layout_status()
+        psum_ok, psum_why = deep_gemm.psum_layout_status(fp8=False)
         why = f"{why}; {'psum layout' if psum_ok else 'no psum layout'}"
     fix = f"pip install deepinfer-gemm (builds DeepGEMM; {SETUP})"
     out.append(Finding("deepgemm", "deep_gemm", ok, why, "" if ok else parts_needing({"deep_gemm"}), fix))
-    fp8 = fp8_deep_gemm_check()
+    fp8 = deep_gemm.library_check(fp8=True)
     out.append(
         Finding("deepgemm-fp8", "deep_gemm fp8", fp8.ok, fp8.reason, "" if fp8.ok else "the fp8 DeepGEMM experts", fix)
     )
-    ep = epb.deep_ep_check()
+    ep = deep_ep_backend.deep_ep_check()
     out.append(
         Finding(
             "deepep", "deep_ep", ep.ok, ep.reason, "" if ep.ok else "DeepEPHighThroughput/LowLatencyPrepareAndFinalize",
             f"pip install deepinfer-ep after NCCL 2.32.3 ({SETUP})",
         )
     )  # fmt: skip
-    gin = os.environ.get("EP_DISABLE_GIN") == "1"
+    gin = deep_ep_backend.gin_check()
     out.append(
-        Finding(
-            "", "GIN", True,
-            "EP_DISABLE_GIN=1: DeepEP uses NVLink only (no RDMA NIC needed)" if gin
-            else "GIN on: DeepEP expects an RDMA NIC (set EP_DISABLE_GIN=1 on NVLink-only machines)",
-        )
-    )  # fmt: skip
+        Finding("", "GIN", gin.ok, gin.reason, "" if gin.ok else "DeepEP across nodes or, without the setting, at all")
+    )
     table = table_for(dev) if cuda else None
     if table is not None:
         found = f"{table.path}: {len(table.shapes)} shape(s), {table.source}"

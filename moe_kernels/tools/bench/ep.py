@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _bench_rank(group: dist.ProcessGroup, p: dict[str, Any]) -> dict[str, Any]:
-    from moe_kernels.prepare_finalize import deepep_buffer as epb
+    from moe_kernels.backends import deep_ep as deep_ep_backend
 
     rank, world = group.rank(), group.size()
     start = time.perf_counter()
@@ -128,8 +128,8 @@ def _bench_rank(group: dist.ProcessGroup, p: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    deep_ep_ok = epb.deep_ep_check()
-    nccl = epb.nccl_check()
+    deep_ep_ok = deep_ep_backend.deep_ep_check()
+    nccl = deep_ep_backend.nccl_check()
     env = f"{deep_ep_ok.reason}; {nccl.reason}"
     progress(env)
     rows = []
@@ -177,10 +177,11 @@ def _path_calls(
     path: str, group: dist.ProcessGroup, p: dict[str, Any], x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor
 ) -> tuple[Callable[[], Any], Callable[[Any], None]]:
     """``dispatch()`` -> state, ``combine(state)``, for one path at this T."""
+    from moe_kernels.backends import deep_ep as deep_ep_backend
+    from moe_kernels.backends import deep_gemm
     from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig
     from moe_kernels.core.compose import layer_context
     from moe_kernels.core.contract import Layout, TokenFormat
-    from moe_kernels.experts.deepgemm import deep_gemm_alignment
     from moe_kernels.prepare_finalize import deepep_buffer as epb
     from moe_kernels.prepare_finalize.deepep import (
         DeepEPHighThroughputPrepareAndFinalize,
@@ -192,7 +193,7 @@ def _path_calls(
     ht = path.endswith("-ht")
     capacity = p["ht_max_tokens"] if ht else max(t, p["ll_min_capacity"])
     out = torch.empty_like(x)
-    alignment = deep_gemm_alignment() or 1  # what the DeepGEMM experts would ask for
+    alignment = deep_gemm.alignment() or 1  # what the DeepGEMM experts would ask for
 
     if path == "torch-a2a" or path.startswith("ours"):
         moe = MoEConfig(num_experts=e, top_k=p["top_k"], hidden_size=p["hidden"], intermediate_size=8)
@@ -213,7 +214,7 @@ def _path_calls(
 
         return dispatch, combine
 
-    deep_ep, _ = epb.probe_deep_ep()
+    deep_ep, _ = deep_ep_backend.probe_deep_ep()
     buffer = epb.reserve(group, num_max_tokens_per_rank=capacity, hidden=x.shape[1], top_k=ids.shape[1])
     sms = p["num_sms"] or epb.num_sms_for(buffer, e, ids.shape[1])
     idx = ids.to(deep_ep.topk_idx_t)

@@ -181,15 +181,14 @@ def bench_point(
 def gemm_alone(point: Point, x: torch.Tensor, ids: torch.Tensor, w: ExpertWeights, timer: Timer) -> None:
     """The two grouped GEMMs alone on already permuted rows: DeepGEMM contiguous and masked
     (when it imports) and ``torch._grouped_mm``; the fastest lands in ``point.us["gemms"]``."""
-    from moe_kernels.experts.deepgemm import deep_gemm_alignment, deep_gemm_status, masked_rows_multiple
+    from moe_kernels.backends import deep_gemm as dg
     from moe_kernels.kernels import contiguous_layout, masked_layout, scatter_rows
 
     inter, (t, k), e = w.inter, ids.shape, w.num_experts
     times = []
-    if deep_gemm_status()[0]:
-        import deep_gemm
-
-        lay = contiguous_layout(ids, e, deep_gemm_alignment())
+    if dg.status()[0]:
+        deep_gemm = dg.module()
+        lay = contiguous_layout(ids, e, dg.alignment() or 1)
         rows = x.new_empty(lay.num_rows_bound, x.shape[1])
         scatter_rows(x, lay.dst_row, rows)
         gate_up, act, y = (
@@ -203,7 +202,7 @@ def gemm_alone(point: Point, x: torch.Tensor, ids: torch.Tensor, w: ExpertWeight
             deep_gemm.m_grouped_bf16_gemm_nt_contiguous(act, w.w2, y, lay.grouped_layout)
 
         times.append(timer.graphed(contiguous, "DeepGEMM contiguous GEMMs"))
-        cap = -(-t // masked_rows_multiple()) * masked_rows_multiple()
+        cap = -(-t // dg.masked_rows_multiple()) * dg.masked_rows_multiple()
         masked = masked_layout(ids, e, cap)
         xb = x.new_empty(e, cap, x.shape[1])
         scatter_rows(x, masked.dst_row, xb)

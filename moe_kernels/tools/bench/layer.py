@@ -12,7 +12,7 @@ from moe_kernels.config import ConfigError, LayerConfig, load_config
 from moe_kernels.model.layer import FusedMoE
 from moe_kernels.tools.args import positive_ints
 from moe_kernels.tools.bench.tables import format_table
-from moe_kernels.tools.harness import TOLERANCE, LayerResult, Timer, check_and_time, cuda_timer, random_layer
+from moe_kernels.tools.harness import LayerResult, Timer, check_and_time, cuda_timer, random_layer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     layer = random_layer(cfg, device, seed=args.seed)
     results = measure(layer, args.tokens, timer=cuda_timer, seed=args.seed, time_reference=not args.no_reference)
     print(f"{cfg.name or args.config} on {torch.cuda.get_device_name(device)}: {layer.kernel.name}")
-    tolerance = TOLERANCE[(cfg.moe.dtype, cfg.quant.scheme)]
+    tolerance = cfg.mlp.tolerance
     print(format_results(results, tolerance))
     return 0 if all(r.rel_err <= tolerance for r in results) else 1
 

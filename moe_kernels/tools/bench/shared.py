@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moe_kernels.experts.deepgemm import deep_gemm_status
+from moe_kernels.backends import deep_gemm
 from moe_kernels.selection.timing import Timer
 from moe_kernels.tools.args import non_negative_ints, positive_ints
 from moe_kernels.tools.bench.tables import format_table
@@ -69,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     layer._side_stream = side
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-    if any(args.reserve_sms) and not deep_gemm_status()[0]:
-        print(f"bench shared: --reserve-sms limits DeepGEMM, which is not usable here: {deep_gemm_status()[1]}")
+    if any(args.reserve_sms) and not deep_gemm.status()[0]:
+        print(f"bench shared: --reserve-sms limits DeepGEMM, which is not usable here: {deep_gemm.status()[1]}")
         return 2
     if max(args.reserve_sms) >= sm_count:
         print(f"bench shared: --reserve-sms must leave DeepGEMM at least one of the {sm_count} SMs")
@@ -116,9 +116,7 @@ def measure(layer: FusedMoE, x: torch.Tensor, timer: Timer, only: str | None = N
 
 def overlapped_with_sms(layer: FusedMoE, x: torch.Tensor, timer: Timer, num_sms: int) -> float:
     """``overlapped`` with DeepGEMM's kernels limited to ``num_sms`` SMs (captured that way)."""
-    import deep_gemm
-
-    before = deep_gemm.get_num_sms()
+    before = deep_gemm.num_sms()
     deep_gemm.set_num_sms(num_sms)
     try:
         return measure(layer, x, timer, only="overlapped")["overlapped"]

@@ -1,0 +1,132 @@
+"""Weight formats: how one expert projection ``[N, K]`` (``nn.Linear`` layout: rows are output
+features) is stored, what it stands for, and how a float weight becomes one.
+
+A format names the tensors it stores per projection -- ``weight`` always, ``scale`` (and later
+``zero``) when quantized -- with their shapes for a given ``[N, K]``, dequantizes them (the
+reference path and tests compute from that), quantizes a float weight into them (loading a bf16
+checkpoint into a quantized layer, tests, benchmarks), and says which shard boundaries it
+allows (a block-scaled format cannot be cut inside a block). Kernels read the format to pick
+their GEMM, the way DeepGEMM takes ``(tensor, scale)`` operands.
+
+Adding a weight-only format: a subclass here (stored tensors, dequantize, quantize), its scheme
+in :mod:`moe_kernels.mlp.schemes`, its dequantizing load in the Triton GEMMs, its tensors'
+names in the checkpoint naming, and tests (docs/architecture.md walks through it).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from moe_kernels.mlp import fp8
+
+#: ``name -> (shape, dtype)`` of the tensors a format stores for one projection of one expert
+StoredSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def _dt(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
+
+
+class WeightFormat(ABC):
+    """How a projection is stored. Subclasses are frozen dataclasses (hashable, comparable)."""
+
+    #: a short name for messages and tuning-table keys
+    kind: ClassVar[str]
+    #: the largest ``max|out - ref| / max|ref|`` a layer on this format should show against the
+    #: fp32 reference on the dequantized weights (the format's own rounding excluded)
+    tolerance: ClassVar[float]
+
+    @abstractmethod
+    def stored(self, n: int, k: int) -> StoredSpec:
+        """The tensors of one ``[N, K]`` projection: always ``"weight"``, then any scales."""
+
+    @abstractmethod
+    def dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The float32 ``[..., N, K]`` weight the stored ``tensors`` (leading dims allowed) stand for."""
+
+    @abstractmethod
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Store a float ``w [..., N, K]`` in this format (setup time, plain torch)."""
+
+    @property
+    def shard_multiple(self) -> tuple[int, int]:
+        """``(rows, cols)``: a slice of a projection must start and end on multiples of these."""
+        return 1, 1
+
+    def rows(self, part: str, start: int, stop: int) -> slice:
+        """The slice of stored tensor ``part`` that holds weight rows ``[start, stop)`` (both on
+        multiples of ``shard_multiple[0]``, or ``stop`` the last row)."""
+        return slice(start, stop)
+
+    @property
+    def is_quantized(self) -> bool:
+        return len(self.stored(1, 1)) > 1
+
+    def describe(self) -> str:
+        return self.kind
+
+
+@dataclass(frozen=True)
+class Dense(WeightFormat):
+    """The weight in a floating dtype, nothing else."""
+
+    dtype: torch.dtype = torch.bfloat16
+    kind: ClassVar[str] = "dense"
+    tolerance: ClassVar[float] = 0.0
+
+    def stored(self, n: int, k: int) -> StoredSpec:
+        return {"weight": ((n, k), self.dtype)}
+
+    def dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return tensors["weight"].float()
+
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"weight": w.to(self.dtype).contiguous()}
+
+    def describe(self) -> str:
+        return _dt(self.dtype)
+
+
+@dataclass(frozen=True)
+class Fp8Block(WeightFormat):
+    """float8_e4m3fn values with one float32 scale per ``block`` (N x K) block; the real weight is
+    ``weight * scale`` blockwise (DeepSeek-V3's ``weight_scale_inv``)."""
+
+    block: tuple[int, int] = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK)
+    kind: ClassVar[str] = "fp8_block"
+    # Rounding activations to e4m3 (3 mantissa bits) moves each by up to 2^-4 of itself (about
+    # 3.6 % standard deviation); that passes through two GEMMs and the activation, so a few
+    # percent of the output's scale is expected and 0.1 of its maximum leaves room without
+    # hiding a wrong row.
+    tolerance: ClassVar[float] = 0.1
+
+    def stored(self, n: int, k: int) -> StoredSpec:
+        bn, bk = self.block
+        return {"weight": ((n, k), fp8.FP8_DTYPE), "scale": ((-(-n // bn), -(-k // bk)), torch.float32)}
+
+    def dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return fp8.dequantize_blocks(tensors["weight"], tensors["scale"], self.block)
+
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, scale = fp8.quantize_blocks(w, self.block)
+        return {"weight": q, "scale": scale}
+
+    @property
+    def shard_multiple(self) -> tuple[int, int]:
+        return self.block
+
+    def rows(self, part: str, start: int, stop: int) -> slice:
+        if part == "weight":
+            return slice(start, stop)
+        bn = self.block[0]
+        if start % bn:
+            raise ValueError(f"rows {start}..{stop} cut a {bn}-row scale block of {self.describe()}")
+        return slice(start // bn, -(-stop // bn))
+
+    def describe(self) -> str:
+        return f"fp8 e4m3, {self.block[0]}x{self.block[1]} block scales"

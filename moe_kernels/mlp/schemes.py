@@ -1,0 +1,98 @@
+"""Quantization schemes: the names ``quant.scheme`` takes, each a weight format plus how the
+GEMMs' activation inputs are quantized.
+
+A scheme reads the parameters it declares from the config's ``quant`` section (the others must
+keep their defaults, so a parameter that would be ignored is an error), checks them against the
+layer's shape and dtype, and builds the :class:`~moe_kernels.mlp.formats.WeightFormat` and
+:class:`~moe_kernels.mlp.act_quant.ActQuant` the experts compute with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moe_kernels.mlp import fp8
+from moe_kernels.mlp.act_quant import ActQuant
+from moe_kernels.mlp.formats import Dense, Fp8Block, WeightFormat
+
+Params = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """``build(params, dtype) -> (weight format, activation quantization or None)``;
+    ``check_params(params)`` and ``check_layer(params, dtype, hidden, inter)`` raise
+    ``ValueError`` naming what does not fit."""
+
+    name: str
+    description: str
+    #: the ``quant`` fields this scheme reads
+    params: tuple[str, ...]
+    build: Callable[[Params, torch.dtype], tuple[WeightFormat, ActQuant | None]]
+    check_params: Callable[[Params], None]
+    check_layer: Callable[[Params, torch.dtype, int, int], None]
+
+
+def _no_params(params: Params) -> None:
+    return None
+
+
+def _any_layer(params: Params, dtype: torch.dtype, hidden: int, inter: int) -> None:
+    return None
+
+
+def _dtype_name(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
+
+
+def _check_fp8_block_params(params: Params) -> None:
+    block, group = tuple(params["weight_block"]), params["act_group"]
+    implemented = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK)
+    if block != implemented or group != fp8.SCALE_BLOCK:
+        raise ValueError(
+            f"weight_block must be {list(implemented)} and act_group {fp8.SCALE_BLOCK} (the only blocking the fp8 "
+            f"kernels implement); got weight_block={list(block)}, act_group={group}"
+        )
+
+
+def _check_fp8_block_layer(params: Params, dtype: torch.dtype, hidden: int, inter: int) -> None:
+    block = tuple(params["weight_block"])
+    if dtype != torch.bfloat16:
+        raise ValueError(f"fp8_w8a8_block computes in bfloat16: moe.dtype must be bfloat16, got {_dtype_name(dtype)}")
+    bad = [f"{n}={v}" for n, v in (("hidden_size", hidden), ("intermediate_size", inter)) if v % block[0]]
+    if bad:
+        # gate and up rows are stacked into one weight: a block must not straddle them
+        raise ValueError(
+            f"fp8_w8a8_block needs hidden_size and intermediate_size multiples of {block[0]}; got {', '.join(bad)}"
+        )
+
+
+SCHEMES: dict[str, Scheme] = {
+    scheme.name: scheme
+    for scheme in (
+        Scheme(
+            "none",
+            "weights and activations in moe.dtype",
+            (),
+            lambda params, dtype: (Dense(dtype), None),
+            _no_params,
+            _any_layer,
+        ),
+        Scheme(
+            "fp8_w8a8_block",
+            "fp8 e4m3 weights with one float32 scale per weight_block block, activations quantized per token "
+            "and act_group columns (DeepSeek-V3)",
+            ("weight_block", "act_group"),
+            lambda params, dtype: (
+                Fp8Block(tuple(params["weight_block"])),
+                ActQuant(group=params["act_group"]),
+            ),
+            _check_fp8_block_params,
+            _check_fp8_block_layer,
+        ),
+    )
+}
