@@ -1,0 +1,166 @@
+"""Every MoE family of ``transformers`` against ``transformers`` itself.
+
+For each family of :data:`tests.hf_families.CASES`: a tiny random model built from the family's own
+config class (3 layers, layer 1 an MoE layer, fixed seed), saved with ``save_pretrained`` (so the
+checkpoint has the hub's key names), read back through ``layer_config_from_hf`` and
+``FusedMoE.load_checkpoint`` into a CPU layer, and compared with the family's own MoE block on the
+same hidden states: fp32 within 1e-5 and the same top-k expert set for every token; bf16 (the
+model reloaded by ``transformers`` in bf16 and saved again) within 3e-2, tokens whose top logits
+tie exactly excluded. A family that needs a feature moe_kernels lacks must be refused when loaded,
+with the feature named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from moe_kernels.model.hf_config import hf_naming, layer_config_from_hf
+from moe_kernels.model.layer import FusedMoE
+from tests.hf_families import CASES, H, Case
+
+transformers = pytest.importorskip("transformers")
+
+LAYER = 1
+TOKENS = 32
+
+
+def _randomize(block: nn.Module, seed: int) -> None:
+    """Random values for every float tensor of the MoE block: transformers initializes some routers
+    and correction biases to zero, which would hide a bias or a router read from the wrong key."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in list(block.parameters()) + list(block.buffers()):
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+
+
+def _decoder_layer(model: nn.Module, layer: int) -> nn.Module:
+    """Layer ``layer`` of the model's (first) stack of decoder layers."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("layers", "blocks") and isinstance(module, nn.ModuleList):
+            return module[layer]
+    raise AssertionError(f"{type(model).__name__} has no 'layers' module list")
+
+
+def _moe_block(decoder: nn.Module) -> nn.Module:
+    """The child of a decoder layer that holds the experts."""
+    for child in decoder.children():
+        if any(name.rsplit(".", 1)[-1] == "experts" for name, _ in child.named_modules()):
+            return child
+    raise AssertionError(f"{type(decoder).__name__} has no child holding experts")
+
+
+def _build(case: Case, directory: Path) -> nn.Module:
+    """The tiny fp32 model, its MoE block randomized, saved to ``directory``."""
+    config = case.config()
+    torch.manual_seed(0)
+    try:
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except ValueError:  # a text config without a causal-LM head of its own
+        model = transformers.AutoModel.from_config(config, dtype=torch.float32)
+    _randomize(_moe_block(_decoder_layer(model, LAYER)), seed=1)
+    model.eval().save_pretrained(directory)
+    return model
+
+
+def _reference(model: nn.Module, case: Case) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``x [T, H]`` -> (the family's MoE output ``[T, H]``, the expert ids it routed to ``[T, K]``)."""
+    decoder = _decoder_layer(model, LAYER)
+    block = _moe_block(decoder)
+    captured: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append(args[1] if len(args) > 1 else next(iter(kwargs.values())))
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        captured.clear()
+        handle = block.get_submodule("experts").register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                x3 = x.reshape(2, -1, H)
+                out = block(x3)
+                out = out[0] if isinstance(out, tuple) else out
+                for name in case.also:
+                    out = out + decoder.get_submodule(name)(x3)
+        finally:
+            handle.remove()
+        assert captured, "the family's experts module was not called with routing ids"
+        return out.reshape(-1, H), captured[0].reshape(x.shape[0], -1)
+
+    return run
+
+
+def _ours(directory: Path, dtype: torch.dtype) -> FusedMoE:
+    cfg = layer_config_from_hf(directory, LAYER, dtype=dtype)
+    layer = FusedMoE(cfg, device="cpu")
+    layer.load_checkpoint(directory, layer=LAYER, naming=hf_naming(directory))
+    return layer
+
+
+def _same_sets(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per token, whether the two id rows hold the same set of experts."""
+    return (a.sort(dim=1).values == b.sort(dim=1).values).all(dim=1)
+
+
+def _tied(layer: FusedMoE, x: torch.Tensor) -> torch.Tensor:
+    """Tokens whose top k+1 router logits hold an exact tie (either expert may then be chosen)."""
+    k = layer.cfg.moe.top_k
+    top = layer.router.logits(x).float().topk(min(k + 1, layer.cfg.moe.num_experts), dim=1).values
+    return (top[:, 1:] == top[:, :-1]).any(dim=1)
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+PARITY = sorted(n for n, c in CASES.items() if c.refused is None)
+REFUSED = sorted(n for n, c in CASES.items() if c.refused is not None)
+
+
+@pytest.mark.parametrize("family", PARITY)
+def test_family_matches_transformers(family: str, tmp_path: Path) -> None:
+    case = CASES[family]
+    model = _build(case, tmp_path / "fp32")
+    x = torch.randn(TOKENS, H, generator=torch.Generator().manual_seed(2))
+
+    ref, ref_ids = _reference(model, case)(x)
+    layer = _ours(tmp_path / "fp32", torch.float32)
+    _, ids = layer.router(x)
+    same = _same_sets(ids.long(), ref_ids.long())
+    assert same.all(), f"{family}: tokens {(~same).nonzero().flatten().tolist()} routed differently"
+    assert _rel_err(layer(x), ref) < 1e-5
+
+    bf16 = transformers.AutoModelForCausalLM if hasattr(model, "lm_head") else transformers.AutoModel
+    model16 = bf16.from_pretrained(tmp_path / "fp32", dtype=torch.bfloat16).eval()
+    model16.save_pretrained(tmp_path / "bf16")
+    x16 = x.bfloat16()
+    ref16, ref_ids16 = _reference(model16, case)(x16)
+    layer16 = _ours(tmp_path / "bf16", torch.bfloat16)
+    _, ids16 = layer16.router(x16)
+    keep = ~_tied(layer16, x16)
+    same16 = _same_sets(ids16.long(), ref_ids16.long())
+    assert same16[keep].all(), f"{family} bf16: tokens {(keep & ~same16).nonzero().flatten().tolist()} routed differently"
+    assert _rel_err(layer16(x16)[keep], ref16[keep]) < 3e-2
+
+
+@pytest.mark.parametrize("family", REFUSED)
+def test_family_is_refused_naming_the_missing_feature(family: str, tmp_path: Path) -> None:
+    case = CASES[family]
+    case.config().save_pretrained(tmp_path)
+    with pytest.raises(ValueError) as err:
+        _ours(tmp_path, torch.float32)
+    assert case.refused in str(err.value)
+
+
+def test_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    """The table this module tests, printed with the run (``parity`` or the missing feature)."""
+    with capsys.disabled():
+        print(f"\nHF MoE families: {len(PARITY)} at parity with transformers, {len(REFUSED)} refused")
+        for name in REFUSED:
+            print(f"  refused {name}: {CASES[name].refused}")
+    assert PARITY and set(PARITY).isdisjoint(REFUSED)
