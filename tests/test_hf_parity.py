@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from moe_kernels.model.hf_config import hf_naming, layer_config_from_hf
+from moe_kernels.model.hf_config import layer_config_from_hf
 from moe_kernels.model.layer import FusedMoE
 from tests.hf_families import CASES, H, Case
 
@@ -31,28 +31,44 @@ TOKENS = 32
 
 def _randomize(block: nn.Module, seed: int) -> None:
     """Random values for every float tensor of the MoE block: transformers initializes some routers
-    and correction biases to zero, which would hide a bias or a router read from the wrong key."""
+    and correction biases to zero, which would hide a bias or a router read from the wrong key.
+    (Families that keep the bias as a parameter get the smaller spread.)"""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for t in list(block.parameters()) + list(block.buffers()):
+        for t in block.parameters():
             if t.is_floating_point():
                 t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+        for t in block.buffers():
+            # correction biases of +-1 alternating between neighbours: each expert group then has a
+            # member whose biased score is below 0, where masking the other groups with 0 instead
+            # of -inf changes the choice
+            if t.is_floating_point():
+                sign = 1 - 2 * (torch.arange(t.shape[-1]) % 2)
+                t.copy_(sign + 0.3 * torch.randn(t.shape, generator=g))
 
 
-def _decoder_layer(model: nn.Module, layer: int) -> nn.Module:
-    """Layer ``layer`` of the model's (first) stack of decoder layers."""
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in ("layers", "blocks") and isinstance(module, nn.ModuleList):
-            return module[layer]
-    raise AssertionError(f"{type(model).__name__} has no 'layers' module list")
-
-
-def _moe_block(decoder: nn.Module) -> nn.Module:
+def _moe_block(decoder: nn.Module) -> nn.Module | None:
     """The child of a decoder layer that holds the experts."""
     for child in decoder.children():
         if any(name.rsplit(".", 1)[-1] == "experts" for name, _ in child.named_modules()):
             return child
-    raise AssertionError(f"{type(decoder).__name__} has no child holding experts")
+    return None
+
+
+def _decoder_layer(model: nn.Module, layer: int) -> nn.Module:
+    """Layer ``layer`` of the model's stack of decoder layers (the one whose layers hold experts: a
+    vision tower's ``blocks`` do not)."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("layers", "blocks") and isinstance(module, nn.ModuleList):
+            if len(module) > layer and _moe_block(module[layer]) is not None:
+                return module[layer]
+    raise AssertionError(f"{type(model).__name__} has no decoder layer {layer} with experts")
+
+
+def _block(model: nn.Module) -> nn.Module:
+    block = _moe_block(_decoder_layer(model, LAYER))
+    assert block is not None
+    return block
 
 
 def _build(case: Case, directory: Path) -> nn.Module:
@@ -63,7 +79,10 @@ def _build(case: Case, directory: Path) -> nn.Module:
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except ValueError:  # a text config without a causal-LM head of its own
         model = transformers.AutoModel.from_config(config, dtype=torch.float32)
-    _randomize(_moe_block(_decoder_layer(model, LAYER)), seed=1)
+    for path, value in case.patch.items():  # from_config copies the config
+        owner, _, attr = path.rpartition(".")
+        setattr(getattr(model.config, owner), attr, value)
+    _randomize(_block(model), seed=1)
     model.eval().save_pretrained(directory)
     return model
 
@@ -71,7 +90,7 @@ def _build(case: Case, directory: Path) -> nn.Module:
 def _reference(model: nn.Module, case: Case) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """``x [T, H]`` -> (the family's MoE output ``[T, H]``, the expert ids it routed to ``[T, K]``)."""
     decoder = _decoder_layer(model, LAYER)
-    block = _moe_block(decoder)
+    block = _block(model)
     captured: list[torch.Tensor] = []
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -98,7 +117,7 @@ def _reference(model: nn.Module, case: Case) -> Callable[[torch.Tensor], tuple[t
 def _ours(directory: Path, dtype: torch.dtype) -> FusedMoE:
     cfg = layer_config_from_hf(directory, LAYER, dtype=dtype)
     layer = FusedMoE(cfg, device="cpu")
-    layer.load_checkpoint(directory, layer=LAYER, naming=hf_naming(directory))
+    layer.load_checkpoint(directory, layer=LAYER)  # the naming and the layer prefix found from the keys
     return layer
 
 
@@ -144,7 +163,9 @@ def test_family_matches_transformers(family: str, tmp_path: Path) -> None:
     _, ids16 = layer16.router(x16)
     keep = ~_tied(layer16, x16)
     same16 = _same_sets(ids16.long(), ref_ids16.long())
-    assert same16[keep].all(), f"{family} bf16: tokens {(keep & ~same16).nonzero().flatten().tolist()} routed differently"
+    assert same16[keep].all(), (
+        f"{family} bf16: tokens {(keep & ~same16).nonzero().flatten().tolist()} routed differently"
+    )
     assert _rel_err(layer16(x16)[keep], ref16[keep]) < 3e-2
 
 

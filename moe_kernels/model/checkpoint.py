@@ -196,6 +196,16 @@ def _stored_dtype(view: object, key: str, file: Path) -> torch.dtype:
         raise TypeError(f"{file}: tensor '{key}' has a dtype torch cannot hold ({exc})") from None
 
 
+def _read_header(file: Path) -> dict[str, TensorInfo]:
+    """Shape and dtype of every tensor in ``file``, from its header (no tensor data is read)."""
+    with _open(file) as f:  # type: ignore[attr-defined]
+        out = {}
+        for key in f.keys():
+            view = f.get_slice(key)
+            out[key] = TensorInfo(key, file, tuple(view.get_shape()), _stored_dtype(view, key, file))
+        return out
+
+
 class CheckpointReader:
     """Lazy access to the tensors of a safetensors checkpoint.
 
@@ -233,7 +243,7 @@ class CheckpointReader:
         self.path: Path = p
         self._index_file = index_file
         self._weight_map: dict[str, str] | None = None
-        self._stored: dict[str, TensorInfo] = {}
+        self._headers: dict[Path, dict[str, TensorInfo]] = {}
         self._keys: frozenset[str] | None = None
         self._by_layer: dict[int, list[str]] | None = None
         if index_file is not None:
@@ -296,24 +306,18 @@ class CheckpointReader:
         return self.infos([key])[key]
 
     def infos(self, keys: Iterable[str]) -> dict[str, TensorInfo]:
-        """Stored shapes and dtypes of ``keys``, opening each shard that holds an unseen one once."""
-        wanted = list(dict.fromkeys(keys))
-        by_file: dict[Path, list[str]] = {}
-        for key in wanted:
-            if key not in self._stored:
-                by_file.setdefault(self.file_of(key), []).append(key)
-        for file, file_keys in by_file.items():
-            with _open(file) as f:  # type: ignore[attr-defined]
-                present = set(f.keys())
-                for key in file_keys:
-                    if key not in present:
-                        raise ValueError(
-                            f"{self._index_file} maps '{key}' to {file.name}, but that file has no such tensor"
-                        )
-                    view = f.get_slice(key)
-                    shape = tuple(view.get_shape())
-                    self._stored[key] = TensorInfo(key, file, shape, _stored_dtype(view, key, file))
-        return {key: self._stored[key] for key in wanted}
+        """Stored shapes and dtypes of ``keys``; each shard's header is read once, when one of its
+        tensors is first described."""
+        out = {}
+        for key in dict.fromkeys(keys):
+            file = self.file_of(key)
+            header = self._headers.get(file)
+            if header is None:
+                header = self._headers[file] = _read_header(file)
+            if key not in header:
+                raise ValueError(f"{self._index_file} maps '{key}' to {file.name}, but that file has no such tensor")
+            out[key] = header[key]
+        return out
 
     def read(
         self, infos: Iterable[TensorInfo], device: torch.device | str | int | None = None
@@ -398,8 +402,8 @@ def _matches(keys: frozenset[str], layer_keys: Sequence[str], root: str, naming:
     if not any(root + r in keys for r in naming.router):
         return False
     evidence = root + _evidence(naming)
-    if isinstance(naming.experts, PerExpert):
-        return any(k.startswith(evidence) for k in layer_keys)
+    if isinstance(naming.experts, PerExpert):  # "<...>experts.<id>.", not a stacked "<...>experts.gate_up_proj"
+        return any(k.startswith(evidence) and k[len(evidence) :].split(".", 1)[0].isdigit() for k in layer_keys)
     return evidence in keys
 
 
