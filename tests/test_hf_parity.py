@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from hf_families import CASES, Case, H
 from torch import nn
 
 from moe_kernels.model.hf_config import layer_config_from_hf
 from moe_kernels.model.layer import FusedMoE
-from tests.hf_families import CASES, H, Case
-
-transformers = pytest.importorskip("transformers")
 
 LAYER = 1
 TOKENS = 32

@@ -288,7 +288,8 @@ class Router(nn.Module):
         self.expert_scale = (
             param(torch.ones(e, dtype=torch.float32, device=device)) if moe.expert_weight_scale else None
         )
-        self.tid2eid: torch.Tensor | None = None
+        self.tid2eid: torch.Tensor | None
+        self.register_buffer("tid2eid", None)  # sized by the checkpoint's vocabulary when loaded
 
     @torch.no_grad()
     def load_tensors(self, **tensors: torch.Tensor) -> None:
@@ -321,7 +322,7 @@ class Router(nn.Module):
         for dst, src in copies:
             dst.copy_(src)
         if table is not None:
-            self.tid2eid = table.to(device=self.weight.device, dtype=torch.int64)
+            self.tid2eid = table.to(device=self.weight.device, dtype=torch.int64, copy=True)
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``hidden_states [T, H]`` -> ``[T, E]`` in the weight's dtype (the gate GEMM, its input norm
