@@ -214,6 +214,46 @@ CASES: dict[str, Case] = {
     "lfm2_moe": Case(
         _m("lfm2_moe", "Lfm2MoeConfig"), dict(num_dense_layers=1, layer_types=["conv", "full_attention", "conv"])
     ),
+    "granitemoehybrid": Case(
+        _m("granitemoehybrid", "GraniteMoeHybridConfig"),
+        dict(layer_types=["attention"] * 3, mamba_expand=2, mamba_d_head=32),
+        also=("shared_mlp",),
+    ),
+    "kolibri1_1": Case(
+        _m("kolibri1_1", "Kolibri1_1Config"), dict(mlp_only_layers=[0], index_layers=[], index_num_heads=1)
+    ),
+    "dots1": Case(_m("dots1", "Dots1Config"), dict(n_shared_experts=1, **_V3)),
+    "dots3_note": Case(_m("dots3_note", "Dots3NoteTextConfig"), dict(num_key_value_heads=4, **_V3)),
+    "bailing_hybrid": Case(_m("bailing_hybrid", "BailingHybridConfig"), _V3),
+    "bailing_hybrid_clamped": Case(
+        _m("bailing_hybrid", "BailingHybridConfig"),
+        dict(_V3, expert_swiglu_limit_list=[0, 7.0, 7.0]),
+        status="refused: SwiGLU clamped after the activation",
+    ),
+    "glm4v_moe": Case(_m("glm4v_moe", "Glm4vMoeTextConfig"), _V3),
+    "openai_privacy_filter": Case(
+        _m("openai_privacy_filter", "OpenAIPrivacyFilterConfig"), status="refused: clamped SwiGLU"
+    ),
+    "minimax_m3_vl": Case(_m("minimax_m3_vl", "MiniMaxM3VLTextConfig"), status="refused: clamped SwiGLU"),
+    "glm5_next": Case(
+        _m("glm5_next", "Glm5NextTextConfig"),
+        dict(num_key_value_heads=4, index_kpool=4, qk_rope_head_dim=0, head_dim=0),
+        status="refused: clamped SwiGLU",
+    ),
+    "hy_v4": Case(_m("hy_v4", "HYV4Config"), status="refused: clamped SwiGLU"),
+    "ergo": Case(_m("ergo", "ErgoConfig"), status="refused: non-gated relu2 experts"),
+    "muse_spark": Case(_m("muse_spark", "MuseSparkTextConfig"), status="refused: projections and norms around"),
+    "inkling": Case(_m("inkling", "InklingTextConfig"), status="refused: shared experts weighted by the router"),
+    "inkling2": Case(_m("inkling2", "Inkling2TextConfig"), status="refused: soft-capped SwiGLU"),
+    "inkling2_loop": Case(_m("inkling2_loop", "Inkling2LoopTextConfig"), status="refused: soft-capped SwiGLU"),
+    "diffusion_gemma": Case(_m("diffusion_gemma", "DiffusionGemmaTextConfig"), status="refused: GELU-tanh experts"),
+    "ernie4_5_vl_moe": Case(
+        _m("ernie4_5_vl_moe", "Ernie4_5_VLMoeTextConfig"),
+        dict(moe_intermediate_size=[I_MOE, I_MOE]),
+        status="refused: a second expert set for image tokens",
+    ),
+    "zaya": Case(_m("zaya", "ZayaConfig"), dict(num_experts_per_tok=1), status="refused: an MLP router"),
+    "doge": Case(_m("doge", "DogeConfig"), status="refused: product-key experts"),
     "gpt_oss": Case(_m("gpt_oss", "GptOssConfig"), status="refused: clamped SwiGLU"),
     "llama4": Case(_m("llama4", "Llama4TextConfig"), status="refused: router weights applied to the expert input"),
     "deepseek_v4": Case(_m("deepseek_v4", "DeepseekV4Config"), status="refused: clamped SwiGLU"),
