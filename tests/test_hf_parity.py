@@ -12,6 +12,8 @@ with the feature named.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import transformers
 from hf_families import CASES, Case, H
 from torch import nn
 
-from moe_kernels.model.hf_config import layer_config_from_hf
+from moe_kernels.model.hf_config import hf_naming, layer_config_from_hf
 from moe_kernels.model.layer import FusedMoE
 
 LAYER = 1
@@ -184,3 +186,107 @@ def test_summary(capsys: pytest.CaptureFixture[str]) -> None:
         for name in REFUSED:
             print(f"  refused {name}: {CASES[name].refused}")
     assert PARITY and set(PARITY).isdisjoint(REFUSED)
+
+
+# ---- layer_config_from_hf on hand-written config.json dicts -----------------------------------
+
+_DS = dict(
+    model_type="deepseek_v3",
+    num_hidden_layers=4,
+    first_k_dense_replace=1,
+    moe_layer_freq=2,
+    n_routed_experts=16,
+    num_experts_per_tok=4,
+    hidden_size=64,
+    moe_intermediate_size=32,
+    n_shared_experts=2,
+    n_group=4,
+    topk_group=2,
+    routed_scaling_factor=2.5,
+    norm_topk_prob=True,
+    hidden_act="silu",
+    topk_method="noaux_tc",
+    torch_dtype="bfloat16",
+)
+
+
+def test_deepseek_v3_fields_and_its_moe_layers() -> None:
+    moe = layer_config_from_hf(_DS, 2).moe
+    assert (moe.num_experts, moe.top_k, moe.hidden_size, moe.intermediate_size) == (16, 4, 64, 32)
+    assert (moe.scoring, moe.correction_bias, moe.num_expert_group, moe.topk_group) == ("sigmoid", True, 4, 2)
+    assert (moe.num_shared_experts, moe.shared_intermediate_size, moe.routed_scaling_factor) == (2, 32, 2.5)
+    assert moe.dtype == torch.bfloat16 and moe.router_dtype == torch.float32
+    # layers >= first_k_dense_replace that are multiples of moe_layer_freq
+    for dense in (0, 1, 3):
+        with pytest.raises(ValueError, match=rf"layer {dense} is a dense MLP layer .*its MoE layers are \[2\]"):
+            layer_config_from_hf(_DS, dense)
+
+
+def test_vision_language_wrapper_reads_its_text_config() -> None:
+    wrapped = {
+        "model_type": "kimi_k25",
+        "dtype": "float16",
+        "text_config": {k: v for k, v in _DS.items() if k != "torch_dtype"},
+    }
+    moe = layer_config_from_hf(wrapped, 2).moe
+    assert moe.num_experts == 16 and moe.dtype == torch.float16
+
+
+def test_per_layer_lists_are_indexed_by_the_layer() -> None:
+    cfg = dict(
+        model_type="hunyuan_v1_moe",
+        num_hidden_layers=3,
+        hidden_size=64,
+        intermediate_size=32,
+        num_experts=[8, 16, 16],
+        moe_topk=[1, 2, 4],
+        hidden_act="silu",
+    )
+    assert (layer_config_from_hf(cfg, 2).moe.num_experts, layer_config_from_hf(cfg, 2).moe.top_k) == (16, 4)
+    assert layer_config_from_hf(cfg, 0).moe.top_k == 1
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(hidden_act="gelu_pytorch_tanh"), "hidden_act: 'gelu_pytorch_tanh' needs non-SiLU experts"),
+        (dict(topk_method="greedy"), "topk_method: 'greedy' needs top-k methods other than noaux_tc"),
+        (dict(model_type="deepseek_v9"), "model_type 'deepseek_v9' is not an MoE family moe_kernels knows"),
+        (dict(num_experts=8), "num_experts=8 and n_routed_experts=16 disagree"),
+        (dict(quantization_config={"quant_method": "awq"}), "quantization_config: quant_method 'awq'"),
+        (dict(torch_dtype="float64"), "dtype: 'float64' is not one of bfloat16, float16, float32"),
+    ],
+)
+def test_what_cannot_be_computed_is_refused_by_field(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        layer_config_from_hf({**_DS, **changes}, 2)
+
+
+def test_fp8_block_quantization_is_read() -> None:
+    q = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    cfg = {**_DS, "hidden_size": 256, "moe_intermediate_size": 128, "quantization_config": q}
+    assert layer_config_from_hf(cfg, 2).quant.is_fp8
+
+
+def test_config_json_path_and_naming(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                **_DS,
+                "model_type": "qwen3_vl_moe",
+                "text_config": {
+                    "model_type": "qwen3_vl_moe_text",
+                    "num_hidden_layers": 2,
+                    "num_experts": 8,
+                    "num_experts_per_tok": 2,
+                    "hidden_size": 64,
+                    "moe_intermediate_size": 32,
+                    "hidden_act": "silu",
+                },
+            }
+        )
+    )
+    assert layer_config_from_hf(tmp_path, 1, dtype=torch.float32).moe.dtype == torch.float32
+    assert hf_naming(tmp_path) == "fused-t"
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        layer_config_from_hf(tmp_path / "nope", 0)
