@@ -99,6 +99,64 @@ class MoEConfig(_Strict):
     correction_bias: bool = Field(
         default=False, description="the router has a per-expert e_score_correction_bias (DeepSeek-V3 noaux_tc)"
     )
+    # -- router variants read from Hugging Face checkpoints (model/hf_config.py); the defaults are
+    # -- the routing above, unchanged
+    router_dtype: TorchDtype | None = Field(
+        default=None,
+        description="dtype of the gate weight and of its GEMM's output (None: dtype); float32 for the "
+        "DeepSeek family, whose gate is kept and computed in fp32. Scores are fp32 either way",
+    )
+    router_bias: bool = Field(default=False, description="the gate has a linear bias [E]: logits = x W^T + b (gpt-oss)")
+    router_input_norm: bool = Field(
+        default=False,
+        description="the gate reads RMSNorm(x) * scale [H] * H^-1/2 instead of x, with a learned scale "
+        "(Gemma-4); router_norm_eps is the norm's epsilon",
+    )
+    router_norm_eps: float = Field(default=1e-6, gt=0, description="epsilon of router_input_norm's RMSNorm")
+    logit_scale: float = Field(default=1.0, gt=0, description="multiplies the logits before scoring")
+    logit_softcap: float | None = Field(
+        default=None, gt=0, description="caps the logits as c * tanh(logits / c) before scoring (Laguna)"
+    )
+    per_expert_score: Literal["sigmoid", "sqrtsoftplus"] = Field(
+        default="sigmoid",
+        description="with scoring sigmoid (an independent score per expert): sigmoid, or sqrt(softplus) (DeepSeek-V4)",
+    )
+    choose_on: Literal["scores", "logits"] = Field(
+        default="scores",
+        description="what the top-k (and the correction bias) is taken over: the scores, or the logits "
+        "(Granite, gpt-oss: softmax over the chosen k, = renormalized softmax; Kolibri: logits + bias); "
+        "the weights are the chosen experts' scores either way",
+    )
+    group_score: Literal["max", "top2_sum"] | None = Field(
+        default=None,
+        description="a group's score: its best expert, or the sum of its two best (None: top2_sum with a "
+        "correction bias, max without, as DeepSeek-V3 and V2 do)",
+    )
+    group_fill: Literal["-inf", "zero"] = Field(
+        default="-inf",
+        description="what experts outside the kept groups score when experts are chosen: -inf, or 0 (A.X-K2, "
+        "Mistral-4), which lets them win over kept experts whose biased score is negative",
+    )
+    renormalize_p: float = Field(
+        default=1.0,
+        gt=0,
+        description="with renormalize, divide the chosen weights by their p-norm (1: their sum; DBRX's "
+        "moe_normalize_expert_weights)",
+    )
+    expert_weight_scale: bool = Field(
+        default=False, description="each expert has a learned scale [E] multiplying its final weight (Gemma-4)"
+    )
+    hash_routing: bool = Field(
+        default=False,
+        description="experts come from a table tid2eid [vocab, K] indexed by the token id (DeepSeek-V4's first "
+        "layers); the weights are still the scores of those experts",
+    )
+    sparsemixer_eps: float | None = Field(
+        default=None,
+        gt=0,
+        description="route by Phi-3.5-MoE's sparsemixer (two experts, each weighted by a softmax over the experts "
+        "within 2 eps of it) with this eps",
+    )
     num_shared_experts: int = Field(default=0, ge=0, description="experts every token passes through")
     shared_intermediate_size: int | None = Field(
         default=None, gt=0, description="each shared expert's MLP width (they run as one MLP of the summed width)"
@@ -146,7 +204,46 @@ class MoEConfig(_Strict):
             raise ValueError("num_shared_experts > 0 and shared_intermediate_size must be given together")
         if self.shared_expert_gate and not self.num_shared_experts:
             raise ValueError("shared_expert_gate needs num_shared_experts > 0")
+        self._check_router()
         return self
+
+    def _check_router(self) -> None:
+        """Refuse router settings that contradict each other (each message names the fields)."""
+        grouped = self.num_expert_group is not None
+        if (self.group_score is not None or self.group_fill != "-inf") and not grouped:
+            raise ValueError("group_score and group_fill need grouped routing (num_expert_group, topk_group)")
+        if self.per_expert_score != "sigmoid" and self.scoring != "sigmoid":
+            raise ValueError(f"per_expert_score {self.per_expert_score} needs scoring sigmoid")
+        if self.renormalize_p != 1.0 and not self.renormalize:
+            raise ValueError(f"renormalize_p ({self.renormalize_p}) needs renormalize true")
+        if self.choose_on == "logits" and self.scoring == "softmax" and not self.renormalize:
+            # the top-k logits softmaxed among themselves are the renormalized softmax scores
+            raise ValueError(
+                "choose_on logits with scoring softmax weights the k chosen among themselves: renormalize must be true"
+            )
+        if self.sparsemixer_eps is not None:
+            conflicts = [
+                f"{name}={value}"
+                for name, value, ok in (
+                    ("scoring", self.scoring, self.scoring == "softmax"),
+                    ("top_k", self.top_k, self.top_k == 2),
+                    ("renormalize", self.renormalize, not self.renormalize),
+                    ("correction_bias", self.correction_bias, not self.correction_bias),
+                    ("num_expert_group", self.num_expert_group, not grouped),
+                    ("choose_on", self.choose_on, self.choose_on == "scores"),
+                )
+                if not ok
+            ]
+            if conflicts:
+                raise ValueError(
+                    "sparsemixer routing takes scoring softmax, top_k 2, renormalize false, no correction bias "
+                    f"and no groups; got {', '.join(conflicts)}"
+                )
+        if self.hash_routing and (grouped or self.correction_bias or self.sparsemixer_eps is not None):
+            raise ValueError(
+                "hash_routing takes experts from a table: num_expert_group, correction_bias and sparsemixer_eps "
+                "cannot apply"
+            )
 
     @property
     def shared_width(self) -> int:

@@ -1,13 +1,18 @@
-"""route() and Router against a plain per-token loop written for clarity, not speed."""
+"""route() and Router against a plain per-token loop written for clarity, not speed, and the
+router variants against the router modules of transformers itself."""
 
 from __future__ import annotations
 
+import importlib
 import math
+import re
+import types
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from moe_kernels.config import MoEConfig
 from moe_kernels.model.router import Router, route
@@ -230,3 +235,188 @@ def test_router_module_matches_loop_on_its_own_logits() -> None:
 def test_router_without_bias_has_no_bias_parameter() -> None:
     router = Router(MoEConfig(num_experts=8, top_k=2, hidden_size=16, intermediate_size=8), device="cpu")
     assert set(router.state_dict()) == {"weight"}
+
+
+# ---- variants against the routers of transformers itself --------------------------------------
+# Families refused today for their expert MLP still have their router checked here, module
+# against module, so each router variant has an independent reference.
+
+E, H_R, K = 8, 32, 2
+
+
+def _hf_config(family: str, cls: str, **fields: object) -> object:
+    config = getattr(importlib.import_module(f"transformers.models.{family}.configuration_{family}"), cls)
+    return config(hidden_size=H_R, num_experts_per_tok=K, **fields)
+
+
+def _randomized(module: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g) * 0.5)
+    return module.eval()
+
+
+def _ours(moe: MoEConfig, **tensors: torch.Tensor) -> Router:
+    router = Router(moe, device="cpu")
+    router.load_tensors(**tensors)
+    return router
+
+
+def _same_routing(ours: tuple[torch.Tensor, torch.Tensor], ids: torch.Tensor, weights: torch.Tensor) -> None:
+    """Same expert set per token and the same weight for each expert."""
+    w, i = ours
+    order, ref_order = i.long().argsort(dim=1), ids.long().argsort(dim=1)
+    assert torch.equal(i.long().gather(1, order), ids.long().gather(1, ref_order))
+    torch.testing.assert_close(w.gather(1, order), weights.float().gather(1, ref_order), rtol=1e-5, atol=1e-6)
+
+
+X = torch.randn(24, H_R, generator=torch.Generator().manual_seed(7))
+MOE = dict(num_experts=E, top_k=K, hidden_size=H_R, intermediate_size=8, dtype=torch.float32)
+
+
+def test_router_linear_bias_and_top_k_on_logits_match_gpt_oss() -> None:
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
+
+    hf = _randomized(GptOssTopKRouter(_hf_config("gpt_oss", "GptOssConfig", num_local_experts=E)), 1)
+    _, weights, ids = hf(X)
+    ours = _ours(MoEConfig(**MOE, router_bias=True, choose_on="logits"), weight=hf.weight, bias=hf.bias)
+    _same_routing(ours(X), ids, weights)
+
+
+def test_sqrtsoftplus_scores_and_hash_routing_match_deepseek_v4() -> None:
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HashRouter, DeepseekV4TopKRouter
+
+    config = _hf_config("deepseek_v4", "DeepseekV4Config", n_routed_experts=E, vocab_size=50, routed_scaling_factor=1.5)
+    moe = dict(**MOE, scoring="sigmoid", per_expert_score="sqrtsoftplus", routed_scaling_factor=1.5)
+    hf = _randomized(DeepseekV4TopKRouter(config), 2)
+    _, weights, ids = hf(X)
+    bias = hf.e_score_correction_bias
+    _same_routing(
+        _ours(MoEConfig(**moe, correction_bias=True), weight=hf.weight, e_score_correction_bias=bias)(X), ids, weights
+    )
+
+    hashed = _randomized(DeepseekV4HashRouter(config), 3)
+    with torch.no_grad():
+        hashed.tid2eid.copy_(
+            torch.stack([torch.randperm(E, generator=torch.Generator().manual_seed(t))[:K] for t in range(50)])
+        )
+    input_ids = torch.randint(0, 50, (X.shape[0],), generator=torch.Generator().manual_seed(4))
+    _, weights, ids = hashed(X, input_ids)
+    ours = _ours(MoEConfig(**moe, hash_routing=True), weight=hashed.weight, tid2eid=hashed.tid2eid)
+    _same_routing(ours(X, input_ids), ids, weights)
+    with pytest.raises(ValueError, match="input_ids: this layer routes by token id"):
+        ours(X)
+
+
+def test_router_input_norm_and_expert_scale_match_gemma4() -> None:
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRouter
+
+    config = _hf_config(
+        "gemma4", "Gemma4TextConfig", num_experts=E, top_k_experts=K, enable_moe_block=True, moe_intermediate_size=8
+    )
+    hf = _randomized(Gemma4TextRouter(config), 5)
+    _, weights, ids = hf(X)
+    moe = MoEConfig(**MOE, router_input_norm=True, router_norm_eps=config.rms_norm_eps, expert_weight_scale=True)
+    ours = _ours(moe, weight=hf.proj.weight, input_scale=hf.scale, expert_scale=hf.per_expert_scale)
+    _same_routing(ours(X), ids, weights)
+
+
+def test_logit_scale_matches_muse_spark() -> None:
+    from transformers.models.muse_spark.modeling_muse_spark import MuseSparkTopkRouter
+
+    config = _hf_config(
+        "muse_spark",
+        "MuseSparkTextConfig",
+        num_local_experts=E,
+        output_multiplier=0.3,
+        routed_scaling_factor=2.0,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    hf = _randomized(MuseSparkTopkRouter(config), 6)
+    _, weights, ids = hf(X)
+    moe = MoEConfig(**MOE, scoring="sigmoid", correction_bias=True, logit_scale=0.3, routed_scaling_factor=2.0)
+    _same_routing(_ours(moe, weight=hf.weight, e_score_correction_bias=hf.e_score_correction_bias)(X), ids, weights)
+
+
+def test_sigmoid_of_top_k_matches_llama4() -> None:
+    """Llama-4 takes the top-k logits and a sigmoid of each: our sigmoid scoring, not renormalized."""
+    from transformers.models.llama4.modeling_llama4 import Llama4Router
+
+    hf = _randomized(Llama4Router(_hf_config("llama4", "Llama4TextConfig", num_local_experts=E)), 7)
+    scores, _ = hf(X)
+    weights, ids = scores.topk(K, dim=1)
+    _same_routing(_ours(MoEConfig(**MOE, scoring="sigmoid", renormalize=False), weight=hf.weight)(X), ids, weights)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0])
+def test_p_norm_matches_dbrx(p: float) -> None:
+    from transformers.models.dbrx.configuration_dbrx import DbrxFFNConfig
+    from transformers.models.dbrx.modeling_dbrx import DbrxFFN
+
+    ffn = DbrxFFNConfig(
+        hidden_size=H_R, ffn_hidden_size=8, moe_num_experts=E, moe_top_k=K, moe_normalize_expert_weights=p
+    )
+    hf = DbrxFFN(types.SimpleNamespace(ffn_config=ffn))
+    hf.router = _randomized(hf.router, 8)
+    weights, ids = hf.route_tokens_to_experts(hf.router(X))
+    ours = _ours(MoEConfig(**MOE, renormalize_p=p), weight=hf.router.layer.weight)
+    _same_routing(ours(X), ids, weights)
+
+
+def test_sparsemixer_matches_phimoe() -> None:
+    from transformers.models.phimoe.modeling_phimoe import PhimoeTopKRouter
+
+    config = _hf_config("phimoe", "PhimoeConfig", num_local_experts=E, router_jitter_noise=0.05)
+    hf = _randomized(PhimoeTopKRouter(config), 9)
+    _, weights, ids = hf(X)
+    moe = MoEConfig(**MOE, renormalize=False, sparsemixer_eps=0.05)
+    _same_routing(_ours(moe, weight=hf.weight)(X), ids, weights)
+
+
+def test_soft_capped_logits_match_laguna() -> None:
+    from transformers.models.laguna.modeling_laguna import LagunaTopKRouter
+
+    config = _hf_config("laguna", "LagunaConfig", num_experts=E, moe_router_logit_softcapping=1.5)
+    hf = _randomized(LagunaTopKRouter(config), 10)
+    _, weights, ids = hf(X)
+    moe = MoEConfig(**MOE, scoring="sigmoid", correction_bias=True, logit_softcap=1.5)
+    _same_routing(_ours(moe, weight=hf.weight, e_score_correction_bias=hf.e_score_correction_bias)(X), ids, weights)
+
+
+def test_fp32_router_dtype_keeps_the_gate_in_fp32() -> None:
+    moe = MoEConfig(**{**MOE, "dtype": torch.bfloat16}, router_dtype=torch.float32)
+    router = Router(moe, device="cpu")
+    assert router.weight.dtype == torch.float32 and "router_dtype=float32" in repr(router)
+    w = torch.randn(E, H_R, generator=torch.Generator().manual_seed(11))
+    router.load_tensors(weight=w)
+    x = X.bfloat16()
+    torch.testing.assert_close(router.logits(x), x.float() @ w.t(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(group_fill="zero"), "group_score and group_fill need grouped routing"),
+        (dict(per_expert_score="sqrtsoftplus"), "per_expert_score sqrtsoftplus needs scoring sigmoid"),
+        (dict(renormalize=False, renormalize_p=2.0), "renormalize_p (2.0) needs renormalize true"),
+        (dict(choose_on="logits", renormalize=False), "choose_on logits with scoring softmax"),
+        (dict(sparsemixer_eps=0.1), "sparsemixer routing takes scoring softmax, top_k 2, renormalize false"),
+        (dict(hash_routing=True, correction_bias=True), "hash_routing takes experts from a table"),
+    ],
+)
+def test_contradicting_router_fields_are_refused(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MoEConfig(**MOE, **changes)
+
+
+def test_load_tensors_checks_names_and_shapes() -> None:
+    router = Router(MoEConfig(**MOE), device="cpu")
+    with pytest.raises(ValueError, match="bias: this router's config has no such parameter"):
+        router.load_tensors(bias=torch.zeros(E))
+    with pytest.raises(ValueError, match=r"weight must have shape \[8, 32\], got \[8, 31\]"):
+        router.load_tensors(weight=torch.zeros(E, H_R - 1))
+    with pytest.raises(ValueError, match="tid2eid: this router's config has moe.hash_routing false"):
+        router.load_tensors(tid2eid=torch.zeros(4, K, dtype=torch.int64))

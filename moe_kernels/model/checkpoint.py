@@ -1,28 +1,23 @@
 """Read one MoE layer's weights from a Hugging Face style safetensors checkpoint.
 
 A checkpoint is one ``*.safetensors`` file, or shards listed by ``model.safetensors.index.json``
-(its ``weight_map`` maps each tensor key to a shard file). Two key namings are supported
-(``L`` = layer index, ``E`` = global expert id):
+(its ``weight_map`` maps each tensor key to a shard file). Where a family keeps each tensor is
+data: :data:`moe_kernels.model.naming.NAMINGS` (one per-expert ``experts.E.gate_proj.weight``
+naming, Mixtral's ``w1/w3/w2``, stacked 3-D ``experts.gate_up_proj`` in either orientation,
+DBRX's ``[E*I, H]``, gpt-oss's interleaved gate/up, ...), under any layer prefix
+(``model.layers.N.``, ``model.language_model.layers.N.``, ``backbone.layers.N.``,
+``transformer.blocks.N.``, ...), which is found from the keys.
 
-``"mlp-experts"`` (DeepSeek-V2/V3, Qwen2/3-MoE)
-    ``model.layers.L.mlp.experts.E.{gate_proj,up_proj,down_proj}.weight``, router
-    ``model.layers.L.mlp.gate.weight`` and, for DeepSeek-V3, the router bias
-    ``model.layers.L.mlp.gate.e_score_correction_bias``. Shared experts are
-    ``model.layers.L.mlp.shared_experts.*`` (DeepSeek) or ``model.layers.L.mlp.shared_expert.*``
-    with the sigmoid gate ``model.layers.L.mlp.shared_expert_gate.weight`` (Qwen1.5/2-MoE).
-``"mixtral"``
-    ``model.layers.L.block_sparse_moe.experts.E.{w1,w3,w2}.weight`` (gate, up, down) and router
-    ``model.layers.L.block_sparse_moe.gate.weight``.
-
+Whatever the stored form, a layer is returned in our canonical layout: per expert ``gate [I, H]``,
+``up [I, H]``, ``down [H, I]`` (``nn.Linear`` layout), router ``[E, H]``, correction bias ``[E]``.
 FP8 checkpoints (DeepSeek-V3) store an expert weight ``[N, K]`` as float8_e4m3fn next to
-``<key>_scale_inv [ceil(N/128), ceil(K/128)]`` float32; the real weight is the FP8 value times
-the scale of its 128x128 block (:func:`dequantize_block_fp8`).
+``<key>_scale_inv [ceil(N/128), ceil(K/128)]`` float32 (:func:`dequantize_block_fp8`).
 
-Reading is lazy: the index (or a single file's header) is parsed once, a shard's header is read
-only when one of its tensors is described, and a shard is opened with ``safe_open`` only when
-one of its tensors is read. An expert-parallel rank that asks for its own experts touches only
-the shards that hold them. Checking shapes against a model config is the layer's job; this
-module only checks that the checkpoint is consistent with itself.
+Reading is lazy: shapes and dtypes come from ``safe_open(...).get_slice(key)`` without reading data,
+and an expert-parallel rank reads only its own experts, for a stacked tensor only its rows
+(``get_slice(key)[e]``). Nothing is dropped silently: a key the naming expects but the file lacks,
+a tensor of the wrong shape, and any tensor under the layer's MoE block that we would not load
+(an expert bias, a router bias, a norm) is an error naming the key.
 """
 
 from __future__ import annotations
@@ -33,20 +28,22 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Generic, Literal, TypeVar, cast
+from typing import Generic, Literal, TypeVar
 
 import torch
 from safetensors import safe_open
 
+from moe_kernels.model.naming import NAMINGS, Fused, LayerNaming, PerExpert, SharedNaming, Stacked
+
 __all__ = [
     "NAMINGS",
     "CheckpointReader",
+    "Cut",
     "MoELayer",
     "MoELayerInfo",
     "MoELayerTensors",
-    "Naming",
     "SharedExpert",
     "TensorInfo",
     "dequantize_block_fp8",
@@ -55,87 +52,44 @@ __all__ = [
     "read_moe_layer",
 ]
 
-Naming = Literal["mlp-experts", "mixtral"]
-NAMINGS: tuple[Naming, ...] = ("mlp-experts", "mixtral")
-
 INDEX_NAME = "model.safetensors.index.json"
 FP8_BLOCK = 128
 SCALE_SUFFIX = "_scale_inv"
 
-# safetensors header dtype names -> torch dtypes. A name missing here is refused with its name.
-_ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 _EXPERT_DTYPES = (*_FLOATS, torch.float8_e4m3fn)
+_INTS = (torch.int64, torch.int32)
 
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class _NamingSpec:
-    """Key templates of one naming; ``{layer}``, ``{expert}`` and ``{proj}`` are filled in."""
-
-    experts_prefix: str
-    expert_weight: str
-    projections: tuple[str, str, str]  # the checkpoint's names for gate, up, down
-    router: str
-    router_bias: str | None
-    # (weight template, sigmoid-gate key or None), tried in order
-    shared: tuple[tuple[str, str | None], ...]
-
-
-_SPECS: dict[str, _NamingSpec] = {
-    "mlp-experts": _NamingSpec(
-        experts_prefix="model.layers.{layer}.mlp.experts.",
-        expert_weight="model.layers.{layer}.mlp.experts.{expert}.{proj}.weight",
-        projections=("gate_proj", "up_proj", "down_proj"),
-        router="model.layers.{layer}.mlp.gate.weight",
-        router_bias="model.layers.{layer}.mlp.gate.e_score_correction_bias",
-        shared=(
-            ("model.layers.{layer}.mlp.shared_experts.{proj}.weight", None),
-            (
-                "model.layers.{layer}.mlp.shared_expert.{proj}.weight",
-                "model.layers.{layer}.mlp.shared_expert_gate.weight",
-            ),
-        ),
-    ),
-    "mixtral": _NamingSpec(
-        experts_prefix="model.layers.{layer}.block_sparse_moe.experts.",
-        expert_weight="model.layers.{layer}.block_sparse_moe.experts.{expert}.{proj}.weight",
-        projections=("w1", "w3", "w2"),
-        router="model.layers.{layer}.block_sparse_moe.gate.weight",
-        router_bias=None,
-        shared=(),
-    ),
-}
+# the layer root of a key: whatever precedes "layers.N." or "blocks.N." (the first such pair)
+_LAYER_RE = re.compile(r"^(.*?(?:^|\.)(?:layers|blocks)\.)(\d+)\.")
 
 _ROLES = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
-class TensorInfo:
-    """What a safetensors header says about one tensor, read without its data.
+class Cut:
+    """How to get a canonical tensor out of a stored one, applied in this order: keep rows
+    ``rows`` of the first axis (``squeeze``: a single index of a 3-D stack, dropped), ``transpose``
+    the 2-D result, keep one ``half`` of its rows (``first``/``second``: concatenated gate|up,
+    ``even``/``odd``: interleaved), ``flatten`` to 1-D. The default reads the whole tensor as stored."""
 
-    ``shape`` is the stored shape, ``dtype`` the stored torch dtype, ``file`` the shard holding it.
-    """
+    rows: tuple[int, int] | None = None
+    squeeze: bool = False
+    transpose: bool = False
+    half: Literal["first", "second", "even", "odd"] | None = None
+    flatten: bool = False
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as it will be read: its stored ``key`` and ``file``, the ``cut`` taken from it, and
+    the ``shape`` and ``dtype`` of the result. Read from the file's header, without its data."""
 
     key: str
     file: Path
     shape: tuple[int, ...]
     dtype: torch.dtype
+    cut: Cut = Cut()
 
 
 V = TypeVar("V")
@@ -143,12 +97,12 @@ V = TypeVar("V")
 
 @dataclass(frozen=True)
 class SharedExpert(Generic[V]):
-    """A layer's shared expert(s), run on every token; ``V`` is a tensor or its :class:`TensorInfo`.
+    """A layer's shared expert(s) as one MLP, run on every token; ``V`` is a tensor or its :class:`TensorInfo`.
 
-    ``gate_proj``/``up_proj [I_s, H]``, ``down_proj [H, I_s]`` (DeepSeek concatenates its shared
-    experts into one of width ``I_s``). The ``*_scale`` entries are the FP8 block scales
-    ``[ceil(N/128), ceil(K/128)]`` float32, present exactly when the weights are float8_e4m3fn.
-    ``expert_gate [1, H]`` is Qwen1.5/2-MoE's sigmoid gate on the shared output, else ``None``.
+    ``gate_proj``/``up_proj [S, H]``, ``down_proj [H, S]`` (DeepSeek concatenates its shared experts
+    into one of width ``S``; a fused ``gate_up [2S, H]`` is split). The ``*_scale`` entries are the FP8
+    block scales ``[ceil(N/128), ceil(K/128)]`` float32, present exactly when the weights are
+    float8_e4m3fn. ``expert_gate [1, H]`` is Qwen2-MoE's sigmoid gate on the shared output, else ``None``.
     """
 
     gate_proj: V
@@ -162,18 +116,21 @@ class SharedExpert(Generic[V]):
 
 @dataclass(frozen=True)
 class MoELayer(Generic[V]):
-    """One MoE layer's weights as stored; ``V`` is a tensor (:class:`MoELayerTensors`) or its
-    :class:`TensorInfo` (:class:`MoELayerInfo`).
+    """One MoE layer's weights in the canonical layout; ``V`` is a tensor (:class:`MoELayerTensors`) or
+    its :class:`TensorInfo` (:class:`MoELayerInfo`).
 
     ``gate_proj``/``up_proj`` map each requested global expert id to ``[I, H]``, ``down_proj`` to
     ``[H, I]``, in the checkpoint's dtype (bfloat16, float16, float32, or float8_e4m3fn). The
-    ``*_scale`` maps are the FP8 block scales ``[ceil(N/128), ceil(K/128)]`` (``None`` for a
-    non-FP8 checkpoint). ``router_weight [E_total, H]``; ``e_score_correction_bias [E_total]``
-    (DeepSeek-V3, else ``None``); ``shared`` when asked for.
+    ``*_scale`` maps are the FP8 block scales ``[ceil(N/128), ceil(K/128)]`` (``None`` unless FP8).
+    ``router_weight [E, H]``; ``e_score_correction_bias [E]`` float when the checkpoint has one.
+    ``router_extras``: the router's other tensors, keyed by :class:`~moe_kernels.model.router.Router`
+    parameter name (``bias [E]``, ``tid2eid [V, K]``), read only when asked for. ``gate_proj_bias``/
+    ``up_proj_bias [I]`` and ``down_proj_bias [H]`` per expert, only when asked for. ``shared`` when
+    asked for; ``has_shared`` says whether the checkpoint has shared experts, asked for or not.
     """
 
     layer: int
-    naming: Naming
+    naming: str
     gate_proj: dict[int, V]
     up_proj: dict[int, V]
     down_proj: dict[int, V]
@@ -183,6 +140,11 @@ class MoELayer(Generic[V]):
     down_proj_scale: dict[int, V] | None = None
     e_score_correction_bias: V | None = None
     shared: SharedExpert[V] | None = None
+    has_shared: bool = False
+    router_extras: dict[str, V] = field(default_factory=dict)
+    gate_proj_bias: dict[int, V] | None = None
+    up_proj_bias: dict[int, V] | None = None
+    down_proj_bias: dict[int, V] | None = None
 
     @property
     def experts(self) -> tuple[int, ...]:
@@ -202,32 +164,7 @@ class MoELayerTensors(MoELayer[torch.Tensor]):
 
 @dataclass(frozen=True)
 class MoELayerInfo(MoELayer[TensorInfo]):
-    """Shapes, dtypes and files of one MoE layer's tensors, from the headers alone."""
-
-
-def _read_header(file: Path) -> dict[str, dict[str, object]]:
-    """The tensor entries of a safetensors header: ``key -> {"dtype", "shape", "data_offsets"}``."""
-    size = file.stat().st_size
-    with file.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise ValueError(
-                f"{file} is not a safetensors file: it has {size} bytes, fewer than the 8-byte header length"
-            )
-        length = int.from_bytes(prefix, "little")
-        if length > size - 8:
-            raise ValueError(
-                f"{file} is not a safetensors file: its header length {length} exceeds the {size - 8} bytes after it"
-            )
-        raw = f.read(length)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{file} is not a safetensors file: its header is not JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise ValueError(f"{file} is not a safetensors file: its header is a {type(header).__name__}, not an object")
-    header.pop("__metadata__", None)
-    return header
+    """Shapes, dtypes, files and cuts of one MoE layer's tensors, from the headers alone."""
 
 
 def _format_ids(ids: Iterable[int]) -> str:
@@ -241,13 +178,41 @@ def _format_ids(ids: Iterable[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
 
 
+def _open(file: Path) -> object:
+    """``safe_open`` on ``file``; a file that is not safetensors is a ``ValueError`` naming it."""
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except Exception as exc:  # safetensors raises its own error type for a bad header
+        raise ValueError(f"{file} is not a safetensors file ({' '.join(str(exc).split())})") from None
+
+
+def _stored_dtype(view: object, key: str, file: Path) -> torch.dtype:
+    # An empty slice carries the stored dtype and reads no data (a 0-d tensor is read whole: one
+    # element); safetensors maps its dtype names to torch itself.
+    try:
+        shape = view.get_shape()  # type: ignore[attr-defined]
+        return (view[0:0] if shape else view[...]).dtype  # type: ignore[index]
+    except Exception as exc:
+        raise TypeError(f"{file}: tensor '{key}' has a dtype torch cannot hold ({exc})") from None
+
+
+def _read_header(file: Path) -> dict[str, TensorInfo]:
+    """Shape and dtype of every tensor in ``file``, from its header (no tensor data is read)."""
+    with _open(file) as f:  # type: ignore[attr-defined]
+        out = {}
+        for key in f.keys():
+            view = f.get_slice(key)
+            out[key] = TensorInfo(key, file, tuple(view.get_shape()), _stored_dtype(view, key, file))
+        return out
+
+
 class CheckpointReader:
     """Lazy access to the tensors of a safetensors checkpoint.
 
     ``path`` is a directory holding ``model.safetensors.index.json`` (or another single
     ``*.safetensors.index.json``) or exactly one ``*.safetensors`` file, an index file, or one
-    ``*.safetensors`` file. Nothing but the index (or the single file's header) is read here.
-    One reader can serve many layers; it caches the shard headers it has read.
+    ``*.safetensors`` file. Nothing but the index (or the single file's key list) is read here.
+    One reader can serve many layers; it caches the tensor headers it has read.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -278,7 +243,7 @@ class CheckpointReader:
         self.path: Path = p
         self._index_file = index_file
         self._weight_map: dict[str, str] | None = None
-        self._headers: dict[Path, dict[str, dict[str, object]]] = {}
+        self._headers: dict[Path, dict[str, TensorInfo]] = {}
         self._keys: frozenset[str] | None = None
         self._by_layer: dict[int, list[str]] | None = None
         if index_file is not None:
@@ -299,15 +264,19 @@ class CheckpointReader:
     def keys(self) -> frozenset[str]:
         """Every tensor key in the checkpoint (from the index, or the single file's header)."""
         if self._keys is None:
-            self._keys = frozenset(self._header(self.path) if self._weight_map is None else self._weight_map)
+            if self._weight_map is None:
+                with _open(self.path) as f:  # type: ignore[attr-defined]
+                    self._keys = frozenset(f.keys())
+            else:
+                self._keys = frozenset(self._weight_map)
         return self._keys
 
     def layers(self) -> list[int]:
-        """The layer indices that appear as ``model.layers.N.`` in the keys, ascending."""
+        """The layer indices that appear as ``...layers.N.`` or ``...blocks.N.`` in the keys, ascending."""
         return sorted(self._layer_index())
 
     def layer_keys(self, layer: int) -> list[str]:
-        """The keys under ``model.layers.{layer}.``, sorted; empty when the layer is absent."""
+        """The keys of layer ``layer`` under any prefix, sorted; empty when the layer is absent."""
         return self._layer_index().get(layer, [])
 
     def _layer_index(self) -> dict[int, list[str]]:
@@ -318,7 +287,7 @@ class CheckpointReader:
     def file_of(self, key: str) -> Path:
         """The shard that holds ``key``; a missing shard is a ``FileNotFoundError`` here."""
         if self._weight_map is None:
-            if key not in self._header(self.path):
+            if key not in self.keys:
                 raise ValueError(f"{self.path} has no tensor '{key}'")
             return self.path
         assert self._index_file is not None
@@ -332,43 +301,59 @@ class CheckpointReader:
             )
         return file
 
-    def _header(self, file: Path) -> dict[str, dict[str, object]]:
-        header = self._headers.get(file)
-        if header is None:
-            header = self._headers[file] = _read_header(file)
-        return header
-
     def info(self, key: str) -> TensorInfo:
-        """Shape and dtype of ``key`` from its shard's header; reads no tensor data."""
-        file = self.file_of(key)
-        entry = self._header(file).get(key)
-        if entry is None:
-            raise ValueError(f"{self._index_file} maps '{key}' to {file.name}, but that file has no such tensor")
-        name = entry.get("dtype")
-        dtype = _ST_DTYPES.get(name) if isinstance(name, str) else None
-        if dtype is None:
-            raise TypeError(f"{file}: tensor '{key}' has dtype {name!r}, which moe_kernels cannot take")
-        shape = entry.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
-            raise ValueError(f"{file}: tensor '{key}' has a malformed shape {shape!r} in its header")
-        return TensorInfo(key=key, file=file, shape=tuple(shape), dtype=dtype)
+        """Stored shape and dtype of ``key``; reads no tensor data."""
+        return self.infos([key])[key]
 
-    def read(self, keys: Iterable[str], device: torch.device | str | int | None = None) -> dict[str, torch.Tensor]:
-        """Read exactly ``keys``, opening each shard that holds one of them once.
-
-        Tensors keep their stored shape and dtype and land on ``device`` (CPU when ``None``).
-        """
-        by_file: dict[Path, list[str]] = {}
+    def infos(self, keys: Iterable[str]) -> dict[str, TensorInfo]:
+        """Stored shapes and dtypes of ``keys``; each shard's header is read once, when one of its
+        tensors is first described."""
+        out = {}
         for key in dict.fromkeys(keys):
-            by_file.setdefault(self.file_of(key), []).append(key)
-        target = torch.device("cpu") if device is None else torch.device(device)
-        out: dict[str, torch.Tensor] = {}
-        for file, file_keys in by_file.items():
-            # Read on the CPU, then move: one code path for any torch device.
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for key in file_keys:
-                    out[key] = f.get_tensor(key).to(target)
+            file = self.file_of(key)
+            header = self._headers.get(file)
+            if header is None:
+                header = self._headers[file] = _read_header(file)
+            if key not in header:
+                raise ValueError(f"{self._index_file} maps '{key}' to {file.name}, but that file has no such tensor")
+            out[key] = header[key]
         return out
+
+    def read(
+        self, infos: Iterable[TensorInfo], device: torch.device | str | int | None = None
+    ) -> dict[TensorInfo, torch.Tensor]:
+        """Read exactly the cuts ``infos`` describe, opening each shard once; only the rows a cut keeps
+        are read from disk. Tensors keep their stored dtype and land on ``device`` (CPU when ``None``)."""
+        by_file: dict[Path, list[TensorInfo]] = {}
+        for info in dict.fromkeys(infos):
+            by_file.setdefault(info.file, []).append(info)
+        target = torch.device("cpu") if device is None else torch.device(device)
+        out: dict[TensorInfo, torch.Tensor] = {}
+        for file, file_infos in by_file.items():
+            # Read on the CPU, then move: one code path for any torch device.
+            with _open(file) as f:  # type: ignore[attr-defined]
+                base: dict[tuple[str, tuple[int, int] | None], torch.Tensor] = {}
+                for info in file_infos:
+                    rows = info.cut.rows
+                    if (info.key, rows) not in base:
+                        base[info.key, rows] = (
+                            f.get_slice(info.key)[rows[0] : rows[1]] if rows else f.get_tensor(info.key)
+                        )
+                    out[info] = _apply_cut(base[info.key, rows], info.cut).to(target)
+        return out
+
+
+def _apply_cut(t: torch.Tensor, cut: Cut) -> torch.Tensor:
+    if cut.squeeze:
+        t = t[0]
+    if cut.transpose:
+        t = t.T
+    if cut.half is not None:
+        n = t.shape[0] // 2
+        t = {"first": t[:n], "second": t[n:], "even": t[0::2], "odd": t[1::2]}[cut.half]
+    if cut.flatten:
+        t = t.reshape(-1)
+    return t.contiguous()
 
 
 def _group_by_layer(keys: Iterable[str]) -> dict[int, list[str]]:
@@ -376,7 +361,7 @@ def _group_by_layer(keys: Iterable[str]) -> dict[int, list[str]]:
     for key in keys:
         m = _LAYER_RE.match(key)
         if m is not None:
-            by_layer.setdefault(int(m.group(1)), []).append(key)
+            by_layer.setdefault(int(m.group(2)), []).append(key)
     for layer_keys in by_layer.values():
         layer_keys.sort()
     return by_layer
@@ -388,49 +373,6 @@ def _check_layer(layer: object) -> int:
     if layer < 0:
         raise ValueError(f"layer must be >= 0, got {layer}")
     return layer
-
-
-def _detect(layer_keys: Sequence[str], layers: Iterable[int], layer: int, naming: str, where: str) -> Naming:
-    """The naming of ``layer`` given its keys; the shared body of :func:`detect_naming`."""
-    if not isinstance(naming, str):
-        raise TypeError(f"naming must be a str, got {type(naming).__name__}")
-    if naming != "auto" and naming not in _SPECS:
-        raise ValueError(f"naming must be one of 'auto', {', '.join(repr(n) for n in NAMINGS)}; got {naming!r}")
-    if not layer_keys:
-        present = sorted(layers)
-        if present:
-            raise ValueError(f"layer {layer} not found in {where}; the checkpoint has layers {_format_ids(present)}")
-        raise ValueError(f"layer {layer} not found in {where}; it has no 'model.layers.N.' keys")
-    matches = [
-        n for n in NAMINGS if any(k.startswith(_SPECS[n].experts_prefix.format(layer=layer)) for k in layer_keys)
-    ]
-    seen = ", ".join(layer_keys[:6]) + (", ..." if len(layer_keys) > 6 else "")
-    if naming == "auto":
-        if len(matches) == 1:
-            return matches[0]
-        if not matches:
-            tried = "; ".join(f"{n} ('{_SPECS[n].experts_prefix.format(layer=layer)}*')" for n in NAMINGS)
-            raise ValueError(f"layer {layer} of {where} matches no MoE naming; tried {tried}; its keys include {seen}")
-        raise ValueError(f"layer {layer} of {where} has experts under several namings ({', '.join(matches)}); pass one")
-    if naming not in matches:
-        prefix = _SPECS[naming].experts_prefix.format(layer=layer)
-        hint = f"; naming='auto' would pick {matches[0]!r}" if len(matches) == 1 else ""
-        raise ValueError(
-            f"layer {layer} of {where} has no '{prefix}*' keys for naming {naming!r}; its keys include {seen}{hint}"
-        )
-    return cast(Naming, naming)  # one of NAMINGS: checked above
-
-
-def detect_naming(keys: Iterable[str], layer: int, naming: str = "auto") -> Naming:
-    """The naming (one of :data:`NAMINGS`) under which ``layer``'s experts appear in ``keys``.
-
-    With ``naming="auto"`` it is found from the keys; an explicit naming is checked against them.
-    A ``ValueError`` says which namings were tried and shows some keys under the layer, or which
-    layers exist when ``layer`` does not.
-    """
-    layer = _check_layer(layer)
-    by_layer = _group_by_layer(keys)
-    return _detect(by_layer.get(layer, []), by_layer, layer, naming, "the keys given")
 
 
 def _check_experts(experts: Sequence[int]) -> tuple[int, ...]:
@@ -448,15 +390,97 @@ def _check_experts(experts: Sequence[int]) -> tuple[int, ...]:
     return ids
 
 
-def _expert_ids(layer_keys: Iterable[str], prefix: str) -> set[int]:
-    """The expert ids that appear as ``{prefix}E.`` in ``layer_keys``."""
-    ids: set[int] = set()
+def _evidence(naming: LayerNaming) -> str:
+    """The key (relative to the layer root, ``{e}`` cut off) whose presence marks a naming's experts."""
+    ex = naming.experts
+    if isinstance(ex, PerExpert):
+        return ex.gate.split("{e}")[0]
+    return (ex.gate_up or ex.gate).key  # type: ignore[union-attr]  # Fused checks one of them is set
+
+
+def _matches(keys: frozenset[str], layer_keys: Sequence[str], root: str, naming: LayerNaming) -> bool:
+    if not any(root + r in keys for r in naming.router):
+        return False
+    evidence = root + _evidence(naming)
+    if isinstance(naming.experts, PerExpert):  # "<...>experts.<id>.", not a stacked "<...>experts.gate_up_proj"
+        return any(k.startswith(evidence) and k[len(evidence) :].split(".", 1)[0].isdigit() for k in layer_keys)
+    return evidence in keys
+
+
+def _roots(layer_keys: Iterable[str], layer: int) -> list[str]:
+    """The distinct ``<prefix><layer>.`` roots the layer's keys live under."""
+    roots = set()
     for key in layer_keys:
-        if key.startswith(prefix):
-            head = key[len(prefix) :].split(".", 1)[0]
-            if head.isdigit():
-                ids.add(int(head))
-    return ids
+        m = _LAYER_RE.match(key)
+        if m is not None and int(m.group(2)) == layer:
+            roots.add(f"{m.group(1)}{layer}.")
+    return sorted(roots)
+
+
+def _candidates(keys: frozenset[str], layer_keys: Sequence[str], layer: int, naming: str) -> list[tuple[str, str]]:
+    names = list(NAMINGS) if naming == "auto" else [naming]
+    return [
+        (root, name)
+        for root in _roots(layer_keys, layer)
+        for name in names
+        if _matches(keys, layer_keys, root, NAMINGS[name])
+    ]
+
+
+def _check_naming_arg(naming: object) -> str:
+    if not isinstance(naming, str):
+        raise TypeError(f"naming must be a str, got {type(naming).__name__}")
+    if naming != "auto" and naming not in NAMINGS:
+        raise ValueError(f"naming must be one of 'auto', {', '.join(repr(n) for n in NAMINGS)}; got {naming!r}")
+    return naming
+
+
+def _no_match(
+    keys: frozenset[str], layer_keys: Sequence[str], layers: Iterable[int], layer: int, naming: str, where: str
+) -> ValueError:
+    if not layer_keys:
+        present = sorted(layers)
+        if present:
+            return ValueError(f"layer {layer} not found in {where}; the checkpoint has layers {_format_ids(present)}")
+        return ValueError(f"layer {layer} not found in {where}; it has no '...layers.N.' or '...blocks.N.' keys")
+    seen = ", ".join(layer_keys[:6]) + (", ..." if len(layer_keys) > 6 else "")
+    if naming == "auto":
+        return ValueError(
+            f"layer {layer} of {where} matches no MoE naming (tried {', '.join(NAMINGS)}: a router and experts under"
+            f" one layer root); its keys include {seen}"
+        )
+    found = _candidates(keys, layer_keys, layer, "auto")
+    hint = f"; naming='auto' would pick {found[0][1]!r}" if len(found) == 1 else ""
+    spec = NAMINGS[naming]
+    return ValueError(
+        f"layer {layer} of {where} has no router '{spec.router[0]}' and experts '{_evidence(spec)}*' under any layer"
+        f" root for naming {naming!r}; its keys include {seen}{hint}"
+    )
+
+
+def detect_naming(keys: Iterable[str], layer: int, naming: str = "auto") -> str:
+    """The naming (a key of :data:`NAMINGS`) under which ``layer``'s router and experts appear in ``keys``.
+
+    With ``naming="auto"`` it is found from the keys; an explicit naming is checked against them. Two
+    namings that differ only in how a stacked tensor is oriented match the same keys: this function
+    then raises, and :func:`describe_moe_layer` decides from the shapes. A ``ValueError`` says which
+    namings were tried and shows some keys of the layer, or which layers exist when ``layer`` does not.
+    """
+    layer = _check_layer(layer)
+    naming = _check_naming_arg(naming)
+    key_set = frozenset(keys)
+    by_layer = _group_by_layer(key_set)
+    layer_keys = by_layer.get(layer, [])
+    found = _candidates(key_set, layer_keys, layer, naming)
+    if not found:
+        raise _no_match(key_set, layer_keys, by_layer, layer, naming, "the keys given")
+    if len(found) > 1:
+        raise ValueError(f"layer {layer} matches several namings ({_describe_found(found)}); pass one")
+    return found[0][1]
+
+
+def _describe_found(found: Sequence[tuple[str, str]]) -> str:
+    return ", ".join(f"{name!r} under '{root}'" for root, name in found)
 
 
 def _check_dtype(info: TensorInfo, allowed: tuple[torch.dtype, ...], what: str) -> None:
@@ -464,6 +488,15 @@ def _check_dtype(info: TensorInfo, allowed: tuple[torch.dtype, ...], what: str) 
         names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
         dtype = str(info.dtype).removeprefix("torch.")
         raise TypeError(f"{info.file}: tensor '{info.key}' ({what}) has dtype {dtype}; expected one of {names}")
+
+
+def _check_shape(info: TensorInfo, expected: tuple[int, ...], what: str) -> None:
+    if info.shape != expected:
+        stored = "" if info.cut == Cut() else " after normalising its stored layout"
+        raise ValueError(
+            f"{info.file}: tensor '{info.key}' ({what}) must have shape {list(expected)}{stored},"
+            f" got {list(info.shape)}"
+        )
 
 
 def _check_weight_and_scale(weight: TensorInfo, scale: TensorInfo | None) -> None:
@@ -494,42 +527,306 @@ def _check_weight_and_scale(weight: TensorInfo, scale: TensorInfo | None) -> Non
         )
 
 
-def _describe_shared(reader: CheckpointReader, spec: _NamingSpec, naming: str, layer: int) -> SharedExpert[TensorInfo]:
-    keys = reader.keys
-    if not spec.shared:
-        raise ValueError(f"naming {naming!r} has no shared experts; {reader.path} layer {layer} cannot have them")
-    for template, gate_key in spec.shared:
-        weight_keys = [template.format(layer=layer, proj=p) for p in spec.projections]
-        if not any(k in keys for k in weight_keys):
-            continue
-        for k in weight_keys:
-            if k not in keys:
-                raise ValueError(f"layer {layer} of {reader.path} has a partial shared expert: no key '{k}'")
-        infos = [reader.info(k) for k in weight_keys]
-        has_scale = [k + SCALE_SUFFIX in keys for k in weight_keys]
-        scales = [reader.info(k + SCALE_SUFFIX) if s else None for k, s in zip(weight_keys, has_scale, strict=True)]
-        if any(has_scale) and not all(has_scale):
-            missing = next(k for k, s in zip(weight_keys, has_scale, strict=True) if not s)
+def _cut_info(stored: TensorInfo, cut: Cut) -> TensorInfo:
+    """``stored`` with ``cut`` applied to its shape."""
+    shape = list(stored.shape)
+    if cut.rows is not None:
+        shape[0] = cut.rows[1] - cut.rows[0]
+    if cut.squeeze:
+        shape = shape[1:]
+    if cut.transpose:
+        shape = shape[::-1]
+    if cut.half is not None:
+        shape[0] //= 2
+    if cut.flatten:
+        shape = [math.prod(shape)]
+    return replace(stored, shape=tuple(shape), cut=cut)
+
+
+class _Layer:
+    """One layer of one checkpoint under one naming and root: the lookups ``describe_moe_layer`` needs."""
+
+    def __init__(self, reader: CheckpointReader, layer: int, root: str, name: str) -> None:
+        self.reader, self.layer, self.root, self.name = reader, layer, root, name
+        self.naming = NAMINGS[name]
+        self.where = str(reader.path)
+
+    def key(self, template: str, e: int | None = None) -> str:
+        return self.root + (template if e is None else template.format(e=e))
+
+    def has(self, template: str) -> bool:
+        return self.key(template) in self.reader.keys
+
+    def first_present(self, templates: Sequence[str], what: str) -> str | None:
+        present = [t for t in templates if self.has(t)]
+        if len(present) > 1:
             raise ValueError(
-                f"layer {layer} of {reader.path}: the shared expert has {SCALE_SUFFIX} scales for some projections"
-                f" but not others; no key '{missing}{SCALE_SUFFIX}'"
+                f"layer {self.layer} of {self.where} has several {what}s: "
+                + ", ".join(f"'{self.key(t)}'" for t in present)
             )
-        for w, s in zip(infos, scales, strict=True):
-            _check_weight_and_scale(w, s)
-        expert_gate = None
-        if gate_key is not None:
-            gk = gate_key.format(layer=layer)
-            if gk not in keys:
-                raise ValueError(f"layer {layer} of {reader.path} has a shared expert but no sigmoid gate '{gk}'")
-            expert_gate = reader.info(gk)
-            _check_dtype(expert_gate, _FLOATS, "shared expert gate")
-        return SharedExpert(*infos, *scales, expert_gate=expert_gate)
-    tried = " or ".join(f"'{t.format(layer=layer, proj=spec.projections[0])}'" for t, _ in spec.shared)
-    raise ValueError(f"layer {layer} of {reader.path} has no shared expert: no key {tried}")
+        return self.key(present[0]) if present else None
+
+    def stored(self, key: str) -> TensorInfo:
+        if key not in self.reader.keys:
+            raise ValueError(f"layer {self.layer} of {self.where} has no key '{key}' (naming {self.name!r})")
+        return self.reader.info(key)
+
+
+def _stacked_cut(stack: Stacked, e: int, rows_per_expert: int) -> Cut:
+    if stack.layout.startswith("flat"):
+        return Cut(rows=(e * rows_per_expert, (e + 1) * rows_per_expert), transpose=stack.layout == "flat_in_out")
+    return Cut(rows=(e, e + 1), squeeze=True, transpose=stack.layout == "in_out")
+
+
+def _stacked_dims(stored: TensorInfo, stack: Stacked, num_experts: int, hidden: int) -> tuple[int, int]:
+    """``(out, in)`` of one expert's matrix in ``stored``; checks the expert count and that one side is H."""
+    shape = stored.shape
+    flat = stack.layout.startswith("flat")
+    if len(shape) != (2 if flat else 3):
+        raise ValueError(
+            f"{stored.file}: tensor '{stored.key}' must be {'2' if flat else '3'}-D ({stack.layout} experts),"
+            f" got shape {list(shape)}"
+        )
+    if flat:
+        if shape[0] % num_experts or shape[1] != hidden:
+            raise ValueError(
+                f"{stored.file}: tensor '{stored.key}' must have shape [{num_experts} x rows, {hidden}]"
+                f" ({num_experts} experts from the router), got {list(shape)}"
+            )
+        rows = shape[0] // num_experts
+        return (rows, hidden) if stack.layout == "flat_out_in" else (hidden, rows)
+    if shape[0] != num_experts:
+        raise ValueError(
+            f"{stored.file}: tensor '{stored.key}' must hold {num_experts} experts (the router's rows) in its first"
+            f" dimension, got shape {list(shape)}"
+        )
+    return (shape[1], shape[2]) if stack.layout == "out_in" else (shape[2], shape[1])
+
+
+def _describe_fused(
+    lay: _Layer, ex: Fused, ids: tuple[int, ...], num_experts: int, hidden: int, expert_biases: bool
+) -> tuple[dict[str, dict[int, TensorInfo]], dict[str, dict[int, TensorInfo]] | None]:
+    """The routed experts of a stacked naming, cut per expert; and their biases when asked for."""
+    for e in ids:
+        if e >= num_experts:
+            raise ValueError(
+                f"expert {e} of layer {lay.layer} is missing from {lay.where}: the router has {num_experts} experts"
+            )
+    down_stored = lay.stored(lay.key(ex.down.key))
+    d_out, d_in = _stacked_dims(down_stored, ex.down, num_experts, hidden)
+    if d_out != hidden:
+        raise ValueError(
+            f"{down_stored.file}: tensor '{down_stored.key}' ({ex.down.layout} down projection) must map to the"
+            f" hidden size {hidden}, got shape {list(down_stored.shape)}"
+        )
+    inter = d_in
+    parts: dict[str, tuple[Stacked, Literal["first", "second", "even", "odd"] | None]] = {"down_proj": (ex.down, None)}
+    if ex.gate_up is not None:
+        gate_half, up_half = ("even", "odd") if ex.interleaved else ("first", "second")
+        parts["gate_proj"] = (ex.gate_up, gate_half)
+        parts["up_proj"] = (ex.gate_up, up_half)
+        expected = {ex.gate_up.key: (2 * inter, hidden)}
+    else:
+        assert ex.gate is not None and ex.up is not None
+        parts["gate_proj"] = (ex.gate, None)
+        parts["up_proj"] = (ex.up, None)
+        expected = {ex.gate.key: (inter, hidden), ex.up.key: (inter, hidden)}
+    for key, dims in expected.items():
+        stack = next(s for s, _ in parts.values() if s.key == key)
+        stored = lay.stored(lay.key(key))
+        got = _stacked_dims(stored, stack, num_experts, hidden)
+        if got != dims:
+            raise ValueError(
+                f"{stored.file}: tensor '{stored.key}' ({stack.layout}) holds [{got[0]}, {got[1]}] per expert;"
+                f" expected [{dims[0]}, {dims[1]}] (I = {inter} from '{down_stored.key}', H = {hidden} from the router)"
+            )
+        if stored.dtype == torch.float8_e4m3fn:
+            raise TypeError(
+                f"{stored.file}: tensor '{stored.key}' is float8_e4m3fn; stacked FP8 experts are not supported"
+            )
+        _check_dtype(stored, _FLOATS, "expert weight")
+    weights: dict[str, dict[int, TensorInfo]] = {}
+    for role, (stack, half) in parts.items():
+        stored = lay.stored(lay.key(stack.key))
+        rows = stored.shape[0] // num_experts
+        weights[role] = {e: _cut_info(stored, replace(_stacked_cut(stack, e, rows), half=half)) for e in ids}
+    biases = _describe_expert_biases(lay, ex, ids, num_experts, inter, hidden) if expert_biases else None
+    return weights, biases
+
+
+def _describe_expert_biases(
+    lay: _Layer, ex: Fused, ids: tuple[int, ...], num_experts: int, inter: int, hidden: int
+) -> dict[str, dict[int, TensorInfo]] | None:
+    if ex.gate_up_bias is None or ex.down_bias is None or not lay.has(ex.gate_up_bias):
+        return None
+    gate_up = lay.stored(lay.key(ex.gate_up_bias))
+    down = lay.stored(lay.key(ex.down_bias))
+    _check_shape(gate_up, (num_experts, 2 * inter), "expert gate/up biases")
+    _check_shape(down, (num_experts, hidden), "expert down biases")
+    gate_half, up_half = ("even", "odd") if ex.interleaved else ("first", "second")
+
+    def per_expert(stored: TensorInfo, half: Literal["first", "second", "even", "odd"] | None) -> dict[int, TensorInfo]:
+        return {e: _cut_info(stored, Cut(rows=(e, e + 1), squeeze=True, half=half)) for e in ids}
+
+    return {
+        "gate_proj": per_expert(gate_up, gate_half),
+        "up_proj": per_expert(gate_up, up_half),
+        "down_proj": per_expert(down, None),
+    }
+
+
+def _describe_per_expert(
+    lay: _Layer, ex: PerExpert, ids: tuple[int, ...], hidden: int
+) -> tuple[dict[str, dict[int, TensorInfo]], dict[str, dict[int, TensorInfo]] | None]:
+    """One tensor per expert and projection, with FP8 block scales for all of them or none."""
+    templates = {"gate_proj": ex.gate, "up_proj": ex.up, "down_proj": ex.down}
+    keys = lay.reader.keys
+    weight_keys: dict[str, dict[int, str]] = {role: {} for role in _ROLES}
+    for e in ids:
+        for role, template in templates.items():
+            key = lay.key(template, e)
+            if key not in keys:
+                prefix = lay.root + ex.gate.split("{e}")[0]
+                present = {
+                    int(h)
+                    for k in lay.reader.layer_keys(lay.layer)
+                    if k.startswith(prefix) and (h := k[len(prefix) :].split(".", 1)[0]).isdigit()
+                }
+                has = f"; layer {lay.layer} has experts {_format_ids(present)}" if present else ""
+                raise ValueError(f"expert {e} of layer {lay.layer} is missing from {lay.where}: no key '{key}'{has}")
+            weight_keys[role][e] = key
+    scaled = {(role, e): k + SCALE_SUFFIX in keys for role in _ROLES for e, k in weight_keys[role].items()}
+    if any(scaled.values()) and not all(scaled.values()):
+        with_scale = {e for (_, e), s in scaled.items() if s}
+        role, e = next(role_expert for role_expert, s in scaled.items() if not s)
+        raise ValueError(
+            f"layer {lay.layer} of {lay.where}: {SCALE_SUFFIX} scales are present for experts {_format_ids(with_scale)}"
+            f" but not for all requested experts; no key '{weight_keys[role][e]}{SCALE_SUFFIX}' (expert {e})"
+        )
+    fp8 = any(scaled.values())
+    all_keys = [k for role in _ROLES for k in weight_keys[role].values()]
+    infos = lay.reader.infos(all_keys + ([k + SCALE_SUFFIX for k in all_keys] if fp8 else []))
+    weights = {role: {e: infos[k] for e, k in weight_keys[role].items()} for role in _ROLES}
+    scales = (
+        {role: {e: infos[k + SCALE_SUFFIX] for e, k in weight_keys[role].items()} for role in _ROLES} if fp8 else None
+    )
+    inter = weights["gate_proj"][ids[0]].shape[0] if weights["gate_proj"][ids[0]].shape else 0
+    for role in _ROLES:
+        expected = (hidden, inter) if role == "down_proj" else (inter, hidden)
+        for e in ids:
+            _check_weight_and_scale(weights[role][e], None if scales is None else scales[role][e])
+            _check_shape(weights[role][e], expected, f"expert {e} {role}")
+    return weights, scales
+
+
+def _describe_shared(lay: _Layer, variant: SharedNaming, hidden: int) -> SharedExpert[TensorInfo]:
+    """The shared expert of the variant the checkpoint has, normalised to gate/up/down (and its gate)."""
+    if variant.gate_up is not None:
+        stored = lay.stored(lay.key(variant.gate_up))
+        if stored.dtype == torch.float8_e4m3fn:
+            raise TypeError(f"{stored.file}: tensor '{stored.key}' is a float8_e4m3fn fused gate_up; not supported")
+        gate, up = _cut_info(stored, Cut(half="first")), _cut_info(stored, Cut(half="second"))
+        down = lay.stored(lay.key(variant.down))
+        scales: list[TensorInfo | None] = [None, None, None]
+    else:
+        assert variant.gate is not None and variant.up is not None
+        weight_keys = [lay.key(t) for t in (variant.gate, variant.up, variant.down)]
+        missing = [k for k in weight_keys if k not in lay.reader.keys]
+        if missing:
+            raise ValueError(f"layer {lay.layer} of {lay.where} has a partial shared expert: no key '{missing[0]}'")
+        has_scale = [k + SCALE_SUFFIX in lay.reader.keys for k in weight_keys]
+        if any(has_scale) and not all(has_scale):
+            absent = next(k for k, s in zip(weight_keys, has_scale, strict=True) if not s)
+            raise ValueError(
+                f"layer {lay.layer} of {lay.where}: the shared expert has {SCALE_SUFFIX} scales for some projections"
+                f" but not others; no key '{absent}{SCALE_SUFFIX}'"
+            )
+        gate, up, down = (lay.stored(k) for k in weight_keys)
+        scales = [lay.stored(k + SCALE_SUFFIX) if s else None for k, s in zip(weight_keys, has_scale, strict=True)]
+    for w, s in zip((gate, up, down), scales, strict=True):
+        _check_weight_and_scale(w, s)
+    width = gate.shape[0] if gate.shape else 0
+    _check_shape(gate, (width, hidden), "shared expert gate_proj")
+    _check_shape(up, (width, hidden), "shared expert up_proj")
+    _check_shape(down, (hidden, width), "shared expert down_proj")
+    expert_gate = None
+    if variant.expert_gate is not None and lay.has(variant.expert_gate):
+        expert_gate = lay.stored(lay.key(variant.expert_gate))
+        _check_dtype(expert_gate, _FLOATS, "shared expert gate")
+        _check_shape(expert_gate, (1, hidden), "shared expert gate")
+    return SharedExpert(gate, up, down, *scales, expert_gate=expert_gate)
+
+
+def _shared_keys(lay: _Layer) -> set[str]:
+    """Every key any shared-expert variant of the naming may use (weights, scales, gates)."""
+    out = set()
+    for v in lay.naming.shared:
+        for t in (v.gate, v.up, v.down, v.gate_up, v.expert_gate):
+            if t is not None:
+                out |= {lay.key(t), lay.key(t) + SCALE_SUFFIX}
+    return out
+
+
+def _expert_keys(lay: _Layer, num_experts: int) -> set[str]:
+    ex = lay.naming.experts
+    if isinstance(ex, PerExpert):
+        return {
+            lay.key(t, e) + s for t in (ex.gate, ex.up, ex.down) for e in range(num_experts) for s in ("", SCALE_SUFFIX)
+        }
+    stacks = [s for s in (ex.gate_up, ex.gate, ex.up, ex.down) if s is not None]
+    return {lay.key(s.key) for s in stacks} | {lay.key(b) for b in (ex.gate_up_bias, ex.down_bias) if b is not None}
+
+
+def _refuse_unloaded(lay: _Layer, accounted: set[str]) -> None:
+    """Every key under the MoE block must be something we load: anything else would be dropped silently."""
+    if lay.naming.block is None:
+        return
+    block = lay.key(lay.naming.block) + "."
+    extra = [k for k in lay.reader.layer_keys(lay.layer) if k.startswith(block) and k not in accounted]
+    if extra:
+        shown = ", ".join(f"'{k}'" for k in extra[:4]) + (", ..." if len(extra) > 4 else "")
+        raise ValueError(
+            f"layer {lay.layer} of {lay.where} has {shown} in its MoE block '{block}', which moe_kernels does not"
+            f" load (naming {lay.name!r}): the layer would compute something else without it"
+        )
 
 
 def _as_reader(path: str | os.PathLike[str] | CheckpointReader) -> CheckpointReader:
     return path if isinstance(path, CheckpointReader) else CheckpointReader(path)
+
+
+def _locate(reader: CheckpointReader, layer: int, naming: str) -> _Layer:
+    """The layer root and naming of ``layer``; stacked namings that match the same keys are told apart
+    by which one's shapes fit the router's hidden size."""
+    layer_keys = reader.layer_keys(layer)
+    found = _candidates(reader.keys, layer_keys, layer, naming)
+    if not found:
+        raise _no_match(reader.keys, layer_keys, reader.layers(), layer, naming, str(reader.path))
+    if len(found) > 1:
+        fitting = [(root, name) for root, name in found if _fits(_Layer(reader, layer, root, name))]
+        if len(fitting) != 1:
+            raise ValueError(
+                f"layer {layer} of {reader.path} matches several namings ({_describe_found(found)})"
+                f"{'' if fitting else ' and none fits its shapes'}; pass naming="
+            )
+        found = fitting
+    root, name = found[0]
+    return _Layer(reader, layer, root, name)
+
+
+def _fits(lay: _Layer) -> bool:
+    """Whether a stacked naming's down projection is [E, H, I] the way it says (H from the router)."""
+    ex = lay.naming.experts
+    if not isinstance(ex, Fused):
+        return True
+    router = lay.stored(next(lay.key(r) for r in lay.naming.router if lay.has(r)))
+    if len(router.shape) != 2:
+        return False
+    try:
+        d_out, _ = _stacked_dims(lay.stored(lay.key(ex.down.key)), ex.down, *router.shape)
+    except ValueError:
+        return False
+    return d_out == router.shape[1]
 
 
 def describe_moe_layer(
@@ -539,63 +836,82 @@ def describe_moe_layer(
     *,
     naming: str = "auto",
     shared: bool = False,
+    router_extras: bool = False,
+    expert_biases: bool = False,
 ) -> MoELayerInfo:
-    """Shapes, dtypes and files of what :func:`read_moe_layer` would read, from headers only.
+    """Shapes, dtypes, files and cuts of what :func:`read_moe_layer` would read, from headers only.
 
-    Runs every check :func:`read_moe_layer` runs (layer and experts present, scales for all
-    experts or none, dtypes we can take) and reads no tensor data.
+    Runs every check :func:`read_moe_layer` runs (layer and experts present, shapes consistent with
+    the router ``[E, H]``, scales for all experts or none, dtypes we can take, nothing in the MoE
+    block left unread) and reads no tensor data.
     """
     reader = _as_reader(path)
     layer = _check_layer(layer)
     ids = _check_experts(experts)
-    where = str(reader.path)
-    name = _detect(reader.layer_keys(layer), reader.layers(), layer, naming, where)
-    spec = _SPECS[name]
-    keys = reader.keys
+    lay = _locate(reader, layer, _check_naming_arg(naming))
+    spec = lay.naming
 
-    weight_keys: dict[str, dict[int, str]] = {role: {} for role in _ROLES}
-    for e in ids:
-        for role, proj in zip(_ROLES, spec.projections, strict=True):
-            key = spec.expert_weight.format(layer=layer, expert=e, proj=proj)
-            if key not in keys:
-                present = _expert_ids(reader.layer_keys(layer), spec.experts_prefix.format(layer=layer))
-                has = f"; layer {layer} has experts {_format_ids(present)}" if present else ""
-                raise ValueError(f"expert {e} of layer {layer} is missing from {where}: no key '{key}'{has}")
-            weight_keys[role][e] = key
-
-    scaled = {(role, e): k + SCALE_SUFFIX in keys for role in _ROLES for e, k in weight_keys[role].items()}
-    if any(scaled.values()) and not all(scaled.values()):
-        with_scale = {e for (_, e), s in scaled.items() if s}
-        role, e = next(role_expert for role_expert, s in scaled.items() if not s)
-        raise ValueError(
-            f"layer {layer} of {where}: {SCALE_SUFFIX} scales are present for experts {_format_ids(with_scale)} but"
-            f" not for all requested experts; no key '{weight_keys[role][e]}{SCALE_SUFFIX}' (expert {e})"
-        )
-    fp8 = any(scaled.values())
-    weights = {role: {e: reader.info(k) for e, k in weight_keys[role].items()} for role in _ROLES}
-    scales = (
-        {role: {e: reader.info(k + SCALE_SUFFIX) for e, k in weight_keys[role].items()} for role in _ROLES}
-        if fp8
-        else None
-    )
-    for role in _ROLES:
-        for e in ids:
-            _check_weight_and_scale(weights[role][e], None if scales is None else scales[role][e])
-
-    router_key = spec.router.format(layer=layer)
-    if router_key not in keys:
-        raise ValueError(f"layer {layer} of {where} has experts but no router weight '{router_key}'")
-    router = reader.info(router_key)
+    router_key = lay.first_present(spec.router, "router weight")
+    assert router_key is not None  # _locate matched a router
+    router = lay.stored(router_key)
     _check_dtype(router, _FLOATS, "router weight")
+    if len(router.shape) != 2:
+        raise ValueError(
+            f"{router.file}: tensor '{router.key}' (router weight) must be 2-D [E, H], got {list(router.shape)}"
+        )
+    num_experts, hidden = router.shape
+
+    ex = spec.experts
+    biases = None
+    if isinstance(ex, PerExpert):
+        weights, scales = _describe_per_expert(lay, ex, ids, hidden)
+    else:
+        scales = None
+        if not expert_biases and ex.gate_up_bias is not None and lay.has(ex.gate_up_bias):
+            raise ValueError(
+                f"layer {layer} of {lay.where} has expert biases ('{lay.key(ex.gate_up_bias)}'), which moe_kernels'"
+                " expert MLPs do not implement yet; read them with expert_biases=True only to load them elsewhere"
+            )
+        weights, biases = _describe_fused(lay, ex, ids, num_experts, hidden, expert_biases)
 
     bias = None
-    if spec.router_bias is not None and (bias_key := spec.router_bias.format(layer=layer)) in keys:
-        bias = reader.info(bias_key)
-        _check_dtype(bias, _FLOATS, "router bias")
+    if (bias_key := lay.first_present(spec.correction_bias, "correction bias")) is not None:
+        stored = lay.stored(bias_key)
+        _check_dtype(stored, _FLOATS, "correction bias")
+        if stored.shape not in ((num_experts,), (1, num_experts)):
+            raise ValueError(
+                f"{stored.file}: tensor '{bias_key}' (correction bias) must have shape [{num_experts}] or"
+                f" [1, {num_experts}], got {list(stored.shape)}"
+            )
+        bias = _cut_info(stored, Cut(flatten=len(stored.shape) == 2))
+
+    extras: dict[str, TensorInfo] = {}
+    for name, template in spec.router_extras.items():
+        if not lay.has(template):
+            continue
+        if not router_extras:
+            raise ValueError(
+                f"layer {layer} of {lay.where} has a router {name} '{lay.key(template)}' that this load would drop;"
+                " read it with router_extras=True and load it into the Router"
+            )
+        extras[name] = lay.stored(lay.key(template))
+        _check_dtype(extras[name], _INTS if name == "tid2eid" else _FLOATS, f"router {name}")
+
+    variant = next((v for v in spec.shared if lay.has(v.down)), None)
+    shared_info = None
+    if shared:
+        if variant is None:
+            tried = " or ".join(f"'{lay.key(v.down)}'" for v in spec.shared) or "(the naming has none)"
+            raise ValueError(f"layer {layer} of {lay.where} has no shared expert: no key {tried}")
+        shared_info = _describe_shared(lay, variant, hidden)
+
+    accounted = _expert_keys(lay, num_experts) | _shared_keys(lay) | {lay.key(r) for r in spec.router}
+    accounted |= {lay.key(b) for b in spec.correction_bias} | {lay.key(t) for t in spec.router_extras.values()}
+    _refuse_unloaded(lay, accounted)
 
     return MoELayerInfo(
         layer=layer,
-        naming=name,
+        naming=lay.name,
         gate_proj=weights["gate_proj"],
         up_proj=weights["up_proj"],
         down_proj=weights["down_proj"],
@@ -604,7 +920,12 @@ def describe_moe_layer(
         up_proj_scale=None if scales is None else scales["up_proj"],
         down_proj_scale=None if scales is None else scales["down_proj"],
         e_score_correction_bias=bias,
-        shared=_describe_shared(reader, spec, name, layer) if shared else None,
+        shared=shared_info,
+        has_shared=variant is not None,
+        router_extras=extras,
+        gate_proj_bias=None if biases is None else biases["gate_proj"],
+        up_proj_bias=None if biases is None else biases["up_proj"],
+        down_proj_bias=None if biases is None else biases["down_proj"],
     )
 
 
@@ -615,52 +936,61 @@ def read_moe_layer(
     *,
     naming: str = "auto",
     shared: bool = False,
+    router_extras: bool = False,
+    expert_biases: bool = False,
     device: torch.device | str | int | None = None,
 ) -> MoELayerTensors:
     """Read ``layer``'s router and the routed experts ``experts`` (global ids) from a checkpoint.
 
-    Only the requested experts' tensors are read (an expert-parallel rank passes its own
-    experts), plus the router, the DeepSeek-V3 router bias when present, and the shared expert
-    when ``shared``. Tensors keep the stored dtype (FP8 weights stay float8_e4m3fn, with their
-    ``*_scale`` block scales) and land on ``device`` (CPU when ``None``). Checks and errors are
-    those of :func:`describe_moe_layer`, all raised before any data is read.
+    Only the requested experts' tensors are read (an expert-parallel rank passes its own experts; of a
+    stacked tensor only their rows), plus the router, its correction bias when present, the shared
+    expert when ``shared``, the router's other tensors (a linear bias, a hash table) when
+    ``router_extras`` and expert biases when ``expert_biases``; without those two flags a layer that
+    has such tensors is refused, since dropping them would compute another function. Tensors keep the
+    stored dtype (FP8 weights stay float8_e4m3fn, with their ``*_scale`` block scales) and land on
+    ``device`` (CPU when ``None``). Checks and errors are those of :func:`describe_moe_layer`, all
+    raised before any data is read.
     """
     reader = _as_reader(path)
-    info = describe_moe_layer(reader, layer, experts, naming=naming, shared=shared)
-    got = reader.read([t.key for t in _infos(info)], device=device)
+    info = describe_moe_layer(
+        reader, layer, experts, naming=naming, shared=shared, router_extras=router_extras, expert_biases=expert_biases
+    )
+    got = reader.read(_infos(info), device=device)
 
     def one(t: TensorInfo | None) -> torch.Tensor | None:
-        return None if t is None else got[t.key]
+        return None if t is None else got[t]
 
-    def each(d: Mapping[int, TensorInfo]) -> dict[int, torch.Tensor]:
-        return {e: got[t.key] for e, t in d.items()}
-
-    def each_or_none(d: Mapping[int, TensorInfo] | None) -> dict[int, torch.Tensor] | None:
-        return None if d is None else each(d)
+    def each(d: Mapping[int, TensorInfo] | None) -> dict[int, torch.Tensor] | None:
+        return None if d is None else {e: got[t] for e, t in d.items()}
 
     sh = info.shared
     return MoELayerTensors(
         layer=info.layer,
         naming=info.naming,
-        gate_proj=each(info.gate_proj),
-        up_proj=each(info.up_proj),
-        down_proj=each(info.down_proj),
-        router_weight=got[info.router_weight.key],
-        gate_proj_scale=each_or_none(info.gate_proj_scale),
-        up_proj_scale=each_or_none(info.up_proj_scale),
-        down_proj_scale=each_or_none(info.down_proj_scale),
+        gate_proj=each(info.gate_proj) or {},
+        up_proj=each(info.up_proj) or {},
+        down_proj=each(info.down_proj) or {},
+        router_weight=got[info.router_weight],
+        gate_proj_scale=each(info.gate_proj_scale),
+        up_proj_scale=each(info.up_proj_scale),
+        down_proj_scale=each(info.down_proj_scale),
         e_score_correction_bias=one(info.e_score_correction_bias),
         shared=None
         if sh is None
         else SharedExpert(
-            got[sh.gate_proj.key],
-            got[sh.up_proj.key],
-            got[sh.down_proj.key],
+            got[sh.gate_proj],
+            got[sh.up_proj],
+            got[sh.down_proj],
             one(sh.gate_proj_scale),
             one(sh.up_proj_scale),
             one(sh.down_proj_scale),
             one(sh.expert_gate),
         ),
+        has_shared=info.has_shared,
+        router_extras={name: got[t] for name, t in info.router_extras.items()},
+        gate_proj_bias=each(info.gate_proj_bias),
+        up_proj_bias=each(info.up_proj_bias),
+        down_proj_bias=each(info.down_proj_bias),
     )
 
 
@@ -674,10 +1004,14 @@ def _infos(info: MoELayerInfo) -> list[TensorInfo]:
         info.gate_proj_scale,
         info.up_proj_scale,
         info.down_proj_scale,
+        info.gate_proj_bias,
+        info.up_proj_bias,
+        info.down_proj_bias,
     ):
         if d is not None:
             out.extend(d.values())
     out.append(info.router_weight)
+    out.extend(info.router_extras.values())
     if info.e_score_correction_bias is not None:
         out.append(info.e_score_correction_bias)
     if info.shared is not None:

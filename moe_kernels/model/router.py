@@ -2,15 +2,20 @@
 
 ``route`` turns router logits into ``(topk_weights [T, K] float32, topk_ids [T, K] int32)``,
 the two tensors every kernel of :mod:`moe_kernels.core.contract` takes. It covers the routings of
-the models in ``configs/``:
+the model families ``transformers`` ships (docs/configs.md lists them), among them:
 
 - Mixtral / Qwen3-MoE: softmax over all experts, top-k, renormalize over the chosen k;
+  Granite, Aria, gpt-oss: top-k of the logits, softmax over those k (``choose_on="logits"``);
 - DeepSeek-V3 (``noaux_tc``): sigmoid scores; a per-expert correction bias that only steers
   *which* experts are chosen; experts in ``num_expert_group`` groups of which the best
   ``topk_group`` are kept, a group scored by the sum of its two best biased scores; the
   weights come from the unbiased scores, renormalized, then multiplied by
-  ``routed_scaling_factor``;
-- DeepSeek-V2 style grouped routing without a bias: a group is scored by its best expert.
+  ``routed_scaling_factor``; A.X-K2 and Mistral-4 fill the other groups with 0, not -inf;
+- DeepSeek-V2 style grouped routing without a bias: a group is scored by its best expert;
+- DeepSeek-V4: ``sqrt(softplus(logits))`` scores, and in its first layers experts taken from a
+  table by token id (hash routing); Kolibri: the bias added to the logits, not the scores;
+  DBRX: weights divided by their p-norm; Phi-3.5-MoE: sparsemixer; Gemma-4: a normalised router
+  input and a learned scale per expert; Laguna: soft-capped logits.
 
 Scores are computed in float32 whatever the logits' dtype: bf16 has ~3 significant digits,
 enough to swap two close experts' ranking.
@@ -26,6 +31,7 @@ from torch import nn
 
 from moe_kernels.config import MoEConfig
 
+GroupScore = Literal["max", "top2_sum"]
 Scoring = Literal["softmax", "sigmoid"]
 
 
@@ -39,65 +45,134 @@ def route(
     topk_group: int | None = None,
     routed_scaling_factor: float = 1.0,
     correction_bias: torch.Tensor | None = None,
+    per_expert_score: Literal["sigmoid", "sqrtsoftplus"] = "sigmoid",
+    choose_on: Literal["scores", "logits"] = "scores",
+    group_score: GroupScore | None = None,
+    group_fill: Literal["-inf", "zero"] = "-inf",
+    renormalize_p: float = 1.0,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
+    expert_scale: torch.Tensor | None = None,
+    sparsemixer_eps: float | None = None,
+    expert_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose ``top_k`` distinct experts per token.
 
     Args:
         router_logits: ``[T, E]``, any floating dtype.
         top_k: experts per token, ``1 <= top_k <= E``.
-        scoring: ``"softmax"`` over the E experts, or an independent ``"sigmoid"`` per expert.
+        scoring: ``"softmax"`` over the E experts, or an independent score per expert
+            (``"sigmoid"``: ``per_expert_score``, sigmoid or ``"sqrtsoftplus"``).
+        choose_on: top-k over the ``"scores"`` or over the ``"logits"`` (+ the correction bias either
+            way); the weights are the chosen experts' scores.
+        sparsemixer_eps: route by Phi-3.5-MoE's sparsemixer instead (softmax scoring, two experts,
+            each weighted by a softmax over the experts within ``2 * eps`` of it, relative to their
+            magnitude).
         renormalize: divide the chosen weights by their sum (each token's weights sum to 1
-            before scaling).
+            before scaling), or by their ``renormalize_p``-norm.
         num_expert_group, topk_group: grouped routing: the E experts form
             ``num_expert_group`` equal groups; only experts of the best ``topk_group`` groups
             may be chosen. Give both or neither.
         routed_scaling_factor: multiplies the final weights (after renormalization).
-        correction_bias: ``[E]`` floating, added to the scores to choose experts and groups
+        correction_bias: ``[E]`` floating, added to what experts and groups are chosen on
             (DeepSeek-V3's ``e_score_correction_bias``); never part of the weights.
+        group_score: a group's score, ``"max"`` (its best expert) or ``"top2_sum"``; ``None``:
+            ``top2_sum`` with a correction bias, ``max`` without.
+        group_fill: what experts outside the kept groups score when choosing, ``"-inf"`` or ``"zero"``.
+        logit_scale, logit_softcap: the logits are multiplied by ``logit_scale``, then capped as
+            ``c * tanh(logits / c)``, before scoring.
+        expert_scale: ``[E]``, multiplies each chosen expert's weight after renormalization (Gemma-4).
+        expert_ids: ``[T, top_k]`` integer ids chosen elsewhere (hash routing); their weights are
+            still the scores, renormalized and scaled as above.
 
     Returns:
-        ``topk_weights [T, K]`` float32 and ``topk_ids [T, K]`` int32, best expert first,
-        on the logits' device.
+        ``topk_weights [T, K]`` float32 and ``topk_ids [T, K]`` int32, best expert first (for
+        ``expert_ids``, in their order), on the logits' device.
     """
     num_experts = _check_route_args(
         router_logits, top_k, scoring, num_expert_group, topk_group, routed_scaling_factor, correction_bias
     )
+    _check_variant_args(num_experts, top_k, scoring, expert_scale, sparsemixer_eps, expert_ids, router_logits)
     logits = router_logits.float()
-    scores = logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
-    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    if logit_softcap is not None:
+        logits = torch.tanh(logits / logit_softcap) * logit_softcap
 
-    if num_expert_group is not None:
-        assert topk_group is not None  # checked together above
-        choice = _mask_to_best_groups(choice, num_experts, num_expert_group, topk_group, correction_bias is not None)
-
-    topk_ids = choice.topk(top_k, dim=-1).indices
-    topk_weights = scores.gather(1, topk_ids)
-    if renormalize:
-        # the sum is > 0: softmax and sigmoid scores are positive
-        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    if sparsemixer_eps is not None:
+        topk_weights, topk_ids = _sparsemixer(logits, sparsemixer_eps)
+    else:
+        scores = _score(logits, scoring, per_expert_score)
+        if expert_ids is not None:
+            topk_ids = expert_ids.long()
+        else:
+            choice = scores if choose_on == "scores" else logits
+            if correction_bias is not None:
+                choice = choice + correction_bias.float()
+            if num_expert_group is not None:
+                assert topk_group is not None  # checked together above
+                score = group_score or ("top2_sum" if correction_bias is not None else "max")
+                choice = _mask_to_best_groups(choice, num_experts, num_expert_group, topk_group, score, group_fill)
+            topk_ids = choice.topk(top_k, dim=-1).indices
+        topk_weights = scores.gather(1, topk_ids)
+        if renormalize:
+            # the norm is > 0: softmax, sigmoid and sqrtsoftplus scores are positive
+            topk_weights = topk_weights / topk_weights.norm(p=renormalize_p, dim=-1, keepdim=True)
+    if expert_scale is not None:
+        topk_weights = topk_weights * expert_scale.float()[topk_ids]
     if routed_scaling_factor != 1.0:
         topk_weights = topk_weights * routed_scaling_factor
     return topk_weights.contiguous(), topk_ids.to(torch.int32).contiguous()
 
 
+def _score(logits: torch.Tensor, scoring: str, per_expert_score: str) -> torch.Tensor:
+    """Scores ``[T, E]`` float32 of float32 logits."""
+    if scoring == "softmax":
+        return logits.softmax(dim=-1)
+    if per_expert_score == "sigmoid":
+        return logits.sigmoid()
+    return F.softplus(logits).sqrt()
+
+
+def _sparsemixer(logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phi-3.5-MoE's inference routing: the best expert, then the best of the others; each weighted by
+    a softmax over the logits within ``2 * eps`` (relative to their magnitude) of its own logit."""
+    weights, ids = [], []
+    masked = logits
+    for _ in range(2):
+        best, best_id = masked.max(dim=-1, keepdim=True)
+        # experts too far below this choice leave its softmax (ties to the top keep a share)
+        far = (best - logits) / logits.abs().clamp(min=best) > 2 * eps
+        share = masked.masked_fill(far, float("-inf")).softmax(dim=-1)
+        weights.append(share.gather(1, best_id))
+        ids.append(best_id)
+        masked = masked.scatter(1, best_id, float("-inf"))
+    return torch.cat(weights, dim=1), torch.cat(ids, dim=1)
+
+
 def _mask_to_best_groups(
-    choice: torch.Tensor, num_experts: int, num_groups: int, topk_group: int, biased: bool
+    choice: torch.Tensor,
+    num_experts: int,
+    num_groups: int,
+    topk_group: int,
+    group_score: GroupScore,
+    fill: Literal["-inf", "zero"],
 ) -> torch.Tensor:
-    """``choice [T, E]`` with every expert outside each token's best ``topk_group`` groups
-    set to -inf, so the following top-k cannot pick it."""
+    """``choice [T, E]`` with every expert outside each token's best ``topk_group`` groups set to
+    ``fill``, so the following top-k cannot pick it (with -inf) or picks it only over kept experts
+    that score below 0 (with 0, as A.X-K2 and Mistral-4 do)."""
     t = choice.shape[0]
     per_group = num_experts // num_groups
     grouped = choice.view(t, num_groups, per_group)
-    if biased:
-        # DeepSeek-V3: a group's score is the sum of its two best (biased) scores
+    if group_score == "top2_sum":
         group_scores = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
     else:
         group_scores = grouped.max(dim=-1).values
     best_groups = group_scores.topk(topk_group, dim=-1).indices
     keep = torch.zeros(t, num_groups, dtype=torch.bool, device=choice.device)
     keep.scatter_(1, best_groups, True)
-    # -inf, not 0: biased scores can be negative, and a masked expert must never win
-    return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(t, num_experts)
+    value = float("-inf") if fill == "-inf" else 0.0
+    return grouped.masked_fill(~keep.unsqueeze(-1), value).view(t, num_experts)
 
 
 def _check_route_args(
@@ -136,49 +211,145 @@ def _check_route_args(
         if top_k > topk_group * per_group:
             raise ValueError(f"top_k ({top_k}) exceeds the experts of topk_group groups ({topk_group} x {per_group})")
     if correction_bias is not None:
-        if not isinstance(correction_bias, torch.Tensor) or not correction_bias.is_floating_point():
-            raise TypeError("correction_bias must be a floating-point tensor")
-        if tuple(correction_bias.shape) != (num_experts,):
-            raise ValueError(f"correction_bias must have shape [{num_experts}], got {list(correction_bias.shape)}")
-        if correction_bias.device != router_logits.device:
-            raise ValueError(
-                f"correction_bias must be on {router_logits.device} (router_logits' device), "
-                f"got {correction_bias.device}"
-            )
+        _check_vector("correction_bias", correction_bias, num_experts, router_logits.device)
     return num_experts
 
 
+def _check_vector(name: str, t: object, num_experts: int, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor")
+    if tuple(t.shape) != (num_experts,):
+        raise ValueError(f"{name} must have shape [{num_experts}], got {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} (router_logits' device), got {t.device}")
+
+
+def _check_variant_args(
+    num_experts: int,
+    top_k: int,
+    scoring: str,
+    expert_scale: torch.Tensor | None,
+    sparsemixer_eps: float | None,
+    expert_ids: torch.Tensor | None,
+    router_logits: torch.Tensor,
+) -> None:
+    if sparsemixer_eps is not None and (scoring != "softmax" or top_k != 2 or expert_ids is not None):
+        raise ValueError(
+            f"sparsemixer_eps: sparsemixer routing softmaxes and picks its own 2 experts; got scoring {scoring!r}, "
+            f"top_k {top_k}{', expert_ids' if expert_ids is not None else ''}"
+        )
+    if expert_scale is not None:
+        _check_vector("expert_scale", expert_scale, num_experts, router_logits.device)
+    if expert_ids is None:
+        return
+    expected = (router_logits.shape[0], top_k)
+    if not isinstance(expert_ids, torch.Tensor) or expert_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError("expert_ids must be an int32 or int64 tensor")
+    if tuple(expert_ids.shape) != expected:
+        raise ValueError(f"expert_ids must have shape {list(expected)}, got {list(expert_ids.shape)}")
+
+
 class Router(nn.Module):
-    """The gate of an MoE layer: ``logits = x @ weight.T``, then :func:`route` with the
+    """The gate of an MoE layer: ``logits = x @ weight.T (+ bias)``, then :func:`route` with the
     layer's routing settings.
 
     Parameters (inference only, ``requires_grad=False``):
-        weight: ``[E, H]`` in ``moe.dtype``. Uninitialized until loaded.
+        weight: ``[E, H]`` in ``moe.router_dtype`` (``moe.dtype`` when unset). Uninitialized until loaded.
+        bias: ``[E]`` in the same dtype, with ``moe.router_bias`` (gpt-oss). Zeros until loaded.
         e_score_correction_bias: ``[E]`` float32, only when ``moe.correction_bias`` is set
             (DeepSeek-V3's ``noaux_tc`` routing). Zeros until loaded.
+        input_scale: ``[H]`` in the weight's dtype, with ``moe.router_input_norm`` (Gemma-4). Ones until loaded.
+        expert_scale: ``[E]`` float32, with ``moe.expert_weight_scale`` (Gemma-4). Ones until loaded.
+        tid2eid: ``[vocab, K]`` int64, with ``moe.hash_routing``; ``None`` until loaded (its vocabulary
+            size comes from the checkpoint).
 
-    The gate GEMM runs in the model dtype (as inference engines run it) and routing in fp32.
+    The gate GEMM runs in the weight's dtype (fp32 for the DeepSeek family, as ``transformers``
+    computes it; the model dtype otherwise, as inference engines run it) and routing in fp32.
     """
+
+    #: the floating-point parameters load_tensors fills by name
+    _FLOAT_PARAMS = ("weight", "bias", "e_score_correction_bias", "input_scale", "expert_scale")
 
     def __init__(self, moe: MoEConfig, *, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.moe = moe
-        self.weight = nn.Parameter(
-            torch.empty(moe.num_experts, moe.hidden_size, dtype=moe.dtype, device=device), requires_grad=False
-        )
-        self.e_score_correction_bias: nn.Parameter | None = None
-        if moe.correction_bias:
-            self.e_score_correction_bias = nn.Parameter(
-                torch.zeros(moe.num_experts, dtype=torch.float32, device=device), requires_grad=False
-            )
+        e, h = moe.num_experts, moe.hidden_size
+        wdtype = moe.router_dtype or moe.dtype
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``hidden_states [T, H]`` (moe.dtype) -> ``(topk_weights [T, K] float32,
-        topk_ids [T, K] int32)`` of global expert ids."""
+        def param(t: torch.Tensor) -> nn.Parameter:
+            return nn.Parameter(t, requires_grad=False)
+
+        self.weight = param(torch.empty(e, h, dtype=wdtype, device=device))
+        self.bias = param(torch.zeros(e, dtype=wdtype, device=device)) if moe.router_bias else None
+        self.e_score_correction_bias = (
+            param(torch.zeros(e, dtype=torch.float32, device=device)) if moe.correction_bias else None
+        )
+        self.input_scale = param(torch.ones(h, dtype=wdtype, device=device)) if moe.router_input_norm else None
+        self.expert_scale = (
+            param(torch.ones(e, dtype=torch.float32, device=device)) if moe.expert_weight_scale else None
+        )
+        self.tid2eid: torch.Tensor | None
+        self.register_buffer("tid2eid", None)  # sized by the checkpoint's vocabulary when loaded
+
+    @torch.no_grad()
+    def load_tensors(self, **tensors: torch.Tensor) -> None:
+        """Copy checkpoint tensors into the parameters of the same name (``weight``, ``bias``,
+        ``e_score_correction_bias``, ``input_scale``, ``expert_scale``, ``tid2eid``; floats are
+        converted to the parameter's dtype). Everything is checked before anything is copied.
+
+        Raises:
+            ValueError: a name this router's config has no parameter for, or a wrong shape.
+            TypeError: a non-floating tensor for a float parameter, or a non-integer ``tid2eid``.
+        """
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        table = tensors.pop("tid2eid", None)
+        if table is not None:
+            if not self.moe.hash_routing:
+                raise ValueError("tid2eid: this router's config has moe.hash_routing false")
+            if table.dtype not in (torch.int32, torch.int64) or table.dim() != 2 or table.shape[1] != self.moe.top_k:
+                raise TypeError(
+                    f"tid2eid must be an integer [vocab, {self.moe.top_k}] table, got {table.dtype} {list(table.shape)}"
+                )
+        for name, t in tensors.items():
+            dst = getattr(self, name, None) if name in self._FLOAT_PARAMS else None
+            if dst is None:
+                raise ValueError(f"{name}: this router's config has no such parameter ({self.extra_repr()})")
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor")
+            if t.shape != dst.shape:
+                raise ValueError(f"{name} must have shape {list(dst.shape)}, got {list(t.shape)}")
+            copies.append((dst, t))
+        for dst, src in copies:
+            dst.copy_(src)
+        if table is not None:
+            self.tid2eid = table.to(device=self.weight.device, dtype=torch.int64, copy=True)
+
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``hidden_states [T, H]`` -> ``[T, E]`` in the weight's dtype (the gate GEMM, its input norm
+        and bias)."""
+        x = hidden_states.to(self.weight.dtype)
+        if self.input_scale is not None:
+            # Gemma-4: RMSNorm without a weight, in fp32, then the learned scale and 1/sqrt(H)
+            xf = x.float()
+            normed = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.moe.router_norm_eps, -0.5)
+            x = normed.to(x.dtype) * self.input_scale * self.moe.hidden_size**-0.5
+        return F.linear(x, self.weight, self.bias)
+
+    def forward(
+        self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hidden_states [T, H]`` (moe.dtype), ``input_ids [T]`` (hash routing only) ->
+        ``(topk_weights [T, K] float32, topk_ids [T, K] int32)`` of global expert ids."""
         m = self.moe
-        logits = F.linear(hidden_states, self.weight)
+        expert_ids = None
+        if m.hash_routing:
+            if input_ids is None:
+                raise ValueError("input_ids: this layer routes by token id (moe.hash_routing); pass the tokens' ids")
+            if self.tid2eid is None:
+                raise RuntimeError("tid2eid not loaded: a hash-routed layer needs its token -> experts table")
+            expert_ids = self.tid2eid[input_ids.reshape(-1)]
         return route(
-            logits,
+            self.logits(hidden_states),
             m.top_k,
             scoring=m.scoring,
             renormalize=m.renormalize,
@@ -186,15 +357,32 @@ class Router(nn.Module):
             topk_group=m.topk_group,
             routed_scaling_factor=m.routed_scaling_factor,
             correction_bias=self.e_score_correction_bias,
+            per_expert_score=m.per_expert_score,
+            choose_on=m.choose_on,
+            group_score=m.group_score,
+            group_fill=m.group_fill,
+            renormalize_p=m.renormalize_p,
+            logit_scale=m.logit_scale,
+            logit_softcap=m.logit_softcap,
+            expert_scale=self.expert_scale,
+            sparsemixer_eps=m.sparsemixer_eps,
+            expert_ids=expert_ids,
         )
 
     def extra_repr(self) -> str:
         m = self.moe
-        parts = [f"experts={m.num_experts}", f"top_k={m.top_k}", f"scoring={m.scoring}"]
+        scoring = m.per_expert_score if m.scoring == "sigmoid" else m.scoring
+        parts = [f"experts={m.num_experts}", f"top_k={m.top_k}", f"scoring={scoring}"]
+        if m.choose_on != "scores":
+            parts.append(f"choose_on={m.choose_on}")
+        if m.sparsemixer_eps is not None:
+            parts.append(f"sparsemixer_eps={m.sparsemixer_eps:g}")
+        if m.router_dtype is not None:
+            parts.append(f"router_dtype={str(m.router_dtype).removeprefix('torch.')}")
         if m.num_expert_group is not None:
             parts.append(f"groups={m.topk_group}/{m.num_expert_group}")
-        if self.e_score_correction_bias is not None:
-            parts.append("correction_bias")
+        flags = ("router_bias", "correction_bias", "router_input_norm", "expert_weight_scale", "hash_routing")
+        parts += [name for name in flags if getattr(m, name)]
         if m.routed_scaling_factor != 1.0:
             parts.append(f"scale={m.routed_scaling_factor:g}")
         return ", ".join(parts)
