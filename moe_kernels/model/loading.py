@@ -14,16 +14,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
+from torch import nn
 
+from moe_kernels.config import LayerConfig
 from moe_kernels.core.validate import expect_tensor
 from moe_kernels.mlp import fp8
 from moe_kernels.mlp.formats import WeightFormat
-
-if TYPE_CHECKING:
-    from moe_kernels.model.layer import FusedMoE
+from moe_kernels.model.router import Router
 
 #: per-expert tensors keyed by global expert id (int or its decimal string, as checkpoint
 #: names spell it), a list/tuple indexed by global id, or one stacked ``[E, ...]`` tensor
@@ -45,10 +45,26 @@ class LoadState:
     shared: set[str] = field(default_factory=set)
 
 
+class LoadTarget(Protocol):
+    """What the loader writes into: a :class:`~moe_kernels.model.layer.FusedMoE`."""
+
+    cfg: LayerConfig
+    router: Router
+    w13: nn.Parameter
+    shared_w13: nn.Parameter | None
+    shared_w2: nn.Parameter | None
+    shared_gate: nn.Parameter | None
+
+    @property
+    def local_experts(self) -> tuple[int, ...]: ...
+
+    def parameter(self, projection: str, part: str) -> nn.Parameter: ...
+
+
 class LayerLoader:
     """Loads one layer's tensors (see :meth:`FusedMoE.load_weights` for the arguments)."""
 
-    def __init__(self, layer: FusedMoE) -> None:
+    def __init__(self, layer: LoadTarget) -> None:
         self.layer = layer
         self.state = LoadState()
 
