@@ -13,6 +13,7 @@ validation failure into one :class:`ConfigError` line naming the file and each b
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,13 +26,12 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
 from moe_kernels.mlp import fp8
 from moe_kernels.mlp.activations import KINDS as ACTIVATIONS
-from moe_kernels.mlp.activations import Activation
+from moe_kernels.mlp.activations import SILU, Activation
 from moe_kernels.mlp.schemes import SCHEMES
 from moe_kernels.mlp.spec import ExpertMLP
 
@@ -64,6 +64,35 @@ def _to_pair(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+def _to_activation(value: Any) -> Activation:
+    if isinstance(value, Activation):
+        return value
+    if isinstance(value, str):
+        value = {"kind": value}
+    if not isinstance(value, dict):
+        raise ValueError(f"must be an activation name or a mapping with 'kind', got {type(value).__name__}")
+    known = {f.name for f in dataclasses.fields(Activation)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"unknown activation fields {unknown}; known: {sorted(known)}")
+    if value.get("kind", "silu") not in ACTIVATIONS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, ACTIVATIONS))}")
+    return Activation(**value)
+
+
+def _dump_activation(activation: Activation) -> str | dict[str, Any]:
+    params = {f.name: getattr(activation, f.name) for f in dataclasses.fields(Activation)}
+    defaults = {f.name: f.default for f in dataclasses.fields(Activation)}
+    changed = {k: v for k, v in params.items() if v != defaults[k] or k == "kind"}
+    return activation.kind if len(changed) == 1 else changed
+
+
+ActivationField = Annotated[
+    Activation,
+    BeforeValidator(_to_activation),
+    PlainSerializer(_dump_activation),
+]
+
 TorchDtype = Annotated[
     torch.dtype,
     BeforeValidator(_to_dtype),
@@ -90,7 +119,10 @@ class MoEConfig(_Strict):
     hidden_size: int = Field(gt=0, description="H: model width; a multiple of 8")
     intermediate_size: int = Field(gt=0, description="I: each routed expert's MLP width")
     dtype: TorchDtype = torch.bfloat16
-    activation: str = Field(default="silu", description="the expert MLP's activation, a name of mlp.activations.KINDS")
+    activation: ActivationField = Field(
+        default=SILU,
+        description="the expert MLP's activation: a kind of mlp.activations.KINDS, or a mapping with its parameters",
+    )
     renormalize: bool = True
     scoring: Literal["softmax", "sigmoid"] = "softmax"
     num_expert_group: int | None = Field(default=None, gt=0)
@@ -167,13 +199,6 @@ class MoEConfig(_Strict):
     max_tokens_per_chunk: int | None = Field(
         default=None, gt=0, description="split larger batches into chunks to bound workspace memory"
     )
-
-    @field_validator("activation")
-    @classmethod
-    def _known_activation(cls, value: str) -> str:
-        if value not in ACTIVATIONS:
-            raise ValueError(f"must be one of {', '.join(map(repr, ACTIVATIONS))}")
-        return value
 
     @model_validator(mode="after")
     def _check(self) -> MoEConfig:
@@ -331,9 +356,7 @@ class LayerConfig(_Strict):
         activation function): the one description kernels, loaders and tests read."""
         moe, quant = self.moe, self.quant
         weights, act_quant = SCHEMES[quant.scheme].build(quant.params, moe.dtype)
-        return ExpertMLP(
-            moe.hidden_size, moe.intermediate_size, moe.dtype, weights, act_quant, Activation(moe.activation)
-        )
+        return ExpertMLP(moe.hidden_size, moe.intermediate_size, moe.dtype, weights, act_quant, moe.activation)
 
     @property
     def num_local_experts(self) -> int:

@@ -79,7 +79,7 @@ def _moe(**changes: object) -> dict:
         (dict(num_expert_group=3, topk_group=1), "", "divisible by num_expert_group"),
         (dict(num_expert_group=2, topk_group=3), "", "topk_group (3) must be <= num_expert_group (2)"),
         (dict(routed_scaling_factor=0), "routed_scaling_factor", "greater than 0"),
-        (dict(activation="gelu"), "activation", "'silu'"),
+        (dict(activation="swish"), "activation", "'silu'"),
         (dict(num_expert=8), "num_expert", "Extra inputs are not permitted"),
         # strict: no coercion between types, no infinities
         (dict(top_k=True), "top_k", "valid integer"),

@@ -265,7 +265,7 @@ def test_what_cannot_be_computed_is_refused_by_field(changes: dict, message: str
 def test_fp8_block_quantization_is_read() -> None:
     q = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
     cfg = {**_DS, "hidden_size": 256, "moe_intermediate_size": 128, "quantization_config": q}
-    assert layer_config_from_hf(cfg, 2).quant.is_fp8
+    assert layer_config_from_hf(cfg, 2).quant.scheme == "fp8_w8a8_block"
 
 
 def test_config_json_path_and_naming(tmp_path: Path) -> None:

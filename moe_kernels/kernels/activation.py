@@ -20,13 +20,52 @@ from .quant import check_group, check_scale_out, quantize_groups, row_tiles, sca
 
 
 @triton.jit
-def apply_activation(gate, up, KIND: tl.constexpr):
-    """``act(gate, up)`` in fp32 for a gated kind (``up`` unused by non-gated ones). KIND 0: SiLU-and-mul."""
-    if KIND == 0:
-        return gate * tl.sigmoid(gate) * up
+def _softcap(x, CAP: tl.constexpr):
+    # CAP * tanh(x / CAP), with tanh(y) = 2 sigmoid(2y) - 1 (no tanh in every Triton build)
+    return CAP * (2.0 * tl.sigmoid(2.0 * x / CAP) - 1.0)
+
+
+@triton.jit
+def apply_activation(
+    gate,
+    up,
+    ACT_KIND: tl.constexpr,
+    ACT_ALPHA: tl.constexpr,
+    ACT_LIMIT: tl.constexpr,
+    ACT_CLAMP_OUTPUT: tl.constexpr,
+    ACT_UP_OFFSET: tl.constexpr,
+    ACT_GATE_CAP: tl.constexpr,
+    ACT_UP_CAP: tl.constexpr,
+):
+    """``act(gate, up)`` in fp32 (``up`` unused by non-gated kinds), the constants being
+    :meth:`moe_kernels.mlp.activations.Activation.kernel_constants` (0 = parameter unset); the
+    torch definitions there are the reference. Branches on constants cost nothing at run time."""
+    if ACT_LIMIT > 0 and not ACT_CLAMP_OUTPUT:
+        gate = tl.minimum(gate, ACT_LIMIT)
+        up = tl.minimum(tl.maximum(up, -ACT_LIMIT), ACT_LIMIT)
+    if ACT_KIND == 0:  # silu (alpha: gpt-oss's sigmoid slope; gate cap: Inkling-2)
+        if ACT_GATE_CAP > 0:
+            g = _softcap(gate, ACT_GATE_CAP) * tl.sigmoid(gate)
+        else:
+            g = gate * tl.sigmoid(ACT_ALPHA * gate)
+    elif ACT_KIND == 1:  # gelu, tanh approximation: 0.5 x (1 + tanh(u)) == x sigmoid(2u)
+        g = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
+    elif ACT_KIND == 2:  # gelu, erf
+        g = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+    elif ACT_KIND == 3:  # relu^2, not gated
+        g = tl.maximum(gate, 0.0)
+        g = g * g
     else:
-        tl.static_assert(False, "unknown activation code")
-        return gate
+        tl.static_assert(False, "unknown activation kind")
+        g = gate
+    if ACT_KIND == 3:
+        return g
+    if ACT_LIMIT > 0 and ACT_CLAMP_OUTPUT:
+        g = tl.minimum(g, ACT_LIMIT)
+        up = tl.minimum(tl.maximum(up, -ACT_LIMIT), ACT_LIMIT)
+    if ACT_UP_CAP > 0:
+        up = _softcap(up, ACT_UP_CAP)
+    return g * (up + ACT_UP_OFFSET)
 
 
 @triton.jit
@@ -41,7 +80,13 @@ def _activate_kernel(
     stride_se,
     stride_sm,
     stride_sk,
-    KIND: tl.constexpr,
+    ACT_KIND: tl.constexpr,
+    ACT_ALPHA: tl.constexpr,
+    ACT_LIMIT: tl.constexpr,
+    ACT_CLAMP_OUTPUT: tl.constexpr,
+    ACT_UP_OFFSET: tl.constexpr,
+    ACT_GATE_CAP: tl.constexpr,
+    ACT_UP_CAP: tl.constexpr,
     GATED: tl.constexpr,
     SKIP_BY_LAYOUT: tl.constexpr,
     SKIP_BY_COUNTS: tl.constexpr,
@@ -66,7 +111,9 @@ def _activate_kernel(
     up = gate
     if GATED:
         up = tl.load(x_row + n_cols + cols, mask=live, other=0).to(tl.float32)
-    result = apply_activation(gate, up, KIND)
+    result = apply_activation(
+        gate, up, ACT_KIND, ACT_ALPHA, ACT_LIMIT, ACT_CLAMP_OUTPUT, ACT_UP_OFFSET, ACT_GATE_CAP, ACT_UP_CAP
+    )
     if QUANT:
         q, scale = quantize_groups(result, EXACT_CAST)
         tl.store(out_ptr + row * n_cols + cols, q.to(out_ptr.dtype.element_ty), mask=live)
@@ -152,7 +199,7 @@ def activate(
         stride_se,
         stride_sm,
         stride_sk,
-        KIND=activation.code,
+        **activation.kernel_constants(),
         GATED=gated,
         SKIP_BY_LAYOUT=grouped_layout is not None,
         SKIP_BY_COUNTS=counts is not None,

@@ -255,7 +255,13 @@ def _fused_gemm1_kernel(
     stride_wn,
     stride_om,
     up_offset,
-    ACTIVATION: tl.constexpr,
+    ACT_KIND: tl.constexpr,
+    ACT_ALPHA: tl.constexpr,
+    ACT_LIMIT: tl.constexpr,
+    ACT_CLAMP_OUTPUT: tl.constexpr,
+    ACT_UP_OFFSET: tl.constexpr,
+    ACT_GATE_CAP: tl.constexpr,
+    ACT_UP_CAP: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -295,7 +301,9 @@ def _fused_gemm1_kernel(
         up_acc = tl.dot(a, up, up_acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K
         gate_ptrs += BLOCK_K
-    result = apply_activation(gate_acc, up_acc, ACTIVATION)
+    result = apply_activation(
+        gate_acc, up_acc, ACT_KIND, ACT_ALPHA, ACT_LIMIT, ACT_CLAMP_OUTPUT, ACT_UP_OFFSET, ACT_GATE_CAP, ACT_UP_CAP
+    )
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
     tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -449,7 +457,7 @@ def fused_gemm1(
         out.stride(0),
         # Offset of the up rows from the gate rows, precomputed so the product is 64-bit on host.
         inter * w13.stride(1),
-        ACTIVATION=activation.code,
+        **activation.kernel_constants(),
         **_gemm_kwargs(x.dtype, config),
     )
     return out

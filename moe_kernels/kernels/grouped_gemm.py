@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from moe_kernels.mlp import fp8
-from moe_kernels.mlp.activations import Activation
+from moe_kernels.mlp.activations import SILU, Activation
 
 from ._common import FLOAT_DTYPES, check_same_device, check_tensor, interpreting
 from .activation import apply_activation
@@ -65,7 +65,14 @@ def _grouped_gemm_kernel(
     stride_bsk,
     MASKED: tl.constexpr,
     FP8: tl.constexpr,
-    ACTIVATION: tl.constexpr,
+    FUSED: tl.constexpr,
+    ACT_KIND: tl.constexpr,
+    ACT_ALPHA: tl.constexpr,
+    ACT_LIMIT: tl.constexpr,
+    ACT_CLAMP_OUTPUT: tl.constexpr,
+    ACT_UP_OFFSET: tl.constexpr,
+    ACT_GATE_CAP: tl.constexpr,
+    ACT_UP_CAP: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -96,7 +103,6 @@ def _grouped_gemm_kernel(
         row_ok = row_expert == expert
         scale_rows = rows * stride_asm
 
-    fused = ACTIVATION >= 0
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_out
     offs_k = tl.arange(0, BLOCK_K)
@@ -130,7 +136,7 @@ def _grouped_gemm_kernel(
             acc += tl.dot(a, b, input_precision=INPUT_PRECISION) * (a_scale[:, None] * b_scale)
         else:
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        if fused:
+        if FUSED:
             b_up = tl.load(b_ptrs + up_offset, mask=b_mask, other=0.0)
             if UPCAST:
                 b_up = b_up.to(tl.float32)
@@ -138,8 +144,10 @@ def _grouped_gemm_kernel(
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
-    if fused:
-        acc = apply_activation(acc, acc_up, ACTIVATION)
+    if FUSED:
+        acc = apply_activation(
+            acc, acc_up, ACT_KIND, ACT_ALPHA, ACT_LIMIT, ACT_CLAMP_OUTPUT, ACT_UP_OFFSET, ACT_GATE_CAP, ACT_UP_CAP
+        )
     out_ptrs = out_ptr + rows[:, None] * n_out + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -235,7 +243,8 @@ def _launch(
         *b_scale_strides,
         MASKED=masked,
         FP8=fp8_operands,
-        ACTIVATION=activation.code if fused else -1,
+        FUSED=fused,
+        **(activation if fused else SILU).kernel_constants(),
         # The CPU interpreter's low-precision tl.dot is wrong (triton 3.9); GPUs keep tensor cores.
         UPCAST=interpreting(),
         # fp32 inputs would silently drop to tf32 on tensor cores; keep them exact.

@@ -75,7 +75,8 @@ class LayerLoader:
         layer, state = self.layer, self.state
         missing = [] if state.router else ["router_weight"]
         missing += [name for name in self.shared_names() if name not in state.shared]
-        for name in PROJECTIONS:
+        gated = layer.cfg.mlp.activation.gated
+        for name in PROJECTIONS if gated else ("up_proj", "down_proj"):
             absent = [e for e in layer.local_experts if e not in state.experts[name]]
             if absent:
                 shown = absent if len(absent) <= 8 else [*absent[:8], "..."]
@@ -139,7 +140,7 @@ class LayerLoader:
         h, i = mlp.hidden, mlp.inter
         down = name == "down_proj"
         shape = (h, i) if down else (i, h)
-        rows = {"gate_proj": (0, i), "up_proj": (i, 2 * i), "down_proj": (0, h)}[name]
+        rows = _projection_rows(name, i, h, mlp.activation.gated)
         projection = "w2" if down else "w13"
         owned = self._owned_tensors(name, tensors)
         owned_scales = self._owned_tensors(f"{name}_scale", scales) if scales is not None else None
@@ -258,6 +259,18 @@ class LayerLoader:
                 bias if first else None,
                 _checkpoint_shared(part.shared) if shared and first else {},
             )
+
+
+def _projection_rows(name: str, inter: int, hidden: int, gated: bool) -> tuple[int, int]:
+    """Rows of ``w13`` (gate, up) or ``w2`` (down) a projection fills. A non-gated MLP has no
+    gate: its one GEMM1 projection is ``up_proj`` and fills all of ``w13``."""
+    if name == "down_proj":
+        return 0, hidden
+    if not gated:
+        if name == "gate_proj":
+            raise ValueError("gate_proj: this layer's activation is not gated (w13 is the up projection alone)")
+        return 0, inter
+    return (0, inter) if name == "gate_proj" else (inter, 2 * inter)
 
 
 def _stored_as(
