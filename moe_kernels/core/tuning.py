@@ -34,7 +34,7 @@ from moe_kernels.config import LayerConfig
 
 FORMAT = 1
 ENV_DIR = "MOE_KERNELS_TABLES"
-SHIPPED_DIR = Path(__file__).resolve().parent / "tables"
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "tables"
 
 X = TypeVar("X")
 
