@@ -2,9 +2,16 @@
 skip cleanly without one."""
 
 import os
+import tempfile
 
 import pytest
 import torch
+
+# Tuning on first use measures the GPU (minutes over a whole suite) and writes a user cache: the
+# tests pin selection to the shipped tables; tests of the first-use tuner turn it on themselves.
+os.environ.setdefault("MOE_KERNELS_TUNE", "0")
+# ... and never read a first-use cache the developer's own runs left in ~/.cache
+os.environ.setdefault("MOE_KERNELS_CACHE", tempfile.mkdtemp(prefix="moe-kernels-cache-"))
 
 if not torch.cuda.is_available():
     # must happen before triton is imported anywhere

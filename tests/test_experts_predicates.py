@@ -593,10 +593,10 @@ def test_tables_are_found_in_the_env_directory(tmp_path: Path, monkeypatch, fake
     assert tuning.slug("Test GPU 9000") + ".json" == fake_gpu
     assert tuning.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     monkeypatch.delenv(tuning.ENV_DIR, raising=False)
-    assert tuning.table_dirs() == [tuning.SHIPPED_DIR]
+    assert tuning.table_dirs() == [tuning.cache_dir(), tuning.SHIPPED_DIR]
     assert tuning.table_for(CPU) is None  # nobody tuned this GPU
     monkeypatch.setenv(tuning.ENV_DIR, str(tmp_path))
-    assert tuning.table_dirs() == [tmp_path, tuning.SHIPPED_DIR]  # the user's tables come first
+    assert tuning.table_dirs() == [tmp_path, tuning.cache_dir(), tuning.SHIPPED_DIR]  # the user's come first
     assert tuning.table_for(CPU) is None
     (tmp_path / fake_gpu).write_text(json.dumps(table_json(source="first run")))
     assert tuning.table_for(CPU) is None  # looked up once and remembered...

@@ -6,9 +6,12 @@ the Triton experts read them. Nothing here is typed by hand: a number in a table
 measurement with its source, and where no table covers a GPU or shape the parts' documented
 heuristics decide (and ``explain()`` says so).
 
-Where tables are looked for, first hit wins: the directory named by the ``MOE_KERNELS_TABLES``
-environment variable (your own tuning runs), then the tables shipped in ``moe_kernels/tables``.
-A file is named after the GPU (``nvidia-h100-80gb-hbm3.json``) and holds::
+Where tables are looked for (:func:`table_dirs`): the directory named by the
+``MOE_KERNELS_TABLES`` environment variable (your own tuning runs), the first-use cache (tuning
+on first use, :mod:`moe_kernels.selection.autotune`), the tables shipped in
+``moe_kernels/tables``. One GPU's files are read as one table, point by point, the first
+directory winning where two measured the same point. A file is named after the GPU
+(``nvidia-h100-80gb-hbm3.json``) and holds::
 
     {"format": 1, "gpu": "NVIDIA H100 80GB HBM3", "source": "...", "copy_gbps": 2966.0,
      "shapes": {"E=32,K=8,H=7168,I=2048,bfloat16,none": {
@@ -19,11 +22,13 @@ A file is named after the GPU (``nvidia-h100-80gb-hbm3.json``) and holds::
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.metadata
 import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +39,7 @@ from moe_kernels.config import LayerConfig
 
 FORMAT = 1
 ENV_DIR = "MOE_KERNELS_TABLES"
+ENV_CACHE = "MOE_KERNELS_CACHE"
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "tables"
 
 X = TypeVar("X")
@@ -146,18 +152,58 @@ def load_table(path: Path) -> GpuTable:
     )
 
 
+def library_versions() -> str:
+    """The versions a measurement depends on besides the GPU: this package and the kernel
+    libraries it runs (read from the installed distributions, nothing imported)."""
+    found = []
+    for dist in ("moe-kernels", "torch", "triton", "deepinfer-gemm", "deepinfer-ep"):
+        try:
+            found.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return ", ".join(found)
+
+
+def cache_dir() -> Path:
+    """Where tuning on first use writes: ``$MOE_KERNELS_CACHE`` (default ``~/.cache/moe_kernels``)
+    ``/tables/<versions hash>``: measurements taken with other library versions are never read."""
+    base = Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "moe_kernels")
+    tag = hashlib.blake2b(library_versions().encode(), digest_size=6).hexdigest()
+    return base / "tables" / tag
+
+
 def table_dirs() -> list[Path]:
+    """Where tables are looked for, in order of precedence: ``$MOE_KERNELS_TABLES`` (your own
+    tuning runs), the first-use cache (:func:`cache_dir`), the shipped tables."""
     dirs = [Path(os.environ[ENV_DIR])] if os.environ.get(ENV_DIR) else []
-    return [*dirs, SHIPPED_DIR]
+    return [*dirs, cache_dir(), SHIPPED_DIR]
+
+
+def merge_tables(tables: Sequence[GpuTable]) -> GpuTable:
+    """One GPU's tables read as one, point by point: a measurement (pair at T, kernel config at T)
+    comes from the first table that has it, so a first-use cache that measured T = 1024 adds to
+    the shipped table's T = 1 .. 4096 instead of hiding them."""
+    first = tables[0]
+    shapes: dict[str, dict[str, Any]] = {}
+    for table in reversed(tables):  # earlier tables overwrite later ones
+        for key, entry in table.shapes.items():
+            merged = shapes.setdefault(key, {})
+            for section in ("pairs", "kernels"):
+                for name, points in entry.get(section, {}).items():
+                    merged.setdefault(section, {}).setdefault(name, {}).update(points)
+    return GpuTable(
+        gpu=first.gpu,
+        source="; ".join(t.source for t in tables),
+        path=" + ".join(t.path for t in tables),
+        copy_gbps=next((t.copy_gbps for t in tables if t.copy_gbps is not None), None),
+        shapes=shapes,
+    )
 
 
 @functools.cache
 def _table_for_gpu(gpu: str, dirs: tuple[Path, ...]) -> GpuTable | None:
-    for directory in dirs:
-        path = directory / f"{slug(gpu)}.json"
-        if path.is_file():
-            return load_table(path)
-    return None
+    found = [load_table(d / f"{slug(gpu)}.json") for d in dirs if (d / f"{slug(gpu)}.json").is_file()]
+    return merge_tables(found) if found else None
 
 
 def table_for(device: torch.device) -> GpuTable | None:

@@ -19,6 +19,8 @@ ranks must run the same collectives, so one pair is chosen for the largest batch
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -48,26 +50,28 @@ from moe_kernels.core.placement import ExpertPlacement
 PrepareFinalizeFactory = Callable[[LayerConfig], PrepareAndFinalize]
 ExpertsFactory = Callable[[LayerConfig], PermuteExpertsUnpermute]
 
+log = logging.getLogger("moe_kernels")
+
 LAYOUTS_DIFFER = "layout: the prepare/finalize hands out another token layout than the experts take"
 
 #: token counts the heuristic plan is decided at when no table covers the layer
 HEURISTIC_GRID = (1, 16, 64, 256, 1024, 4096, 16384)
 
-#: default workspace budget: a policy, not a measurement (vLLM and SGLang keep MoE scratch in
-#: the hundreds of MiB; the masked layout at capacity 8192 on Qwen3-30B-A3B would take 12.5 GiB)
-DEFAULT_BUDGET_CAP_BYTES = 4 * 2**30
-DEFAULT_BUDGET_FRACTION = 0.10
+#: the share of the device memory free when a layer is built that its workspaces may take by
+#: default: a policy, not a measurement. A fixed cap does not fit both a 24 GiB card and a
+#: 141 GiB H200 (a 4 GiB cap sent DeepSeek-V3 fp8 at T = 16384 to a path 1.8x slower); the
+#: workspace cache is shared by all layers of a model, so one layer's share is its peak.
+DEFAULT_BUDGET_FRACTION = 0.25
 
 
-def default_memory_budget(device: torch.device) -> int:
-    """``min(4 GiB, 10 % of the device's memory)``."""
+def default_memory_budget(device: torch.device) -> tuple[int, str]:
+    """``(bytes, why)``: :data:`DEFAULT_BUDGET_FRACTION` of the memory free on ``device`` now."""
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
+        free = torch.cuda.mem_get_info(device)[0]
     else:
-        import os
-
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(min(DEFAULT_BUDGET_CAP_BYTES, DEFAULT_BUDGET_FRACTION * total))
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    budget = int(DEFAULT_BUDGET_FRACTION * free)
+    return budget, f"{DEFAULT_BUDGET_FRACTION:.0%} of the {free / 2**30:.1f} GiB free on {device} at build"
 
 
 def with_max_tokens(cfg: LayerConfig, max_tokens: int) -> LayerConfig:
@@ -128,6 +132,7 @@ class Selection:
     steps: list[Choice]
     decided_by: str
     budget: int
+    budget_why: str = "given"
     workspace_cache: WorkspaceCache | None = None
     #: pair name -> why it was left out of the larger steps (its workspaces over the budget)
     over_budget: dict[str, str] = field(default_factory=dict)
@@ -174,7 +179,7 @@ class Selection:
             f"{str(m.dtype).removeprefix('torch.')} {self.cfg.quant.scheme}, ep_size={par.ep_size}, "
             f"max_tokens_per_rank={par.max_tokens_per_rank}, device={self.ctx.device}",
             f"decided by: {self.decided_by}",
-            f"memory budget for workspaces: {self.budget / 2**20:.0f} MiB",
+            f"memory budget for workspaces: {self.budget / 2**20:.0f} MiB ({self.budget_why})",
         ]
         low = 1
         plan = self.plan
@@ -263,14 +268,20 @@ def within_budget(
     return fits, over
 
 
-def _plan_measured(fits: dict[int, list[Candidate]], grid: list[int]) -> list[Choice]:
+def _plan_measured(fits: dict[int, list[Candidate]], valid: list[Candidate], grid: list[int]) -> list[Choice]:
     plan: list[Choice] = []
     for t in grid:
         timed = [(tuning.point_for(c.times, t), c) for c in fits[t] if c.times]
         if not timed:
             return []
         (point, us), best = min(timed, key=lambda pc: pc[0][1])
-        plan.append(Choice(t, best, (f"{us:.1f} us at T={point}",)))
+        why = f"{us:.1f} us at T={point}"
+        (_, fastest_us), fastest = min(
+            ((tuning.point_for(c.times, t), c) for c in valid if c.times), key=lambda pc: pc[0][1]
+        )
+        if fastest is not best:
+            why += f"; the memory budget left out {fastest.name} ({fastest_us:.1f} us)"
+        plan.append(Choice(t, best, (why,)))
     return plan
 
 
@@ -301,6 +312,33 @@ def _merge(plan: list[Choice]) -> list[Choice]:
     return merged
 
 
+def selection_grid(ctx: LayerContext, valid: list[Candidate]) -> list[int]:
+    """The token counts a plan is decided at: every measured one and the heuristic grid, up to the
+    layer's largest call, which closes it. Under expert parallelism all ranks must run the same
+    collectives: one pair, decided for the largest call."""
+    max_tokens = ctx.max_tokens
+    if ctx.placement.ep_size > 1:
+        return [max_tokens]
+    measured = {t for c in valid for t in c.times}
+    return sorted({t for t in (*HEURISTIC_GRID, *measured) if t < max_tokens} | {max_tokens})
+
+
+def _tune_missing(ctx: LayerContext, grid: list[int], tune: bool) -> str:
+    """Measure the grid points no table covers (tuning on first use), when allowed; the note
+    ``decided_by`` gets."""
+    from moe_kernels.selection import autotune
+
+    missing = autotune.missing_points(ctx, grid)
+    if not missing:
+        return ""
+    reason = "tune=False" if not tune else autotune.why_not(ctx)
+    if reason is not None:
+        log.info("no measurement covers T=%s of %s; not tuning on first use: %s", missing, ctx.cfg.name, reason)
+        return ""
+    done = autotune.tune_points(ctx, missing)
+    return f"; T={done} tuned on first use" if done else ""
+
+
 def select(
     cfg: LayerConfig,
     *,
@@ -309,33 +347,38 @@ def select(
     device: torch.device | str | None = None,
     workspace_cache: WorkspaceCache | None = None,
     memory_budget: int | None = None,
+    tune: bool = True,
     prepare_finalize_factories: Sequence[PrepareFinalizeFactory] | None = None,
     experts_factories: Sequence[ExpertsFactory] | None = None,
 ) -> Selection:
     """Rank every registered pair for the layer; ``.kernel`` is the plan, composed, and
     ``.explain()`` says why. Takes the configuration as :func:`~moe_kernels.core.compose.compose`
-    does. ``memory_budget``: most workspace bytes (default :func:`default_memory_budget`)."""
+    does. ``memory_budget``: most workspace bytes (default :func:`default_memory_budget`).
+    ``tune``: measure the grid points no table covers on first use
+    (:mod:`moe_kernels.selection.autotune`; ``MOE_KERNELS_TUNE=0`` turns it off everywhere)."""
     ctx = layer_context(cfg, placement=placement, group=group, device=device)
-    budget = default_memory_budget(ctx.device) if memory_budget is None else memory_budget
-    found = candidates(ctx, prepare_finalize_factories=prepare_finalize_factories, experts_factories=experts_factories)
-    valid = [c for c in found if c.valid]
-    max_tokens = ctx.max_tokens
-    table = tuning.table_for(ctx.device)
-    measured_grid = sorted({t for c in valid for t in c.times})
-    if ctx.placement.ep_size > 1:
-        grid = [max_tokens]
-    elif measured_grid:
-        grid = sorted({t for t in measured_grid if t < max_tokens} | {max_tokens})
+    if memory_budget is None:
+        budget, budget_why = default_memory_budget(ctx.device)
     else:
-        grid = sorted({t for t in HEURISTIC_GRID if t < max_tokens} | {max_tokens})
+        budget, budget_why = memory_budget, "given"
+    factories = dict(prepare_finalize_factories=prepare_finalize_factories, experts_factories=experts_factories)
+    found = candidates(ctx, **factories)
+    valid = [c for c in found if c.valid]
+    grid = selection_grid(ctx, valid)
+    tuned = _tune_missing(ctx, grid, tune) if valid else ""
+    if tuned:
+        found = candidates(ctx, **factories)
+        valid = [c for c in found if c.valid]
+    table = tuning.table_for(ctx.device)
     fits, over = within_budget(valid, ctx, budget, grid)
     plan: list[Choice] = []
     decided_by = "nothing: no valid pair fits"
-    if valid and measured_grid and table is not None:
-        plan = _plan_measured(fits, grid)
-        decided_by = f"measured table {table.path} ({table.gpu}; {table.source})"
+    if valid and table is not None and any(c.times for c in valid):
+        plan = _plan_measured(fits, valid, grid)
+        decided_by = f"measured table {table.path} ({table.gpu}; {table.source}){tuned}"
     if valid and not plan:
         plan = _plan_heuristic(fits, ctx, grid)
         reason = "no tuning table for this GPU" if table is None else f"table {table.path} has no times for this shape"
         decided_by = f"the parts' documented heuristics ({reason})"
-    return Selection(ctx, found, plan, decided_by, budget, workspace_cache, over)
+        log.info("%s: %s", ctx.cfg.name or tuning.ShapeKey.of(ctx.cfg), decided_by)
+    return Selection(ctx, found, plan, decided_by, budget, budget_why, workspace_cache, over)

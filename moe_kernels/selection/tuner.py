@@ -93,12 +93,14 @@ def tune_shape(
     gpu: str | None = None,
     quant: str = "none",
 ) -> dict[str, dict[int, float]]:
-    """Tune one layer: tiles first (written to the table so the pairs use them), then every valid
-    pair. Returns ``pair name -> {T: us}``; the table in ``tables_dir`` is updated as it goes."""
+    """Tune one layer: tiles first (written to the table so the pairs use them; ``tile_candidates=0``
+    keeps the heuristic tiles), then every valid pair. Returns ``pair name -> {T: us}``; the table
+    in ``tables_dir`` is updated as it goes."""
 
     key = str(tuning.ShapeKey.of(shape.layer(max(grid), quant)))
     for tokens in grid:
-        if quant != "none" or tokens * shape.top_k / shape.num_experts > TILE_MAX_ROWS_PER_EXPERT:
+        fused_contender = tokens * shape.top_k / shape.num_experts <= TILE_MAX_ROWS_PER_EXPERT
+        if quant != "none" or not fused_contender or tile_candidates == 0:
             continue
         g1, g2, us = tune_tiles(shape, tokens, tile_candidates, measure)
         progress(f"{key} T={tokens}: fused tiles {g1} / {g2}: {us:.1f} us")
@@ -128,7 +130,8 @@ def tune_shape(
 def write_table(directory: Path, key: str, entry: dict[str, Any], source: str, gpu: str | None = None) -> Path:
     """Merge ``entry`` (``section -> name -> {T: value}``) into ``key`` of ``gpu``'s table (default:
     this GPU's) in ``directory``, token count by token count: a run over part of the grid refines
-    those points and keeps the others. Makes it the table selection reads in this process."""
+    those points and keeps the others. A directory selection does not read yet becomes the
+    ``MOE_KERNELS_TABLES`` of this process."""
     gpu = gpu or torch.cuda.get_device_name()
     path = directory / f"{tuning.slug(gpu)}.json"
     directory.mkdir(parents=True, exist_ok=True)
@@ -141,6 +144,7 @@ def write_table(directory: Path, key: str, entry: dict[str, Any], source: str, g
         for name, per_t in values.items():
             shape.setdefault(section, {}).setdefault(name, {}).update({str(t): v for t, v in per_t.items()})
     path.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.environ[tuning.ENV_DIR] = str(directory)
+    if directory.resolve() not in {d.resolve() for d in tuning.table_dirs()}:
+        os.environ[tuning.ENV_DIR] = str(directory)
     tuning.forget_tables()
     return path
