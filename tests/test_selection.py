@@ -84,7 +84,7 @@ def test_first_use_tuning_measures_the_missing_points_and_selection_reads_them(
     write_times(fake_gpu, cfg, {TRITON: {1: 10.0}, FUSED: {1: 5.0}})
     asked: list[list[int]] = []
 
-    def measure(ctx, points, budget_s=autotune.DEFAULT_BUDGET_S):  # what the tuner would write
+    def measure(ctx, points, seconds=None):  # what the tuner would write
         asked.append(points)
         times = {TRITON: dict.fromkeys(points, 1.0), FUSED: dict.fromkeys(points, 9.0)}
         write_times(tuning.cache_dir(), ctx.cfg, times)
@@ -112,6 +112,20 @@ def test_first_use_tuning_runs_only_where_it_measures_honestly(monkeypatch: pyte
     assert "CUDA GPU, not cpu" in autotune.why_not(ctx)
     ep = layer_context(layer().model_copy(update={"parallel": ParallelConfig(ep_size=2)}), device="cpu")
     assert "every rank must choose alike" in autotune.why_not(ep)
+    monkeypatch.setenv(autotune.ENV_SWITCH, "5")
+    assert autotune.budget_s() == 5.0 and autotune.why_not(ctx) is not None  # a budget, still not on a CPU
+    monkeypatch.setenv(autotune.ENV_SWITCH, "soon")
+    assert autotune.budget_s() == autotune.DEFAULT_BUDGET_S
+
+
+def test_a_fallback_to_the_heuristics_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    moe = MoEConfig(num_experts=4, top_k=2, hidden_size=80, intermediate_size=96)  # a shape no other test uses
+    cfg = LayerConfig(name="once", moe=moe, parallel=ParallelConfig(max_tokens_per_rank=48))
+    with caplog.at_level("INFO", logger="moe_kernels"):
+        select(cfg, device="cpu")
+        select(cfg, device="cpu")
+    said = [r.getMessage() for r in caplog.records if "heuristics" in r.getMessage()]
+    assert len(said) == 1 and str(tuning.ShapeKey.of(cfg)) in said[0], said
 
 
 def test_the_first_use_cache_is_per_library_versions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

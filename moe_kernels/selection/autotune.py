@@ -24,10 +24,22 @@ import torch
 from moe_kernels.core import tuning
 from moe_kernels.core.contract import LayerContext
 
+#: ``0`` turns tuning on first use off; a number of seconds sets its budget per layer shape
 ENV_SWITCH = "MOE_KERNELS_TUNE"
 #: seconds one layer shape may spend measuring before the rest of its points are left unmeasured
 #: (the first call of each new GEMM shape also pays its JIT compile, once per process)
 DEFAULT_BUDGET_S = 30.0
+
+
+def budget_s() -> float:
+    """The seconds per layer shape: ``$MOE_KERNELS_TUNE`` when it is a positive number, else
+    :data:`DEFAULT_BUDGET_S`."""
+    try:
+        seconds = float(os.environ.get(ENV_SWITCH, ""))
+    except ValueError:
+        return DEFAULT_BUDGET_S
+    return seconds if seconds > 0 else DEFAULT_BUDGET_S
+
 
 log = logging.getLogger("moe_kernels")
 
@@ -55,9 +67,10 @@ def missing_points(ctx: LayerContext, grid: list[int]) -> list[int]:
     return [t for t in grid if t not in measured]
 
 
-def tune_points(ctx: LayerContext, points: list[int], budget_s: float = DEFAULT_BUDGET_S) -> list[int]:
-    """Measure every valid pair of the layer at ``points`` (smallest first) until ``budget_s`` is
-    spent; write them to the first-use cache and return the points measured."""
+def tune_points(ctx: LayerContext, points: list[int], seconds: float | None = None) -> list[int]:
+    """Measure every valid pair of the layer at ``points`` (smallest first) until ``seconds``
+    (default :func:`budget_s`) are spent; write them to the first-use cache and return the points
+    measured."""
     from moe_kernels.selection.problems import BenchShape
     from moe_kernels.selection.timing import Timer
     from moe_kernels.selection.tuner import tune_shape
@@ -65,11 +78,12 @@ def tune_points(ctx: LayerContext, points: list[int], budget_s: float = DEFAULT_
     shape = BenchShape.of(ctx.cfg)
     timer = Timer(max_runs=20, target_s=0.05)
     source = f"tuned on first use ({tuning.library_versions()})"
+    seconds = budget_s() if seconds is None else seconds
     start, done = time.perf_counter(), []
-    log.info("tuning %s on first use at T=%s (budget %.0f s)", tuning.ShapeKey.of(ctx.cfg), points, budget_s)
+    log.info("tuning %s on first use at T=%s (budget %.0f s)", tuning.ShapeKey.of(ctx.cfg), points, seconds)
     with torch.cuda.device(ctx.device):
         for t in sorted(points):
-            if time.perf_counter() - start > budget_s:
+            if time.perf_counter() - start > seconds:
                 break
             tune_shape(
                 shape, [t], timer.graphed, tile_candidates=0, progress=log.debug, tables_dir=tuning.cache_dir(),
@@ -78,6 +92,6 @@ def tune_points(ctx: LayerContext, points: list[int], budget_s: float = DEFAULT_
             done.append(t)
     left = sorted(set(points) - set(done))
     if left:
-        log.warning("tuning on first use spent its %.0f s budget; T=%s left to the parts' heuristics", budget_s, left)
+        log.warning("tuning on first use spent its %.0f s budget; T=%s left to the parts' heuristics", seconds, left)
     tuning.forget_tables()
     return done

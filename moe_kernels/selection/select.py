@@ -312,6 +312,12 @@ def _merge(plan: list[Choice]) -> list[Choice]:
     return merged
 
 
+@functools.cache
+def _log_once(message: str) -> None:
+    """Log a fallback once per process: a model's 60 layers of one shape say it once."""
+    log.info(message)
+
+
 def selection_grid(ctx: LayerContext, valid: list[Candidate]) -> list[int]:
     """The token counts a plan is decided at: every measured one and the heuristic grid, up to the
     layer's largest call, which closes it. Under expert parallelism all ranks must run the same
@@ -333,7 +339,8 @@ def _tune_missing(ctx: LayerContext, grid: list[int], tune: bool) -> str:
         return ""
     reason = "tune=False" if not tune else autotune.why_not(ctx)
     if reason is not None:
-        log.info("no measurement covers T=%s of %s; not tuning on first use: %s", missing, ctx.cfg.name, reason)
+        key = tuning.ShapeKey.of(ctx.cfg)
+        _log_once(f"no measurement covers T={missing} of {key}; not tuning on first use: {reason}")
         return ""
     done = autotune.tune_points(ctx, missing)
     return f"; T={done} tuned on first use" if done else ""
@@ -380,5 +387,5 @@ def select(
         plan = _plan_heuristic(fits, ctx, grid)
         reason = "no tuning table for this GPU" if table is None else f"table {table.path} has no times for this shape"
         decided_by = f"the parts' documented heuristics ({reason})"
-        log.info("%s: %s", ctx.cfg.name or tuning.ShapeKey.of(ctx.cfg), decided_by)
+        _log_once(f"{tuning.ShapeKey.of(ctx.cfg)}: {decided_by}")
     return Selection(ctx, found, plan, decided_by, budget, budget_why, workspace_cache, over)
