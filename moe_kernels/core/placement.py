@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,8 +62,9 @@ class ExpertPlacement:
 
     @classmethod
     def from_rank_experts(cls, rank_experts: Sequence[Sequence[int]], ep_rank: int) -> ExpertPlacement:
-        """From the global ids each rank holds, in local order."""
-        return cls(tuple(tuple(int(e) for e in r) for r in rank_experts), ep_rank)
+        """From the global ids each rank holds, in local order. An id that is not an integer
+        (``2.5``, ``"3"``, ``True``) is a ``TypeError``, not truncated."""
+        return cls(tuple(tuple(_expert_id(e, rank) for e in r) for rank, r in enumerate(rank_experts)), ep_rank)
 
     @classmethod
     def from_owners(cls, owners: Sequence[int], ep_rank: int) -> ExpertPlacement:
@@ -140,3 +142,13 @@ def map_expert_ids(topk_ids: torch.Tensor, table: torch.Tensor | None) -> torch.
         return topk_ids
     mapped = table.to(topk_ids.dtype)[topk_ids.clamp(min=0)]
     return torch.where(topk_ids >= 0, mapped, torch.full_like(topk_ids, -1))
+
+
+def _expert_id(value: object, rank: int) -> int:
+    """``value`` as an expert id: an ``int`` (a NumPy or 0-d integer tensor too), never a bool or
+    a float, which ``int()`` would truncate into another expert's id."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral | torch.Tensor):
+        raise TypeError(f"rank_experts[{rank}]: expert ids must be integers, got {value!r} ({type(value).__name__})")
+    if isinstance(value, torch.Tensor) and (value.numel() != 1 or value.is_floating_point() or value.is_complex()):
+        raise TypeError(f"rank_experts[{rank}]: expert ids must be integers, got a {value.dtype} tensor {value!r}")
+    return int(value)

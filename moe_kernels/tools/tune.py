@@ -19,6 +19,7 @@ from moe_kernels.selection.problems import SHAPES, BenchShape
 from moe_kernels.selection.timing import Timer
 from moe_kernels.selection.tuner import DEFAULT_TOKENS, tune_shape
 from moe_kernels.tools.args import positive_ints, shape_names
+from moe_kernels.tools.harness import require_cuda
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,9 +47,7 @@ def layers(args: argparse.Namespace) -> list[BenchShape]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not torch.cuda.is_available():
-        print("tune: skipped: it measures on a CUDA GPU and this machine has none")
-        return 0
+    require_cuda("tune", "it measures kernels on the GPU it writes a table for")
     shapes = layers(args)
     if not shapes:
         print("tune: give --config FILE or --shapes NAMES", file=sys.stderr)

@@ -46,6 +46,7 @@ from moe_kernels.selection.timing import Timer, copy_bandwidth_gbs, matmul_tflop
 from moe_kernels.selection.tuner import tune_shape
 from moe_kernels.tools.args import positive_ints, shape_names
 from moe_kernels.tools.bench.tables import format_table
+from moe_kernels.tools.harness import require_cuda
 
 DEFAULT_TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
 
@@ -350,9 +351,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; print the tables (stdout) and progress (stderr)."""
-    if not torch.cuda.is_available():
-        print("bench experts: skipped: it times with CUDA events and this machine has no CUDA GPU")
-        return 0
+    require_cuda("bench experts", "it times with CUDA events")
     from moe_kernels.core.compose import WorkspaceCache
     from moe_kernels.selection.select import select
 
