@@ -19,6 +19,7 @@ import torch
 
 from moe_kernels._version import __version__
 from moe_kernels.config import LayerConfig, MoEConfig
+from moe_kernels.core.contract import LayerContext
 from moe_kernels.model import memory
 from moe_kernels.tools.harness import (
     CliError,
@@ -202,31 +203,12 @@ def _refuse_if_too_big(
 
 def cmd_list(args: argparse.Namespace) -> int:
     from moe_kernels.core.compose import layer_context
-    from moe_kernels.selection import registry
 
     cfg = load_layer_config(args.config, args.dtype) if args.config else DEFAULT_LIST_CONFIG
     if args.dtype and not args.config:
         cfg = _with_dtype(cfg, args.dtype, "--dtype")
     device = resolve_device(args.device)
-    ctx = layer_context(cfg, device=device)
-    rows: list[tuple[str, str, str, str, str]] = []
-    for kind, factories in (("prepare/finalize", registry.PREPARE_FINALIZE), ("experts", registry.EXPERTS)):
-        for make in factories:
-            try:
-                part = make(cfg)
-            except Exception as e:  # the registry promises factories never fail; show it if one does
-                rows.append((kind, "?", "-", "no", f"building it failed: {type(e).__name__}: {e}"))
-                continue
-            layout = part.output_layout if kind == "prepare/finalize" else part.input_layout
-            checks = part.checks(ctx)
-            failed = [c for c in checks if not c.ok]
-            if failed:
-                why = "; ".join(f"{c.name}: {c.reason}" for c in (failed if args.verbose else failed[:1]))
-                if len(failed) > 1 and not args.verbose:
-                    why += f" (+{len(failed) - 1} more, --verbose)"
-            else:
-                why = checks[0].reason
-            rows.append((kind, part.name, layout.value, "no" if failed else "yes", why))
+    rows = _part_rows(cfg, layer_context(cfg, device=device), verbose=args.verbose)
     m = cfg.moe
     print(
         wrap(
@@ -236,6 +218,35 @@ def cmd_list(args: argparse.Namespace) -> int:
     )
     print(aligned_table(("kind", "name", "layout", "runs", "why"), rows))
     return 0
+
+
+def _part_rows(cfg: LayerConfig, ctx: LayerContext, *, verbose: bool) -> list[tuple[str, str, str, str, str]]:
+    """``(kind, name, layout, runs, why)`` of every registered part for ``ctx``."""
+    from moe_kernels.core.contract import PermuteExpertsUnpermute, PrepareAndFinalize
+    from moe_kernels.selection import registry
+
+    rows: list[tuple[str, str, str, str, str]] = []
+    for make in (*registry.PREPARE_FINALIZE, *registry.EXPERTS):
+        try:
+            part = make(cfg)
+        except Exception as e:  # the registry promises factories never fail; show it if one does
+            kind = "prepare/finalize" if make in registry.PREPARE_FINALIZE else "experts"
+            rows.append((kind, "?", "-", "no", f"building it failed: {type(e).__name__}: {e}"))
+            continue
+        if isinstance(part, PrepareAndFinalize):
+            kind, layout = "prepare/finalize", part.output_layout
+        else:
+            assert isinstance(part, PermuteExpertsUnpermute)  # the registry's two kinds
+            kind, layout = "experts", part.input_layout
+        checks = part.checks(ctx)
+        failed = [c for c in checks if not c.ok]
+        why = checks[0].reason
+        if failed:
+            why = "; ".join(f"{c.name}: {c.reason}" for c in (failed if verbose else failed[:1]))
+            if len(failed) > 1 and not verbose:
+                why += f" (+{len(failed) - 1} more, --verbose)"
+        rows.append((kind, part.name, layout.value, "no" if failed else "yes", why))
+    return rows
 
 
 # --- explain ------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ def check_and_time(
     """Run ``layer`` on ``tokens`` random rows, compare with the reference kernel on the same
     routing, then time the layer (and the reference, when asked). Single-process only."""
     cfg = layer.cfg
-    device = layer.w13.device
+    device = layer.kernel.ctx.device
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     x = torch.randn(tokens, cfg.moe.hidden_size, generator=gen, device=device).to(cfg.moe.dtype)
     ref_kernel = reference_kernel(cfg, device, layer.placement)
