@@ -228,3 +228,45 @@ def test_relative_links_resolve(doc: str) -> None:
     targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text())
     missing = [t for t in targets if "://" not in t and not (path.parent / t).exists()]
     assert not missing, f"{doc} links to missing files: {missing}"
+
+
+def test_plot_shows_speedups_with_distinct_styles(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from moe_kernels.tools.bench.plot import Panel, plot_panels, speedups, styles
+
+    panel = Panel("shape", {"peer": [(1, 10.0), (16, 20.0)], "select": [(1, 8.0), (16, 25.0), (64, 5.0)]})
+    for i in range(10):
+        panel.series[f"pair{i}"] = [(1, 10.0 + i)]
+    ratios = speedups(panel)
+    assert "peer" not in ratios
+    assert ratios["select"] == [(1, 10.0 / 8.0), (16, 20.0 / 25.0)]  # only where the peer was measured
+    assert len(set(styles(len(ratios)))) == len(ratios) == 11
+    assert len({marker for _, marker in styles(11)}) > 1 and len({colour for colour, _ in styles(11)}) == 11
+    assert len(set(styles(45))) == 45
+    assert plot_panels([panel], tmp_path / "p.png") is None
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_panels([Panel("no peer", {"select": [(1, 1.0)]})], tmp_path / "q.png") is not None
+
+
+def test_progress_counts_and_estimates(capsys: pytest.CaptureFixture[str]) -> None:
+    from moe_kernels.tools.progress import Progress
+
+    with Progress(4, "tune") as progress:
+        progress.say("measured T=1")
+        progress.advance(3)
+    err = capsys.readouterr().err
+    assert "measured T=1" in err and "3/4" in err and "<" in err  # done/total and elapsed<remaining
+
+
+@pytest.mark.gpu
+def test_gpu_timer_is_do_bench_median_of_graph_replays() -> None:
+    """A kernel that sleeps a known number of cycles: the graph-replay median scales with it."""
+    from moe_kernels.selection.timing import Timer, time_cuda
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    short = time_cuda(lambda: torch.cuda._sleep(100_000))
+    long = time_cuda(lambda: torch.cuda._sleep(400_000))
+    assert 3.0 < long / short < 5.0
+    graphed = Timer(max_runs=50, target_s=0.05).graphed(lambda: torch.cuda._sleep(100_000), "sleep")
+    assert graphed == pytest.approx(short, rel=0.25)

@@ -103,13 +103,7 @@ class FusedMoE(nn.Module):
         else:
             if workspace_cache is not None or memory_budget is not None:
                 raise ValueError("workspace_cache/memory_budget: pass them to the kernel you build, not with kernel=")
-            if kernel.cfg.model_copy(update={"name": cfg.name}) != cfg:  # the name is only a label
-                raise ValueError(f"kernel was composed for {kernel.cfg!r}, but this layer is {cfg!r}")
-            if kernel.ctx.placement != self.placement or kernel.ctx.device != dev:
-                raise ValueError(
-                    f"kernel was composed for {kernel.ctx.placement.describe()} on {kernel.ctx.device}, "
-                    f"but this layer is {self.placement.describe()} on {dev}"
-                )
+            _check_given_kernel(kernel, cfg, self.placement, dev)
             self.selection = None
             self.kernel = kernel
         check_layer_fits(self.cfg, self.selection, dev)  # before the weights are allocated
@@ -304,6 +298,17 @@ class FusedMoE(nn.Module):
             parts.append(self.placement.describe())
         parts.append(f"kernel={self.kernel.name}")
         return ", ".join(parts)
+
+
+def _check_given_kernel(kernel: Kernel, cfg: LayerConfig, placement: ExpertPlacement, device: torch.device) -> None:
+    """A kernel passed to ``FusedMoE(kernel=)`` must be built for this layer, placement and device."""
+    if kernel.cfg.model_copy(update={"name": cfg.name}) != cfg:  # the name is only a label
+        raise ValueError(f"kernel was composed for {kernel.cfg!r}, but this layer is {cfg!r}")
+    if kernel.ctx.placement != placement or kernel.ctx.device != device:
+        raise ValueError(
+            f"kernel was composed for {kernel.ctx.placement.describe()} on {kernel.ctx.device}, "
+            f"but this layer is {placement.describe()} on {device}"
+        )
 
 
 def _parameter(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:

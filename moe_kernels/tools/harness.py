@@ -37,7 +37,7 @@ Timer = Callable[[Callable[[], object]], float]
 
 def cuda_timer(fn: Callable[[], object]) -> float:
     """Median of CUDA-event timings after warm-up, L2 flushed before each run."""
-    return time_cuda(fn).median_us
+    return time_cuda(fn)
 
 
 def cpu_timer(fn: Callable[[], object], *, budget_s: float = 1.0, max_runs: int = 5) -> float:
