@@ -270,3 +270,34 @@ def test_gpu_timer_is_do_bench_median_of_graph_replays() -> None:
     assert 3.0 < long / short < 5.0
     graphed = Timer(max_runs=50, target_s=0.05).graphed(lambda: torch.cuda._sleep(100_000), "sleep")
     assert graphed == pytest.approx(short, rel=0.25)
+
+
+def test_the_package_logger_is_silent_by_default() -> None:
+    import logging
+
+    logger = logging.getLogger("moe_kernels")
+    assert any(isinstance(h, logging.NullHandler) for h in logger.handlers)
+
+
+def test_the_memory_estimate_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="moe_kernels"):
+        FusedMoE(load_config(ROOT / "configs/tiny-test.yaml"), device="cpu")
+    assert any("layer tiny-test on cpu: about" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.gpu
+def test_a_kernels_first_call_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    layer = FusedMoE(load_config(ROOT / "configs/tiny-test.yaml"), device="cuda")
+    x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+    layer.load_weights(router_weight=torch.randn(8, 64, device="cuda"))
+    for e in range(8):
+        layer.load_weights(
+            gate_proj={e: torch.randn(128, 64)}, up_proj={e: torch.randn(128, 64)}, down_proj={e: torch.randn(64, 128)}
+        )
+    with caplog.at_level("INFO", logger="moe_kernels"):
+        layer(x)
+        layer(x)
+    first = [r.getMessage() for r in caplog.records if "first call" in r.getMessage()]
+    assert len(first) == 1 and "JIT compiles included" in first[0]
