@@ -130,13 +130,7 @@ def _unavailable(message: str) -> Callable[[argparse.Namespace], int]:
 def cmd_run(args: argparse.Namespace) -> int:
     from moe_kernels.tools.harness import check_and_time, default_timer, random_layer
 
-    cfg = load_layer_config(args.config, args.dtype)
-    if cfg.parallel.ep_size > 1:
-        raise CliError(
-            f"{args.config}: run is single-process, so parallel.ep_size must be 1 (got {cfg.parallel.ep_size}); "
-            "use --ep-size/--ep-rank to run one rank's share, or `moe-kernels bench ep` for expert parallelism"
-        )
-    cfg = one_rank_config(cfg, args.ep_size, args.ep_rank, args.config)
+    cfg = one_process_config(load_layer_config(args.config, args.dtype), args)
     device = resolve_device(args.device)
     start = time.perf_counter()
 
@@ -256,12 +250,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     cfg = load_layer_config(args.config, args.dtype)
     if args.tokens is not None:
         cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"max_tokens_per_rank": args.tokens})})
-    if cfg.parallel.ep_size > 1 and args.ep_size == 1:
-        # one process cannot join an EP group: explain one rank's share, as run does
-        args.ep_size, args.ep_rank = cfg.parallel.ep_size, cfg.parallel.ep_rank
-        cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"ep_size": 1, "ep_rank": 0})})
-        print(f"{args.config}: parallel.ep_size={args.ep_size}: explaining rank {args.ep_rank}'s share")
-    cfg = one_rank_config(cfg, args.ep_size, args.ep_rank, args.config)
+    cfg = one_process_config(cfg, args)
     selection = select_for_run(cfg, resolve_device(args.device))
     print(f"{cfg.name or args.config}")
     print(wrap(selection.explain(verbose=args.verbose)))
@@ -278,6 +267,21 @@ def _add_config_args(parser: argparse.ArgumentParser, *, config_required: bool) 
     parser.add_argument("--config", required=config_required, help="a layer YAML, e.g. configs/qwen3-30b-a3b.yaml")
     parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", help="override moe.dtype: bfloat16, float16 or float32")
+
+
+def one_process_config(cfg: LayerConfig, args: argparse.Namespace) -> LayerConfig:
+    """``cfg`` as one process runs it: rank ``--ep-rank`` of ``--ep-size``'s experts, or, for a
+    config with ``parallel.ep_size > 1`` and no ``--ep-size``, its own rank's share (one process
+    cannot join an expert-parallel group; `moe-kernels bench ep` measures the dispatch)."""
+    if cfg.parallel.ep_size > 1 and args.ep_size == 1:
+        args.ep_size, args.ep_rank = cfg.parallel.ep_size, cfg.parallel.ep_rank
+        single = cfg.parallel.model_copy(update={"ep_size": 1, "ep_rank": 0})
+        cfg = cfg.model_copy(update={"parallel": single})
+        print(
+            wrap(f"{args.config}: one process: rank {args.ep_rank} of ep_size={args.ep_size}'s experts (--ep-rank)"),
+            file=sys.stderr,
+        )
+    return one_rank_config(cfg, args.ep_size, args.ep_rank, args.config)
 
 
 def _add_rank_args(parser: argparse.ArgumentParser) -> None:
