@@ -73,6 +73,10 @@ class FusedMoE(nn.Module):
             anything is allocated.
     """
 
+    # set in __init__ from the weight format (setattr); declared for the type checker
+    w13: nn.Parameter
+    w2: nn.Parameter
+
     def __init__(
         self,
         cfg: LayerConfig,
