@@ -27,6 +27,7 @@ that worst case every call).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -183,21 +184,27 @@ def _path_calls(
     ht = path.endswith("-ht")
     capacity = p["ht_max_tokens"] if ht else max(x.shape[0], p["ll_min_capacity"])
     alignment = deep_gemm.alignment() or 1  # what the DeepGEMM experts would ask for
+    point = _Point(group, p, capacity, alignment, x, ids, w)
     if path == "torch-a2a" or path.startswith("ours"):
-        return _ours_calls(path, group, p, capacity, alignment, x, ids, w)
-    return _raw_calls(group, p, capacity, alignment, x, ids, w, ht=ht)
+        return _ours_calls(path, point)
+    return _raw_calls(point, ht=ht)
 
 
-def _ours_calls(
-    path: str,
-    group: dist.ProcessGroup,
-    p: dict[str, Any],
-    capacity: int,
-    alignment: int,
-    x: torch.Tensor,
-    ids: torch.Tensor,
-    w: torch.Tensor,
-) -> tuple[Callable[[], Any], Callable[[Any], None]]:
+@dataclasses.dataclass(frozen=True)
+class _Point:
+    """One path's inputs at one T: the group, the run's parameters, the buffers' capacity in
+    tokens per rank, the experts' row alignment, and ``x [T, H]``, ``ids``/``w [T, K]``."""
+
+    group: dist.ProcessGroup
+    p: dict[str, Any]
+    capacity: int
+    alignment: int
+    x: torch.Tensor
+    ids: torch.Tensor
+    w: torch.Tensor
+
+
+def _ours_calls(path: str, point: _Point) -> tuple[Callable[[], Any], Callable[[Any], None]]:
     """Our prepare/finalize parts (DeepEP or torch all-to-all), bound as a layer binds them."""
     from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig
     from moe_kernels.core.compose import layer_context
@@ -208,15 +215,16 @@ def _ours_calls(
     )
     from moe_kernels.prepare_finalize.torch_a2a import TorchAllToAllPrepareAndFinalize
 
+    group, p, x, ids, w = point.group, point.p, point.x, point.ids, point.w
     moe = MoEConfig(num_experts=p["num_experts"], top_k=p["top_k"], hidden_size=p["hidden"], intermediate_size=8)
-    parallel = ParallelConfig(ep_size=group.size(), ep_rank=group.rank(), max_tokens_per_rank=capacity)
+    parallel = ParallelConfig(ep_size=group.size(), ep_rank=group.rank(), max_tokens_per_rank=point.capacity)
     ctx = layer_context(LayerConfig(moe=moe, parallel=parallel), group=group)
     pf: PrepareAndFinalize
     if path == "torch-a2a":
         pf, fmt = TorchAllToAllPrepareAndFinalize(), TokenFormat(Layout.STANDARD)
     else:
         mode = DeepEPHighThroughputPrepareAndFinalize if path.endswith("-ht") else DeepEPLowLatencyPrepareAndFinalize
-        pf, fmt = mode(num_sms=p["num_sms"]), TokenFormat(Layout.EXPANDED, alignment)
+        pf, fmt = mode(num_sms=p["num_sms"]), TokenFormat(Layout.EXPANDED, point.alignment)
     pf.bind(ctx, fmt)
     out = torch.empty_like(x)
 
@@ -229,24 +237,15 @@ def _ours_calls(
     return dispatch, combine
 
 
-def _raw_calls(
-    group: dist.ProcessGroup,
-    p: dict[str, Any],
-    capacity: int,
-    alignment: int,
-    x: torch.Tensor,
-    ids: torch.Tensor,
-    w: torch.Tensor,
-    *,
-    ht: bool,
-) -> tuple[Callable[[], Any], Callable[[Any], None]]:
+def _raw_calls(point: _Point, *, ht: bool) -> tuple[Callable[[], Any], Callable[[Any], None]]:
     """The same ``EPBuffer.dispatch``/``combine`` calls made directly: what our wrapper costs."""
     from moe_kernels.backends import deep_ep as deep_ep_backend
     from moe_kernels.prepare_finalize import deepep_buffer as epb
 
     deep_ep, _ = deep_ep_backend.probe_deep_ep()
     assert deep_ep is not None  # the raw paths run only where the DeepEP parts' checks passed
-    e = p["num_experts"]
+    x, ids, w, capacity, alignment = point.x, point.ids, point.w, point.capacity, point.alignment
+    e, group, p = point.p["num_experts"], point.group, point.p
     buffer = epb.reserve(group, num_max_tokens_per_rank=capacity, hidden=x.shape[1], top_k=ids.shape[1])
     sms = p["num_sms"] or epb.num_sms_for(buffer, e, ids.shape[1])
     idx = ids.to(deep_ep.topk_idx_t)
