@@ -302,3 +302,20 @@ def test_a_kernels_first_call_is_logged_once(caplog: pytest.LogCaptureFixture) -
         layer(x)
     first = [r.getMessage() for r in caplog.records if "first call" in r.getMessage()]
     assert len(first) == 1 and "JIT compiles included" in first[0]
+
+
+def test_a_closed_pipe_is_not_a_traceback() -> None:
+    """``moe-kernels ... | head``: the reader is gone before the command writes (``true`` reads
+    nothing), so every write fails with EPIPE."""
+    import subprocess
+    import sys
+
+    command = f"{sys.executable} -m moe_kernels explain --config {ROOT / 'configs/tiny-test.yaml'} --device cpu"
+    proc = subprocess.run(
+        ["bash", "-c", f"{command} | (sleep 0; true); echo status=${{PIPESTATUS[0]}}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.stdout.strip() == "status=141"
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ from moe_kernels.tools.harness import (
     run_activation_bytes,
     select_for_run,
 )
-from moe_kernels.tools.terminal import aligned_table, dtype_name, format_us, key_value_table, wrap
+from moe_kernels.tools.terminal import aligned_table, dtype_name, format_us, key_value_table, terminal_width, wrap
 
 #: what ``list`` checks the parts against when no --config is given: a small unquantized layer
 DEFAULT_LIST_CONFIG = LayerConfig(
@@ -60,6 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as e:
         print(f"moe-kernels: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (`moe-kernels list | head`): stop quietly, as Unix tools do; the
+        # output still buffered goes to /dev/null so that the interpreter's exit flush cannot fail
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool its pipe closed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,7 +259,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     cfg = one_process_config(cfg, args)
     selection = select_for_run(cfg, resolve_device(args.device))
     print(f"{cfg.name or args.config}")
-    print(wrap(selection.explain(verbose=args.verbose)))
+    print(selection.explain(verbose=args.verbose, width=terminal_width()))
     if not selection.plan:
         print(f"moe-kernels: error: no registered kernel can run {cfg.name or args.config} here", file=sys.stderr)
         return 1
