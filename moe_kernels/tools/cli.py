@@ -31,6 +31,7 @@ from moe_kernels.tools.harness import (
     run_activation_bytes,
     select_for_run,
 )
+from moe_kernels.tools.progress import Progress
 from moe_kernels.tools.terminal import aligned_table, dtype_name, format_us, key_value_table, terminal_width, wrap
 
 #: what ``list`` checks the parts against when no --config is given: a small unquantized layer
@@ -149,7 +150,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     estimate = memory.layer_memory(cfg, selection, run_activation_bytes(cfg, args.tokens))
     progress(f"{cfg.name or args.config} on {device}: {estimate.describe()}")
     _refuse_if_too_big(estimate, cfg, device, args)
-    layer = random_layer(cfg, device, seed=args.seed, progress=progress, kernel=selection.kernel)
+    with Progress(cfg.num_local_experts, "random weights", unit="expert") as drawing:
+        layer = random_layer(cfg, device, seed=args.seed, progress=drawing, kernel=selection.kernel)
     result = check_and_time(
         layer, args.tokens, timer=default_timer(device), seed=args.seed, time_reference=False, progress=progress
     )
