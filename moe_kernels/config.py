@@ -196,6 +196,11 @@ class MoEConfig(_Strict):
     shared_expert_gate: bool = Field(
         default=False, description="the shared output is scaled by sigmoid(x @ gate) (Qwen1.5/2-MoE)"
     )
+    shared_activation: ActivationField | None = Field(
+        default=None,
+        description="the shared experts' activation when it differs from the routed experts' (HY-V4: plain SwiGLU "
+        "beside clamped experts; Ling: its own clamp); None: the same as activation",
+    )
     max_tokens_per_chunk: int | None = Field(
         default=None, gt=0, description="split larger batches into chunks to bound workspace memory"
     )
@@ -229,6 +234,8 @@ class MoEConfig(_Strict):
             raise ValueError("num_shared_experts > 0 and shared_intermediate_size must be given together")
         if self.shared_expert_gate and not self.num_shared_experts:
             raise ValueError("shared_expert_gate needs num_shared_experts > 0")
+        if self.shared_activation is not None and not self.num_shared_experts:
+            raise ValueError("shared_activation needs num_shared_experts > 0")
         self._check_router()
         return self
 
@@ -269,6 +276,11 @@ class MoEConfig(_Strict):
                 "hash_routing takes experts from a table: num_expert_group, correction_bias and sparsemixer_eps "
                 "cannot apply"
             )
+
+    @property
+    def shared_act(self) -> Activation:
+        """The shared experts' activation (``shared_activation``, else ``activation``)."""
+        return self.shared_activation or self.activation
 
     @property
     def shared_width(self) -> int:

@@ -105,7 +105,7 @@ class SharedExpert(Generic[V]):
     float8_e4m3fn. ``expert_gate [1, H]`` is Qwen2-MoE's sigmoid gate on the shared output, else ``None``.
     """
 
-    gate_proj: V
+    gate_proj: V | None  # None: a non-gated MLP (Nemotron-H's relu2), whose GEMM1 is up_proj alone
     up_proj: V
     down_proj: V
     gate_proj_scale: V | None = None
@@ -729,8 +729,8 @@ def _describe_shared(lay: _Layer, variant: SharedNaming, hidden: int) -> SharedE
         down = lay.stored(lay.key(variant.down))
         scales: list[TensorInfo | None] = [None, None, None]
     else:
-        assert variant.gate is not None and variant.up is not None
-        weight_keys = [lay.key(t) for t in (variant.gate, variant.up, variant.down)]
+        assert variant.up is not None
+        weight_keys = [lay.key(t) for t in (variant.gate, variant.up, variant.down) if t is not None]
         missing = [k for k in weight_keys if k not in lay.reader.keys]
         if missing:
             raise ValueError(f"layer {lay.layer} of {lay.where} has a partial shared expert: no key '{missing[0]}'")
@@ -741,12 +741,17 @@ def _describe_shared(lay: _Layer, variant: SharedNaming, hidden: int) -> SharedE
                 f"layer {lay.layer} of {lay.where}: the shared expert has {SCALE_SUFFIX} scales for some projections"
                 f" but not others; no key '{absent}{SCALE_SUFFIX}'"
             )
-        gate, up, down = (lay.stored(k) for k in weight_keys)
+        stored = [lay.stored(k) for k in weight_keys]
         scales = [lay.stored(k + SCALE_SUFFIX) if s else None for k, s in zip(weight_keys, has_scale, strict=True)]
+        if variant.gate is None:  # not gated: no gate projection
+            stored, scales = [None, *stored], [None, *scales]
+        gate, up, down = stored
     for w, s in zip((gate, up, down), scales, strict=True):
-        _check_weight_and_scale(w, s)
-    width = gate.shape[0] if gate.shape else 0
-    _check_shape(gate, (width, hidden), "shared expert gate_proj")
+        if w is not None:
+            _check_weight_and_scale(w, s)
+    width = up.shape[0] if up.shape else 0
+    if gate is not None:
+        _check_shape(gate, (width, hidden), "shared expert gate_proj")
     _check_shape(up, (width, hidden), "shared expert up_proj")
     _check_shape(down, (hidden, width), "shared expert down_proj")
     expert_gate = None
@@ -897,7 +902,10 @@ def describe_moe_layer(
         extras[name] = lay.stored(lay.key(template))
         _check_dtype(extras[name], _INTS if name == "tid2eid" else _FLOATS, f"router {name}")
 
-    variant = next((v for v in spec.shared if lay.has(v.down)), None)
+    # the variant whose GEMM1 keys are there too (HY-V4's gate is linear_gate beside the same down_proj)
+    complete = (v for v in spec.shared if all(lay.has(t) for t in (v.gate, v.up, v.gate_up, v.down) if t))
+    variant = next(complete, None)
+    variant = variant or next((v for v in spec.shared if lay.has(v.down)), None)
     shared_info = None
     if shared:
         if variant is None:
@@ -978,7 +986,7 @@ def read_moe_layer(
         shared=None
         if sh is None
         else SharedExpert(
-            got[sh.gate_proj],
+            one(sh.gate_proj),
             got[sh.up_proj],
             got[sh.down_proj],
             one(sh.gate_proj_scale),

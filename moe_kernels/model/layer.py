@@ -123,7 +123,7 @@ class FusedMoE(nn.Module):
         self.shared_gate: nn.Parameter | None = None
         if moe.num_shared_experts:
             width = moe.shared_width
-            self.shared_w13 = _parameter((moe.activation.gemm1_rows(width), h), moe.dtype, dev)
+            self.shared_w13 = _parameter((moe.shared_act.gemm1_rows(width), h), moe.dtype, dev)
             self.shared_w2 = _parameter((h, width), moe.dtype, dev)
             if moe.shared_expert_gate:
                 self.shared_gate = _parameter((1, h), moe.dtype, dev)
@@ -169,11 +169,10 @@ class FusedMoE(nn.Module):
         return self.kernel(x, self.weights, topk_weights, topk_ids, residual=residual, check_values=False)
 
     def shared_experts(self, x: torch.Tensor) -> torch.Tensor:
-        """The shared experts' output ``[T, H]``: ``w2 @ act(w13 @ x)`` with the routed experts'
-        activation, scaled by ``sigmoid(x @ shared_gate)`` when the layer has that gate
-        (Qwen1.5/2-MoE)."""
+        """The shared experts' output ``[T, H]``: ``w2 @ act(w13 @ x)`` with ``moe.shared_act``, scaled
+        by ``sigmoid(x @ shared_gate)`` when the layer has that gate (Qwen1.5/2-MoE)."""
         assert self.shared_w13 is not None and self.shared_w2 is not None
-        hidden = self.cfg.mlp.activation.reference(F.linear(x, self.shared_w13)).to(x.dtype)
+        hidden = self.cfg.moe.shared_act.reference(F.linear(x, self.shared_w13)).to(x.dtype)
         y = F.linear(hidden, self.shared_w2)
         if self.shared_gate is not None:
             y = y * torch.sigmoid(F.linear(x, self.shared_gate))

@@ -86,6 +86,8 @@ class LayerLoader:
     def shared_names(self) -> list[str]:
         layer = self.layer
         names = ["shared_gate_proj", "shared_up_proj", "shared_down_proj"] if layer.shared_w13 is not None else []
+        if names and not layer.cfg.moe.shared_act.gated:
+            names.remove("shared_gate_proj")
         return names + (["shared_expert_gate"] if layer.shared_gate is not None else [])
 
     # --- loading --------------------------------------------------------------------------
@@ -196,6 +198,8 @@ class LayerLoader:
                 "shared_up_proj": (layer.shared_w13[width:], (width, h)),
                 "shared_down_proj": (layer.shared_w2, (h, width)),
             }
+            if not layer.cfg.moe.shared_act.gated:  # one GEMM1 projection: up fills shared_w13
+                targets["shared_up_proj"] = (targets.pop("shared_gate_proj")[0], (width, h))
         if layer.shared_gate is not None:
             targets["shared_expert_gate"] = (layer.shared_gate, (1, h))
         copies = []
@@ -293,7 +297,7 @@ def _checkpoint_shared(shared: object) -> dict[str, torch.Tensor | None]:
     out: dict[str, torch.Tensor | None] = {"shared_expert_gate": shared.expert_gate}  # type: ignore[attr-defined]
     for name in ("gate_proj", "up_proj", "down_proj"):
         weight, scale = getattr(shared, name), getattr(shared, f"{name}_scale")
-        if scale is not None:
+        if weight is not None and scale is not None:
             weight = fp8.dequantize_blocks(weight, scale)
         out[f"shared_{name}"] = weight
     return out

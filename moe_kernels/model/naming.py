@@ -109,6 +109,8 @@ _MLP_SHARED = (
     ),
     _shared("mlp.shared_mlp"),
     SharedNaming(gate_up="mlp.shared_experts.gate_up_proj.weight", down="mlp.shared_experts.down_proj.weight"),
+    _shared("mlp.shared_experts", gate="linear_gate"),  # HY-V4
+    SharedNaming(up="mlp.shared_experts.up_proj.weight", down="mlp.shared_experts.down_proj.weight"),  # not gated
 )
 _GRANITE_SHARED = (SharedNaming(gate_up="shared_mlp.input_linear.weight", down="shared_mlp.output_linear.weight"),)
 
@@ -227,6 +229,17 @@ NAMINGS: dict[str, LayerNaming] = {
         router=("mlp.router.weight",),
         block="mlp",
         router_extras={"bias": "mlp.router.bias"},
+    ),
+    # Inkling-2 hub checkpoints: gate/up rows interleaved, the correction bias as the gate's bias
+    "inkling2": LayerNaming(
+        experts=Fused(
+            gate_up=Stacked("mlp.experts.w13_weight", "out_in"),
+            down=Stacked("mlp.experts.w2_weight", "out_in"),
+            interleaved=True,
+        ),
+        router=("mlp.gate.weight",),
+        block="mlp",
+        correction_bias=("mlp.gate.bias",),
     ),
     "llama4": LayerNaming(
         experts=Fused(
