@@ -248,12 +248,14 @@ CASES: dict[str, Case] = {
         ),
     ),
     "hy_v4": Case(_m("hy_v4", "HYV4Config"), dict(swiglu_limit=0.5)),
-    "ergo": Case(_m("ergo", "ErgoConfig"), status="refused: non-gated relu2 experts"),
+    "ergo": Case(_m("ergo", "ErgoConfig"), status="refused: an RMSNorm on each expert's output"),
     "muse_spark": Case(_m("muse_spark", "MuseSparkTextConfig"), status="refused: projections and norms around"),
     "inkling": Case(_m("inkling", "InklingTextConfig"), status="refused: shared experts weighted by the router"),
     "inkling2": Case(_m("inkling2", "Inkling2TextConfig"), _INKLING2),
     "inkling2_loop": Case(_m("inkling2_loop", "Inkling2LoopTextConfig"), _INKLING2),
-    "diffusion_gemma": Case(_m("diffusion_gemma", "DiffusionGemmaTextConfig"), status="refused: GELU-tanh experts"),
+    "diffusion_gemma": Case(
+        _m("diffusion_gemma", "DiffusionGemmaTextConfig"), status="refused: an RMSNorm on the experts' input"
+    ),
     "ernie4_5_vl_moe": Case(
         _m("ernie4_5_vl_moe", "Ernie4_5_VLMoeTextConfig"),
         dict(moe_intermediate_size=[I_MOE, I_MOE]),
@@ -273,6 +275,6 @@ CASES: dict[str, Case] = {
     "gemma4": Case(
         _m("gemma4", "Gemma4TextConfig"),
         dict(enable_moe_block=True, moe_intermediate_size=I_MOE),
-        status="refused: GELU-tanh experts",
+        status="refused: an RMSNorm on the experts' input",
     ),
 }

@@ -149,12 +149,12 @@ class MoELayer(Generic[V]):
     @property
     def experts(self) -> tuple[int, ...]:
         """The global expert ids held, in the order they were asked for."""
-        return tuple(self.gate_proj)
+        return tuple(self.up_proj)
 
     @property
     def is_fp8(self) -> bool:
         """Whether the routed experts are float8_e4m3fn with block scales."""
-        return self.gate_proj_scale is not None
+        return self.up_proj_scale is not None
 
 
 @dataclass(frozen=True)
@@ -394,7 +394,7 @@ def _evidence(naming: LayerNaming) -> str:
     """The key (relative to the layer root, ``{e}`` cut off) whose presence marks a naming's experts."""
     ex = naming.experts
     if isinstance(ex, PerExpert):
-        return ex.gate.split("{e}")[0]
+        return ex.up.split("{e}")[0]
     return (ex.gate_up or ex.gate).key  # type: ignore[union-attr]  # Fused checks one of them is set
 
 
@@ -680,13 +680,14 @@ def _describe_per_expert(
 ) -> tuple[dict[str, dict[int, TensorInfo]], dict[str, dict[int, TensorInfo]] | None]:
     """One tensor per expert and projection, with FP8 block scales for all of them or none."""
     templates = {"gate_proj": ex.gate, "up_proj": ex.up, "down_proj": ex.down}
+    roles = tuple(role for role in _ROLES if templates[role] is not None)
     keys = lay.reader.keys
-    weight_keys: dict[str, dict[int, str]] = {role: {} for role in _ROLES}
+    weight_keys: dict[str, dict[int, str]] = {role: {} for role in roles}
     for e in ids:
-        for role, template in templates.items():
-            key = lay.key(template, e)
+        for role in roles:
+            key = lay.key(templates[role], e)  # type: ignore[arg-type]  # roles holds the set templates
             if key not in keys:
-                prefix = lay.root + ex.gate.split("{e}")[0]
+                prefix = lay.root + ex.up.split("{e}")[0]
                 present = {
                     int(h)
                     for k in lay.reader.layer_keys(lay.layer)
@@ -695,7 +696,7 @@ def _describe_per_expert(
                 has = f"; layer {lay.layer} has experts {_format_ids(present)}" if present else ""
                 raise ValueError(f"expert {e} of layer {lay.layer} is missing from {lay.where}: no key '{key}'{has}")
             weight_keys[role][e] = key
-    scaled = {(role, e): k + SCALE_SUFFIX in keys for role in _ROLES for e, k in weight_keys[role].items()}
+    scaled = {(role, e): k + SCALE_SUFFIX in keys for role in roles for e, k in weight_keys[role].items()}
     if any(scaled.values()) and not all(scaled.values()):
         with_scale = {e for (_, e), s in scaled.items() if s}
         role, e = next(role_expert for role_expert, s in scaled.items() if not s)
@@ -704,14 +705,14 @@ def _describe_per_expert(
             f" but not for all requested experts; no key '{weight_keys[role][e]}{SCALE_SUFFIX}' (expert {e})"
         )
     fp8 = any(scaled.values())
-    all_keys = [k for role in _ROLES for k in weight_keys[role].values()]
+    all_keys = [k for role in roles for k in weight_keys[role].values()]
     infos = lay.reader.infos(all_keys + ([k + SCALE_SUFFIX for k in all_keys] if fp8 else []))
-    weights = {role: {e: infos[k] for e, k in weight_keys[role].items()} for role in _ROLES}
+    weights = {role: {e: infos[k] for e, k in weight_keys[role].items()} for role in roles}
     scales = (
-        {role: {e: infos[k + SCALE_SUFFIX] for e, k in weight_keys[role].items()} for role in _ROLES} if fp8 else None
+        {role: {e: infos[k + SCALE_SUFFIX] for e, k in weight_keys[role].items()} for role in roles} if fp8 else None
     )
-    inter = weights["gate_proj"][ids[0]].shape[0] if weights["gate_proj"][ids[0]].shape else 0
-    for role in _ROLES:
+    inter = weights["up_proj"][ids[0]].shape[0] if weights["up_proj"][ids[0]].shape else 0
+    for role in roles:
         expected = (hidden, inter) if role == "down_proj" else (inter, hidden)
         for e in ids:
             _check_weight_and_scale(weights[role][e], None if scales is None else scales[role][e])
@@ -775,9 +776,8 @@ def _shared_keys(lay: _Layer) -> set[str]:
 def _expert_keys(lay: _Layer, num_experts: int) -> set[str]:
     ex = lay.naming.experts
     if isinstance(ex, PerExpert):
-        return {
-            lay.key(t, e) + s for t in (ex.gate, ex.up, ex.down) for e in range(num_experts) for s in ("", SCALE_SUFFIX)
-        }
+        templates = [t for t in (ex.gate, ex.up, ex.down) if t is not None]
+        return {lay.key(t, e) + s for t in templates for e in range(num_experts) for s in ("", SCALE_SUFFIX)}
     stacks = [s for s in (ex.gate_up, ex.gate, ex.up, ex.down) if s is not None]
     return {lay.key(s.key) for s in stacks} | {lay.key(b) for b in (ex.gate_up_bias, ex.down_bias) if b is not None}
 
@@ -920,11 +920,11 @@ def describe_moe_layer(
     return MoELayerInfo(
         layer=layer,
         naming=lay.name,
-        gate_proj=weights["gate_proj"],
+        gate_proj=weights.get("gate_proj", {}),
         up_proj=weights["up_proj"],
         down_proj=weights["down_proj"],
         router_weight=router,
-        gate_proj_scale=None if scales is None else scales["gate_proj"],
+        gate_proj_scale=None if scales is None else scales.get("gate_proj", {}),
         up_proj_scale=None if scales is None else scales["up_proj"],
         down_proj_scale=None if scales is None else scales["down_proj"],
         e_score_correction_bias=bias,

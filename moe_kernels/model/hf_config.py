@@ -211,6 +211,8 @@ _ALPHA_CLAMPED = Act(limit=Key(("swiglu_limit",)), alpha=Key(("swiglu_alpha",), 
 _LING = Act(limit=Key(("expert_swiglu_limit_list", "swiglu_limits"), 0), clamp="output")
 _LING_SHARED = Act(limit=Key(("share_expert_swiglu_limit_list", "swiglu_limits_shared"), 0), clamp="output")
 _SCORING_FUNC = Key(("scoring_func",), "sigmoid")
+#: Gemma-4's experts (GELU-tanh, which moe_kernels has) sit inside the decoder layer between norms of their own
+_GEMMA_NORMS = Refuse("an RMSNorm on the experts' input that the router does not see, and one on their output")
 _PER_EXPERT = {"sigmoid": "sigmoid", "sqrtsoftplus": "sqrtsoftplus"}
 
 
@@ -419,6 +421,7 @@ FAMILIES: dict[str, Family] = {
     "inkling2_text": _inkling2(),
     "inkling2_loop_text": _inkling2(),
     "nemotron_h": _deepseek_v3(
+        naming="nemotron-h",
         shared=Shared(_SHARED_N, Key(("moe_shared_expert_intermediate_size",))),
         activation=Act(name=Key(("mlp_hidden_act",), "relu2"), kinds=("relu2",)),
         refuse=(Refuse("a latent projection around the experts", Key(("moe_latent_size",)), (None,)),),
@@ -432,11 +435,11 @@ FAMILIES: dict[str, Family] = {
     "axk1": Family(naming="mlp-experts", refuse=(Refuse("an RMSNorm on the MoE output"),)),
     "jetmoe": Family(naming="jetmoe", refuse=(Refuse("a bias on the MoE output"),)),
     "longcat_flash": Family(naming="mlp-experts", refuse=(Refuse("zero-compute (identity) experts"),)),
-    "ergo": Family(naming="fused", refuse=(Refuse("non-gated relu2 experts with a norm on each expert's output"),)),
+    "ergo": Family(naming="fused", refuse=(Refuse("an RMSNorm on each expert's output"),)),
     "muse_spark_text": Family(naming="fused", refuse=(Refuse("projections and norms around the experts"),)),
     "inkling_text": Family(naming="fused", refuse=(Refuse("shared experts weighted by the router"),)),
-    "gemma4_text": Family(naming="fused", refuse=(Refuse("GELU-tanh experts with their own norms"),)),
-    "diffusion_gemma_text": Family(naming="fused", refuse=(Refuse("GELU-tanh experts with their own norms"),)),
+    "gemma4_text": Family(naming="fused", refuse=(_GEMMA_NORMS,)),
+    "diffusion_gemma_text": Family(naming="fused", refuse=(_GEMMA_NORMS,)),
     "ernie4_5_vl_moe_text": Family(naming="mlp-experts", refuse=(Refuse("a second expert set for image tokens"),)),
     "zaya": Family(naming="fused", refuse=(Refuse("an MLP router with cross-layer state and a skip expert"),)),
     "doge": Family(naming="mlp-experts", refuse=(Refuse("product-key experts"),)),
@@ -474,6 +477,7 @@ _WRAPPED_TEXT = {
     "aria": "aria_text",
     "step3p7": "step3p5",
 }
+_LAYER_COUNT = Key(("num_hidden_layers", "num_layers", "n_layers"))
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _MOE_LAYER_TYPES = ("sparse", "moe", "hash_moe")
 
@@ -521,7 +525,9 @@ def _require(cfg: Mapping[str, Any], key: Key, layer: int, what: str) -> Any:
 
 
 def _num_layers(cfg: Mapping[str, Any]) -> int:
-    return int(_require(cfg, Key(("num_hidden_layers", "num_layers", "n_layers")), 0, "layer count"))
+    if isinstance(cfg.get("layers_block_type"), list) and _get(cfg, _LAYER_COUNT) is None:
+        return len(cfg["layers_block_type"])  # Nemotron-H: one entry per layer, no count
+    return int(_require(cfg, _LAYER_COUNT, 0, "layer count"))
 
 
 def moe_layers(cfg: Mapping[str, Any]) -> tuple[list[int], str]:

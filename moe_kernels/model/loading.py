@@ -246,8 +246,13 @@ class LayerLoader:
                 raise ValueError(
                     f"{path}: layer {layer_index} has no e_score_correction_bias, but moe.correction_bias is true"
                 )
+            if not part.gate_proj and layer.cfg.mlp.activation.gated:
+                raise ValueError(
+                    f"{path}: layer {layer_index}'s experts are not gated (no gate projection), but the config's "
+                    f"activation is {layer.cfg.mlp.activation.describe()}"
+                )
             projections = {
-                "gate_proj": (part.gate_proj, part.gate_proj_scale),
+                "gate_proj": (part.gate_proj or None, part.gate_proj_scale or None),
                 "up_proj": (part.up_proj, part.up_proj_scale),
                 "down_proj": (part.down_proj, part.down_proj_scale),
             }

@@ -34,9 +34,10 @@ class Stacked:
 
 @dataclass(frozen=True)
 class PerExpert:
-    """One 2-D ``nn.Linear`` weight per expert and projection: ``gate``/``up`` ``[I, H]``, ``down`` ``[H, I]``."""
+    """One 2-D ``nn.Linear`` weight per expert and projection: ``gate``/``up`` ``[I, H]``, ``down`` ``[H, I]``;
+    ``gate`` ``None``: non-gated experts (Nemotron-H), whose GEMM1 is ``up`` alone."""
 
-    gate: str
+    gate: str | None
     up: str
     down: str
 
@@ -150,6 +151,14 @@ NAMINGS: dict[str, LayerNaming] = {
         router=("feed_forward.gate.weight",),
         block="feed_forward",
         correction_bias=("feed_forward.expert_bias",),
+    ),
+    # Nemotron-H: non-gated relu2 experts and shared expert under backbone.layers.N.mixer
+    "nemotron-h": LayerNaming(
+        experts=PerExpert(None, "mixer.experts.{e}.up_proj.weight", "mixer.experts.{e}.down_proj.weight"),
+        router=("mixer.gate.weight",),
+        block="mixer",
+        correction_bias=("mixer.gate.e_score_correction_bias",),
+        shared=(SharedNaming(up="mixer.shared_experts.up_proj.weight", down="mixer.shared_experts.down_proj.weight"),),
     ),
     "mistral-large4": LayerNaming(
         experts=_per_expert("experts", "w1", "w3", "w2"),
