@@ -196,6 +196,10 @@ class MoEConfig(_Strict):
     shared_expert_gate: bool = Field(
         default=False, description="the shared output is scaled by sigmoid(x @ gate) (Qwen1.5/2-MoE)"
     )
+    expert_bias: bool = Field(
+        default=False,
+        description="each routed expert adds a bias after each GEMM: w2 @ act(w13 @ x + b13) + b2 (gpt-oss)",
+    )
     shared_activation: ActivationField | None = Field(
         default=None,
         description="the shared experts' activation when it differs from the routed experts' (HY-V4: plain SwiGLU "
@@ -368,7 +372,9 @@ class LayerConfig(_Strict):
         activation function): the one description kernels, loaders and tests read."""
         moe, quant = self.moe, self.quant
         weights, act_quant = SCHEMES[quant.scheme].build(quant.params, moe.dtype)
-        return ExpertMLP(moe.hidden_size, moe.intermediate_size, moe.dtype, weights, act_quant, moe.activation)
+        return ExpertMLP(
+            moe.hidden_size, moe.intermediate_size, moe.dtype, weights, act_quant, moe.activation, moe.expert_bias
+        )
 
     @property
     def num_local_experts(self) -> int:

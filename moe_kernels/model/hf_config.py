@@ -138,6 +138,9 @@ class Family:
     sparsemixer: bool = False
     refuse: tuple[Refuse, ...] = ()
     activation: Act = Act()
+    #: the gate has a linear bias; each expert adds a bias after each GEMM (gpt-oss)
+    router_bias: bool = False
+    expert_bias: bool = False
     #: the shared experts' activation when it is not the routed experts' (``None``: the same)
     shared_activation: Act | None = None
     #: the p of the p-norm the chosen weights are divided by (DBRX); unset in the file: no renormalization
@@ -427,7 +430,15 @@ FAMILIES: dict[str, Family] = {
         refuse=(Refuse("a latent projection around the experts", Key(("moe_latent_size",)), (None,)),),
     ),
     # families that need an expert-MLP or block feature moe_kernels does not have yet
-    "gpt_oss": Family(naming="gpt-oss", refuse=(Refuse("clamped SwiGLU with alpha and (up + 1), expert biases"),)),
+    "gpt_oss": Family(
+        naming="gpt-oss",
+        width=Key(("intermediate_size",)),
+        choose_on="logits",
+        scale=None,
+        router_bias=True,
+        expert_bias=True,
+        activation=_ALPHA_CLAMPED,
+    ),
     "openai_privacy_filter": Family(
         naming="gpt-oss", refuse=(Refuse("clamped SwiGLU with alpha and (up + 1), expert biases"),)
     ),
@@ -734,6 +745,7 @@ def _router_fields(family: Family, cfg: Mapping[str, Any], layer: int) -> dict[s
         "renormalize": renormalize,
         "routed_scaling_factor": scale,
         "router_dtype": torch.float32 if family.router_fp32 else None,
+        "router_bias": family.router_bias,
         "logit_softcap": float(softcap) if softcap else None,
         **_scoring_fields(family, cfg, layer),
     }
@@ -768,6 +780,7 @@ def _layer_config(raw: Mapping[str, Any], layer: int, dtype: torch.dtype | None,
         "intermediate_size": width,
         "dtype": dtype,
         "activation": _activation(family.activation, cfg, layer),
+        "expert_bias": family.expert_bias,
         **_router_fields(family, cfg, layer),
         **_shared_fields(family, cfg, layer, width),
     }

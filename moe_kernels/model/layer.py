@@ -115,6 +115,8 @@ class FusedMoE(nn.Module):
         # the routed experts' tensors, as the weight format stores them: w13, w2 and their scales
         self.w13_scale: nn.Parameter | None = None
         self.w2_scale: nn.Parameter | None = None
+        self.w13_bias: nn.Parameter | None = None
+        self.w2_bias: nn.Parameter | None = None
         for projection, stored in cfg.mlp.stored().items():
             for part, (shape, dtype) in stored.items():
                 setattr(self, _parameter_name(projection, part), _parameter((e_local, *shape), dtype, dev))
@@ -140,7 +142,9 @@ class FusedMoE(nn.Module):
 
     @property
     def weights(self) -> ExpertWeights:
-        return ExpertWeights(self.w13, self.w2, self.w13_scale, self.w2_scale, format=self.cfg.mlp.weights)
+        return ExpertWeights(
+            self.w13, self.w2, self.w13_scale, self.w2_scale, self.cfg.mlp.weights, self.w13_bias, self.w2_bias
+        )
 
     def parameter(self, projection: str, part: str) -> nn.Parameter:
         """The parameter holding stored tensor ``part`` (``"weight"``, ``"scale"``) of
@@ -219,6 +223,9 @@ class FusedMoE(nn.Module):
         shared_up_proj: torch.Tensor | None = None,
         shared_down_proj: torch.Tensor | None = None,
         shared_expert_gate: torch.Tensor | None = None,
+        gate_proj_bias: ExpertTensors | None = None,
+        up_proj_bias: ExpertTensors | None = None,
+        down_proj_bias: ExpertTensors | None = None,
     ) -> None:
         """Copy checkpoint tensors into the layer (any device; float tensors are converted).
 
@@ -229,7 +236,8 @@ class FusedMoE(nn.Module):
         tensor must hold all E. ``router_weight [E, H]``, ``e_score_correction_bias [E]``.
         Shared experts: ``shared_gate_proj``/``shared_up_proj [S, H]``, ``shared_down_proj [H, S]``
         (``S = moe.shared_width``; DeepSeek stores its shared experts as one MLP of that width),
-        ``shared_expert_gate [1, H]`` (Qwen1.5/2-MoE).
+        ``shared_expert_gate [1, H]`` (Qwen1.5/2-MoE). Expert biases (``moe.expert_bias``, gpt-oss), per
+        global expert id like the projections: ``gate_proj_bias``/``up_proj_bias [I]``, ``down_proj_bias [H]``.
         Everything is checked before anything is copied, so a bad argument leaves the layer
         unchanged; ``forward`` refuses to run until every local expert and the router are loaded.
 
@@ -246,6 +254,9 @@ class FusedMoE(nn.Module):
                 "gate_proj": (gate_proj, gate_proj_scale),
                 "up_proj": (up_proj, up_proj_scale),
                 "down_proj": (down_proj, down_proj_scale),
+                "gate_proj_bias": (gate_proj_bias, None),
+                "up_proj_bias": (up_proj_bias, None),
+                "down_proj_bias": (down_proj_bias, None),
             },
             router_weight,
             e_score_correction_bias,
