@@ -232,9 +232,7 @@ CASES: dict[str, Case] = {
         dict(_V3, expert_swiglu_limit_list=[0, 0.5, 0.5], share_expert_swiglu_limit_list=[0, 0.3, 0.3]),
     ),
     "glm4v_moe": Case(_m("glm4v_moe", "Glm4vMoeTextConfig"), _V3),
-    "openai_privacy_filter": Case(
-        _m("openai_privacy_filter", "OpenAIPrivacyFilterConfig"), status="refused: clamped SwiGLU"
-    ),
+    "openai_privacy_filter": Case(_m("openai_privacy_filter", "OpenAIPrivacyFilterConfig"), dict(swiglu_limit=0.5)),
     "minimax_m3_vl": Case(_m("minimax_m3_vl", "MiniMaxM3VLTextConfig"), dict(swiglu_limit=0.5)),
     "glm5_next": Case(
         _m("glm5_next", "Glm5NextTextConfig"),

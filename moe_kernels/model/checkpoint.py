@@ -43,6 +43,7 @@ __all__ = [
     "Cut",
     "MoELayer",
     "MoELayerInfo",
+    "naming_fits",
     "MoELayerTensors",
     "SharedExpert",
     "TensorInfo",
@@ -817,6 +818,13 @@ def _locate(reader: CheckpointReader, layer: int, naming: str) -> _Layer:
         found = fitting
     root, name = found[0]
     return _Layer(reader, layer, root, name)
+
+
+def naming_fits(path: str | os.PathLike[str] | CheckpointReader, layer: int, naming: str) -> bool:
+    """Whether ``layer``'s keys match ``naming`` (one layer root) and its stacked tensors' shapes fit it."""
+    reader = _as_reader(path)
+    found = _candidates(reader.keys, reader.layer_keys(layer), layer, _check_naming_arg(naming))
+    return len(found) == 1 and _fits(_Layer(reader, layer, *found[0]))
 
 
 def _fits(lay: _Layer) -> bool:

@@ -439,8 +439,16 @@ FAMILIES: dict[str, Family] = {
         expert_bias=True,
         activation=_ALPHA_CLAMPED,
     ),
+    # gpt-oss with an fp32 router, weights / k and the output x k (which cancel), gate/up concatenated
     "openai_privacy_filter": Family(
-        naming="gpt-oss", refuse=(Refuse("clamped SwiGLU with alpha and (up + 1), expert biases"),)
+        naming="gpt-oss-concat",
+        width=Key(("intermediate_size",)),
+        choose_on="logits",
+        scale=None,
+        router_fp32=True,
+        router_bias=True,
+        expert_bias=True,
+        activation=_ALPHA_CLAMPED,
     ),
     "llama4_text": Family(naming="llama4", refuse=(Refuse("router weights applied to the expert input"),)),
     "axk1": Family(naming="mlp-experts", refuse=(Refuse("an RMSNorm on the MoE output"),)),

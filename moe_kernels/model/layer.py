@@ -18,6 +18,7 @@ prepare/finalize moves tokens to the ranks that own their experts and back.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -134,6 +135,24 @@ class FusedMoE(nn.Module):
             raise ValueError(f"overlap_shared_experts needs a CUDA device (a side stream), not {dev}")
         self._side_stream = torch.cuda.Stream(dev) if self.overlap_shared_experts and moe.num_shared_experts else None
         self._loader = LayerLoader(self)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike[str], *, layer: int, dtype: torch.dtype | None = None, **kwargs: Any
+    ) -> FusedMoE:
+        """Layer ``layer`` of a Hugging Face model directory: its ``config.json`` read by
+        :func:`~moe_kernels.model.hf_config.layer_config_from_hf` (which refuses, naming the field,
+        what moe_kernels does not compute), the layer built with ``kwargs`` (``device``, ``placement``,
+        ``group``, ...), and its weights loaded from the safetensors beside it (:meth:`load_checkpoint`)
+        under the family's naming, or the one the keys show when the files use another (``transformers``'
+        own save of a family whose hub files are named otherwise). ``dtype`` overrides the file's."""
+        from moe_kernels.model.checkpoint import naming_fits
+        from moe_kernels.model.hf_config import hf_naming, layer_config_from_hf
+
+        module = cls(layer_config_from_hf(path, layer, dtype=dtype), **kwargs)
+        naming = hf_naming(path)
+        module.load_checkpoint(path, layer=layer, naming=naming if naming_fits(path, layer, naming) else "auto")
+        return module
 
     @property
     def local_experts(self) -> tuple[int, ...]:

@@ -250,6 +250,18 @@ NAMINGS: dict[str, LayerNaming] = {
         block="mlp",
         correction_bias=("mlp.gate.bias",),
     ),
+    # OpenAI's privacy filter: gpt-oss's keys, gate and up rows concatenated (not interleaved)
+    "gpt-oss-concat": LayerNaming(
+        experts=Fused(
+            gate_up=Stacked("mlp.experts.gate_up_proj", "in_out"),
+            down=Stacked("mlp.experts.down_proj", "in_out"),
+            gate_up_bias="mlp.experts.gate_up_proj_bias",
+            down_bias="mlp.experts.down_proj_bias",
+        ),
+        router=("mlp.router.weight",),
+        block="mlp",
+        router_extras={"bias": "mlp.router.bias"},
+    ),
     "llama4": LayerNaming(
         experts=Fused(
             gate_up=Stacked("feed_forward.experts.gate_up_proj", "in_out"),
