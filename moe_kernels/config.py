@@ -196,6 +196,15 @@ class MoEConfig(_Strict):
     shared_expert_gate: bool = Field(
         default=False, description="the shared output is scaled by sigmoid(x @ gate) (Qwen1.5/2-MoE)"
     )
+    expert_bias: bool = Field(
+        default=False,
+        description="each routed expert adds a bias after each GEMM: w2 @ act(w13 @ x + b13) + b2 (gpt-oss)",
+    )
+    shared_activation: ActivationField | None = Field(
+        default=None,
+        description="the shared experts' activation when it differs from the routed experts' (HY-V4: plain SwiGLU "
+        "beside clamped experts; Ling: its own clamp); None: the same as activation",
+    )
     max_tokens_per_chunk: int | None = Field(
         default=None, gt=0, description="split larger batches into chunks to bound workspace memory"
     )
@@ -229,6 +238,8 @@ class MoEConfig(_Strict):
             raise ValueError("num_shared_experts > 0 and shared_intermediate_size must be given together")
         if self.shared_expert_gate and not self.num_shared_experts:
             raise ValueError("shared_expert_gate needs num_shared_experts > 0")
+        if self.shared_activation is not None and not self.num_shared_experts:
+            raise ValueError("shared_activation needs num_shared_experts > 0")
         self._check_router()
         return self
 
@@ -269,6 +280,11 @@ class MoEConfig(_Strict):
                 "hash_routing takes experts from a table: num_expert_group, correction_bias and sparsemixer_eps "
                 "cannot apply"
             )
+
+    @property
+    def shared_act(self) -> Activation:
+        """The shared experts' activation (``shared_activation``, else ``activation``)."""
+        return self.shared_activation or self.activation
 
     @property
     def shared_width(self) -> int:
@@ -356,7 +372,9 @@ class LayerConfig(_Strict):
         activation function): the one description kernels, loaders and tests read."""
         moe, quant = self.moe, self.quant
         weights, act_quant = SCHEMES[quant.scheme].build(quant.params, moe.dtype)
-        return ExpertMLP(moe.hidden_size, moe.intermediate_size, moe.dtype, weights, act_quant, moe.activation)
+        return ExpertMLP(
+            moe.hidden_size, moe.intermediate_size, moe.dtype, weights, act_quant, moe.activation, moe.expert_bias
+        )
 
     @property
     def num_local_experts(self) -> int:

@@ -427,6 +427,8 @@ class PermuteExpertsUnpermute(Part, ABC):
     input_layout: ClassVar[Layout]
     #: the weight formats it computes with (:mod:`moe_kernels.mlp.formats`)
     weight_formats: ClassVar[tuple[type[WeightFormat], ...]] = (Dense,)
+    #: whether its GEMMs add per-expert biases (an MLP with ``biases``: gpt-oss)
+    expert_biases: ClassVar[bool] = False
 
     def check_mlp(self, ctx: LayerContext) -> Check:
         verdict = super().check_mlp(ctx)
@@ -434,6 +436,8 @@ class PermuteExpertsUnpermute(Part, ABC):
         if verdict.ok and type(fmt) not in self.weight_formats:
             names = ", ".join(f.kind for f in self.weight_formats)
             return Check.failed("mlp", f"computes with {names} weights, not {fmt.describe()}")
+        if verdict.ok and ctx.mlp.biases and not self.expert_biases:
+            return Check.failed("mlp", "its GEMMs add no expert biases (gpt-oss's gate/up and down biases)")
         return verdict
 
     def input_format(self, ctx: LayerContext) -> TokenFormat:

@@ -123,4 +123,6 @@ class FusedTritonExperts(TritonPart):
             gemm2=gemm2,
             residual=None if residual is None else residual.tensor,
             activation=self.ctx.mlp.activation,
+            w13_bias=weights.w13_bias,
+            w2_bias=weights.w2_bias,
         )

@@ -18,6 +18,7 @@ prepare/finalize moves tokens to the ranks that own their experts and back.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -115,6 +116,8 @@ class FusedMoE(nn.Module):
         # the routed experts' tensors, as the weight format stores them: w13, w2 and their scales
         self.w13_scale: nn.Parameter | None = None
         self.w2_scale: nn.Parameter | None = None
+        self.w13_bias: nn.Parameter | None = None
+        self.w2_bias: nn.Parameter | None = None
         for projection, stored in cfg.mlp.stored().items():
             for part, (shape, dtype) in stored.items():
                 setattr(self, _parameter_name(projection, part), _parameter((e_local, *shape), dtype, dev))
@@ -123,7 +126,7 @@ class FusedMoE(nn.Module):
         self.shared_gate: nn.Parameter | None = None
         if moe.num_shared_experts:
             width = moe.shared_width
-            self.shared_w13 = _parameter((moe.activation.gemm1_rows(width), h), moe.dtype, dev)
+            self.shared_w13 = _parameter((moe.shared_act.gemm1_rows(width), h), moe.dtype, dev)
             self.shared_w2 = _parameter((h, width), moe.dtype, dev)
             if moe.shared_expert_gate:
                 self.shared_gate = _parameter((1, h), moe.dtype, dev)
@@ -133,6 +136,24 @@ class FusedMoE(nn.Module):
         self._side_stream = torch.cuda.Stream(dev) if self.overlap_shared_experts and moe.num_shared_experts else None
         self._loader = LayerLoader(self)
 
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike[str], *, layer: int, dtype: torch.dtype | None = None, **kwargs: Any
+    ) -> FusedMoE:
+        """Layer ``layer`` of a Hugging Face model directory: its ``config.json`` read by
+        :func:`~moe_kernels.model.hf_config.layer_config_from_hf` (which refuses, naming the field,
+        what moe_kernels does not compute), the layer built with ``kwargs`` (``device``, ``placement``,
+        ``group``, ...), and its weights loaded from the safetensors beside it (:meth:`load_checkpoint`)
+        under the family's naming, or the one the keys show when the files use another (``transformers``'
+        own save of a family whose hub files are named otherwise). ``dtype`` overrides the file's."""
+        from moe_kernels.model.checkpoint import naming_fits
+        from moe_kernels.model.hf_config import hf_naming, layer_config_from_hf
+
+        module = cls(layer_config_from_hf(path, layer, dtype=dtype), **kwargs)
+        naming = hf_naming(path)
+        module.load_checkpoint(path, layer=layer, naming=naming if naming_fits(path, layer, naming) else "auto")
+        return module
+
     @property
     def local_experts(self) -> tuple[int, ...]:
         """The global ids of the experts this rank holds, in local order."""
@@ -140,7 +161,9 @@ class FusedMoE(nn.Module):
 
     @property
     def weights(self) -> ExpertWeights:
-        return ExpertWeights(self.w13, self.w2, self.w13_scale, self.w2_scale, format=self.cfg.mlp.weights)
+        return ExpertWeights(
+            self.w13, self.w2, self.w13_scale, self.w2_scale, self.cfg.mlp.weights, self.w13_bias, self.w2_bias
+        )
 
     def parameter(self, projection: str, part: str) -> nn.Parameter:
         """The parameter holding stored tensor ``part`` (``"weight"``, ``"scale"``) of
@@ -169,11 +192,10 @@ class FusedMoE(nn.Module):
         return self.kernel(x, self.weights, topk_weights, topk_ids, residual=residual, check_values=False)
 
     def shared_experts(self, x: torch.Tensor) -> torch.Tensor:
-        """The shared experts' output ``[T, H]``: ``w2 @ act(w13 @ x)`` with the routed experts'
-        activation, scaled by ``sigmoid(x @ shared_gate)`` when the layer has that gate
-        (Qwen1.5/2-MoE)."""
+        """The shared experts' output ``[T, H]``: ``w2 @ act(w13 @ x)`` with ``moe.shared_act``, scaled
+        by ``sigmoid(x @ shared_gate)`` when the layer has that gate (Qwen1.5/2-MoE)."""
         assert self.shared_w13 is not None and self.shared_w2 is not None
-        hidden = self.cfg.mlp.activation.reference(F.linear(x, self.shared_w13)).to(x.dtype)
+        hidden = self.cfg.moe.shared_act.reference(F.linear(x, self.shared_w13)).to(x.dtype)
         y = F.linear(hidden, self.shared_w2)
         if self.shared_gate is not None:
             y = y * torch.sigmoid(F.linear(x, self.shared_gate))
@@ -220,6 +242,9 @@ class FusedMoE(nn.Module):
         shared_up_proj: torch.Tensor | None = None,
         shared_down_proj: torch.Tensor | None = None,
         shared_expert_gate: torch.Tensor | None = None,
+        gate_proj_bias: ExpertTensors | None = None,
+        up_proj_bias: ExpertTensors | None = None,
+        down_proj_bias: ExpertTensors | None = None,
     ) -> None:
         """Copy checkpoint tensors into the layer (any device; float tensors are converted).
 
@@ -230,7 +255,8 @@ class FusedMoE(nn.Module):
         tensor must hold all E. ``router_weight [E, H]``, ``e_score_correction_bias [E]``.
         Shared experts: ``shared_gate_proj``/``shared_up_proj [S, H]``, ``shared_down_proj [H, S]``
         (``S = moe.shared_width``; DeepSeek stores its shared experts as one MLP of that width),
-        ``shared_expert_gate [1, H]`` (Qwen1.5/2-MoE).
+        ``shared_expert_gate [1, H]`` (Qwen1.5/2-MoE). Expert biases (``moe.expert_bias``, gpt-oss), per
+        global expert id like the projections: ``gate_proj_bias``/``up_proj_bias [I]``, ``down_proj_bias [H]``.
         Everything is checked before anything is copied, so a bad argument leaves the layer
         unchanged; ``forward`` refuses to run until every local expert and the router are loaded.
 
@@ -247,6 +273,9 @@ class FusedMoE(nn.Module):
                 "gate_proj": (gate_proj, gate_proj_scale),
                 "up_proj": (up_proj, up_proj_scale),
                 "down_proj": (down_proj, down_proj_scale),
+                "gate_proj_bias": (gate_proj_bias, None),
+                "up_proj_bias": (up_proj_bias, None),
+                "down_proj_bias": (down_proj_bias, None),
             },
             router_weight,
             e_score_correction_bias,
