@@ -214,12 +214,14 @@ class Pending(Generic[R]):
 @dataclass(frozen=True)
 class LayerContext:
     """Everything a part's checks and ``bind`` read: the layer, its device, the expert
-    placement and the expert-parallel process group (``None`` without EP)."""
+    placement, the expert-parallel process group (``None`` without EP) and the tensor-parallel
+    one (``None`` without TP: the ranks that hold the other slices of this rank's experts)."""
 
     cfg: LayerConfig
     device: torch.device
     placement: ExpertPlacement
     group: dist.ProcessGroup | None = None
+    tp_group: dist.ProcessGroup | None = None
 
     @property
     def max_tokens(self) -> int:

@@ -22,7 +22,8 @@ from torch import nn
 from moe_kernels.config import LayerConfig
 from moe_kernels.core.validate import expect_tensor
 from moe_kernels.mlp import fp8
-from moe_kernels.mlp.formats import WeightFormat
+from moe_kernels.mlp.formats import Dense, WeightFormat
+from moe_kernels.mlp.shard import IntermediateShard
 from moe_kernels.model.router import Router
 
 #: per-expert tensors keyed by global expert id (int or its decimal string, as checkpoint
@@ -135,12 +136,12 @@ class LayerLoader:
         """The local experts ``tensors`` holds, and (destination, source) pairs for them: each
         projection stored in the layer's format into its rows of ``w13`` (gate, up) or ``w2``."""
         layer = self.layer
-        mlp = layer.cfg.mlp
+        mlp, shard = layer.cfg.mlp, layer.cfg.intermediate_shard
         fmt = mlp.weights
-        h, i = mlp.hidden, mlp.inter
+        h = mlp.hidden
         down = name == "down_proj"
-        shape = (h, i) if down else (i, h)
-        rows = _projection_rows(name, i, h, mlp.activation.gated)
+        shape = (h, shard.total) if down else (shard.total, h)  # the whole projection, as checkpoints hold it
+        rows = _projection_rows(name, mlp.inter, h, mlp.activation.gated)
         projection = "w2" if down else "w13"
         owned = self._owned_tensors(name, tensors)
         owned_scales = self._owned_tensors(f"{name}_scale", scales) if scales is not None else None
@@ -150,11 +151,13 @@ class LayerLoader:
             raise ValueError(f"{name}_scale: the layer is unquantized ({fmt.describe()}); pass float weights")
         for expert, src in owned.items():
             if owned_scales is None:
-                stored = fmt.quantize(_float(f"{name}[{expert}]", src, shape).float())
+                whole = _float(f"{name}[{expert}]", src, shape)
+                stored = fmt.quantize(shard.take(fmt, down, {"weight": whole})["weight"].float())
             else:
                 if expert not in owned_scales:
                     raise ValueError(f"{name}_scale: missing expert {expert} (its {name} was given)")
-                stored = _stored_as(fmt, name, expert, {"weight": src, "scale": owned_scales[expert]}, shape)
+                given = {"weight": src, "scale": owned_scales[expert]}
+                stored = shard.take(fmt, down, _stored_as(fmt, name, expert, given, shape))
             for part, tensor in stored.items():
                 param = layer.parameter(projection, part)
                 copies.append((param[local_of[expert], fmt.rows(part, *rows)], tensor))
@@ -189,11 +192,13 @@ class LayerLoader:
         """(destination, source) pairs for the shared-expert tensors given."""
         layer = self.layer
         h, width = layer.cfg.moe.hidden_size, layer.cfg.moe.shared_width
+        par = layer.cfg.parallel
+        shard = IntermediateShard(width, par.tp_size, par.tp_rank)  # the shared MLP is split like the experts
         targets = {}
         if layer.shared_w13 is not None and layer.shared_w2 is not None:
             targets = {
-                "shared_gate_proj": (layer.shared_w13[:width], (width, h)),
-                "shared_up_proj": (layer.shared_w13[width:], (width, h)),
+                "shared_gate_proj": (layer.shared_w13[: shard.width], (width, h)),
+                "shared_up_proj": (layer.shared_w13[shard.width :], (width, h)),
                 "shared_down_proj": (layer.shared_w2, (h, width)),
             }
         if layer.shared_gate is not None:
@@ -207,7 +212,9 @@ class LayerLoader:
                 why = "no shared expert gate (moe.shared_expert_gate)" if has_shared else "no shared experts"
                 raise ValueError(f"{name}: this layer's config has {why}")
             dst, shape = targets[name]
-            copies.append((dst, _float(name, tensor, shape)))
+            whole = {"weight": _float(name, tensor, shape)}
+            part = whole if name == "shared_expert_gate" else shard.take(Dense(), name == "shared_down_proj", whole)
+            copies.append((dst, part["weight"]))
         return copies
 
     # --- from a checkpoint ----------------------------------------------------------------
