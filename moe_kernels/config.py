@@ -355,6 +355,11 @@ class LayerConfig(_Strict):
             )
         moe, quant = self.moe, self.quant
         shard = self.intermediate_shard
+        if shard.width % 8:
+            raise ValueError(
+                f"intermediate_size ({shard.total}) / tp_size ({shard.size}) = {shard.width} must be a multiple of 8 "
+                "(16-byte rows)"
+            )
         shard.check_format(SCHEMES[quant.scheme].build(quant.params, moe.dtype)[0])
         if moe.shared_width % shard.size:  # the shared MLP is split over the same ranks
             raise ValueError(
