@@ -103,7 +103,11 @@ def layer_context(
             f"num_experts={want[0]}, ep_size={want[1]}, ep_rank={want[2]}"
         )
     _check_tp_group(cfg, tp_group)
-    return LayerContext(cfg, resolve_device(device), placement, group, tp_group)
+    dev = resolve_device(device)
+    load = None
+    if placement.num_redundant_experts:
+        load = torch.zeros(placement.num_physical_experts, dtype=torch.int32, device=dev)
+    return LayerContext(cfg, dev, placement, group, tp_group, load)
 
 
 def _check_tp_group(cfg: LayerConfig, tp_group: dist.ProcessGroup | None) -> None:

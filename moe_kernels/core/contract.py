@@ -222,6 +222,9 @@ class LayerContext:
     placement: ExpertPlacement
     group: dist.ProcessGroup | None = None
     tp_group: dist.ProcessGroup | None = None
+    #: ``[P]`` int32 on ``device``: tokens this rank routed to each physical expert since the
+    #: caller last zeroed it (layers with redundant experts; ``None`` otherwise)
+    expert_load: torch.Tensor | None = None
 
     @property
     def max_tokens(self) -> int:
@@ -368,6 +371,13 @@ class PrepareAndFinalize(Part, ABC, Generic[H]):
         """Called once by the composer before the first call (collectives allowed here, never
         in ``prepare``/``finalize`` beyond the data exchange itself)."""
         self.ctx, self.format = ctx, fmt
+        self.bind_placement(ctx)
+
+    def bind_placement(self, ctx: LayerContext) -> None:
+        """Take ``ctx``'s expert placement: at ``bind``, and again when a layer moves to a new
+        placement of the same shape (EPLB), with no buffer reallocated. Parts that derive tables
+        from the placement override it (and call this one)."""
+        self.ctx = ctx
 
     @abstractmethod
     def prepare(
