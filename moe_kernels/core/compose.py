@@ -294,6 +294,14 @@ class ModularKernel:
             self.release()
             raise
 
+    def rebind_placement(self, placement: ExpertPlacement) -> None:
+        """Route by ``placement`` from the next call on (EPLB): same ranks, experts per rank and
+        redundancy as now, so no buffer or workspace changes; the caller has moved the weights."""
+        self.ctx.placement.check_same_shape(placement)
+        self.ctx = dataclasses.replace(self.ctx, placement=placement)
+        self.prepare_finalize.bind_placement(self.ctx)
+        self.experts.bind(self.ctx)
+
     def _tags(self) -> tuple[str, ...]:
         return tuple(self.workspace_tag + t for t in MICRO_BATCH_TAGS) if self.overlapped else (self.workspace_tag,)
 
@@ -507,6 +515,11 @@ class TokenRangeKernel:
     def workspace_bytes(self) -> int:
         return max(k.workspace_bytes() for _, k in self.ranges)
 
+    def rebind_placement(self, placement: ExpertPlacement) -> None:
+        """:meth:`ModularKernel.rebind_placement` on every member."""
+        for _, kernel in self.ranges:
+            kernel.rebind_placement(placement)
+
     def release(self) -> None:
         for _, kernel in self.ranges:
             kernel.release()
@@ -572,6 +585,8 @@ class Kernel(Protocol):
         ...
 
     def workspace_bytes(self) -> int: ...
+
+    def rebind_placement(self, placement: ExpertPlacement) -> None: ...
 
     def release(self) -> None: ...
 

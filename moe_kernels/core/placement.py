@@ -193,6 +193,18 @@ class ExpertPlacement:
 
     # --- load balancing (EPLB) ----------------------------------------------------------------
 
+    def check_same_shape(self, other: ExpertPlacement) -> None:
+        """Raise ``ValueError`` unless ``other`` can replace this placement in a built layer:
+        the same ranks, this rank, physical experts per rank, logical experts and redundancy."""
+        if not isinstance(other, ExpertPlacement):
+            raise TypeError(f"placement: expected an ExpertPlacement, got {type(other).__name__}")
+        names = ("ep_size", "ep_rank", "num_local_experts", "num_experts", "num_redundant_experts")
+        differs = [
+            f"{n} {getattr(self, n)} -> {getattr(other, n)}" for n in names if getattr(self, n) != getattr(other, n)
+        ]
+        if differs:
+            raise ValueError(f"placement: a new placement must keep the layer's shape; {', '.join(differs)}")
+
     def logical_load(self, load: torch.Tensor) -> list[int]:
         """Per-physical-expert token counts ``load [P]`` (int32/int64, any device; one host
         sync) summed per logical expert."""

@@ -30,10 +30,12 @@ from torch import nn
 from moe_kernels.config import LayerConfig
 from moe_kernels.core.compose import Kernel, WorkspaceCache, layer_context
 from moe_kernels.core.contract import LayerContext, Residual
+from moe_kernels.core.distributed import check_agreement
 from moe_kernels.core.placement import ExpertPlacement
 from moe_kernels.core.validate import expect_device, expect_dtype, expect_tensor
 from moe_kernels.mlp.weights import PROJECTIONS as WEIGHT_PROJECTIONS
 from moe_kernels.mlp.weights import ExpertWeights
+from moe_kernels.model.expert_moves import move_weights
 from moe_kernels.model.loading import ExpertTensors, LayerLoader
 from moe_kernels.model.router import Router
 from moe_kernels.selection.select import Selection, select
@@ -93,6 +95,7 @@ class FusedMoE(nn.Module):
         super().__init__()
         ctx = layer_context(cfg, placement=placement, group=group, device=device, tp_group=tp_group)
         self.reduce_results = reduce_results
+        self._group = group
         self.cfg, self.placement, dev = ctx.cfg, ctx.placement, ctx.device
 
         self.selection: Selection | None
@@ -146,6 +149,30 @@ class FusedMoE(nn.Module):
     @property
     def weights(self) -> ExpertWeights:
         return ExpertWeights(self.w13, self.w2, self.w13_scale, self.w2_scale, format=self.cfg.mlp.weights)
+
+    @property
+    def expert_load(self) -> torch.Tensor | None:
+        """``[P]`` int32 on the layer's device: the tokens this rank routed to each physical
+        expert since the caller last zeroed it (``.zero_()``), counted without a host sync;
+        ``None`` without redundant experts. Summed over the EP ranks it is what
+        :meth:`ExpertPlacement.rebalance` takes."""
+        return self.kernel.ctx.expert_load
+
+    @torch.no_grad()
+    def apply_placement(self, placement: ExpertPlacement) -> None:
+        """Move to ``placement`` (e.g. ``layer.placement.rebalance(load)``): the expert weights
+        move between the ranks of ``group`` point to point, the kernel routes by the new table
+        from the next call on; nothing else is rebuilt. Collective: every EP rank calls it with
+        the same placement (checked: a rank that disagrees raises on every rank)."""
+        self.placement.check_same_shape(placement)
+        self._check_loaded()  # what moves must be the checkpoint's weights
+        if self._group is not None:
+            check_agreement(self._group, "apply_placement", {"new placement (fingerprint)": placement.fingerprint()})
+        tensors = [self.parameter(p, part) for p, stored in self.cfg.mlp.stored().items() for part in stored]
+        move_weights(tensors, self.placement, placement, self._group)
+        self.kernel.rebind_placement(placement)
+        self.placement = placement
+        self._loader.received(placement.local_experts)
 
     def parameter(self, projection: str, part: str) -> nn.Parameter:
         """The parameter holding stored tensor ``part`` (``"weight"``, ``"scale"``) of

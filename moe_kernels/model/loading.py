@@ -84,6 +84,11 @@ class LayerLoader:
                 missing.append(f"{name} of expert(s) {shown}")
         return missing
 
+    def received(self, experts: tuple[int, ...]) -> None:
+        """Count ``experts`` as loaded: their weights came from another rank (a new placement)."""
+        for name in PROJECTIONS:
+            self.state.experts[name] |= set(experts)
+
     def shared_names(self) -> list[str]:
         layer = self.layer
         names = ["shared_gate_proj", "shared_up_proj", "shared_down_proj"] if layer.shared_w13 is not None else []
@@ -145,7 +150,9 @@ class LayerLoader:
         projection = "w2" if down else "w13"
         owned = self._owned_tensors(name, tensors)
         owned_scales = self._owned_tensors(f"{name}_scale", scales) if scales is not None else None
-        local_of = {e: local for local, e in enumerate(layer.local_experts)}
+        slots_of: dict[int, list[int]] = {}  # an expert replicated on this rank fills each of its slots
+        for local, e in enumerate(layer.local_experts):
+            slots_of.setdefault(e, []).append(local)
         copies = []
         if owned_scales is not None and not fmt.is_quantized:
             raise ValueError(f"{name}_scale: the layer is unquantized ({fmt.describe()}); pass float weights")
@@ -160,7 +167,7 @@ class LayerLoader:
                 stored = shard.take(fmt, down, _stored_as(fmt, name, expert, given, shape))
             for part, tensor in stored.items():
                 param = layer.parameter(projection, part)
-                copies.append((param[local_of[expert], fmt.rows(part, *rows)], tensor))
+                copies += [(param[local, fmt.rows(part, *rows)], tensor) for local in slots_of[expert]]
         return set(owned), copies
 
     def _owned_tensors(self, name: str, tensors: ExpertTensors) -> dict[int, torch.Tensor]:
@@ -228,7 +235,7 @@ class LayerLoader:
 
         layer = self.layer
         reader = CheckpointReader(path)
-        mine = list(layer.local_experts)
+        mine = list(dict.fromkeys(layer.local_experts))  # a replicated expert is read once
         if experts_per_read <= 0:
             raise ValueError(f"experts_per_read must be positive, got {experts_per_read}")
         device = layer.w13.device
