@@ -8,6 +8,7 @@ count on any device.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import TYPE_CHECKING
 
@@ -201,7 +202,6 @@ class MemoryEstimate:
 
 
 def memory_estimate(cfg: LayerConfig, selection: Selection, tokens: int) -> MemoryEstimate:
-    from moe_kernels.core.contract import LayerContext
     from moe_kernels.selection.select import planned_workspace_bytes, with_max_tokens
 
     m, mlp = cfg.moe, cfg.mlp
@@ -213,7 +213,7 @@ def memory_estimate(cfg: LayerConfig, selection: Selection, tokens: int) -> Memo
     ctx = selection.ctx
     for choice in selection.steps:
         sized = cfg if choice is selection.steps[-1] else with_max_tokens(cfg, choice.high)
-        sub = LayerContext(sized, ctx.device, ctx.placement, ctx.group)
+        sub = dataclasses.replace(ctx, cfg=sized)
         pair = choice.candidate
         workspaces = max(workspaces, planned_workspace_bytes(pair.prepare_finalize, pair.experts, sub))
     # the input, the output and the reference's fp32 copies of a few [T, H] tensors, plus the
