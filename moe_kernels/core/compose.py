@@ -9,7 +9,11 @@ allows. A call then allocates no scratch and runs no collective beyond the data 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import time
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
@@ -33,6 +37,8 @@ from moe_kernels.core.distributed import check_agreement
 from moe_kernels.core.placement import ExpertPlacement
 from moe_kernels.core.validate import check_call
 from moe_kernels.mlp.weights import ExpertWeights
+
+log = logging.getLogger("moe_kernels")
 
 
 class IncompatibleKernelsError(ValueError):
@@ -248,6 +254,16 @@ default_workspace_cache = WorkspaceCache()
 MICRO_BATCH_TAGS = ("mb0.", "mb1.")
 
 
+@contextlib.contextmanager
+def _logged_first_call(name: str, tokens: int) -> Iterator[None]:
+    """Log the host time of a kernel's first call: Triton and DeepGEMM compile their kernels
+    for the layer's shapes then (seconds), which a user would otherwise take for a hang."""
+    start = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    log.info("%s: first call (T=%d) took %.2f s on the host, JIT compiles included", name, tokens, seconds)
+
+
 class ModularKernel:
     """A checked, bound prepare -> experts -> finalize chain for one layer.
 
@@ -280,6 +296,7 @@ class ModularKernel:
         self.chunk_size: int | None = chunk if can_chunk else None
         self.overlapped = ctx.cfg.parallel.two_batch_overlap
         check_tp_agreement(ctx)
+        self._first_call = True  # logged: it JIT-compiles
         prepare_finalize.bind(ctx, self.format)
         try:
             experts.bind(ctx)
@@ -372,15 +389,18 @@ class ModularKernel:
 
         out = torch.empty_like(x)
         t = x.shape[0]
-        if self.overlapped:
-            self._run_two_batches(out, x, weights, topk_weights, topk_ids, residual)
-        else:
-            step = self.chunk_size or max(t, 1)
-            # an empty batch still runs once: EP ranks must join every collective
-            for start in range(0, max(t, 1), step):
-                end = min(start + step, t)
-                rows = residual.rows(start, end) if residual is not None else None
-                self._run(out[start:end], x[start:end], weights, topk_weights[start:end], topk_ids[start:end], rows)
+        first = self._first_call and ctx.device.type == "cuda" and not capturing
+        self._first_call &= not first
+        with _logged_first_call(self.name, t) if first else contextlib.nullcontext():
+            if self.overlapped:
+                self._run_two_batches(out, x, weights, topk_weights, topk_ids, residual)
+            else:
+                step = self.chunk_size or max(t, 1)
+                # an empty batch still runs once: EP ranks must join every collective
+                for start in range(0, max(t, 1), step):
+                    end = min(start + step, t)
+                    rows = residual.rows(start, end) if residual is not None else None
+                    self._run(out[start:end], x[start:end], weights, topk_weights[start:end], topk_ids[start:end], rows)
         if residual is not None:
             residual.wait()  # join the residual's stream on every path (a CUDA-graph capture needs it)
         if reduce_results and ctx.tp_group is not None and ctx.cfg.parallel.tp_size > 1:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -82,8 +83,10 @@ class ExpertPlacement:
         cls, rank_experts: Sequence[Sequence[int]], ep_rank: int, num_redundant_experts: int = 0
     ) -> ExpertPlacement:
         """From the global ids each rank holds, in local order (a logical id listed more than
-        once is replicated: ``num_redundant_experts`` is the number of extra copies)."""
-        return cls(tuple(tuple(int(e) for e in r) for r in rank_experts), ep_rank, num_redundant_experts)
+        once is replicated: ``num_redundant_experts`` is the number of extra copies). An id that
+        is not an integer (``2.5``, ``"3"``, ``True``) is a ``TypeError``, not truncated."""
+        experts = tuple(tuple(_expert_id(e, rank) for e in r) for rank, r in enumerate(rank_experts))
+        return cls(experts, ep_rank, num_redundant_experts)
 
     @classmethod
     def redundant(
@@ -278,3 +281,13 @@ def record_load(load: torch.Tensor | None, slots: torch.Tensor) -> None:
         return
     flat = slots.reshape(-1)
     load.index_add_(0, flat.clamp(min=0).long(), (flat >= 0).to(load.dtype))
+
+
+def _expert_id(value: object, rank: int) -> int:
+    """``value`` as an expert id: an ``int`` (a NumPy or 0-d integer tensor too), never a bool or
+    a float, which ``int()`` would truncate into another expert's id."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral | torch.Tensor):
+        raise TypeError(f"rank_experts[{rank}]: expert ids must be integers, got {value!r} ({type(value).__name__})")
+    if isinstance(value, torch.Tensor) and (value.numel() != 1 or value.is_floating_point() or value.is_complex()):
+        raise TypeError(f"rank_experts[{rank}]: expert ids must be integers, got a {value.dtype} tensor {value!r}")
+    return int(value)

@@ -38,6 +38,7 @@ from moe_kernels.mlp.weights import PROJECTIONS as WEIGHT_PROJECTIONS
 from moe_kernels.mlp.weights import ExpertWeights
 from moe_kernels.model.expert_moves import move_weights
 from moe_kernels.model.loading import ExpertTensors, LayerLoader
+from moe_kernels.model.memory import check_layer_fits
 from moe_kernels.model.router import Router
 from moe_kernels.selection.select import Selection, select
 
@@ -77,6 +78,9 @@ class FusedMoE(nn.Module):
     Raises:
         RuntimeError: no registered kernel can run the layer here (the message lists why
             each one was refused).
+        LayerMemoryError: the weights and workspaces would not fit the memory available on
+            ``device`` less :data:`~moe_kernels.model.memory.MEMORY_MARGIN`, checked before
+            anything is allocated.
     """
 
     def __init__(
@@ -117,6 +121,7 @@ class FusedMoE(nn.Module):
             _check_given_kernel(kernel, ctx)
             self.selection = None
             self.kernel = kernel
+        check_layer_fits(self.cfg, self.selection, dev)  # before the weights are allocated
 
         moe = cfg.moe
         e_local, h = self.placement.num_local_experts, moe.hidden_size

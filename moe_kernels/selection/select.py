@@ -47,6 +47,7 @@ from moe_kernels.core.contract import (
     workspace_bytes,
 )
 from moe_kernels.core.placement import ExpertPlacement
+from moe_kernels.core.text import TEXT_WIDTH, wrap_lines
 
 PrepareFinalizeFactory = Callable[[LayerConfig], PrepareAndFinalize]
 ExpertsFactory = Callable[[LayerConfig], PermuteExpertsUnpermute]
@@ -171,9 +172,10 @@ class Selection:
             ranges.append((choice.high, kernel))
         return TokenRangeKernel(ranges)
 
-    def explain(self, verbose: bool = False) -> str:
+    def explain(self, verbose: bool = False, width: int | None = TEXT_WIDTH) -> str:
         """The plan, then every valid pair with its measured times, then the refused pairs
-        grouped by reason (``verbose``: every pair with every failed check)."""
+        grouped by reason (``verbose``: every pair with every failed check); lines wrapped to
+        ``width`` columns (``None``: one line per item, for searching)."""
         m, par = self.cfg.moe, self.cfg.parallel
         lines = [
             f"layer: E={m.num_experts} top_k={m.top_k} H={m.hidden_size} I={m.intermediate_size} "
@@ -213,7 +215,8 @@ class Selection:
                 lines.append(f"  {len(names)} pair{'s' if len(names) > 1 else ''}: {reason}")
             if refused:
                 lines.append("  (--verbose / explain(verbose=True) lists every pair and every failed check)")
-        return "\n".join(lines)
+        text = "\n".join(lines)
+        return text if width is None else wrap_lines(text, width)
 
 
 def _fresh(part: object) -> object:
