@@ -123,6 +123,8 @@ def _m(family: str, cls: str) -> str:
 
 
 _V3 = dict(n_group=4, topk_group=2, mlp_layer_types=DENSE_SPARSE, first_k_dense_replace=1)
+#: caps small enough that the random tiny model's gate and up values reach them
+_INKLING2 = dict(mlp_gate_softcap=0.4, mlp_up_softcap=0.6, unpadded_vocab_size=128)
 
 CASES: dict[str, Case] = {
     "mixtral": Case(_m("mixtral", "MixtralConfig")),
@@ -227,26 +229,31 @@ CASES: dict[str, Case] = {
     "bailing_hybrid": Case(_m("bailing_hybrid", "BailingHybridConfig"), _V3),
     "bailing_hybrid_clamped": Case(
         _m("bailing_hybrid", "BailingHybridConfig"),
-        dict(_V3, expert_swiglu_limit_list=[0, 7.0, 7.0]),
-        status="refused: SwiGLU clamped after the activation",
+        dict(_V3, expert_swiglu_limit_list=[0, 0.5, 0.5], share_expert_swiglu_limit_list=[0, 0.3, 0.3]),
     ),
     "glm4v_moe": Case(_m("glm4v_moe", "Glm4vMoeTextConfig"), _V3),
-    "openai_privacy_filter": Case(
-        _m("openai_privacy_filter", "OpenAIPrivacyFilterConfig"), status="refused: clamped SwiGLU"
-    ),
-    "minimax_m3_vl": Case(_m("minimax_m3_vl", "MiniMaxM3VLTextConfig"), status="refused: clamped SwiGLU"),
+    "openai_privacy_filter": Case(_m("openai_privacy_filter", "OpenAIPrivacyFilterConfig"), dict(swiglu_limit=0.5)),
+    "minimax_m3_vl": Case(_m("minimax_m3_vl", "MiniMaxM3VLTextConfig"), dict(swiglu_limit=0.5)),
     "glm5_next": Case(
         _m("glm5_next", "Glm5NextTextConfig"),
-        dict(num_key_value_heads=4, index_kpool=4, qk_rope_head_dim=0, head_dim=0),
-        status="refused: clamped SwiGLU",
+        dict(
+            num_key_value_heads=4,
+            index_kpool=4,
+            qk_rope_head_dim=0,
+            head_dim=0,
+            mlp_layer_types=DENSE_SPARSE,
+            swiglu_limit=0.5,
+        ),
     ),
-    "hy_v4": Case(_m("hy_v4", "HYV4Config"), status="refused: clamped SwiGLU"),
-    "ergo": Case(_m("ergo", "ErgoConfig"), status="refused: non-gated relu2 experts"),
+    "hy_v4": Case(_m("hy_v4", "HYV4Config"), dict(swiglu_limit=0.5)),
+    "ergo": Case(_m("ergo", "ErgoConfig"), status="refused: an RMSNorm on each expert's output"),
     "muse_spark": Case(_m("muse_spark", "MuseSparkTextConfig"), status="refused: projections and norms around"),
     "inkling": Case(_m("inkling", "InklingTextConfig"), status="refused: shared experts weighted by the router"),
-    "inkling2": Case(_m("inkling2", "Inkling2TextConfig"), status="refused: soft-capped SwiGLU"),
-    "inkling2_loop": Case(_m("inkling2_loop", "Inkling2LoopTextConfig"), status="refused: soft-capped SwiGLU"),
-    "diffusion_gemma": Case(_m("diffusion_gemma", "DiffusionGemmaTextConfig"), status="refused: GELU-tanh experts"),
+    "inkling2": Case(_m("inkling2", "Inkling2TextConfig"), _INKLING2),
+    "inkling2_loop": Case(_m("inkling2_loop", "Inkling2LoopTextConfig"), _INKLING2),
+    "diffusion_gemma": Case(
+        _m("diffusion_gemma", "DiffusionGemmaTextConfig"), status="refused: an RMSNorm on the experts' input"
+    ),
     "ernie4_5_vl_moe": Case(
         _m("ernie4_5_vl_moe", "Ernie4_5_VLMoeTextConfig"),
         dict(moe_intermediate_size=[I_MOE, I_MOE]),
@@ -254,16 +261,18 @@ CASES: dict[str, Case] = {
     ),
     "zaya": Case(_m("zaya", "ZayaConfig"), dict(num_experts_per_tok=1), status="refused: an MLP router"),
     "doge": Case(_m("doge", "DogeConfig"), status="refused: product-key experts"),
-    "gpt_oss": Case(_m("gpt_oss", "GptOssConfig"), status="refused: clamped SwiGLU"),
+    "gpt_oss": Case(_m("gpt_oss", "GptOssConfig"), dict(swiglu_limit=0.5)),
     "llama4": Case(_m("llama4", "Llama4TextConfig"), status="refused: router weights applied to the expert input"),
-    "deepseek_v4": Case(_m("deepseek_v4", "DeepseekV4Config"), status="refused: clamped SwiGLU"),
+    "deepseek_v4": Case(
+        _m("deepseek_v4", "DeepseekV4Config"), dict(mlp_layer_types=["hash_moe", "moe", "moe"], swiglu_limit=0.5)
+    ),
     "axk1": Case(_m("axk1", "AXK1Config"), _V3, status="refused: an RMSNorm on the MoE output"),
     "jetmoe": Case(_m("jetmoe", "JetMoeConfig"), status="refused: a bias on the MoE output"),
     "longcat_flash": Case(_m("longcat_flash", "LongcatFlashConfig"), status="refused: zero-compute (identity) experts"),
-    "nemotron_h": Case(_m("nemotron_h", "NemotronHConfig"), status="refused: non-gated relu2 experts"),
+    "nemotron_h": Case(_m("nemotron_h", "NemotronHConfig"), dict(moe_shared_expert_intermediate_size=I_SHARED)),
     "gemma4": Case(
         _m("gemma4", "Gemma4TextConfig"),
         dict(enable_moe_block=True, moe_intermediate_size=I_MOE),
-        status="refused: GELU-tanh experts",
+        status="refused: an RMSNorm on the experts' input",
     ),
 }

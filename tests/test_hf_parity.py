@@ -116,10 +116,9 @@ def _reference(model: nn.Module, case: Case) -> Callable[[torch.Tensor], tuple[t
 
 
 def _ours(directory: Path, dtype: torch.dtype) -> FusedMoE:
-    cfg = layer_config_from_hf(directory, LAYER, dtype=dtype)
-    layer = FusedMoE(cfg, device="cpu")
-    layer.load_checkpoint(directory, layer=LAYER)  # the naming and the layer prefix found from the keys
-    return layer
+    # config.json through layer_config_from_hf, the family's naming (or the one the keys show), the
+    # layer prefix found from the keys
+    return FusedMoE.from_pretrained(directory, layer=LAYER, dtype=dtype, device="cpu")
 
 
 def _same_sets(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -214,12 +214,17 @@ class Pending(Generic[R]):
 @dataclass(frozen=True)
 class LayerContext:
     """Everything a part's checks and ``bind`` read: the layer, its device, the expert
-    placement and the expert-parallel process group (``None`` without EP)."""
+    placement, the expert-parallel process group (``None`` without EP) and the tensor-parallel
+    one (``None`` without TP: the ranks that hold the other slices of this rank's experts)."""
 
     cfg: LayerConfig
     device: torch.device
     placement: ExpertPlacement
     group: dist.ProcessGroup | None = None
+    tp_group: dist.ProcessGroup | None = None
+    #: ``[P]`` int32 on ``device``: tokens this rank routed to each physical expert since the
+    #: caller last zeroed it (layers with redundant experts; ``None`` otherwise)
+    expert_load: torch.Tensor | None = None
 
     @property
     def max_tokens(self) -> int:
@@ -366,6 +371,13 @@ class PrepareAndFinalize(Part, ABC, Generic[H]):
         """Called once by the composer before the first call (collectives allowed here, never
         in ``prepare``/``finalize`` beyond the data exchange itself)."""
         self.ctx, self.format = ctx, fmt
+        self.bind_placement(ctx)
+
+    def bind_placement(self, ctx: LayerContext) -> None:
+        """Take ``ctx``'s expert placement: at ``bind``, and again when a layer moves to a new
+        placement of the same shape (EPLB), with no buffer reallocated. Parts that derive tables
+        from the placement override it (and call this one)."""
+        self.ctx = ctx
 
     @abstractmethod
     def prepare(
@@ -427,6 +439,8 @@ class PermuteExpertsUnpermute(Part, ABC):
     input_layout: ClassVar[Layout]
     #: the weight formats it computes with (:mod:`moe_kernels.mlp.formats`)
     weight_formats: ClassVar[tuple[type[WeightFormat], ...]] = (Dense,)
+    #: whether its GEMMs add per-expert biases (an MLP with ``biases``: gpt-oss)
+    expert_biases: ClassVar[bool] = False
 
     def check_mlp(self, ctx: LayerContext) -> Check:
         verdict = super().check_mlp(ctx)
@@ -434,6 +448,8 @@ class PermuteExpertsUnpermute(Part, ABC):
         if verdict.ok and type(fmt) not in self.weight_formats:
             names = ", ".join(f.kind for f in self.weight_formats)
             return Check.failed("mlp", f"computes with {names} weights, not {fmt.describe()}")
+        if verdict.ok and ctx.mlp.biases and not self.expert_biases:
+            return Check.failed("mlp", "its GEMMs add no expert biases (gpt-oss's gate/up and down biases)")
         return verdict
 
     def input_format(self, ctx: LayerContext) -> TokenFormat:

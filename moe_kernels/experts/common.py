@@ -20,13 +20,19 @@ from moe_kernels.mlp.weights import ExpertWeights
 
 #: ``gemm(a, a_scale, w, w_scale, out, rows)``: ``out = a @ w[e].T`` per expert, ``rows`` the
 #: layout (contiguous: ``grouped_layout [R]`` int32; masked: ``counts [E]`` int32); scales None
-#: for unquantized operands
+#: for unquantized operands. Experts classes that add expert biases pass ``bias=`` ``[E, N]`` too
+#: (:func:`bias_kwargs`); the others refuse biased MLPs in their checks and are never given one.
 GroupedGemm = Callable[
     [torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor], None
 ]
 
 #: the row count of a scale storage is padded to a multiple of this (TMA asks 16-byte strides)
 SCALE_ROWS_MULTIPLE = 4
+
+
+def bias_kwargs(bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """``{"bias": bias}`` for a GEMM of an MLP with expert biases, nothing without (see :data:`GroupedGemm`)."""
+    return {} if bias is None else {"bias": bias}
 
 
 def gemm_input_specs(name: str, lead: tuple[int, ...], cols: int, mlp: ExpertMLP) -> dict[str, WorkspaceSpec]:
@@ -93,11 +99,12 @@ def run_contiguous(
     # Rows no slot maps to (padding) keep stale values: they are computed (or skipped per tile)
     # but the gather only reads rows named by dst_row.
     scatter_rows(tokens.x, layout.dst_row, permuted, scale_out=permuted_scale, group=group)
+    b13 = bias_kwargs(weights.w13_bias)
     if fused_gemm1 is not None:
-        fused_gemm1(permuted, permuted_scale, weights.w13, weights.w13_scale, act, layout.grouped_layout)
+        fused_gemm1(permuted, permuted_scale, weights.w13, weights.w13_scale, act, layout.grouped_layout, **b13)
     else:
         gate_up = workspace["gate_up"]
-        gemm(permuted, permuted_scale, weights.w13, weights.w13_scale, gate_up, layout.grouped_layout)
+        gemm(permuted, permuted_scale, weights.w13, weights.w13_scale, gate_up, layout.grouped_layout, **b13)
         activate(
             gate_up,
             act,
@@ -107,7 +114,7 @@ def run_contiguous(
             grouped_layout=layout.grouped_layout,
         )
     rows = workspace.get("expert_rows", permuted)
-    gemm(act, act_scale, weights.w2, weights.w2_scale, rows, layout.grouped_layout)
+    gemm(act, act_scale, weights.w2, weights.w2_scale, rows, layout.grouped_layout, **bias_kwargs(weights.w2_bias))
     write_output(rows, layout.dst_row, tokens, out)
 
 
@@ -136,9 +143,9 @@ def run_masked(
     gate_up = workspace["gate_up"]
     act, act_scale = gemm_input(workspace, "activation")
     group = mlp.act_quant.group if mlp.act_quant is not None else 1
-    gemm(x, x_scale, weights.w13, weights.w13_scale, gate_up, counts)
+    gemm(x, x_scale, weights.w13, weights.w13_scale, gate_up, counts, **bias_kwargs(weights.w13_bias))
     activate(gate_up, act, activation=mlp.activation, scale_out=act_scale, group=group, counts=counts)
-    gemm(act, act_scale, weights.w2, weights.w2_scale, out, counts)
+    gemm(act, act_scale, weights.w2, weights.w2_scale, out, counts, **bias_kwargs(weights.w2_bias))
 
 
 def write_output(rows: torch.Tensor, dst_row: torch.Tensor, tokens: StandardTokens, out: torch.Tensor) -> None:

@@ -34,6 +34,7 @@ class GroupedMMExperts(PermuteExpertsUnpermute):
     input_layout = Layout.STANDARD
     dtypes = (torch.bfloat16,)
     supports_cuda_graphs = True
+    expert_biases = True
 
     def check_device(self, ctx: LayerContext) -> Check:
         return grouped_mm.device_check(ctx.device)
@@ -71,6 +72,16 @@ class GroupedMMExperts(PermuteExpertsUnpermute):
         rows, act = workspace["permuted"], workspace["activation"]
         scatter_rows(tokens.x, layout.dst_row, rows)
         gate_up = torch._grouped_mm(rows, weights.w13.transpose(-2, -1), offs=layout.segment_ends)
+        _add_bias(gate_up, weights.w13_bias, layout.grouped_layout)
         activate(gate_up, act, activation=self.ctx.mlp.activation, grouped_layout=layout.grouped_layout)
         expert_rows = torch._grouped_mm(act, weights.w2.transpose(-2, -1), offs=layout.segment_ends)
+        _add_bias(expert_rows, weights.w2_bias, layout.grouped_layout)
         write_output(expert_rows, layout.dst_row, tokens, out)
+
+
+def _add_bias(rows: torch.Tensor, bias: torch.Tensor | None, grouped_layout: torch.Tensor) -> None:
+    """``rows[r] += bias[grouped_layout[r]]`` (``rows [R, N]``, ``bias [E, N]``): ``_grouped_mm`` has
+    no bias epilogue, so expert biases cost one gather-add per GEMM here. Rows of no expert (``-1``)
+    take expert 0's bias; nothing reads them."""
+    if bias is not None:
+        rows += bias.index_select(0, grouped_layout.clamp(min=0))

@@ -17,12 +17,13 @@ class TorchReferenceExperts(PermuteExpertsUnpermute):
     the yardstick the other experts are tested against, and the CPU fallback. Quantized layers
     are computed from the dequantized weights (and dequantized activations when they arrive
     quantized), so the difference to a quantized kernel is that kernel's quantization error.
-    Every weight format and activation of :mod:`moe_kernels.mlp` is computed from its definition
-    there.
+    Every weight format, activation and expert bias of :mod:`moe_kernels.mlp` is computed from its
+    definition there.
     """
 
     input_layout = Layout.STANDARD
     weight_formats = (Dense, Fp8Block)
+    expert_biases = True
 
     def preference(self, ctx: LayerContext) -> tuple[float, str]:
         return 1000.0, "plain per-expert torch loop: the yardstick, chosen only when nothing else runs"
@@ -43,7 +44,10 @@ class TorchReferenceExperts(PermuteExpertsUnpermute):
             if token_idx.numel() == 0:
                 continue
             w13, w2 = weights.dequantized(e)
-            y = activation.reference(x[token_idx] @ w13.t()) @ w2.t()
+            b13, b2 = weights.biases(e)
+            h = x[token_idx] @ w13.t()
+            y = activation.reference(h if b13 is None else h + b13) @ w2.t()
+            y = y if b2 is None else y + b2
             weight = tokens.topk_weights[token_idx, slot].unsqueeze(1)
             acc.index_add_(0, token_idx, y * weight)
         out.copy_(acc)

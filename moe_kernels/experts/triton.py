@@ -36,6 +36,7 @@ class TritonPart(PermuteExpertsUnpermute):
     """What the Triton experts share: where Triton runs (fp8: SM89+), capturable in CUDA graphs."""
 
     supports_cuda_graphs = True
+    expert_biases = True
 
     def check_device(self, ctx: LayerContext) -> Check:
         base = triton_check(ctx.device)
@@ -62,15 +63,16 @@ def _triton_contiguous(
     grouped_layout: torch.Tensor,
     *,
     mlp: ExpertMLP | None = None,
+    bias: torch.Tensor | None = None,
 ) -> None:
     """The Triton grouped GEMM as a :data:`~moe_kernels.experts.common.GroupedGemm` (``mlp``: fuse
-    its activation)."""
+    its activation; ``bias``: add it in the epilogue)."""
     from moe_kernels.kernels import grouped_gemm_contiguous
     from moe_kernels.kernels.grouped_gemm import BLOCK_M
 
     activation = mlp.activation if mlp is not None else None
     grouped_gemm_contiguous(
-        a, w, grouped_layout, out, a_scale=a_scale, b_scale=w_scale, activation=activation, alignment=BLOCK_M
+        a, w, grouped_layout, out, a_scale=a_scale, b_scale=w_scale, activation=activation, bias=bias, alignment=BLOCK_M
     )
 
 
@@ -83,11 +85,12 @@ def _triton_masked(
     counts: torch.Tensor,
     *,
     mlp: ExpertMLP | None = None,
+    bias: torch.Tensor | None = None,
 ) -> None:
     from moe_kernels.kernels import grouped_gemm_masked
 
     activation = mlp.activation if mlp is not None else None
-    grouped_gemm_masked(a, w, counts, out, a_scale=a_scale, b_scale=w_scale, activation=activation)
+    grouped_gemm_masked(a, w, counts, out, a_scale=a_scale, b_scale=w_scale, activation=activation, bias=bias)
 
 
 def _fused_gemm1(mlp: ExpertMLP, gemm: GroupedGemm) -> GroupedGemm | None:
@@ -154,5 +157,5 @@ class MaskedTritonExperts(TritonPart):
             run_masked(tokens.x, tokens.x_scale, tokens.counts, weights, out, workspace, mlp, _triton_masked)
             return
         act = workspace["activation"]
-        fused(tokens.x, None, weights.w13, None, act, tokens.counts)
-        _triton_masked(act, None, weights.w2, None, out, tokens.counts)
+        fused(tokens.x, None, weights.w13, None, act, tokens.counts, bias=weights.w13_bias)
+        _triton_masked(act, None, weights.w2, None, out, tokens.counts, bias=weights.w2_bias)

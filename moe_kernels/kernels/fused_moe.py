@@ -36,6 +36,7 @@ from moe_kernels.mlp.activations import SILU, Activation
 
 from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor, interpreting
 from .activation import apply_activation
+from .bias import bias_row, check_bias
 from .gather import weighted_gather
 from .permute import contiguous_rows_bound, contiguous_slot_rows
 
@@ -255,6 +256,9 @@ def _fused_gemm1_kernel(
     stride_wn,
     stride_om,
     up_offset,
+    bias_ptr,
+    stride_bias_e,
+    HAS_BIAS: tl.constexpr,
     ACT_KIND: tl.constexpr,
     ACT_ALPHA: tl.constexpr,
     ACT_LIMIT: tl.constexpr,
@@ -301,6 +305,9 @@ def _fused_gemm1_kernel(
         up_acc = tl.dot(a, up, up_acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K
         gate_ptrs += BLOCK_K
+    if HAS_BIAS:
+        gate_acc += bias_row(bias_ptr, expert, cols, col_ok, stride_bias_e)[None, :]
+        up_acc += bias_row(bias_ptr + n_out, expert, cols, col_ok, stride_bias_e)[None, :]
     result = apply_activation(
         gate_acc, up_acc, ACT_KIND, ACT_ALPHA, ACT_LIMIT, ACT_CLAMP_OUTPUT, ACT_UP_OFFSET, ACT_GATE_CAP, ACT_UP_CAP
     )
@@ -325,6 +332,9 @@ def _fused_gemm2_kernel(
     stride_we,
     stride_wn,
     stride_om,
+    bias_ptr,
+    stride_bias_e,
+    HAS_BIAS: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     ZERO_EMPTY: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -368,6 +378,8 @@ def _fused_gemm2_kernel(
         acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += bias_row(bias_ptr, expert, cols, col_ok, stride_bias_e)[None, :]
     slots = tl.where(row_ok, slots, 0).to(tl.int64)
     if HAS_WEIGHTS:
         acc *= tl.load(weights_ptr + slots, mask=row_ok, other=0).to(tl.float32)[:, None]
@@ -405,6 +417,7 @@ def fused_gemm1(
     out: torch.Tensor,
     config: FusedConfig,
     activation: Activation = SILU,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[r] = act(x[t] @ gate[e].T, x[t] @ up[e].T)`` for every layout row ``r`` holding a
     slot of token ``t`` routed to expert ``e``; A rows are read from ``x`` directly (no scatter).
@@ -421,6 +434,7 @@ def fused_gemm1(
         out: ``[R, I]`` (``R = layout.num_rows``), bf16/fp16/fp32, contiguous.
         config: tiling; ``block_m`` must equal ``layout.block_m``.
         activation: a gated one (:mod:`moe_kernels.mlp.activations`).
+        bias: ``[E, 2I]`` (gate then up) added to the fp32 products before the activation.
 
     Returns:
         ``out``.
@@ -439,7 +453,8 @@ def fused_gemm1(
     if layout.slot_row.shape[0] != num_tokens:
         raise ValueError(f"layout: expected {num_tokens} tokens (x's rows), got {layout.slot_row.shape[0]}")
     check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(layout.num_rows, inter))
-    check_same_device(x=x, w13=w13, out=out)
+    stride_bias_e = check_bias(bias, w13.shape[0], 2 * inter)
+    check_same_device(x=x, w13=w13, bias=bias, out=out)
     if layout.num_blocks == 0 or inter == 0:
         return out
     _fused_gemm1_kernel[(layout.num_blocks, triton.cdiv(inter, config.block_n))](
@@ -457,6 +472,9 @@ def fused_gemm1(
         out.stride(0),
         # Offset of the up rows from the gate rows, precomputed so the product is 64-bit on host.
         inter * w13.stride(1),
+        bias,
+        stride_bias_e,
+        HAS_BIAS=bias is not None,
         **activation.kernel_constants(),
         **_gemm_kwargs(x.dtype, config),
     )
@@ -470,8 +488,9 @@ def fused_gemm2_weighted(
     topk_weights: torch.Tensor | None,
     out: torch.Tensor,
     config: FusedConfig,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out[s] = topk_weights[s] * (act[r] @ w2[e].T)`` for every layout row ``r`` holding slot
+    """``out[s] = topk_weights[s] * (act[r] @ w2[e].T + bias[e])`` for every layout row ``r`` holding slot
     ``s`` routed to expert ``e``: written slot-major, the router weight applied in fp32 before
     rounding to ``out.dtype``.
 
@@ -488,6 +507,7 @@ def fused_gemm2_weighted(
         topk_weights: ``[T, K]`` float32 (bf16/fp16 accepted), contiguous; ``None`` = weight 1.
         out: ``[T * K, H]`` bf16/fp16/fp32 with unit stride along H.
         config: tiling; ``block_m`` must equal ``layout.block_m``.
+        bias: optional ``[E, H]``, added in fp32 before the router weight.
 
     Returns:
         ``out``.
@@ -508,7 +528,8 @@ def fused_gemm2_weighted(
     check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(n_slots, hidden), contiguous=False)
     if out.stride(1) != 1:
         raise ValueError(f"out: expected unit stride along the hidden dim, got strides {out.stride()}")
-    check_same_device(act=act, w2=w2, topk_weights=topk_weights, out=out)
+    stride_bias_e = check_bias(bias, w2.shape[0], hidden)
+    check_same_device(act=act, w2=w2, topk_weights=topk_weights, bias=bias, out=out)
     if n_slots == 0 or hidden == 0:
         return out
     zero_empty = top_k == 1
@@ -529,6 +550,9 @@ def fused_gemm2_weighted(
         w2.stride(0),
         w2.stride(1),
         out.stride(0),
+        bias,
+        stride_bias_e,
+        HAS_BIAS=bias is not None,
         HAS_WEIGHTS=topk_weights is not None,
         ZERO_EMPTY=zero_empty,
         **_gemm_kwargs(act.dtype, config),
@@ -573,6 +597,8 @@ def fused_experts(
     gemm2: FusedConfig,
     residual: torch.Tensor | None = None,
     activation: Activation = SILU,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[t] = residual[t] + sum_k topk_weights[t, k] * expert_mlp(topk_ids[t, k], x[t])`` on
     the fused path (no residual term without ``residual``).
@@ -596,6 +622,8 @@ def fused_experts(
         residual: optional ``[T, H]`` added in the top-k sum (with ``top_k == 1``, which has no
             sum, in a pass of its own).
         activation: the gated activation GEMM1 applies (:mod:`moe_kernels.mlp.activations`).
+        w13_bias, w2_bias: optional expert biases ``[E, 2I]``, ``[E, H]`` (gpt-oss), added in the
+            GEMMs' epilogues: ``w2 @ act(w13 @ x + b13) + b2``.
 
     Returns:
         ``out``.
@@ -620,11 +648,11 @@ def fused_experts(
     check_same_device(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids, out=out)
 
     layout = gather_layout(topk_ids, num_experts, gemm1.block_m)
-    act = fused_gemm1(x, w13, layout, workspace["activation"], gemm1, activation)
+    act = fused_gemm1(x, w13, layout, workspace["activation"], gemm1, activation, w13_bias)
     if top_k == 1:
-        fused_gemm2_weighted(act, w2, layout, topk_weights, out, gemm2)
+        fused_gemm2_weighted(act, w2, layout, topk_weights, out, gemm2, w2_bias)
         return out if residual is None else out.add_(residual)
-    slot_rows = fused_gemm2_weighted(act, w2, layout, topk_weights, workspace["slot_rows"], gemm2)
+    slot_rows = fused_gemm2_weighted(act, w2, layout, topk_weights, workspace["slot_rows"], gemm2, w2_bias)
     return weighted_gather(slot_rows, layout.slot_index, None, out, residual=residual)
 
 

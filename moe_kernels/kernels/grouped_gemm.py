@@ -30,6 +30,7 @@ from moe_kernels.mlp.activations import SILU, Activation
 
 from ._common import FLOAT_DTYPES, check_same_device, check_tensor, interpreting
 from .activation import apply_activation
+from .bias import bias_row, check_bias
 
 _SCALE_BLOCK = tl.constexpr(fp8.SCALE_BLOCK)
 
@@ -63,6 +64,8 @@ def _grouped_gemm_kernel(
     stride_bse,
     stride_bsn,
     stride_bsk,
+    bias_ptr,
+    stride_bias_e,
     MASKED: tl.constexpr,
     FP8: tl.constexpr,
     FUSED: tl.constexpr,
@@ -73,6 +76,7 @@ def _grouped_gemm_kernel(
     ACT_UP_OFFSET: tl.constexpr,
     ACT_GATE_CAP: tl.constexpr,
     ACT_UP_CAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -144,6 +148,11 @@ def _grouped_gemm_kernel(
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
+    if HAS_BIAS:
+        # the bias has the weight's N columns: fused, gate columns then up columns (n_out further)
+        acc += bias_row(bias_ptr, expert, cols, col_ok, stride_bias_e)[None, :]
+        if FUSED:
+            acc_up += bias_row(bias_ptr + n_out, expert, cols, col_ok, stride_bias_e)[None, :]
     if FUSED:
         acc = apply_activation(
             acc, acc_up, ACT_KIND, ACT_ALPHA, ACT_LIMIT, ACT_CLAMP_OUTPUT, ACT_UP_OFFSET, ACT_GATE_CAP, ACT_UP_CAP
@@ -192,6 +201,7 @@ def _launch(
     b_scale: torch.Tensor | None,
     out: torch.Tensor,
     group: torch.Tensor,
+    bias: torch.Tensor | None,
     *,
     masked: bool,
     num_row_tiles: int,
@@ -224,6 +234,7 @@ def _launch(
     else:
         a_scale_strides = (0, 0, 0)
     b_scale_strides = b_scale.stride() if b_scale is not None else (0, 0, 0)
+    stride_bias_e = check_bias(bias, b.shape[0], b.shape[1])
     _grouped_gemm_kernel[(num_row_tiles, triton.cdiv(n_out, block_n))](
         a,
         b,
@@ -241,10 +252,13 @@ def _launch(
         n_out * b.stride(1),
         *a_scale_strides,
         *b_scale_strides,
+        bias,
+        stride_bias_e,
         MASKED=masked,
         FP8=fp8_operands,
         FUSED=fused,
         **(activation if fused else SILU).kernel_constants(),
+        HAS_BIAS=bias is not None,
         # The CPU interpreter's low-precision tl.dot is wrong (triton 3.9); GPUs keep tensor cores.
         UPCAST=interpreting(),
         # fp32 inputs would silently drop to tf32 on tensor cores; keep them exact.
@@ -266,6 +280,7 @@ def grouped_gemm_contiguous(
     a_scale: torch.Tensor | None = None,
     b_scale: torch.Tensor | None = None,
     activation: Activation | None = None,
+    bias: torch.Tensor | None = None,
     alignment: int | None = None,
     block_m: int = BLOCK_M,
     block_n: int = BLOCK_N,
@@ -289,6 +304,8 @@ def grouped_gemm_contiguous(
         b_scale: fp8: ``[E, ceil(N/128), ceil(K/128)]`` float32 block scales, any strides.
         activation: fuse it: ``b``'s N = 2I rows are gate then up; write ``act(a @ gate.T,
             a @ up.T)`` (bf16/fp16/fp32 only).
+        bias: ``[E, N]`` per-expert bias added to the fp32 product before the activation (gpt-oss),
+            unit stride along N.
         alignment: the layout's alignment, if known; checked to be a multiple of ``block_m``.
         block_m, block_n, block_k, num_warps, num_stages: Triton tiling (fp8: ``block_n`` and
             ``block_k`` divide 128 so a tile lies in one scale block); ``block_k=None`` is 64
@@ -303,11 +320,11 @@ def grouped_gemm_contiguous(
     num_rows = a.shape[0]
     check_tensor("grouped_layout", grouped_layout, dtypes=(torch.int32,), shape=(num_rows,))
     check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(num_rows, n_out))
-    check_same_device(a=a, b=b, a_scale=a_scale, b_scale=b_scale, grouped_layout=grouped_layout, out=out)
+    check_same_device(a=a, b=b, a_scale=a_scale, b_scale=b_scale, bias=bias, grouped_layout=grouped_layout, out=out)
     if alignment is not None and alignment % block_m:
         raise ValueError(f"alignment: expected a multiple of block_m = {block_m}, got {alignment}")
     _launch(
-        a, a_scale, b, b_scale, out, grouped_layout,
+        a, a_scale, b, b_scale, out, grouped_layout, bias,
         masked=False, num_row_tiles=triton.cdiv(num_rows, block_m), rows_per_group=num_rows, n_out=n_out,
         activation=activation, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
         num_stages=num_stages,
@@ -324,6 +341,7 @@ def grouped_gemm_masked(
     a_scale: torch.Tensor | None = None,
     b_scale: torch.Tensor | None = None,
     activation: Activation | None = None,
+    bias: torch.Tensor | None = None,
     block_m: int = BLOCK_M,
     block_n: int = BLOCK_N,
     block_k: int | None = None,
@@ -340,7 +358,7 @@ def grouped_gemm_masked(
         b: ``[E, N, K]`` ``a``'s dtype, contiguous (fp8: with ``b_scale``).
         counts: ``[E] int32`` valid rows per expert (``MaskedLayout.counts``).
         out: ``[E, M, N]`` (``[E, M, N/2]`` with a gated ``activation``), bf16/fp16/fp32, contiguous.
-        a_scale, b_scale, activation, block_m, block_n, block_k, num_warps, num_stages: as in
+        a_scale, b_scale, activation, bias, block_m, block_n, block_k, num_warps, num_stages: as in
             :func:`grouped_gemm_contiguous`.
 
     Returns:
@@ -354,9 +372,9 @@ def grouped_gemm_masked(
         raise ValueError(f"b: expected E = {num_experts} (a's first dim), got shape {list(b.shape)}")
     check_tensor("counts", counts, dtypes=(torch.int32,), shape=(num_experts,))
     check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(num_experts, rows_per_group, n_out))
-    check_same_device(a=a, b=b, a_scale=a_scale, b_scale=b_scale, counts=counts, out=out)
+    check_same_device(a=a, b=b, a_scale=a_scale, b_scale=b_scale, bias=bias, counts=counts, out=out)
     _launch(
-        a, a_scale, b, b_scale, out, counts,
+        a, a_scale, b, b_scale, out, counts, bias,
         masked=True, num_row_tiles=num_experts * triton.cdiv(rows_per_group, block_m), rows_per_group=rows_per_group,
         n_out=n_out, activation=activation, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
         num_stages=num_stages,

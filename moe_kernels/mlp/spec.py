@@ -30,7 +30,9 @@ class ExpertMLP:
 
     ``w13 [activation.gemm1_rows(inter), hidden]``, ``w2 [hidden, inter]``, stored as ``weights``
     says; activations are ``dtype`` and enter the GEMMs quantized as ``act_quant`` says (``None``:
-    in ``dtype``).
+    in ``dtype``). ``biases``: each GEMM adds a per-expert bias to its fp32 result, ``w13_bias
+    [gemm1_rows]`` before the activation and ``w2_bias [hidden]`` before the router weight (gpt-oss:
+    ``w2 @ act(w13 @ x + b13) + b2``), both in ``dtype``.
     """
 
     hidden: int
@@ -39,6 +41,7 @@ class ExpertMLP:
     weights: WeightFormat = Dense()
     act_quant: ActQuant | None = None
     activation: Activation = Activation()
+    biases: bool = False
 
     @property
     def w13_shape(self) -> tuple[int, int]:
@@ -49,8 +52,13 @@ class ExpertMLP:
         return self.hidden, self.inter
 
     def stored(self) -> dict[str, StoredSpec]:
-        """Per projection (``"w13"``, ``"w2"``), the tensors one expert stores."""
-        return {"w13": self.weights.stored(*self.w13_shape), "w2": self.weights.stored(*self.w2_shape)}
+        """Per projection (``"w13"``, ``"w2"``), the tensors one expert stores (its bias, ``"bias"``,
+        with ``biases``)."""
+        stored = {"w13": self.weights.stored(*self.w13_shape), "w2": self.weights.stored(*self.w2_shape)}
+        if self.biases:
+            stored["w13"]["bias"] = ((self.w13_shape[0],), self.dtype)
+            stored["w2"]["bias"] = ((self.hidden,), self.dtype)
+        return stored
 
     def expert_nbytes(self) -> int:
         """Bytes one expert's stored tensors take."""
@@ -70,4 +78,6 @@ class ExpertMLP:
         if self.act_quant is not None:
             parts.append(self.act_quant.describe())
         parts.append(self.activation.kind)
+        if self.biases:
+            parts.append("expert biases")
         return ", ".join(parts)

@@ -26,7 +26,9 @@ class ExpertWeights:
     ``w13_scale [E_local, ceil(2I/128), ceil(H/128)]``, ``w2_scale [E_local, ceil(H/128),
     ceil(I/128)]`` (:class:`~moe_kernels.mlp.formats.Fp8Block`: the real weight is ``w * scale``
     blockwise, DeepSeek-V3's ``weight_scale_inv``). ``format`` defaults to what the tensors are:
-    dense without scales, fp8 blocks with them.
+    dense without scales, fp8 blocks with them. Expert biases (an MLP with ``biases``): ``w13_bias
+    [E_local, 2I]`` (gate then up, as ``w13``'s rows) and ``w2_bias [E_local, H]`` in the
+    activation dtype, added to each GEMM's fp32 result.
     """
 
     w13: torch.Tensor
@@ -34,6 +36,8 @@ class ExpertWeights:
     w13_scale: torch.Tensor | None = None
     w2_scale: torch.Tensor | None = None
     format: WeightFormat | None = None
+    w13_bias: torch.Tensor | None = None
+    w2_bias: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.format is None:
@@ -65,15 +69,19 @@ class ExpertWeights:
         return self.weight_format.is_quantized
 
     @property
+    def has_biases(self) -> bool:
+        return self.w13_bias is not None or self.w2_bias is not None
+
+    @property
     def device(self) -> torch.device:
         return self.w13.device
 
     def tensors(self, projection: str) -> dict[str, torch.Tensor | None]:
-        """``{"weight": ..., "scale": ...}`` of ``"w13"`` or ``"w2"`` (all experts)."""
+        """``{"weight": ..., "scale": ..., "bias": ...}`` of ``"w13"`` or ``"w2"`` (all experts)."""
         if projection == "w13":
-            return {"weight": self.w13, "scale": self.w13_scale}
+            return {"weight": self.w13, "scale": self.w13_scale, "bias": self.w13_bias}
         if projection == "w2":
-            return {"weight": self.w2, "scale": self.w2_scale}
+            return {"weight": self.w2, "scale": self.w2_scale, "bias": self.w2_bias}
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
 
     def check(self, mlp: ExpertMLP, num_experts: int, device: torch.device) -> None:
@@ -83,6 +91,8 @@ class ExpertWeights:
             for part, t in self.tensors(projection).items():
                 name = projection if part == "weight" else f"{projection}_{part}"
                 if part not in stored:
+                    if t is not None and part == "bias":
+                        raise ValueError(f"{name}: the layer has no expert biases ({mlp.describe()}), but one is given")
                     if t is not None:
                         why = "is unquantized" if not mlp.weights.is_quantized else "stores no such tensor"
                         raise ValueError(f"{name}: the layer {why} ({mlp.weights.describe()}), but one was given")
@@ -104,8 +114,12 @@ class ExpertWeights:
             out.append(fmt.dequantize(tensors))
         return out[0], out[1]
 
+    def biases(self, expert: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Local expert ``expert``'s ``(w13_bias [2I], w2_bias [H])`` as float32 (``None``: no bias)."""
+        return tuple(None if b is None else b[expert].float() for b in (self.w13_bias, self.w2_bias))  # type: ignore[return-value]
+
     def nbytes(self) -> int:
-        tensors = (self.w13, self.w2, self.w13_scale, self.w2_scale)
+        tensors = (self.w13, self.w2, self.w13_scale, self.w2_scale, self.w13_bias, self.w2_bias)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "Cut",
     "MoELayer",
     "MoELayerInfo",
+    "naming_fits",
     "MoELayerTensors",
     "SharedExpert",
     "TensorInfo",
@@ -105,7 +106,7 @@ class SharedExpert(Generic[V]):
     float8_e4m3fn. ``expert_gate [1, H]`` is Qwen2-MoE's sigmoid gate on the shared output, else ``None``.
     """
 
-    gate_proj: V
+    gate_proj: V | None  # None: a non-gated MLP (Nemotron-H's relu2), whose GEMM1 is up_proj alone
     up_proj: V
     down_proj: V
     gate_proj_scale: V | None = None
@@ -149,12 +150,12 @@ class MoELayer(Generic[V]):
     @property
     def experts(self) -> tuple[int, ...]:
         """The global expert ids held, in the order they were asked for."""
-        return tuple(self.gate_proj)
+        return tuple(self.up_proj)
 
     @property
     def is_fp8(self) -> bool:
         """Whether the routed experts are float8_e4m3fn with block scales."""
-        return self.gate_proj_scale is not None
+        return self.up_proj_scale is not None
 
 
 @dataclass(frozen=True)
@@ -394,7 +395,7 @@ def _evidence(naming: LayerNaming) -> str:
     """The key (relative to the layer root, ``{e}`` cut off) whose presence marks a naming's experts."""
     ex = naming.experts
     if isinstance(ex, PerExpert):
-        return ex.gate.split("{e}")[0]
+        return ex.up.split("{e}")[0]
     return (ex.gate_up or ex.gate).key  # type: ignore[union-attr]  # Fused checks one of them is set
 
 
@@ -680,13 +681,14 @@ def _describe_per_expert(
 ) -> tuple[dict[str, dict[int, TensorInfo]], dict[str, dict[int, TensorInfo]] | None]:
     """One tensor per expert and projection, with FP8 block scales for all of them or none."""
     templates = {"gate_proj": ex.gate, "up_proj": ex.up, "down_proj": ex.down}
+    roles = tuple(role for role in _ROLES if templates[role] is not None)
     keys = lay.reader.keys
-    weight_keys: dict[str, dict[int, str]] = {role: {} for role in _ROLES}
+    weight_keys: dict[str, dict[int, str]] = {role: {} for role in roles}
     for e in ids:
-        for role, template in templates.items():
-            key = lay.key(template, e)
+        for role in roles:
+            key = lay.key(templates[role], e)  # type: ignore[arg-type]  # roles holds the set templates
             if key not in keys:
-                prefix = lay.root + ex.gate.split("{e}")[0]
+                prefix = lay.root + ex.up.split("{e}")[0]
                 present = {
                     int(h)
                     for k in lay.reader.layer_keys(lay.layer)
@@ -695,7 +697,7 @@ def _describe_per_expert(
                 has = f"; layer {lay.layer} has experts {_format_ids(present)}" if present else ""
                 raise ValueError(f"expert {e} of layer {lay.layer} is missing from {lay.where}: no key '{key}'{has}")
             weight_keys[role][e] = key
-    scaled = {(role, e): k + SCALE_SUFFIX in keys for role in _ROLES for e, k in weight_keys[role].items()}
+    scaled = {(role, e): k + SCALE_SUFFIX in keys for role in roles for e, k in weight_keys[role].items()}
     if any(scaled.values()) and not all(scaled.values()):
         with_scale = {e for (_, e), s in scaled.items() if s}
         role, e = next(role_expert for role_expert, s in scaled.items() if not s)
@@ -704,14 +706,14 @@ def _describe_per_expert(
             f" but not for all requested experts; no key '{weight_keys[role][e]}{SCALE_SUFFIX}' (expert {e})"
         )
     fp8 = any(scaled.values())
-    all_keys = [k for role in _ROLES for k in weight_keys[role].values()]
+    all_keys = [k for role in roles for k in weight_keys[role].values()]
     infos = lay.reader.infos(all_keys + ([k + SCALE_SUFFIX for k in all_keys] if fp8 else []))
-    weights = {role: {e: infos[k] for e, k in weight_keys[role].items()} for role in _ROLES}
+    weights = {role: {e: infos[k] for e, k in weight_keys[role].items()} for role in roles}
     scales = (
-        {role: {e: infos[k + SCALE_SUFFIX] for e, k in weight_keys[role].items()} for role in _ROLES} if fp8 else None
+        {role: {e: infos[k + SCALE_SUFFIX] for e, k in weight_keys[role].items()} for role in roles} if fp8 else None
     )
-    inter = weights["gate_proj"][ids[0]].shape[0] if weights["gate_proj"][ids[0]].shape else 0
-    for role in _ROLES:
+    inter = weights["up_proj"][ids[0]].shape[0] if weights["up_proj"][ids[0]].shape else 0
+    for role in roles:
         expected = (hidden, inter) if role == "down_proj" else (inter, hidden)
         for e in ids:
             _check_weight_and_scale(weights[role][e], None if scales is None else scales[role][e])
@@ -729,8 +731,8 @@ def _describe_shared(lay: _Layer, variant: SharedNaming, hidden: int) -> SharedE
         down = lay.stored(lay.key(variant.down))
         scales: list[TensorInfo | None] = [None, None, None]
     else:
-        assert variant.gate is not None and variant.up is not None
-        weight_keys = [lay.key(t) for t in (variant.gate, variant.up, variant.down)]
+        assert variant.up is not None
+        weight_keys = [lay.key(t) for t in (variant.gate, variant.up, variant.down) if t is not None]
         missing = [k for k in weight_keys if k not in lay.reader.keys]
         if missing:
             raise ValueError(f"layer {lay.layer} of {lay.where} has a partial shared expert: no key '{missing[0]}'")
@@ -741,12 +743,17 @@ def _describe_shared(lay: _Layer, variant: SharedNaming, hidden: int) -> SharedE
                 f"layer {lay.layer} of {lay.where}: the shared expert has {SCALE_SUFFIX} scales for some projections"
                 f" but not others; no key '{absent}{SCALE_SUFFIX}'"
             )
-        gate, up, down = (lay.stored(k) for k in weight_keys)
+        stored = [lay.stored(k) for k in weight_keys]
         scales = [lay.stored(k + SCALE_SUFFIX) if s else None for k, s in zip(weight_keys, has_scale, strict=True)]
+        if variant.gate is None:  # not gated: no gate projection
+            stored, scales = [None, *stored], [None, *scales]
+        gate, up, down = stored
     for w, s in zip((gate, up, down), scales, strict=True):
-        _check_weight_and_scale(w, s)
-    width = gate.shape[0] if gate.shape else 0
-    _check_shape(gate, (width, hidden), "shared expert gate_proj")
+        if w is not None:
+            _check_weight_and_scale(w, s)
+    width = up.shape[0] if up.shape else 0
+    if gate is not None:
+        _check_shape(gate, (width, hidden), "shared expert gate_proj")
     _check_shape(up, (width, hidden), "shared expert up_proj")
     _check_shape(down, (hidden, width), "shared expert down_proj")
     expert_gate = None
@@ -770,9 +777,8 @@ def _shared_keys(lay: _Layer) -> set[str]:
 def _expert_keys(lay: _Layer, num_experts: int) -> set[str]:
     ex = lay.naming.experts
     if isinstance(ex, PerExpert):
-        return {
-            lay.key(t, e) + s for t in (ex.gate, ex.up, ex.down) for e in range(num_experts) for s in ("", SCALE_SUFFIX)
-        }
+        templates = [t for t in (ex.gate, ex.up, ex.down) if t is not None]
+        return {lay.key(t, e) + s for t in templates for e in range(num_experts) for s in ("", SCALE_SUFFIX)}
     stacks = [s for s in (ex.gate_up, ex.gate, ex.up, ex.down) if s is not None]
     return {lay.key(s.key) for s in stacks} | {lay.key(b) for b in (ex.gate_up_bias, ex.down_bias) if b is not None}
 
@@ -812,6 +818,13 @@ def _locate(reader: CheckpointReader, layer: int, naming: str) -> _Layer:
         found = fitting
     root, name = found[0]
     return _Layer(reader, layer, root, name)
+
+
+def naming_fits(path: str | os.PathLike[str] | CheckpointReader, layer: int, naming: str) -> bool:
+    """Whether ``layer``'s keys match ``naming`` (one layer root) and its stacked tensors' shapes fit it."""
+    reader = _as_reader(path)
+    found = _candidates(reader.keys, reader.layer_keys(layer), layer, _check_naming_arg(naming))
+    return len(found) == 1 and _fits(_Layer(reader, layer, *found[0]))
 
 
 def _fits(lay: _Layer) -> bool:
@@ -897,7 +910,10 @@ def describe_moe_layer(
         extras[name] = lay.stored(lay.key(template))
         _check_dtype(extras[name], _INTS if name == "tid2eid" else _FLOATS, f"router {name}")
 
-    variant = next((v for v in spec.shared if lay.has(v.down)), None)
+    # the variant whose GEMM1 keys are there too (HY-V4's gate is linear_gate beside the same down_proj)
+    complete = (v for v in spec.shared if all(lay.has(t) for t in (v.gate, v.up, v.gate_up, v.down) if t))
+    variant = next(complete, None)
+    variant = variant or next((v for v in spec.shared if lay.has(v.down)), None)
     shared_info = None
     if shared:
         if variant is None:
@@ -912,11 +928,11 @@ def describe_moe_layer(
     return MoELayerInfo(
         layer=layer,
         naming=lay.name,
-        gate_proj=weights["gate_proj"],
+        gate_proj=weights.get("gate_proj", {}),
         up_proj=weights["up_proj"],
         down_proj=weights["down_proj"],
         router_weight=router,
-        gate_proj_scale=None if scales is None else scales["gate_proj"],
+        gate_proj_scale=None if scales is None else scales.get("gate_proj", {}),
         up_proj_scale=None if scales is None else scales["up_proj"],
         down_proj_scale=None if scales is None else scales["down_proj"],
         e_score_correction_bias=bias,
@@ -978,7 +994,7 @@ def read_moe_layer(
         shared=None
         if sh is None
         else SharedExpert(
-            got[sh.gate_proj],
+            one(sh.gate_proj),
             got[sh.up_proj],
             got[sh.down_proj],
             one(sh.gate_proj_scale),

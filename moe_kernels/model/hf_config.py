@@ -26,8 +26,10 @@ from typing import Any, Literal
 import torch
 
 from moe_kernels.config import LayerConfig, MoEConfig, QuantConfig
+from moe_kernels.mlp.activations import Activation
 
 __all__ = [
+    "Act",
     "FAMILIES",
     "Family",
     "HFConfigError",
@@ -63,6 +65,34 @@ class Shared:
     gated: bool = False
 
 
+#: ``transformers`` activation names (``ACT2FN`` keys) -> ours (:data:`moe_kernels.mlp.activations.KINDS`)
+_HF_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu": "gelu",
+    "relu2": "relu2",
+}
+
+
+@dataclass(frozen=True)
+class Act:
+    """The experts' activation (:class:`~moe_kernels.mlp.activations.Activation`) as a family's config
+    states it: the function named by ``name`` (``transformers``' names; ``kinds``: those this family's
+    experts apply, others are refused), and SwiGLU parameters read from keys. A ``limit`` of 0 or
+    ``None`` clamps nothing (Ling's per-layer lists)."""
+
+    name: Key = Key(("hidden_act", "activation_function"), "silu")
+    kinds: tuple[str, ...] = ("silu",)
+    limit: Key | None = None
+    clamp: Literal["input", "output"] = "input"
+    alpha: Key | None = None
+    up_offset: float = 0.0
+    gate_softcap: Key | None = None
+    up_softcap: Key | None = None
+
+
 @dataclass(frozen=True)
 class Refuse:
     """A feature moe_kernels lacks: refused when ``key`` is set to something outside ``allowed`` (with no
@@ -71,6 +101,10 @@ class Refuse:
     feature: str
     key: Key | None = None
     allowed: tuple[Any, ...] = ()
+
+
+#: a scoring: softmax over the experts, or an independent score per expert (sigmoid, DeepSeek-V4's sqrtsoftplus)
+_Scoring = Literal["softmax", "sigmoid", "sqrtsoftplus"]
 
 
 @dataclass(frozen=True)
@@ -90,7 +124,7 @@ class Family:
         ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "moe_top_k", "top_k_experts")
     )
     scoring: Literal["softmax", "sigmoid"] | Key = "softmax"
-    scoring_values: Mapping[str, Literal["softmax", "sigmoid"]] = field(default_factory=dict)
+    scoring_values: Mapping[str, _Scoring] = field(default_factory=dict)
     choose_on: Literal["scores", "logits"] = "scores"
     renormalize: bool | Key = True
     grouped: bool = False
@@ -103,13 +137,22 @@ class Family:
     logit_softcap: Key | None = None
     sparsemixer: bool = False
     refuse: tuple[Refuse, ...] = ()
+    activation: Act = Act()
+    #: the gate has a linear bias; each expert adds a bias after each GEMM (gpt-oss)
+    router_bias: bool = False
+    expert_bias: bool = False
+    #: the shared experts' activation when it is not the routed experts' (``None``: the same)
+    shared_activation: Act | None = None
+    #: the p of the p-norm the chosen weights are divided by (DBRX); unset in the file: no renormalization
+    renormalize_p: Key | None = None
+    #: the ``mlp_layer_types`` value of layers routed by token id (DeepSeek-V4's ``hash_moe``)
+    hash_layer_type: str | None = None
+    #: without ``mlp_layer_types``: how many first layers are routed by token id
+    hash_layers: Key | None = None
 
 
 #: what every family is checked for
-_COMMON = (
-    Refuse("non-SiLU experts", Key(("hidden_act", "activation_function"), "silu"), ("silu", "swish")),
-    Refuse("expert biases", Key(("mlp_bias",), False), (False,)),
-)
+_COMMON = (Refuse("expert biases", Key(("mlp_bias",), False), (False,)),)
 _RENORM = Key(("norm_topk_prob", "moe_renormalize"), False)
 _RENORM_ON = Key(("norm_topk_prob", "moe_renormalize"), True)
 _GROUPS = Key(("n_group", "num_expert_group"))
@@ -163,7 +206,31 @@ _GRANITE = Family(
     scale=None,
     shared=Shared(1, Key(("shared_intermediate_size",), 0)),
 )
-_CLAMP = Refuse("clamped SwiGLU (swiglu_limit)")
+#: SwiGLU with the gate clamped from above and up to +-swiglu_limit before the activation
+_CLAMPED = Act(limit=Key(("swiglu_limit",)))
+#: gpt-oss and MiniMax-M3: the same clamps, then gate * sigmoid(alpha * gate) * (up + 1)
+_ALPHA_CLAMPED = Act(limit=Key(("swiglu_limit",)), alpha=Key(("swiglu_alpha",), 1.702), up_offset=1.0)
+#: Ling and Step-3.7: silu(gate) clamped from above and up to +-limit after the activation, per layer
+_LING = Act(limit=Key(("expert_swiglu_limit_list", "swiglu_limits"), 0), clamp="output")
+_LING_SHARED = Act(limit=Key(("share_expert_swiglu_limit_list", "swiglu_limits_shared"), 0), clamp="output")
+_SCORING_FUNC = Key(("scoring_func",), "sigmoid")
+#: Gemma-4's experts (GELU-tanh, which moe_kernels has) sit inside the decoder layer between norms of their own
+_GEMMA_NORMS = Refuse("an RMSNorm on the experts' input that the router does not see, and one on their output")
+_PER_EXPERT = {"sigmoid": "sigmoid", "sqrtsoftplus": "sqrtsoftplus"}
+
+
+def _inkling2() -> Family:
+    """Inkling-2: fp32 sigmoid router with a correction bias, soft-capped SwiGLU, no shared experts."""
+    return Family(
+        naming="inkling2",
+        scoring=_SCORING_FUNC,
+        scoring_values=_PER_EXPERT,
+        correction_bias=True,
+        router_fp32=True,
+        scale=Key(("route_scale", "routed_scaling_factor"), 1.0),
+        activation=Act(gate_softcap=Key(("mlp_gate_softcap",)), up_softcap=Key(("mlp_up_softcap",))),
+    )
+
 
 #: every ``model_type`` (text configs of vision-language wrappers included) and how it maps
 FAMILIES: dict[str, Family] = {
@@ -242,6 +309,7 @@ FAMILIES: dict[str, Family] = {
         experts=Key(("moe_num_experts",)),
         top_k=Key(("moe_top_k",)),
         renormalize=True,
+        renormalize_p=Key(("moe_normalize_expert_weights",)),
         scale=None,
     ),
     "deepseek_v2": _V2,
@@ -268,18 +336,7 @@ FAMILIES: dict[str, Family] = {
     "axk2": _deepseek_v3(group_fill="zero"),
     "kimi_linear": _deepseek_v3(naming="mixtral"),
     "beam": _deepseek_v3(shared=None),
-    "bailing_hybrid": _deepseek_v3(
-        refuse=(
-            Refuse(
-                "SwiGLU clamped after the activation", Key(("expert_swiglu_limit_list", "swiglu_limits"), 0), (0, None)
-            ),
-            Refuse(
-                "SwiGLU clamped after the activation",
-                Key(("share_expert_swiglu_limit_list", "swiglu_limits_shared"), 0),
-                (0, None),
-            ),
-        )
-    ),
+    "bailing_hybrid": _deepseek_v3(activation=_LING, shared_activation=_LING_SHARED),
     "mistral4": _deepseek_v3(
         naming="fused",
         scoring="softmax",
@@ -340,33 +397,68 @@ FAMILIES: dict[str, Family] = {
         correction_bias=True,
         scale=Key(("moe_router_scaling_factor",), 1.0),
         shared=Shared(1, Key(("share_expert_dim", "share_expert_dims"), 0)),
-        refuse=(
-            Refuse("SwiGLU clamped after the activation", Key(("swiglu_limits",)), (None,)),
-            Refuse("SwiGLU clamped after the activation", Key(("swiglu_limits_shared",)), (None,)),
-        ),
+        activation=Act(limit=Key(("swiglu_limits",), 0), clamp="output"),
+        shared_activation=Act(limit=Key(("swiglu_limits_shared",), 0), clamp="output"),
+    ),
+    "minimax_m3_vl_text": Family(
+        naming="fused",
+        width=Key(("intermediate_size",)),
+        scoring="sigmoid",
+        correction_bias=True,
+        shared=Shared(1, Key(("shared_intermediate_size",), 0)),
+        activation=_ALPHA_CLAMPED,
+    ),
+    "deepseek_v4": Family(
+        naming="deepseek-v4",
+        scoring=Key(("scoring_func",), "sqrtsoftplus"),
+        scoring_values=_PER_EXPERT,
+        correction_bias=True,
+        shared=Shared(1),
+        activation=_CLAMPED,
+        hash_layer_type="hash_moe",
+        hash_layers=Key(("num_hash_layers",), 3),
+    ),
+    "glm5_next_text": _deepseek_v3(activation=_CLAMPED),
+    "hy_v4": _deepseek_v3(naming="fused", activation=_CLAMPED, shared_activation=Act()),
+    "hy_v4_vl_text": _deepseek_v3(naming="fused", activation=_CLAMPED, shared_activation=Act()),
+    "inkling2_text": _inkling2(),
+    "inkling2_loop_text": _inkling2(),
+    "nemotron_h": _deepseek_v3(
+        naming="nemotron-h",
+        shared=Shared(_SHARED_N, Key(("moe_shared_expert_intermediate_size",))),
+        activation=Act(name=Key(("mlp_hidden_act",), "relu2"), kinds=("relu2",)),
+        refuse=(Refuse("a latent projection around the experts", Key(("moe_latent_size",)), (None,)),),
     ),
     # families that need an expert-MLP or block feature moe_kernels does not have yet
-    "gpt_oss": Family(naming="gpt-oss", refuse=(Refuse("clamped SwiGLU with alpha and (up + 1), expert biases"),)),
-    "openai_privacy_filter": Family(
-        naming="gpt-oss", refuse=(Refuse("clamped SwiGLU with alpha and (up + 1), expert biases"),)
+    "gpt_oss": Family(
+        naming="gpt-oss",
+        width=Key(("intermediate_size",)),
+        choose_on="logits",
+        scale=None,
+        router_bias=True,
+        expert_bias=True,
+        activation=_ALPHA_CLAMPED,
     ),
-    "minimax_m3_vl_text": Family(naming="fused", refuse=(Refuse("clamped SwiGLU with alpha and (up + 1)"),)),
+    # gpt-oss with an fp32 router, weights / k and the output x k (which cancel), gate/up concatenated
+    "openai_privacy_filter": Family(
+        naming="gpt-oss-concat",
+        width=Key(("intermediate_size",)),
+        choose_on="logits",
+        scale=None,
+        router_fp32=True,
+        router_bias=True,
+        expert_bias=True,
+        activation=_ALPHA_CLAMPED,
+    ),
     "llama4_text": Family(naming="llama4", refuse=(Refuse("router weights applied to the expert input"),)),
-    "deepseek_v4": Family(naming="deepseek-v4", refuse=(_CLAMP,)),
-    "glm5_next_text": Family(naming="mlp-experts", refuse=(_CLAMP,)),
-    "hy_v4": Family(naming="fused", refuse=(_CLAMP,)),
-    "hy_v4_vl_text": Family(naming="fused", refuse=(_CLAMP,)),
-    "nemotron_h": Family(naming="mlp-experts", refuse=(Refuse("non-gated relu2 experts"),)),
     "axk1": Family(naming="mlp-experts", refuse=(Refuse("an RMSNorm on the MoE output"),)),
     "jetmoe": Family(naming="jetmoe", refuse=(Refuse("a bias on the MoE output"),)),
     "longcat_flash": Family(naming="mlp-experts", refuse=(Refuse("zero-compute (identity) experts"),)),
-    "ergo": Family(naming="fused", refuse=(Refuse("non-gated relu2 experts with a norm on each expert's output"),)),
+    "ergo": Family(naming="fused", refuse=(Refuse("an RMSNorm on each expert's output"),)),
     "muse_spark_text": Family(naming="fused", refuse=(Refuse("projections and norms around the experts"),)),
     "inkling_text": Family(naming="fused", refuse=(Refuse("shared experts weighted by the router"),)),
-    "inkling2_text": Family(naming="fused", refuse=(Refuse("soft-capped SwiGLU"),)),
-    "inkling2_loop_text": Family(naming="fused", refuse=(Refuse("soft-capped SwiGLU"),)),
-    "gemma4_text": Family(naming="fused", refuse=(Refuse("GELU-tanh experts with their own norms"),)),
-    "diffusion_gemma_text": Family(naming="fused", refuse=(Refuse("GELU-tanh experts with their own norms"),)),
+    "gemma4_text": Family(naming="fused", refuse=(_GEMMA_NORMS,)),
+    "diffusion_gemma_text": Family(naming="fused", refuse=(_GEMMA_NORMS,)),
     "ernie4_5_vl_moe_text": Family(naming="mlp-experts", refuse=(Refuse("a second expert set for image tokens"),)),
     "zaya": Family(naming="fused", refuse=(Refuse("an MLP router with cross-layer state and a skip expert"),)),
     "doge": Family(naming="mlp-experts", refuse=(Refuse("product-key experts"),)),
@@ -404,6 +496,7 @@ _WRAPPED_TEXT = {
     "aria": "aria_text",
     "step3p7": "step3p5",
 }
+_LAYER_COUNT = Key(("num_hidden_layers", "num_layers", "n_layers"))
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _MOE_LAYER_TYPES = ("sparse", "moe", "hash_moe")
 
@@ -451,7 +544,9 @@ def _require(cfg: Mapping[str, Any], key: Key, layer: int, what: str) -> Any:
 
 
 def _num_layers(cfg: Mapping[str, Any]) -> int:
-    return int(_require(cfg, Key(("num_hidden_layers", "num_layers", "n_layers")), 0, "layer count"))
+    if isinstance(cfg.get("layers_block_type"), list) and _get(cfg, _LAYER_COUNT) is None:
+        return len(cfg["layers_block_type"])  # Nemotron-H: one entry per layer, no count
+    return int(_require(cfg, _LAYER_COUNT, 0, "layer count"))
 
 
 def moe_layers(cfg: Mapping[str, Any]) -> tuple[list[int], str]:
@@ -499,7 +594,7 @@ def _refusals(refusals: tuple[Refuse, ...], cfg: Mapping[str, Any], layer: int, 
             raise HFConfigError(f"{name}: {value!r} needs {r.feature}, which moe_kernels does not implement yet")
 
 
-def _scoring(family: Family, cfg: Mapping[str, Any]) -> Literal["softmax", "sigmoid"]:
+def _scoring(family: Family, cfg: Mapping[str, Any]) -> _Scoring:
     if not isinstance(family.scoring, Key):
         return family.scoring
     value = _get(cfg, family.scoring)
@@ -522,7 +617,10 @@ def _shared_fields(family: Family, cfg: Mapping[str, Any], layer: int, width: in
             f"shared_expert_combination_strategy: {strategy!r} needs a shared-expert combination other than add,"
             " which moe_kernels does not implement yet"
         )
-    return {"num_shared_experts": count, "shared_intermediate_size": each, "shared_expert_gate": sh.gated}
+    fields = {"num_shared_experts": count, "shared_intermediate_size": each, "shared_expert_gate": sh.gated}
+    if family.shared_activation is not None:
+        fields["shared_activation"] = _activation(family.shared_activation, cfg, layer)
+    return fields
 
 
 def _quant(cfg: Mapping[str, Any]) -> QuantConfig:
@@ -594,6 +692,77 @@ def _family(model_type: str, where: str = "config") -> Family:
     return family
 
 
+def _activation(act: Act, cfg: Mapping[str, Any], layer: int) -> Activation:
+    """The :class:`~moe_kernels.mlp.activations.Activation` that ``act`` reads from ``cfg`` for ``layer``."""
+    value = _get(cfg, act.name, layer)
+    kind = _HF_ACTIVATIONS.get(str(value))
+    if kind not in act.kinds:
+        field_name = next((n for n in act.name.names if n in cfg), act.name.names[0])
+        feature = "non-SiLU experts" if act.kinds == ("silu",) else f"{value} experts"
+        raise HFConfigError(f"{field_name}: {value!r} needs {feature}, which moe_kernels does not implement yet")
+
+    def number(key: Key | None) -> float | None:
+        value = _get(cfg, key, layer) if key is not None else None
+        return float(value) if value else None  # 0 and None: the parameter is off
+
+    limit = number(act.limit)
+    try:
+        return Activation(
+            kind,
+            alpha=number(act.alpha) or 1.0,
+            limit=limit,
+            clamp=act.clamp,
+            up_offset=act.up_offset,
+            gate_softcap=number(act.gate_softcap),
+            up_softcap=number(act.up_softcap),
+        )
+    except ValueError as exc:
+        raise HFConfigError(str(exc)) from None
+
+
+def _scoring_fields(family: Family, cfg: Mapping[str, Any], layer: int) -> dict[str, Any]:
+    """Scoring, top-k method and grouping: the router fields that are not plain numbers."""
+    scoring = _scoring(family, cfg)
+    fields: dict[str, Any] = {"scoring": scoring, "choose_on": family.choose_on}
+    if scoring == "sqrtsoftplus":  # an independent score per expert, as sigmoid is
+        fields |= {"scoring": "sigmoid", "per_expert_score": "sqrtsoftplus"}
+    types = cfg.get("mlp_layer_types")
+    if isinstance(types, list):
+        hashed = family.hash_layer_type is not None and types[layer] == family.hash_layer_type
+    else:
+        hashed = family.hash_layers is not None and layer < int(_get(cfg, family.hash_layers) or 0)
+    fields |= {"correction_bias": family.correction_bias and not hashed, "hash_routing": hashed}
+    if family.grouped and (n_group := _get(cfg, _GROUPS)) is not None and int(n_group) > 1:
+        fields |= {
+            "num_expert_group": int(n_group),
+            "topk_group": int(_require(cfg, Key(("topk_group",)), layer, "topk_group")),
+            "group_fill": family.group_fill,
+            "group_score": family.group_score,
+        }
+    if family.sparsemixer:
+        fields["sparsemixer_eps"] = float(_require(cfg, Key(("router_jitter_noise",)), layer, "sparsemixer epsilon"))
+    return fields
+
+
+def _router_fields(family: Family, cfg: Mapping[str, Any], layer: int) -> dict[str, Any]:
+    """Every router field of :class:`~moe_kernels.config.MoEConfig` for ``layer``."""
+    scale = 1.0 if family.scale is None else float(_get(cfg, family.scale, layer) or 1.0)
+    renormalize = family.renormalize if isinstance(family.renormalize, bool) else bool(_get(cfg, family.renormalize))
+    softcap = _get(cfg, family.logit_softcap) if family.logit_softcap is not None else None
+    fields = {
+        "renormalize": renormalize,
+        "routed_scaling_factor": scale,
+        "router_dtype": torch.float32 if family.router_fp32 else None,
+        "router_bias": family.router_bias,
+        "logit_softcap": float(softcap) if softcap else None,
+        **_scoring_fields(family, cfg, layer),
+    }
+    if family.renormalize_p is not None:  # divide by the weights' p-norm, no renormalization when unset
+        p = _get(cfg, family.renormalize_p)
+        fields |= {"renormalize": p is not None, "renormalize_p": float(p) if p is not None else 1.0}
+    return fields
+
+
 def _layer_config(raw: Mapping[str, Any], layer: int, dtype: torch.dtype | None, name: str | None) -> LayerConfig:
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
         raise HFConfigError(f"layer must be an int >= 0, got {layer!r}")
@@ -606,19 +775,7 @@ def _layer_config(raw: Mapping[str, Any], layer: int, dtype: torch.dtype | None,
     moe, decided_by = moe_layers(cfg)
     if layer not in moe:
         raise HFConfigError(f"layer {layer} is a dense MLP layer (by {decided_by}); its MoE layers are {moe}")
-
     width = int(_require(cfg, family.width, layer, "expert width"))
-    scale = 1.0 if family.scale is None else float(_get(cfg, family.scale, layer) or 1.0)
-    renormalize = family.renormalize if isinstance(family.renormalize, bool) else bool(_get(cfg, family.renormalize))
-    groups: dict[str, Any] = {}
-    if family.grouped and (n_group := _get(cfg, _GROUPS)) is not None and int(n_group) > 1:
-        groups = {
-            "num_expert_group": int(n_group),
-            "topk_group": int(_require(cfg, Key(("topk_group",)), layer, "topk_group")),
-            "group_fill": family.group_fill,
-            "group_score": family.group_score,
-        }
-    softcap = _get(cfg, family.logit_softcap) if family.logit_softcap is not None else None
     if dtype is None:
         dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
         if dtype_name not in _DTYPES:
@@ -630,21 +787,11 @@ def _layer_config(raw: Mapping[str, Any], layer: int, dtype: torch.dtype | None,
         "hidden_size": int(_require(cfg, Key(("hidden_size", "d_model")), layer, "hidden size")),
         "intermediate_size": width,
         "dtype": dtype,
-        "scoring": _scoring(family, cfg),
-        "choose_on": family.choose_on,
-        "renormalize": renormalize,
-        "routed_scaling_factor": scale,
-        "correction_bias": family.correction_bias,
-        "router_dtype": torch.float32 if family.router_fp32 else None,
-        "logit_softcap": float(softcap) if softcap else None,
-        **groups,
+        "activation": _activation(family.activation, cfg, layer),
+        "expert_bias": family.expert_bias,
+        **_router_fields(family, cfg, layer),
         **_shared_fields(family, cfg, layer, width),
     }
-    if family.sparsemixer:
-        fields["sparsemixer_eps"] = float(_require(cfg, Key(("router_jitter_noise",)), layer, "sparsemixer epsilon"))
-    if model_type == "dbrx":
-        p = cfg.get("moe_normalize_expert_weights")
-        fields |= {"renormalize": p is not None, "renormalize_p": float(p) if p is not None else 1.0}
     try:
         moe_cfg = MoEConfig(**fields)
     except ValueError as exc:

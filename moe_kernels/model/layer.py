@@ -12,12 +12,16 @@ their output is added in the routed path's final write (no pass of its own over 
 
 Under expert parallelism (``parallel.ep_size > 1``) this rank holds the experts its
 :class:`~moe_kernels.core.placement.ExpertPlacement` gives it (contiguous by default); the kernel's
-prepare/finalize moves tokens to the ranks that own their experts and back.
+prepare/finalize moves tokens to the ranks that own their experts and back. Under tensor
+parallelism (``parallel.tp_size > 1``) it holds its slice of every local expert's (and of the
+shared experts') intermediate dimension, and the output is summed over ``tp_group`` once --
+or left a partial sum with ``reduce_results=False``, for an engine that reduces it later.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,11 +30,13 @@ from torch import nn
 
 from moe_kernels.config import LayerConfig
 from moe_kernels.core.compose import Kernel, WorkspaceCache, layer_context
-from moe_kernels.core.contract import Residual
+from moe_kernels.core.contract import LayerContext, Residual
+from moe_kernels.core.distributed import check_agreement
 from moe_kernels.core.placement import ExpertPlacement
 from moe_kernels.core.validate import expect_device, expect_dtype, expect_tensor
 from moe_kernels.mlp.weights import PROJECTIONS as WEIGHT_PROJECTIONS
 from moe_kernels.mlp.weights import ExpertWeights
+from moe_kernels.model.expert_moves import move_weights
 from moe_kernels.model.loading import ExpertTensors, LayerLoader
 from moe_kernels.model.memory import check_layer_fits
 from moe_kernels.model.router import Router
@@ -45,12 +51,13 @@ class FusedMoE(nn.Module):
     a forward before everything is loaded raises):
         router.weight: ``[E, H]`` in ``moe.dtype``
         router.e_score_correction_bias: ``[E]`` float32, with ``moe.correction_bias``
-        w13: ``[E_local, 2I, H]``: rows ``[0, I)`` gate, ``[I, 2I)`` up
+        w13: ``[E_local, 2I, H]``: rows ``[0, I)`` gate, ``[I, 2I)`` up (``I``: this rank's
+        slice of ``moe.intermediate_size``, ``/ parallel.tp_size``)
         w2: ``[E_local, H, I]``
         stored as ``cfg.mlp.weights`` says (:mod:`moe_kernels.mlp.formats`): in ``moe.dtype``, or
         e.g. float8_e4m3fn with ``w13_scale``/``w2_scale`` float32 block scales under
         ``quant.scheme: fp8_w8a8_block``
-        shared_w13: ``[2S, H]``, shared_w2: ``[H, S]`` (``S = moe.shared_width``) in ``moe.dtype``,
+        shared_w13: ``[2S, H]``, shared_w2: ``[H, S]`` (``S = moe.shared_width / parallel.tp_size``) in ``moe.dtype``,
         and shared_gate ``[1, H]`` with ``moe.shared_expert_gate``, when the layer has shared experts
 
     Args:
@@ -59,6 +66,9 @@ class FusedMoE(nn.Module):
         device: where the weights live and the kernel runs (default: the current CUDA
             device if any, else the CPU). A CUDA device on a machine without one is an error.
         group: the expert-parallel process group (needed when ``ep_size > 1``).
+        tp_group: the tensor-parallel process group (needed when ``tp_size > 1``).
+        reduce_results: sum the output over ``tp_group`` (``False``: return this rank's partial
+            sum, shared experts included, for the engine to all-reduce once).
         kernel: use this kernel instead of selecting one; its ``cfg`` must be this layer's.
         workspace_cache: scratch memory shared with other layers (default: the global one).
         memory_budget: most workspace bytes selection may spend (default: see :func:`select`).
@@ -88,9 +98,13 @@ class FusedMoE(nn.Module):
         workspace_cache: WorkspaceCache | None = None,
         memory_budget: int | None = None,
         overlap_shared_experts: bool | None = None,
+        tp_group: dist.ProcessGroup | None = None,
+        reduce_results: bool = True,
     ) -> None:
         super().__init__()
-        ctx = layer_context(cfg, placement=placement, group=group, device=device)
+        ctx = layer_context(cfg, placement=placement, group=group, device=device, tp_group=tp_group)
+        self.reduce_results = reduce_results
+        self._group = group
         self.cfg, self.placement, dev = ctx.cfg, ctx.placement, ctx.device
 
         self.selection: Selection | None
@@ -102,12 +116,13 @@ class FusedMoE(nn.Module):
                 device=dev,
                 workspace_cache=workspace_cache,
                 memory_budget=memory_budget,
+                tp_group=tp_group,
             )
             self.kernel: Kernel = self.selection.kernel
         else:
             if workspace_cache is not None or memory_budget is not None:
                 raise ValueError("workspace_cache/memory_budget: pass them to the kernel you build, not with kernel=")
-            _check_given_kernel(kernel, cfg, self.placement, dev)
+            _check_given_kernel(kernel, ctx)
             self.selection = None
             self.kernel = kernel
         check_layer_fits(self.cfg, self.selection, dev)  # before the weights are allocated
@@ -118,6 +133,8 @@ class FusedMoE(nn.Module):
         # the routed experts' tensors, as the weight format stores them: w13, w2 and their scales
         self.w13_scale: nn.Parameter | None = None
         self.w2_scale: nn.Parameter | None = None
+        self.w13_bias: nn.Parameter | None = None
+        self.w2_bias: nn.Parameter | None = None
         for projection, stored in cfg.mlp.stored().items():
             for part, (shape, dtype) in stored.items():
                 setattr(self, _parameter_name(projection, part), _parameter((e_local, *shape), dtype, dev))
@@ -125,8 +142,8 @@ class FusedMoE(nn.Module):
         self.shared_w2: nn.Parameter | None = None
         self.shared_gate: nn.Parameter | None = None
         if moe.num_shared_experts:
-            width = moe.shared_width
-            self.shared_w13 = _parameter((moe.activation.gemm1_rows(width), h), moe.dtype, dev)
+            width = moe.shared_width // cfg.parallel.tp_size
+            self.shared_w13 = _parameter((moe.shared_act.gemm1_rows(width), h), moe.dtype, dev)
             self.shared_w2 = _parameter((h, width), moe.dtype, dev)
             if moe.shared_expert_gate:
                 self.shared_gate = _parameter((1, h), moe.dtype, dev)
@@ -136,6 +153,24 @@ class FusedMoE(nn.Module):
         self._side_stream = torch.cuda.Stream(dev) if self.overlap_shared_experts and moe.num_shared_experts else None
         self._loader = LayerLoader(self)
 
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike[str], *, layer: int, dtype: torch.dtype | None = None, **kwargs: Any
+    ) -> FusedMoE:
+        """Layer ``layer`` of a Hugging Face model directory: its ``config.json`` read by
+        :func:`~moe_kernels.model.hf_config.layer_config_from_hf` (which refuses, naming the field,
+        what moe_kernels does not compute), the layer built with ``kwargs`` (``device``, ``placement``,
+        ``group``, ...), and its weights loaded from the safetensors beside it (:meth:`load_checkpoint`)
+        under the family's naming, or the one the keys show when the files use another (``transformers``'
+        own save of a family whose hub files are named otherwise). ``dtype`` overrides the file's."""
+        from moe_kernels.model.checkpoint import naming_fits
+        from moe_kernels.model.hf_config import hf_naming, layer_config_from_hf
+
+        module = cls(layer_config_from_hf(path, layer, dtype=dtype), **kwargs)
+        naming = hf_naming(path)
+        module.load_checkpoint(path, layer=layer, naming=naming if naming_fits(path, layer, naming) else "auto")
+        return module
+
     @property
     def local_experts(self) -> tuple[int, ...]:
         """The global ids of the experts this rank holds, in local order."""
@@ -143,7 +178,33 @@ class FusedMoE(nn.Module):
 
     @property
     def weights(self) -> ExpertWeights:
-        return ExpertWeights(self.w13, self.w2, self.w13_scale, self.w2_scale, format=self.cfg.mlp.weights)
+        return ExpertWeights(
+            self.w13, self.w2, self.w13_scale, self.w2_scale, self.cfg.mlp.weights, self.w13_bias, self.w2_bias
+        )
+
+    @property
+    def expert_load(self) -> torch.Tensor | None:
+        """``[P]`` int32 on the layer's device: the tokens this rank routed to each physical
+        expert since the caller last zeroed it (``.zero_()``), counted without a host sync;
+        ``None`` without redundant experts. Summed over the EP ranks it is what
+        :meth:`ExpertPlacement.rebalance` takes."""
+        return self.kernel.ctx.expert_load
+
+    @torch.no_grad()
+    def apply_placement(self, placement: ExpertPlacement) -> None:
+        """Move to ``placement`` (e.g. ``layer.placement.rebalance(load)``): the expert weights
+        move between the ranks of ``group`` point to point, the kernel routes by the new table
+        from the next call on; nothing else is rebuilt. Collective: every EP rank calls it with
+        the same placement (checked: a rank that disagrees raises on every rank)."""
+        self.placement.check_same_shape(placement)
+        self._check_loaded()  # what moves must be the checkpoint's weights
+        if self._group is not None:
+            check_agreement(self._group, "apply_placement", {"new placement (fingerprint)": placement.fingerprint()})
+        tensors = [self.parameter(p, part) for p, stored in self.cfg.mlp.stored().items() for part in stored]
+        move_weights(tensors, self.placement, placement, self._group)
+        self.kernel.rebind_placement(placement)
+        self.placement = placement
+        self._loader.received(placement.local_experts)
 
     def parameter(self, projection: str, part: str) -> nn.Parameter:
         """The parameter holding stored tensor ``part`` (``"weight"``, ``"scale"``) of
@@ -169,14 +230,21 @@ class FusedMoE(nn.Module):
         topk_weights, topk_ids = self.router(x)
         # The router's ids are in range and distinct by construction: skip the kernel's value
         # check, which costs a host sync per call.
-        return self.kernel(x, self.weights, topk_weights, topk_ids, residual=residual, check_values=False)
+        return self.kernel(
+            x,
+            self.weights,
+            topk_weights,
+            topk_ids,
+            residual=residual,
+            check_values=False,
+            reduce_results=self.reduce_results,
+        )
 
     def shared_experts(self, x: torch.Tensor) -> torch.Tensor:
-        """The shared experts' output ``[T, H]``: ``w2 @ act(w13 @ x)`` with the routed experts'
-        activation, scaled by ``sigmoid(x @ shared_gate)`` when the layer has that gate
-        (Qwen1.5/2-MoE)."""
+        """The shared experts' output ``[T, H]``: ``w2 @ act(w13 @ x)`` with ``moe.shared_act``, scaled
+        by ``sigmoid(x @ shared_gate)`` when the layer has that gate (Qwen1.5/2-MoE)."""
         assert self.shared_w13 is not None and self.shared_w2 is not None
-        hidden = self.cfg.mlp.activation.reference(F.linear(x, self.shared_w13)).to(x.dtype)
+        hidden = self.cfg.moe.shared_act.reference(F.linear(x, self.shared_w13)).to(x.dtype)
         y = F.linear(hidden, self.shared_w2)
         if self.shared_gate is not None:
             y = y * torch.sigmoid(F.linear(x, self.shared_gate))
@@ -223,6 +291,9 @@ class FusedMoE(nn.Module):
         shared_up_proj: torch.Tensor | None = None,
         shared_down_proj: torch.Tensor | None = None,
         shared_expert_gate: torch.Tensor | None = None,
+        gate_proj_bias: ExpertTensors | None = None,
+        up_proj_bias: ExpertTensors | None = None,
+        down_proj_bias: ExpertTensors | None = None,
     ) -> None:
         """Copy checkpoint tensors into the layer (any device; float tensors are converted).
 
@@ -233,7 +304,8 @@ class FusedMoE(nn.Module):
         tensor must hold all E. ``router_weight [E, H]``, ``e_score_correction_bias [E]``.
         Shared experts: ``shared_gate_proj``/``shared_up_proj [S, H]``, ``shared_down_proj [H, S]``
         (``S = moe.shared_width``; DeepSeek stores its shared experts as one MLP of that width),
-        ``shared_expert_gate [1, H]`` (Qwen1.5/2-MoE).
+        ``shared_expert_gate [1, H]`` (Qwen1.5/2-MoE). Expert biases (``moe.expert_bias``, gpt-oss), per
+        global expert id like the projections: ``gate_proj_bias``/``up_proj_bias [I]``, ``down_proj_bias [H]``.
         Everything is checked before anything is copied, so a bad argument leaves the layer
         unchanged; ``forward`` refuses to run until every local expert and the router are loaded.
 
@@ -250,6 +322,9 @@ class FusedMoE(nn.Module):
                 "gate_proj": (gate_proj, gate_proj_scale),
                 "up_proj": (up_proj, up_proj_scale),
                 "down_proj": (down_proj, down_proj_scale),
+                "gate_proj_bias": (gate_proj_bias, None),
+                "up_proj_bias": (up_proj_bias, None),
+                "down_proj_bias": (down_proj_bias, None),
             },
             router_weight,
             e_score_correction_bias,
@@ -304,15 +379,17 @@ class FusedMoE(nn.Module):
         return ", ".join(parts)
 
 
-def _check_given_kernel(kernel: Kernel, cfg: LayerConfig, placement: ExpertPlacement, device: torch.device) -> None:
-    """A kernel passed to ``FusedMoE(kernel=)`` must be built for this layer, placement and device."""
-    if kernel.cfg.model_copy(update={"name": cfg.name}) != cfg:  # the name is only a label
-        raise ValueError(f"kernel was composed for {kernel.cfg!r}, but this layer is {cfg!r}")
-    if kernel.ctx.placement != placement or kernel.ctx.device != device:
+def _check_given_kernel(kernel: Kernel, ctx: LayerContext) -> None:
+    """A kernel passed to the layer must have been composed for the same layer, ranks and device."""
+    if kernel.cfg.model_copy(update={"name": ctx.cfg.name}) != ctx.cfg:  # the name is only a label
+        raise ValueError(f"kernel was composed for {kernel.cfg!r}, but this layer is {ctx.cfg!r}")
+    if kernel.ctx.placement != ctx.placement or kernel.ctx.device != ctx.device:
         raise ValueError(
             f"kernel was composed for {kernel.ctx.placement.describe()} on {kernel.ctx.device}, "
-            f"but this layer is {placement.describe()} on {device}"
+            f"but this layer is {ctx.placement.describe()} on {ctx.device}"
         )
+    if kernel.ctx.tp_group is not ctx.tp_group:
+        raise ValueError("kernel was composed with another tp_group than this layer's")
 
 
 def _parameter(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -22,8 +22,12 @@ from torch import nn
 from moe_kernels.config import LayerConfig
 from moe_kernels.core.validate import expect_tensor
 from moe_kernels.mlp import fp8
-from moe_kernels.mlp.formats import WeightFormat
+from moe_kernels.mlp.formats import Dense, WeightFormat
+from moe_kernels.mlp.shard import IntermediateShard
 from moe_kernels.model.router import Router
+
+if TYPE_CHECKING:
+    from moe_kernels.model.checkpoint import MoELayerTensors
 
 #: per-expert tensors keyed by global expert id (int or its decimal string, as checkpoint
 #: names spell it), a list/tuple indexed by global id, or one stacked ``[E, ...]`` tensor
@@ -31,6 +35,8 @@ ExpertTensors = Mapping[int | str, torch.Tensor] | Sequence[torch.Tensor] | torc
 
 #: the expert projections, as load_weights names them
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+#: their biases (layers with expert biases)
+BIASES = ("gate_proj_bias", "up_proj_bias", "down_proj_bias")
 SHARED = ("shared_gate_proj", "shared_up_proj", "shared_down_proj", "shared_expert_gate")
 
 Copy = tuple[torch.Tensor, torch.Tensor]  # (destination, source)
@@ -40,7 +46,7 @@ Copy = tuple[torch.Tensor, torch.Tensor]  # (destination, source)
 class LoadState:
     """What has been written: global expert ids per projection, the router, the shared tensors."""
 
-    experts: dict[str, set[int]] = field(default_factory=lambda: {name: set() for name in PROJECTIONS})
+    experts: dict[str, set[int]] = field(default_factory=lambda: {name: set() for name in PROJECTIONS + BIASES})
     router: bool = False
     shared: set[str] = field(default_factory=set)
 
@@ -75,17 +81,25 @@ class LayerLoader:
         layer, state = self.layer, self.state
         missing = [] if state.router else ["router_weight"]
         missing += [name for name in self.shared_names() if name not in state.shared]
-        gated = layer.cfg.mlp.activation.gated
-        for name in PROJECTIONS if gated else ("up_proj", "down_proj"):
+        mlp = layer.cfg.mlp
+        names = PROJECTIONS + (BIASES if mlp.biases else ())
+        for name in names if mlp.activation.gated else [n for n in names if not n.startswith("gate_proj")]:
             absent = [e for e in layer.local_experts if e not in state.experts[name]]
             if absent:
                 shown = absent if len(absent) <= 8 else [*absent[:8], "..."]
                 missing.append(f"{name} of expert(s) {shown}")
         return missing
 
+    def received(self, experts: tuple[int, ...]) -> None:
+        """Count ``experts`` as loaded: their weights came from another rank (a new placement)."""
+        for name in PROJECTIONS:
+            self.state.experts[name] |= set(experts)
+
     def shared_names(self) -> list[str]:
         layer = self.layer
         names = ["shared_gate_proj", "shared_up_proj", "shared_down_proj"] if layer.shared_w13 is not None else []
+        if names and not layer.cfg.moe.shared_act.gated:
+            names.remove("shared_gate_proj")
         return names + (["shared_expert_gate"] if layer.shared_gate is not None else [])
 
     # --- loading --------------------------------------------------------------------------
@@ -108,7 +122,9 @@ class LayerLoader:
                 if scales is not None:
                     raise ValueError(f"{name}_scale was given without {name}")
                 continue
-            experts, pairs = self._expert_copies(name, tensors, scales)
+            experts, pairs = (
+                self._bias_copies(name, tensors) if name in BIASES else self._expert_copies(name, tensors, scales)
+            )
             copies += pairs
             loaded[name] = experts
         if router_weight is not None:
@@ -135,29 +151,56 @@ class LayerLoader:
         """The local experts ``tensors`` holds, and (destination, source) pairs for them: each
         projection stored in the layer's format into its rows of ``w13`` (gate, up) or ``w2``."""
         layer = self.layer
-        mlp = layer.cfg.mlp
+        mlp, shard = layer.cfg.mlp, layer.cfg.intermediate_shard
         fmt = mlp.weights
-        h, i = mlp.hidden, mlp.inter
+        h = mlp.hidden
         down = name == "down_proj"
-        shape = (h, i) if down else (i, h)
-        rows = _projection_rows(name, i, h, mlp.activation.gated)
+        shape = (h, shard.total) if down else (shard.total, h)  # the whole projection, as checkpoints hold it
+        rows = _projection_rows(name, mlp.inter, h, mlp.activation.gated)
         projection = "w2" if down else "w13"
         owned = self._owned_tensors(name, tensors)
         owned_scales = self._owned_tensors(f"{name}_scale", scales) if scales is not None else None
-        local_of = {e: local for local, e in enumerate(layer.local_experts)}
+        slots_of: dict[int, list[int]] = {}  # an expert replicated on this rank fills each of its slots
+        for local, e in enumerate(layer.local_experts):
+            slots_of.setdefault(e, []).append(local)
         copies = []
         if owned_scales is not None and not fmt.is_quantized:
             raise ValueError(f"{name}_scale: the layer is unquantized ({fmt.describe()}); pass float weights")
         for expert, src in owned.items():
             if owned_scales is None:
-                stored = fmt.quantize(_float(f"{name}[{expert}]", src, shape).float())
+                whole = _float(f"{name}[{expert}]", src, shape)
+                stored = fmt.quantize(shard.take(fmt, down, {"weight": whole})["weight"].float())
             else:
                 if expert not in owned_scales:
                     raise ValueError(f"{name}_scale: missing expert {expert} (its {name} was given)")
-                stored = _stored_as(fmt, name, expert, {"weight": src, "scale": owned_scales[expert]}, shape)
+                given = {"weight": src, "scale": owned_scales[expert]}
+                stored = shard.take(fmt, down, _stored_as(fmt, name, expert, given, shape))
             for part, tensor in stored.items():
                 param = layer.parameter(projection, part)
-                copies.append((param[local_of[expert], fmt.rows(part, *rows)], tensor))
+                copies += [(param[local, fmt.rows(part, *rows)], tensor) for local in slots_of[expert]]
+        return set(owned), copies
+
+    def _bias_copies(self, name: str, tensors: ExpertTensors) -> tuple[set[int], list[Copy]]:
+        """The local experts ``tensors`` holds, and (destination, source) pairs for their biases
+        (``gate_proj_bias``/``up_proj_bias [I]``, ``down_proj_bias [H]``) into ``w13_bias``/``w2_bias``."""
+        layer = self.layer
+        mlp = layer.cfg.mlp
+        if not mlp.biases:
+            raise ValueError(f"{name}: this layer's config has no expert biases (moe.expert_bias false)")
+        projection = name.removesuffix("_bias")
+        start, stop = _projection_rows(projection, mlp.inter, mlp.hidden, mlp.activation.gated)
+        param = layer.parameter("w2" if projection == "down_proj" else "w13", "bias")
+        local_of = {e: local for local, e in enumerate(layer.local_experts)}
+        owned = self._owned_tensors(name, tensors)
+        shard = layer.cfg.intermediate_shard
+        copies = []
+        for e, t in owned.items():
+            if projection == "down_proj":
+                # the TP ranks' partial outputs are summed: the output bias joins on one rank only
+                bias = _float(f"{name}[{e}]", t, (stop - start,)) * (shard.rank == 0)
+            else:
+                bias = _float(f"{name}[{e}]", t, (shard.total,))[shard.start : shard.stop]
+            copies.append((param[local_of[e], start:stop], bias))
         return set(owned), copies
 
     def _owned_tensors(self, name: str, tensors: ExpertTensors) -> dict[int, torch.Tensor]:
@@ -189,13 +232,17 @@ class LayerLoader:
         """(destination, source) pairs for the shared-expert tensors given."""
         layer = self.layer
         h, width = layer.cfg.moe.hidden_size, layer.cfg.moe.shared_width
+        par = layer.cfg.parallel
+        shard = IntermediateShard(width, par.tp_size, par.tp_rank)  # the shared MLP is split like the experts
         targets = {}
         if layer.shared_w13 is not None and layer.shared_w2 is not None:
             targets = {
-                "shared_gate_proj": (layer.shared_w13[:width], (width, h)),
-                "shared_up_proj": (layer.shared_w13[width:], (width, h)),
+                "shared_gate_proj": (layer.shared_w13[: shard.width], (width, h)),
+                "shared_up_proj": (layer.shared_w13[shard.width :], (width, h)),
                 "shared_down_proj": (layer.shared_w2, (h, width)),
             }
+            if not layer.cfg.moe.shared_act.gated:  # one GEMM1 projection: up fills shared_w13
+                targets["shared_up_proj"] = (targets.pop("shared_gate_proj")[0], (width, h))
         if layer.shared_gate is not None:
             targets["shared_expert_gate"] = (layer.shared_gate, (1, h))
         copies = []
@@ -207,7 +254,9 @@ class LayerLoader:
                 why = "no shared expert gate (moe.shared_expert_gate)" if has_shared else "no shared experts"
                 raise ValueError(f"{name}: this layer's config has {why}")
             dst, shape = targets[name]
-            copies.append((dst, _float(name, tensor, shape)))
+            whole = {"weight": _float(name, tensor, shape)}
+            part = whole if name == "shared_expert_gate" else shard.take(Dense(), name == "shared_down_proj", whole)
+            copies.append((dst, part["weight"]))
         return copies
 
     # --- from a checkpoint ----------------------------------------------------------------
@@ -221,44 +270,75 @@ class LayerLoader:
 
         layer = self.layer
         reader = CheckpointReader(path)
-        mine = list(layer.local_experts)
+        mine = list(dict.fromkeys(layer.local_experts))  # a replicated expert is read once
         if experts_per_read <= 0:
             raise ValueError(f"experts_per_read must be positive, got {experts_per_read}")
         device = layer.w13.device
-        shared = bool(layer.cfg.moe.num_shared_experts)
+        moe = layer.cfg.moe
+        shared = bool(moe.num_shared_experts)
         for start in range(0, len(mine), experts_per_read):
             first = start == 0
             part = read_moe_layer(
                 reader, layer_index, mine[start : start + experts_per_read], naming=naming, shared=shared and first,
-                device=device,
+                router_extras=moe.router_bias or moe.hash_routing, expert_biases=moe.expert_bias, device=device,
             )  # fmt: skip
-            bias = part.e_score_correction_bias
-            if bias is not None and not layer.cfg.moe.correction_bias:
-                raise ValueError(
-                    f"{path}: layer {layer_index} has an e_score_correction_bias (DeepSeek-V3 noaux_tc routing), but "
-                    "the config has moe.correction_bias false: set it to true"
-                )
-            if bias is None and layer.cfg.moe.correction_bias:
-                raise ValueError(
-                    f"{path}: layer {layer_index} has no e_score_correction_bias, but moe.correction_bias is true"
-                )
-            projections = {
-                "gate_proj": (part.gate_proj, part.gate_proj_scale),
-                "up_proj": (part.up_proj, part.up_proj_scale),
-                "down_proj": (part.down_proj, part.down_proj_scale),
-            }
-            if part.is_fp8 and not layer.cfg.mlp.weights.is_quantized:
-                # an fp8 checkpoint into an unquantized layer: the weights it stands for
-                projections = {
-                    name: ({e: fp8.dequantize_blocks(w, scales[e]) for e, w in tensors.items()}, None)
-                    for name, (tensors, scales) in projections.items()
-                }
+            _check_part(layer.cfg, part, f"{path}: layer {layer_index}")
+            if first and part.router_extras:
+                layer.router.load_tensors(**part.router_extras)
             self.load(
-                projections,
+                _part_projections(part, layer.cfg.mlp.weights.is_quantized),
                 part.router_weight if first else None,
-                bias if first else None,
+                part.e_score_correction_bias if first else None,
                 _checkpoint_shared(part.shared) if shared and first else {},
             )
+
+
+def _check_part(cfg: LayerConfig, part: MoELayerTensors, where: str) -> None:
+    """Refuse a checkpoint layer whose routing or expert MLP is not what ``cfg`` computes (naming the
+    tensor and the config field), rather than compute something else."""
+    moe, mlp = cfg.moe, cfg.mlp
+    has_bias = part.e_score_correction_bias is not None
+    if has_bias != moe.correction_bias:
+        has = "has an" if has_bias else "has no"
+        raise ValueError(
+            f"{where} {has} e_score_correction_bias (DeepSeek-V3 noaux_tc routing), but the config has "
+            f"moe.correction_bias {str(moe.correction_bias).lower()}"
+        )
+    if not part.gate_proj and mlp.activation.gated:
+        raise ValueError(
+            f"{where}: its experts are not gated (no gate projection), but the config's activation is "
+            f"{mlp.activation.describe()}"
+        )
+    if mlp.biases and part.down_proj_bias is None:
+        raise ValueError(f"{where} has no expert biases, but the config has moe.expert_bias true")
+    for name, wanted in (("bias", moe.router_bias), ("tid2eid", moe.hash_routing)):
+        if wanted and name not in part.router_extras:
+            raise ValueError(f"{where} has no router {name}, which the config's routing needs")
+
+
+def _part_projections(
+    part: MoELayerTensors, quantized_layer: bool
+) -> dict[str, tuple[ExpertTensors | None, ExpertTensors | None]]:
+    """A checkpoint part as ``load`` arguments: the projections (an fp8 checkpoint into an unquantized
+    layer dequantized: the weights it stands for) and the expert biases."""
+    projections: dict[str, tuple[ExpertTensors | None, ExpertTensors | None]] = {
+        "gate_proj": (part.gate_proj or None, part.gate_proj_scale or None),
+        "up_proj": (part.up_proj, part.up_proj_scale),
+        "down_proj": (part.down_proj, part.down_proj_scale),
+    }
+    if part.is_fp8 and not quantized_layer:
+        projections = {name: (_dequantized(tensors, scales), None) for name, (tensors, scales) in projections.items()}
+    for name in BIASES:
+        projections[name] = (getattr(part, name) or None, None)
+    return projections
+
+
+def _dequantized(tensors: object, scales: object) -> dict[int, torch.Tensor] | None:
+    """Per-expert fp8 blocks and their scales (dicts by expert id) as the float weights they stand for."""
+    if tensors is None:
+        return None
+    assert isinstance(tensors, dict) and isinstance(scales, dict)
+    return {e: fp8.dequantize_blocks(w, scales[e]) for e, w in tensors.items()}
 
 
 def _projection_rows(name: str, inter: int, hidden: int, gated: bool) -> tuple[int, int]:
@@ -293,7 +373,7 @@ def _checkpoint_shared(shared: object) -> dict[str, torch.Tensor | None]:
     out: dict[str, torch.Tensor | None] = {"shared_expert_gate": shared.expert_gate}  # type: ignore[attr-defined]
     for name in ("gate_proj", "up_proj", "down_proj"):
         weight, scale = getattr(shared, name), getattr(shared, f"{name}_scale")
-        if scale is not None:
+        if weight is not None and scale is not None:
             weight = fp8.dequantize_blocks(weight, scale)
         out[f"shared_{name}"] = weight
     return out

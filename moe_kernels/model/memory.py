@@ -8,6 +8,7 @@ the process is killed later, far from the cause.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -74,14 +75,13 @@ def weight_bytes(cfg: LayerConfig) -> int:
 
 def workspace_bytes(cfg: LayerConfig, selection: Selection) -> int:
     """The largest workspace any step of ``selection``'s plan reserves, computed without allocating."""
-    from moe_kernels.core.contract import LayerContext
     from moe_kernels.selection.select import planned_workspace_bytes, with_max_tokens
 
     most, ctx = 0, selection.ctx
     for choice in selection.steps:
         sized = cfg if choice is selection.steps[-1] else with_max_tokens(cfg, choice.high)
         pair = choice.candidate
-        sub = LayerContext(sized, ctx.device, ctx.placement, ctx.group)
+        sub = dataclasses.replace(ctx, cfg=sized)  # the same ranks and groups, sized for the step
         most = max(most, planned_workspace_bytes(pair.prepare_finalize, pair.experts, sub))
     return most
 

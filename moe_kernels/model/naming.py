@@ -34,9 +34,10 @@ class Stacked:
 
 @dataclass(frozen=True)
 class PerExpert:
-    """One 2-D ``nn.Linear`` weight per expert and projection: ``gate``/``up`` ``[I, H]``, ``down`` ``[H, I]``."""
+    """One 2-D ``nn.Linear`` weight per expert and projection: ``gate``/``up`` ``[I, H]``, ``down`` ``[H, I]``;
+    ``gate`` ``None``: non-gated experts (Nemotron-H), whose GEMM1 is ``up`` alone."""
 
-    gate: str
+    gate: str | None
     up: str
     down: str
 
@@ -109,6 +110,8 @@ _MLP_SHARED = (
     ),
     _shared("mlp.shared_mlp"),
     SharedNaming(gate_up="mlp.shared_experts.gate_up_proj.weight", down="mlp.shared_experts.down_proj.weight"),
+    _shared("mlp.shared_experts", gate="linear_gate"),  # HY-V4
+    SharedNaming(up="mlp.shared_experts.up_proj.weight", down="mlp.shared_experts.down_proj.weight"),  # not gated
 )
 _GRANITE_SHARED = (SharedNaming(gate_up="shared_mlp.input_linear.weight", down="shared_mlp.output_linear.weight"),)
 
@@ -148,6 +151,14 @@ NAMINGS: dict[str, LayerNaming] = {
         router=("feed_forward.gate.weight",),
         block="feed_forward",
         correction_bias=("feed_forward.expert_bias",),
+    ),
+    # Nemotron-H: non-gated relu2 experts and shared expert under backbone.layers.N.mixer
+    "nemotron-h": LayerNaming(
+        experts=PerExpert(None, "mixer.experts.{e}.up_proj.weight", "mixer.experts.{e}.down_proj.weight"),
+        router=("mixer.gate.weight",),
+        block="mixer",
+        correction_bias=("mixer.gate.e_score_correction_bias",),
+        shared=(SharedNaming(up="mixer.shared_experts.up_proj.weight", down="mixer.shared_experts.down_proj.weight"),),
     ),
     "mistral-large4": LayerNaming(
         experts=_per_expert("experts", "w1", "w3", "w2"),
@@ -221,6 +232,29 @@ NAMINGS: dict[str, LayerNaming] = {
             gate_up=Stacked("mlp.experts.gate_up_proj", "in_out"),
             down=Stacked("mlp.experts.down_proj", "in_out"),
             interleaved=True,
+            gate_up_bias="mlp.experts.gate_up_proj_bias",
+            down_bias="mlp.experts.down_proj_bias",
+        ),
+        router=("mlp.router.weight",),
+        block="mlp",
+        router_extras={"bias": "mlp.router.bias"},
+    ),
+    # Inkling-2 hub checkpoints: gate/up rows interleaved, the correction bias as the gate's bias
+    "inkling2": LayerNaming(
+        experts=Fused(
+            gate_up=Stacked("mlp.experts.w13_weight", "out_in"),
+            down=Stacked("mlp.experts.w2_weight", "out_in"),
+            interleaved=True,
+        ),
+        router=("mlp.gate.weight",),
+        block="mlp",
+        correction_bias=("mlp.gate.bias",),
+    ),
+    # OpenAI's privacy filter: gpt-oss's keys, gate and up rows concatenated (not interleaved)
+    "gpt-oss-concat": LayerNaming(
+        experts=Fused(
+            gate_up=Stacked("mlp.experts.gate_up_proj", "in_out"),
+            down=Stacked("mlp.experts.down_proj", "in_out"),
             gate_up_bias="mlp.experts.gate_up_proj_bias",
             down_bias="mlp.experts.down_proj_bias",
         ),

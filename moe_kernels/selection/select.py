@@ -18,6 +18,7 @@ ranks must run the same collectives, so one pair is chosen for the largest batch
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -250,7 +251,7 @@ def candidates(
 
 def step_context(ctx: LayerContext, max_tokens: int) -> LayerContext:
     """``ctx`` for the kernel of one grid step: calls of up to ``max_tokens`` tokens."""
-    return LayerContext(with_max_tokens(ctx.cfg, max_tokens), ctx.device, ctx.placement, ctx.group)
+    return dataclasses.replace(ctx, cfg=with_max_tokens(ctx.cfg, max_tokens))
 
 
 def within_budget(
@@ -363,13 +364,15 @@ def select(
     tune: bool = True,
     prepare_finalize_factories: Sequence[PrepareFinalizeFactory] | None = None,
     experts_factories: Sequence[ExpertsFactory] | None = None,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> Selection:
     """Rank every registered pair for the layer; ``.kernel`` is the plan, composed, and
     ``.explain()`` says why. Takes the configuration as :func:`~moe_kernels.core.compose.compose`
-    does. ``memory_budget``: most workspace bytes (default :func:`default_memory_budget`).
+    does (``tp_group``: the tensor-parallel process group). ``memory_budget``: most workspace
+    bytes (default :func:`default_memory_budget`).
     ``tune``: measure the grid points no table covers on first use
     (:mod:`moe_kernels.selection.autotune`; ``MOE_KERNELS_TUNE=0`` turns it off everywhere)."""
-    ctx = layer_context(cfg, placement=placement, group=group, device=device)
+    ctx = layer_context(cfg, placement=placement, group=group, device=device, tp_group=tp_group)
     if memory_budget is None:
         budget, budget_why = default_memory_budget(ctx.device)
     else:
