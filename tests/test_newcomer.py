@@ -319,3 +319,22 @@ def test_a_closed_pipe_is_not_a_traceback() -> None:
     )
     assert proc.stdout.strip() == "status=141"
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "",
+        "  num_shared_experts: 1\n  shared_intermediate_size: 96\n  shared_expert_gate: true\n",
+        "  router_dtype: float32\n  correction_bias: true\n  scoring: sigmoid\n",
+    ],
+    ids=["plain", "shared+gate", "fp32-router"],
+)
+def test_the_weight_estimate_is_what_the_layer_allocates(tmp_path: Path, extra: str) -> None:
+    path = tmp_path / "layer.yaml"
+    base = "moe:\n  num_experts: 8\n  top_k: 2\n  hidden_size: 64\n  intermediate_size: 32\n"
+    path.write_text(base + extra)
+    cfg = load_config(path)
+    layer = FusedMoE(cfg, device="cpu")
+    allocated = sum(t.numel() * t.element_size() for t in (*layer.parameters(), *layer.buffers()))
+    assert memory.weight_bytes(cfg) == allocated
