@@ -200,6 +200,19 @@ class MoEConfig(_Strict):
         default=False,
         description="each routed expert adds a bias after each GEMM: w2 @ act(w13 @ x + b13) + b2 (gpt-oss)",
     )
+    output_norm_eps: float | None = Field(
+        default=None,
+        gt=0,
+        description="an RMSNorm (learned weight [H]) on the MoE output, routed and shared experts together, "
+        "with this epsilon (A.X-K1's post_mlp_layernorm)",
+    )
+    output_bias: bool = Field(default=False, description="a learned bias [H] added to the MoE output (JetMoE)")
+    shared_scale: float = Field(
+        default=1.0,
+        gt=0,
+        description="multiplies the shared experts' output (Cohere2's average combination: 0.5, with "
+        "routed_scaling_factor 0.5)",
+    )
     shared_activation: ActivationField | None = Field(
         default=None,
         description="the shared experts' activation when it differs from the routed experts' (HY-V4: plain SwiGLU "
@@ -238,8 +251,8 @@ class MoEConfig(_Strict):
             raise ValueError("num_shared_experts > 0 and shared_intermediate_size must be given together")
         if self.shared_expert_gate and not self.num_shared_experts:
             raise ValueError("shared_expert_gate needs num_shared_experts > 0")
-        if self.shared_activation is not None and not self.num_shared_experts:
-            raise ValueError("shared_activation needs num_shared_experts > 0")
+        if (self.shared_activation is not None or self.shared_scale != 1.0) and not self.num_shared_experts:
+            raise ValueError("shared_activation and shared_scale need num_shared_experts > 0")
         self._check_router()
         return self
 

@@ -85,6 +85,12 @@ class Case:
     #: attributes set on the built config (``"attn_config.rope_theta"``): DBRX's attention reads a
     #: field its config class does not define
     patch: dict[str, Any] = field(default_factory=dict)
+    #: the decoder layer's child that holds the MoE block, where another child also has experts
+    #: (JetMoE's mixture-of-attention heads)
+    block: str | None = None
+    #: where the expert ids come from when the family's experts module is not called with them:
+    #: ``(submodule of the block, index in its output)`` of the router logits, whose top-k they are
+    logits_from: tuple[str, int] | None = None
 
     @property
     def refused(self) -> str | None:
@@ -176,7 +182,6 @@ CASES: dict[str, Case] = {
     "cohere2_moe_average": Case(
         _m("cohere2_moe", "Cohere2MoeConfig"),
         dict(num_shared_experts=1, mlp_layer_types=DENSE_SPARSE),
-        status="refused: a shared-expert combination other than add",
     ),
     "granitemoe": Case(_m("granitemoe", "GraniteMoeConfig")),
     "granitemoeshared": Case(_m("granitemoeshared", "GraniteMoeSharedConfig"), also=("shared_mlp",)),
@@ -266,8 +271,8 @@ CASES: dict[str, Case] = {
     "deepseek_v4": Case(
         _m("deepseek_v4", "DeepseekV4Config"), dict(mlp_layer_types=["hash_moe", "moe", "moe"], swiglu_limit=0.5)
     ),
-    "axk1": Case(_m("axk1", "AXK1Config"), _V3, status="refused: an RMSNorm on the MoE output"),
-    "jetmoe": Case(_m("jetmoe", "JetMoeConfig"), status="refused: a bias on the MoE output"),
+    "axk1": Case(_m("axk1", "AXK1Config"), _V3),
+    "jetmoe": Case(_m("jetmoe", "JetMoeConfig"), block="mlp", logits_from=("router", -1)),
     "longcat_flash": Case(_m("longcat_flash", "LongcatFlashConfig"), status="refused: zero-compute (identity) experts"),
     "nemotron_h": Case(_m("nemotron_h", "NemotronHConfig"), dict(moe_shared_expert_intermediate_size=I_SHARED)),
     "gemma4": Case(

@@ -66,8 +66,9 @@ def _decoder_layer(model: nn.Module, layer: int) -> nn.Module:
     raise AssertionError(f"{type(model).__name__} has no decoder layer {layer} with experts")
 
 
-def _block(model: nn.Module) -> nn.Module:
-    block = _moe_block(_decoder_layer(model, LAYER))
+def _block(model: nn.Module, case: Case) -> nn.Module:
+    decoder = _decoder_layer(model, LAYER)
+    block = decoder.get_submodule(case.block) if case.block else _moe_block(decoder)
     assert block is not None
     return block
 
@@ -83,23 +84,32 @@ def _build(case: Case, directory: Path) -> nn.Module:
     for path, value in case.patch.items():  # from_config copies the config
         owner, _, attr = path.rpartition(".")
         setattr(getattr(model.config, owner), attr, value)
-    _randomize(_block(model), seed=1)
+    _randomize(_block(model, case), seed=1)
     model.eval().save_pretrained(directory)
     return model
 
 
-def _reference(model: nn.Module, case: Case) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def _reference(model: nn.Module, case: Case, top_k: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """``x [T, H]`` -> (the family's MoE output ``[T, H]``, the expert ids it routed to ``[T, K]``)."""
     decoder = _decoder_layer(model, LAYER)
-    block = _block(model)
+    block = _block(model, case)
     captured: list[torch.Tensor] = []
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         captured.append(args[1] if len(args) > 1 else next(iter(kwargs.values())))
 
+    def logits_hook(module: nn.Module, args: tuple, output: tuple) -> None:
+        assert case.logits_from is not None
+        captured.append(output[case.logits_from[1]])
+
+    def attach() -> torch.utils.hooks.RemovableHandle:
+        if case.logits_from is None:
+            return block.get_submodule("experts").register_forward_pre_hook(hook, with_kwargs=True)
+        return block.get_submodule(case.logits_from[0]).register_forward_hook(logits_hook)
+
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         captured.clear()
-        handle = block.get_submodule("experts").register_forward_pre_hook(hook, with_kwargs=True)
+        handle = attach()
         try:
             with torch.no_grad():
                 x3 = x.reshape(2, -1, H)
@@ -110,6 +120,8 @@ def _reference(model: nn.Module, case: Case) -> Callable[[torch.Tensor], tuple[t
         finally:
             handle.remove()
         assert captured, "the family's experts module was not called with routing ids"
+        if case.logits_from is not None:  # the ids are the top-k of the logits
+            return out.reshape(-1, H), captured[0].reshape(x.shape[0], -1).float().topk(top_k, dim=1).indices
         return out.reshape(-1, H), captured[0].reshape(x.shape[0], -1)
 
     return run
@@ -147,8 +159,8 @@ def test_family_matches_transformers(family: str, tmp_path: Path) -> None:
     model = _build(case, tmp_path / "fp32")
     x = torch.randn(TOKENS, H, generator=torch.Generator().manual_seed(2))
 
-    ref, ref_ids = _reference(model, case)(x)
     layer = _ours(tmp_path / "fp32", torch.float32)
+    ref, ref_ids = _reference(model, case, layer.cfg.moe.top_k)(x)
     _, ids = layer.router(x)
     same = _same_sets(ids.long(), ref_ids.long())
     assert same.all(), f"{family}: tokens {(~same).nonzero().flatten().tolist()} routed differently"
@@ -158,8 +170,8 @@ def test_family_matches_transformers(family: str, tmp_path: Path) -> None:
     model16 = bf16.from_pretrained(tmp_path / "fp32", dtype=torch.bfloat16).eval()
     model16.save_pretrained(tmp_path / "bf16")
     x16 = x.bfloat16()
-    ref16, ref_ids16 = _reference(model16, case)(x16)
     layer16 = _ours(tmp_path / "bf16", torch.bfloat16)
+    ref16, ref_ids16 = _reference(model16, case, layer16.cfg.moe.top_k)(x16)
     _, ids16 = layer16.router(x16)
     keep = ~_tied(layer16, x16)
     same16 = _same_sets(ids16.long(), ref_ids16.long())

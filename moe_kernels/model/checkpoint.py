@@ -125,7 +125,8 @@ class MoELayer(Generic[V]):
     ``*_scale`` maps are the FP8 block scales ``[ceil(N/128), ceil(K/128)]`` (``None`` unless FP8).
     ``router_weight [E, H]``; ``e_score_correction_bias [E]`` float when the checkpoint has one.
     ``router_extras``: the router's other tensors, keyed by :class:`~moe_kernels.model.router.Router`
-    parameter name (``bias [E]``, ``tid2eid [V, K]``), read only when asked for. ``gate_proj_bias``/
+    parameter name (``bias [E]``, ``tid2eid [V, K]``), read only when asked for; ``layer_extras`` the
+    layer's (``output_norm [H]``, ``output_bias [H]``), likewise. ``gate_proj_bias``/
     ``up_proj_bias [I]`` and ``down_proj_bias [H]`` per expert, only when asked for. ``shared`` when
     asked for; ``has_shared`` says whether the checkpoint has shared experts, asked for or not.
     """
@@ -143,6 +144,7 @@ class MoELayer(Generic[V]):
     shared: SharedExpert[V] | None = None
     has_shared: bool = False
     router_extras: dict[str, V] = field(default_factory=dict)
+    layer_extras: dict[str, V] = field(default_factory=dict)
     gate_proj_bias: dict[int, V] | None = None
     up_proj_bias: dict[int, V] | None = None
     down_proj_bias: dict[int, V] | None = None
@@ -842,6 +844,25 @@ def _fits(lay: _Layer) -> bool:
     return d_out == router.shape[1]
 
 
+def _describe_extras(
+    lay: _Layer, templates: Mapping[str, str], wanted: bool, flag: str, owner: str
+) -> dict[str, TensorInfo]:
+    """The extra tensors of the naming (``{parameter name: key template}``) this layer has; one that is
+    there but not ``wanted`` is refused: dropping it would compute another function."""
+    extras: dict[str, TensorInfo] = {}
+    for name, template in templates.items():
+        if not lay.has(template):
+            continue
+        if not wanted:
+            raise ValueError(
+                f"layer {lay.layer} of {lay.where} has a {owner} {name} '{lay.key(template)}' that this load would"
+                f" drop; read it with {flag}=True and load it into the {owner}"
+            )
+        extras[name] = lay.stored(lay.key(template))
+        _check_dtype(extras[name], _INTS if name == "tid2eid" else _FLOATS, f"{owner} {name}")
+    return extras
+
+
 def describe_moe_layer(
     path: str | os.PathLike[str] | CheckpointReader,
     layer: int,
@@ -851,6 +872,7 @@ def describe_moe_layer(
     shared: bool = False,
     router_extras: bool = False,
     expert_biases: bool = False,
+    layer_extras: bool = False,
 ) -> MoELayerInfo:
     """Shapes, dtypes, files and cuts of what :func:`read_moe_layer` would read, from headers only.
 
@@ -898,17 +920,8 @@ def describe_moe_layer(
             )
         bias = _cut_info(stored, Cut(flatten=len(stored.shape) == 2))
 
-    extras: dict[str, TensorInfo] = {}
-    for name, template in spec.router_extras.items():
-        if not lay.has(template):
-            continue
-        if not router_extras:
-            raise ValueError(
-                f"layer {layer} of {lay.where} has a router {name} '{lay.key(template)}' that this load would drop;"
-                " read it with router_extras=True and load it into the Router"
-            )
-        extras[name] = lay.stored(lay.key(template))
-        _check_dtype(extras[name], _INTS if name == "tid2eid" else _FLOATS, f"router {name}")
+    extras = _describe_extras(lay, spec.router_extras, router_extras, "router_extras", "router")
+    outputs = _describe_extras(lay, spec.layer_extras, layer_extras, "layer_extras", "layer")
 
     # the variant whose GEMM1 keys are there too (HY-V4's gate is linear_gate beside the same down_proj)
     complete = (v for v in spec.shared if all(lay.has(t) for t in (v.gate, v.up, v.gate_up, v.down) if t))
@@ -923,6 +936,7 @@ def describe_moe_layer(
 
     accounted = _expert_keys(lay, num_experts) | _shared_keys(lay) | {lay.key(r) for r in spec.router}
     accounted |= {lay.key(b) for b in spec.correction_bias} | {lay.key(t) for t in spec.router_extras.values()}
+    accounted |= {lay.key(t) for t in spec.layer_extras.values()}
     _refuse_unloaded(lay, accounted)
 
     return MoELayerInfo(
@@ -939,6 +953,7 @@ def describe_moe_layer(
         shared=shared_info,
         has_shared=variant is not None,
         router_extras=extras,
+        layer_extras=outputs,
         gate_proj_bias=None if biases is None else biases["gate_proj"],
         up_proj_bias=None if biases is None else biases["up_proj"],
         down_proj_bias=None if biases is None else biases["down_proj"],
@@ -954,6 +969,7 @@ def read_moe_layer(
     shared: bool = False,
     router_extras: bool = False,
     expert_biases: bool = False,
+    layer_extras: bool = False,
     device: torch.device | str | int | None = None,
 ) -> MoELayerTensors:
     """Read ``layer``'s router and the routed experts ``experts`` (global ids) from a checkpoint.
@@ -961,16 +977,18 @@ def read_moe_layer(
     Only the requested experts' tensors are read (an expert-parallel rank passes its own experts; of a
     stacked tensor only their rows), plus the router, its correction bias when present, the shared
     expert when ``shared``, the router's other tensors (a linear bias, a hash table) when
-    ``router_extras`` and expert biases when ``expert_biases``; without those two flags a layer that
-    has such tensors is refused, since dropping them would compute another function. Tensors keep the
+    ``router_extras``, expert biases when ``expert_biases``, and the layer's tensors around the experts
+    (an output norm or bias) when ``layer_extras``; without those flags a layer that has such tensors
+    is refused, since dropping them would compute another function. Tensors keep the
     stored dtype (FP8 weights stay float8_e4m3fn, with their ``*_scale`` block scales) and land on
     ``device`` (CPU when ``None``). Checks and errors are those of :func:`describe_moe_layer`, all
     raised before any data is read.
     """
     reader = _as_reader(path)
     info = describe_moe_layer(
-        reader, layer, experts, naming=naming, shared=shared, router_extras=router_extras, expert_biases=expert_biases
-    )
+        reader, layer, experts, naming=naming, shared=shared, router_extras=router_extras, expert_biases=expert_biases,
+        layer_extras=layer_extras,
+    )  # fmt: skip
     got = reader.read(_infos(info), device=device)
 
     def one(t: TensorInfo | None) -> torch.Tensor | None:
@@ -1004,6 +1022,7 @@ def read_moe_layer(
         ),
         has_shared=info.has_shared,
         router_extras={name: got[t] for name, t in info.router_extras.items()},
+        layer_extras={name: got[t] for name, t in info.layer_extras.items()},
         gate_proj_bias=each(info.gate_proj_bias),
         up_proj_bias=each(info.up_proj_bias),
         down_proj_bias=each(info.down_proj_bias),
@@ -1028,6 +1047,7 @@ def _infos(info: MoELayerInfo) -> list[TensorInfo]:
             out.extend(d.values())
     out.append(info.router_weight)
     out.extend(info.router_extras.values())
+    out.extend(info.layer_extras.values())
     if info.e_score_correction_bias is not None:
         out.append(info.e_score_correction_bias)
     if info.shared is not None:

@@ -141,6 +141,9 @@ class Family:
     #: the gate has a linear bias; each expert adds a bias after each GEMM (gpt-oss)
     router_bias: bool = False
     expert_bias: bool = False
+    #: an RMSNorm on the MoE output with this epsilon (A.X-K1); a bias on it (JetMoE)
+    output_norm_eps: Key | None = None
+    output_bias: bool = False
     #: the shared experts' activation when it is not the routed experts' (``None``: the same)
     shared_activation: Act | None = None
     #: the p of the p-norm the chosen weights are divided by (DBRX); unset in the file: no renormalization
@@ -292,6 +295,13 @@ FAMILIES: dict[str, Family] = {
         scale=None,
         shared=Shared(Key(("num_shared_experts",), 0), Key(("intermediate_size",))),
     ),
+    "jetmoe": Family(
+        naming="jetmoe",
+        width=Key(("intermediate_size",)),
+        choose_on="logits",
+        scale=None,
+        output_bias=True,
+    ),
     "granitemoe": _GRANITE,
     "granitemoeshared": _GRANITE,
     "granitemoehybrid": _GRANITE,
@@ -336,6 +346,7 @@ FAMILIES: dict[str, Family] = {
     "axk2": _deepseek_v3(group_fill="zero"),
     "kimi_linear": _deepseek_v3(naming="mixtral"),
     "beam": _deepseek_v3(shared=None),
+    "axk1": _deepseek_v3(output_norm_eps=Key(("rms_norm_eps",), 1e-6)),
     "bailing_hybrid": _deepseek_v3(activation=_LING, shared_activation=_LING_SHARED),
     "mistral4": _deepseek_v3(
         naming="fused",
@@ -451,8 +462,6 @@ FAMILIES: dict[str, Family] = {
         activation=_ALPHA_CLAMPED,
     ),
     "llama4_text": Family(naming="llama4", refuse=(Refuse("router weights applied to the expert input"),)),
-    "axk1": Family(naming="mlp-experts", refuse=(Refuse("an RMSNorm on the MoE output"),)),
-    "jetmoe": Family(naming="jetmoe", refuse=(Refuse("a bias on the MoE output"),)),
     "longcat_flash": Family(naming="mlp-experts", refuse=(Refuse("zero-compute (identity) experts"),)),
     "ergo": Family(naming="fused", refuse=(Refuse("an RMSNorm on each expert's output"),)),
     "muse_spark_text": Family(naming="fused", refuse=(Refuse("projections and norms around the experts"),)),
@@ -496,6 +505,8 @@ _WRAPPED_TEXT = {
     "aria": "aria_text",
     "step3p7": "step3p5",
 }
+#: Cohere2's shared_expert_combination_strategy: the factor on (routed + shared)
+_COMBINATIONS = {"sum": 1.0, "average": 0.5}
 _LAYER_COUNT = Key(("num_hidden_layers", "num_layers", "n_layers"))
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _MOE_LAYER_TYPES = ("sparse", "moe", "hash_moe")
@@ -612,12 +623,14 @@ def _shared_fields(family: Family, cfg: Mapping[str, Any], layer: int, width: in
     if not count or not each:
         return {}
     strategy = cfg.get("shared_expert_combination_strategy", "sum")
-    if strategy != "sum":
+    if strategy not in _COMBINATIONS:
         raise HFConfigError(
-            f"shared_expert_combination_strategy: {strategy!r} needs a shared-expert combination other than add,"
-            " which moe_kernels does not implement yet"
+            f"shared_expert_combination_strategy: {strategy!r} needs a shared-expert combination other than"
+            f" {' or '.join(_COMBINATIONS)}, which moe_kernels does not implement yet"
         )
     fields = {"num_shared_experts": count, "shared_intermediate_size": each, "shared_expert_gate": sh.gated}
+    if _COMBINATIONS[strategy] != 1.0:  # (routed + shared) * c: both sums scaled (the routed by its weights)
+        fields["shared_scale"] = _COMBINATIONS[strategy]
     if family.shared_activation is not None:
         fields["shared_activation"] = _activation(family.shared_activation, cfg, layer)
     return fields
@@ -791,7 +804,11 @@ def _layer_config(raw: Mapping[str, Any], layer: int, dtype: torch.dtype | None,
         "expert_bias": family.expert_bias,
         **_router_fields(family, cfg, layer),
         **_shared_fields(family, cfg, layer, width),
+        "output_bias": family.output_bias,
     }
+    fields["routed_scaling_factor"] *= fields.get("shared_scale", 1.0)
+    if family.output_norm_eps is not None:
+        fields["output_norm_eps"] = float(_require(cfg, family.output_norm_eps, layer, "output norm epsilon"))
     try:
         moe_cfg = MoEConfig(**fields)
     except ValueError as exc:

@@ -130,6 +130,9 @@ class FusedMoE(nn.Module):
             self.shared_w2 = _parameter((h, width), moe.dtype, dev)
             if moe.shared_expert_gate:
                 self.shared_gate = _parameter((1, h), moe.dtype, dev)
+        # the layer's own tensors around the experts (loaded as the checkpoint's layer extras)
+        self.output_norm = _parameter((h,), moe.dtype, dev) if moe.output_norm_eps is not None else None
+        self.output_bias = _parameter((h,), moe.dtype, dev) if moe.output_bias else None
         self.overlap_shared_experts = dev.type == "cuda" if overlap_shared_experts is None else overlap_shared_experts
         if self.overlap_shared_experts and dev.type != "cuda":
             raise ValueError(f"overlap_shared_experts needs a CUDA device (a side stream), not {dev}")
@@ -189,17 +192,31 @@ class FusedMoE(nn.Module):
         topk_weights, topk_ids = self.router(x)
         # The router's ids are in range and distinct by construction: skip the kernel's value
         # check, which costs a host sync per call.
-        return self.kernel(x, self.weights, topk_weights, topk_ids, residual=residual, check_values=False)
+        out = self.kernel(x, self.weights, topk_weights, topk_ids, residual=residual, check_values=False)
+        return self._around_output(out)
+
+    def _around_output(self, out: torch.Tensor) -> torch.Tensor:
+        """The MoE output's bias (JetMoE) and RMSNorm (A.X-K1), as the models apply them: the norm in
+        fp32, its weight applied after rounding back to the activation dtype."""
+        if self.output_bias is not None:
+            out = out + self.output_bias
+        if self.output_norm is not None:
+            eps = self.cfg.moe.output_norm_eps
+            assert eps is not None
+            f = out.float()
+            out = self.output_norm * (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)).to(out.dtype)
+        return out
 
     def shared_experts(self, x: torch.Tensor) -> torch.Tensor:
         """The shared experts' output ``[T, H]``: ``w2 @ act(w13 @ x)`` with ``moe.shared_act``, scaled
-        by ``sigmoid(x @ shared_gate)`` when the layer has that gate (Qwen1.5/2-MoE)."""
+        by ``sigmoid(x @ shared_gate)`` when the layer has that gate (Qwen1.5/2-MoE) and by
+        ``moe.shared_scale``."""
         assert self.shared_w13 is not None and self.shared_w2 is not None
         hidden = self.cfg.moe.shared_act.reference(F.linear(x, self.shared_w13)).to(x.dtype)
         y = F.linear(hidden, self.shared_w2)
         if self.shared_gate is not None:
             y = y * torch.sigmoid(F.linear(x, self.shared_gate))
-        return y
+        return y if self.cfg.moe.shared_scale == 1.0 else y * self.cfg.moe.shared_scale
 
     def _start_shared_experts(self, x: torch.Tensor) -> Residual | None:
         """Start the shared experts: on the side stream when overlapping (forked from the current

@@ -36,6 +36,8 @@ ExpertTensors = Mapping[int | str, torch.Tensor] | Sequence[torch.Tensor] | torc
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 #: their biases (layers with expert biases)
 BIASES = ("gate_proj_bias", "up_proj_bias", "down_proj_bias")
+#: the layer's tensors around the experts, by parameter name
+EXTRAS = ("output_norm", "output_bias")
 SHARED = ("shared_gate_proj", "shared_up_proj", "shared_down_proj", "shared_expert_gate")
 
 Copy = tuple[torch.Tensor, torch.Tensor]  # (destination, source)
@@ -48,6 +50,7 @@ class LoadState:
     experts: dict[str, set[int]] = field(default_factory=lambda: {name: set() for name in PROJECTIONS + BIASES})
     router: bool = False
     shared: set[str] = field(default_factory=set)
+    extras: set[str] = field(default_factory=set)
 
 
 class LoadTarget(Protocol):
@@ -80,6 +83,7 @@ class LayerLoader:
         layer, state = self.layer, self.state
         missing = [] if state.router else ["router_weight"]
         missing += [name for name in self.shared_names() if name not in state.shared]
+        missing += [name for name in EXTRAS if getattr(layer, name, None) is not None and name not in state.extras]
         mlp = layer.cfg.mlp
         names = PROJECTIONS + (BIASES if mlp.biases else ())
         for name in names if mlp.activation.gated else [n for n in names if not n.startswith("gate_proj")]:
@@ -169,6 +173,22 @@ class LayerLoader:
                 param = layer.parameter(projection, part)
                 copies.append((param[local_of[expert], fmt.rows(part, *rows)], tensor))
         return set(owned), copies
+
+    @torch.no_grad()
+    def load_extras(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """The layer's own tensors around the experts (``output_norm [H]``, ``output_bias [H]``), all
+        checked before any is copied."""
+        layer, copies = self.layer, []
+        for name, t in tensors.items():
+            dst = getattr(layer, name, None) if name in EXTRAS else None
+            if dst is None:
+                raise ValueError(
+                    f"{name}: this layer's config has no such tensor (moe.output_norm_eps, moe.output_bias)"
+                )
+            copies.append((dst, _float(name, t, tuple(dst.shape))))
+        for dst, src in copies:
+            dst.copy_(src)
+        self.state.extras |= set(tensors)
 
     def _bias_copies(self, name: str, tensors: ExpertTensors) -> tuple[set[int], list[Copy]]:
         """The local experts ``tensors`` holds, and (destination, source) pairs for their biases
@@ -260,11 +280,13 @@ class LayerLoader:
             first = start == 0
             part = read_moe_layer(
                 reader, layer_index, mine[start : start + experts_per_read], naming=naming, shared=shared and first,
-                router_extras=moe.router_bias or moe.hash_routing, expert_biases=moe.expert_bias, device=device,
+                router_extras=moe.router_bias or moe.hash_routing, expert_biases=moe.expert_bias,
+                layer_extras=moe.output_norm_eps is not None or moe.output_bias, device=device,
             )  # fmt: skip
             _check_part(layer.cfg, part, f"{path}: layer {layer_index}")
-            if first and part.router_extras:
+            if first:
                 layer.router.load_tensors(**part.router_extras)
+                self.load_extras(part.layer_extras)
             self.load(
                 _part_projections(part, layer.cfg.mlp.weights.is_quantized),
                 part.router_weight if first else None,
@@ -294,6 +316,9 @@ def _check_part(cfg: LayerConfig, part: MoELayerTensors, where: str) -> None:
     for name, wanted in (("bias", moe.router_bias), ("tid2eid", moe.hash_routing)):
         if wanted and name not in part.router_extras:
             raise ValueError(f"{where} has no router {name}, which the config's routing needs")
+    for name, wanted in (("output_norm", moe.output_norm_eps is not None), ("output_bias", moe.output_bias)):
+        if wanted and name not in part.layer_extras:
+            raise ValueError(f"{where} has no {name}, which the config's MoE output needs")
 
 
 def _part_projections(

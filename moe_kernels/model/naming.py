@@ -90,6 +90,8 @@ class LayerNaming:
     correction_bias: tuple[str, ...] = ()
     router_extras: Mapping[str, str] = field(default_factory=dict)
     shared: tuple[SharedNaming, ...] = ()
+    #: the layer's own tensors around the experts, by FusedMoE parameter name (an output norm or bias)
+    layer_extras: Mapping[str, str] = field(default_factory=dict)
 
 
 def _per_expert(base: str, gate: str, up: str, down: str) -> PerExpert:
@@ -132,6 +134,7 @@ NAMINGS: dict[str, LayerNaming] = {
             "moe.router.expert_bias",
         ),
         shared=_MLP_SHARED,
+        layer_extras={"output_norm": "post_mlp_layernorm.weight"},  # A.X-K1
     ),
     # Mixtral, MiniMax, MiniMax-M2, Phi-3.5-MoE, Kimi-Linear, MiniMax-M3 hub checkpoints
     "mixtral": LayerNaming(
@@ -218,6 +221,7 @@ NAMINGS: dict[str, LayerNaming] = {
         ),
         router=("mlp.router.layer.weight",),
         block="mlp",
+        layer_extras={"output_bias": "mlp.bias"},
     ),
     "aria": LayerNaming(
         experts=Fused(
