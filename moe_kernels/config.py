@@ -200,6 +200,10 @@ class MoEConfig(_Strict):
         default=False,
         description="each routed expert adds a bias after each GEMM: w2 @ act(w13 @ x + b13) + b2 (gpt-oss)",
     )
+    weight_on_input: bool = Field(
+        default=False,
+        description="the router weight scales the expert's input, x * w, and not its output (Llama-4); top_k 1",
+    )
     output_norm_eps: float | None = Field(
         default=None,
         gt=0,
@@ -251,6 +255,8 @@ class MoEConfig(_Strict):
             raise ValueError("num_shared_experts > 0 and shared_intermediate_size must be given together")
         if self.shared_expert_gate and not self.num_shared_experts:
             raise ValueError("shared_expert_gate needs num_shared_experts > 0")
+        if self.weight_on_input and self.top_k != 1:
+            raise ValueError(f"weight_on_input needs top_k 1 (the expert's input is x * w), got top_k {self.top_k}")
         if (self.shared_activation is not None or self.shared_scale != 1.0) and not self.num_shared_experts:
             raise ValueError("shared_activation and shared_scale need num_shared_experts > 0")
         self._check_router()

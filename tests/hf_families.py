@@ -267,7 +267,7 @@ CASES: dict[str, Case] = {
     "zaya": Case(_m("zaya", "ZayaConfig"), dict(num_experts_per_tok=1), status="refused: an MLP router"),
     "doge": Case(_m("doge", "DogeConfig"), status="refused: product-key experts"),
     "gpt_oss": Case(_m("gpt_oss", "GptOssConfig"), dict(swiglu_limit=0.5)),
-    "llama4": Case(_m("llama4", "Llama4TextConfig"), status="refused: router weights applied to the expert input"),
+    "llama4": Case(_m("llama4", "Llama4TextConfig"), dict(num_experts_per_tok=1), logits_from=("router", 1)),
     "deepseek_v4": Case(
         _m("deepseek_v4", "DeepseekV4Config"), dict(mlp_layer_types=["hash_moe", "moe", "moe"], swiglu_limit=0.5)
     ),

@@ -301,3 +301,41 @@ def test_config_json_path_and_naming(tmp_path: Path) -> None:
     assert hf_naming(tmp_path) == "fused-t"
     with pytest.raises(FileNotFoundError, match="config file not found"):
         layer_config_from_hf(tmp_path / "nope", 0)
+
+
+def test_llama4_moe_layers_from_the_interleave_step() -> None:
+    cfg = dict(
+        model_type="llama4_text",
+        num_hidden_layers=4,
+        hidden_size=64,
+        intermediate_size=32,
+        num_local_experts=8,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,
+        hidden_act="silu",
+    )
+    assert layer_config_from_hf(cfg, 3).moe.weight_on_input
+    with pytest.raises(ValueError, match=r"its MoE layers are \[1, 3\]"):
+        layer_config_from_hf(cfg, 2)
+
+
+def test_deepseek_v4_hash_layers_without_mlp_layer_types() -> None:
+    """A hub config.json with num_hash_layers (or neither field: 3) and no mlp_layer_types routes its
+    first layers by token id, as transformers builds it."""
+    cfg = dict(
+        model_type="deepseek_v4",
+        num_hidden_layers=5,
+        hidden_size=64,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        hidden_act="silu",
+        swiglu_limit=10.0,
+        num_hash_layers=2,
+    )
+    hashed = [layer_config_from_hf(cfg, i).moe.hash_routing for i in range(5)]
+    assert hashed == [True, True, False, False, False]
+    default = {k: v for k, v in cfg.items() if k != "num_hash_layers"}
+    assert [layer_config_from_hf(default, i).moe.hash_routing for i in range(5)] == [True] * 3 + [False] * 2
+    moe = layer_config_from_hf(cfg, 4).moe
+    assert (moe.per_expert_score, moe.correction_bias, moe.activation.limit) == ("sqrtsoftplus", True, 10.0)

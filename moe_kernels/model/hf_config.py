@@ -141,6 +141,8 @@ class Family:
     #: the gate has a linear bias; each expert adds a bias after each GEMM (gpt-oss)
     router_bias: bool = False
     expert_bias: bool = False
+    #: the router weight scales the expert's input (Llama-4)
+    weight_on_input: bool = False
     #: an RMSNorm on the MoE output with this epsilon (A.X-K1); a bias on it (JetMoE)
     output_norm_eps: Key | None = None
     output_bias: bool = False
@@ -461,7 +463,16 @@ FAMILIES: dict[str, Family] = {
         expert_bias=True,
         activation=_ALPHA_CLAMPED,
     ),
-    "llama4_text": Family(naming="llama4", refuse=(Refuse("router weights applied to the expert input"),)),
+    "llama4_text": Family(
+        naming="llama4",
+        width=Key(("intermediate_size",)),
+        scoring="sigmoid",
+        choose_on="logits",
+        renormalize=False,
+        scale=None,
+        shared=Shared(1, Key(("intermediate_size",))),
+        weight_on_input=True,
+    ),
     "longcat_flash": Family(naming="mlp-experts", refuse=(Refuse("zero-compute (identity) experts"),)),
     "ergo": Family(naming="fused", refuse=(Refuse("an RMSNorm on each expert's output"),)),
     "muse_spark_text": Family(naming="fused", refuse=(Refuse("projections and norms around the experts"),)),
@@ -588,6 +599,9 @@ def moe_layers(cfg: Mapping[str, Any]) -> tuple[list[int], str]:
         end = cfg.get("moe_layer_end_index", -1)
         end = n - 1 if end in (-1, None) else int(end)
         return [i for i in range(n) if start <= i <= end and (i + 1) % interval == 0], "moe_layer_start_index/interval"
+    if "interleave_moe_layer_step" in cfg:  # Llama-4 without moe_layers
+        step = int(cfg["interleave_moe_layer_step"] or 1)
+        return list(range(step - 1, n, step)), "interleave_moe_layer_step"
     if "num_dense_layers" in cfg:
         return list(range(int(cfg["num_dense_layers"]), n)), "num_dense_layers"
     return list(range(n)), "(every layer)"
@@ -805,6 +819,7 @@ def _layer_config(raw: Mapping[str, Any], layer: int, dtype: torch.dtype | None,
         **_router_fields(family, cfg, layer),
         **_shared_fields(family, cfg, layer, width),
         "output_bias": family.output_bias,
+        "weight_on_input": family.weight_on_input,
     }
     fields["routed_scaling_factor"] *= fields.get("shared_scale", 1.0)
     if family.output_norm_eps is not None:

@@ -190,6 +190,9 @@ class FusedMoE(nn.Module):
         x = hidden_states.contiguous()
         residual = self._start_shared_experts(x)
         topk_weights, topk_ids = self.router(x)
+        if moe.weight_on_input:  # Llama-4: the expert sees x * w (rounded as the model rounds), unweighted out
+            x = x * topk_weights.to(x.dtype)
+            topk_weights = torch.ones_like(topk_weights)
         # The router's ids are in range and distinct by construction: skip the kernel's value
         # check, which costs a host sync per call.
         out = self.kernel(x, self.weights, topk_weights, topk_ids, residual=residual, check_values=False)
