@@ -204,6 +204,12 @@ class MoEConfig(_Strict):
         default=False,
         description="the router weight scales the expert's input, x * w, and not its output (Llama-4); top_k 1",
     )
+    input_norm_eps: float | None = Field(
+        default=None,
+        gt=0,
+        description="an RMSNorm (learned weight [H]) on the routed experts' input, which the router and the "
+        "shared experts do not see, with this epsilon (Gemma-4's pre_feedforward_layernorm_2)",
+    )
     output_norm_eps: float | None = Field(
         default=None,
         gt=0,

@@ -10,6 +10,7 @@ orientation is then visible in its shape, and a mix-up cannot pass unnoticed.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,15 @@ TINY: dict[str, Any] = dict(
 DENSE_SPARSE = ["dense", "sparse", "sparse"]
 
 
+def _gemma4_moe(decoder: Any, x: Any) -> Any:
+    """Gemma-4's MoE half of its feed-forward: the router on the layer's input, the experts between
+    their own norms (the dense MLP beside them is another layer's business)."""
+    flat = x.reshape(-1, x.shape[-1])
+    _, weights, ids = decoder.router(flat)
+    out = decoder.experts(decoder.pre_feedforward_layernorm_2(flat), ids, weights)
+    return decoder.post_feedforward_layernorm_2(out.reshape(x.shape))
+
+
 @dataclass(frozen=True)
 class Case:
     """One family: its config class, the overrides beyond :data:`TINY`, the expected status, and how
@@ -88,6 +98,9 @@ class Case:
     #: the decoder layer's child that holds the MoE block, where another child also has experts
     #: (JetMoE's mixture-of-attention heads)
     block: str | None = None
+    #: the family's MoE computation from its decoder layer and ``x [B, S, H]``, where no child module
+    #: is it (Gemma-4's experts sit in the decoder layer between norms of their own)
+    moe_of: Callable[[Any, Any], Any] | None = None
     #: where the expert ids come from when the family's experts module is not called with them:
     #: ``(submodule of the block, index in its output)`` of the router logits, whose top-k they are
     logits_from: tuple[str, int] | None = None
@@ -257,7 +270,7 @@ CASES: dict[str, Case] = {
     "inkling2": Case(_m("inkling2", "Inkling2TextConfig"), _INKLING2),
     "inkling2_loop": Case(_m("inkling2_loop", "Inkling2LoopTextConfig"), _INKLING2),
     "diffusion_gemma": Case(
-        _m("diffusion_gemma", "DiffusionGemmaTextConfig"), status="refused: an RMSNorm on the experts' input"
+        _m("diffusion_gemma", "DiffusionGemmaTextConfig"), status="refused: a layer index that names two MoE layers"
     ),
     "ernie4_5_vl_moe": Case(
         _m("ernie4_5_vl_moe", "Ernie4_5_VLMoeTextConfig"),
@@ -278,6 +291,7 @@ CASES: dict[str, Case] = {
     "gemma4": Case(
         _m("gemma4", "Gemma4TextConfig"),
         dict(enable_moe_block=True, moe_intermediate_size=I_MOE),
-        status="refused: an RMSNorm on the experts' input",
+        block="",
+        moe_of=_gemma4_moe,
     ),
 }

@@ -61,14 +61,14 @@ def _decoder_layer(model: nn.Module, layer: int) -> nn.Module:
     vision tower's ``blocks`` do not)."""
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] in ("layers", "blocks") and isinstance(module, nn.ModuleList):
-            if len(module) > layer and _moe_block(module[layer]) is not None:
+            if len(module) > layer and (_moe_block(module[layer]) is not None or hasattr(module[layer], "experts")):
                 return module[layer]
     raise AssertionError(f"{type(model).__name__} has no decoder layer {layer} with experts")
 
 
 def _block(model: nn.Module, case: Case) -> nn.Module:
     decoder = _decoder_layer(model, LAYER)
-    block = decoder.get_submodule(case.block) if case.block else _moe_block(decoder)
+    block = decoder.get_submodule(case.block) if case.block is not None else _moe_block(decoder)
     assert block is not None
     return block
 
@@ -113,7 +113,7 @@ def _reference(model: nn.Module, case: Case, top_k: int) -> Callable[[torch.Tens
         try:
             with torch.no_grad():
                 x3 = x.reshape(2, -1, H)
-                out = block(x3)
+                out = case.moe_of(decoder, x3) if case.moe_of is not None else block(x3)
                 out = out[0] if isinstance(out, tuple) else out
                 for name in case.also:
                     out = out + decoder.get_submodule(name)(x3)

@@ -143,6 +143,12 @@ class Family:
     expert_bias: bool = False
     #: the router weight scales the expert's input (Llama-4)
     weight_on_input: bool = False
+    #: the router reads RMSNorm(x) (with this epsilon) times a learned scale; each expert's weight has
+    #: a learned scale (Gemma-4)
+    router_input_norm: Key | None = None
+    expert_weight_scale: bool = False
+    #: an RMSNorm on the routed experts' input with this epsilon (Gemma-4)
+    input_norm_eps: Key | None = None
     #: an RMSNorm on the MoE output with this epsilon (A.X-K1); a bias on it (JetMoE)
     output_norm_eps: Key | None = None
     output_bias: bool = False
@@ -219,8 +225,21 @@ _ALPHA_CLAMPED = Act(limit=Key(("swiglu_limit",)), alpha=Key(("swiglu_alpha",), 
 _LING = Act(limit=Key(("expert_swiglu_limit_list", "swiglu_limits"), 0), clamp="output")
 _LING_SHARED = Act(limit=Key(("share_expert_swiglu_limit_list", "swiglu_limits_shared"), 0), clamp="output")
 _SCORING_FUNC = Key(("scoring_func",), "sigmoid")
-#: Gemma-4's experts (GELU-tanh, which moe_kernels has) sit inside the decoder layer between norms of their own
-_GEMMA_NORMS = Refuse("an RMSNorm on the experts' input that the router does not see, and one on their output")
+_RMS_EPS = Key(("rms_norm_eps",), 1e-6)
+#: Diffusion-Gemma: Gemma-4's MoE layers, in an encoder and a decoder stack of one checkpoint
+_TWO_STACKS = Refuse("a layer index that names two MoE layers (an encoder and a decoder stack)")
+#: Gemma-4: a normed, scaled router input, per-expert weight scales, GELU-tanh experts between norms of
+#: their own (the router reads the un-normed input); the dense MLP beside them is not part of the layer
+_GEMMA4 = Family(
+    naming="gemma4",
+    scale=None,
+    router_input_norm=_RMS_EPS,
+    expert_weight_scale=True,
+    input_norm_eps=_RMS_EPS,
+    output_norm_eps=_RMS_EPS,
+    activation=Act(name=Key(("hidden_activation", "hidden_act"), "gelu_pytorch_tanh"), kinds=("gelu_tanh", "gelu")),
+    refuse=(Refuse("a model without MoE layers (enable_moe_block false)", Key(("enable_moe_block",)), (True,)),),
+)
 _PER_EXPERT = {"sigmoid": "sigmoid", "sqrtsoftplus": "sqrtsoftplus"}
 
 
@@ -477,8 +496,8 @@ FAMILIES: dict[str, Family] = {
     "ergo": Family(naming="fused", refuse=(Refuse("an RMSNorm on each expert's output"),)),
     "muse_spark_text": Family(naming="fused", refuse=(Refuse("projections and norms around the experts"),)),
     "inkling_text": Family(naming="fused", refuse=(Refuse("shared experts weighted by the router"),)),
-    "gemma4_text": Family(naming="fused", refuse=(_GEMMA_NORMS,)),
-    "diffusion_gemma_text": Family(naming="fused", refuse=(_GEMMA_NORMS,)),
+    "gemma4_text": _GEMMA4,
+    "diffusion_gemma_text": replace(_GEMMA4, refuse=(_TWO_STACKS,)),
     "ernie4_5_vl_moe_text": Family(naming="mlp-experts", refuse=(Refuse("a second expert set for image tokens"),)),
     "zaya": Family(naming="fused", refuse=(Refuse("an MLP router with cross-layer state and a skip expert"),)),
     "doge": Family(naming="mlp-experts", refuse=(Refuse("product-key experts"),)),
@@ -781,9 +800,13 @@ def _router_fields(family: Family, cfg: Mapping[str, Any], layer: int) -> dict[s
         "routed_scaling_factor": scale,
         "router_dtype": torch.float32 if family.router_fp32 else None,
         "router_bias": family.router_bias,
+        "expert_weight_scale": family.expert_weight_scale,
         "logit_softcap": float(softcap) if softcap else None,
         **_scoring_fields(family, cfg, layer),
     }
+    if family.router_input_norm is not None:
+        eps = float(_require(cfg, family.router_input_norm, layer, "router norm epsilon"))
+        fields |= {"router_input_norm": True, "router_norm_eps": eps}
     if family.renormalize_p is not None:  # divide by the weights' p-norm, no renormalization when unset
         p = _get(cfg, family.renormalize_p)
         fields |= {"renormalize": p is not None, "renormalize_p": float(p) if p is not None else 1.0}
@@ -822,8 +845,9 @@ def _layer_config(raw: Mapping[str, Any], layer: int, dtype: torch.dtype | None,
         "weight_on_input": family.weight_on_input,
     }
     fields["routed_scaling_factor"] *= fields.get("shared_scale", 1.0)
-    if family.output_norm_eps is not None:
-        fields["output_norm_eps"] = float(_require(cfg, family.output_norm_eps, layer, "output norm epsilon"))
+    for name, key in (("input_norm_eps", family.input_norm_eps), ("output_norm_eps", family.output_norm_eps)):
+        if key is not None:
+            fields[name] = float(_require(cfg, key, layer, name))
     try:
         moe_cfg = MoEConfig(**fields)
     except ValueError as exc:

@@ -131,6 +131,7 @@ class FusedMoE(nn.Module):
             if moe.shared_expert_gate:
                 self.shared_gate = _parameter((1, h), moe.dtype, dev)
         # the layer's own tensors around the experts (loaded as the checkpoint's layer extras)
+        self.input_norm = _parameter((h,), moe.dtype, dev) if moe.input_norm_eps is not None else None
         self.output_norm = _parameter((h,), moe.dtype, dev) if moe.output_norm_eps is not None else None
         self.output_bias = _parameter((h,), moe.dtype, dev) if moe.output_bias else None
         self.overlap_shared_experts = dev.type == "cuda" if overlap_shared_experts is None else overlap_shared_experts
@@ -190,6 +191,8 @@ class FusedMoE(nn.Module):
         x = hidden_states.contiguous()
         residual = self._start_shared_experts(x)
         topk_weights, topk_ids = self.router(x)
+        if self.input_norm is not None:  # the routed experts' input only (Gemma-4)
+            x = _rms_norm(x, self.input_norm, moe.input_norm_eps)
         if moe.weight_on_input:  # Llama-4: the expert sees x * w (rounded as the model rounds), unweighted out
             x = x * topk_weights.to(x.dtype)
             topk_weights = torch.ones_like(topk_weights)
@@ -199,15 +202,11 @@ class FusedMoE(nn.Module):
         return self._around_output(out)
 
     def _around_output(self, out: torch.Tensor) -> torch.Tensor:
-        """The MoE output's bias (JetMoE) and RMSNorm (A.X-K1), as the models apply them: the norm in
-        fp32, its weight applied after rounding back to the activation dtype."""
+        """The MoE output's bias (JetMoE) and RMSNorm (A.X-K1, Gemma-4)."""
         if self.output_bias is not None:
             out = out + self.output_bias
         if self.output_norm is not None:
-            eps = self.cfg.moe.output_norm_eps
-            assert eps is not None
-            f = out.float()
-            out = self.output_norm * (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)).to(out.dtype)
+            out = _rms_norm(out, self.output_norm, self.cfg.moe.output_norm_eps)
         return out
 
     def shared_experts(self, x: torch.Tensor) -> torch.Tensor:
@@ -348,6 +347,13 @@ class FusedMoE(nn.Module):
             parts.append(self.placement.describe())
         parts.append(f"kernel={self.kernel.name}")
         return ", ".join(parts)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float | None) -> torch.Tensor:
+    """``x / rms(x) * weight`` computed in fp32, rounded to ``x``'s dtype (``[T, H]``, ``weight [H]``)."""
+    assert eps is not None
+    f = x.float()
+    return (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
 def _parameter(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:

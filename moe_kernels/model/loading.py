@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import nn
 
-from moe_kernels.config import LayerConfig
+from moe_kernels.config import LayerConfig, MoEConfig
 from moe_kernels.core.validate import expect_tensor
 from moe_kernels.mlp import fp8
 from moe_kernels.mlp.formats import WeightFormat
@@ -37,7 +37,7 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 #: their biases (layers with expert biases)
 BIASES = ("gate_proj_bias", "up_proj_bias", "down_proj_bias")
 #: the layer's tensors around the experts, by parameter name
-EXTRAS = ("output_norm", "output_bias")
+EXTRAS = ("input_norm", "output_norm", "output_bias")
 SHARED = ("shared_gate_proj", "shared_up_proj", "shared_down_proj", "shared_expert_gate")
 
 Copy = tuple[torch.Tensor, torch.Tensor]  # (destination, source)
@@ -280,8 +280,8 @@ class LayerLoader:
             first = start == 0
             part = read_moe_layer(
                 reader, layer_index, mine[start : start + experts_per_read], naming=naming, shared=shared and first,
-                router_extras=moe.router_bias or moe.hash_routing, expert_biases=moe.expert_bias,
-                layer_extras=moe.output_norm_eps is not None or moe.output_bias, device=device,
+                router_extras=any(_router_extras(moe).values()), expert_biases=moe.expert_bias,
+                layer_extras=any(_layer_extras(moe).values()), device=device,
             )  # fmt: skip
             _check_part(layer.cfg, part, f"{path}: layer {layer_index}")
             if first:
@@ -313,12 +313,31 @@ def _check_part(cfg: LayerConfig, part: MoELayerTensors, where: str) -> None:
         )
     if mlp.biases and part.down_proj_bias is None:
         raise ValueError(f"{where} has no expert biases, but the config has moe.expert_bias true")
-    for name, wanted in (("bias", moe.router_bias), ("tid2eid", moe.hash_routing)):
+    for name, wanted in _router_extras(moe).items():
         if wanted and name not in part.router_extras:
             raise ValueError(f"{where} has no router {name}, which the config's routing needs")
-    for name, wanted in (("output_norm", moe.output_norm_eps is not None), ("output_bias", moe.output_bias)):
+    for name, wanted in _layer_extras(moe).items():
         if wanted and name not in part.layer_extras:
-            raise ValueError(f"{where} has no {name}, which the config's MoE output needs")
+            raise ValueError(f"{where} has no {name}, which the config's MoE layer needs")
+
+
+def _router_extras(moe: MoEConfig) -> dict[str, bool]:
+    """Which of the Router's optional tensors the config needs, by parameter name."""
+    return {
+        "bias": moe.router_bias,
+        "tid2eid": moe.hash_routing,
+        "input_scale": moe.router_input_norm,
+        "expert_scale": moe.expert_weight_scale,
+    }
+
+
+def _layer_extras(moe: MoEConfig) -> dict[str, bool]:
+    """Which of the layer's tensors around the experts (:data:`EXTRAS`) the config needs."""
+    return {
+        "input_norm": moe.input_norm_eps is not None,
+        "output_norm": moe.output_norm_eps is not None,
+        "output_bias": moe.output_bias,
+    }
 
 
 def _part_projections(

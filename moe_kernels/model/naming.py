@@ -266,6 +266,17 @@ NAMINGS: dict[str, LayerNaming] = {
         block="mlp",
         router_extras={"bias": "mlp.router.bias"},
     ),
+    # Gemma-4: experts and router at the decoder layer's root, between norms of their own
+    "gemma4": LayerNaming(
+        experts=Fused(gate_up=Stacked("experts.gate_up_proj", "out_in"), down=Stacked("experts.down_proj", "out_in")),
+        router=("router.proj.weight",),
+        block=None,
+        router_extras={"input_scale": "router.scale", "expert_scale": "router.per_expert_scale"},
+        layer_extras={
+            "input_norm": "pre_feedforward_layernorm_2.weight",
+            "output_norm": "post_feedforward_layernorm_2.weight",
+        },
+    ),
     "llama4": LayerNaming(
         experts=Fused(
             gate_up=Stacked("feed_forward.experts.gate_up_proj", "in_out"),
