@@ -200,6 +200,12 @@ class MoEConfig(_Strict):
         default=False,
         description="each routed expert adds a bias after each GEMM: w2 @ act(w13 @ x + b13) + b2 (gpt-oss)",
     )
+    identity_experts: int = Field(
+        default=0,
+        ge=0,
+        description="zero-compute experts after the routed ones: the router scores num_experts + identity_experts "
+        "experts, and a token routed to one of these gets weight * x (LongCat-Flash's zero experts)",
+    )
     weight_on_input: bool = Field(
         default=False,
         description="the router weight scales the expert's input, x * w, and not its output (Llama-4); top_k 1",
@@ -305,6 +311,11 @@ class MoEConfig(_Strict):
                 "hash_routing takes experts from a table: num_expert_group, correction_bias and sparsemixer_eps "
                 "cannot apply"
             )
+
+    @property
+    def router_width(self) -> int:
+        """The experts the router scores: the routed ones, then the identity experts."""
+        return self.num_experts + self.identity_experts
 
     @property
     def shared_act(self) -> Activation:

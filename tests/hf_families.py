@@ -104,6 +104,9 @@ class Case:
     #: where the expert ids come from when the family's experts module is not called with them:
     #: ``(submodule of the block, index in its output)`` of the router logits, whose top-k they are
     logits_from: tuple[str, int] | None = None
+    #: or ``(submodule of the block, index in its output)`` of the chosen ids themselves (LongCat's
+    #: experts are called with its zero-compute experts' slots moved to real experts of weight 0)
+    ids_from: tuple[str, int] | None = None
 
     @property
     def refused(self) -> str | None:
@@ -286,7 +289,11 @@ CASES: dict[str, Case] = {
     ),
     "axk1": Case(_m("axk1", "AXK1Config"), _V3),
     "jetmoe": Case(_m("jetmoe", "JetMoeConfig"), block="mlp", logits_from=("router", -1)),
-    "longcat_flash": Case(_m("longcat_flash", "LongcatFlashConfig"), status="refused: zero-compute (identity) experts"),
+    "longcat_flash": Case(
+        _m("longcat_flash", "LongcatFlashConfig"),
+        dict(expert_ffn_hidden_size=I_MOE, zero_expert_num=4, ffn_hidden_size=I_DENSE),
+        ids_from=("router", 2),
+    ),
     "nemotron_h": Case(_m("nemotron_h", "NemotronHConfig"), dict(moe_shared_expert_intermediate_size=I_SHARED)),
     "gemma4": Case(
         _m("gemma4", "Gemma4TextConfig"),

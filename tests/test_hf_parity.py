@@ -98,14 +98,16 @@ def _reference(model: nn.Module, case: Case, top_k: int) -> Callable[[torch.Tens
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         captured.append(args[1] if len(args) > 1 else next(iter(kwargs.values())))
 
-    def logits_hook(module: nn.Module, args: tuple, output: tuple) -> None:
-        assert case.logits_from is not None
-        captured.append(output[case.logits_from[1]])
+    source = case.logits_from or case.ids_from
+
+    def output_hook(module: nn.Module, args: tuple, output: tuple) -> None:
+        assert source is not None
+        captured.append(output[source[1]])
 
     def attach() -> torch.utils.hooks.RemovableHandle:
-        if case.logits_from is None:
+        if source is None:
             return block.get_submodule("experts").register_forward_pre_hook(hook, with_kwargs=True)
-        return block.get_submodule(case.logits_from[0]).register_forward_hook(logits_hook)
+        return block.get_submodule(source[0]).register_forward_hook(output_hook)
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         captured.clear()

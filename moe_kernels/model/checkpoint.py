@@ -873,12 +873,14 @@ def describe_moe_layer(
     router_extras: bool = False,
     expert_biases: bool = False,
     layer_extras: bool = False,
+    identity_experts: int = 0,
 ) -> MoELayerInfo:
     """Shapes, dtypes, files and cuts of what :func:`read_moe_layer` would read, from headers only.
 
     Runs every check :func:`read_moe_layer` runs (layer and experts present, shapes consistent with
     the router ``[E, H]``, scales for all experts or none, dtypes we can take, nothing in the MoE
-    block left unread) and reads no tensor data.
+    block left unread) and reads no tensor data. ``identity_experts``: the router's last rows (and its
+    correction bias's last entries) score zero-compute experts that have no weights (LongCat-Flash).
     """
     reader = _as_reader(path)
     layer = _check_layer(layer)
@@ -894,7 +896,8 @@ def describe_moe_layer(
         raise ValueError(
             f"{router.file}: tensor '{router.key}' (router weight) must be 2-D [E, H], got {list(router.shape)}"
         )
-    num_experts, hidden = router.shape
+    router_rows, hidden = router.shape
+    num_experts = router_rows - identity_experts
 
     ex = spec.experts
     biases = None
@@ -913,10 +916,10 @@ def describe_moe_layer(
     if (bias_key := lay.first_present(spec.correction_bias, "correction bias")) is not None:
         stored = lay.stored(bias_key)
         _check_dtype(stored, _FLOATS, "correction bias")
-        if stored.shape not in ((num_experts,), (1, num_experts)):
+        if stored.shape not in ((router_rows,), (1, router_rows)):
             raise ValueError(
-                f"{stored.file}: tensor '{bias_key}' (correction bias) must have shape [{num_experts}] or"
-                f" [1, {num_experts}], got {list(stored.shape)}"
+                f"{stored.file}: tensor '{bias_key}' (correction bias) must have shape [{router_rows}] or"
+                f" [1, {router_rows}], got {list(stored.shape)}"
             )
         bias = _cut_info(stored, Cut(flatten=len(stored.shape) == 2))
 
@@ -970,6 +973,7 @@ def read_moe_layer(
     router_extras: bool = False,
     expert_biases: bool = False,
     layer_extras: bool = False,
+    identity_experts: int = 0,
     device: torch.device | str | int | None = None,
 ) -> MoELayerTensors:
     """Read ``layer``'s router and the routed experts ``experts`` (global ids) from a checkpoint.
@@ -987,7 +991,7 @@ def read_moe_layer(
     reader = _as_reader(path)
     info = describe_moe_layer(
         reader, layer, experts, naming=naming, shared=shared, router_extras=router_extras, expert_biases=expert_biases,
-        layer_extras=layer_extras,
+        layer_extras=layer_extras, identity_experts=identity_experts,
     )  # fmt: skip
     got = reader.read(_infos(info), device=device)
 

@@ -141,6 +141,8 @@ class Family:
     #: the gate has a linear bias; each expert adds a bias after each GEMM (gpt-oss)
     router_bias: bool = False
     expert_bias: bool = False
+    #: zero-compute experts after the routed ones (LongCat-Flash)
+    identity_experts: Key | None = None
     #: the router weight scales the expert's input (Llama-4)
     weight_on_input: bool = False
     #: the router reads RMSNorm(x) (with this epsilon) times a learned scale; each expert's weight has
@@ -367,6 +369,17 @@ FAMILIES: dict[str, Family] = {
     "axk2": _deepseek_v3(group_fill="zero"),
     "kimi_linear": _deepseek_v3(naming="mixtral"),
     "beam": _deepseek_v3(shared=None),
+    # softmax over the routed and the zero-compute experts, a correction bias, no renormalization;
+    # transformers' LongCat drops the router's linear bias, which is refused rather than dropped here
+    "longcat_flash": Family(
+        naming="mlp-experts",
+        width=Key(("expert_ffn_hidden_size", "moe_intermediate_size")),
+        renormalize=False,
+        correction_bias=True,
+        router_fp32=True,
+        identity_experts=Key(("zero_expert_num",), 0),
+        refuse=(Refuse("a router bias (transformers' LongCat drops it)", Key(("router_bias",), False), (False,)),),
+    ),
     "axk1": _deepseek_v3(output_norm_eps=Key(("rms_norm_eps",), 1e-6)),
     "bailing_hybrid": _deepseek_v3(activation=_LING, shared_activation=_LING_SHARED),
     "mistral4": _deepseek_v3(
@@ -492,7 +505,6 @@ FAMILIES: dict[str, Family] = {
         shared=Shared(1, Key(("intermediate_size",))),
         weight_on_input=True,
     ),
-    "longcat_flash": Family(naming="mlp-experts", refuse=(Refuse("zero-compute (identity) experts"),)),
     "ergo": Family(naming="fused", refuse=(Refuse("an RMSNorm on each expert's output"),)),
     "muse_spark_text": Family(naming="fused", refuse=(Refuse("projections and norms around the experts"),)),
     "inkling_text": Family(naming="fused", refuse=(Refuse("shared experts weighted by the router"),)),
@@ -843,6 +855,7 @@ def _layer_config(raw: Mapping[str, Any], layer: int, dtype: torch.dtype | None,
         **_shared_fields(family, cfg, layer, width),
         "output_bias": family.output_bias,
         "weight_on_input": family.weight_on_input,
+        "identity_experts": int(_get(cfg, family.identity_experts, layer) or 0) if family.identity_experts else 0,
     }
     fields["routed_scaling_factor"] *= fields.get("shared_scale", 1.0)
     for name, key in (("input_norm_eps", family.input_norm_eps), ("output_norm_eps", family.output_norm_eps)):

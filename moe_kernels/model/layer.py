@@ -191,6 +191,9 @@ class FusedMoE(nn.Module):
         x = hidden_states.contiguous()
         residual = self._start_shared_experts(x)
         topk_weights, topk_ids = self.router(x)
+        identity = None
+        if moe.identity_experts:
+            identity, topk_weights, topk_ids = _identity_experts(x, topk_weights, topk_ids, moe.num_experts)
         if self.input_norm is not None:  # the routed experts' input only (Gemma-4)
             x = _rms_norm(x, self.input_norm, moe.input_norm_eps)
         if moe.weight_on_input:  # Llama-4: the expert sees x * w (rounded as the model rounds), unweighted out
@@ -199,7 +202,7 @@ class FusedMoE(nn.Module):
         # The router's ids are in range and distinct by construction: skip the kernel's value
         # check, which costs a host sync per call.
         out = self.kernel(x, self.weights, topk_weights, topk_ids, residual=residual, check_values=False)
-        return self._around_output(out)
+        return self._around_output(out if identity is None else out + identity)
 
     def _around_output(self, out: torch.Tensor) -> torch.Tensor:
         """The MoE output's bias (JetMoE) and RMSNorm (A.X-K1, Gemma-4)."""
@@ -347,6 +350,16 @@ class FusedMoE(nn.Module):
             parts.append(self.placement.describe())
         parts.append(f"kernel={self.kernel.name}")
         return ", ".join(parts)
+
+
+def _identity_experts(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The zero-compute experts' output ``x * (their weights' sum)`` ``[T, H]``, and the routing with
+    their slots emptied (id -1, weight 0) for the kernel (LongCat-Flash)."""
+    identity = topk_ids >= num_experts
+    out = x * topk_weights.masked_fill(~identity, 0.0).sum(dim=-1, keepdim=True).to(x.dtype)
+    return out, topk_weights.masked_fill(identity, 0.0), topk_ids.masked_fill(identity, -1)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float | None) -> torch.Tensor:

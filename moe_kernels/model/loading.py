@@ -126,13 +126,13 @@ class LayerLoader:
             copies += pairs
             loaded[name] = experts
         if router_weight is not None:
-            router_shape = (moe.num_experts, moe.hidden_size)
+            router_shape = (moe.router_width, moe.hidden_size)
             copies.append((layer.router.weight, _float("router_weight", router_weight, router_shape)))
         if e_score_correction_bias is not None:
             bias = layer.router.e_score_correction_bias
             if bias is None:
                 raise ValueError("e_score_correction_bias: this layer's config has moe.correction_bias false")
-            copies.append((bias, _float("e_score_correction_bias", e_score_correction_bias, (moe.num_experts,))))
+            copies.append((bias, _float("e_score_correction_bias", e_score_correction_bias, (moe.router_width,))))
         copies += self._shared_copies(shared)
         if not copies:
             raise ValueError("load_weights: nothing to load (pass gate_proj, up_proj, down_proj or router_weight)")
@@ -281,7 +281,7 @@ class LayerLoader:
             part = read_moe_layer(
                 reader, layer_index, mine[start : start + experts_per_read], naming=naming, shared=shared and first,
                 router_extras=any(_router_extras(moe).values()), expert_biases=moe.expert_bias,
-                layer_extras=any(_layer_extras(moe).values()), device=device,
+                layer_extras=any(_layer_extras(moe).values()), identity_experts=moe.identity_experts, device=device,
             )  # fmt: skip
             _check_part(layer.cfg, part, f"{path}: layer {layer_index}")
             if first:

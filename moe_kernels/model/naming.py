@@ -122,7 +122,13 @@ NAMINGS: dict[str, LayerNaming] = {
     # expert and projection, the families differ in where the router and its correction bias live)
     "mlp-experts": LayerNaming(
         experts=_per_expert("mlp.experts", "gate_proj", "up_proj", "down_proj"),
-        router=("mlp.gate.weight", "mlp.gate.wg.weight", "mlp.router.gate.weight", "mlp.router.weight"),
+        router=(
+            "mlp.gate.weight",
+            "mlp.gate.wg.weight",
+            "mlp.router.gate.weight",
+            "mlp.router.weight",
+            "mlp.router.classifier.weight",  # LongCat-Flash
+        ),
         block="mlp",
         correction_bias=(
             "mlp.gate.e_score_correction_bias",
@@ -132,6 +138,7 @@ NAMINGS: dict[str, LayerNaming] = {
             "mlp.experts.e_score_correction_bias",
             "mlp.moe_statics.e_score_correction_bias",
             "moe.router.expert_bias",
+            "mlp.router.e_score_correction_bias",
         ),
         shared=_MLP_SHARED,
         layer_extras={"output_norm": "post_mlp_layernorm.weight"},  # A.X-K1
