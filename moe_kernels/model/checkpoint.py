@@ -421,7 +421,7 @@ def _roots(layer_keys: Iterable[str], layer: int) -> list[str]:
 
 
 def _candidates(keys: frozenset[str], layer_keys: Sequence[str], layer: int, naming: str) -> list[tuple[str, str]]:
-    names = list(NAMINGS) if naming == "auto" else [naming]
+    names = [name for name, spec in NAMINGS.items() if spec.auto] if naming == "auto" else [naming]
     return [
         (root, name)
         for root in _roots(layer_keys, layer)

@@ -380,7 +380,7 @@ FAMILIES: dict[str, Family] = {
         identity_experts=Key(("zero_expert_num",), 0),
         refuse=(Refuse("a router bias (transformers' LongCat drops it)", Key(("router_bias",), False), (False,)),),
     ),
-    "axk1": _deepseek_v3(output_norm_eps=Key(("rms_norm_eps",), 1e-6)),
+    "axk1": _deepseek_v3(naming="axk1", output_norm_eps=Key(("rms_norm_eps",), 1e-6)),
     "bailing_hybrid": _deepseek_v3(activation=_LING, shared_activation=_LING_SHARED),
     "mistral4": _deepseek_v3(
         naming="fused",

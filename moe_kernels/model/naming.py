@@ -15,7 +15,7 @@ stored form: one tensor per expert and projection, or one stacked tensor for all
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 #: how a stacked tensor holds each expert's ``[out, in]`` matrix:
@@ -92,6 +92,10 @@ class LayerNaming:
     shared: tuple[SharedNaming, ...] = ()
     #: the layer's own tensors around the experts, by FusedMoE parameter name (an output norm or bias)
     layer_extras: Mapping[str, str] = field(default_factory=dict)
+    #: found from the keys by ``naming="auto"``; a naming whose keys are another's (gpt-oss's without the
+    #: interleaving, DeepSeek's with A.X-K1's output norm) is only taken when named (``from_pretrained``
+    #: names the family's)
+    auto: bool = True
 
 
 def _per_expert(base: str, gate: str, up: str, down: str) -> PerExpert:
@@ -141,7 +145,6 @@ NAMINGS: dict[str, LayerNaming] = {
             "mlp.router.e_score_correction_bias",
         ),
         shared=_MLP_SHARED,
-        layer_extras={"output_norm": "post_mlp_layernorm.weight"},  # A.X-K1
     ),
     # Mixtral, MiniMax, MiniMax-M2, Phi-3.5-MoE, Kimi-Linear, MiniMax-M3 hub checkpoints
     "mixtral": LayerNaming(
@@ -272,6 +275,7 @@ NAMINGS: dict[str, LayerNaming] = {
         router=("mlp.router.weight",),
         block="mlp",
         router_extras={"bias": "mlp.router.bias"},
+        auto=False,
     ),
     # Gemma-4: experts and router at the decoder layer's root, between norms of their own
     "gemma4": LayerNaming(
@@ -303,3 +307,6 @@ NAMINGS: dict[str, LayerNaming] = {
         block="ffn",
     ),
 }
+#: A.X-K1: DeepSeek-V3's keys and the decoder layer's post_mlp_layernorm, a norm on the MoE output
+#: (AFMoE has a norm of that name too, outside its MoE block: not part of its layer)
+NAMINGS["axk1"] = replace(NAMINGS["mlp-experts"], layer_extras={"output_norm": "post_mlp_layernorm.weight"}, auto=False)
