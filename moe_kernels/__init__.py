@@ -5,6 +5,9 @@ PrepareAndFinalize.finalize. See :mod:`moe_kernels.core.contract`. Every registe
 importable from here.
 """
 
+import logging
+
+from moe_kernels._version import __version__
 from moe_kernels.config import ConfigError, LayerConfig, MoEConfig, ParallelConfig, QuantConfig, load_config
 from moe_kernels.core.compose import (
     IncompatibleKernelsError,
@@ -36,6 +39,7 @@ from moe_kernels.experts.reference import TorchReferenceExperts
 from moe_kernels.experts.triton import MaskedTritonExperts, TritonExperts
 from moe_kernels.mlp.weights import ExpertWeights
 from moe_kernels.model.layer import FusedMoE
+from moe_kernels.model.memory import LayerMemoryError
 from moe_kernels.model.router import Router, route
 from moe_kernels.prepare_finalize.deepep import (
     DeepEPHighThroughputPrepareAndFinalize,
@@ -44,6 +48,10 @@ from moe_kernels.prepare_finalize.deepep import (
 from moe_kernels.prepare_finalize.local import LocalMaskedPrepareAndFinalize, LocalPrepareAndFinalize
 from moe_kernels.prepare_finalize.torch_a2a import TorchAllToAllPrepareAndFinalize
 from moe_kernels.selection.select import Selection, select
+
+# the package logger says nothing unless the application configures logging (e.g.
+# logging.basicConfig(level=logging.INFO)): a library must not print by default
+logging.getLogger("moe_kernels").addHandler(logging.NullHandler())
 
 __all__ = [
     "Check",
@@ -62,6 +70,7 @@ __all__ = [
     "IncompatibleKernelsError",
     "LayerConfig",
     "LayerContext",
+    "LayerMemoryError",
     "Layout",
     "LocalMaskedPrepareAndFinalize",
     "LocalPrepareAndFinalize",
@@ -86,6 +95,7 @@ __all__ = [
     "WorkspaceCache",
     "WorkspaceError",
     "WorkspaceSpec",
+    "__version__",
     "compose",
     "load_config",
     "route",

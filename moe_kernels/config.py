@@ -33,6 +33,7 @@ from moe_kernels.mlp import fp8
 from moe_kernels.mlp.activations import KINDS as ACTIVATIONS
 from moe_kernels.mlp.activations import SILU, Activation
 from moe_kernels.mlp.schemes import SCHEMES
+from moe_kernels.mlp.shard import IntermediateShard
 from moe_kernels.mlp.spec import ExpertMLP
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -340,11 +341,17 @@ class ParallelConfig(_Strict):
     two_batch_overlap: bool = Field(
         default=False, description="split each call in two micro-batches so one computes while the other communicates"
     )
+    tp_size: int = Field(
+        default=1, gt=0, description="ranks each expert's intermediate dimension is split over (tensor parallelism)"
+    )
+    tp_rank: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> ParallelConfig:
         if self.ep_rank >= self.ep_size:
             raise ValueError(f"ep_rank ({self.ep_rank}) must be < ep_size ({self.ep_size})")
+        if self.tp_rank >= self.tp_size:
+            raise ValueError(f"tp_rank ({self.tp_rank}) must be < tp_size ({self.tp_size})")
         return self
 
 
@@ -399,18 +406,37 @@ class LayerConfig(_Strict):
                 f"num_experts ({self.moe.num_experts}) must be divisible by ep_size ({self.parallel.ep_size})"
             )
         moe, quant = self.moe, self.quant
-        SCHEMES[quant.scheme].check_layer(quant.params, moe.dtype, moe.hidden_size, moe.intermediate_size)
+        shard = self.intermediate_shard
+        if shard.width % 8:
+            raise ValueError(
+                f"intermediate_size ({shard.total}) / tp_size ({shard.size}) = {shard.width} must be a multiple of 8 "
+                "(16-byte rows)"
+            )
+        shard.check_format(SCHEMES[quant.scheme].build(quant.params, moe.dtype)[0])
+        if moe.shared_width % shard.size:  # the shared MLP is split over the same ranks
+            raise ValueError(
+                f"the shared experts' width (num_shared_experts x shared_intermediate_size = {moe.shared_width}) "
+                f"must be divisible by tp_size ({shard.size})"
+            )
+        SCHEMES[quant.scheme].check_layer(quant.params, moe.dtype, moe.hidden_size, shard.width)
         return self
 
     @property
+    def intermediate_shard(self) -> IntermediateShard:
+        """The slice of each routed expert's intermediate dimension this rank holds (all of it
+        without tensor parallelism)."""
+        par = self.parallel
+        return IntermediateShard(self.moe.intermediate_size, par.tp_size, par.tp_rank)
+
+    @property
     def mlp(self) -> ExpertMLP:
-        """What each local expert's MLP is (sizes, dtype, weight format, activation quantization,
-        activation function): the one description kernels, loaders and tests read."""
+        """What each local expert's MLP is on this rank (sizes -- ``inter`` is the rank's shard of
+        the intermediate dimension --, dtype, weight format, activation quantization, activation
+        function): the one description kernels, loaders and tests read."""
         moe, quant = self.moe, self.quant
         weights, act_quant = SCHEMES[quant.scheme].build(quant.params, moe.dtype)
-        return ExpertMLP(
-            moe.hidden_size, moe.intermediate_size, moe.dtype, weights, act_quant, moe.activation, moe.expert_bias
-        )
+        inter = self.intermediate_shard.width
+        return ExpertMLP(moe.hidden_size, inter, moe.dtype, weights, act_quant, moe.activation, moe.expert_bias)
 
     @property
     def num_local_experts(self) -> int:

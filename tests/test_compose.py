@@ -416,11 +416,11 @@ def test_selection_plans_valid_pairs_and_explains_refusals() -> None:
     valid = [c for c in selection.candidates if c.valid]
     assert valid and selection.best in valid
     assert "no tuning table" in selection.decided_by
-    text = selection.explain()
+    text = selection.explain(width=None)
     assert f"CHOSEN T>=1: {selection.best.name}" in text
     for c in valid:
         assert c.name in text
-    verbose = selection.explain(verbose=True)
+    verbose = selection.explain(verbose=True, width=None)
     for c in selection.candidates:
         assert c.name in verbose
         for f in c.failures:
@@ -464,7 +464,7 @@ def test_selection_counts_workspaces_against_the_memory_budget(monkeypatch: pyte
     ]
     note = selection.over_budget[masked]
     assert note == "left out from T=4096 on: workspaces 4 MiB, over the budget of 1 MiB"
-    assert f"- memory: {note}" in selection.explain()
+    assert f"- memory: {note}" in selection.explain(width=None)
     assert selection.kernel.workspace_bytes() <= budget
     # nothing fits at the largest call: no kernel, and explain says why
     nothing = select(

@@ -74,7 +74,7 @@ def test_the_budget_decision_is_said(fake_gpu: Path) -> None:
 def test_the_default_budget_is_a_share_of_free_memory() -> None:
     budget, why = default_memory_budget(torch.device("cpu"))
     assert budget > 0 and "25% of the" in why and "GiB free on cpu" in why
-    assert "GiB free on cpu at build" in select(layer(), device="cpu").explain()
+    assert "GiB free on cpu at build" in select(layer(), device="cpu").explain(width=None)
 
 
 def test_first_use_tuning_measures_the_missing_points_and_selection_reads_them(

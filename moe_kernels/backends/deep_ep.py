@@ -30,6 +30,8 @@ from moe_kernels.core.contract import Check
 
 #: DeepEP 2.5 needs ncclCommQueryProperties (2.29.2); 2.31 lifts the compile == runtime rule
 NCCL_MIN = (2, 29, 2)
+#: the NCCL docs/gpu-setup.md installs: DeepEP's README asks for it; any >= NCCL_MIN runs
+NCCL_SETUP = (2, 32, 3)
 NCCL_RUNTIME_GATED = (2, 31, 0)
 
 #: DeepEP 2.5's kernels use TMA: Hopper and newer
@@ -115,17 +117,20 @@ def nccl_version() -> tuple[tuple[int, int, int] | None, str]:
 def nccl_check() -> Check:
     version, source = nccl_version()
     if version is None:
-        return Check.failed("nccl", f"DeepEP 2.5 needs NCCL >= {_fmt(NCCL_MIN)}: {source}")
+        return Check.failed("nccl", f"DeepEP 2.5 needs NCCL >= {format_version(NCCL_MIN)}: {source}")
     if version < NCCL_MIN:
-        return Check.failed("nccl", f"DeepEP 2.5 needs NCCL >= {_fmt(NCCL_MIN)}, found {_fmt(version)} ({source})")
+        return Check.failed(
+            "nccl", f"DeepEP 2.5 needs NCCL >= {format_version(NCCL_MIN)}, found {format_version(version)} ({source})"
+        )
     if version < NCCL_RUNTIME_GATED:
         return Check.passed(
-            "nccl", f"NCCL {_fmt(version)} ({source}); below 2.31 DeepEP must be compiled against exactly this NCCL"
+            "nccl",
+            f"NCCL {format_version(version)} ({source}); below 2.31 DeepEP must be compiled against exactly this NCCL",
         )
-    return Check.passed("nccl", f"NCCL {_fmt(version)} ({source})")
+    return Check.passed("nccl", f"NCCL {format_version(version)} ({source})")
 
 
-def _fmt(v: tuple[int, int, int]) -> str:
+def format_version(v: tuple[int, int, int]) -> str:
     return ".".join(map(str, v))
 
 

@@ -9,7 +9,11 @@ allows. A call then allocates no scratch and runs no collective beyond the data 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import time
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
@@ -29,9 +33,12 @@ from moe_kernels.core.contract import (
     WorkspaceSpec,
     workspace_bytes,
 )
+from moe_kernels.core.distributed import check_agreement
 from moe_kernels.core.placement import ExpertPlacement
 from moe_kernels.core.validate import check_call
 from moe_kernels.mlp.weights import ExpertWeights
+
+log = logging.getLogger("moe_kernels")
 
 
 class IncompatibleKernelsError(ValueError):
@@ -82,6 +89,7 @@ def layer_context(
     placement: ExpertPlacement | None = None,
     group: dist.ProcessGroup | None = None,
     device: torch.device | str | None = None,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> LayerContext:
     """Check the arguments every builder (compose, select, FusedMoE) takes and bundle them."""
     if isinstance(cfg, MoEConfig):
@@ -100,7 +108,51 @@ def layer_context(
             f"placement: places {have[0]} experts over {have[1]} ranks as rank {have[2]}; the config says "
             f"num_experts={want[0]}, ep_size={want[1]}, ep_rank={want[2]}"
         )
-    return LayerContext(cfg, resolve_device(device), placement, group)
+    _check_tp_group(cfg, tp_group)
+    dev = resolve_device(device)
+    load = None
+    if placement.num_redundant_experts:
+        load = torch.zeros(placement.num_physical_experts, dtype=torch.int32, device=dev)
+    return LayerContext(cfg, dev, placement, group, tp_group, load)
+
+
+def _check_tp_group(cfg: LayerConfig, tp_group: dist.ProcessGroup | None) -> None:
+    """A tensor-parallel layer needs its group (the agreement check and the reduction run over
+    it), of ``tp_size`` ranks with this one at ``tp_rank``."""
+    par = cfg.parallel
+    if tp_group is None:
+        if par.tp_size > 1:
+            raise ValueError(
+                f"tp_group: tp_size is {par.tp_size}: pass the tensor-parallel process group (the ranks holding the "
+                "other slices of these experts)"
+            )
+        return
+    size, rank = tp_group.size(), tp_group.rank()
+    if (size, rank) != (par.tp_size, par.tp_rank):
+        raise ValueError(
+            f"tp_group has size {size}, rank {rank}; the config says tp_size={par.tp_size}, tp_rank={par.tp_rank}"
+        )
+
+
+def check_tp_agreement(ctx: LayerContext) -> None:
+    """Raise the same ``ValueError`` on every rank of ``ctx.tp_group`` unless they build the same
+    layer with the same placement, each with its own slice (one small all_gather, when built)."""
+    if ctx.tp_group is None:
+        return
+    cfg = ctx.cfg
+    moe, par = cfg.moe, cfg.parallel
+    fields: dict[str, int | bool | torch.dtype] = {
+        "hidden_size": moe.hidden_size,
+        "intermediate_size": moe.intermediate_size,
+        "intermediate shard width": cfg.mlp.inter,
+        "num_experts": moe.num_experts,
+        "top_k": moe.top_k,
+        "dtype": moe.dtype,
+        "tp_size": par.tp_size,
+        "ep_rank": par.ep_rank,
+        "expert placement (fingerprint)": ctx.placement.fingerprint(),
+    }
+    check_agreement(ctx.tp_group, "tensor-parallel experts", fields)
 
 
 def check_pair(
@@ -202,6 +254,16 @@ default_workspace_cache = WorkspaceCache()
 MICRO_BATCH_TAGS = ("mb0.", "mb1.")
 
 
+@contextlib.contextmanager
+def _logged_first_call(name: str, tokens: int) -> Iterator[None]:
+    """Log the host time of a kernel's first call: Triton and DeepGEMM compile their kernels
+    for the layer's shapes then (seconds), which a user would otherwise take for a hang."""
+    start = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    log.info("%s: first call (T=%d) took %.2f s on the host, JIT compiles included", name, tokens, seconds)
+
+
 class ModularKernel:
     """A checked, bound prepare -> experts -> finalize chain for one layer.
 
@@ -233,6 +295,8 @@ class ModularKernel:
         can_chunk = prepare_finalize.supports_chunking and experts.supports_chunking
         self.chunk_size: int | None = chunk if can_chunk else None
         self.overlapped = ctx.cfg.parallel.two_batch_overlap
+        check_tp_agreement(ctx)
+        self._first_call = True  # logged: it JIT-compiles
         prepare_finalize.bind(ctx, self.format)
         try:
             experts.bind(ctx)
@@ -246,6 +310,14 @@ class ModularKernel:
             # nothing will own this kernel: give back what the parts acquired when bound
             self.release()
             raise
+
+    def rebind_placement(self, placement: ExpertPlacement) -> None:
+        """Route by ``placement`` from the next call on (EPLB): same ranks, experts per rank and
+        redundancy as now, so no buffer or workspace changes; the caller has moved the weights."""
+        self.ctx.placement.check_same_shape(placement)
+        self.ctx = dataclasses.replace(self.ctx, placement=placement)
+        self.prepare_finalize.bind_placement(self.ctx)
+        self.experts.bind(self.ctx)
 
     def _tags(self) -> tuple[str, ...]:
         return tuple(self.workspace_tag + t for t in MICRO_BATCH_TAGS) if self.overlapped else (self.workspace_tag,)
@@ -285,12 +357,15 @@ class ModularKernel:
         residual: torch.Tensor | Residual | None = None,
         apply_router_weight_on_input: bool = False,
         check_values: bool = True,
+        reduce_results: bool = True,
     ) -> torch.Tensor:
         """``x [T, H]`` (moe.dtype), ``weights`` the local experts', ``topk_weights [T, K]``
         float32, ``topk_ids [T, K]`` int32/int64 global ids (``-1`` = none) -> ``[T, H]``.
         ``residual [T, H]`` (e.g. the shared experts' output) is added in the final write.
         ``check_values`` checks the ids' range and distinctness (one host sync; skipped during
-        graph capture)."""
+        graph capture). Under tensor parallelism the output is this rank's partial sum (the
+        residual included), summed over ``tp_group`` when ``reduce_results``; an engine that
+        defers the reduction passes ``False`` and all-reduces once after adding its own partials."""
         ctx = self.ctx
         capturing = ctx.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         check_call(
@@ -314,17 +389,22 @@ class ModularKernel:
 
         out = torch.empty_like(x)
         t = x.shape[0]
-        if self.overlapped:
-            self._run_two_batches(out, x, weights, topk_weights, topk_ids, residual)
-        else:
-            step = self.chunk_size or max(t, 1)
-            # an empty batch still runs once: EP ranks must join every collective
-            for start in range(0, max(t, 1), step):
-                end = min(start + step, t)
-                rows = residual.rows(start, end) if residual is not None else None
-                self._run(out[start:end], x[start:end], weights, topk_weights[start:end], topk_ids[start:end], rows)
+        first = self._first_call and ctx.device.type == "cuda" and not capturing
+        self._first_call &= not first
+        with _logged_first_call(self.name, t) if first else contextlib.nullcontext():
+            if self.overlapped:
+                self._run_two_batches(out, x, weights, topk_weights, topk_ids, residual)
+            else:
+                step = self.chunk_size or max(t, 1)
+                # an empty batch still runs once: EP ranks must join every collective
+                for start in range(0, max(t, 1), step):
+                    end = min(start + step, t)
+                    rows = residual.rows(start, end) if residual is not None else None
+                    self._run(out[start:end], x[start:end], weights, topk_weights[start:end], topk_ids[start:end], rows)
         if residual is not None:
             residual.wait()  # join the residual's stream on every path (a CUDA-graph capture needs it)
+        if reduce_results and ctx.tp_group is not None and ctx.cfg.parallel.tp_size > 1:
+            dist.all_reduce(out, group=ctx.tp_group)
         return out
 
     def _check_residual(self, residual: torch.Tensor | Residual | None, x: torch.Tensor) -> Residual | None:
@@ -455,6 +535,11 @@ class TokenRangeKernel:
     def workspace_bytes(self) -> int:
         return max(k.workspace_bytes() for _, k in self.ranges)
 
+    def rebind_placement(self, placement: ExpertPlacement) -> None:
+        """:meth:`ModularKernel.rebind_placement` on every member."""
+        for _, kernel in self.ranges:
+            kernel.rebind_placement(placement)
+
     def release(self) -> None:
         for _, kernel in self.ranges:
             kernel.release()
@@ -472,6 +557,7 @@ class TokenRangeKernel:
         residual: torch.Tensor | Residual | None = None,
         apply_router_weight_on_input: bool = False,
         check_values: bool = True,
+        reduce_results: bool = True,
     ) -> torch.Tensor:
         """As :meth:`ModularKernel.__call__`, on the member for ``x``'s token count."""
         if not isinstance(x, torch.Tensor):
@@ -485,6 +571,7 @@ class TokenRangeKernel:
             residual=residual,
             apply_router_weight_on_input=apply_router_weight_on_input,
             check_values=check_values,
+            reduce_results=reduce_results,
         )
 
 
@@ -510,12 +597,16 @@ class Kernel(Protocol):
         residual: torch.Tensor | Residual | None = None,
         apply_router_weight_on_input: bool = False,
         check_values: bool = True,
+        reduce_results: bool = True,
     ) -> torch.Tensor:
         """``x [T, H]``, the local experts' weights, ``topk_weights [T, K]`` float32,
-        ``topk_ids [T, K]`` global ids -> ``[T, H]``."""
+        ``topk_ids [T, K]`` global ids -> ``[T, H]`` (summed over the tensor-parallel group
+        when ``reduce_results``)."""
         ...
 
     def workspace_bytes(self) -> int: ...
+
+    def rebind_placement(self, placement: ExpertPlacement) -> None: ...
 
     def release(self) -> None: ...
 
@@ -529,16 +620,17 @@ def compose(
     group: dist.ProcessGroup | None = None,
     device: torch.device | str | None = None,
     workspace_cache: WorkspaceCache | None = None,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> ModularKernel:
     """Check the pair against ``cfg`` on ``device`` (default: the current CUDA device if any,
     else CPU), bind it and chain it. ``placement`` defaults to contiguous ownership; ``group``
-    is the expert-parallel process group (EP > 1). Raises :class:`IncompatibleKernelsError`
-    listing every failure."""
+    is the expert-parallel process group (EP > 1), ``tp_group`` the tensor-parallel one
+    (``parallel.tp_size > 1``). Raises :class:`IncompatibleKernelsError` listing every failure."""
     if not isinstance(prepare_finalize, PrepareAndFinalize):
         raise TypeError(f"prepare_finalize: expected a PrepareAndFinalize, got {type(prepare_finalize).__name__}")
     if not isinstance(experts, PermuteExpertsUnpermute):
         raise TypeError(f"experts: expected a PermuteExpertsUnpermute, got {type(experts).__name__}")
-    ctx = layer_context(cfg, placement=placement, group=group, device=device)
+    ctx = layer_context(cfg, placement=placement, group=group, device=device, tp_group=tp_group)
     failures = [c for c in check_pair(prepare_finalize, experts, ctx) if not c.ok]
     if failures:
         raise IncompatibleKernelsError(pair_name(prepare_finalize, experts), failures)

@@ -214,12 +214,17 @@ class Pending(Generic[R]):
 @dataclass(frozen=True)
 class LayerContext:
     """Everything a part's checks and ``bind`` read: the layer, its device, the expert
-    placement and the expert-parallel process group (``None`` without EP)."""
+    placement, the expert-parallel process group (``None`` without EP) and the tensor-parallel
+    one (``None`` without TP: the ranks that hold the other slices of this rank's experts)."""
 
     cfg: LayerConfig
     device: torch.device
     placement: ExpertPlacement
     group: dist.ProcessGroup | None = None
+    tp_group: dist.ProcessGroup | None = None
+    #: ``[P]`` int32 on ``device``: tokens this rank routed to each physical expert since the
+    #: caller last zeroed it (layers with redundant experts; ``None`` otherwise)
+    expert_load: torch.Tensor | None = None
 
     @property
     def max_tokens(self) -> int:
@@ -366,6 +371,13 @@ class PrepareAndFinalize(Part, ABC, Generic[H]):
         """Called once by the composer before the first call (collectives allowed here, never
         in ``prepare``/``finalize`` beyond the data exchange itself)."""
         self.ctx, self.format = ctx, fmt
+        self.bind_placement(ctx)
+
+    def bind_placement(self, ctx: LayerContext) -> None:
+        """Take ``ctx``'s expert placement: at ``bind``, and again when a layer moves to a new
+        placement of the same shape (EPLB), with no buffer reallocated. Parts that derive tables
+        from the placement override it (and call this one)."""
+        self.ctx = ctx
 
     @abstractmethod
     def prepare(

@@ -60,7 +60,7 @@ class ShapeKey:
     def of(cls, cfg: LayerConfig) -> ShapeKey:
         moe = cfg.moe
         dtype = str(moe.dtype).removeprefix("torch.")
-        return cls(cfg.num_local_experts, moe.top_k, moe.hidden_size, moe.intermediate_size, dtype, cfg.quant.scheme)
+        return cls(cfg.num_local_experts, moe.top_k, moe.hidden_size, cfg.mlp.inter, dtype, cfg.quant.scheme)
 
     def __str__(self) -> str:
         return f"E={self.num_experts},K={self.top_k},H={self.hidden},I={self.inter},{self.dtype},{self.quant}"

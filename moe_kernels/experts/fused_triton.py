@@ -78,7 +78,7 @@ class FusedTritonExperts(TritonPart):
         moe = ctx.cfg.moe
         num_sms = cuda.num_sms(ctx.device) if ctx.device.type == "cuda" else HOPPER_SMS
         return default_configs(
-            num_tokens, moe.top_k, ctx.placement.num_local_experts, moe.hidden_size, moe.intermediate_size, num_sms
+            num_tokens, moe.top_k, ctx.placement.num_local_experts, moe.hidden_size, ctx.mlp.inter, num_sms
         )
 
     def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
@@ -87,7 +87,7 @@ class FusedTritonExperts(TritonPart):
         moe = ctx.cfg.moe
         gemm1, _ = self.configs_for(ctx, num_rows)
         shapes = fused_workspace_shapes(
-            num_rows, moe.top_k, ctx.placement.num_local_experts, moe.hidden_size, moe.intermediate_size,
+            num_rows, moe.top_k, ctx.placement.num_local_experts, moe.hidden_size, ctx.mlp.inter,
             moe.dtype, gemm1.block_m,
         )  # fmt: skip
         return {name: WorkspaceSpec(tuple(shape), dtype) for name, (shape, dtype) in shapes.items()}

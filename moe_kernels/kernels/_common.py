@@ -38,11 +38,13 @@ def check_tensor(
     shape: Sequence[int | None] | None = None,
     ndim: int | None = None,
     contiguous: bool = True,
+    unit_last_stride: bool = False,
 ) -> torch.Tensor:
     """Validate one wrapper argument; raise naming the argument, the expectation and what was given.
 
-    ``shape`` entries that are ``None`` match any size. Wrong type/dtype raise TypeError, wrong
-    shape/layout raise ValueError.
+    ``shape`` entries that are ``None`` match any size. ``unit_last_stride``: only the last dim
+    needs stride 1 (rows may be views of a wider tensor); it implies ``contiguous=False``. Wrong
+    type/dtype raise TypeError, wrong shape/layout raise ValueError.
     """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -55,7 +57,10 @@ def check_tensor(
             raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
     elif ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {list(t.shape)}")
-    if contiguous and not t.is_contiguous():
+    if unit_last_stride:
+        if t.dim() and t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected unit stride along the last dim, got strides {t.stride()}")
+    elif contiguous and not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
     return t
 

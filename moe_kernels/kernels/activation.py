@@ -124,39 +124,16 @@ def _activate_kernel(
         tl.store(out_ptr + row * n_cols + cols, result.to(out_ptr.dtype.element_ty), mask=live)
 
 
-def activate(
+def _check_activate_args(
     x: torch.Tensor,
     out: torch.Tensor,
-    *,
-    activation: Activation = SILU,
-    scale_out: torch.Tensor | None = None,
-    group: int = fp8.SCALE_BLOCK,
-    grouped_layout: torch.Tensor | None = None,
-    counts: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``out = act(x)`` (gated kinds: ``act(x[..., :I], x[..., I:])``), computed in fp32 and
-    stored in ``out.dtype`` -- or quantized to fp8 (one scale per row and ``group`` columns into
-    ``scale_out``) when ``scale_out`` is given, so GEMM2's input never exists in bf16.
-
-    Args:
-        x: ``[R, 2I]`` or, for the masked layout, ``[E, M, 2I]`` (``I`` columns for a non-gated
-            activation); bf16/fp16/fp32, contiguous. Gated: the first half is the gate, the second
-            the up projection.
-        out: same leading shape as ``x``, last dim ``I``; bf16/fp16/fp32 (float8_e4m3fn with
-            ``scale_out``), contiguous.
-        activation: which function (:mod:`moe_kernels.mlp.activations`).
-        scale_out: ``[..., ceil(I / group)]`` float32, any strides (:mod:`moe_kernels.mlp.act_quant`).
-        group: columns per scale, a power of two.
-        grouped_layout: optional ``[R] int32`` (contiguous layout, 2-D ``x``): rows whose entry is
-            ``-1`` are skipped.
-        counts: optional ``[E] int32`` (masked layout, 3-D ``x``): rows ``m >= counts[e]`` of group
-            ``e`` are skipped.
-
-    Skipped rows of ``out`` (and ``scale_out``) are left untouched and their ``x`` rows are never read.
-
-    Returns:
-        ``out``.
-    """
+    activation: Activation,
+    scale_out: torch.Tensor | None,
+    group: int,
+    grouped_layout: torch.Tensor | None,
+    counts: torch.Tensor | None,
+) -> int:
+    """Check :func:`activate`'s arguments (see there); return ``I``, the output's width."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     gated = activation.gated
     if x.dim() not in (2, 3) or (gated and x.shape[-1] % 2):
@@ -179,13 +156,42 @@ def activate(
             raise ValueError(f"x: counts needs a 3-D x [E, M, 2I], got {list(x.shape)}")
         check_tensor("counts", counts, dtypes=(torch.int32,), shape=(x.shape[0],))
     check_same_device(x=x, out=out, scale_out=scale_out, grouped_layout=grouped_layout, counts=counts)
+    return inter
+
+
+def activate(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    activation: Activation = SILU,
+    scale_out: torch.Tensor | None = None,
+    group: int = fp8.SCALE_BLOCK,
+    grouped_layout: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out = act(x)`` (gated kinds: ``act(x[..., :I], x[..., I:])``), computed in fp32 and stored in ``out.dtype``
+    -- or quantized to fp8 (one scale per row and ``group`` columns into ``scale_out``) when ``scale_out`` is given,
+    so GEMM2's input never exists in bf16. Returns ``out``.
+
+    Args:
+        x: ``[R, 2I]`` or, for the masked layout, ``[E, M, 2I]`` (``I`` columns for a non-gated activation);
+            bf16/fp16/fp32, contiguous. Gated: the first half is the gate, the second the up projection.
+        out: same leading shape as ``x``, last dim ``I``; bf16/fp16/fp32 (float8_e4m3fn with ``scale_out``),
+            contiguous.
+        activation: which function (:mod:`moe_kernels.mlp.activations`).
+        scale_out: ``[..., ceil(I / group)]`` float32, any strides (:mod:`moe_kernels.mlp.act_quant`).
+        group: columns per scale, a power of two.
+        grouped_layout: optional ``[R] int32`` (contiguous layout, 2-D ``x``): rows whose entry is ``-1`` are skipped.
+        counts: optional ``[E] int32`` (masked layout, 3-D ``x``): rows ``m >= counts[e]`` of group ``e`` are
+            skipped. Skipped rows of ``out`` (and ``scale_out``) are left untouched; their ``x`` rows are never read.
+    """
+    inter = _check_activate_args(x, out, activation, scale_out, group, grouped_layout, counts)
+    quant = scale_out is not None
     num_rows = x.numel() // max(x.shape[-1], 1)
     if num_rows == 0 or inter == 0:
         return out
-    # One row count serves the counts lookup and the scale addressing: M for 3-D tensors; for
-    # 2-D ones all rows form one group.
     rows_per_group, stride_se, stride_sm, stride_sk = scale_strides(scale_out)
-    if counts is not None:
+    if counts is not None:  # one row count serves the counts lookup and the scale addressing
         rows_per_group = x.shape[1]
     block, num_warps = pick_row_block(num_rows, inter)
     tile, per_program, grid_cols = row_tiles(num_rows, inter, block, group if quant else None)
@@ -201,7 +207,7 @@ def activate(
         stride_sm,
         stride_sk,
         **activation.kernel_constants(),
-        GATED=gated,
+        GATED=activation.gated,
         SKIP_BY_LAYOUT=grouped_layout is not None,
         SKIP_BY_COUNTS=counts is not None,
         QUANT=quant,

@@ -59,8 +59,7 @@ def weighted_gather(
     """``out[t] = residual[t] + sum_k topk_weights[t, k] * y[dst_row[t, k]]`` over slots with
     ``dst_row >= 0`` (no residual term without ``residual``).
 
-    Accumulates in fp32 in fixed ``k`` order (deterministic); every row of ``out`` is written, a
-    token without any valid slot gets zeros.
+    Accumulates in fp32 in fixed ``k`` order (deterministic); a token without a valid slot gets zeros.
 
     Args:
         y: ``[R, H]`` or ``[E, capacity, H]`` (masked layout), bf16/fp16/fp32, contiguous. Only
@@ -83,13 +82,9 @@ def weighted_gather(
     num_tokens, top_k = dst_row.shape
     if topk_weights is not None:
         check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, shape=(num_tokens, top_k))
-    check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(num_tokens, hidden), contiguous=False)
-    if out.stride(1) != 1:
-        raise ValueError(f"out: expected unit stride along the hidden dim, got strides {out.stride()}")
+    check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(num_tokens, hidden), unit_last_stride=True)
     if residual is not None:
-        check_tensor("residual", residual, dtypes=FLOAT_DTYPES, shape=(num_tokens, hidden), contiguous=False)
-        if residual.stride(1) != 1:
-            raise ValueError(f"residual: expected unit stride along the hidden dim, got strides {residual.stride()}")
+        check_tensor("residual", residual, dtypes=FLOAT_DTYPES, shape=(num_tokens, hidden), unit_last_stride=True)
     check_same_device(y=y, dst_row=dst_row, topk_weights=topk_weights, out=out, residual=residual)
     if num_tokens == 0 or hidden == 0:
         return out

@@ -63,6 +63,11 @@ class WeightFormat(ABC):
         multiples of ``shard_multiple[0]``, or ``stop`` the last row)."""
         return slice(start, stop)
 
+    def cols(self, part: str, start: int, stop: int) -> slice:
+        """The slice of stored tensor ``part``'s columns that holds weight columns ``[start, stop)``
+        (both on multiples of ``shard_multiple[1]``, or ``stop`` the last column)."""
+        return slice(start, stop)
+
     @property
     def is_quantized(self) -> bool:
         return len(self.stored(1, 1)) > 1
@@ -121,12 +126,17 @@ class Fp8Block(WeightFormat):
         return self.block
 
     def rows(self, part: str, start: int, stop: int) -> slice:
+        return self._blocks(part, start, stop, self.block[0], "rows")
+
+    def cols(self, part: str, start: int, stop: int) -> slice:
+        return self._blocks(part, start, stop, self.block[1], "columns")
+
+    def _blocks(self, part: str, start: int, stop: int, block: int, what: str) -> slice:
         if part == "weight":
             return slice(start, stop)
-        bn = self.block[0]
-        if start % bn:
-            raise ValueError(f"rows {start}..{stop} cut a {bn}-row scale block of {self.describe()}")
-        return slice(start // bn, -(-stop // bn))
+        if start % block:
+            raise ValueError(f"{what} {start}..{stop} cut a {block}-wide scale block of {self.describe()}")
+        return slice(start // block, -(-stop // block))
 
     def describe(self) -> str:
         return f"fp8 e4m3, {self.block[0]}x{self.block[1]} block scales"

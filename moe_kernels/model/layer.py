@@ -12,7 +12,10 @@ their output is added in the routed path's final write (no pass of its own over 
 
 Under expert parallelism (``parallel.ep_size > 1``) this rank holds the experts its
 :class:`~moe_kernels.core.placement.ExpertPlacement` gives it (contiguous by default); the kernel's
-prepare/finalize moves tokens to the ranks that own their experts and back.
+prepare/finalize moves tokens to the ranks that own their experts and back. Under tensor
+parallelism (``parallel.tp_size > 1``) it holds its slice of every local expert's (and of the
+shared experts') intermediate dimension, and the output is summed over ``tp_group`` once --
+or left a partial sum with ``reduce_results=False``, for an engine that reduces it later.
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ from torch import nn
 
 from moe_kernels.config import LayerConfig
 from moe_kernels.core.compose import Kernel, WorkspaceCache, layer_context
-from moe_kernels.core.contract import Residual
+from moe_kernels.core.contract import LayerContext, Residual
+from moe_kernels.core.distributed import check_agreement
 from moe_kernels.core.placement import ExpertPlacement
 from moe_kernels.core.validate import expect_device, expect_dtype, expect_tensor
 from moe_kernels.mlp.weights import PROJECTIONS as WEIGHT_PROJECTIONS
 from moe_kernels.mlp.weights import ExpertWeights
+from moe_kernels.model.expert_moves import move_weights
 from moe_kernels.model.loading import ExpertTensors, LayerLoader
+from moe_kernels.model.memory import check_layer_fits
 from moe_kernels.model.router import Router
 from moe_kernels.selection.select import Selection, select
 
@@ -45,12 +51,13 @@ class FusedMoE(nn.Module):
     a forward before everything is loaded raises):
         router.weight: ``[E, H]`` in ``moe.dtype``
         router.e_score_correction_bias: ``[E]`` float32, with ``moe.correction_bias``
-        w13: ``[E_local, 2I, H]``: rows ``[0, I)`` gate, ``[I, 2I)`` up
+        w13: ``[E_local, 2I, H]``: rows ``[0, I)`` gate, ``[I, 2I)`` up (``I``: this rank's
+        slice of ``moe.intermediate_size``, ``/ parallel.tp_size``)
         w2: ``[E_local, H, I]``
         stored as ``cfg.mlp.weights`` says (:mod:`moe_kernels.mlp.formats`): in ``moe.dtype``, or
         e.g. float8_e4m3fn with ``w13_scale``/``w2_scale`` float32 block scales under
         ``quant.scheme: fp8_w8a8_block``
-        shared_w13: ``[2S, H]``, shared_w2: ``[H, S]`` (``S = moe.shared_width``) in ``moe.dtype``,
+        shared_w13: ``[2S, H]``, shared_w2: ``[H, S]`` (``S = moe.shared_width / parallel.tp_size``) in ``moe.dtype``,
         and shared_gate ``[1, H]`` with ``moe.shared_expert_gate``, when the layer has shared experts
 
     Args:
@@ -59,6 +66,9 @@ class FusedMoE(nn.Module):
         device: where the weights live and the kernel runs (default: the current CUDA
             device if any, else the CPU). A CUDA device on a machine without one is an error.
         group: the expert-parallel process group (needed when ``ep_size > 1``).
+        tp_group: the tensor-parallel process group (needed when ``tp_size > 1``).
+        reduce_results: sum the output over ``tp_group`` (``False``: return this rank's partial
+            sum, shared experts included, for the engine to all-reduce once).
         kernel: use this kernel instead of selecting one; its ``cfg`` must be this layer's.
         workspace_cache: scratch memory shared with other layers (default: the global one).
         memory_budget: most workspace bytes selection may spend (default: see :func:`select`).
@@ -68,6 +78,9 @@ class FusedMoE(nn.Module):
     Raises:
         RuntimeError: no registered kernel can run the layer here (the message lists why
             each one was refused).
+        LayerMemoryError: the weights and workspaces would not fit the memory available on
+            ``device`` less :data:`~moe_kernels.model.memory.MEMORY_MARGIN`, checked before
+            anything is allocated.
     """
 
     def __init__(
@@ -81,9 +94,14 @@ class FusedMoE(nn.Module):
         workspace_cache: WorkspaceCache | None = None,
         memory_budget: int | None = None,
         overlap_shared_experts: bool | None = None,
+        tp_group: dist.ProcessGroup | None = None,
+        reduce_results: bool = True,
     ) -> None:
         super().__init__()
-        ctx = layer_context(cfg, placement=placement, group=group, device=device)
+        ctx = layer_context(cfg, placement=placement, group=group, device=device, tp_group=tp_group)
+        self.reduce_results = reduce_results
+        self._whole_output = _adds_whole_output_terms(cfg, tp_group, reduce_results)
+        self._group = group
         self.cfg, self.placement, dev = ctx.cfg, ctx.placement, ctx.device
 
         self.selection: Selection | None
@@ -95,20 +113,16 @@ class FusedMoE(nn.Module):
                 device=dev,
                 workspace_cache=workspace_cache,
                 memory_budget=memory_budget,
+                tp_group=tp_group,
             )
             self.kernel: Kernel = self.selection.kernel
         else:
             if workspace_cache is not None or memory_budget is not None:
                 raise ValueError("workspace_cache/memory_budget: pass them to the kernel you build, not with kernel=")
-            if kernel.cfg.model_copy(update={"name": cfg.name}) != cfg:  # the name is only a label
-                raise ValueError(f"kernel was composed for {kernel.cfg!r}, but this layer is {cfg!r}")
-            if kernel.ctx.placement != self.placement or kernel.ctx.device != dev:
-                raise ValueError(
-                    f"kernel was composed for {kernel.ctx.placement.describe()} on {kernel.ctx.device}, "
-                    f"but this layer is {self.placement.describe()} on {dev}"
-                )
+            _check_given_kernel(kernel, ctx)
             self.selection = None
             self.kernel = kernel
+        check_layer_fits(self.cfg, self.selection, dev)  # before the weights are allocated
 
         moe = cfg.moe
         e_local, h = self.placement.num_local_experts, moe.hidden_size
@@ -125,7 +139,7 @@ class FusedMoE(nn.Module):
         self.shared_w2: nn.Parameter | None = None
         self.shared_gate: nn.Parameter | None = None
         if moe.num_shared_experts:
-            width = moe.shared_width
+            width = moe.shared_width // cfg.parallel.tp_size
             self.shared_w13 = _parameter((moe.shared_act.gemm1_rows(width), h), moe.dtype, dev)
             self.shared_w2 = _parameter((h, width), moe.dtype, dev)
             if moe.shared_expert_gate:
@@ -169,6 +183,30 @@ class FusedMoE(nn.Module):
             self.w13, self.w2, self.w13_scale, self.w2_scale, self.cfg.mlp.weights, self.w13_bias, self.w2_bias
         )
 
+    @property
+    def expert_load(self) -> torch.Tensor | None:
+        """``[P]`` int32 on the layer's device: the tokens this rank routed to each physical
+        expert since the caller last zeroed it (``.zero_()``), counted without a host sync;
+        ``None`` without redundant experts. Summed over the EP ranks it is what
+        :meth:`ExpertPlacement.rebalance` takes."""
+        return self.kernel.ctx.expert_load
+
+    @torch.no_grad()
+    def apply_placement(self, placement: ExpertPlacement) -> None:
+        """Move to ``placement`` (e.g. ``layer.placement.rebalance(load)``): the expert weights
+        move between the ranks of ``group`` point to point, the kernel routes by the new table
+        from the next call on; nothing else is rebuilt. Collective: every EP rank calls it with
+        the same placement (checked: a rank that disagrees raises on every rank)."""
+        self.placement.check_same_shape(placement)
+        self._check_loaded()  # what moves must be the checkpoint's weights
+        if self._group is not None:
+            check_agreement(self._group, "apply_placement", {"new placement (fingerprint)": placement.fingerprint()})
+        tensors = [self.parameter(p, part) for p, stored in self.cfg.mlp.stored().items() for part in stored]
+        move_weights(tensors, self.placement, placement, self._group)
+        self.kernel.rebind_placement(placement)
+        self.placement = placement
+        self._loader.received(placement.local_experts)
+
     def parameter(self, projection: str, part: str) -> nn.Parameter:
         """The parameter holding stored tensor ``part`` (``"weight"``, ``"scale"``) of
         ``projection`` (``"w13"``, ``"w2"``)."""
@@ -201,12 +239,21 @@ class FusedMoE(nn.Module):
             topk_weights = torch.ones_like(topk_weights)
         # The router's ids are in range and distinct by construction: skip the kernel's value
         # check, which costs a host sync per call.
-        out = self.kernel(x, self.weights, topk_weights, topk_ids, residual=residual, check_values=False)
-        return self._around_output(out if identity is None else out + identity)
+        out = self.kernel(
+            x,
+            self.weights,
+            topk_weights,
+            topk_ids,
+            residual=residual,
+            check_values=False,
+            reduce_results=self.reduce_results,
+        )
+        return self._around_output(out if identity is None or not self._whole_output else out + identity)
 
     def _around_output(self, out: torch.Tensor) -> torch.Tensor:
-        """The MoE output's bias (JetMoE) and RMSNorm (A.X-K1, Gemma-4)."""
-        if self.output_bias is not None:
+        """The MoE output's bias (JetMoE) and RMSNorm (A.X-K1, Gemma-4), on the summed output (a
+        partial sum under tensor parallelism takes the bias on one rank; its norm is refused)."""
+        if self.output_bias is not None and self._whole_output:
             out = out + self.output_bias
         if self.output_norm is not None:
             out = _rms_norm(out, self.output_norm, self.cfg.moe.output_norm_eps)
@@ -367,6 +414,33 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float | None) -> torch
     assert eps is not None
     f = x.float()
     return (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+def _adds_whole_output_terms(cfg: LayerConfig, tp_group: dist.ProcessGroup | None, reduce_results: bool) -> bool:
+    """Whether this rank adds the terms of the whole output (an output bias, the identity experts'
+    ``w * x``): every rank when the output is summed before, only TP rank 0 of a partial sum (whose
+    RMSNorm cannot be taken: refused)."""
+    if reduce_results or cfg.parallel.tp_size == 1:
+        return True
+    if cfg.moe.output_norm_eps is not None:
+        raise ValueError(
+            "reduce_results=False: moe.output_norm_eps norms the whole MoE output, which a tensor-parallel rank's "
+            "partial sum is not; keep reduce_results=True"
+        )
+    return dist.get_rank(tp_group) == 0
+
+
+def _check_given_kernel(kernel: Kernel, ctx: LayerContext) -> None:
+    """A kernel passed to the layer must have been composed for the same layer, ranks and device."""
+    if kernel.cfg.model_copy(update={"name": ctx.cfg.name}) != ctx.cfg:  # the name is only a label
+        raise ValueError(f"kernel was composed for {kernel.cfg!r}, but this layer is {ctx.cfg!r}")
+    if kernel.ctx.placement != ctx.placement or kernel.ctx.device != ctx.device:
+        raise ValueError(
+            f"kernel was composed for {kernel.ctx.placement.describe()} on {kernel.ctx.device}, "
+            f"but this layer is {ctx.placement.describe()} on {ctx.device}"
+        )
+    if kernel.ctx.tp_group is not ctx.tp_group:
+        raise ValueError("kernel was composed with another tp_group than this layer's")
 
 
 def _parameter(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:

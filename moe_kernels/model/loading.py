@@ -22,7 +22,8 @@ from torch import nn
 from moe_kernels.config import LayerConfig, MoEConfig
 from moe_kernels.core.validate import expect_tensor
 from moe_kernels.mlp import fp8
-from moe_kernels.mlp.formats import WeightFormat
+from moe_kernels.mlp.formats import Dense, WeightFormat
+from moe_kernels.mlp.shard import IntermediateShard
 from moe_kernels.model.router import Router
 
 if TYPE_CHECKING:
@@ -93,6 +94,11 @@ class LayerLoader:
                 missing.append(f"{name} of expert(s) {shown}")
         return missing
 
+    def received(self, experts: tuple[int, ...]) -> None:
+        """Count ``experts`` as loaded: their weights came from another rank (a new placement)."""
+        for name in PROJECTIONS:
+            self.state.experts[name] |= set(experts)
+
     def shared_names(self) -> list[str]:
         layer = self.layer
         names = ["shared_gate_proj", "shared_up_proj", "shared_down_proj"] if layer.shared_w13 is not None else []
@@ -149,29 +155,33 @@ class LayerLoader:
         """The local experts ``tensors`` holds, and (destination, source) pairs for them: each
         projection stored in the layer's format into its rows of ``w13`` (gate, up) or ``w2``."""
         layer = self.layer
-        mlp = layer.cfg.mlp
+        mlp, shard = layer.cfg.mlp, layer.cfg.intermediate_shard
         fmt = mlp.weights
-        h, i = mlp.hidden, mlp.inter
+        h = mlp.hidden
         down = name == "down_proj"
-        shape = (h, i) if down else (i, h)
-        rows = _projection_rows(name, i, h, mlp.activation.gated)
+        shape = (h, shard.total) if down else (shard.total, h)  # the whole projection, as checkpoints hold it
+        rows = _projection_rows(name, mlp.inter, h, mlp.activation.gated)
         projection = "w2" if down else "w13"
         owned = self._owned_tensors(name, tensors)
         owned_scales = self._owned_tensors(f"{name}_scale", scales) if scales is not None else None
-        local_of = {e: local for local, e in enumerate(layer.local_experts)}
+        slots_of: dict[int, list[int]] = {}  # an expert replicated on this rank fills each of its slots
+        for local, e in enumerate(layer.local_experts):
+            slots_of.setdefault(e, []).append(local)
         copies = []
         if owned_scales is not None and not fmt.is_quantized:
             raise ValueError(f"{name}_scale: the layer is unquantized ({fmt.describe()}); pass float weights")
         for expert, src in owned.items():
             if owned_scales is None:
-                stored = fmt.quantize(_float(f"{name}[{expert}]", src, shape).float())
+                whole = _float(f"{name}[{expert}]", src, shape)
+                stored = fmt.quantize(shard.take(fmt, down, {"weight": whole})["weight"].float())
             else:
                 if expert not in owned_scales:
                     raise ValueError(f"{name}_scale: missing expert {expert} (its {name} was given)")
-                stored = _stored_as(fmt, name, expert, {"weight": src, "scale": owned_scales[expert]}, shape)
+                given = {"weight": src, "scale": owned_scales[expert]}
+                stored = shard.take(fmt, down, _stored_as(fmt, name, expert, given, shape))
             for part, tensor in stored.items():
                 param = layer.parameter(projection, part)
-                copies.append((param[local_of[expert], fmt.rows(part, *rows)], tensor))
+                copies += [(param[local, fmt.rows(part, *rows)], tensor) for local in slots_of[expert]]
         return set(owned), copies
 
     @torch.no_grad()
@@ -202,9 +212,15 @@ class LayerLoader:
         param = layer.parameter("w2" if projection == "down_proj" else "w13", "bias")
         local_of = {e: local for local, e in enumerate(layer.local_experts)}
         owned = self._owned_tensors(name, tensors)
-        copies = [
-            (param[local_of[e], start:stop], _float(f"{name}[{e}]", t, (stop - start,))) for e, t in owned.items()
-        ]
+        shard = layer.cfg.intermediate_shard
+        copies = []
+        for e, t in owned.items():
+            if projection == "down_proj":
+                # the TP ranks' partial outputs are summed: the output bias joins on one rank only
+                bias = _float(f"{name}[{e}]", t, (stop - start,)) * (shard.rank == 0)
+            else:
+                bias = _float(f"{name}[{e}]", t, (shard.total,))[shard.start : shard.stop]
+            copies.append((param[local_of[e], start:stop], bias))
         return set(owned), copies
 
     def _owned_tensors(self, name: str, tensors: ExpertTensors) -> dict[int, torch.Tensor]:
@@ -236,11 +252,13 @@ class LayerLoader:
         """(destination, source) pairs for the shared-expert tensors given."""
         layer = self.layer
         h, width = layer.cfg.moe.hidden_size, layer.cfg.moe.shared_width
+        par = layer.cfg.parallel
+        shard = IntermediateShard(width, par.tp_size, par.tp_rank)  # the shared MLP is split like the experts
         targets = {}
         if layer.shared_w13 is not None and layer.shared_w2 is not None:
             targets = {
-                "shared_gate_proj": (layer.shared_w13[:width], (width, h)),
-                "shared_up_proj": (layer.shared_w13[width:], (width, h)),
+                "shared_gate_proj": (layer.shared_w13[: shard.width], (width, h)),
+                "shared_up_proj": (layer.shared_w13[shard.width :], (width, h)),
                 "shared_down_proj": (layer.shared_w2, (h, width)),
             }
             if not layer.cfg.moe.shared_act.gated:  # one GEMM1 projection: up fills shared_w13
@@ -256,7 +274,9 @@ class LayerLoader:
                 why = "no shared expert gate (moe.shared_expert_gate)" if has_shared else "no shared experts"
                 raise ValueError(f"{name}: this layer's config has {why}")
             dst, shape = targets[name]
-            copies.append((dst, _float(name, tensor, shape)))
+            whole = {"weight": _float(name, tensor, shape)}
+            part = whole if name == "shared_expert_gate" else shard.take(Dense(), name == "shared_down_proj", whole)
+            copies.append((dst, part["weight"]))
         return copies
 
     # --- from a checkpoint ----------------------------------------------------------------
@@ -270,7 +290,7 @@ class LayerLoader:
 
         layer = self.layer
         reader = CheckpointReader(path)
-        mine = list(layer.local_experts)
+        mine = list(dict.fromkeys(layer.local_experts))  # a replicated expert is read once
         if experts_per_read <= 0:
             raise ValueError(f"experts_per_read must be positive, got {experts_per_read}")
         device = layer.w13.device

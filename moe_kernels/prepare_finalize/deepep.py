@@ -193,9 +193,10 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize[DeepEPRoute]):
         moe, e_local = ctx.cfg.moe, ctx.placement.num_local_experts
         if moe.top_k > deep_ep_backend.MAX_TOP_K:
             return Check.failed("limits", f"DeepEP handles top_k <= {deep_ep_backend.MAX_TOP_K}, got {moe.top_k}")
-        if moe.num_experts > deep_ep_backend.MAX_EXPERTS:
+        physical = ctx.placement.num_physical_experts
+        if physical > deep_ep_backend.MAX_EXPERTS:
             limit = deep_ep_backend.MAX_EXPERTS
-            return Check.failed("limits", f"DeepEP handles <= {limit} experts, got {moe.num_experts}")
+            return Check.failed("limits", f"DeepEP handles <= {limit} experts, got {physical} (physical experts)")
         if e_local > deep_ep_backend.MAX_EXPERTS_PER_RANK:
             return Check.failed(
                 "limits", f"DeepEP handles <= {deep_ep_backend.MAX_EXPERTS_PER_RANK} experts per rank, got {e_local}"
@@ -241,7 +242,7 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize[DeepEPRoute]):
             fp8_dispatch=fmt.act_quant is not None,
         )
         self._reserved = True
-        sms = self.num_sms or epb.num_sms_for(buffer, moe.num_experts, moe.top_k)
+        sms = self.num_sms or epb.num_sms_for(buffer, ctx.placement.num_physical_experts, moe.top_k)
         sms += sms % 2  # DeepEP rounds up to even; agree on what it will use
         if self.num_sms is None:
             try:
@@ -323,7 +324,7 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize[DeepEPRoute]):
             self._quantize(x, workspace) if fp8 else x,
             topk_idx=ids,
             topk_weights=weights,
-            num_experts=self.ctx.cfg.moe.num_experts,
+            num_experts=self.ctx.placement.num_physical_experts,
             num_max_tokens_per_rank=self._max_tokens,
             expert_alignment=self._alignment,
             num_sms=self._sms,
@@ -503,4 +504,4 @@ class DeepEPLowLatencyPrepareAndFinalize(_DeepEPPrepareAndFinalize):
     def _expected_m(self, handle: Any, t: int) -> int:
         # nothing may be read from the GPU: assume every rank routes like this one, balanced
         placement, moe = self.ctx.placement, self.ctx.cfg.moe
-        return max(1, math.ceil(placement.ep_size * t * moe.top_k / moe.num_experts))
+        return max(1, math.ceil(placement.ep_size * t * moe.top_k / placement.num_physical_experts))

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from moe_kernels.core.contract import Check, H, LayerContext, PrepareAndFinalize, TokenFormat
 from moe_kernels.core.distributed import check_agreement
-from moe_kernels.core.placement import map_expert_ids
+from moe_kernels.core.placement import map_expert_ids, record_load
 
 
 class ExpertParallelPrepareAndFinalize(PrepareAndFinalize[H]):
@@ -56,6 +56,9 @@ class ExpertParallelPrepareAndFinalize(PrepareAndFinalize[H]):
     def bind(self, ctx: LayerContext, fmt: TokenFormat) -> None:
         super().bind(ctx, fmt)
         check_agreement(self.group, self.name, self.agreement(ctx, fmt))
+
+    def bind_placement(self, ctx: LayerContext) -> None:
+        super().bind_placement(ctx)
         # contiguous placement needs no translation: skip the gather per call
         self._slot_map = None if ctx.placement.is_contiguous else ctx.placement.slot_map(ctx.device)
 
@@ -67,6 +70,10 @@ class ExpertParallelPrepareAndFinalize(PrepareAndFinalize[H]):
         return group
 
     def slots(self, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Global ids ``[T, K]`` -> ids under contiguous ownership (``owner * E_local + local``),
-        ``-1`` kept: what a dispatcher that knows only contiguous ownership routes by."""
-        return map_expert_ids(topk_ids, self._slot_map)
+        """Global ids ``[T, K]`` -> physical expert ids under contiguous ownership
+        (``owner * P_local + local``; with redundant experts a replica chosen per token), ``-1``
+        kept: what a dispatcher that knows only contiguous ownership routes by. The chosen
+        replicas are counted in ``ctx.expert_load``."""
+        slots = map_expert_ids(topk_ids, self._slot_map)
+        record_load(self.ctx.expert_load, slots)
+        return slots

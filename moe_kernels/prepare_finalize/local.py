@@ -27,7 +27,7 @@ from moe_kernels.core.contract import (
     WorkspaceSpec,
     align_up,
 )
-from moe_kernels.core.placement import map_expert_ids
+from moe_kernels.core.placement import map_expert_ids, record_load, slots_to_local
 from moe_kernels.mlp.act_quant import scale_view
 
 
@@ -43,16 +43,21 @@ class _Local(PrepareAndFinalize[H]):
             return Check.failed("parallel", f"moves no tokens between ranks; ep_size={ep} needs an EP dispatcher")
         return super().check_parallel(ctx)
 
-    def bind(self, ctx: LayerContext, fmt: TokenFormat) -> None:
-        super().bind(ctx, fmt)
+    def bind_placement(self, ctx: LayerContext) -> None:
+        super().bind_placement(ctx)
         placement = ctx.placement
         # the identity map costs a gather per call for nothing
         identity = placement.ep_size == 1 and placement.is_contiguous
-        self._expert_map = None if identity else placement.expert_map(ctx.device)
+        self._slot_map = None if identity else placement.slot_map(ctx.device)
 
     def local_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Global ids ``[T, K]`` -> this rank's local ids, ``-1`` for none or another rank's expert."""
-        return map_expert_ids(topk_ids, self._expert_map)
+        """Global ids ``[T, K]`` -> this rank's local ids (a replica chosen per token), ``-1`` for
+        none or another rank's expert; the chosen replicas are counted in ``ctx.expert_load``."""
+        if self._slot_map is None:
+            return topk_ids
+        slots = map_expert_ids(topk_ids, self._slot_map)
+        record_load(self.ctx.expert_load, slots)
+        return slots if self.ctx.placement.ep_size == 1 else slots_to_local(slots, self.ctx.placement)
 
 
 class LocalPrepareAndFinalize(_Local[None]):

@@ -51,7 +51,7 @@ class BenchShape:
         label = f"{cfg.name or 'layer'}" + (
             f", EP={ep} local ({e_local} of {cfg.moe.num_experts} experts)" if ep > 1 else ""
         )
-        return cls(label, e_local, min(cfg.moe.top_k, e_local), cfg.moe.hidden_size, cfg.moe.intermediate_size)
+        return cls(label, e_local, min(cfg.moe.top_k, e_local), cfg.moe.hidden_size, cfg.mlp.inter)
 
 
 SHAPES: dict[str, BenchShape] = {

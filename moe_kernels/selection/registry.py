@@ -10,6 +10,10 @@ Quantized formats are not separate parts: each experts class computes the format
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from moe_kernels.config import LayerConfig
+from moe_kernels.core.contract import PermuteExpertsUnpermute, PrepareAndFinalize
 from moe_kernels.experts.deepgemm import DeepGemmExperts, ExpandedDeepGemmExperts, MaskedDeepGemmExperts
 from moe_kernels.experts.fused_triton import FusedTritonExperts
 from moe_kernels.experts.grouped_mm import GroupedMMExperts
@@ -23,7 +27,7 @@ from moe_kernels.prepare_finalize.deepep import (
 from moe_kernels.prepare_finalize.local import LocalMaskedPrepareAndFinalize, LocalPrepareAndFinalize
 from moe_kernels.prepare_finalize.torch_a2a import TorchAllToAllPrepareAndFinalize
 
-PREPARE_FINALIZE = [
+PREPARE_FINALIZE: list[Callable[[LayerConfig], PrepareAndFinalize]] = [
     lambda cfg: LocalPrepareAndFinalize(),
     lambda cfg: LocalMaskedPrepareAndFinalize(),
     lambda cfg: DeepEPHighThroughputPrepareAndFinalize(),
@@ -31,7 +35,7 @@ PREPARE_FINALIZE = [
     lambda cfg: TorchAllToAllPrepareAndFinalize(),
 ]
 
-EXPERTS = [
+EXPERTS: list[Callable[[LayerConfig], PermuteExpertsUnpermute]] = [
     lambda cfg: TorchReferenceExperts(),
     lambda cfg: FusedTritonExperts(),
     lambda cfg: TritonExperts(),

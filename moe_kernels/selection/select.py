@@ -18,6 +18,7 @@ ranks must run the same collectives, so one pair is chosen for the largest batch
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -46,6 +47,7 @@ from moe_kernels.core.contract import (
     workspace_bytes,
 )
 from moe_kernels.core.placement import ExpertPlacement
+from moe_kernels.core.text import TEXT_WIDTH, wrap_lines
 
 PrepareFinalizeFactory = Callable[[LayerConfig], PrepareAndFinalize]
 ExpertsFactory = Callable[[LayerConfig], PermuteExpertsUnpermute]
@@ -170,9 +172,10 @@ class Selection:
             ranges.append((choice.high, kernel))
         return TokenRangeKernel(ranges)
 
-    def explain(self, verbose: bool = False) -> str:
+    def explain(self, verbose: bool = False, width: int | None = TEXT_WIDTH) -> str:
         """The plan, then every valid pair with its measured times, then the refused pairs
-        grouped by reason (``verbose``: every pair with every failed check)."""
+        grouped by reason (``verbose``: every pair with every failed check); lines wrapped to
+        ``width`` columns (``None``: one line per item, for searching)."""
         m, par = self.cfg.moe, self.cfg.parallel
         lines = [
             f"layer: E={m.num_experts} top_k={m.top_k} H={m.hidden_size} I={m.intermediate_size} "
@@ -212,7 +215,8 @@ class Selection:
                 lines.append(f"  {len(names)} pair{'s' if len(names) > 1 else ''}: {reason}")
             if refused:
                 lines.append("  (--verbose / explain(verbose=True) lists every pair and every failed check)")
-        return "\n".join(lines)
+        text = "\n".join(lines)
+        return text if width is None else wrap_lines(text, width)
 
 
 def _fresh(part: object) -> object:
@@ -244,7 +248,7 @@ def candidates(
 
 def step_context(ctx: LayerContext, max_tokens: int) -> LayerContext:
     """``ctx`` for the kernel of one grid step: calls of up to ``max_tokens`` tokens."""
-    return LayerContext(with_max_tokens(ctx.cfg, max_tokens), ctx.device, ctx.placement, ctx.group)
+    return dataclasses.replace(ctx, cfg=with_max_tokens(ctx.cfg, max_tokens))
 
 
 def within_budget(
@@ -357,13 +361,15 @@ def select(
     tune: bool = True,
     prepare_finalize_factories: Sequence[PrepareFinalizeFactory] | None = None,
     experts_factories: Sequence[ExpertsFactory] | None = None,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> Selection:
     """Rank every registered pair for the layer; ``.kernel`` is the plan, composed, and
     ``.explain()`` says why. Takes the configuration as :func:`~moe_kernels.core.compose.compose`
-    does. ``memory_budget``: most workspace bytes (default :func:`default_memory_budget`).
+    does (``tp_group``: the tensor-parallel process group). ``memory_budget``: most workspace
+    bytes (default :func:`default_memory_budget`).
     ``tune``: measure the grid points no table covers on first use
     (:mod:`moe_kernels.selection.autotune`; ``MOE_KERNELS_TUNE=0`` turns it off everywhere)."""
-    ctx = layer_context(cfg, placement=placement, group=group, device=device)
+    ctx = layer_context(cfg, placement=placement, group=group, device=device, tp_group=tp_group)
     if memory_budget is None:
         budget, budget_why = default_memory_budget(ctx.device)
     else:

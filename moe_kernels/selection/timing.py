@@ -1,66 +1,44 @@
-"""Timing on the GPU for the tuner and the benchmarks: CUDA-graph replays, L2 flushed, median."""
+"""Timing on the GPU for the tuner and the benchmarks: CUDA-graph replays, L2 flushed, median.
+
+The measuring is ``triton.testing.do_bench`` (CUDA events per call, L2 flushed, the median);
+this module adds what it does not do: capturing the call in a CUDA graph first (decode serving
+replays graphs, so host launch overhead must not count), a per-point time budget, and the
+reference figures of the device (copy bandwidth, dense GEMM throughput).
+"""
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 
-@dataclass(frozen=True)
-class Timing:
-    median_us: float
-    p10_us: float
-    p90_us: float
-    runs: int
+def time_cuda(fn: Callable[[], object], *, warmup_ms: float = 25.0, rep_ms: float = 100.0) -> float:
+    """Median microseconds of one ``fn()`` on the GPU: ``triton.testing.do_bench``, which times
+    each call between its own CUDA events after ``warmup_ms`` of untimed calls, and flushes L2
+    before each (a 256 MiB write) so weights are read from HBM, as in a model where other layers
+    evict them. The number of timed calls is what fits ``rep_ms`` (at least one)."""
+    from triton.testing import do_bench
 
-
-def _flush_l2(scratch: torch.Tensor) -> None:
-    scratch.zero_()
-
-
-def time_cuda(fn: Callable[[], object], *, warmup: int = 10, runs: int = 50, flush_l2: bool = True) -> Timing:
-    """Median time of ``fn()`` over ``runs`` calls, each bracketed by its own CUDA events.
-
-    L2 is flushed before each run (a write of 256 MiB) so weights are read from HBM, as in
-    a model where other layers evict them.
-    """
-    scratch = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda") if flush_l2 else None
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        if scratch is not None:
-            _flush_l2(scratch)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    q = statistics.quantiles(times, n=10)
-    return Timing(statistics.median(times), q[0], q[-1], runs)
+    return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")) * 1e3
 
 
 def copy_bandwidth_gbs(nbytes: int = 2**30) -> float:
     """Measured device-to-device copy bandwidth in GB/s, counting bytes read plus written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    t = time_cuda(lambda: dst.copy_(src), warmup=3, runs=20, flush_l2=False)
-    return 2 * nbytes / (t.median_us * 1e-6) / 1e9
+    us = time_cuda(lambda: dst.copy_(src), warmup_ms=5, rep_ms=50)
+    return 2 * nbytes / (us * 1e-6) / 1e9
 
 
 def matmul_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
     """Measured dense GEMM throughput (the practical tensor-core peak) in TFLOP/s."""
     a = torch.randn(n, n, dtype=dtype, device="cuda")
     b = torch.randn(n, n, dtype=dtype, device="cuda")
-    t = time_cuda(lambda: a @ b, warmup=3, runs=10, flush_l2=False)
-    return 2 * n**3 / (t.median_us * 1e-6) / 1e12
+    us = time_cuda(lambda: a @ b, warmup_ms=5, rep_ms=50)
+    return 2 * n**3 / (us * 1e-6) / 1e12
 
 
 #: back-to-back calls before timing: a GPU left idle while the host composed or compiled runs
@@ -76,15 +54,16 @@ class Timer:
         self.failures: list[str] = []
 
     def eager(self, fn: Callable[[], object]) -> float:
+        """Median microseconds of ``fn()`` (:func:`time_cuda`), timed for ``target_s`` or
+        ``max_runs`` calls, whichever is shorter (at least 5 calls)."""
         fn()
         torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
         torch.cuda.synchronize()
         single = max(time.perf_counter() - start, 1e-6)
-        runs = int(min(self.max_runs, max(5, self.target_s / single)))
-        warmup = int(min(500, max(2, WARMUP_S / single)))
-        return time_cuda(fn, warmup=warmup, runs=runs).median_us
+        rep_s = max(5 * single, min(self.target_s, self.max_runs * single))
+        return time_cuda(fn, warmup_ms=WARMUP_S * 1e3, rep_ms=rep_s * 1e3)
 
     def graphed(self, fn: Callable[[], object], what: str) -> float:
         """GPU time of ``fn`` replayed from a CUDA graph (no host launch overhead, as in decode

@@ -92,10 +92,11 @@ def tune_shape(
     source: str,
     gpu: str | None = None,
     quant: str = "none",
+    measured: Callable[[int], None] | None = None,
 ) -> dict[str, dict[int, float]]:
     """Tune one layer: tiles first (written to the table so the pairs use them; ``tile_candidates=0``
     keeps the heuristic tiles), then every valid pair. Returns ``pair name -> {T: us}``; the table
-    in ``tables_dir`` is updated as it goes."""
+    in ``tables_dir`` is updated as it goes, and ``measured(T)`` is called after each T's pairs."""
 
     key = str(tuning.ShapeKey.of(shape.layer(max(grid), quant)))
     for tokens in grid:
@@ -124,6 +125,8 @@ def tune_shape(
         best = min((times[tokens], n) for n, times in pairs.items() if tokens in times)
         progress(f"{key} T={tokens}: fastest {best[1]} {best[0]:.1f} us")
         write_table(tables_dir, key, {"pairs": {n: dict(t) for n, t in pairs.items()}}, source, gpu)
+        if measured is not None:
+            measured(tokens)
     return pairs
 
 

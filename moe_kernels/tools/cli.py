@@ -17,19 +17,20 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from moe_kernels._version import __version__
 from moe_kernels.config import LayerConfig, MoEConfig
+from moe_kernels.core.contract import LayerContext
+from moe_kernels.model import memory
 from moe_kernels.tools.harness import (
     CliError,
-    MemoryEstimate,
     _with_dtype,
-    available_bytes,
     load_layer_config,
-    memory_estimate,
     one_rank_config,
     resolve_device,
+    run_activation_bytes,
     select_for_run,
 )
-from moe_kernels.tools.terminal import aligned_table, dtype_name, format_bytes, format_us, key_value_table, wrap
+from moe_kernels.tools.terminal import aligned_table, dtype_name, format_us, key_value_table, wrap
 
 #: what ``list`` checks the parts against when no --config is given: a small unquantized layer
 DEFAULT_LIST_CONFIG = LayerConfig(
@@ -63,14 +64,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-kernels", description="Composable MoE kernels: run, inspect, benchmark.")
+    parser.add_argument("--version", action="version", version=f"moe-kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,list,explain,tune,doctor,bench}")
 
     run = sub.add_parser("run", help="check a layer with random weights against the reference and time it")
     _add_config_args(run, config_required=True)
     run.add_argument("--tokens", type=_positive_int, default=64, help="tokens in the batch (default: %(default)s)")
     run.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
-    run.add_argument("--ep-size", type=_positive_int, default=1, help="build one rank's share of an EP layer: ranks")
-    run.add_argument("--ep-rank", type=int, default=0, help="... and which rank (default: %(default)s)")
+    _add_rank_args(run)
     run.set_defaults(func=cmd_run)
 
     lst = sub.add_parser("list", help="every registered part and whether it can run here")
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the largest batch the layer will run (sets parallel.max_tokens_per_rank)",
     )
     explain.add_argument("--verbose", action="store_true", help="every refused pair with every failed check")
+    _add_rank_args(explain)
     explain.set_defaults(func=cmd_explain)
 
     mount_bench(sub, "tune", "moe_kernels.tools.tune", "measure tiles and pairs on this GPU; write a tuning table")
@@ -139,13 +141,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
 
     def progress(msg: str) -> None:
-        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+        print(wrap(f"[{time.perf_counter() - start:6.1f}s] {msg}"), file=sys.stderr, flush=True)
 
     selection = select_for_run(cfg, device)
     if not selection.plan:
         raise CliError(f"no registered kernel can run {cfg.name or args.config} here:\n{selection.explain()}")
-    estimate = memory_estimate(cfg, selection, args.tokens)
-    progress(f"{cfg.name or args.config}: {estimate.describe()} on {device}")
+    estimate = memory.layer_memory(cfg, selection, run_activation_bytes(cfg, args.tokens))
+    progress(f"{cfg.name or args.config} on {device}: {estimate.describe()}")
     _refuse_if_too_big(estimate, cfg, device, args)
     layer = random_layer(cfg, device, seed=args.seed, progress=progress, kernel=selection.kernel)
     result = check_and_time(
@@ -173,30 +175,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     ]
     print(key_value_table(rows))
     if all(c.candidate.experts.name == "TorchReferenceExperts" for c in selection.plan):
-        print("note: the chosen kernel is the reference itself, so the check compares two runs of it")
+        print(wrap("note: the chosen kernel is the reference itself, so the check compares two runs of it"))
     return 0 if ok else 1
 
 
 def _refuse_if_too_big(
-    estimate: MemoryEstimate, cfg: LayerConfig, device: torch.device, args: argparse.Namespace
+    estimate: memory.MemoryEstimate, cfg: LayerConfig, device: torch.device, args: argparse.Namespace
 ) -> None:
-    available = available_bytes(device)
-    if available is None or estimate.total <= 0.9 * available:
+    """The library's refusal (:func:`moe_kernels.model.memory.refusal`), worded for the command line."""
+    available = memory.available_bytes(device)
+    why = memory.refusal(estimate, device, available)
+    if why is None:
         return
-    hint = ""
-    experts = cfg.moe.num_experts
-    for ep in (2, 4, 8, 16, 32, 64):
-        if experts % ep == 0 and estimate.weights / ep + estimate.workspaces + estimate.activations <= 0.9 * available:
-            share = estimate.weights / ep + estimate.workspaces + estimate.activations
-            hint = (
-                f"; run one expert-parallel rank's share instead (what a rank holds anyway): "
-                f"--ep-size {ep} --ep-rank 0 needs about {format_bytes(share)}"
-            )
-            break
-    raise CliError(
-        f"{cfg.name or args.config} needs {estimate.describe()}, but {device} has {format_bytes(available)} "
-        f"available{hint or ' (fewer --tokens or a smaller config would fit)'}"
+    assert available is not None  # refusal() only refuses a known amount
+    ep = memory.fitting_ep_size(estimate, cfg, available)
+    hint = (
+        f"; run one expert-parallel rank's share instead (what a rank holds anyway): --ep-size {ep} --ep-rank 0 "
+        f"needs about {memory.format_bytes(estimate.ep_share(ep))}"
+        if ep
+        else " (fewer --tokens or a smaller config would fit)"
     )
+    raise CliError(f"{cfg.name or args.config} {why}{hint}")
 
 
 # --- list ---------------------------------------------------------------------------------
@@ -204,35 +203,16 @@ def _refuse_if_too_big(
 
 def cmd_list(args: argparse.Namespace) -> int:
     from moe_kernels.core.compose import layer_context
-    from moe_kernels.selection import registry
 
     cfg = load_layer_config(args.config, args.dtype) if args.config else DEFAULT_LIST_CONFIG
     if args.dtype and not args.config:
         cfg = _with_dtype(cfg, args.dtype, "--dtype")
     device = resolve_device(args.device)
-    ctx = layer_context(cfg, device=device)
-    rows: list[tuple[str, str, str, str, str]] = []
-    for kind, factories in (("prepare/finalize", registry.PREPARE_FINALIZE), ("experts", registry.EXPERTS)):
-        for make in factories:
-            try:
-                part = make(cfg)
-            except Exception as e:  # the registry promises factories never fail; show it if one does
-                rows.append((kind, "?", "-", "no", f"building it failed: {type(e).__name__}: {e}"))
-                continue
-            layout = part.output_layout if kind == "prepare/finalize" else part.input_layout
-            checks = part.checks(ctx)
-            failed = [c for c in checks if not c.ok]
-            if failed:
-                why = "; ".join(f"{c.name}: {c.reason}" for c in (failed if args.verbose else failed[:1]))
-                if len(failed) > 1 and not args.verbose:
-                    why += f" (+{len(failed) - 1} more, --verbose)"
-            else:
-                why = checks[0].reason
-            rows.append((kind, part.name, layout.value, "no" if failed else "yes", why))
+    rows = _part_rows(cfg, layer_context(cfg, device=device), verbose=args.verbose)
     m = cfg.moe
     print(
         wrap(
-            f"parts checked for layer {cfg.name or '-'} (E={m.num_experts} top_k={m.top_k} H={m.hidden_size} "
+            f"parts for layer {cfg.name or '-'} (E={m.num_experts} top_k={m.top_k} H={m.hidden_size} "
             f"I={m.intermediate_size} {dtype_name(m.dtype)}, ep_size={cfg.parallel.ep_size}) on {device}:"
         )
     )
@@ -240,18 +220,54 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _part_rows(cfg: LayerConfig, ctx: LayerContext, *, verbose: bool) -> list[tuple[str, str, str, str, str]]:
+    """``(kind, name, layout, runs, why)`` of every registered part for ``ctx``."""
+    from moe_kernels.core.contract import PermuteExpertsUnpermute, PrepareAndFinalize
+    from moe_kernels.selection import registry
+
+    rows: list[tuple[str, str, str, str, str]] = []
+    for make in (*registry.PREPARE_FINALIZE, *registry.EXPERTS):
+        try:
+            part = make(cfg)
+        except Exception as e:  # the registry promises factories never fail; show it if one does
+            kind = "prepare/finalize" if make in registry.PREPARE_FINALIZE else "experts"
+            rows.append((kind, "?", "-", "no", f"building it failed: {type(e).__name__}: {e}"))
+            continue
+        if isinstance(part, PrepareAndFinalize):
+            kind, layout = "prepare/finalize", part.output_layout
+        else:
+            assert isinstance(part, PermuteExpertsUnpermute)  # the registry's two kinds
+            kind, layout = "experts", part.input_layout
+        checks = part.checks(ctx)
+        failed = [c for c in checks if not c.ok]
+        why = checks[0].reason
+        if failed:
+            why = "; ".join(f"{c.name}: {c.reason}" for c in (failed if verbose else failed[:1]))
+            if len(failed) > 1 and not verbose:
+                why += f" (+{len(failed) - 1} more, --verbose)"
+        rows.append((kind, part.name, layout.value, "no" if failed else "yes", why))
+    return rows
+
+
 # --- explain ------------------------------------------------------------------------------
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from moe_kernels.selection.select import select
-
     cfg = load_layer_config(args.config, args.dtype)
     if args.tokens is not None:
         cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"max_tokens_per_rank": args.tokens})})
-    selection = select(cfg, device=resolve_device(args.device))
+    if cfg.parallel.ep_size > 1 and args.ep_size == 1:
+        # one process cannot join an EP group: explain one rank's share, as run does
+        args.ep_size, args.ep_rank = cfg.parallel.ep_size, cfg.parallel.ep_rank
+        cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"ep_size": 1, "ep_rank": 0})})
+        print(f"{args.config}: parallel.ep_size={args.ep_size}: explaining rank {args.ep_rank}'s share")
+    cfg = one_rank_config(cfg, args.ep_size, args.ep_rank, args.config)
+    selection = select_for_run(cfg, resolve_device(args.device))
     print(f"{cfg.name or args.config}")
     print(wrap(selection.explain(verbose=args.verbose)))
+    if not selection.plan:
+        print(f"moe-kernels: error: no registered kernel can run {cfg.name or args.config} here", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -262,6 +278,11 @@ def _add_config_args(parser: argparse.ArgumentParser, *, config_required: bool) 
     parser.add_argument("--config", required=config_required, help="a layer YAML, e.g. configs/qwen3-30b-a3b.yaml")
     parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", help="override moe.dtype: bfloat16, float16 or float32")
+
+
+def _add_rank_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ep-size", type=_positive_int, default=1, help="one rank's share of an EP layer: ranks")
+    parser.add_argument("--ep-rank", type=int, default=0, help="... and which rank (default: %(default)s)")
 
 
 def _positive_int(text: str) -> int:

@@ -53,72 +53,86 @@ def parts_needing(check_names: set[str]) -> str:
 
 
 def findings() -> list[Finding]:
-    from moe_kernels.backends import deep_ep as deep_ep_backend
-    from moe_kernels.backends import deep_gemm
+    """Every probe, in the order ``doctor`` prints them."""
     from moe_kernels.backends.triton import triton_check
-    from moe_kernels.core.tuning import table_dirs, table_for
 
-    out = []
     cuda = torch.cuda.is_available()
-    if cuda:
-        dev = torch.device("cuda", torch.cuda.current_device())
-        props = torch.cuda.get_device_properties(dev)
-        memory = f"{props.total_memory / 2**30:.1f} GiB"
-        gpu = f"{props.name}, SM{props.major}{props.minor}, {props.multi_processor_count} SMs, {memory}"
-        out.append(Finding("gpu", "GPU", props.major >= 9, gpu, "" if props.major >= 9 else "the Hopper-only paths"))
-    else:
-        dev = torch.device("cpu")
-        out.append(
-            Finding(
-                "gpu", "GPU", False, "no CUDA GPU visible", "every GPU path (the CPU runs the reference and, "
-                "under TRITON_INTERPRET=1, the Triton kernels)", f"a Hopper GPU and a CUDA build of torch ({SETUP})",
-            )
-        )  # fmt: skip
+    dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    out = [_gpu_finding(dev)]
     out.append(Finding("", "torch", True, f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})"))
-    nccl, where = deep_ep_backend.nccl_version()
-    if nccl is None:
-        out.append(Finding("", "NCCL", False, where, "DeepEP", f"nvidia-nccl-cu13==2.32.3 ({SETUP})"))
-    else:
-        check = deep_ep_backend.nccl_check()
-        out.append(
-            Finding("", "NCCL", check.ok, check.reason, "" if check.ok else "DeepEP", f"NCCL >= 2.32.3 ({SETUP})")
-        )
+    out.append(_nccl_finding())
     tri = triton_check(dev)
     out.append(Finding("triton", "Triton", tri.ok, tri.reason, "" if tri.ok else parts_needing({"device", "triton"})))
+    out.extend(_deep_gemm_findings())
+    out.extend(_deep_ep_findings())
+    out.append(_table_finding(dev))
+    return out
+
+
+def _gpu_finding(dev: torch.device) -> Finding:
+    if dev.type != "cuda":
+        return Finding(
+            "gpu", "GPU", False, "no CUDA GPU visible", "every GPU path (the CPU runs the reference and, "
+            "under TRITON_INTERPRET=1, the Triton kernels)", f"a Hopper GPU and a CUDA build of torch ({SETUP})",
+        )  # fmt: skip
+    props = torch.cuda.get_device_properties(dev)
+    memory = f"{props.total_memory / 2**30:.1f} GiB"
+    gpu = f"{props.name}, SM{props.major}{props.minor}, {props.multi_processor_count} SMs, {memory}"
+    return Finding("gpu", "GPU", props.major >= 9, gpu, "" if props.major >= 9 else "the Hopper-only paths")
+
+
+def _nccl_finding() -> Finding:
+    from moe_kernels.backends.deep_ep import NCCL_MIN, NCCL_SETUP, format_version, nccl_check, nccl_version
+
+    nccl, where = nccl_version()
+    if nccl is None:
+        return Finding("", "NCCL", False, where, "DeepEP", f"nvidia-nccl-cu13=={format_version(NCCL_SETUP)} ({SETUP})")
+    check = nccl_check()
+    fix = f"NCCL >= {format_version(NCCL_MIN)} ({SETUP})"
+    return Finding("", "NCCL", check.ok, check.reason, "" if check.ok else "DeepEP", fix)
+
+
+def _deep_gemm_findings() -> list[Finding]:
+    from moe_kernels.backends import deep_gemm
+
     ok, why = deep_gemm.status()
     if ok:
-        psum_ok, psum_why = deep_gemm.psum_layout_status(fp8=False)
+        psum_ok, _ = deep_gemm.psum_layout_status(fp8=False)
         why = f"{why}; {'psum layout' if psum_ok else 'no psum layout'}"
     fix = f"pip install deepinfer-gemm (builds DeepGEMM; {SETUP})"
-    out.append(Finding("deepgemm", "deep_gemm", ok, why, "" if ok else parts_needing({"deep_gemm"}), fix))
     fp8 = deep_gemm.library_check(fp8=True)
-    out.append(
-        Finding("deepgemm-fp8", "deep_gemm fp8", fp8.ok, fp8.reason, "" if fp8.ok else "the fp8 DeepGEMM experts", fix)
-    )
-    ep = deep_ep_backend.deep_ep_check()
-    out.append(
-        Finding(
-            "deepep", "deep_ep", ep.ok, ep.reason, "" if ep.ok else "DeepEPHighThroughput/LowLatencyPrepareAndFinalize",
-            f"pip install deepinfer-ep after NCCL 2.32.3 ({SETUP})",
-        )
-    )  # fmt: skip
-    gin = deep_ep_backend.gin_check()
-    out.append(
-        Finding("", "GIN", gin.ok, gin.reason, "" if gin.ok else "DeepEP across nodes or, without the setting, at all")
-    )
-    table = table_for(dev) if cuda else None
+    return [
+        Finding("deepgemm", "deep_gemm", ok, why, "" if ok else parts_needing({"deep_gemm"}), fix),
+        Finding("deepgemm-fp8", "deep_gemm fp8", fp8.ok, fp8.reason, "" if fp8.ok else "the fp8 DeepGEMM experts", fix),
+    ]
+
+
+def _deep_ep_findings() -> list[Finding]:
+    """``deep_ep`` itself, then its networking: GIN is said to be on only after the RDMA NIC
+    it needs was probed for (:func:`~moe_kernels.backends.deep_ep.gin_check`)."""
+    from moe_kernels.backends import deep_ep
+
+    ep = deep_ep.deep_ep_check()
+    costs = "" if ep.ok else "DeepEPHighThroughput/LowLatencyPrepareAndFinalize"
+    gin = deep_ep.gin_check()
+    gin_costs = "" if gin.ok else "DeepEP across nodes or, without the setting, at all"
+    return [
+        Finding("deepep", "deep_ep", ep.ok, ep.reason, costs, f"pip install deepinfer-ep after NCCL ({SETUP})"),
+        Finding("", "GIN", gin.ok, gin.reason, gin_costs),
+    ]
+
+
+def _table_finding(dev: torch.device) -> Finding:
+    from moe_kernels.core.tuning import table_dirs, table_for
+
+    table = table_for(dev) if dev.type == "cuda" else None
     if table is not None:
-        found = f"{table.path}: {len(table.shapes)} shape(s), {table.source}"
-    else:
-        found = f"none for this GPU in {', '.join(map(str, table_dirs()))}"
-    out.append(
-        Finding(
-            "table", "tuning table", table is not None, found,
-            "" if table is not None else "measured selection (the parts' heuristics decide)",
-            "moe-kernels tune --config YOUR.yaml --out DIR, then MOE_KERNELS_TABLES=DIR",
-        )
+        return Finding("table", "tuning table", True, f"{table.path}: {len(table.shapes)} shape(s), {table.source}")
+    return Finding(
+        "table", "tuning table", False, f"none for this GPU in {', '.join(map(str, table_dirs()))}",
+        "measured selection (the parts' heuristics decide)",
+        "moe-kernels tune --config YOUR.yaml --out DIR, then MOE_KERNELS_TABLES=DIR",
     )  # fmt: skip
-    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

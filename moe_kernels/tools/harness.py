@@ -8,11 +8,9 @@ count on any device.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
-from moe_kernels.config import MoEConfig, ParallelConfig
-from moe_kernels.tools.terminal import format_bytes
+from moe_kernels.config import MoEConfig, ParallelConfig, describe_validation_error
 
 if TYPE_CHECKING:
     from moe_kernels.selection.select import Selection
@@ -23,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from pydantic import ValidationError
 
 from moe_kernels.config import ConfigError, LayerConfig, load_config
 from moe_kernels.core.compose import Kernel, ModularKernel, compose
@@ -38,7 +37,7 @@ Timer = Callable[[Callable[[], object]], float]
 
 def cuda_timer(fn: Callable[[], object]) -> float:
     """Median of CUDA-event timings after warm-up, L2 flushed before each run."""
-    return time_cuda(fn).median_us
+    return time_cuda(fn)
 
 
 def cpu_timer(fn: Callable[[], object], *, budget_s: float = 1.0, max_runs: int = 5) -> float:
@@ -130,7 +129,7 @@ def check_and_time(
     """Run ``layer`` on ``tokens`` random rows, compare with the reference kernel on the same
     routing, then time the layer (and the reference, when asked). Single-process only."""
     cfg = layer.cfg
-    device = layer.w13.device
+    device = layer.kernel.ctx.device
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     x = torch.randn(tokens, cfg.moe.hidden_size, generator=gen, device=device).to(cfg.moe.dtype)
     ref_kernel = reference_kernel(cfg, device, layer.placement)
@@ -158,6 +157,16 @@ class CliError(Exception):
     """A user error: printed as one line, exit status 2, no traceback."""
 
 
+def require_cuda(command: str, why: str, gpus: int = 1) -> None:
+    """Refuse ``command`` (exit status 2) on a machine with fewer than ``gpus`` CUDA GPUs: a
+    GPU command that did nothing must not look like success to a script
+    (``tune --out DIR && MOE_KERNELS_TABLES=DIR ...``)."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible < gpus:
+        need = "a CUDA GPU" if gpus == 1 else f"{gpus} or more CUDA GPUs"
+        raise CliError(f"{command}: {why}, so it needs {need}; {visible} visible (nothing was run)")
+
+
 def one_rank_config(cfg: LayerConfig, ep_size: int, ep_rank: int, where: str) -> LayerConfig:
     """``cfg`` as rank ``ep_rank`` of ``ep_size`` sees it (its experts only)."""
     if ep_rank >= ep_size:
@@ -167,8 +176,8 @@ def one_rank_config(cfg: LayerConfig, ep_size: int, ep_rank: int, where: str) ->
     try:
         parallel = ParallelConfig.model_validate({**cfg.parallel.model_dump(), "ep_size": ep_size, "ep_rank": ep_rank})
         return LayerConfig.model_validate({**cfg.model_dump(), "parallel": parallel})
-    except ValueError as e:
-        raise CliError(f"--ep-size {ep_size} for {where}: {e}") from None
+    except ValidationError as e:
+        raise CliError(f"--ep-size {ep_size} for {where}: {describe_validation_error(e)}") from None
 
 
 def select_for_run(cfg: LayerConfig, device: torch.device) -> Selection:
@@ -181,58 +190,12 @@ def select_for_run(cfg: LayerConfig, device: torch.device) -> Selection:
     return select(cfg, device=device, prepare_finalize_factories=[lambda _: LocalPrepareAndFinalize(partial=True)])
 
 
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """What ``run`` will allocate, before it allocates anything."""
-
-    weights: int
-    workspaces: int
-    activations: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.workspaces + self.activations
-
-    def describe(self) -> str:
-        return (
-            f"about {format_bytes(self.total)} (weights {format_bytes(self.weights)}, workspaces "
-            f"{format_bytes(self.workspaces)}, activations {format_bytes(self.activations)})"
-        )
-
-
-def memory_estimate(cfg: LayerConfig, selection: Selection, tokens: int) -> MemoryEstimate:
-    from moe_kernels.core.contract import LayerContext
-    from moe_kernels.selection.select import planned_workspace_bytes, with_max_tokens
-
-    m, mlp = cfg.moe, cfg.mlp
-    weights = cfg.num_local_experts * mlp.expert_nbytes() + m.num_experts * m.hidden_size * m.dtype.itemsize
-    weights += 3 * m.hidden_size * m.shared_width * m.dtype.itemsize
-    if mlp.weights.is_quantized:  # the float32 source tensors of one expert while it is quantized
-        weights += 3 * m.hidden_size * m.intermediate_size * 4
-    workspaces = 0
-    ctx = selection.ctx
-    for choice in selection.steps:
-        sized = cfg if choice is selection.steps[-1] else with_max_tokens(cfg, choice.high)
-        sub = LayerContext(sized, ctx.device, ctx.placement, ctx.group)
-        pair = choice.candidate
-        workspaces = max(workspaces, planned_workspace_bytes(pair.prepare_finalize, pair.experts, sub))
-    # the input, the output and the reference's fp32 copies of a few [T, H] tensors, plus the
-    # float32 copy of one expert that drawing the weights and the reference hold at a time
-    activations = 8 * tokens * m.hidden_size * 4 + 2 * 3 * m.hidden_size * m.intermediate_size * 4
-    return MemoryEstimate(weights, workspaces, activations)
-
-
-def available_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return physical_memory_bytes()
+def run_activation_bytes(cfg: LayerConfig, tokens: int) -> int:
+    """What ``run`` holds beside the layer: the input, the output and the reference's float32
+    copies of a few ``[T, H]`` tensors, plus the float32 copy of one expert that drawing the
+    weights and the reference hold at a time."""
+    m = cfg.moe
+    return 8 * tokens * m.hidden_size * 4 + 2 * 3 * m.hidden_size * m.intermediate_size * 4
 
 
 def load_layer_config(path: str, dtype: str | None = None) -> LayerConfig:
@@ -249,8 +212,13 @@ def _with_dtype(cfg: LayerConfig, dtype: str, where: str) -> LayerConfig:
     try:
         moe = MoEConfig.model_validate({**cfg.moe.model_dump(), "dtype": dtype})
         return LayerConfig.model_validate({**cfg.model_dump(), "moe": moe})
-    except ValueError as e:
-        raise CliError(f"--dtype {dtype!r} for {where}: {e}") from None
+    except ValidationError as e:
+        hint = ""
+        if "fp8" in dtype or "float8" in dtype:  # what a user asking for fp8 means
+            hint = (
+                "; fp8 weights are a quantization scheme: quant.scheme: fp8_w8a8_block (configs/deepseek-v3-fp8.yaml)"
+            )
+        raise CliError(f"--dtype {dtype!r} for {where}: {describe_validation_error(e)}{hint}") from None
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -262,10 +230,3 @@ def resolve_device(name: str | None) -> torch.device:
         return resolve(name)
     except ValueError as e:
         raise CliError(f"--device: {e}") from None
-
-
-def physical_memory_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not every platform names these
-        return None

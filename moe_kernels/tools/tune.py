@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -19,6 +18,8 @@ from moe_kernels.selection.problems import SHAPES, BenchShape
 from moe_kernels.selection.timing import Timer
 from moe_kernels.selection.tuner import DEFAULT_TOKENS, tune_shape
 from moe_kernels.tools.args import positive_ints, shape_names
+from moe_kernels.tools.harness import require_cuda
+from moe_kernels.tools.progress import Progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,25 +47,20 @@ def layers(args: argparse.Namespace) -> list[BenchShape]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not torch.cuda.is_available():
-        print("tune: skipped: it measures on a CUDA GPU and this machine has none")
-        return 0
+    require_cuda("tune", "it measures kernels on the GPU it writes a table for")
     shapes = layers(args)
     if not shapes:
         print("tune: give --config FILE or --shapes NAMES", file=sys.stderr)
         return 2
-    start = time.perf_counter()
-
-    def progress(msg: str) -> None:
-        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
     source = f"moe-kernels tune, {datetime.date.today().isoformat()}, torch {torch.__version__}"
     timer = Timer(args.runs, args.target_ms / 1e3)
-    for shape in shapes:
-        progress(f"tuning {shape.label}")
-        tune_shape(
-            shape, sorted(args.tokens), timer.graphed, tile_candidates=args.tile_candidates, progress=progress,
-            tables_dir=args.out, source=source,
-        )  # fmt: skip
+    tokens = sorted(args.tokens)
+    with Progress(len(shapes) * len(tokens), "tune") as progress:
+        for shape in shapes:
+            progress.say(f"tuning {shape.label}")
+            tune_shape(
+                shape, tokens, timer.graphed, tile_candidates=args.tile_candidates, progress=progress.say,
+                tables_dir=args.out, source=source, measured=lambda _t: progress.advance(),
+            )  # fmt: skip
     print(f"tune: wrote {args.out / (tuning.slug(torch.cuda.get_device_name()) + '.json')}")
     return 0

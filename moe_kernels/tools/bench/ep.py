@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from moe_kernels.tools.args import positive_ints
 from moe_kernels.tools.bench.tables import format_table
+from moe_kernels.tools.harness import CliError, require_cuda
 
 DEFAULT_TOKENS = [1, 16, 128, 512, 4096]
 PATHS = ("ours-ht", "raw-ht", "ours-ll", "raw-ll", "torch-a2a")
@@ -71,11 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark on ``args.world_size`` GPUs; print the table (stdout), progress (stderr)."""
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    require_cuda("bench ep", "it runs one rank per GPU", gpus=max(2, args.world_size or 0))
+    gpus = torch.cuda.device_count()
     world = args.world_size or gpus
-    if gpus < 2 or world < 2:
-        print(f"bench ep: skipped: it needs two or more CUDA GPUs ({gpus} visible)")
-        return 0
+    if world < 2:
+        raise CliError(f"bench ep: --world-size {world}: expert parallelism needs two or more ranks")
     if world > gpus:
         print(f"bench ep: --world-size {world} but only {gpus} GPUs are visible", file=sys.stderr)
         return 2

@@ -46,6 +46,8 @@ from moe_kernels.selection.timing import Timer, copy_bandwidth_gbs, matmul_tflop
 from moe_kernels.selection.tuner import tune_shape
 from moe_kernels.tools.args import positive_ints, shape_names
 from moe_kernels.tools.bench.tables import format_table
+from moe_kernels.tools.harness import require_cuda
+from moe_kernels.tools.progress import Progress
 
 DEFAULT_TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
 
@@ -301,6 +303,8 @@ def report(results: list[ShapeResult], header: list[str]) -> str:
 
 
 def panels(results: list[ShapeResult]) -> list[Any]:
+    """One plot panel per shape: every measured series, divided into the peer's times (the bf16
+    twin's in an fp8 run, where that is the comparison the tables make)."""
     from moe_kernels.tools.bench.plot import Panel
 
     out = []
@@ -310,7 +314,7 @@ def panels(results: list[ShapeResult]) -> list[Any]:
             for name, us in p.us.items():
                 label = name.replace("PrepareAndFinalize", "PF").replace("Experts", "")
                 panel.series.setdefault(label, []).append((p.tokens, us))
-        panel.emphasis = ("select", "peer")
+        panel.reference = "bf16" if "bf16" in panel.series else "peer"
         out.append(panel)
     return out
 
@@ -350,22 +354,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; print the tables (stdout) and progress (stderr)."""
-    if not torch.cuda.is_available():
-        print("bench experts: skipped: it times with CUDA events and this machine has no CUDA GPU")
-        return 0
-    from moe_kernels.core.compose import WorkspaceCache
-    from moe_kernels.selection.select import select
-
-    start = time.perf_counter()
-
-    def progress(msg: str) -> None:
-        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
+    require_cuda("bench experts", "it times with CUDA events")
     device = torch.device("cuda", torch.cuda.current_device())
-    gpu = torch.cuda.get_device_name(device)
     peer, peer_info = load_peer(args.peer)
     limits = (copy_bandwidth_gbs(), matmul_tflops())
-    header = [
+    header = _header(torch.cuda.get_device_name(device), peer_info, limits)
+    timer = Timer(args.runs, args.target_ms / 1e3)
+    args.quant = "fp8_w8a8_block" if args.quant == "fp8" else "none"
+    results: list[ShapeResult] = []
+    start = time.perf_counter()
+    with Progress(len(args.shapes) * len(args.tokens), "bench experts") as progress:
+        progress.say(header[0].removeprefix("- "))
+        for name in args.shapes:
+            result = ShapeResult(name, SHAPES[name])
+            results.append(result)
+            save = lambda: _write(args, results, header)
+            _bench_shape(result, args, device, peer, timer, limits, progress, save, deadline=start)
+    if timer.failures:
+        header.append("- CUDA-graph capture failed for (timed eagerly instead): " + "; ".join(timer.failures))
+    print(report(results, header))
+    _write(args, results, header)
+    return 0
+
+
+def _header(gpu: str, peer_info: str, limits: tuple[float, float]) -> list[str]:
+    return [
         f"- GPU: {gpu}, torch {torch.__version__}, date {datetime.datetime.now().isoformat(timespec='minutes')}",
         f"- peer: {peer_info}",
         f"- measured limits: copy {limits[0]:.0f} GB/s (read + write), dense bf16 GEMM {limits[1]:.0f} TFLOP/s",
@@ -374,58 +387,66 @@ def run(args: argparse.Namespace) -> int:
         "- peer/select > 1: we are faster; select/best: what select() costs over our fastest pair at that T;",
         "  HBM bound = touched experts' weight bytes / copy bandwidth; TC bound = GEMM FLOPs / dense GEMM rate",
     ]
-    progress(header[0].removeprefix("- "))
-    timer = Timer(args.runs, args.target_ms / 1e3)
-    results: list[ShapeResult] = []
-    quant = "fp8_w8a8_block" if args.quant == "fp8" else "none"
-    args.quant = quant
-    for name in args.shapes:
-        shape = SHAPES[name]
-        tuned: dict[str, dict[int, float]] = {}
-        if args.tune_out is not None and name != "untuned":
-            source = (
-                f"moe-kernels bench experts --tune-out, {datetime.date.today().isoformat()}, torch {torch.__version__}"
-            )
-            tuned = tune_shape(
-                shape, sorted(args.tokens), timer.graphed, tile_candidates=args.tile_candidates, progress=progress,
-                tables_dir=args.tune_out, source=source, quant=quant,
-            )  # fmt: skip
-        w = make_weights(shape, quant=quant)
-        # a cache of its own per shape, so that the scratch of one shape is freed before the next
-        selection = select(shape.layer(max(args.tokens), quant), device=device, workspace_cache=WorkspaceCache())
-        bf16 = None
-        if quant != "none":
-            twin = select(shape.layer(max(args.tokens)), device=device, workspace_cache=WorkspaceCache())
-            bf16 = (dequantized(w), twin)
-        result = ShapeResult(name, shape, selection.decided_by)
-        results.append(result)
-        for tokens in args.tokens:
-            if args.time_budget_s and time.perf_counter() - start > args.time_budget_s:
-                progress(f"time budget of {args.time_budget_s:.0f} s spent: stopping before {name} T={tokens}")
-                break
-            try:
-                point = bench_point(shape, tokens, w, selection, peer, timer, args, limits, tuned, bf16)
-            except torch.cuda.OutOfMemoryError as e:
-                progress(f"{name} T={tokens}: out of memory ({str(e).splitlines()[0]}); skipping larger T")
-                torch.cuda.empty_cache()
-                break
-            result.points.append(point)
-            other = "bf16" if bf16 is not None else "peer"
-            ratio = _ratio(point.us.get(other), point.us.get("select"))
-            shown = f"{ratio:.2f}" if isinstance(ratio, float) else ratio
-            progress(
-                f"{name} T={tokens}: select {point.us['select']:.1f} us ({point.select_pair}), {other}/select {shown}"
-            )
+
+
+def _bench_shape(
+    result: ShapeResult,
+    args: argparse.Namespace,
+    device: torch.device,
+    peer: Callable[..., torch.Tensor] | None,
+    timer: Timer,
+    limits: tuple[float, float],
+    progress: Progress,
+    save: Callable[[], None],
+    *,
+    deadline: float,
+) -> None:
+    """Every token count of one shape into ``result.points`` (``deadline``: the run's start,
+    against ``--time-budget-s``); ``save()`` after each point."""
+    from moe_kernels.core.compose import WorkspaceCache
+    from moe_kernels.selection.select import select
+
+    name, shape, quant = result.name, result.shape, args.quant
+    tuned: dict[str, dict[int, float]] = {}
+    if args.tune_out is not None and name != "untuned":
+        source = f"moe-kernels bench experts --tune-out, {datetime.date.today().isoformat()}, torch {torch.__version__}"
+        tuned = tune_shape(
+            shape, sorted(args.tokens), timer.graphed, tile_candidates=args.tile_candidates, progress=progress.say,
+            tables_dir=args.tune_out, source=source, quant=quant,
+        )  # fmt: skip
+    w = make_weights(shape, quant=quant)
+    # a cache of its own per shape, so that the scratch of one shape is freed before the next
+    selection = select(shape.layer(max(args.tokens), quant), device=device, workspace_cache=WorkspaceCache())
+    result.decided_by = selection.decided_by
+    bf16 = None
+    if quant != "none":
+        twin = select(shape.layer(max(args.tokens)), device=device, workspace_cache=WorkspaceCache())
+        bf16 = (dequantized(w), twin)
+    for done, tokens in enumerate(args.tokens):
+        if args.time_budget_s and time.perf_counter() - deadline > args.time_budget_s:
+            progress.say(f"time budget of {args.time_budget_s:.0f} s spent: stopping before {name} T={tokens}")
+            progress.advance(len(args.tokens) - done)
+            break
+        try:
+            point = bench_point(shape, tokens, w, selection, peer, timer, args, limits, tuned, bf16)
+        except torch.cuda.OutOfMemoryError as e:
+            progress.say(f"{name} T={tokens}: out of memory ({str(e).splitlines()[0]}); skipping larger T")
+            progress.advance(len(args.tokens) - done)
             torch.cuda.empty_cache()
-            _write(args, results, header)
-        selection.kernel.release()
-        del w, selection, bf16
+            break
+        result.points.append(point)
+        other = "bf16" if bf16 is not None else "peer"
+        ratio = _ratio(point.us.get(other), point.us.get("select"))
+        shown = f"{ratio:.2f}" if isinstance(ratio, float) else ratio
+        progress.say(
+            f"{name} T={tokens}: select {point.us['select']:.1f} us ({point.select_pair}), {other}/select {shown}"
+        )
+        progress.advance()
         torch.cuda.empty_cache()
-    if timer.failures:
-        header.append("- CUDA-graph capture failed for (timed eagerly instead): " + "; ".join(timer.failures))
-    print(report(results, header))
-    _write(args, results, header)
-    return 0
+        save()
+    selection.kernel.release()
+    del w, selection, bf16
+    torch.cuda.empty_cache()
 
 
 def _write(args: argparse.Namespace, results: list[ShapeResult], header: list[str]) -> None:
@@ -441,7 +462,9 @@ def _write(args: argparse.Namespace, results: list[ShapeResult], header: list[st
     (args.out / "experts.json").write_text(json.dumps({"header": header, "shapes": raw}, indent=1))
     from moe_kernels.tools.bench.plot import plot_panels
 
-    plot_panels(panels(results), args.out / "experts.png")
+    why_not = plot_panels(panels(results), args.out / "experts.png")
+    if why_not is not None and results and results[-1].points:
+        print(f"bench experts: experts.png not drawn: {why_not}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

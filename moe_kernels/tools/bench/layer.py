@@ -12,7 +12,7 @@ from moe_kernels.config import ConfigError, LayerConfig, load_config
 from moe_kernels.model.layer import FusedMoE
 from moe_kernels.tools.args import positive_ints
 from moe_kernels.tools.bench.tables import format_table
-from moe_kernels.tools.harness import LayerResult, Timer, check_and_time, cuda_timer, random_layer
+from moe_kernels.tools.harness import LayerResult, Timer, check_and_time, cuda_timer, random_layer, require_cuda
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,12 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``moe-kernels bench layer``: a table of layer times on the current CUDA device."""
-    if not torch.cuda.is_available():
-        print(
-            "bench layer: skipped: it times with CUDA events and this machine has no CUDA GPU. "
-            "On the CPU, `moe-kernels run --config ...` checks a layer and times one call."
-        )
-        return 0
+    require_cuda("bench layer", "it times with CUDA events (on the CPU `moe-kernels run` checks and times a layer)")
     try:
         cfg = load_config(args.config)
     except (FileNotFoundError, ConfigError) as e:

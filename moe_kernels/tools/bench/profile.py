@@ -33,6 +33,7 @@ from moe_kernels.selection.timing import Timer
 from moe_kernels.tools.args import positive_ints, shape_names
 from moe_kernels.tools.bench.experts import load_peer
 from moe_kernels.tools.bench.tables import format_table
+from moe_kernels.tools.harness import require_cuda
 
 #: the separator kernel's length in GPU cycles: long enough to see, short beside any call
 SEPARATOR_CYCLES = 1000
@@ -182,9 +183,7 @@ def profile_point(
 
 
 def run(args: argparse.Namespace) -> int:
-    if not torch.cuda.is_available():
-        print("bench profile: skipped: it profiles CUDA kernels and this machine has no CUDA GPU")
-        return 0
+    require_cuda("bench profile", "it profiles CUDA kernels")
     peer, peer_info = load_peer(Path(args.peer) if args.peer else None)
     print(f"# Kernel profile on {torch.cuda.get_device_name()}; peer: {peer_info}\n")
     for name in args.shapes:

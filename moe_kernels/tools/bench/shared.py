@@ -32,6 +32,7 @@ from moe_kernels.backends import deep_gemm
 from moe_kernels.selection.timing import Timer
 from moe_kernels.tools.args import non_negative_ints, positive_ints
 from moe_kernels.tools.bench.tables import format_table
+from moe_kernels.tools.harness import require_cuda
 
 if TYPE_CHECKING:
     from moe_kernels.model.layer import FusedMoE
@@ -52,9 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not torch.cuda.is_available():
-        print("bench shared: skipped: it times with CUDA events and this machine has no CUDA GPU")
-        return 0
+    require_cuda("bench shared", "it times with CUDA events")
     from moe_kernels.tools.harness import load_layer_config, one_rank_config, random_layer, select_for_run
 
     cfg = one_rank_config(load_layer_config(args.config), args.ep_size, args.ep_rank, args.config)

@@ -1,4 +1,4 @@
-"""Timing on the GPU: CUDA events after warm-up, the median of many runs."""
+"""Markdown tables of the benchmarks: readable in a terminal and pasted into docs as they are."""
 
 from __future__ import annotations
 
