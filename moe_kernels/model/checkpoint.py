@@ -725,11 +725,12 @@ def _describe_per_expert(
 
 def _describe_shared(lay: _Layer, variant: SharedNaming, hidden: int) -> SharedExpert[TensorInfo]:
     """The shared expert of the variant the checkpoint has, normalised to gate/up/down (and its gate)."""
+    gate: TensorInfo | None
     if variant.gate_up is not None:
-        stored = lay.stored(lay.key(variant.gate_up))
-        if stored.dtype == torch.float8_e4m3fn:
-            raise TypeError(f"{stored.file}: tensor '{stored.key}' is a float8_e4m3fn fused gate_up; not supported")
-        gate, up = _cut_info(stored, Cut(half="first")), _cut_info(stored, Cut(half="second"))
+        fused = lay.stored(lay.key(variant.gate_up))
+        if fused.dtype == torch.float8_e4m3fn:
+            raise TypeError(f"{fused.file}: tensor '{fused.key}' is a float8_e4m3fn fused gate_up; not supported")
+        gate, up = _cut_info(fused, Cut(half="first")), _cut_info(fused, Cut(half="second"))
         down = lay.stored(lay.key(variant.down))
         scales: list[TensorInfo | None] = [None, None, None]
     else:
@@ -745,11 +746,13 @@ def _describe_shared(lay: _Layer, variant: SharedNaming, hidden: int) -> SharedE
                 f"layer {lay.layer} of {lay.where}: the shared expert has {SCALE_SUFFIX} scales for some projections"
                 f" but not others; no key '{absent}{SCALE_SUFFIX}'"
             )
-        stored = [lay.stored(k) for k in weight_keys]
+        stored: list[TensorInfo | None] = [lay.stored(k) for k in weight_keys]
         scales = [lay.stored(k + SCALE_SUFFIX) if s else None for k, s in zip(weight_keys, has_scale, strict=True)]
         if variant.gate is None:  # not gated: no gate projection
             stored, scales = [None, *stored], [None, *scales]
-        gate, up, down = stored
+        gate, up_or_none, down_or_none = stored
+        assert up_or_none is not None and down_or_none is not None
+        up, down = up_or_none, down_or_none
     for w, s in zip((gate, up, down), scales, strict=True):
         if w is not None:
             _check_weight_and_scale(w, s)

@@ -242,7 +242,7 @@ _GEMMA4 = Family(
     activation=Act(name=Key(("hidden_activation", "hidden_act"), "gelu_pytorch_tanh"), kinds=("gelu_tanh", "gelu")),
     refuse=(Refuse("a model without MoE layers (enable_moe_block false)", Key(("enable_moe_block",)), (True,)),),
 )
-_PER_EXPERT = {"sigmoid": "sigmoid", "sqrtsoftplus": "sqrtsoftplus"}
+_PER_EXPERT: dict[str, _Scoring] = {"sigmoid": "sigmoid", "sqrtsoftplus": "sqrtsoftplus"}
 
 
 def _inkling2() -> Family:
@@ -673,7 +673,11 @@ def _shared_fields(family: Family, cfg: Mapping[str, Any], layer: int, width: in
             f"shared_expert_combination_strategy: {strategy!r} needs a shared-expert combination other than"
             f" {' or '.join(_COMBINATIONS)}, which moe_kernels does not implement yet"
         )
-    fields = {"num_shared_experts": count, "shared_intermediate_size": each, "shared_expert_gate": sh.gated}
+    fields: dict[str, Any] = {
+        "num_shared_experts": count,
+        "shared_intermediate_size": each,
+        "shared_expert_gate": sh.gated,
+    }
     if _COMBINATIONS[strategy] != 1.0:  # (routed + shared) * c: both sums scaled (the routed by its weights)
         fields["shared_scale"] = _COMBINATIONS[strategy]
     if family.shared_activation is not None:
@@ -843,7 +847,7 @@ def _layer_config(raw: Mapping[str, Any], layer: int, dtype: torch.dtype | None,
         if dtype_name not in _DTYPES:
             raise HFConfigError(f"dtype: {dtype_name!r} is not one of {', '.join(_DTYPES)}")
         dtype = _DTYPES[dtype_name]
-    fields = {
+    fields: dict[str, Any] = {
         "num_experts": int(_require(cfg, family.experts, layer, "expert count")),
         "top_k": int(_require(cfg, family.top_k, layer, "top-k")),
         "hidden_size": int(_require(cfg, Key(("hidden_size", "d_model")), layer, "hidden size")),

@@ -201,7 +201,9 @@ class FusedMoE(nn.Module):
         self._check_loaded()  # what moves must be the checkpoint's weights
         if self._group is not None:
             check_agreement(self._group, "apply_placement", {"new placement (fingerprint)": placement.fingerprint()})
-        tensors = [self.parameter(p, part) for p, stored in self.cfg.mlp.stored().items() for part in stored]
+        tensors: list[torch.Tensor] = [
+            self.parameter(p, part) for p, stored in self.cfg.mlp.stored().items() for part in stored
+        ]
         move_weights(tensors, self.placement, placement, self._group)
         self.kernel.rebind_placement(placement)
         self.placement = placement

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -360,12 +360,10 @@ def _layer_extras(moe: MoEConfig) -> dict[str, bool]:
     }
 
 
-def _part_projections(
-    part: MoELayerTensors, quantized_layer: bool
-) -> dict[str, tuple[ExpertTensors | None, ExpertTensors | None]]:
+def _part_projections(part: MoELayerTensors, quantized_layer: bool) -> dict[str, tuple[Any, Any]]:
     """A checkpoint part as ``load`` arguments: the projections (an fp8 checkpoint into an unquantized
     layer dequantized: the weights it stands for) and the expert biases."""
-    projections: dict[str, tuple[ExpertTensors | None, ExpertTensors | None]] = {
+    projections: dict[str, tuple[Any, Any]] = {
         "gate_proj": (part.gate_proj or None, part.gate_proj_scale or None),
         "up_proj": (part.up_proj, part.up_proj_scale),
         "down_proj": (part.down_proj, part.down_proj_scale),
@@ -398,7 +396,7 @@ def _projection_rows(name: str, inter: int, hidden: int, gated: bool) -> tuple[i
 
 
 def _stored_as(
-    fmt: WeightFormat, name: str, expert: int, given: dict[str, object], shape: tuple[int, int]
+    fmt: WeightFormat, name: str, expert: int, given: Mapping[str, object], shape: tuple[int, int]
 ) -> dict[str, torch.Tensor]:
     """A projection given already stored (``given``: its ``weight`` and ``scale``), checked
     against the layer's format ``fmt`` for an ``[N, K] = shape`` projection."""
