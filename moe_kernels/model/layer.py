@@ -358,6 +358,13 @@ class FusedMoE(nn.Module):
             },
         )
 
+    def load_extras(self, **tensors: torch.Tensor) -> None:
+        """Copy the layer's tensors around the experts, by name: ``input_norm [H]``
+        (``moe.input_norm_eps``), ``output_norm [H]`` (``moe.output_norm_eps``), ``output_bias [H]``
+        (``moe.output_bias``); all checked before any is copied. The router's own (a bias, a scale)
+        go to ``router.load_tensors``."""
+        self._loader.load_extras(tensors)
+
     def load_checkpoint(
         self,
         path: str | os.PathLike[str],

@@ -193,7 +193,7 @@ class LayerLoader:
             dst = getattr(layer, name, None) if name in EXTRAS else None
             if dst is None:
                 raise ValueError(
-                    f"{name}: this layer's config has no such tensor (moe.output_norm_eps, moe.output_bias)"
+                    f"{name}: the layer has no such tensor (moe.input_norm_eps, output_norm_eps, output_bias)"
                 )
             copies.append((dst, _float(name, t, tuple(dst.shape))))
         for dst, src in copies:
