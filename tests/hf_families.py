@@ -104,6 +104,8 @@ class Case:
     #: where the expert ids come from when the family's experts module is not called with them:
     #: ``(submodule of the block, index in its output)`` of the router logits, whose top-k they are
     logits_from: tuple[str, int] | None = None
+    #: the block routes by token id (DeepSeek-V4's hash layers): it and our layer get ``input_ids``
+    hashed: bool = False
     #: or ``(submodule of the block, index in its output)`` of the chosen ids themselves (LongCat's
     #: experts are called with its zero-compute experts' slots moved to real experts of weight 0)
     ids_from: tuple[str, int] | None = None
@@ -286,6 +288,11 @@ CASES: dict[str, Case] = {
     "llama4": Case(_m("llama4", "Llama4TextConfig"), dict(num_experts_per_tok=1), logits_from=("router", 1)),
     "deepseek_v4": Case(
         _m("deepseek_v4", "DeepseekV4Config"), dict(mlp_layer_types=["hash_moe", "moe", "moe"], swiglu_limit=0.5)
+    ),
+    "deepseek_v4_hash": Case(
+        _m("deepseek_v4", "DeepseekV4Config"),
+        dict(mlp_layer_types=["hash_moe", "hash_moe", "moe"], swiglu_limit=0.5),
+        hashed=True,
     ),
     "axk1": Case(_m("axk1", "AXK1Config"), _V3),
     "jetmoe": Case(_m("jetmoe", "JetMoeConfig"), block="mlp", logits_from=("router", -1)),

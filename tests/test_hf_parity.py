@@ -28,6 +28,8 @@ from moe_kernels.model.layer import FusedMoE
 
 LAYER = 1
 TOKENS = 32
+#: token ids for the families that route by them (every family's tiny vocabulary holds 128)
+INPUT_IDS = torch.randint(0, 128, (TOKENS,), generator=torch.Generator().manual_seed(3))
 
 
 def _randomize(block: nn.Module, seed: int) -> None:
@@ -46,6 +48,10 @@ def _randomize(block: nn.Module, seed: int) -> None:
             if t.is_floating_point():
                 sign = 1 - 2 * (torch.arange(t.shape[-1]) % 2)
                 t.copy_(sign + 0.3 * torch.randn(t.shape, generator=g))
+        for name, t in block.named_buffers():
+            if name.endswith("tid2eid"):  # a hash table of distinct experts per token id
+                experts = int(block.get_submodule(name.rsplit(".", 1)[0]).num_experts)
+                t.copy_(torch.stack([torch.randperm(experts, generator=g)[: t.shape[1]] for _ in range(t.shape[0])]))
 
 
 def _moe_block(decoder: nn.Module) -> nn.Module | None:
@@ -115,7 +121,10 @@ def _reference(model: nn.Module, case: Case, top_k: int) -> Callable[[torch.Tens
         try:
             with torch.no_grad():
                 x3 = x.reshape(2, -1, H)
-                out = case.moe_of(decoder, x3) if case.moe_of is not None else block(x3)
+                if case.moe_of is not None:
+                    out = case.moe_of(decoder, x3)
+                else:
+                    out = block(x3, input_ids=INPUT_IDS.reshape(2, -1)) if case.hashed else block(x3)
                 out = out[0] if isinstance(out, tuple) else out
                 for name in case.also:
                     out = out + decoder.get_submodule(name)(x3)
@@ -163,10 +172,11 @@ def test_family_matches_transformers(family: str, tmp_path: Path) -> None:
 
     layer = _ours(tmp_path / "fp32", torch.float32)
     ref, ref_ids = _reference(model, case, layer.cfg.moe.top_k)(x)
-    _, ids = layer.router(x)
+    ids_in = INPUT_IDS if case.hashed else None
+    _, ids = layer.router(x, ids_in)
     same = _same_sets(ids.long(), ref_ids.long())
     assert same.all(), f"{family}: tokens {(~same).nonzero().flatten().tolist()} routed differently"
-    assert _rel_err(layer(x), ref) < 1e-5
+    assert _rel_err(layer(x, ids_in), ref) < 1e-5
 
     bf16 = transformers.AutoModelForCausalLM if hasattr(model, "lm_head") else transformers.AutoModel
     model16 = bf16.from_pretrained(tmp_path / "fp32", dtype=torch.bfloat16).eval()
@@ -174,13 +184,13 @@ def test_family_matches_transformers(family: str, tmp_path: Path) -> None:
     x16 = x.bfloat16()
     layer16 = _ours(tmp_path / "bf16", torch.bfloat16)
     ref16, ref_ids16 = _reference(model16, case, layer16.cfg.moe.top_k)(x16)
-    _, ids16 = layer16.router(x16)
-    keep = ~_tied(layer16, x16)
+    _, ids16 = layer16.router(x16, ids_in)
+    keep = ~_tied(layer16, x16) if not case.hashed else torch.ones(TOKENS, dtype=torch.bool)
     same16 = _same_sets(ids16.long(), ref_ids16.long())
     assert same16[keep].all(), (
         f"{family} bf16: tokens {(keep & ~same16).nonzero().flatten().tolist()} routed differently"
     )
-    assert _rel_err(layer16(x16)[keep], ref16[keep]) < 3e-2
+    assert _rel_err(layer16(x16, ids_in)[keep], ref16[keep]) < 3e-2
 
 
 @pytest.mark.parametrize("family", REFUSED)

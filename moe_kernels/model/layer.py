@@ -219,8 +219,9 @@ class FusedMoE(nn.Module):
             raise ValueError(f"{projection}: the layer stores no {part} ({self.cfg.mlp.weights.describe()})")
         return param
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``hidden_states [T, H]`` in ``moe.dtype`` on the layer's device -> ``[T, H]``."""
+    def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden_states [T, H]`` in ``moe.dtype`` on the layer's device -> ``[T, H]``; ``input_ids
+        [T]``: the tokens' ids, which a layer routed by token id (``moe.hash_routing``) needs."""
         moe = self.cfg.moe
         self._check_loaded()
         hidden_states = expect_tensor("hidden_states", hidden_states)
@@ -230,7 +231,7 @@ class FusedMoE(nn.Module):
         expect_device("hidden_states", hidden_states, self.w13.device)
         x = hidden_states.contiguous()
         residual = self._start_shared_experts(x)
-        topk_weights, topk_ids = self.router(x)
+        topk_weights, topk_ids = self.router(x, input_ids)
         identity = None
         if moe.identity_experts:
             identity, topk_weights, topk_ids = _identity_experts(x, topk_weights, topk_ids, moe.num_experts)
