@@ -201,6 +201,35 @@ class MoEConfig(_Strict):
         default=False,
         description="each routed expert adds a bias after each GEMM: w2 @ act(w13 @ x + b13) + b2 (gpt-oss)",
     )
+    identity_experts: int = Field(
+        default=0,
+        ge=0,
+        description="zero-compute experts after the routed ones: the router scores num_experts + identity_experts "
+        "experts, and a token routed to one of these gets weight * x (LongCat-Flash's zero experts)",
+    )
+    weight_on_input: bool = Field(
+        default=False,
+        description="the router weight scales the expert's input, x * w, and not its output (Llama-4); top_k 1",
+    )
+    input_norm_eps: float | None = Field(
+        default=None,
+        gt=0,
+        description="an RMSNorm (learned weight [H]) on the routed experts' input, which the router and the "
+        "shared experts do not see, with this epsilon (Gemma-4's pre_feedforward_layernorm_2)",
+    )
+    output_norm_eps: float | None = Field(
+        default=None,
+        gt=0,
+        description="an RMSNorm (learned weight [H]) on the MoE output, routed and shared experts together, "
+        "with this epsilon (A.X-K1's post_mlp_layernorm)",
+    )
+    output_bias: bool = Field(default=False, description="a learned bias [H] added to the MoE output (JetMoE)")
+    shared_scale: float = Field(
+        default=1.0,
+        gt=0,
+        description="multiplies the shared experts' output (Cohere2's average combination: 0.5, with "
+        "routed_scaling_factor 0.5)",
+    )
     shared_activation: ActivationField | None = Field(
         default=None,
         description="the shared experts' activation when it differs from the routed experts' (HY-V4: plain SwiGLU "
@@ -239,8 +268,10 @@ class MoEConfig(_Strict):
             raise ValueError("num_shared_experts > 0 and shared_intermediate_size must be given together")
         if self.shared_expert_gate and not self.num_shared_experts:
             raise ValueError("shared_expert_gate needs num_shared_experts > 0")
-        if self.shared_activation is not None and not self.num_shared_experts:
-            raise ValueError("shared_activation needs num_shared_experts > 0")
+        if self.weight_on_input and self.top_k != 1:
+            raise ValueError(f"weight_on_input needs top_k 1 (the expert's input is x * w), got top_k {self.top_k}")
+        if (self.shared_activation is not None or self.shared_scale != 1.0) and not self.num_shared_experts:
+            raise ValueError("shared_activation and shared_scale need num_shared_experts > 0")
         self._check_router()
         return self
 
@@ -281,6 +312,11 @@ class MoEConfig(_Strict):
                 "hash_routing takes experts from a table: num_expert_group, correction_bias and sparsemixer_eps "
                 "cannot apply"
             )
+
+    @property
+    def router_width(self) -> int:
+        """The experts the router scores: the routed ones, then the identity experts."""
+        return self.num_experts + self.identity_experts
 
     @property
     def shared_act(self) -> Activation:

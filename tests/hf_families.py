@@ -10,6 +10,7 @@ orientation is then visible in its shape, and a mix-up cannot pass unnoticed.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,15 @@ TINY: dict[str, Any] = dict(
 DENSE_SPARSE = ["dense", "sparse", "sparse"]
 
 
+def _gemma4_moe(decoder: Any, x: Any) -> Any:
+    """Gemma-4's MoE half of its feed-forward: the router on the layer's input, the experts between
+    their own norms (the dense MLP beside them is another layer's business)."""
+    flat = x.reshape(-1, x.shape[-1])
+    _, weights, ids = decoder.router(flat)
+    out = decoder.experts(decoder.pre_feedforward_layernorm_2(flat), ids, weights)
+    return decoder.post_feedforward_layernorm_2(out.reshape(x.shape))
+
+
 @dataclass(frozen=True)
 class Case:
     """One family: its config class, the overrides beyond :data:`TINY`, the expected status, and how
@@ -85,6 +95,20 @@ class Case:
     #: attributes set on the built config (``"attn_config.rope_theta"``): DBRX's attention reads a
     #: field its config class does not define
     patch: dict[str, Any] = field(default_factory=dict)
+    #: the decoder layer's child that holds the MoE block, where another child also has experts
+    #: (JetMoE's mixture-of-attention heads)
+    block: str | None = None
+    #: the family's MoE computation from its decoder layer and ``x [B, S, H]``, where no child module
+    #: is it (Gemma-4's experts sit in the decoder layer between norms of their own)
+    moe_of: Callable[[Any, Any], Any] | None = None
+    #: where the expert ids come from when the family's experts module is not called with them:
+    #: ``(submodule of the block, index in its output)`` of the router logits, whose top-k they are
+    logits_from: tuple[str, int] | None = None
+    #: the block routes by token id (DeepSeek-V4's hash layers): it and our layer get ``input_ids``
+    hashed: bool = False
+    #: or ``(submodule of the block, index in its output)`` of the chosen ids themselves (LongCat's
+    #: experts are called with its zero-compute experts' slots moved to real experts of weight 0)
+    ids_from: tuple[str, int] | None = None
 
     @property
     def refused(self) -> str | None:
@@ -176,7 +200,6 @@ CASES: dict[str, Case] = {
     "cohere2_moe_average": Case(
         _m("cohere2_moe", "Cohere2MoeConfig"),
         dict(num_shared_experts=1, mlp_layer_types=DENSE_SPARSE),
-        status="refused: a shared-expert combination other than add",
     ),
     "granitemoe": Case(_m("granitemoe", "GraniteMoeConfig")),
     "granitemoeshared": Case(_m("granitemoeshared", "GraniteMoeSharedConfig"), also=("shared_mlp",)),
@@ -252,7 +275,7 @@ CASES: dict[str, Case] = {
     "inkling2": Case(_m("inkling2", "Inkling2TextConfig"), _INKLING2),
     "inkling2_loop": Case(_m("inkling2_loop", "Inkling2LoopTextConfig"), _INKLING2),
     "diffusion_gemma": Case(
-        _m("diffusion_gemma", "DiffusionGemmaTextConfig"), status="refused: an RMSNorm on the experts' input"
+        _m("diffusion_gemma", "DiffusionGemmaTextConfig"), status="refused: a layer index that names two MoE layers"
     ),
     "ernie4_5_vl_moe": Case(
         _m("ernie4_5_vl_moe", "Ernie4_5_VLMoeTextConfig"),
@@ -262,17 +285,27 @@ CASES: dict[str, Case] = {
     "zaya": Case(_m("zaya", "ZayaConfig"), dict(num_experts_per_tok=1), status="refused: an MLP router"),
     "doge": Case(_m("doge", "DogeConfig"), status="refused: product-key experts"),
     "gpt_oss": Case(_m("gpt_oss", "GptOssConfig"), dict(swiglu_limit=0.5)),
-    "llama4": Case(_m("llama4", "Llama4TextConfig"), status="refused: router weights applied to the expert input"),
+    "llama4": Case(_m("llama4", "Llama4TextConfig"), dict(num_experts_per_tok=1), logits_from=("router", 1)),
     "deepseek_v4": Case(
         _m("deepseek_v4", "DeepseekV4Config"), dict(mlp_layer_types=["hash_moe", "moe", "moe"], swiglu_limit=0.5)
     ),
-    "axk1": Case(_m("axk1", "AXK1Config"), _V3, status="refused: an RMSNorm on the MoE output"),
-    "jetmoe": Case(_m("jetmoe", "JetMoeConfig"), status="refused: a bias on the MoE output"),
-    "longcat_flash": Case(_m("longcat_flash", "LongcatFlashConfig"), status="refused: zero-compute (identity) experts"),
+    "deepseek_v4_hash": Case(
+        _m("deepseek_v4", "DeepseekV4Config"),
+        dict(mlp_layer_types=["hash_moe", "hash_moe", "moe"], swiglu_limit=0.5),
+        hashed=True,
+    ),
+    "axk1": Case(_m("axk1", "AXK1Config"), _V3),
+    "jetmoe": Case(_m("jetmoe", "JetMoeConfig"), block="mlp", logits_from=("router", -1)),
+    "longcat_flash": Case(
+        _m("longcat_flash", "LongcatFlashConfig"),
+        dict(expert_ffn_hidden_size=I_MOE, zero_expert_num=4, ffn_hidden_size=I_DENSE),
+        ids_from=("router", 2),
+    ),
     "nemotron_h": Case(_m("nemotron_h", "NemotronHConfig"), dict(moe_shared_expert_intermediate_size=I_SHARED)),
     "gemma4": Case(
         _m("gemma4", "Gemma4TextConfig"),
         dict(enable_moe_block=True, moe_intermediate_size=I_MOE),
-        status="refused: an RMSNorm on the experts' input",
+        block="",
+        moe_of=_gemma4_moe,
     ),
 }

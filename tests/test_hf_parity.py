@@ -28,6 +28,8 @@ from moe_kernels.model.layer import FusedMoE
 
 LAYER = 1
 TOKENS = 32
+#: token ids for the families that route by them (every family's tiny vocabulary holds 128)
+INPUT_IDS = torch.randint(0, 128, (TOKENS,), generator=torch.Generator().manual_seed(3))
 
 
 def _randomize(block: nn.Module, seed: int) -> None:
@@ -46,6 +48,10 @@ def _randomize(block: nn.Module, seed: int) -> None:
             if t.is_floating_point():
                 sign = 1 - 2 * (torch.arange(t.shape[-1]) % 2)
                 t.copy_(sign + 0.3 * torch.randn(t.shape, generator=g))
+        for name, t in block.named_buffers():
+            if name.endswith("tid2eid"):  # a hash table of distinct experts per token id
+                experts = int(block.get_submodule(name.rsplit(".", 1)[0]).num_experts)
+                t.copy_(torch.stack([torch.randperm(experts, generator=g)[: t.shape[1]] for _ in range(t.shape[0])]))
 
 
 def _moe_block(decoder: nn.Module) -> nn.Module | None:
@@ -61,13 +67,14 @@ def _decoder_layer(model: nn.Module, layer: int) -> nn.Module:
     vision tower's ``blocks`` do not)."""
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] in ("layers", "blocks") and isinstance(module, nn.ModuleList):
-            if len(module) > layer and _moe_block(module[layer]) is not None:
+            if len(module) > layer and (_moe_block(module[layer]) is not None or hasattr(module[layer], "experts")):
                 return module[layer]
     raise AssertionError(f"{type(model).__name__} has no decoder layer {layer} with experts")
 
 
-def _block(model: nn.Module) -> nn.Module:
-    block = _moe_block(_decoder_layer(model, LAYER))
+def _block(model: nn.Module, case: Case) -> nn.Module:
+    decoder = _decoder_layer(model, LAYER)
+    block = decoder.get_submodule(case.block) if case.block is not None else _moe_block(decoder)
     assert block is not None
     return block
 
@@ -83,33 +90,49 @@ def _build(case: Case, directory: Path) -> nn.Module:
     for path, value in case.patch.items():  # from_config copies the config
         owner, _, attr = path.rpartition(".")
         setattr(getattr(model.config, owner), attr, value)
-    _randomize(_block(model), seed=1)
+    _randomize(_block(model, case), seed=1)
     model.eval().save_pretrained(directory)
     return model
 
 
-def _reference(model: nn.Module, case: Case) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def _reference(model: nn.Module, case: Case, top_k: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """``x [T, H]`` -> (the family's MoE output ``[T, H]``, the expert ids it routed to ``[T, K]``)."""
     decoder = _decoder_layer(model, LAYER)
-    block = _block(model)
+    block = _block(model, case)
     captured: list[torch.Tensor] = []
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         captured.append(args[1] if len(args) > 1 else next(iter(kwargs.values())))
 
+    source = case.logits_from or case.ids_from
+
+    def output_hook(module: nn.Module, args: tuple, output: tuple) -> None:
+        assert source is not None
+        captured.append(output[source[1]])
+
+    def attach() -> torch.utils.hooks.RemovableHandle:
+        if source is None:
+            return block.get_submodule("experts").register_forward_pre_hook(hook, with_kwargs=True)
+        return block.get_submodule(source[0]).register_forward_hook(output_hook)
+
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         captured.clear()
-        handle = block.get_submodule("experts").register_forward_pre_hook(hook, with_kwargs=True)
+        handle = attach()
         try:
             with torch.no_grad():
                 x3 = x.reshape(2, -1, H)
-                out = block(x3)
+                if case.moe_of is not None:
+                    out = case.moe_of(decoder, x3)
+                else:
+                    out = block(x3, input_ids=INPUT_IDS.reshape(2, -1)) if case.hashed else block(x3)
                 out = out[0] if isinstance(out, tuple) else out
                 for name in case.also:
                     out = out + decoder.get_submodule(name)(x3)
         finally:
             handle.remove()
         assert captured, "the family's experts module was not called with routing ids"
+        if case.logits_from is not None:  # the ids are the top-k of the logits
+            return out.reshape(-1, H), captured[0].reshape(x.shape[0], -1).float().topk(top_k, dim=1).indices
         return out.reshape(-1, H), captured[0].reshape(x.shape[0], -1)
 
     return run
@@ -147,26 +170,27 @@ def test_family_matches_transformers(family: str, tmp_path: Path) -> None:
     model = _build(case, tmp_path / "fp32")
     x = torch.randn(TOKENS, H, generator=torch.Generator().manual_seed(2))
 
-    ref, ref_ids = _reference(model, case)(x)
     layer = _ours(tmp_path / "fp32", torch.float32)
-    _, ids = layer.router(x)
+    ref, ref_ids = _reference(model, case, layer.cfg.moe.top_k)(x)
+    ids_in = INPUT_IDS if case.hashed else None
+    _, ids = layer.router(x, ids_in)
     same = _same_sets(ids.long(), ref_ids.long())
     assert same.all(), f"{family}: tokens {(~same).nonzero().flatten().tolist()} routed differently"
-    assert _rel_err(layer(x), ref) < 1e-5
+    assert _rel_err(layer(x, ids_in), ref) < 1e-5
 
     bf16 = transformers.AutoModelForCausalLM if hasattr(model, "lm_head") else transformers.AutoModel
     model16 = bf16.from_pretrained(tmp_path / "fp32", dtype=torch.bfloat16).eval()
     model16.save_pretrained(tmp_path / "bf16")
     x16 = x.bfloat16()
-    ref16, ref_ids16 = _reference(model16, case)(x16)
     layer16 = _ours(tmp_path / "bf16", torch.bfloat16)
-    _, ids16 = layer16.router(x16)
-    keep = ~_tied(layer16, x16)
+    ref16, ref_ids16 = _reference(model16, case, layer16.cfg.moe.top_k)(x16)
+    _, ids16 = layer16.router(x16, ids_in)
+    keep = ~_tied(layer16, x16) if not case.hashed else torch.ones(TOKENS, dtype=torch.bool)
     same16 = _same_sets(ids16.long(), ref_ids16.long())
     assert same16[keep].all(), (
         f"{family} bf16: tokens {(keep & ~same16).nonzero().flatten().tolist()} routed differently"
     )
-    assert _rel_err(layer16(x16)[keep], ref16[keep]) < 3e-2
+    assert _rel_err(layer16(x16, ids_in)[keep], ref16[keep]) < 3e-2
 
 
 @pytest.mark.parametrize("family", REFUSED)
@@ -289,3 +313,41 @@ def test_config_json_path_and_naming(tmp_path: Path) -> None:
     assert hf_naming(tmp_path) == "fused-t"
     with pytest.raises(FileNotFoundError, match="config file not found"):
         layer_config_from_hf(tmp_path / "nope", 0)
+
+
+def test_llama4_moe_layers_from_the_interleave_step() -> None:
+    cfg = dict(
+        model_type="llama4_text",
+        num_hidden_layers=4,
+        hidden_size=64,
+        intermediate_size=32,
+        num_local_experts=8,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,
+        hidden_act="silu",
+    )
+    assert layer_config_from_hf(cfg, 3).moe.weight_on_input
+    with pytest.raises(ValueError, match=r"its MoE layers are \[1, 3\]"):
+        layer_config_from_hf(cfg, 2)
+
+
+def test_deepseek_v4_hash_layers_without_mlp_layer_types() -> None:
+    """A hub config.json with num_hash_layers (or neither field: 3) and no mlp_layer_types routes its
+    first layers by token id, as transformers builds it."""
+    cfg = dict(
+        model_type="deepseek_v4",
+        num_hidden_layers=5,
+        hidden_size=64,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        hidden_act="silu",
+        swiglu_limit=10.0,
+        num_hash_layers=2,
+    )
+    hashed = [layer_config_from_hf(cfg, i).moe.hash_routing for i in range(5)]
+    assert hashed == [True, True, False, False, False]
+    default = {k: v for k, v in cfg.items() if k != "num_hash_layers"}
+    assert [layer_config_from_hf(default, i).moe.hash_routing for i in range(5)] == [True] * 3 + [False] * 2
+    moe = layer_config_from_hf(cfg, 4).moe
+    assert (moe.per_expert_score, moe.correction_bias, moe.activation.limit) == ("sqrtsoftplus", True, 10.0)

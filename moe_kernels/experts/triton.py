@@ -157,5 +157,5 @@ class MaskedTritonExperts(TritonPart):
             run_masked(tokens.x, tokens.x_scale, tokens.counts, weights, out, workspace, mlp, _triton_masked)
             return
         act = workspace["activation"]
-        fused(tokens.x, None, weights.w13, None, act, tokens.counts, bias=weights.w13_bias)
+        _triton_masked(tokens.x, None, weights.w13, None, act, tokens.counts, mlp=mlp, bias=weights.w13_bias)
         _triton_masked(act, None, weights.w2, None, out, tokens.counts, bias=weights.w2_bias)

@@ -125,7 +125,8 @@ class MoELayer(Generic[V]):
     ``*_scale`` maps are the FP8 block scales ``[ceil(N/128), ceil(K/128)]`` (``None`` unless FP8).
     ``router_weight [E, H]``; ``e_score_correction_bias [E]`` float when the checkpoint has one.
     ``router_extras``: the router's other tensors, keyed by :class:`~moe_kernels.model.router.Router`
-    parameter name (``bias [E]``, ``tid2eid [V, K]``), read only when asked for. ``gate_proj_bias``/
+    parameter name (``bias [E]``, ``tid2eid [V, K]``), read only when asked for; ``layer_extras`` the
+    layer's (``output_norm [H]``, ``output_bias [H]``), likewise. ``gate_proj_bias``/
     ``up_proj_bias [I]`` and ``down_proj_bias [H]`` per expert, only when asked for. ``shared`` when
     asked for; ``has_shared`` says whether the checkpoint has shared experts, asked for or not.
     """
@@ -143,6 +144,7 @@ class MoELayer(Generic[V]):
     shared: SharedExpert[V] | None = None
     has_shared: bool = False
     router_extras: dict[str, V] = field(default_factory=dict)
+    layer_extras: dict[str, V] = field(default_factory=dict)
     gate_proj_bias: dict[int, V] | None = None
     up_proj_bias: dict[int, V] | None = None
     down_proj_bias: dict[int, V] | None = None
@@ -419,7 +421,7 @@ def _roots(layer_keys: Iterable[str], layer: int) -> list[str]:
 
 
 def _candidates(keys: frozenset[str], layer_keys: Sequence[str], layer: int, naming: str) -> list[tuple[str, str]]:
-    names = list(NAMINGS) if naming == "auto" else [naming]
+    names = [name for name, spec in NAMINGS.items() if spec.auto] if naming == "auto" else [naming]
     return [
         (root, name)
         for root in _roots(layer_keys, layer)
@@ -723,11 +725,12 @@ def _describe_per_expert(
 
 def _describe_shared(lay: _Layer, variant: SharedNaming, hidden: int) -> SharedExpert[TensorInfo]:
     """The shared expert of the variant the checkpoint has, normalised to gate/up/down (and its gate)."""
+    gate: TensorInfo | None
     if variant.gate_up is not None:
-        stored = lay.stored(lay.key(variant.gate_up))
-        if stored.dtype == torch.float8_e4m3fn:
-            raise TypeError(f"{stored.file}: tensor '{stored.key}' is a float8_e4m3fn fused gate_up; not supported")
-        gate, up = _cut_info(stored, Cut(half="first")), _cut_info(stored, Cut(half="second"))
+        fused = lay.stored(lay.key(variant.gate_up))
+        if fused.dtype == torch.float8_e4m3fn:
+            raise TypeError(f"{fused.file}: tensor '{fused.key}' is a float8_e4m3fn fused gate_up; not supported")
+        gate, up = _cut_info(fused, Cut(half="first")), _cut_info(fused, Cut(half="second"))
         down = lay.stored(lay.key(variant.down))
         scales: list[TensorInfo | None] = [None, None, None]
     else:
@@ -743,11 +746,13 @@ def _describe_shared(lay: _Layer, variant: SharedNaming, hidden: int) -> SharedE
                 f"layer {lay.layer} of {lay.where}: the shared expert has {SCALE_SUFFIX} scales for some projections"
                 f" but not others; no key '{absent}{SCALE_SUFFIX}'"
             )
-        stored = [lay.stored(k) for k in weight_keys]
+        stored: list[TensorInfo | None] = [lay.stored(k) for k in weight_keys]
         scales = [lay.stored(k + SCALE_SUFFIX) if s else None for k, s in zip(weight_keys, has_scale, strict=True)]
         if variant.gate is None:  # not gated: no gate projection
             stored, scales = [None, *stored], [None, *scales]
-        gate, up, down = stored
+        gate, up_or_none, down_or_none = stored
+        assert up_or_none is not None and down_or_none is not None
+        up, down = up_or_none, down_or_none
     for w, s in zip((gate, up, down), scales, strict=True):
         if w is not None:
             _check_weight_and_scale(w, s)
@@ -842,6 +847,25 @@ def _fits(lay: _Layer) -> bool:
     return d_out == router.shape[1]
 
 
+def _describe_extras(
+    lay: _Layer, templates: Mapping[str, str], wanted: bool, flag: str, owner: str
+) -> dict[str, TensorInfo]:
+    """The extra tensors of the naming (``{parameter name: key template}``) this layer has; one that is
+    there but not ``wanted`` is refused: dropping it would compute another function."""
+    extras: dict[str, TensorInfo] = {}
+    for name, template in templates.items():
+        if not lay.has(template):
+            continue
+        if not wanted:
+            raise ValueError(
+                f"layer {lay.layer} of {lay.where} has a {owner} {name} '{lay.key(template)}' that this load would"
+                f" drop; read it with {flag}=True and load it into the {owner}"
+            )
+        extras[name] = lay.stored(lay.key(template))
+        _check_dtype(extras[name], _INTS if name == "tid2eid" else _FLOATS, f"{owner} {name}")
+    return extras
+
+
 def describe_moe_layer(
     path: str | os.PathLike[str] | CheckpointReader,
     layer: int,
@@ -851,12 +875,15 @@ def describe_moe_layer(
     shared: bool = False,
     router_extras: bool = False,
     expert_biases: bool = False,
+    layer_extras: bool = False,
+    identity_experts: int = 0,
 ) -> MoELayerInfo:
     """Shapes, dtypes, files and cuts of what :func:`read_moe_layer` would read, from headers only.
 
     Runs every check :func:`read_moe_layer` runs (layer and experts present, shapes consistent with
     the router ``[E, H]``, scales for all experts or none, dtypes we can take, nothing in the MoE
-    block left unread) and reads no tensor data.
+    block left unread) and reads no tensor data. ``identity_experts``: the router's last rows (and its
+    correction bias's last entries) score zero-compute experts that have no weights (LongCat-Flash).
     """
     reader = _as_reader(path)
     layer = _check_layer(layer)
@@ -872,7 +899,8 @@ def describe_moe_layer(
         raise ValueError(
             f"{router.file}: tensor '{router.key}' (router weight) must be 2-D [E, H], got {list(router.shape)}"
         )
-    num_experts, hidden = router.shape
+    router_rows, hidden = router.shape
+    num_experts = router_rows - identity_experts
 
     ex = spec.experts
     biases = None
@@ -891,24 +919,15 @@ def describe_moe_layer(
     if (bias_key := lay.first_present(spec.correction_bias, "correction bias")) is not None:
         stored = lay.stored(bias_key)
         _check_dtype(stored, _FLOATS, "correction bias")
-        if stored.shape not in ((num_experts,), (1, num_experts)):
+        if stored.shape not in ((router_rows,), (1, router_rows)):
             raise ValueError(
-                f"{stored.file}: tensor '{bias_key}' (correction bias) must have shape [{num_experts}] or"
-                f" [1, {num_experts}], got {list(stored.shape)}"
+                f"{stored.file}: tensor '{bias_key}' (correction bias) must have shape [{router_rows}] or"
+                f" [1, {router_rows}], got {list(stored.shape)}"
             )
         bias = _cut_info(stored, Cut(flatten=len(stored.shape) == 2))
 
-    extras: dict[str, TensorInfo] = {}
-    for name, template in spec.router_extras.items():
-        if not lay.has(template):
-            continue
-        if not router_extras:
-            raise ValueError(
-                f"layer {layer} of {lay.where} has a router {name} '{lay.key(template)}' that this load would drop;"
-                " read it with router_extras=True and load it into the Router"
-            )
-        extras[name] = lay.stored(lay.key(template))
-        _check_dtype(extras[name], _INTS if name == "tid2eid" else _FLOATS, f"router {name}")
+    extras = _describe_extras(lay, spec.router_extras, router_extras, "router_extras", "router")
+    outputs = _describe_extras(lay, spec.layer_extras, layer_extras, "layer_extras", "layer")
 
     # the variant whose GEMM1 keys are there too (HY-V4's gate is linear_gate beside the same down_proj)
     complete = (v for v in spec.shared if all(lay.has(t) for t in (v.gate, v.up, v.gate_up, v.down) if t))
@@ -923,6 +942,7 @@ def describe_moe_layer(
 
     accounted = _expert_keys(lay, num_experts) | _shared_keys(lay) | {lay.key(r) for r in spec.router}
     accounted |= {lay.key(b) for b in spec.correction_bias} | {lay.key(t) for t in spec.router_extras.values()}
+    accounted |= {lay.key(t) for t in spec.layer_extras.values()}
     _refuse_unloaded(lay, accounted)
 
     return MoELayerInfo(
@@ -939,6 +959,7 @@ def describe_moe_layer(
         shared=shared_info,
         has_shared=variant is not None,
         router_extras=extras,
+        layer_extras=outputs,
         gate_proj_bias=None if biases is None else biases["gate_proj"],
         up_proj_bias=None if biases is None else biases["up_proj"],
         down_proj_bias=None if biases is None else biases["down_proj"],
@@ -954,6 +975,8 @@ def read_moe_layer(
     shared: bool = False,
     router_extras: bool = False,
     expert_biases: bool = False,
+    layer_extras: bool = False,
+    identity_experts: int = 0,
     device: torch.device | str | int | None = None,
 ) -> MoELayerTensors:
     """Read ``layer``'s router and the routed experts ``experts`` (global ids) from a checkpoint.
@@ -961,16 +984,18 @@ def read_moe_layer(
     Only the requested experts' tensors are read (an expert-parallel rank passes its own experts; of a
     stacked tensor only their rows), plus the router, its correction bias when present, the shared
     expert when ``shared``, the router's other tensors (a linear bias, a hash table) when
-    ``router_extras`` and expert biases when ``expert_biases``; without those two flags a layer that
-    has such tensors is refused, since dropping them would compute another function. Tensors keep the
+    ``router_extras``, expert biases when ``expert_biases``, and the layer's tensors around the experts
+    (an output norm or bias) when ``layer_extras``; without those flags a layer that has such tensors
+    is refused, since dropping them would compute another function. Tensors keep the
     stored dtype (FP8 weights stay float8_e4m3fn, with their ``*_scale`` block scales) and land on
     ``device`` (CPU when ``None``). Checks and errors are those of :func:`describe_moe_layer`, all
     raised before any data is read.
     """
     reader = _as_reader(path)
     info = describe_moe_layer(
-        reader, layer, experts, naming=naming, shared=shared, router_extras=router_extras, expert_biases=expert_biases
-    )
+        reader, layer, experts, naming=naming, shared=shared, router_extras=router_extras, expert_biases=expert_biases,
+        layer_extras=layer_extras, identity_experts=identity_experts,
+    )  # fmt: skip
     got = reader.read(_infos(info), device=device)
 
     def one(t: TensorInfo | None) -> torch.Tensor | None:
@@ -1004,6 +1029,7 @@ def read_moe_layer(
         ),
         has_shared=info.has_shared,
         router_extras={name: got[t] for name, t in info.router_extras.items()},
+        layer_extras={name: got[t] for name, t in info.layer_extras.items()},
         gate_proj_bias=each(info.gate_proj_bias),
         up_proj_bias=each(info.up_proj_bias),
         down_proj_bias=each(info.down_proj_bias),
@@ -1028,6 +1054,7 @@ def _infos(info: MoELayerInfo) -> list[TensorInfo]:
             out.extend(d.values())
     out.append(info.router_weight)
     out.extend(info.router_extras.values())
+    out.extend(info.layer_extras.values())
     if info.e_score_correction_bias is not None:
         out.append(info.e_score_correction_bias)
     if info.shared is not None:

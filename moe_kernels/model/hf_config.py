@@ -141,6 +141,19 @@ class Family:
     #: the gate has a linear bias; each expert adds a bias after each GEMM (gpt-oss)
     router_bias: bool = False
     expert_bias: bool = False
+    #: zero-compute experts after the routed ones (LongCat-Flash)
+    identity_experts: Key | None = None
+    #: the router weight scales the expert's input (Llama-4)
+    weight_on_input: bool = False
+    #: the router reads RMSNorm(x) (with this epsilon) times a learned scale; each expert's weight has
+    #: a learned scale (Gemma-4)
+    router_input_norm: Key | None = None
+    expert_weight_scale: bool = False
+    #: an RMSNorm on the routed experts' input with this epsilon (Gemma-4)
+    input_norm_eps: Key | None = None
+    #: an RMSNorm on the MoE output with this epsilon (A.X-K1); a bias on it (JetMoE)
+    output_norm_eps: Key | None = None
+    output_bias: bool = False
     #: the shared experts' activation when it is not the routed experts' (``None``: the same)
     shared_activation: Act | None = None
     #: the p of the p-norm the chosen weights are divided by (DBRX); unset in the file: no renormalization
@@ -214,9 +227,22 @@ _ALPHA_CLAMPED = Act(limit=Key(("swiglu_limit",)), alpha=Key(("swiglu_alpha",), 
 _LING = Act(limit=Key(("expert_swiglu_limit_list", "swiglu_limits"), 0), clamp="output")
 _LING_SHARED = Act(limit=Key(("share_expert_swiglu_limit_list", "swiglu_limits_shared"), 0), clamp="output")
 _SCORING_FUNC = Key(("scoring_func",), "sigmoid")
-#: Gemma-4's experts (GELU-tanh, which moe_kernels has) sit inside the decoder layer between norms of their own
-_GEMMA_NORMS = Refuse("an RMSNorm on the experts' input that the router does not see, and one on their output")
-_PER_EXPERT = {"sigmoid": "sigmoid", "sqrtsoftplus": "sqrtsoftplus"}
+_RMS_EPS = Key(("rms_norm_eps",), 1e-6)
+#: Diffusion-Gemma: Gemma-4's MoE layers, in an encoder and a decoder stack of one checkpoint
+_TWO_STACKS = Refuse("a layer index that names two MoE layers (an encoder and a decoder stack)")
+#: Gemma-4: a normed, scaled router input, per-expert weight scales, GELU-tanh experts between norms of
+#: their own (the router reads the un-normed input); the dense MLP beside them is not part of the layer
+_GEMMA4 = Family(
+    naming="gemma4",
+    scale=None,
+    router_input_norm=_RMS_EPS,
+    expert_weight_scale=True,
+    input_norm_eps=_RMS_EPS,
+    output_norm_eps=_RMS_EPS,
+    activation=Act(name=Key(("hidden_activation", "hidden_act"), "gelu_pytorch_tanh"), kinds=("gelu_tanh", "gelu")),
+    refuse=(Refuse("a model without MoE layers (enable_moe_block false)", Key(("enable_moe_block",)), (True,)),),
+)
+_PER_EXPERT: dict[str, _Scoring] = {"sigmoid": "sigmoid", "sqrtsoftplus": "sqrtsoftplus"}
 
 
 def _inkling2() -> Family:
@@ -292,6 +318,13 @@ FAMILIES: dict[str, Family] = {
         scale=None,
         shared=Shared(Key(("num_shared_experts",), 0), Key(("intermediate_size",))),
     ),
+    "jetmoe": Family(
+        naming="jetmoe",
+        width=Key(("intermediate_size",)),
+        choose_on="logits",
+        scale=None,
+        output_bias=True,
+    ),
     "granitemoe": _GRANITE,
     "granitemoeshared": _GRANITE,
     "granitemoehybrid": _GRANITE,
@@ -336,6 +369,18 @@ FAMILIES: dict[str, Family] = {
     "axk2": _deepseek_v3(group_fill="zero"),
     "kimi_linear": _deepseek_v3(naming="mixtral"),
     "beam": _deepseek_v3(shared=None),
+    # softmax over the routed and the zero-compute experts, a correction bias, no renormalization;
+    # transformers' LongCat drops the router's linear bias, which is refused rather than dropped here
+    "longcat_flash": Family(
+        naming="mlp-experts",
+        width=Key(("expert_ffn_hidden_size", "moe_intermediate_size")),
+        renormalize=False,
+        correction_bias=True,
+        router_fp32=True,
+        identity_experts=Key(("zero_expert_num",), 0),
+        refuse=(Refuse("a router bias (transformers' LongCat drops it)", Key(("router_bias",), False), (False,)),),
+    ),
+    "axk1": _deepseek_v3(naming="axk1", output_norm_eps=Key(("rms_norm_eps",), 1e-6)),
     "bailing_hybrid": _deepseek_v3(activation=_LING, shared_activation=_LING_SHARED),
     "mistral4": _deepseek_v3(
         naming="fused",
@@ -450,15 +495,21 @@ FAMILIES: dict[str, Family] = {
         expert_bias=True,
         activation=_ALPHA_CLAMPED,
     ),
-    "llama4_text": Family(naming="llama4", refuse=(Refuse("router weights applied to the expert input"),)),
-    "axk1": Family(naming="mlp-experts", refuse=(Refuse("an RMSNorm on the MoE output"),)),
-    "jetmoe": Family(naming="jetmoe", refuse=(Refuse("a bias on the MoE output"),)),
-    "longcat_flash": Family(naming="mlp-experts", refuse=(Refuse("zero-compute (identity) experts"),)),
+    "llama4_text": Family(
+        naming="llama4",
+        width=Key(("intermediate_size",)),
+        scoring="sigmoid",
+        choose_on="logits",
+        renormalize=False,
+        scale=None,
+        shared=Shared(1, Key(("intermediate_size",))),
+        weight_on_input=True,
+    ),
     "ergo": Family(naming="fused", refuse=(Refuse("an RMSNorm on each expert's output"),)),
     "muse_spark_text": Family(naming="fused", refuse=(Refuse("projections and norms around the experts"),)),
     "inkling_text": Family(naming="fused", refuse=(Refuse("shared experts weighted by the router"),)),
-    "gemma4_text": Family(naming="fused", refuse=(_GEMMA_NORMS,)),
-    "diffusion_gemma_text": Family(naming="fused", refuse=(_GEMMA_NORMS,)),
+    "gemma4_text": _GEMMA4,
+    "diffusion_gemma_text": replace(_GEMMA4, refuse=(_TWO_STACKS,)),
     "ernie4_5_vl_moe_text": Family(naming="mlp-experts", refuse=(Refuse("a second expert set for image tokens"),)),
     "zaya": Family(naming="fused", refuse=(Refuse("an MLP router with cross-layer state and a skip expert"),)),
     "doge": Family(naming="mlp-experts", refuse=(Refuse("product-key experts"),)),
@@ -496,6 +547,8 @@ _WRAPPED_TEXT = {
     "aria": "aria_text",
     "step3p7": "step3p5",
 }
+#: Cohere2's shared_expert_combination_strategy: the factor on (routed + shared)
+_COMBINATIONS = {"sum": 1.0, "average": 0.5}
 _LAYER_COUNT = Key(("num_hidden_layers", "num_layers", "n_layers"))
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _MOE_LAYER_TYPES = ("sparse", "moe", "hash_moe")
@@ -577,6 +630,9 @@ def moe_layers(cfg: Mapping[str, Any]) -> tuple[list[int], str]:
         end = cfg.get("moe_layer_end_index", -1)
         end = n - 1 if end in (-1, None) else int(end)
         return [i for i in range(n) if start <= i <= end and (i + 1) % interval == 0], "moe_layer_start_index/interval"
+    if "interleave_moe_layer_step" in cfg:  # Llama-4 without moe_layers
+        step = int(cfg["interleave_moe_layer_step"] or 1)
+        return list(range(step - 1, n, step)), "interleave_moe_layer_step"
     if "num_dense_layers" in cfg:
         return list(range(int(cfg["num_dense_layers"]), n)), "num_dense_layers"
     return list(range(n)), "(every layer)"
@@ -612,12 +668,18 @@ def _shared_fields(family: Family, cfg: Mapping[str, Any], layer: int, width: in
     if not count or not each:
         return {}
     strategy = cfg.get("shared_expert_combination_strategy", "sum")
-    if strategy != "sum":
+    if strategy not in _COMBINATIONS:
         raise HFConfigError(
-            f"shared_expert_combination_strategy: {strategy!r} needs a shared-expert combination other than add,"
-            " which moe_kernels does not implement yet"
+            f"shared_expert_combination_strategy: {strategy!r} needs a shared-expert combination other than"
+            f" {' or '.join(_COMBINATIONS)}, which moe_kernels does not implement yet"
         )
-    fields = {"num_shared_experts": count, "shared_intermediate_size": each, "shared_expert_gate": sh.gated}
+    fields: dict[str, Any] = {
+        "num_shared_experts": count,
+        "shared_intermediate_size": each,
+        "shared_expert_gate": sh.gated,
+    }
+    if _COMBINATIONS[strategy] != 1.0:  # (routed + shared) * c: both sums scaled (the routed by its weights)
+        fields["shared_scale"] = _COMBINATIONS[strategy]
     if family.shared_activation is not None:
         fields["shared_activation"] = _activation(family.shared_activation, cfg, layer)
     return fields
@@ -754,9 +816,13 @@ def _router_fields(family: Family, cfg: Mapping[str, Any], layer: int) -> dict[s
         "routed_scaling_factor": scale,
         "router_dtype": torch.float32 if family.router_fp32 else None,
         "router_bias": family.router_bias,
+        "expert_weight_scale": family.expert_weight_scale,
         "logit_softcap": float(softcap) if softcap else None,
         **_scoring_fields(family, cfg, layer),
     }
+    if family.router_input_norm is not None:
+        eps = float(_require(cfg, family.router_input_norm, layer, "router norm epsilon"))
+        fields |= {"router_input_norm": True, "router_norm_eps": eps}
     if family.renormalize_p is not None:  # divide by the weights' p-norm, no renormalization when unset
         p = _get(cfg, family.renormalize_p)
         fields |= {"renormalize": p is not None, "renormalize_p": float(p) if p is not None else 1.0}
@@ -781,7 +847,7 @@ def _layer_config(raw: Mapping[str, Any], layer: int, dtype: torch.dtype | None,
         if dtype_name not in _DTYPES:
             raise HFConfigError(f"dtype: {dtype_name!r} is not one of {', '.join(_DTYPES)}")
         dtype = _DTYPES[dtype_name]
-    fields = {
+    fields: dict[str, Any] = {
         "num_experts": int(_require(cfg, family.experts, layer, "expert count")),
         "top_k": int(_require(cfg, family.top_k, layer, "top-k")),
         "hidden_size": int(_require(cfg, Key(("hidden_size", "d_model")), layer, "hidden size")),
@@ -791,7 +857,14 @@ def _layer_config(raw: Mapping[str, Any], layer: int, dtype: torch.dtype | None,
         "expert_bias": family.expert_bias,
         **_router_fields(family, cfg, layer),
         **_shared_fields(family, cfg, layer, width),
+        "output_bias": family.output_bias,
+        "weight_on_input": family.weight_on_input,
+        "identity_experts": int(_get(cfg, family.identity_experts, layer) or 0) if family.identity_experts else 0,
     }
+    fields["routed_scaling_factor"] *= fields.get("shared_scale", 1.0)
+    for name, key in (("input_norm_eps", family.input_norm_eps), ("output_norm_eps", family.output_norm_eps)):
+        if key is not None:
+            fields[name] = float(_require(cfg, key, layer, name))
     try:
         moe_cfg = MoEConfig(**fields)
     except ValueError as exc:

@@ -104,6 +104,7 @@ class FusedMoE(nn.Module):
         super().__init__()
         ctx = layer_context(cfg, placement=placement, group=group, device=device, tp_group=tp_group)
         self.reduce_results = reduce_results
+        self._whole_output = _adds_whole_output_terms(cfg, tp_group, reduce_results)
         self._group = group
         self.cfg, self.placement, dev = ctx.cfg, ctx.placement, ctx.device
 
@@ -158,6 +159,10 @@ class FusedMoE(nn.Module):
             self.shared_w2 = _parameter((h, width), moe.dtype, dev)
             if moe.shared_expert_gate:
                 self.shared_gate = _parameter((1, h), moe.dtype, dev)
+        # the layer's own tensors around the experts (loaded as the checkpoint's layer extras)
+        self.input_norm = _parameter((h,), moe.dtype, dev) if moe.input_norm_eps is not None else None
+        self.output_norm = _parameter((h,), moe.dtype, dev) if moe.output_norm_eps is not None else None
+        self.output_bias = _parameter((h,), moe.dtype, dev) if moe.output_bias else None
 
     @classmethod
     def from_pretrained(
@@ -206,7 +211,9 @@ class FusedMoE(nn.Module):
         self._check_loaded()  # what moves must be the checkpoint's weights
         if self._group is not None:
             check_agreement(self._group, "apply_placement", {"new placement (fingerprint)": placement.fingerprint()})
-        tensors = [self.parameter(p, part) for p, stored in self.cfg.mlp.stored().items() for part in stored]
+        tensors: list[torch.Tensor] = [
+            self.parameter(p, part) for p, stored in self.cfg.mlp.stored().items() for part in stored
+        ]
         move_weights(tensors, self.placement, placement, self._group)
         self.kernel.rebind_placement(placement)
         self.placement = placement
@@ -222,8 +229,9 @@ class FusedMoE(nn.Module):
             raise ValueError(f"{projection}: the layer stores no {part} ({self.cfg.mlp.weights.describe()})")
         return param
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``hidden_states [T, H]`` in ``moe.dtype`` on the layer's device -> ``[T, H]``."""
+    def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden_states [T, H]`` in ``moe.dtype`` on the layer's device -> ``[T, H]``; ``input_ids
+        [T]``: the tokens' ids, which a layer routed by token id (``moe.hash_routing``) needs."""
         moe = self.cfg.moe
         self._check_loaded()
         hidden_states = expect_tensor("hidden_states", hidden_states)
@@ -233,10 +241,18 @@ class FusedMoE(nn.Module):
         expect_device("hidden_states", hidden_states, self.w13.device)
         x = hidden_states.contiguous()
         residual = self._start_shared_experts(x)
-        topk_weights, topk_ids = self.router(x)
+        topk_weights, topk_ids = self.router(x, input_ids)
+        identity = None
+        if moe.identity_experts:
+            identity, topk_weights, topk_ids = _identity_experts(x, topk_weights, topk_ids, moe.num_experts)
+        if self.input_norm is not None:  # the routed experts' input only (Gemma-4)
+            x = _rms_norm(x, self.input_norm, moe.input_norm_eps)
+        if moe.weight_on_input:  # Llama-4: the expert sees x * w (rounded as the model rounds), unweighted out
+            x = x * topk_weights.to(x.dtype)
+            topk_weights = torch.ones_like(topk_weights)
         # The router's ids are in range and distinct by construction: skip the kernel's value
         # check, which costs a host sync per call.
-        return self.kernel(
+        out = self.kernel(
             x,
             self.weights,
             topk_weights,
@@ -245,16 +261,27 @@ class FusedMoE(nn.Module):
             check_values=False,
             reduce_results=self.reduce_results,
         )
+        return self._around_output(out if identity is None or not self._whole_output else out + identity)
+
+    def _around_output(self, out: torch.Tensor) -> torch.Tensor:
+        """The MoE output's bias (JetMoE) and RMSNorm (A.X-K1, Gemma-4), on the summed output (a
+        partial sum under tensor parallelism takes the bias on one rank; its norm is refused)."""
+        if self.output_bias is not None and self._whole_output:
+            out = out + self.output_bias
+        if self.output_norm is not None:
+            out = _rms_norm(out, self.output_norm, self.cfg.moe.output_norm_eps)
+        return out
 
     def shared_experts(self, x: torch.Tensor) -> torch.Tensor:
         """The shared experts' output ``[T, H]``: ``w2 @ act(w13 @ x)`` with ``moe.shared_act``, scaled
-        by ``sigmoid(x @ shared_gate)`` when the layer has that gate (Qwen1.5/2-MoE)."""
+        by ``sigmoid(x @ shared_gate)`` when the layer has that gate (Qwen1.5/2-MoE) and by
+        ``moe.shared_scale``."""
         assert self.shared_w13 is not None and self.shared_w2 is not None
         hidden = self.cfg.moe.shared_act.reference(F.linear(x, self.shared_w13)).to(x.dtype)
         y = F.linear(hidden, self.shared_w2)
         if self.shared_gate is not None:
             y = y * torch.sigmoid(F.linear(x, self.shared_gate))
-        return y
+        return y if self.cfg.moe.shared_scale == 1.0 else y * self.cfg.moe.shared_scale
 
     def _start_shared_experts(self, x: torch.Tensor) -> Residual | None:
         """Start the shared experts: on the side stream when overlapping (forked from the current
@@ -342,6 +369,13 @@ class FusedMoE(nn.Module):
             },
         )
 
+    def load_extras(self, **tensors: torch.Tensor) -> None:
+        """Copy the layer's tensors around the experts, by name: ``input_norm [H]``
+        (``moe.input_norm_eps``), ``output_norm [H]`` (``moe.output_norm_eps``), ``output_bias [H]``
+        (``moe.output_bias``); all checked before any is copied. The router's own (a bias, a scale)
+        go to ``router.load_tensors``."""
+        self._loader.load_extras(tensors)
+
     def load_checkpoint(
         self,
         path: str | os.PathLike[str],
@@ -383,6 +417,37 @@ class FusedMoE(nn.Module):
             parts.append(self.placement.describe())
         parts.append(f"kernel={self.kernel.name}")
         return ", ".join(parts)
+
+
+def _identity_experts(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The zero-compute experts' output ``x * (their weights' sum)`` ``[T, H]``, and the routing with
+    their slots emptied (id -1, weight 0) for the kernel (LongCat-Flash)."""
+    identity = topk_ids >= num_experts
+    out = x * topk_weights.masked_fill(~identity, 0.0).sum(dim=-1, keepdim=True).to(x.dtype)
+    return out, topk_weights.masked_fill(identity, 0.0), topk_ids.masked_fill(identity, -1)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float | None) -> torch.Tensor:
+    """``x / rms(x) * weight`` computed in fp32, rounded to ``x``'s dtype (``[T, H]``, ``weight [H]``)."""
+    assert eps is not None
+    f = x.float()
+    return (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+def _adds_whole_output_terms(cfg: LayerConfig, tp_group: dist.ProcessGroup | None, reduce_results: bool) -> bool:
+    """Whether this rank adds the terms of the whole output (an output bias, the identity experts'
+    ``w * x``): every rank when the output is summed before, only TP rank 0 of a partial sum (whose
+    RMSNorm cannot be taken: refused)."""
+    if reduce_results or cfg.parallel.tp_size == 1:
+        return True
+    if cfg.moe.output_norm_eps is not None:
+        raise ValueError(
+            "reduce_results=False: moe.output_norm_eps norms the whole MoE output, which a tensor-parallel rank's "
+            "partial sum is not; keep reduce_results=True"
+        )
+    return dist.get_rank(tp_group) == 0
 
 
 def _check_given_kernel(kernel: Kernel, ctx: LayerContext) -> None:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
-from moe_kernels.config import LayerConfig
+from moe_kernels.config import LayerConfig, MoEConfig
 from moe_kernels.core.validate import expect_tensor
 from moe_kernels.mlp import fp8
 from moe_kernels.mlp.formats import Dense, WeightFormat
@@ -37,6 +37,8 @@ ExpertTensors = Mapping[int | str, torch.Tensor] | Sequence[torch.Tensor] | torc
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 #: their biases (layers with expert biases)
 BIASES = ("gate_proj_bias", "up_proj_bias", "down_proj_bias")
+#: the layer's tensors around the experts, by parameter name
+EXTRAS = ("input_norm", "output_norm", "output_bias")
 SHARED = ("shared_gate_proj", "shared_up_proj", "shared_down_proj", "shared_expert_gate")
 
 Copy = tuple[torch.Tensor, torch.Tensor]  # (destination, source)
@@ -49,6 +51,7 @@ class LoadState:
     experts: dict[str, set[int]] = field(default_factory=lambda: {name: set() for name in PROJECTIONS + BIASES})
     router: bool = False
     shared: set[str] = field(default_factory=set)
+    extras: set[str] = field(default_factory=set)
 
 
 class LoadTarget(Protocol):
@@ -81,6 +84,7 @@ class LayerLoader:
         layer, state = self.layer, self.state
         missing = [] if state.router else ["router_weight"]
         missing += [name for name in self.shared_names() if name not in state.shared]
+        missing += [name for name in EXTRAS if getattr(layer, name, None) is not None and name not in state.extras]
         mlp = layer.cfg.mlp
         names = PROJECTIONS + (BIASES if mlp.biases else ())
         for name in names if mlp.activation.gated else [n for n in names if not n.startswith("gate_proj")]:
@@ -128,13 +132,13 @@ class LayerLoader:
             copies += pairs
             loaded[name] = experts
         if router_weight is not None:
-            router_shape = (moe.num_experts, moe.hidden_size)
+            router_shape = (moe.router_width, moe.hidden_size)
             copies.append((layer.router.weight, _float("router_weight", router_weight, router_shape)))
         if e_score_correction_bias is not None:
             bias = layer.router.e_score_correction_bias
             if bias is None:
                 raise ValueError("e_score_correction_bias: this layer's config has moe.correction_bias false")
-            copies.append((bias, _float("e_score_correction_bias", e_score_correction_bias, (moe.num_experts,))))
+            copies.append((bias, _float("e_score_correction_bias", e_score_correction_bias, (moe.router_width,))))
         copies += self._shared_copies(shared)
         if not copies:
             raise ValueError("load_weights: nothing to load (pass gate_proj, up_proj, down_proj or router_weight)")
@@ -179,6 +183,22 @@ class LayerLoader:
                 param = layer.parameter(projection, part)
                 copies += [(param[local, fmt.rows(part, *rows)], tensor) for local in slots_of[expert]]
         return set(owned), copies
+
+    @torch.no_grad()
+    def load_extras(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """The layer's own tensors around the experts (``output_norm [H]``, ``output_bias [H]``), all
+        checked before any is copied."""
+        layer, copies = self.layer, []
+        for name, t in tensors.items():
+            dst = getattr(layer, name, None) if name in EXTRAS else None
+            if dst is None:
+                raise ValueError(
+                    f"{name}: the layer has no such tensor (moe.input_norm_eps, output_norm_eps, output_bias)"
+                )
+            copies.append((dst, _float(name, t, tuple(dst.shape))))
+        for dst, src in copies:
+            dst.copy_(src)
+        self.state.extras |= set(tensors)
 
     def _bias_copies(self, name: str, tensors: ExpertTensors) -> tuple[set[int], list[Copy]]:
         """The local experts ``tensors`` holds, and (destination, source) pairs for their biases
@@ -280,11 +300,13 @@ class LayerLoader:
             first = start == 0
             part = read_moe_layer(
                 reader, layer_index, mine[start : start + experts_per_read], naming=naming, shared=shared and first,
-                router_extras=moe.router_bias or moe.hash_routing, expert_biases=moe.expert_bias, device=device,
+                router_extras=any(_router_extras(moe).values()), expert_biases=moe.expert_bias,
+                layer_extras=any(_layer_extras(moe).values()), identity_experts=moe.identity_experts, device=device,
             )  # fmt: skip
             _check_part(layer.cfg, part, f"{path}: layer {layer_index}")
-            if first and part.router_extras:
+            if first:
                 layer.router.load_tensors(**part.router_extras)
+                self.load_extras(part.layer_extras)
             self.load(
                 _part_projections(part, layer.cfg.mlp.weights.is_quantized),
                 part.router_weight if first else None,
@@ -311,17 +333,37 @@ def _check_part(cfg: LayerConfig, part: MoELayerTensors, where: str) -> None:
         )
     if mlp.biases and part.down_proj_bias is None:
         raise ValueError(f"{where} has no expert biases, but the config has moe.expert_bias true")
-    for name, wanted in (("bias", moe.router_bias), ("tid2eid", moe.hash_routing)):
+    for name, wanted in _router_extras(moe).items():
         if wanted and name not in part.router_extras:
             raise ValueError(f"{where} has no router {name}, which the config's routing needs")
+    for name, wanted in _layer_extras(moe).items():
+        if wanted and name not in part.layer_extras:
+            raise ValueError(f"{where} has no {name}, which the config's MoE layer needs")
 
 
-def _part_projections(
-    part: MoELayerTensors, quantized_layer: bool
-) -> dict[str, tuple[ExpertTensors | None, ExpertTensors | None]]:
+def _router_extras(moe: MoEConfig) -> dict[str, bool]:
+    """Which of the Router's optional tensors the config needs, by parameter name."""
+    return {
+        "bias": moe.router_bias,
+        "tid2eid": moe.hash_routing,
+        "input_scale": moe.router_input_norm,
+        "expert_scale": moe.expert_weight_scale,
+    }
+
+
+def _layer_extras(moe: MoEConfig) -> dict[str, bool]:
+    """Which of the layer's tensors around the experts (:data:`EXTRAS`) the config needs."""
+    return {
+        "input_norm": moe.input_norm_eps is not None,
+        "output_norm": moe.output_norm_eps is not None,
+        "output_bias": moe.output_bias,
+    }
+
+
+def _part_projections(part: MoELayerTensors, quantized_layer: bool) -> dict[str, tuple[Any, Any]]:
     """A checkpoint part as ``load`` arguments: the projections (an fp8 checkpoint into an unquantized
     layer dequantized: the weights it stands for) and the expert biases."""
-    projections: dict[str, tuple[ExpertTensors | None, ExpertTensors | None]] = {
+    projections: dict[str, tuple[Any, Any]] = {
         "gate_proj": (part.gate_proj or None, part.gate_proj_scale or None),
         "up_proj": (part.up_proj, part.up_proj_scale),
         "down_proj": (part.down_proj, part.down_proj_scale),
@@ -354,7 +396,7 @@ def _projection_rows(name: str, inter: int, hidden: int, gated: bool) -> tuple[i
 
 
 def _stored_as(
-    fmt: WeightFormat, name: str, expert: int, given: dict[str, object], shape: tuple[int, int]
+    fmt: WeightFormat, name: str, expert: int, given: Mapping[str, object], shape: tuple[int, int]
 ) -> dict[str, torch.Tensor]:
     """A projection given already stored (``given``: its ``weight`` and ``scale``), checked
     against the layer's format ``fmt`` for an ``[N, K] = shape`` projection."""

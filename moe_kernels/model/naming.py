@@ -15,7 +15,7 @@ stored form: one tensor per expert and projection, or one stacked tensor for all
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 #: how a stacked tensor holds each expert's ``[out, in]`` matrix:
@@ -90,6 +90,12 @@ class LayerNaming:
     correction_bias: tuple[str, ...] = ()
     router_extras: Mapping[str, str] = field(default_factory=dict)
     shared: tuple[SharedNaming, ...] = ()
+    #: the layer's own tensors around the experts, by FusedMoE parameter name (an output norm or bias)
+    layer_extras: Mapping[str, str] = field(default_factory=dict)
+    #: found from the keys by ``naming="auto"``; a naming whose keys are another's (gpt-oss's without the
+    #: interleaving, DeepSeek's with A.X-K1's output norm) is only taken when named (``from_pretrained``
+    #: names the family's)
+    auto: bool = True
 
 
 def _per_expert(base: str, gate: str, up: str, down: str) -> PerExpert:
@@ -120,7 +126,13 @@ NAMINGS: dict[str, LayerNaming] = {
     # expert and projection, the families differ in where the router and its correction bias live)
     "mlp-experts": LayerNaming(
         experts=_per_expert("mlp.experts", "gate_proj", "up_proj", "down_proj"),
-        router=("mlp.gate.weight", "mlp.gate.wg.weight", "mlp.router.gate.weight", "mlp.router.weight"),
+        router=(
+            "mlp.gate.weight",
+            "mlp.gate.wg.weight",
+            "mlp.router.gate.weight",
+            "mlp.router.weight",
+            "mlp.router.classifier.weight",  # LongCat-Flash
+        ),
         block="mlp",
         correction_bias=(
             "mlp.gate.e_score_correction_bias",
@@ -130,6 +142,7 @@ NAMINGS: dict[str, LayerNaming] = {
             "mlp.experts.e_score_correction_bias",
             "mlp.moe_statics.e_score_correction_bias",
             "moe.router.expert_bias",
+            "mlp.router.e_score_correction_bias",
         ),
         shared=_MLP_SHARED,
     ),
@@ -218,6 +231,7 @@ NAMINGS: dict[str, LayerNaming] = {
         ),
         router=("mlp.router.layer.weight",),
         block="mlp",
+        layer_extras={"output_bias": "mlp.bias"},
     ),
     "aria": LayerNaming(
         experts=Fused(
@@ -261,6 +275,18 @@ NAMINGS: dict[str, LayerNaming] = {
         router=("mlp.router.weight",),
         block="mlp",
         router_extras={"bias": "mlp.router.bias"},
+        auto=False,
+    ),
+    # Gemma-4: experts and router at the decoder layer's root, between norms of their own
+    "gemma4": LayerNaming(
+        experts=Fused(gate_up=Stacked("experts.gate_up_proj", "out_in"), down=Stacked("experts.down_proj", "out_in")),
+        router=("router.proj.weight",),
+        block=None,
+        router_extras={"input_scale": "router.scale", "expert_scale": "router.per_expert_scale"},
+        layer_extras={
+            "input_norm": "pre_feedforward_layernorm_2.weight",
+            "output_norm": "post_feedforward_layernorm_2.weight",
+        },
     ),
     "llama4": LayerNaming(
         experts=Fused(
@@ -281,3 +307,6 @@ NAMINGS: dict[str, LayerNaming] = {
         block="ffn",
     ),
 }
+#: A.X-K1: DeepSeek-V3's keys and the decoder layer's post_mlp_layernorm, a norm on the MoE output
+#: (AFMoE has a norm of that name too, outside its MoE block: not part of its layer)
+NAMINGS["axk1"] = replace(NAMINGS["mlp-experts"], layer_extras={"output_norm": "post_mlp_layernorm.weight"}, auto=False)

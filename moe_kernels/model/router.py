@@ -273,7 +273,7 @@ class Router(nn.Module):
     def __init__(self, moe: MoEConfig, *, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.moe = moe
-        e, h = moe.num_experts, moe.hidden_size
+        e, h = moe.router_width, moe.hidden_size
         wdtype = moe.router_dtype or moe.dtype
 
         def param(t: torch.Tensor) -> nn.Parameter:

@@ -4,7 +4,7 @@ moe-kernels run --config configs/qwen3-30b-a3b.yaml --tokens 16   check + time o
 moe-kernels list                                                  every part, can it run here
 moe-kernels explain --config configs/deepseek-v3.yaml             why this kernel was chosen
 moe-kernels tune --config configs/deepseek-v3.yaml                measure this GPU, write a tuning table
-moe-kernels bench layer|experts|ep|shared|profile ...             GPU benchmarks
+moe-kernels bench layer|experts|ep|shared|profile|variants ...             GPU benchmarks
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ BENCH_MODULES = {
     "layer": ("moe_kernels.tools.bench.layer", "time a whole FusedMoE layer against the reference"),
     "shared": ("moe_kernels.tools.bench.shared", "time the shared experts beside the routed ones, overlapped or not"),
     "profile": ("moe_kernels.tools.bench.profile", "where one call's GPU time goes, kernel by kernel, beside the peer"),
+    "variants": ("moe_kernels.tools.bench.variants", "cost of an activation variant and biases (fused path)"),
 }
 
 
