@@ -7,6 +7,7 @@ slicing itself. One launch per world size (process start-up dominates on small m
 from __future__ import annotations
 
 import functools
+import tempfile
 
 import pytest
 import torch
@@ -192,6 +193,32 @@ def _tp_mismatch(tp_group) -> dict:
     return {"status": "no error"}
 
 
+def write_qwen2_checkpoint(directory: str) -> str:
+    """:func:`checkpoint` and :func:`shared_checkpoint` as a Qwen1.5/2-MoE safetensors file, layer 0."""
+    from safetensors.torch import save_file
+
+    ckpt, shared, p = checkpoint(), shared_checkpoint(), "model.layers.0.mlp"
+    tensors = {f"{p}.gate.weight": ckpt["router_weight"]}
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        tensors |= {f"{p}.experts.{e}.{name}.weight": w for e, w in ckpt[name].items()}  # type: ignore[union-attr]
+        tensors[f"{p}.shared_expert.{name}.weight"] = shared[f"shared_{name}"]
+    tensors[f"{p}.shared_expert_gate.weight"] = shared["shared_expert_gate"]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, f"{directory}/model.safetensors")  # type: ignore[union-attr]
+    return directory
+
+
+def _tp_load_checkpoint(tp_group, path: str) -> dict:
+    """``load_checkpoint`` on a TP rank takes its slices of the routed and shared experts."""
+    from moe_kernels import FusedMoE, LocalPrepareAndFinalize, TorchReferenceExperts, compose
+
+    cfg = layer_cfg(tp_size=tp_group.size(), tp_rank=tp_group.rank())
+    kernel = compose(LocalPrepareAndFinalize(), TorchReferenceExperts(), cfg, tp_group=tp_group, device="cpu")
+    layer = FusedMoE(cfg, device="cpu", tp_group=tp_group, kernel=kernel)
+    layer.load_checkpoint(path, layer=0, experts_per_read=3)
+    x = torch.randn(5, H, generator=torch.Generator().manual_seed(4))
+    return _compare(layer(x), _one_process_output(cfg, {**checkpoint(), **shared_checkpoint()}, x), torch.float32)
+
+
 def _record(results: dict, name: str, fn, *args) -> None:
     try:
         results[name] = fn(*args)
@@ -199,7 +226,7 @@ def _record(results: dict, name: str, fn, *args) -> None:
         results[name] = {"status": "error", "message": f"{type(exc).__name__}: {exc}"}
 
 
-def tp2_scenarios(group) -> dict:
+def tp2_scenarios(group, checkpoint_dir: str) -> dict:
     """TP = 2 over the whole world; scenarios run in the same order on every rank."""
     results: dict[str, dict] = {}
     _record(results, "reference_fp32", _tp_run, group, torch.float32, "reference")
@@ -207,6 +234,7 @@ def tp2_scenarios(group) -> dict:
     _record(results, "triton_fp32", _tp_run, group, torch.float32, "triton")
     _record(results, "partial_sums", _tp_partial_sums, group)
     _record(results, "fp8_checkpoint", _tp_fp8, group)
+    _record(results, "load_checkpoint", _tp_load_checkpoint, group, checkpoint_dir)
     _record(results, "mismatch", _tp_mismatch, group)
     return results
 
@@ -227,8 +255,11 @@ def tp2_ep2_scenarios(group) -> dict:
 
 @functools.cache
 def launch(world: int) -> list[dict]:
-    fn = tp2_scenarios if world == 2 else tp2_ep2_scenarios
-    return run_ranks(fn, world, "gloo", timeout_s=240, collective_timeout_s=60)
+    if world == 4:
+        return run_ranks(tp2_ep2_scenarios, world, "gloo", timeout_s=240, collective_timeout_s=60)
+    with tempfile.TemporaryDirectory() as directory:
+        args = (write_qwen2_checkpoint(directory),)
+        return run_ranks(tp2_scenarios, world, "gloo", args=args, timeout_s=240, collective_timeout_s=60)
 
 
 def _skip_without_interpreter() -> None:
@@ -236,7 +267,7 @@ def _skip_without_interpreter() -> None:
         pytest.skip("the ranks run Triton on the CPU, which needs the interpreter (not set on GPU machines)")
 
 
-TP2_SCENARIOS = ["reference_fp32", "reference_bf16", "triton_fp32", "partial_sums", "fp8_checkpoint"]
+TP2_SCENARIOS = ["reference_fp32", "reference_bf16", "triton_fp32", "partial_sums", "fp8_checkpoint", "load_checkpoint"]
 
 
 @pytest.mark.parametrize("scenario", TP2_SCENARIOS)
