@@ -8,6 +8,7 @@ import functools
 
 import pytest
 import torch
+from test_tensor_parallel import checkpoint as tp_checkpoint
 
 from moe_kernels import FusedMoE, LayerConfig, MoEConfig, ParallelConfig
 from moe_kernels.core import eplb
@@ -22,14 +23,8 @@ def layer_cfg(ep_size: int = 1, ep_rank: int = 0) -> LayerConfig:
     return LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=64, ep_size=ep_size, ep_rank=ep_rank))
 
 
-def checkpoint(seed: int = 0) -> dict[str, object]:
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        gate_proj={e: torch.randn(I, H, generator=g) * H**-0.5 for e in range(E)},
-        up_proj={e: torch.randn(I, H, generator=g) * H**-0.5 for e in range(E)},
-        down_proj={e: torch.randn(H, I, generator=g) * I**-0.5 for e in range(E)},
-        router_weight=torch.randn(E, H, generator=g) * 0.5,
-    )
+def checkpoint() -> dict[str, object]:
+    return tp_checkpoint(inter=I, hidden=H, experts=E)
 
 
 def skewed_tokens(t: int, seed: int, ckpt: dict) -> torch.Tensor:
