@@ -65,6 +65,22 @@ def test_replica_is_the_token_index_modulo_the_replica_count() -> None:
             assert int(slots[t, k]) == want, (t, k)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_the_one_launch_choice_equals_the_torch_lookup(dtype: torch.dtype) -> None:
+    """The Triton kernel a GPU runs (here under the interpreter) picks the same slots and counts
+    the same load as the plain-torch path."""
+    from moe_kernels.kernels.replicas import replica_slots
+
+    p = ExpertPlacement.from_rank_experts([[0, 1, 0], [2, 0, 1]], ep_rank=0, num_redundant_experts=3)
+    ids = torch.randint(-1, 3, (37, 2), generator=torch.Generator().manual_seed(0)).to(dtype)
+    for table in (p.slot_map("cpu"), ExpertPlacement.contiguous(3).slot_map("cpu")):
+        want = map_expert_ids(ids, table)
+        load = torch.zeros(6, dtype=torch.int32)
+        got = replica_slots(ids, table, load)
+        assert got.dtype == dtype and torch.equal(got, want)
+        assert torch.equal(load, torch.bincount(want[want >= 0].long(), minlength=6).int())
+
+
 def test_bad_load_vectors_are_refused() -> None:
     p = ExpertPlacement.redundant(E, 2, ep_size=2)
     with pytest.raises(ValueError, match=r"load must have shape \[10\] \(one count per physical expert\), got \[8\]"):

@@ -264,6 +264,18 @@ def map_expert_ids(topk_ids: torch.Tensor, table: torch.Tensor | None) -> torch.
     return torch.where(topk_ids >= 0, mapped, torch.full_like(topk_ids, -1))
 
 
+def choose_slots(topk_ids: torch.Tensor, table: torch.Tensor | None, load: torch.Tensor | None) -> torch.Tensor:
+    """:func:`map_expert_ids`, then :func:`record_load` of the result; on a GPU both in one
+    Triton launch (:func:`moe_kernels.kernels.replicas.replica_slots`). No host sync."""
+    if table is not None and topk_ids.is_cuda:
+        from moe_kernels.kernels.replicas import replica_slots
+
+        return replica_slots(topk_ids, table, load)
+    slots = map_expert_ids(topk_ids, table)
+    record_load(load, slots)
+    return slots
+
+
 def slots_to_local(slots: torch.Tensor, placement: ExpertPlacement) -> torch.Tensor:
     """Slots (any shape, ``-1`` kept) -> this rank's local ids, ``-1`` for other ranks' slots."""
     per = placement.num_local_experts
