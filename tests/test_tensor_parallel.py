@@ -180,6 +180,18 @@ def _tp_fp8(tp_group) -> dict:
     return _compare(layer(x), _one_process_output(cfg, ckpt, x), torch.bfloat16)
 
 
+def _tp_selected(tp_group) -> dict:
+    """The layer as the docs build it: ``FusedMoE(cfg, tp_group=...)``, kernel selected."""
+    from moe_kernels import FusedMoE
+
+    cfg = layer_cfg(tp_size=tp_group.size(), tp_rank=tp_group.rank())
+    ckpt = {**checkpoint(), **shared_checkpoint()}
+    layer = FusedMoE(cfg, device="cpu", tp_group=tp_group)
+    layer.load_weights(**ckpt)
+    x = torch.randn(7, H, generator=torch.Generator().manual_seed(6))
+    return {**_compare(layer(x), _one_process_output(cfg, ckpt, x), torch.float32), "kernel": layer.kernel.name}
+
+
 def _tp_mismatch(tp_group) -> dict:
     """The last rank builds another intermediate size: every rank raises the same error."""
     from moe_kernels import LocalPrepareAndFinalize, TorchReferenceExperts, compose
@@ -235,6 +247,7 @@ def tp2_scenarios(group, checkpoint_dir: str) -> dict:
     _record(results, "partial_sums", _tp_partial_sums, group)
     _record(results, "fp8_checkpoint", _tp_fp8, group)
     _record(results, "load_checkpoint", _tp_load_checkpoint, group, checkpoint_dir)
+    _record(results, "selected", _tp_selected, group)
     _record(results, "mismatch", _tp_mismatch, group)
     return results
 
@@ -267,7 +280,15 @@ def _skip_without_interpreter() -> None:
         pytest.skip("the ranks run Triton on the CPU, which needs the interpreter (not set on GPU machines)")
 
 
-TP2_SCENARIOS = ["reference_fp32", "reference_bf16", "triton_fp32", "partial_sums", "fp8_checkpoint", "load_checkpoint"]
+TP2_SCENARIOS = [
+    "reference_fp32",
+    "reference_bf16",
+    "triton_fp32",
+    "partial_sums",
+    "fp8_checkpoint",
+    "load_checkpoint",
+    "selected",
+]
 
 
 @pytest.mark.parametrize("scenario", TP2_SCENARIOS)
