@@ -118,7 +118,7 @@ class FusedMoE(nn.Module):
             self.kernel = kernel
 
         moe = cfg.moe
-        e_local, h = self.placement.num_local_experts, moe.hidden_size
+        e_local = self.placement.num_local_experts
         self.router = Router(moe, device=dev)
         # the routed experts' tensors, as the weight format stores them: w13, w2 and their scales
         self.w13_scale: nn.Parameter | None = None
@@ -126,20 +126,25 @@ class FusedMoE(nn.Module):
         for projection, stored in cfg.mlp.stored().items():
             for part, (shape, dtype) in stored.items():
                 setattr(self, _parameter_name(projection, part), _parameter((e_local, *shape), dtype, dev))
-        self.shared_w13: nn.Parameter | None = None
-        self.shared_w2: nn.Parameter | None = None
-        self.shared_gate: nn.Parameter | None = None
-        if moe.num_shared_experts:
-            width = moe.shared_width // cfg.parallel.tp_size
-            self.shared_w13 = _parameter((moe.activation.gemm1_rows(width), h), moe.dtype, dev)
-            self.shared_w2 = _parameter((h, width), moe.dtype, dev)
-            if moe.shared_expert_gate:
-                self.shared_gate = _parameter((1, h), moe.dtype, dev)
+        self._make_shared_parameters(dev)
         self.overlap_shared_experts = dev.type == "cuda" if overlap_shared_experts is None else overlap_shared_experts
         if self.overlap_shared_experts and dev.type != "cuda":
             raise ValueError(f"overlap_shared_experts needs a CUDA device (a side stream), not {dev}")
         self._side_stream = torch.cuda.Stream(dev) if self.overlap_shared_experts and moe.num_shared_experts else None
         self._loader = LayerLoader(self)
+
+    def _make_shared_parameters(self, dev: torch.device) -> None:
+        """The shared experts' tensors (this rank's slice of their width under TP), or ``None``."""
+        moe = self.cfg.moe
+        self.shared_w13: nn.Parameter | None = None
+        self.shared_w2: nn.Parameter | None = None
+        self.shared_gate: nn.Parameter | None = None
+        if moe.num_shared_experts:
+            width, h = moe.shared_width // self.cfg.parallel.tp_size, moe.hidden_size
+            self.shared_w13 = _parameter((moe.activation.gemm1_rows(width), h), moe.dtype, dev)
+            self.shared_w2 = _parameter((h, width), moe.dtype, dev)
+            if moe.shared_expert_gate:
+                self.shared_gate = _parameter((1, h), moe.dtype, dev)
 
     @property
     def local_experts(self) -> tuple[int, ...]:
