@@ -90,6 +90,44 @@ def test_fp8_shard_keeps_its_blocks(down: bool) -> None:
         IntermediateShard(128, 2, 1).take(fmt, down, fmt.quantize(w))
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8-block-scales"])
+def test_a_tp_read_takes_only_the_ranks_slice_from_disk(tmp_path, fp8: bool) -> None:
+    """``read_moe_layer(..., tensor_parallel=(2, r))`` reads rows of gate/up and columns of down
+    (and of their block scales) from the file: what it returns equals slicing the whole read."""
+    from safetensors.torch import save_file
+
+    from moe_kernels.model.checkpoint import describe_moe_layer, read_moe_layer, slice_intermediate
+
+    inter, hidden, p = 256, 128, "model.layers.0.mlp"
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"{p}.gate.weight": torch.randn(2, hidden, generator=g)}
+    for e in range(2):
+        for name, shape in (
+            ("gate_proj", (inter, hidden)),
+            ("up_proj", (inter, hidden)),
+            ("down_proj", (hidden, inter)),
+        ):
+            w = torch.randn(*shape, generator=g)
+            if fp8:
+                stored = Fp8Block().quantize(w)
+                tensors[f"{p}.experts.{e}.{name}.weight_scale_inv"] = stored["scale"]
+                w = stored["weight"]
+            tensors[f"{p}.experts.{e}.{name}.weight"] = w.to(torch.bfloat16) if not fp8 else w
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    whole = read_moe_layer(tmp_path, 0, [0, 1])
+    info = slice_intermediate(describe_moe_layer(tmp_path, 0, [0, 1]), 2, 1)
+    assert info.gate_proj[1].shape == (inter // 2, hidden) and info.down_proj[1].shape == (hidden, inter // 2)
+    part = read_moe_layer(tmp_path, 0, [0, 1], tensor_parallel=(2, 1))
+    rows, blocks = slice(inter // 2, inter), slice(1, 2)
+    for e in range(2):
+        assert torch.equal(part.gate_proj[e], whole.gate_proj[e][rows])
+        assert torch.equal(part.up_proj[e], whole.up_proj[e][rows])
+        assert torch.equal(part.down_proj[e], whole.down_proj[e][:, rows])
+        if fp8:
+            assert torch.equal(part.gate_proj_scale[e], whole.gate_proj_scale[e][blocks])  # type: ignore[index]
+            assert torch.equal(part.down_proj_scale[e], whole.down_proj_scale[e][:, blocks])  # type: ignore[index]
+
+
 # --- the ranks -------------------------------------------------------------------------------
 
 
