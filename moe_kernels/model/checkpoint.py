@@ -973,7 +973,11 @@ def read_moe_layer(
     )
     if tensor_parallel is not None:
         info = slice_intermediate(info, *tensor_parallel)
-    got = reader.read(_infos(info), device=device)
+    return _tensors_of(info, reader.read(_infos(info), device=device))
+
+
+def _tensors_of(info: MoELayerInfo, got: Mapping[TensorInfo, torch.Tensor]) -> MoELayerTensors:
+    """The described layer with each :class:`TensorInfo` replaced by the tensor read for it."""
 
     def one(t: TensorInfo | None) -> torch.Tensor | None:
         return None if t is None else got[t]
