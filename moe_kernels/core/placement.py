@@ -26,6 +26,9 @@ import torch
 
 from moe_kernels.core import eplb
 
+#: the widest replica table (columns) :meth:`ExpertPlacement.slot_map` builds
+MAX_REPLICA_PERIOD = 1024
+
 
 @dataclass(frozen=True)
 class ExpertPlacement:
@@ -161,10 +164,15 @@ class ExpertPlacement:
     def slot_map(self, device: torch.device | str) -> torch.Tensor:
         """int32 logical id -> slot: ``[E]`` (:attr:`slots`) without redundancy, else ``[E, L]``
         with ``L`` the least common multiple of the replica counts and row ``e`` its replicas
-        repeated, so that column ``t % L`` is replica ``t % count(e)`` (:func:`map_expert_ids`)."""
+        repeated, so that column ``t % L`` is replica ``t % count(e)`` (:func:`map_expert_ids`).
+        Counts whose multiple exceeds :data:`MAX_REPLICA_PERIOD` use ``L`` = the largest count
+        (still a replica of ``e`` for every token, a little less evenly spread)."""
         if not self.num_redundant_experts:
             return torch.tensor(self.slots, dtype=torch.int32, device=device)
-        width = math.lcm(*(len(r) for r in self.replicas))
+        counts = [len(r) for r in self.replicas]
+        width = math.lcm(*counts)
+        if width > MAX_REPLICA_PERIOD:
+            width = max(counts)
         rows = [[r[j % len(r)] for j in range(width)] for r in self.replicas]
         return torch.tensor(rows, dtype=torch.int32, device=device)
 
