@@ -108,3 +108,72 @@ def test_replica_choice_cost(tokens: int) -> None:
     eager = time_cuda(choose, flush_l2=False).median_us
     replay = time_cuda(graph.replay, flush_l2=False).median_us
     print(f"\nreplica choice + load count, T={tokens}: eager {eager:.1f} us, graph replay {replay:.1f} us (target < 2)")
+
+
+# --- 2 GPUs over NCCL: the layer as the docs build it ------------------------------------------
+
+
+def _small_cfg(**parallel: object) -> LayerConfig:
+    from moe_kernels import MoEConfig
+
+    moe = MoEConfig(
+        num_experts=8, top_k=2, hidden_size=256, intermediate_size=512, dtype=torch.bfloat16,
+        num_shared_experts=1, shared_intermediate_size=256,
+    )  # fmt: skip
+    return LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=256, **parallel))
+
+
+def _checkpoint() -> dict[str, object]:
+    g = torch.Generator().manual_seed(0)
+    e, h, i, s = 8, 256, 512, 256
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * shape[-1] ** -0.5
+
+    return dict(
+        gate_proj={x: rand(i, h) for x in range(e)},
+        up_proj={x: rand(i, h) for x in range(e)},
+        down_proj={x: rand(h, i) for x in range(e)},
+        router_weight=rand(e, h),
+        shared_gate_proj=rand(s, h),
+        shared_up_proj=rand(s, h),
+        shared_down_proj=rand(h, s),
+    )
+
+
+def _nccl_rank(group) -> dict:
+    """TP = 2 (kernel selected), then EP = 2 with 2 redundant experts before and after a
+    rebalance, each against the one-process layer on this GPU."""
+    import torch.distributed as dist
+
+    from moe_kernels import FusedMoE
+
+    rank, device = group.rank(), torch.device("cuda", group.rank())
+    ckpt = _checkpoint()
+    # the same tokens on both ranks (TP ranks must hold the same tokens), most routed to expert 0
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) + 2 * ckpt["router_weight"][0]  # type: ignore[index]
+    x = x.to(device, torch.bfloat16)
+    whole = FusedMoE(_small_cfg(), device=device)
+    whole.load_weights(**ckpt)
+    ref = whole(x).float()
+    errors = {}
+    tp = FusedMoE(_small_cfg(tp_size=2, tp_rank=rank), device=device, tp_group=group)
+    tp.load_weights(**ckpt)
+    errors["tp2"] = ((tp(x).float() - ref).abs().max() / ref.abs().max()).item()
+    placement = ExpertPlacement.redundant(8, 2, 2, rank)
+    ep = FusedMoE(_small_cfg(ep_size=2, ep_rank=rank), placement=placement, device=device, group=group)
+    ep.load_weights(**ckpt)
+    errors["eplb_before"] = ((ep(x).float() - ref).abs().max() / ref.abs().max()).item()
+    load = ep.expert_load.clone()  # type: ignore[union-attr]
+    dist.all_reduce(load, group=group)
+    ep.apply_placement(ep.placement.rebalance(load))
+    errors["eplb_after"] = ((ep(x).float() - ref).abs().max() / ref.abs().max()).item()
+    return errors
+
+
+@pytest.mark.multigpu
+def test_tp2_and_eplb_over_nccl_equal_the_one_process_layer() -> None:
+    from moe_kernels.tools.launcher import run_ranks
+
+    for rank, errors in enumerate(run_ranks(_nccl_rank, 2, "nccl", timeout_s=600)):
+        assert all(err < 3e-2 for err in errors.values()), f"rank {rank}: {errors}"
