@@ -108,6 +108,24 @@ def test_rebalance_evens_out_a_skewed_load() -> None:
     assert all(len(set(r)) == len(r) for r in new.rank_experts)  # no two copies of an expert on one rank
 
 
+def test_hierarchical_rebalance_keeps_groups_on_nodes() -> None:
+    """64 experts in 8 groups, 2 nodes of 4 ranks, 8 redundant: every group's experts (and their
+    replicas) sit on one node, and the load stays near even."""
+    g = torch.Generator().manual_seed(1)
+    logical = (1e4 / torch.arange(1, 65).float() ** 1.2)[torch.randperm(64, generator=g)].round().long()
+    start = ExpertPlacement.redundant(64, 8, ep_size=8)
+    physical = torch.tensor([int(logical[e]) // len(start.replicas[e]) for r in start.rank_experts for e in r])
+    new = start.rebalance(physical, num_nodes=2, num_groups=8)
+    node_of_group: dict[int, set[int]] = {}
+    for rank, experts in enumerate(new.rank_experts):
+        for e in experts:
+            node_of_group.setdefault(e // 8, set()).add(rank // 4)
+    assert all(len(nodes) == 1 for nodes in node_of_group.values()), node_of_group
+    assert eplb.imbalance(new.rank_experts, logical.tolist()) < 1.3
+    with pytest.raises(ValueError, match=r"num_nodes \(3\) to divide num_groups"):
+        start.rebalance(physical, num_nodes=3, num_groups=8)
+
+
 def test_local_layer_with_replicas_equals_the_layer_without_and_counts_load() -> None:
     ckpt = checkpoint()
     x = skewed_tokens(12, 1, ckpt)

@@ -231,13 +231,19 @@ class ExpertPlacement:
             per_logical[e] = sum(counts[s] for s in slots)
         return per_logical
 
-    def rebalance(self, load: torch.Tensor) -> ExpertPlacement:
+    def rebalance(self, load: torch.Tensor, *, num_nodes: int = 1, num_groups: int | None = None) -> ExpertPlacement:
         """A placement of the same shape (ranks, physical experts per rank, redundancy) that
         balances ``load [P]`` (the token counts of each physical expert, summed over the ranks:
-        e.g. ``FusedMoE.expert_load`` all-reduced) over the ranks (:func:`moe_kernels.core.eplb.balance`).
-        An expert that stays on a rank keeps its slot where it can, so that fewer weights move."""
+        e.g. ``FusedMoE.expert_load`` all-reduced) over the ranks (:func:`moe_kernels.core.eplb.balance`;
+        with ``num_nodes > 1`` and the router's ``num_groups``, DeepSeek's hierarchical policy,
+        :func:`~moe_kernels.core.eplb.balance_hierarchical`). An expert that stays on a rank keeps
+        its slot where it can, so that fewer weights move."""
         per_logical = self.logical_load(load)
-        ranks = eplb.balance(per_logical, self.num_redundant_experts, self.ep_size)
+        redundant = self.num_redundant_experts
+        if num_nodes > 1 and num_groups is not None:
+            ranks = eplb.balance_hierarchical(per_logical, redundant, self.ep_size, num_nodes, num_groups)
+        else:
+            ranks = eplb.balance(per_logical, redundant, self.ep_size)
         kept = [_keep_slots(old, new) for old, new in zip(self.rank_experts, ranks, strict=True)]
         return ExpertPlacement.from_rank_experts(kept, self.ep_rank, self.num_redundant_experts)
 
