@@ -37,6 +37,7 @@ from moe_kernels.core.compose import (
     TokenRangeKernel,
     WorkspaceCache,
     check_pair,
+    check_tp_agreement,
     layer_context,
     pair_name,
 )
@@ -373,6 +374,7 @@ def select(
     ``tune``: measure the grid points no table covers on first use
     (:mod:`moe_kernels.selection.autotune`; ``MOE_KERNELS_TUNE=0`` turns it off everywhere)."""
     ctx = layer_context(cfg, placement=placement, group=group, device=device, tp_group=tp_group)
+    check_tp_agreement(ctx)
     if memory_budget is None:
         budget, budget_why = default_memory_budget(ctx.device)
     else:
