@@ -230,6 +230,22 @@ def _tp_selected(tp_group) -> dict:
     return {**_compare(layer(x), _one_process_output(cfg, ckpt, x), torch.float32), "kernel": layer.kernel.name}
 
 
+def _tp_biases(tp_group, experts: str) -> dict:
+    """Expert biases (gpt-oss): a rank adds its slice of the gate/up biases, and the down bias is
+    added once over the group, not once per rank."""
+    cfg = layer_cfg(tp_size=tp_group.size(), tp_rank=tp_group.rank())
+    cfg = cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"expert_bias": True})})
+    g = torch.Generator().manual_seed(8)
+    biases = {
+        name: {e: torch.randn(size, generator=g) for e in range(E)}
+        for name, size in (("gate_proj_bias", I), ("up_proj_bias", I), ("down_proj_bias", H))
+    }
+    ckpt = {**checkpoint(), **shared_checkpoint(), **biases}
+    x = torch.randn(6, H, generator=torch.Generator().manual_seed(9))
+    layer = _sharded_layer(cfg, ckpt, experts, tp_group)
+    return _compare(layer(x), _one_process_output(cfg, ckpt, x), torch.float32)
+
+
 def _tp_mismatch(tp_group) -> dict:
     """The last rank builds another intermediate size: every rank raises the same error."""
     from moe_kernels import LocalPrepareAndFinalize, TorchReferenceExperts, compose
@@ -286,6 +302,8 @@ def tp2_scenarios(group, checkpoint_dir: str) -> dict:
     _record(results, "fp8_checkpoint", _tp_fp8, group)
     _record(results, "load_checkpoint", _tp_load_checkpoint, group, checkpoint_dir)
     _record(results, "selected", _tp_selected, group)
+    _record(results, "biases_reference", _tp_biases, group, "reference")
+    _record(results, "biases_triton", _tp_biases, group, "triton")
     _record(results, "mismatch", _tp_mismatch, group)
     return results
 
@@ -326,6 +344,8 @@ TP2_SCENARIOS = [
     "fp8_checkpoint",
     "load_checkpoint",
     "selected",
+    "biases_reference",
+    "biases_triton",
 ]
 
 
