@@ -40,6 +40,7 @@ from typing import ClassVar, Generic, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from moe_kernels.config import LayerConfig
 from moe_kernels.core.placement import ExpertPlacement
@@ -174,6 +175,9 @@ ExpertTokens = StandardTokens | MaskedTokens | ExpandedTokens
 
 
 H = TypeVar("H")
+
+#: a part's scratch buffers for one call, by the names its ``workspace_specs`` gave them
+Workspace = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -380,22 +384,12 @@ class PrepareAndFinalize(Part, ABC, Generic[H]):
         self.ctx = ctx
 
     @abstractmethod
-    def prepare(
-        self,
-        x: torch.Tensor,
-        topk_weights: torch.Tensor,
-        topk_ids: torch.Tensor,
-        workspace: dict[str, torch.Tensor],
-    ) -> PrepareResult[H]:
+    def prepare(self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor, workspace: Workspace) -> PrepareResult[H]:
         """Dispatch ``x [T, H]`` with ``topk_weights [T, K]`` float32 and ``topk_ids [T, K]``
         (global ids, ``-1`` = none) to the ranks owning the experts (by the bound placement)."""
 
     def prepare_async(
-        self,
-        x: torch.Tensor,
-        topk_weights: torch.Tensor,
-        topk_ids: torch.Tensor,
-        workspace: dict[str, torch.Tensor],
+        self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor, workspace: Workspace
     ) -> Pending[PrepareResult[H]]:
         """``prepare`` that may return while the exchange is still running, so the caller can
         compute meanwhile (the other micro-batch, the shared experts). The default is done at once."""
@@ -409,11 +403,7 @@ class PrepareAndFinalize(Part, ABC, Generic[H]):
 
     @abstractmethod
     def finalize(
-        self,
-        out: torch.Tensor,
-        expert_output: torch.Tensor,
-        prepared: PrepareResult[H],
-        residual: Residual | None = None,
+        self, out: Tensor, expert_output: Tensor, prepared: PrepareResult[H], residual: Residual | None = None
     ) -> None:
         """Write the layer output ``out [T, H]`` from the experts' output (rows as
         ``prepared.tokens``, reduced as the layout says: see the module docstring), plus

@@ -74,6 +74,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch import Tensor
 
 from moe_kernels.backends import deep_ep as deep_ep_backend
 from moe_kernels.backends.cuda import sm_check
@@ -87,6 +88,7 @@ from moe_kernels.core.contract import (
     PrepareResult,
     Residual,
     TokenFormat,
+    Workspace,
     WorkspaceSpec,
 )
 from moe_kernels.core.distributed import check_agreement, group_backend
@@ -274,11 +276,7 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize[DeepEPRoute]):
         }
 
     def prepare(
-        self,
-        x: torch.Tensor,
-        topk_weights: torch.Tensor,
-        topk_ids: torch.Tensor,
-        workspace: dict[str, torch.Tensor],
+        self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor, workspace: Workspace
     ) -> PrepareResult[DeepEPRoute]:
         """Dispatch ``x [T, H]`` bf16 (quantized to fp8 first when the format says so) by
         ``topk_ids [T, K]`` (global ids, ``-1`` = none) into the expanded layout on the owning
@@ -286,24 +284,14 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize[DeepEPRoute]):
         return self._dispatch(x, topk_weights, topk_ids, workspace, overlap=False).wait()
 
     def prepare_async(
-        self,
-        x: torch.Tensor,
-        topk_weights: torch.Tensor,
-        topk_ids: torch.Tensor,
-        workspace: dict[str, torch.Tensor],
+        self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor, workspace: Workspace
     ) -> Pending[PrepareResult[DeepEPRoute]]:
         """:meth:`prepare` on DeepEP's communication stream (``async_with_compute_stream``): the
         compute stream goes on until the result is waited on (its event)."""
         return self._dispatch(x, topk_weights, topk_ids, workspace, overlap=True)
 
     def _dispatch(
-        self,
-        x: torch.Tensor,
-        topk_weights: torch.Tensor,
-        topk_ids: torch.Tensor,
-        workspace: dict[str, torch.Tensor],
-        *,
-        overlap: bool,
+        self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor, workspace: Workspace, *, overlap: bool
     ) -> Pending[PrepareResult[DeepEPRoute]]:
         group = self.group
         fp8 = self.format.act_quant is not None
@@ -362,11 +350,7 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize[DeepEPRoute]):
         return quantize_rows(x, q, scale, group=DISPATCH_SCALE_GROUP)
 
     def finalize(
-        self,
-        out: torch.Tensor,
-        expert_output: torch.Tensor,
-        prepared: PrepareResult[DeepEPRoute],
-        residual: Residual | None = None,
+        self, out: Tensor, expert_output: Tensor, prepared: PrepareResult[DeepEPRoute], residual: Residual | None = None
     ) -> None:
         """Combine the weighted rows ``expert_output [R, H]`` bf16 back to their source ranks:
         ``out[t]`` = the sum of token t's rows (DeepEP applies no weights here) + ``residual``."""

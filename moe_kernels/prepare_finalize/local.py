@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from moe_kernels.backends.triton import triton_check
 from moe_kernels.core.contract import (
@@ -24,6 +25,7 @@ from moe_kernels.core.contract import (
     Residual,
     StandardTokens,
     TokenFormat,
+    Workspace,
     WorkspaceSpec,
     align_up,
 )
@@ -91,24 +93,14 @@ class LocalPrepareAndFinalize(_Local[None]):
     def preference(self, ctx: LayerContext) -> tuple[float, str]:
         return 0.0, "no dispatch; the experts write the output in place"
 
-    def prepare(
-        self,
-        x: torch.Tensor,
-        topk_weights: torch.Tensor,
-        topk_ids: torch.Tensor,
-        workspace: dict[str, torch.Tensor],
-    ) -> PrepareResult[None]:
+    def prepare(self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor, workspace: Workspace) -> PrepareResult[None]:
         return PrepareResult(StandardTokens(x, self.local_ids(topk_ids), topk_weights), None)
 
     def expert_output(self, prepared: PrepareResult[None], out: torch.Tensor) -> torch.Tensor | None:
         return out
 
     def finalize(
-        self,
-        out: torch.Tensor,
-        expert_output: torch.Tensor,
-        prepared: PrepareResult[None],
-        residual: Residual | None = None,
+        self, out: Tensor, expert_output: Tensor, prepared: PrepareResult[None], residual: Residual | None = None
     ) -> None:
         # the composer hands the residual to the experts' final write instead (no extra pass)
         if expert_output.data_ptr() != out.data_ptr():
@@ -171,11 +163,7 @@ class LocalMaskedPrepareAndFinalize(_Local[MaskedRoute]):
         return specs
 
     def prepare(
-        self,
-        x: torch.Tensor,
-        topk_weights: torch.Tensor,
-        topk_ids: torch.Tensor,
-        workspace: dict[str, torch.Tensor],
+        self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor, workspace: Workspace
     ) -> PrepareResult[MaskedRoute]:
         from moe_kernels.kernels.permute import masked_layout, scatter_rows
 
@@ -195,11 +183,7 @@ class LocalMaskedPrepareAndFinalize(_Local[MaskedRoute]):
         return prepared.handle.expert_output
 
     def finalize(
-        self,
-        out: torch.Tensor,
-        expert_output: torch.Tensor,
-        prepared: PrepareResult[MaskedRoute],
-        residual: Residual | None = None,
+        self, out: Tensor, expert_output: Tensor, prepared: PrepareResult[MaskedRoute], residual: Residual | None = None
     ) -> None:
         from moe_kernels.kernels.gather import weighted_gather
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from moe_kernels.core.contract import (
     Check,
@@ -33,6 +34,7 @@ from moe_kernels.core.contract import (
     Residual,
     StandardTokens,
     TokenFormat,
+    Workspace,
     check_device_type,
 )
 from moe_kernels.core.distributed import group_backend
@@ -84,13 +86,7 @@ class TorchAllToAllPrepareAndFinalize(ExpertParallelPrepareAndFinalize[Route]):
 
     # --- the chain ------------------------------------------------------------------------
 
-    def prepare(
-        self,
-        x: torch.Tensor,
-        topk_weights: torch.Tensor,
-        topk_ids: torch.Tensor,
-        workspace: dict[str, torch.Tensor],
-    ) -> PrepareResult[Route]:
+    def prepare(self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor, workspace: Workspace) -> PrepareResult[Route]:
         """Send each token of ``x [T, H]`` once to every rank owning one of its experts.
 
         Returns StandardTokens over the received rows ``[R, H]`` (grouped by source rank, in
@@ -100,11 +96,7 @@ class TorchAllToAllPrepareAndFinalize(ExpertParallelPrepareAndFinalize[Route]):
         return self.prepare_async(x, topk_weights, topk_ids, workspace).wait()
 
     def prepare_async(
-        self,
-        x: torch.Tensor,
-        topk_weights: torch.Tensor,
-        topk_ids: torch.Tensor,
-        workspace: dict[str, torch.Tensor],
+        self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor, workspace: Workspace
     ) -> Pending[PrepareResult[Route]]:
         """:meth:`prepare` with the row exchanges left running (``async_op``); the split sizes
         are still exchanged and read on the host first, which ``all_to_all_single`` needs."""
@@ -185,11 +177,7 @@ class TorchAllToAllPrepareAndFinalize(ExpertParallelPrepareAndFinalize[Route]):
         return Pending(finish)
 
     def finalize(
-        self,
-        out: torch.Tensor,
-        expert_output: torch.Tensor,
-        prepared: PrepareResult[Route],
-        residual: Residual | None = None,
+        self, out: Tensor, expert_output: Tensor, prepared: PrepareResult[Route], residual: Residual | None = None
     ) -> None:
         """Send the partial rows ``expert_output [R, H]`` back and write ``out [T, H]``: the
         fp32 sum of each token's partials, one per rank it visited (zero for a token routed
