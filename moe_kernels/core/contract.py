@@ -410,11 +410,7 @@ class PrepareAndFinalize(Part, ABC, Generic[H]):
         ``residual`` when given (wait for it before reading it)."""
 
     def finalize_async(
-        self,
-        out: torch.Tensor,
-        expert_output: torch.Tensor,
-        prepared: PrepareResult[H],
-        residual: Residual | None = None,
+        self, out: Tensor, expert_output: Tensor, prepared: PrepareResult[H], residual: Residual | None = None
     ) -> Pending[None]:
         """``finalize`` that may return while the combine is still running; ``out`` is complete
         once the result is waited on. The default is done at once."""

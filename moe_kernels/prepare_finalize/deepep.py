@@ -357,11 +357,7 @@ class _DeepEPPrepareAndFinalize(ExpertParallelPrepareAndFinalize[DeepEPRoute]):
         self._combine(out, expert_output, prepared, residual, overlap=False).wait()
 
     def finalize_async(
-        self,
-        out: torch.Tensor,
-        expert_output: torch.Tensor,
-        prepared: PrepareResult[DeepEPRoute],
-        residual: Residual | None = None,
+        self, out: Tensor, expert_output: Tensor, prepared: PrepareResult[DeepEPRoute], residual: Residual | None = None
     ) -> Pending[None]:
         return self._combine(out, expert_output, prepared, residual, overlap=True)
 

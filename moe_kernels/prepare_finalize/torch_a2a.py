@@ -185,11 +185,7 @@ class TorchAllToAllPrepareAndFinalize(ExpertParallelPrepareAndFinalize[Route]):
         self.finalize_async(out, expert_output, prepared, residual).wait()
 
     def finalize_async(
-        self,
-        out: torch.Tensor,
-        expert_output: torch.Tensor,
-        prepared: PrepareResult[Route],
-        residual: Residual | None = None,
+        self, out: Tensor, expert_output: Tensor, prepared: PrepareResult[Route], residual: Residual | None = None
     ) -> Pending[None]:
         route = prepared.handle
         partial = expert_output.contiguous()
