@@ -40,7 +40,7 @@ from moe_kernels.experts.triton import MaskedTritonExperts, TritonExperts
 from moe_kernels.mlp.weights import ExpertWeights
 from moe_kernels.model.layer import FusedMoE
 from moe_kernels.model.memory import LayerMemoryError
-from moe_kernels.model.router import Router, route
+from moe_kernels.model.router import Router, Routing, route
 from moe_kernels.prepare_finalize.deepep import (
     DeepEPHighThroughputPrepareAndFinalize,
     DeepEPLowLatencyPrepareAndFinalize,
@@ -99,5 +99,6 @@ __all__ = [
     "compose",
     "load_config",
     "route",
+    "Routing",
     "select",
 ]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from moe_kernels.config import MoEConfig
-from moe_kernels.model.router import Router, route
+from moe_kernels.model.router import Router, Routing, route
 
 
 def loop_route(
@@ -420,3 +420,16 @@ def test_load_tensors_checks_names_and_shapes() -> None:
         router.load_tensors(weight=torch.zeros(E, H_R - 1))
     with pytest.raises(ValueError, match="tid2eid: this router's config has moe.hash_routing false"):
         router.load_tensors(tid2eid=torch.zeros(4, K, dtype=torch.int64))
+
+
+def test_routing_options_as_data_or_keywords() -> None:
+    logits = torch.randn(6, 8, generator=torch.Generator().manual_seed(2))
+    opts = dict(scoring="sigmoid", num_expert_group=4, topk_group=2, routed_scaling_factor=2.0)
+    assert_matches_loop(logits, 2, correction_bias=torch.zeros(8), **opts)
+    by_data = route(logits, 2, Routing(**opts), correction_bias=torch.zeros(8))
+    by_keywords = route(logits, 2, correction_bias=torch.zeros(8), **opts)
+    assert all(torch.equal(a, b) for a, b in zip(by_data, by_keywords, strict=True))
+    with pytest.raises(TypeError, match="unknown options \\['scorin'\\]"):
+        route(logits, 2, scorin="sigmoid")
+    with pytest.raises(TypeError, match="not both"):
+        route(logits, 2, Routing(), scoring="sigmoid")

@@ -23,7 +23,8 @@ enough to swap two close experts' ranking.
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,94 +36,114 @@ GroupScore = Literal["max", "top2_sum"]
 Scoring = Literal["softmax", "sigmoid"]
 
 
+@dataclass(frozen=True)
+class Routing:
+    """How logits become experts and weights, beside ``top_k`` (the module docstring maps the options to
+    model families). :meth:`of` reads them from a layer's :class:`~moe_kernels.config.MoEConfig`.
+
+    Attributes:
+        scoring: ``"softmax"`` over the E experts, or an independent score per expert (``"sigmoid"``:
+            ``per_expert_score``, sigmoid or ``"sqrtsoftplus"``).
+        choose_on: top-k over the ``"scores"`` or the ``"logits"`` (+ the correction bias either way);
+            the weights are the chosen experts' scores.
+        renormalize: divide the chosen weights by their sum, or by their ``renormalize_p``-norm.
+        num_expert_group, topk_group: the E experts form ``num_expert_group`` equal groups; only experts of
+            the best ``topk_group`` groups may be chosen. Both or neither.
+        group_score: ``"max"`` (a group's best expert) or ``"top2_sum"``; ``None``: ``top2_sum`` with a
+            correction bias, ``max`` without. ``group_fill``: what experts outside kept groups score.
+        routed_scaling_factor: multiplies the final weights (after renormalization).
+        logit_scale, logit_softcap: logits are multiplied by ``logit_scale``, then capped as
+            ``c * tanh(logits / c)``, before scoring.
+        sparsemixer_eps: route by Phi-3.5-MoE's sparsemixer instead (softmax scoring, two experts, each
+            weighted by a softmax over the experts within ``2 * eps`` of it, relative to their magnitude).
+    """
+
+    scoring: Scoring = "softmax"
+    per_expert_score: Literal["sigmoid", "sqrtsoftplus"] = "sigmoid"
+    choose_on: Literal["scores", "logits"] = "scores"
+    renormalize: bool = True
+    renormalize_p: float = 1.0
+    num_expert_group: int | None = None
+    topk_group: int | None = None
+    group_score: GroupScore | None = None
+    group_fill: Literal["-inf", "zero"] = "-inf"
+    routed_scaling_factor: float = 1.0
+    logit_scale: float = 1.0
+    logit_softcap: float | None = None
+    sparsemixer_eps: float | None = None
+
+    @classmethod
+    def of(cls, moe: MoEConfig) -> Routing:
+        return cls(**{f.name: getattr(moe, f.name) for f in fields(cls)})
+
+
 def route(
     router_logits: torch.Tensor,
     top_k: int,
+    routing: Routing | None = None,
     *,
-    scoring: Scoring = "softmax",
-    renormalize: bool = True,
-    num_expert_group: int | None = None,
-    topk_group: int | None = None,
-    routed_scaling_factor: float = 1.0,
     correction_bias: torch.Tensor | None = None,
-    per_expert_score: Literal["sigmoid", "sqrtsoftplus"] = "sigmoid",
-    choose_on: Literal["scores", "logits"] = "scores",
-    group_score: GroupScore | None = None,
-    group_fill: Literal["-inf", "zero"] = "-inf",
-    renormalize_p: float = 1.0,
-    logit_scale: float = 1.0,
-    logit_softcap: float | None = None,
     expert_scale: torch.Tensor | None = None,
-    sparsemixer_eps: float | None = None,
     expert_ids: torch.Tensor | None = None,
+    **options: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose ``top_k`` distinct experts per token.
+    """Choose ``top_k`` distinct experts per token: ``router_logits [T, E]`` (any floating dtype) ->
+    ``topk_weights [T, K]`` float32 and ``topk_ids [T, K]`` int32, best expert first (for ``expert_ids``,
+    in their order), on the logits' device.
 
     Args:
-        router_logits: ``[T, E]``, any floating dtype.
         top_k: experts per token, ``1 <= top_k <= E``.
-        scoring: ``"softmax"`` over the E experts, or an independent score per expert
-            (``"sigmoid"``: ``per_expert_score``, sigmoid or ``"sqrtsoftplus"``).
-        choose_on: top-k over the ``"scores"`` or over the ``"logits"`` (+ the correction bias either
-            way); the weights are the chosen experts' scores.
-        sparsemixer_eps: route by Phi-3.5-MoE's sparsemixer instead (softmax scoring, two experts,
-            each weighted by a softmax over the experts within ``2 * eps`` of it, relative to their
-            magnitude).
-        renormalize: divide the chosen weights by their sum (each token's weights sum to 1
-            before scaling), or by their ``renormalize_p``-norm.
-        num_expert_group, topk_group: grouped routing: the E experts form
-            ``num_expert_group`` equal groups; only experts of the best ``topk_group`` groups
-            may be chosen. Give both or neither.
-        routed_scaling_factor: multiplies the final weights (after renormalization).
-        correction_bias: ``[E]`` floating, added to what experts and groups are chosen on
-            (DeepSeek-V3's ``e_score_correction_bias``); never part of the weights.
-        group_score: a group's score, ``"max"`` (its best expert) or ``"top2_sum"``; ``None``:
-            ``top2_sum`` with a correction bias, ``max`` without.
-        group_fill: what experts outside the kept groups score when choosing, ``"-inf"`` or ``"zero"``.
-        logit_scale, logit_softcap: the logits are multiplied by ``logit_scale``, then capped as
-            ``c * tanh(logits / c)``, before scoring.
+        routing: the options (:class:`Routing`); or give its fields as keywords (``scoring="sigmoid"``).
+        correction_bias: ``[E]``, added to what experts and groups are chosen on (DeepSeek-V3's
+            ``e_score_correction_bias``); never part of the weights.
         expert_scale: ``[E]``, multiplies each chosen expert's weight after renormalization (Gemma-4).
-        expert_ids: ``[T, top_k]`` integer ids chosen elsewhere (hash routing); their weights are
-            still the scores, renormalized and scaled as above.
-
-    Returns:
-        ``topk_weights [T, K]`` float32 and ``topk_ids [T, K]`` int32, best expert first (for
-        ``expert_ids``, in their order), on the logits' device.
+        expert_ids: ``[T, top_k]`` ids chosen elsewhere (hash routing); weighted by their scores as above.
     """
+    if routing is not None and options:
+        raise TypeError(f"pass routing= or its fields as keywords, not both (got {sorted(options)})")
+    try:
+        r = routing if routing is not None else Routing(**options)
+    except TypeError:
+        unknown = sorted(set(options) - {f.name for f in fields(Routing)})
+        raise TypeError(
+            f"route() got unknown options {unknown}; Routing has {[f.name for f in fields(Routing)]}"
+        ) from None
     num_experts = _check_route_args(
-        router_logits, top_k, scoring, num_expert_group, topk_group, routed_scaling_factor, correction_bias
+        router_logits, top_k, r.scoring, r.num_expert_group, r.topk_group, r.routed_scaling_factor, correction_bias
     )
-    _check_variant_args(num_experts, top_k, scoring, expert_scale, sparsemixer_eps, expert_ids, router_logits)
-    logits = router_logits.float()
-    if logit_scale != 1.0:
-        logits = logits * logit_scale
-    if logit_softcap is not None:
-        logits = torch.tanh(logits / logit_softcap) * logit_softcap
-
-    if sparsemixer_eps is not None:
-        topk_weights, topk_ids = _sparsemixer(logits, sparsemixer_eps)
+    _check_variant_args(num_experts, top_k, r.scoring, expert_scale, r.sparsemixer_eps, expert_ids, router_logits)
+    logits = router_logits.float() * r.logit_scale if r.logit_scale != 1.0 else router_logits.float()
+    if r.logit_softcap is not None:
+        logits = torch.tanh(logits / r.logit_softcap) * r.logit_softcap
+    if r.sparsemixer_eps is not None:
+        topk_weights, topk_ids = _sparsemixer(logits, r.sparsemixer_eps)
     else:
-        scores = _score(logits, scoring, per_expert_score)
+        scores = _score(logits, r.scoring, r.per_expert_score)
         if expert_ids is not None:
             topk_ids = expert_ids.long()
         else:
-            choice = scores if choose_on == "scores" else logits
-            if correction_bias is not None:
-                choice = choice + correction_bias.float()
-            if num_expert_group is not None:
-                assert topk_group is not None  # checked together above
-                score = group_score or ("top2_sum" if correction_bias is not None else "max")
-                choice = _mask_to_best_groups(choice, num_experts, num_expert_group, topk_group, score, group_fill)
-            topk_ids = choice.topk(top_k, dim=-1).indices
+            topk_ids = _choose_ids(scores if r.choose_on == "scores" else logits, top_k, correction_bias, r)
         topk_weights = scores.gather(1, topk_ids)
-        if renormalize:
+        if r.renormalize:
             # the norm is > 0: softmax, sigmoid and sqrtsoftplus scores are positive
-            topk_weights = topk_weights / topk_weights.norm(p=renormalize_p, dim=-1, keepdim=True)
+            topk_weights = topk_weights / topk_weights.norm(p=r.renormalize_p, dim=-1, keepdim=True)
     if expert_scale is not None:
         topk_weights = topk_weights * expert_scale.float()[topk_ids]
-    if routed_scaling_factor != 1.0:
-        topk_weights = topk_weights * routed_scaling_factor
+    if r.routed_scaling_factor != 1.0:
+        topk_weights = topk_weights * r.routed_scaling_factor
     return topk_weights.contiguous(), topk_ids.to(torch.int32).contiguous()
+
+
+def _choose_ids(choice: torch.Tensor, top_k: int, correction_bias: torch.Tensor | None, r: Routing) -> torch.Tensor:
+    """The ``top_k`` best experts ``[T, K]`` int64 of ``choice [T, E]`` float32 (+ the correction bias),
+    within each token's best groups under grouped routing."""
+    if correction_bias is not None:
+        choice = choice + correction_bias.float()
+    if r.num_expert_group is not None:
+        assert r.topk_group is not None  # checked together with num_expert_group
+        score = r.group_score or ("top2_sum" if correction_bias is not None else "max")
+        choice = _mask_to_best_groups(choice, choice.shape[1], r.num_expert_group, r.topk_group, score, r.group_fill)
+    return choice.topk(top_k, dim=-1).indices
 
 
 def _score(logits: torch.Tensor, scoring: str, per_expert_score: str) -> torch.Tensor:
@@ -273,6 +294,7 @@ class Router(nn.Module):
     def __init__(self, moe: MoEConfig, *, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.moe = moe
+        self.routing = Routing.of(moe)
         e, h = moe.router_width, moe.hidden_size
         wdtype = moe.router_dtype or moe.dtype
 
@@ -351,21 +373,9 @@ class Router(nn.Module):
         return route(
             self.logits(hidden_states),
             m.top_k,
-            scoring=m.scoring,
-            renormalize=m.renormalize,
-            num_expert_group=m.num_expert_group,
-            topk_group=m.topk_group,
-            routed_scaling_factor=m.routed_scaling_factor,
+            self.routing,
             correction_bias=self.e_score_correction_bias,
-            per_expert_score=m.per_expert_score,
-            choose_on=m.choose_on,
-            group_score=m.group_score,
-            group_fill=m.group_fill,
-            renormalize_p=m.renormalize_p,
-            logit_scale=m.logit_scale,
-            logit_softcap=m.logit_softcap,
             expert_scale=self.expert_scale,
-            sparsemixer_eps=m.sparsemixer_eps,
             expert_ids=expert_ids,
         )
 
