@@ -879,6 +879,79 @@ def _describe_extras(
     return extras
 
 
+def _describe_router(lay: _Layer) -> TensorInfo:
+    """The router weight ``[E, H]`` (floating)."""
+    router_key = lay.first_present(lay.naming.router, "router weight")
+    assert router_key is not None  # _locate matched a router
+    router = lay.stored(router_key)
+    _check_dtype(router, _FLOATS, "router weight")
+    if len(router.shape) != 2:
+        raise ValueError(
+            f"{router.file}: tensor '{router.key}' (router weight) must be 2-D [E, H], got {list(router.shape)}"
+        )
+    return router
+
+
+def _describe_correction_bias(lay: _Layer, router_rows: int) -> TensorInfo | None:
+    """The correction bias ``[E]`` (stored ``[E]`` or ``[1, E]``), when the layer has one."""
+    bias_key = lay.first_present(lay.naming.correction_bias, "correction bias")
+    if bias_key is None:
+        return None
+    stored = lay.stored(bias_key)
+    _check_dtype(stored, _FLOATS, "correction bias")
+    if stored.shape not in ((router_rows,), (1, router_rows)):
+        raise ValueError(
+            f"{stored.file}: tensor '{bias_key}' (correction bias) must have shape [{router_rows}] or"
+            f" [1, {router_rows}], got {list(stored.shape)}"
+        )
+    return _cut_info(stored, Cut(flatten=len(stored.shape) == 2))
+
+
+def _shared_variant(lay: _Layer) -> SharedNaming | None:
+    """The shared-expert naming the layer's keys show: the variant whose GEMM1 keys are there too
+    (HY-V4's gate is linear_gate beside the same down_proj), else any whose down projection is."""
+    variants = lay.naming.shared
+    complete = (v for v in variants if all(lay.has(t) for t in (v.gate, v.up, v.gate_up, v.down) if t))
+    return next(complete, None) or next((v for v in variants if lay.has(v.down)), None)
+
+
+_Described = dict[str, dict[int, TensorInfo]]
+
+
+def _describe_experts(
+    lay: _Layer, ids: tuple[int, ...], num_experts: int, hidden: int, expert_biases: bool
+) -> tuple[_Described, _Described | None, _Described | None]:
+    """``(weights, scales, biases)`` per projection name and expert id, per-expert or fused naming."""
+    ex = lay.naming.experts
+    if isinstance(ex, PerExpert):
+        weights, scales = _describe_per_expert(lay, ex, ids, hidden)
+        return weights, scales, None
+    if not expert_biases and ex.gate_up_bias is not None and lay.has(ex.gate_up_bias):
+        raise ValueError(
+            f"layer {lay.layer} of {lay.where} has expert biases ('{lay.key(ex.gate_up_bias)}'), which moe_kernels'"
+            " expert MLPs do not implement yet; read them with expert_biases=True only to load them elsewhere"
+        )
+    weights, biases = _describe_fused(lay, ex, ids, num_experts, hidden, expert_biases)
+    return weights, None, biases
+
+
+def _accounted_keys(lay: _Layer, num_experts: int) -> set[str]:
+    """Every key of the layer's MoE block that the naming reads (the rest must not exist)."""
+    spec = lay.naming
+    accounted = _expert_keys(lay, num_experts) | _shared_keys(lay) | {lay.key(r) for r in spec.router}
+    accounted |= {lay.key(b) for b in spec.correction_bias} | {lay.key(t) for t in spec.router_extras.values()}
+    return accounted | {lay.key(t) for t in spec.layer_extras.values()}
+
+
+def _per_projection(described: _Described | None, suffix: str) -> dict[str, dict[int, TensorInfo] | None]:
+    """``{"gate_proj<suffix>": ..., "up_proj<suffix>": ..., "down_proj<suffix>": ...}``, all ``None``
+    without ``described`` (a gate absent from it, as in a non-gated MLP, is empty)."""
+    names = ("gate_proj", "up_proj", "down_proj")
+    if described is None:
+        return {n + suffix: None for n in names}
+    return {n + suffix: described.get(n, {}) for n in names}
+
+
 def describe_moe_layer(
     path: str | os.PathLike[str] | CheckpointReader,
     layer: int,
@@ -904,48 +977,17 @@ def describe_moe_layer(
     lay = _locate(reader, layer, _check_naming_arg(naming))
     spec = lay.naming
 
-    router_key = lay.first_present(spec.router, "router weight")
-    assert router_key is not None  # _locate matched a router
-    router = lay.stored(router_key)
-    _check_dtype(router, _FLOATS, "router weight")
-    if len(router.shape) != 2:
-        raise ValueError(
-            f"{router.file}: tensor '{router.key}' (router weight) must be 2-D [E, H], got {list(router.shape)}"
-        )
+    router = _describe_router(lay)
     router_rows, hidden = router.shape
     num_experts = router_rows - identity_experts
 
-    ex = spec.experts
-    biases = None
-    if isinstance(ex, PerExpert):
-        weights, scales = _describe_per_expert(lay, ex, ids, hidden)
-    else:
-        scales = None
-        if not expert_biases and ex.gate_up_bias is not None and lay.has(ex.gate_up_bias):
-            raise ValueError(
-                f"layer {layer} of {lay.where} has expert biases ('{lay.key(ex.gate_up_bias)}'), which moe_kernels'"
-                " expert MLPs do not implement yet; read them with expert_biases=True only to load them elsewhere"
-            )
-        weights, biases = _describe_fused(lay, ex, ids, num_experts, hidden, expert_biases)
+    weights, scales, biases = _describe_experts(lay, ids, num_experts, hidden, expert_biases)
 
-    bias = None
-    if (bias_key := lay.first_present(spec.correction_bias, "correction bias")) is not None:
-        stored = lay.stored(bias_key)
-        _check_dtype(stored, _FLOATS, "correction bias")
-        if stored.shape not in ((router_rows,), (1, router_rows)):
-            raise ValueError(
-                f"{stored.file}: tensor '{bias_key}' (correction bias) must have shape [{router_rows}] or"
-                f" [1, {router_rows}], got {list(stored.shape)}"
-            )
-        bias = _cut_info(stored, Cut(flatten=len(stored.shape) == 2))
-
+    bias = _describe_correction_bias(lay, router_rows)
     extras = _describe_extras(lay, spec.router_extras, router_extras, "router_extras", "router")
     outputs = _describe_extras(lay, spec.layer_extras, layer_extras, "layer_extras", "layer")
 
-    # the variant whose GEMM1 keys are there too (HY-V4's gate is linear_gate beside the same down_proj)
-    complete = (v for v in spec.shared if all(lay.has(t) for t in (v.gate, v.up, v.gate_up, v.down) if t))
-    variant = next(complete, None)
-    variant = variant or next((v for v in spec.shared if lay.has(v.down)), None)
+    variant = _shared_variant(lay)
     shared_info = None
     if shared:
         if variant is None:
@@ -953,10 +995,7 @@ def describe_moe_layer(
             raise ValueError(f"layer {layer} of {lay.where} has no shared expert: no key {tried}")
         shared_info = _describe_shared(lay, variant, hidden)
 
-    accounted = _expert_keys(lay, num_experts) | _shared_keys(lay) | {lay.key(r) for r in spec.router}
-    accounted |= {lay.key(b) for b in spec.correction_bias} | {lay.key(t) for t in spec.router_extras.values()}
-    accounted |= {lay.key(t) for t in spec.layer_extras.values()}
-    _refuse_unloaded(lay, accounted)
+    _refuse_unloaded(lay, _accounted_keys(lay, num_experts))
 
     return MoELayerInfo(
         layer=layer,
@@ -965,17 +1004,13 @@ def describe_moe_layer(
         up_proj=weights["up_proj"],
         down_proj=weights["down_proj"],
         router_weight=router,
-        gate_proj_scale=None if scales is None else scales.get("gate_proj", {}),
-        up_proj_scale=None if scales is None else scales["up_proj"],
-        down_proj_scale=None if scales is None else scales["down_proj"],
+        **_per_projection(scales, "_scale"),
         e_score_correction_bias=bias,
         shared=shared_info,
         has_shared=variant is not None,
         router_extras=extras,
         layer_extras=outputs,
-        gate_proj_bias=None if biases is None else biases["gate_proj"],
-        up_proj_bias=None if biases is None else biases["up_proj"],
-        down_proj_bias=None if biases is None else biases["down_proj"],
+        **_per_projection(biases, "_bias"),
     )
 
 
