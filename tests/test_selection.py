@@ -145,3 +145,24 @@ def test_tables_of_one_gpu_merge_point_by_point(fake_gpu: Path) -> None:
     table = tuning.table_for(torch.device("cpu"))
     assert table is not None and str(fake_gpu) in table.path and str(tuning.cache_dir()) in table.path
     assert table.pair_times(key) == {TRITON: {1: 8.0, 1024: 30.0}, FUSED: {1: 5.0}}
+
+
+def test_an_unmeasured_shape_is_ranked_by_the_nearest_measured_one(fake_gpu: Path) -> None:
+    """E=4, K=2 gives each expert T/2 rows; a measured shape with E=8, K=2 gives T/4, so its T=64
+    stands for our T=32. The nearest by GEMM sizes wins over a farther one that ranks otherwise."""
+    cfg = layer(max_tokens=256)
+
+    def shape(experts: int, hidden: int, inter: int) -> LayerConfig:
+        moe = MoEConfig(num_experts=experts, top_k=2, hidden_size=hidden, intermediate_size=inter)
+        return LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=256))
+
+    write_times(fake_gpu, shape(8, 64, 256), {FUSED: {1: 1.0, 64: 1.0, 512: 9.0}, TRITON: {1: 2.0, 64: 2.0, 512: 3.0}})
+    write_times(fake_gpu, shape(8, 4096, 8192), {FUSED: {1: 9.0, 512: 9.0}, TRITON: {1: 1.0, 512: 1.0}})
+    selection = select(cfg, device="cpu", tune=False)
+    # the near shape's points move to T = 1, 32, 256: FUSED up to T=32, TRITON above
+    expected = [(1, FUSED), (16, FUSED), (64, TRITON), (256, TRITON)]
+    assert [(c.high, c.candidate.name) for c in selection.steps] == expected
+    assert "ranks in E=8,K=2,H=64,I=256" in selection.decided_by
+    # a measurement of this shape itself outranks the estimate where it covers T
+    write_times(fake_gpu, cfg, {FUSED: {256: 5.0}, TRITON: {256: 6.0}})
+    assert select(cfg, device="cpu", tune=False).steps[-1].candidate.name == FUSED

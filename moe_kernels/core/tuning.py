@@ -65,6 +65,21 @@ class ShapeKey:
     def __str__(self) -> str:
         return f"E={self.num_experts},K={self.top_k},H={self.hidden},I={self.inter},{self.dtype},{self.quant}"
 
+    @classmethod
+    def parse(cls, text: str) -> ShapeKey | None:
+        """The key :meth:`__str__` wrote, or ``None`` for text in another form."""
+        parts = text.split(",")
+        try:
+            e, k, h, i = (int(part.split("=", 1)[1]) for part in parts[:4])
+            return cls(e, k, h, i, parts[4], parts[5])
+        except (IndexError, ValueError):
+            return None
+
+    @property
+    def rows_per_expert(self) -> float:
+        """Rows each expert gets per token of a call (``K / E``, uniform routing)."""
+        return self.top_k / self.num_experts
+
 
 @dataclass
 class GpuTable:
@@ -80,6 +95,31 @@ class GpuTable:
         """``pair name -> {T: microseconds}`` for ``key`` (empty when not measured)."""
         pairs = self.shapes.get(str(key), {}).get("pairs", {})
         return {name: {int(t): float(us) for t, us in times.items()} for name, times in pairs.items()}
+
+    def nearest_shape(self, key: ShapeKey) -> ShapeKey | None:
+        """The measured shape of the same dtype and format most like ``key`` in its GEMM sizes (the
+        least ``|log H/H'| + |log I/I'|``), ``None`` when there is none."""
+        measured = [k for k in map(ShapeKey.parse, self.shapes) if k is not None and k != key and self.pair_times(k)]
+        alike = [k for k in measured if (k.dtype, k.quant) == (key.dtype, key.quant)]
+        return min(
+            alike,
+            key=lambda k: abs(math.log(k.hidden / key.hidden)) + abs(math.log(k.inter / key.inter)),
+            default=None,
+        )
+
+    def estimated_pair_times(self, key: ShapeKey) -> tuple[ShapeKey | None, dict[str, dict[int, float]]]:
+        """For a shape without measurements: the nearest measured shape and its pairs' times, each
+        point moved to the ``T`` that gives ``key``'s experts as many rows (``T * K / E`` kept): a
+        pair's rank there is what the estimate carries, not its microseconds."""
+        source = self.nearest_shape(key)
+        if source is None:
+            return None, {}
+        scale = source.rows_per_expert / key.rows_per_expert
+        moved = {
+            name: {max(1, round(t * scale)): us for t, us in times.items()}
+            for name, times in self.pair_times(source).items()
+        }
+        return source, moved
 
     def experts_times(self, key: ShapeKey, experts: str) -> dict[int, float]:
         """``{T: microseconds}`` of the experts class named ``experts`` behind whichever

@@ -101,6 +101,9 @@ class Candidate:
     experts: PermuteExpertsUnpermute
     checks: list[Check]
     times: dict[int, float] = field(default_factory=dict)
+    #: ``{T: us}`` of the nearest measured shape, moved to this shape's T
+    #: (:meth:`~moe_kernels.core.tuning.GpuTable.estimated_pair_times`): ranks only
+    estimated: dict[int, float] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -242,11 +245,14 @@ def candidates(
     pfs = [make(cfg) for make in (prepare_finalize_factories or registry.PREPARE_FINALIZE)]
     exs = [make(cfg) for make in (experts_factories or registry.EXPERTS)]
     table = tuning.table_for(ctx.device)
-    measured = table.pair_times(tuning.ShapeKey.of(cfg)) if table is not None else {}
+    key = tuning.ShapeKey.of(cfg)
+    measured = table.pair_times(key) if table is not None else {}
+    estimated = table.estimated_pair_times(key)[1] if table is not None else {}
     out = []
     for pf in pfs:
         for ex in exs:
-            out.append(Candidate(pf, ex, check_pair(pf, ex, ctx), measured.get(pair_name(pf, ex), {})))
+            name = pair_name(pf, ex)
+            out.append(Candidate(pf, ex, check_pair(pf, ex, ctx), measured.get(name, {}), estimated.get(name, {})))
     return out
 
 
@@ -276,17 +282,32 @@ def within_budget(
     return fits, over
 
 
+def _timed_at(cands: list[Candidate], t: int) -> tuple[bool, int, list[tuple[float, Candidate]]]:
+    """What decides ``T = t``: this shape's own measurements when one at ``T >= t`` exists, else the
+    nearest shape's moved ones (else the own ones below ``t``). Returns whether they are measured, the
+    point standing for ``t`` (:func:`~moe_kernels.core.tuning.point_for` over all of them), and each
+    candidate's time there, so that every pair is compared at the same point."""
+    measured = any(p >= t for c in cands for p in c.times) or not any(c.estimated for c in cands)
+    series = [(c.times if measured else c.estimated, c) for c in cands]
+    series = [(times, c) for times, c in series if times]
+    if not series:
+        return measured, 0, []
+    point, _ = tuning.point_for(dict.fromkeys(set().union(*(times for times, _ in series)), 0.0), t)
+    return measured, point, [(times[point], c) for times, c in series if point in times]
+
+
 def _plan_measured(fits: dict[int, list[Candidate]], valid: list[Candidate], grid: list[int]) -> list[Choice]:
     plan: list[Choice] = []
     for t in grid:
-        timed = [(tuning.point_for(c.times, t), c) for c in fits[t] if c.times]
+        measured, point, timed = _timed_at(fits[t], t)
         if not timed:
             return []
-        (point, us), best = min(timed, key=lambda pc: pc[0][1])
-        why = f"{us:.1f} us at T={point}"
-        (_, fastest_us), fastest = min(
-            ((tuning.point_for(c.times, t), c) for c in valid if c.times), key=lambda pc: pc[0][1]
-        )
+        us, best = min(timed, key=lambda tc: tc[0])
+        if measured:
+            why = f"{us:.1f} us at T={point}"
+        else:
+            why = f"fastest in the nearest measured shape at as many rows per expert as T={point}"
+        fastest_us, fastest = min(_timed_at(valid, t)[2], key=lambda tc: tc[0])
         if fastest is not best:
             why += f"; the memory budget left out {fastest.name} ({fastest_us:.1f} us)"
         plan.append(Choice(t, best, (why,)))
@@ -393,9 +414,13 @@ def select(
     fits, over = within_budget(valid, ctx, budget, grid)
     plan: list[Choice] = []
     decided_by = "nothing: no valid pair fits"
-    if valid and table is not None and any(c.times for c in valid):
+    if valid and table is not None and any(c.times or c.estimated for c in valid):
         plan = _plan_measured(fits, valid, grid)
         decided_by = f"measured table {table.path} ({table.gpu}; {table.source}){tuned}"
+        if any(not _timed_at(valid, t)[0] for t in grid):
+            source = table.estimated_pair_times(tuning.ShapeKey.of(ctx.cfg))[0]
+            decided_by += f"; where this shape is not measured, the pairs' ranks in {source} at as many rows per expert"
+            _log_once(f"{tuning.ShapeKey.of(ctx.cfg)}: not measured at every T; ranked by the nearest shape {source}")
     if valid and not plan:
         plan = _plan_heuristic(fits, ctx, grid)
         reason = "no tuning table for this GPU" if table is None else f"table {table.path} has no times for this shape"
