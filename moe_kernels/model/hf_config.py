@@ -4,8 +4,10 @@
 ``transformers`` ships (vision-language wrappers through their text sub-config) and returns layer
 ``N``'s config. How each ``model_type`` maps onto our fields is a table (:data:`FAMILIES`), not code
 per family. Nothing is ignored: a layer that is dense is an error, and so is a family, or a field
-value, that needs something moe_kernels does not implement (a clamped SwiGLU, GELU experts,
-experts weighted on their input, ...): the error names the field and the missing feature.
+value, that needs something moe_kernels does not implement (product-key experts, a latent projection
+around the experts, ...): the error names the field and the missing feature. The expert MLP's
+activation (SwiGLU and its clamped or soft-capped variants, GELU-tanh, relu^2), expert and router
+biases and the tensors around the experts (norms, an output bias, identity experts) are read as data.
 Per-layer values (lists of top-k or expert counts, dense first layers, ``mlp_layer_types``,
 ``mlp_only_layers``, ``moe_layer_freq``, ...) are resolved for layer ``N``.
 
@@ -380,7 +382,7 @@ FAMILIES: dict[str, Family] = {
         identity_experts=Key(("zero_expert_num",), 0),
         refuse=(Refuse("a router bias (transformers' LongCat drops it)", Key(("router_bias",), False), (False,)),),
     ),
-    "axk1": _deepseek_v3(naming="axk1", output_norm_eps=Key(("rms_norm_eps",), 1e-6)),
+    "axk1": _deepseek_v3(naming="axk1", output_norm_eps=_RMS_EPS),
     "bailing_hybrid": _deepseek_v3(activation=_LING, shared_activation=_LING_SHARED),
     "mistral4": _deepseek_v3(
         naming="fused",
