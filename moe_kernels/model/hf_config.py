@@ -244,6 +244,16 @@ _GEMMA4 = Family(
     activation=Act(name=Key(("hidden_activation", "hidden_act"), "gelu_pytorch_tanh"), kinds=("gelu_tanh", "gelu")),
     refuse=(Refuse("a model without MoE layers (enable_moe_block false)", Key(("enable_moe_block",)), (True,)),),
 )
+#: gpt-oss: top-k of the biased logits, softmax over those k, alpha-clamped SwiGLU with expert biases
+_GPT_OSS = Family(
+    naming="gpt-oss",
+    width=Key(("intermediate_size",)),
+    choose_on="logits",
+    scale=None,
+    router_bias=True,
+    expert_bias=True,
+    activation=_ALPHA_CLAMPED,
+)
 _PER_EXPERT: dict[str, _Scoring] = {"sigmoid": "sigmoid", "sqrtsoftplus": "sqrtsoftplus"}
 
 
@@ -477,26 +487,9 @@ FAMILIES: dict[str, Family] = {
         refuse=(Refuse("a latent projection around the experts", Key(("moe_latent_size",)), (None,)),),
     ),
     # families that need an expert-MLP or block feature moe_kernels does not have yet
-    "gpt_oss": Family(
-        naming="gpt-oss",
-        width=Key(("intermediate_size",)),
-        choose_on="logits",
-        scale=None,
-        router_bias=True,
-        expert_bias=True,
-        activation=_ALPHA_CLAMPED,
-    ),
+    "gpt_oss": _GPT_OSS,
     # gpt-oss with an fp32 router, weights / k and the output x k (which cancel), gate/up concatenated
-    "openai_privacy_filter": Family(
-        naming="gpt-oss-concat",
-        width=Key(("intermediate_size",)),
-        choose_on="logits",
-        scale=None,
-        router_fp32=True,
-        router_bias=True,
-        expert_bias=True,
-        activation=_ALPHA_CLAMPED,
-    ),
+    "openai_privacy_filter": replace(_GPT_OSS, naming="gpt-oss-concat", router_fp32=True),
     "llama4_text": Family(
         naming="llama4",
         width=Key(("intermediate_size",)),
