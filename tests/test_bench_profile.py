@@ -53,6 +53,6 @@ def test_long_kernel_names_lose_their_template_arguments_first() -> None:
     assert short("x" * 50, 10) == "xxxxxxx..."
 
 
-def test_profile_skips_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "profile", "--tokens", "1"]) == 0
-    assert "bench profile: skipped" in capsys.readouterr().out
+def test_profile_fails_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "profile", "--tokens", "1"]) == 2  # nothing measured must not look like success
+    assert "bench profile: it profiles CUDA kernels, so it needs a CUDA GPU" in capsys.readouterr().err

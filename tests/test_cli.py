@@ -85,11 +85,15 @@ def test_bad_yaml_names_the_file_and_field(tmp_path: Path, capsys: pytest.Captur
     assert "bad.yaml" in err and "top_k" in err
 
 
-def test_run_refuses_expert_parallel_configs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_takes_one_ranks_share_of_expert_parallel_configs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ep = tmp_path / "ep.yaml"
-    ep.write_text(Path(TINY).read_text() + "parallel: {ep_size: 2}\n")
-    assert main(["run", "--config", str(ep), "--device", "cpu"]) == 2
-    assert "single-process" in capsys.readouterr().err
+    ep.write_text(Path(TINY).read_text() + "parallel: {ep_size: 2, ep_rank: 1}\n")
+    assert main(["run", "--config", str(ep), "--device", "cpu", "--tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    assert "one process: rank 1 of ep_size=2's experts" in " ".join(captured.err.split())
+    assert "rank 1/2 holds experts 4..7" in captured.out
 
 
 def test_run_one_ranks_share(capsys: pytest.CaptureFixture[str]) -> None:

@@ -247,6 +247,10 @@ def make_placement(kind: str, world: int, rank: int):
         return ExpertPlacement.contiguous(E, world, rank)
     if kind == "reversed_interleaved":  # rank r: experts E-1-r, E-1-r-W, ... (descending, strided)
         return ExpertPlacement.from_rank_experts([list(range(E - 1 - r, -1, -world)) for r in range(world)], rank)
+    if kind == "redundant":  # EPLB: 4 more physical experts (12), the hot expert twice among them
+        order = [*range(E), HOT, HOT, 0, 1]
+        per = len(order) // world
+        return ExpertPlacement.from_rank_experts([order[r * per : (r + 1) * per] for r in range(world)], rank, 4)
     raise ValueError(kind)
 
 
@@ -696,6 +700,8 @@ def rank_scenarios(group) -> dict:
     record("regrown_buffer", run_regrown_buffer)
     for field in MISMATCHES:
         record(f"mismatch_{field}", run_mismatch, field)
+    for mode in ("ht", "ll"):  # replicas: DeepEP routes to physical experts
+        record(f"{mode}_redundant", run_layer, mode, "hot_expert", 8, "redundant")
     record("fused_moe_ht", run_fused_moe, "ht", "reversed_interleaved")
     record("fused_moe_ll", run_fused_moe, "ll", "contiguous")
     record("mismatch_num_sms", run_num_sms_mismatch)  # last: see there
@@ -809,6 +815,17 @@ def test_non_contiguous_placement_is_honoured(world: int, mode: str):
     held = [o["local_experts"] for o in per_rank]
     assert held == [list(range(E - 1 - r, -1, -world)) for r in range(world)], held
     assert not any(o["contiguous"] for o in per_rank), held
+
+
+@WORLDS
+@pytest.mark.parametrize("mode", ["ht", "ll"])
+def test_redundant_experts_route_to_physical_experts(world: int, mode: str):
+    """12 physical experts for 8 logical (the hot one replicated): the output is the layer's,
+    and DeepEP saw every token routed to some physical expert (the counts cover all routed ids)."""
+    per_rank = outcomes(world, f"{mode}_redundant")
+    for rank, o in enumerate(per_rank):
+        assert o["close"], f"rank {rank}: {o}"
+    assert sum(len(o["local_experts"]) for o in per_rank) == E + 4
 
 
 @WORLDS

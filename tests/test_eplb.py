@@ -8,6 +8,7 @@ import functools
 
 import pytest
 import torch
+from test_tensor_parallel import checkpoint as tp_checkpoint
 
 from moe_kernels import FusedMoE, LayerConfig, MoEConfig, ParallelConfig
 from moe_kernels.core import eplb
@@ -22,14 +23,8 @@ def layer_cfg(ep_size: int = 1, ep_rank: int = 0) -> LayerConfig:
     return LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=64, ep_size=ep_size, ep_rank=ep_rank))
 
 
-def checkpoint(seed: int = 0) -> dict[str, object]:
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        gate_proj={e: torch.randn(I, H, generator=g) * H**-0.5 for e in range(E)},
-        up_proj={e: torch.randn(I, H, generator=g) * H**-0.5 for e in range(E)},
-        down_proj={e: torch.randn(H, I, generator=g) * I**-0.5 for e in range(E)},
-        router_weight=torch.randn(E, H, generator=g) * 0.5,
-    )
+def checkpoint() -> dict[str, object]:
+    return tp_checkpoint(inter=I, hidden=H, experts=E)
 
 
 def skewed_tokens(t: int, seed: int, ckpt: dict) -> torch.Tensor:
@@ -70,6 +65,22 @@ def test_replica_is_the_token_index_modulo_the_replica_count() -> None:
             assert int(slots[t, k]) == want, (t, k)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_the_one_launch_choice_equals_the_torch_lookup(dtype: torch.dtype) -> None:
+    """The Triton kernel a GPU runs (here under the interpreter) picks the same slots and counts
+    the same load as the plain-torch path."""
+    from moe_kernels.kernels.replicas import replica_slots
+
+    p = ExpertPlacement.from_rank_experts([[0, 1, 0], [2, 0, 1]], ep_rank=0, num_redundant_experts=3)
+    ids = torch.randint(-1, 3, (37, 2), generator=torch.Generator().manual_seed(0)).to(dtype)
+    for table in (p.slot_map("cpu"), ExpertPlacement.contiguous(3).slot_map("cpu")):
+        want = map_expert_ids(ids, table)
+        load = torch.zeros(6, dtype=torch.int32)
+        got = replica_slots(ids, table, load)
+        assert got.dtype == dtype and torch.equal(got, want)
+        assert torch.equal(load, torch.bincount(want[want >= 0].long(), minlength=6).int())
+
+
 def test_bad_load_vectors_are_refused() -> None:
     p = ExpertPlacement.redundant(E, 2, ep_size=2)
     with pytest.raises(ValueError, match=r"load must have shape \[10\] \(one count per physical expert\), got \[8\]"):
@@ -95,6 +106,24 @@ def test_rebalance_evens_out_a_skewed_load() -> None:
     after = eplb.imbalance(new.rank_experts, logical.tolist())
     assert before > 2.0 and after < 1.05, (before, after)
     assert all(len(set(r)) == len(r) for r in new.rank_experts)  # no two copies of an expert on one rank
+
+
+def test_hierarchical_rebalance_keeps_groups_on_nodes() -> None:
+    """64 experts in 8 groups, 2 nodes of 4 ranks, 8 redundant: every group's experts (and their
+    replicas) sit on one node, and the load stays near even."""
+    g = torch.Generator().manual_seed(1)
+    logical = (1e4 / torch.arange(1, 65).float() ** 1.2)[torch.randperm(64, generator=g)].round().long()
+    start = ExpertPlacement.redundant(64, 8, ep_size=8)
+    physical = torch.tensor([int(logical[e]) // len(start.replicas[e]) for r in start.rank_experts for e in r])
+    new = start.rebalance(physical, num_nodes=2, num_groups=8)
+    node_of_group: dict[int, set[int]] = {}
+    for rank, experts in enumerate(new.rank_experts):
+        for e in experts:
+            node_of_group.setdefault(e // 8, set()).add(rank // 4)
+    assert all(len(nodes) == 1 for nodes in node_of_group.values()), node_of_group
+    assert eplb.imbalance(new.rank_experts, logical.tolist()) < 1.3
+    with pytest.raises(ValueError, match=r"num_nodes \(3\) to divide num_groups"):
+        start.rebalance(physical, num_nodes=3, num_groups=8)
 
 
 def test_local_layer_with_replicas_equals_the_layer_without_and_counts_load() -> None:

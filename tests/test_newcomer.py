@@ -159,8 +159,9 @@ def test_explain_an_expert_parallel_config(tmp_path: Path, capsys: pytest.Captur
     path = tmp_path / "ep.yaml"
     path.write_text(TINY_QWEN3 + "parallel: {ep_size: 4}\n")
     assert cli.main(["explain", "--config", str(path), "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    assert "explaining rank 0's share" in out and "ep_size=4" in out and "CHOSEN" in out
+    captured = capsys.readouterr()
+    assert "one process: rank 0 of ep_size=4's experts" in " ".join(captured.err.split())
+    assert "ep_size=4" in captured.out and "CHOSEN" in captured.out
     assert cli.main(["explain", "--config", str(path), "--device", "cpu", "--ep-size", "2", "--ep-rank", "1"]) == 0
     assert "ep_size=2" in capsys.readouterr().out
 
@@ -301,3 +302,39 @@ def test_a_kernels_first_call_is_logged_once(caplog: pytest.LogCaptureFixture) -
         layer(x)
     first = [r.getMessage() for r in caplog.records if "first call" in r.getMessage()]
     assert len(first) == 1 and "JIT compiles included" in first[0]
+
+
+def test_a_closed_pipe_is_not_a_traceback() -> None:
+    """``moe-kernels ... | head``: the reader is gone before the command writes (``true`` reads
+    nothing), so every write fails with EPIPE."""
+    import subprocess
+    import sys
+
+    command = f"{sys.executable} -m moe_kernels explain --config {ROOT / 'configs/tiny-test.yaml'} --device cpu"
+    proc = subprocess.run(
+        ["bash", "-c", f"{command} | (sleep 0; true); echo status=${{PIPESTATUS[0]}}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.stdout.strip() == "status=141"
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "",
+        "  num_shared_experts: 1\n  shared_intermediate_size: 96\n  shared_expert_gate: true\n",
+        "  router_dtype: float32\n  correction_bias: true\n  scoring: sigmoid\n",
+    ],
+    ids=["plain", "shared+gate", "fp32-router"],
+)
+def test_the_weight_estimate_is_what_the_layer_allocates(tmp_path: Path, extra: str) -> None:
+    path = tmp_path / "layer.yaml"
+    base = "moe:\n  num_experts: 8\n  top_k: 2\n  hidden_size: 64\n  intermediate_size: 32\n"
+    path.write_text(base + extra)
+    cfg = load_config(path)
+    layer = FusedMoE(cfg, device="cpu")
+    allocated = sum(t.numel() * t.element_size() for t in (*layer.parameters(), *layer.buffers()))
+    assert memory.weight_bytes(cfg) == allocated

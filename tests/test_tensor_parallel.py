@@ -7,6 +7,7 @@ slicing itself. One launch per world size (process start-up dominates on small m
 from __future__ import annotations
 
 import functools
+import tempfile
 
 import pytest
 import torch
@@ -87,6 +88,44 @@ def test_fp8_shard_keeps_its_blocks(down: bool) -> None:
         torch.testing.assert_close(part, whole[:, span] if down else whole[span], rtol=0, atol=0)
     with pytest.raises(ValueError, match="cut a 128-wide scale block"):
         IntermediateShard(128, 2, 1).take(fmt, down, fmt.quantize(w))
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8-block-scales"])
+def test_a_tp_read_takes_only_the_ranks_slice_from_disk(tmp_path, fp8: bool) -> None:
+    """``read_moe_layer(..., tensor_parallel=(2, r))`` reads rows of gate/up and columns of down
+    (and of their block scales) from the file: what it returns equals slicing the whole read."""
+    from safetensors.torch import save_file
+
+    from moe_kernels.model.checkpoint import describe_moe_layer, read_moe_layer, slice_intermediate
+
+    inter, hidden, p = 256, 128, "model.layers.0.mlp"
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"{p}.gate.weight": torch.randn(2, hidden, generator=g)}
+    for e in range(2):
+        for name, shape in (
+            ("gate_proj", (inter, hidden)),
+            ("up_proj", (inter, hidden)),
+            ("down_proj", (hidden, inter)),
+        ):
+            w = torch.randn(*shape, generator=g)
+            if fp8:
+                stored = Fp8Block().quantize(w)
+                tensors[f"{p}.experts.{e}.{name}.weight_scale_inv"] = stored["scale"]
+                w = stored["weight"]
+            tensors[f"{p}.experts.{e}.{name}.weight"] = w.to(torch.bfloat16) if not fp8 else w
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    whole = read_moe_layer(tmp_path, 0, [0, 1])
+    info = slice_intermediate(describe_moe_layer(tmp_path, 0, [0, 1]), 2, 1)
+    assert info.gate_proj[1].shape == (inter // 2, hidden) and info.down_proj[1].shape == (hidden, inter // 2)
+    part = read_moe_layer(tmp_path, 0, [0, 1], tensor_parallel=(2, 1))
+    rows, blocks = slice(inter // 2, inter), slice(1, 2)
+    for e in range(2):
+        assert torch.equal(part.gate_proj[e], whole.gate_proj[e][rows])
+        assert torch.equal(part.up_proj[e], whole.up_proj[e][rows])
+        assert torch.equal(part.down_proj[e], whole.down_proj[e][:, rows])
+        if fp8:
+            assert torch.equal(part.gate_proj_scale[e], whole.gate_proj_scale[e][blocks])  # type: ignore[index]
+            assert torch.equal(part.down_proj_scale[e], whole.down_proj_scale[e][:, blocks])  # type: ignore[index]
 
 
 # --- the ranks -------------------------------------------------------------------------------
@@ -179,6 +218,34 @@ def _tp_fp8(tp_group) -> dict:
     return _compare(layer(x), _one_process_output(cfg, ckpt, x), torch.bfloat16)
 
 
+def _tp_selected(tp_group) -> dict:
+    """The layer as the docs build it: ``FusedMoE(cfg, tp_group=...)``, kernel selected."""
+    from moe_kernels import FusedMoE
+
+    cfg = layer_cfg(tp_size=tp_group.size(), tp_rank=tp_group.rank())
+    ckpt = {**checkpoint(), **shared_checkpoint()}
+    layer = FusedMoE(cfg, device="cpu", tp_group=tp_group)
+    layer.load_weights(**ckpt)
+    x = torch.randn(7, H, generator=torch.Generator().manual_seed(6))
+    return {**_compare(layer(x), _one_process_output(cfg, ckpt, x), torch.float32), "kernel": layer.kernel.name}
+
+
+def _tp_biases(tp_group, experts: str) -> dict:
+    """Expert biases (gpt-oss): a rank adds its slice of the gate/up biases, and the down bias is
+    added once over the group, not once per rank."""
+    cfg = layer_cfg(tp_size=tp_group.size(), tp_rank=tp_group.rank())
+    cfg = cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"expert_bias": True})})
+    g = torch.Generator().manual_seed(8)
+    biases = {
+        name: {e: torch.randn(size, generator=g) for e in range(E)}
+        for name, size in (("gate_proj_bias", I), ("up_proj_bias", I), ("down_proj_bias", H))
+    }
+    ckpt = {**checkpoint(), **shared_checkpoint(), **biases}
+    x = torch.randn(6, H, generator=torch.Generator().manual_seed(9))
+    layer = _sharded_layer(cfg, ckpt, experts, tp_group)
+    return _compare(layer(x), _one_process_output(cfg, ckpt, x), torch.float32)
+
+
 def _tp_mismatch(tp_group) -> dict:
     """The last rank builds another intermediate size: every rank raises the same error."""
     from moe_kernels import LocalPrepareAndFinalize, TorchReferenceExperts, compose
@@ -192,6 +259,32 @@ def _tp_mismatch(tp_group) -> dict:
     return {"status": "no error"}
 
 
+def write_qwen2_checkpoint(directory: str) -> str:
+    """:func:`checkpoint` and :func:`shared_checkpoint` as a Qwen1.5/2-MoE safetensors file, layer 0."""
+    from safetensors.torch import save_file
+
+    ckpt, shared, p = checkpoint(), shared_checkpoint(), "model.layers.0.mlp"
+    tensors = {f"{p}.gate.weight": ckpt["router_weight"]}
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        tensors |= {f"{p}.experts.{e}.{name}.weight": w for e, w in ckpt[name].items()}  # type: ignore[union-attr]
+        tensors[f"{p}.shared_expert.{name}.weight"] = shared[f"shared_{name}"]
+    tensors[f"{p}.shared_expert_gate.weight"] = shared["shared_expert_gate"]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, f"{directory}/model.safetensors")  # type: ignore[union-attr]
+    return directory
+
+
+def _tp_load_checkpoint(tp_group, path: str) -> dict:
+    """``load_checkpoint`` on a TP rank takes its slices of the routed and shared experts."""
+    from moe_kernels import FusedMoE, LocalPrepareAndFinalize, TorchReferenceExperts, compose
+
+    cfg = layer_cfg(tp_size=tp_group.size(), tp_rank=tp_group.rank())
+    kernel = compose(LocalPrepareAndFinalize(), TorchReferenceExperts(), cfg, tp_group=tp_group, device="cpu")
+    layer = FusedMoE(cfg, device="cpu", tp_group=tp_group, kernel=kernel)
+    layer.load_checkpoint(path, layer=0, experts_per_read=3)
+    x = torch.randn(5, H, generator=torch.Generator().manual_seed(4))
+    return _compare(layer(x), _one_process_output(cfg, {**checkpoint(), **shared_checkpoint()}, x), torch.float32)
+
+
 def _record(results: dict, name: str, fn, *args) -> None:
     try:
         results[name] = fn(*args)
@@ -199,7 +292,7 @@ def _record(results: dict, name: str, fn, *args) -> None:
         results[name] = {"status": "error", "message": f"{type(exc).__name__}: {exc}"}
 
 
-def tp2_scenarios(group) -> dict:
+def tp2_scenarios(group, checkpoint_dir: str) -> dict:
     """TP = 2 over the whole world; scenarios run in the same order on every rank."""
     results: dict[str, dict] = {}
     _record(results, "reference_fp32", _tp_run, group, torch.float32, "reference")
@@ -207,6 +300,10 @@ def tp2_scenarios(group) -> dict:
     _record(results, "triton_fp32", _tp_run, group, torch.float32, "triton")
     _record(results, "partial_sums", _tp_partial_sums, group)
     _record(results, "fp8_checkpoint", _tp_fp8, group)
+    _record(results, "load_checkpoint", _tp_load_checkpoint, group, checkpoint_dir)
+    _record(results, "selected", _tp_selected, group)
+    _record(results, "biases_reference", _tp_biases, group, "reference")
+    _record(results, "biases_triton", _tp_biases, group, "triton")
     _record(results, "mismatch", _tp_mismatch, group)
     return results
 
@@ -227,8 +324,11 @@ def tp2_ep2_scenarios(group) -> dict:
 
 @functools.cache
 def launch(world: int) -> list[dict]:
-    fn = tp2_scenarios if world == 2 else tp2_ep2_scenarios
-    return run_ranks(fn, world, "gloo", timeout_s=240, collective_timeout_s=60)
+    if world == 4:
+        return run_ranks(tp2_ep2_scenarios, world, "gloo", timeout_s=240, collective_timeout_s=60)
+    with tempfile.TemporaryDirectory() as directory:
+        args = (write_qwen2_checkpoint(directory),)
+        return run_ranks(tp2_scenarios, world, "gloo", args=args, timeout_s=240, collective_timeout_s=60)
 
 
 def _skip_without_interpreter() -> None:
@@ -236,7 +336,17 @@ def _skip_without_interpreter() -> None:
         pytest.skip("the ranks run Triton on the CPU, which needs the interpreter (not set on GPU machines)")
 
 
-TP2_SCENARIOS = ["reference_fp32", "reference_bf16", "triton_fp32", "partial_sums", "fp8_checkpoint"]
+TP2_SCENARIOS = [
+    "reference_fp32",
+    "reference_bf16",
+    "triton_fp32",
+    "partial_sums",
+    "fp8_checkpoint",
+    "load_checkpoint",
+    "selected",
+    "biases_reference",
+    "biases_triton",
+]
 
 
 @pytest.mark.parametrize("scenario", TP2_SCENARIOS)

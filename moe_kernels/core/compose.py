@@ -136,7 +136,9 @@ def _check_tp_group(cfg: LayerConfig, tp_group: dist.ProcessGroup | None) -> Non
 
 def check_tp_agreement(ctx: LayerContext) -> None:
     """Raise the same ``ValueError`` on every rank of ``ctx.tp_group`` unless they build the same
-    layer with the same placement, each with its own slice (one small all_gather, when built)."""
+    layer with the same placement, each with its own slice (one small all_gather). Builders call
+    it once per layer (:func:`compose`, :func:`~moe_kernels.selection.select.select`), not per
+    kernel: ranks may plan different token ranges, and every rank must join each collective."""
     if ctx.tp_group is None:
         return
     cfg = ctx.cfg
@@ -295,7 +297,6 @@ class ModularKernel:
         can_chunk = prepare_finalize.supports_chunking and experts.supports_chunking
         self.chunk_size: int | None = chunk if can_chunk else None
         self.overlapped = ctx.cfg.parallel.two_batch_overlap
-        check_tp_agreement(ctx)
         self._first_call = True  # logged: it JIT-compiles
         prepare_finalize.bind(ctx, self.format)
         try:
@@ -631,6 +632,7 @@ def compose(
     if not isinstance(experts, PermuteExpertsUnpermute):
         raise TypeError(f"experts: expected a PermuteExpertsUnpermute, got {type(experts).__name__}")
     ctx = layer_context(cfg, placement=placement, group=group, device=device, tp_group=tp_group)
+    check_tp_agreement(ctx)
     failures = [c for c in check_pair(prepare_finalize, experts, ctx) if not c.ok]
     if failures:
         raise IncompatibleKernelsError(pair_name(prepare_finalize, experts), failures)

@@ -89,6 +89,31 @@ def balance(load: Sequence[float], num_redundant: int, ep_size: int) -> list[lis
     return ranks
 
 
+def balance_hierarchical(
+    load: Sequence[float], num_redundant: int, ep_size: int, num_nodes: int, num_groups: int
+) -> list[list[int]]:
+    """DeepSeek's hierarchical policy, for group-limited routing on several nodes: the expert
+    groups (``num_groups`` of consecutive ids) are packed whole onto nodes by their load, so a
+    token's experts stay on few nodes; then each node replicates and packs its own experts over
+    its ranks (:func:`balance`). Ranks ``[n * ep_size / num_nodes, ...)`` are node ``n``'s."""
+    num_experts = len(load)
+    if num_experts % num_groups or num_groups % num_nodes or ep_size % num_nodes or num_redundant % num_nodes:
+        raise ValueError(
+            f"hierarchical balancing needs num_groups ({num_groups}) to divide the {num_experts} experts, and "
+            f"num_nodes ({num_nodes}) to divide num_groups, ep_size ({ep_size}) and the redundant experts "
+            f"({num_redundant})"
+        )
+    size = num_experts // num_groups
+    group_load = [sum(load[g * size : (g + 1) * size]) for g in range(num_groups)]
+    nodes = pack(group_load, [1] * num_groups, num_nodes)  # each group once: groups per node
+    ranks: list[list[int]] = []
+    for groups in nodes:
+        experts = [g * size + i for g in sorted(groups) for i in range(size)]
+        local = balance([load[e] for e in experts], num_redundant // num_nodes, ep_size // num_nodes)
+        ranks += [[experts[i] for i in rank] for rank in local]
+    return ranks
+
+
 def imbalance(rank_experts: Sequence[Sequence[int]], load: Sequence[float]) -> float:
     """The heaviest rank's load over the mean rank load, each logical expert's load split evenly
     over its replicas (1.0 is perfect)."""

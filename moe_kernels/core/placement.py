@@ -27,6 +27,9 @@ import torch
 
 from moe_kernels.core import eplb
 
+#: the widest replica table (columns) :meth:`ExpertPlacement.slot_map` builds
+MAX_REPLICA_PERIOD = 1024
+
 
 @dataclass(frozen=True)
 class ExpertPlacement:
@@ -164,10 +167,15 @@ class ExpertPlacement:
     def slot_map(self, device: torch.device | str) -> torch.Tensor:
         """int32 logical id -> slot: ``[E]`` (:attr:`slots`) without redundancy, else ``[E, L]``
         with ``L`` the least common multiple of the replica counts and row ``e`` its replicas
-        repeated, so that column ``t % L`` is replica ``t % count(e)`` (:func:`map_expert_ids`)."""
+        repeated, so that column ``t % L`` is replica ``t % count(e)`` (:func:`map_expert_ids`).
+        Counts whose multiple exceeds :data:`MAX_REPLICA_PERIOD` use ``L`` = the largest count
+        (still a replica of ``e`` for every token, a little less evenly spread)."""
         if not self.num_redundant_experts:
             return torch.tensor(self.slots, dtype=torch.int32, device=device)
-        width = math.lcm(*(len(r) for r in self.replicas))
+        counts = [len(r) for r in self.replicas]
+        width = math.lcm(*counts)
+        if width > MAX_REPLICA_PERIOD:
+            width = max(counts)
         rows = [[r[j % len(r)] for j in range(width)] for r in self.replicas]
         return torch.tensor(rows, dtype=torch.int32, device=device)
 
@@ -226,13 +234,19 @@ class ExpertPlacement:
             per_logical[e] = sum(counts[s] for s in slots)
         return per_logical
 
-    def rebalance(self, load: torch.Tensor) -> ExpertPlacement:
+    def rebalance(self, load: torch.Tensor, *, num_nodes: int = 1, num_groups: int | None = None) -> ExpertPlacement:
         """A placement of the same shape (ranks, physical experts per rank, redundancy) that
         balances ``load [P]`` (the token counts of each physical expert, summed over the ranks:
-        e.g. ``FusedMoE.expert_load`` all-reduced) over the ranks (:func:`moe_kernels.core.eplb.balance`).
-        An expert that stays on a rank keeps its slot where it can, so that fewer weights move."""
+        e.g. ``FusedMoE.expert_load`` all-reduced) over the ranks (:func:`moe_kernels.core.eplb.balance`;
+        with ``num_nodes > 1`` and the router's ``num_groups``, DeepSeek's hierarchical policy,
+        :func:`~moe_kernels.core.eplb.balance_hierarchical`). An expert that stays on a rank keeps
+        its slot where it can, so that fewer weights move."""
         per_logical = self.logical_load(load)
-        ranks = eplb.balance(per_logical, self.num_redundant_experts, self.ep_size)
+        redundant = self.num_redundant_experts
+        if num_nodes > 1 and num_groups is not None:
+            ranks = eplb.balance_hierarchical(per_logical, redundant, self.ep_size, num_nodes, num_groups)
+        else:
+            ranks = eplb.balance(per_logical, redundant, self.ep_size)
         kept = [_keep_slots(old, new) for old, new in zip(self.rank_experts, ranks, strict=True)]
         return ExpertPlacement.from_rank_experts(kept, self.ep_rank, self.num_redundant_experts)
 
@@ -265,6 +279,18 @@ def map_expert_ids(topk_ids: torch.Tensor, table: torch.Tensor | None) -> torch.
         column = torch.arange(ids.shape[0], device=ids.device) % table.shape[1]
         mapped = table.to(topk_ids.dtype)[ids, column.unsqueeze(1)]
     return torch.where(topk_ids >= 0, mapped, torch.full_like(topk_ids, -1))
+
+
+def choose_slots(topk_ids: torch.Tensor, table: torch.Tensor | None, load: torch.Tensor | None) -> torch.Tensor:
+    """:func:`map_expert_ids`, then :func:`record_load` of the result; on a GPU both in one
+    Triton launch (:func:`moe_kernels.kernels.replicas.replica_slots`). No host sync."""
+    if table is not None and topk_ids.is_cuda:
+        from moe_kernels.kernels.replicas import replica_slots
+
+        return replica_slots(topk_ids, table, load)
+    slots = map_expert_ids(topk_ids, table)
+    record_load(load, slots)
+    return slots
 
 
 def slots_to_local(slots: torch.Tensor, placement: ExpertPlacement) -> torch.Tensor:

@@ -51,6 +51,7 @@ __all__ = [
     "describe_moe_layer",
     "detect_naming",
     "read_moe_layer",
+    "slice_intermediate",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -76,6 +77,8 @@ class Cut:
 
     rows: tuple[int, int] | None = None
     squeeze: bool = False
+    #: keep columns ``[a, b)`` of a 2-D stored tensor (a tensor-parallel slice), read from disk
+    cols: tuple[int, int] | None = None
     transpose: bool = False
     half: Literal["first", "second", "even", "odd"] | None = None
     flatten: bool = False
@@ -335,15 +338,23 @@ class CheckpointReader:
         for file, file_infos in by_file.items():
             # Read on the CPU, then move: one code path for any torch device.
             with _open(file) as f:  # type: ignore[attr-defined]
-                base: dict[tuple[str, tuple[int, int] | None], torch.Tensor] = {}
+                base: dict[tuple[str, tuple[int, int] | None, tuple[int, int] | None], torch.Tensor] = {}
                 for info in file_infos:
-                    rows = info.cut.rows
-                    if (info.key, rows) not in base:
-                        base[info.key, rows] = (
-                            f.get_slice(info.key)[rows[0] : rows[1]] if rows else f.get_tensor(info.key)
-                        )
-                    out[info] = _apply_cut(base[info.key, rows], info.cut).to(target)
+                    span = (info.key, info.cut.rows, info.cut.cols)
+                    if span not in base:
+                        base[span] = _read_span(f, info)
+                    out[info] = _apply_cut(base[span], info.cut).to(target)
         return out
+
+
+def _read_span(f: object, info: TensorInfo) -> torch.Tensor:
+    """The rows (and columns) of ``info``'s stored tensor its cut keeps, and nothing else, from disk."""
+    rows, cols = info.cut.rows, info.cut.cols
+    if rows is None and cols is None:
+        return f.get_tensor(info.key)  # type: ignore[attr-defined]
+    view = f.get_slice(info.key)  # type: ignore[attr-defined]
+    kept = slice(*rows) if rows is not None else slice(None)
+    return view[kept, slice(*cols)] if cols is not None else view[kept]
 
 
 def _apply_cut(t: torch.Tensor, cut: Cut) -> torch.Tensor:
@@ -535,6 +546,8 @@ def _cut_info(stored: TensorInfo, cut: Cut) -> TensorInfo:
     shape = list(stored.shape)
     if cut.rows is not None:
         shape[0] = cut.rows[1] - cut.rows[0]
+    if cut.cols is not None:
+        shape[1] = cut.cols[1] - cut.cols[0]
     if cut.squeeze:
         shape = shape[1:]
     if cut.transpose:
@@ -978,6 +991,7 @@ def read_moe_layer(
     layer_extras: bool = False,
     identity_experts: int = 0,
     device: torch.device | str | int | None = None,
+    tensor_parallel: tuple[int, int] | None = None,
 ) -> MoELayerTensors:
     """Read ``layer``'s router and the routed experts ``experts`` (global ids) from a checkpoint.
 
@@ -989,14 +1003,22 @@ def read_moe_layer(
     is refused, since dropping them would compute another function. Tensors keep the
     stored dtype (FP8 weights stay float8_e4m3fn, with their ``*_scale`` block scales) and land on
     ``device`` (CPU when ``None``). Checks and errors are those of :func:`describe_moe_layer`, all
-    raised before any data is read.
+    raised before any data is read. ``tensor_parallel=(tp_size, tp_rank)`` reads only that rank's
+    slice of each projection's intermediate dimension where the stored form allows
+    (:func:`slice_intermediate`); the rest is read whole.
     """
     reader = _as_reader(path)
     info = describe_moe_layer(
         reader, layer, experts, naming=naming, shared=shared, router_extras=router_extras, expert_biases=expert_biases,
         layer_extras=layer_extras, identity_experts=identity_experts,
     )  # fmt: skip
-    got = reader.read(_infos(info), device=device)
+    if tensor_parallel is not None:
+        info = slice_intermediate(info, *tensor_parallel)
+    return _tensors_of(info, reader.read(_infos(info), device=device))
+
+
+def _tensors_of(info: MoELayerInfo, got: Mapping[TensorInfo, torch.Tensor]) -> MoELayerTensors:
+    """The described layer with each :class:`TensorInfo` replaced by the tensor read for it."""
 
     def one(t: TensorInfo | None) -> torch.Tensor | None:
         return None if t is None else got[t]
@@ -1034,6 +1056,54 @@ def read_moe_layer(
         up_proj_bias=each(info.up_proj_bias),
         down_proj_bias=each(info.down_proj_bias),
     )
+
+
+def _narrow(
+    weight: TensorInfo, scale: TensorInfo | None, axis: int, tp_size: int, tp_rank: int
+) -> tuple[TensorInfo, TensorInfo | None]:
+    """``weight`` (and its block ``scale``) cut to rank ``tp_rank``'s slice of axis ``axis`` (the
+    intermediate dimension), when both are 2-D tensors read as stored and the slice falls on
+    whole blocks; else unchanged."""
+    if weight.cut != Cut() or len(weight.shape) != 2 or (scale is not None and scale.cut != Cut()):
+        return weight, scale
+    total = weight.shape[axis]
+    width = total // tp_size
+    start, stop = tp_rank * width, (tp_rank + 1) * width
+    if total % tp_size or (scale is not None and (start % FP8_BLOCK or width % FP8_BLOCK)):
+        return weight, scale
+
+    def cut(span: tuple[int, int]) -> Cut:
+        return Cut(rows=span) if axis == 0 else Cut(cols=span)
+
+    sliced = _cut_info(weight, cut((start, stop)))
+    if scale is None:
+        return sliced, None
+    return sliced, _cut_info(scale, cut((start // FP8_BLOCK, -(-stop // FP8_BLOCK))))
+
+
+def slice_intermediate(info: MoELayerInfo, tp_size: int, tp_rank: int) -> MoELayerInfo:
+    """``info`` reading, of each routed and shared projection, only tensor-parallel rank
+    ``tp_rank``'s slice of its intermediate dimension (rows of gate/up, columns of down, block
+    scales with their blocks) where :func:`_narrow` can; other tensors stay whole."""
+    changes: dict[str, object] = {}
+    for role in _ROLES:
+        axis = 1 if role == "down_proj" else 0
+        weights, scales = getattr(info, role), getattr(info, f"{role}_scale")
+        pairs = {
+            e: _narrow(w, None if scales is None else scales[e], axis, tp_size, tp_rank) for e, w in weights.items()
+        }
+        changes[role] = {e: w for e, (w, _) in pairs.items()}
+        if scales is not None:
+            changes[f"{role}_scale"] = {e: s for e, (_, s) in pairs.items()}
+    sh = info.shared
+    if sh is not None:
+        shared: dict[str, object] = {}
+        for role in _ROLES:
+            axis = 1 if role == "down_proj" else 0
+            w, s = _narrow(getattr(sh, role), getattr(sh, f"{role}_scale"), axis, tp_size, tp_rank)
+            shared[role], shared[f"{role}_scale"] = w, s
+        changes["shared"] = replace(sh, **shared)
+    return replace(info, **changes)
 
 
 def _infos(info: MoELayerInfo) -> list[TensorInfo]:

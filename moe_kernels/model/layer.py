@@ -88,6 +88,10 @@ class FusedMoE(nn.Module):
             anything is allocated.
     """
 
+    # set in __init__ from the weight format (setattr); declared for the type checker
+    w13: nn.Parameter
+    w2: nn.Parameter
+
     def __init__(
         self,
         cfg: LayerConfig,
@@ -130,9 +134,20 @@ class FusedMoE(nn.Module):
         check_layer_fits(self.cfg, self.selection, dev)  # before the weights are allocated
 
         moe = cfg.moe
-        e_local, h = self.placement.num_local_experts, moe.hidden_size
         self.router = Router(moe, device=dev)
-        # the routed experts' tensors, as the weight format stores them: w13, w2 and their scales
+        self._allocate_weights(cfg, dev)
+        self.overlap_shared_experts = dev.type == "cuda" if overlap_shared_experts is None else overlap_shared_experts
+        if self.overlap_shared_experts and dev.type != "cuda":
+            raise ValueError(f"overlap_shared_experts needs a CUDA device (a side stream), not {dev}")
+        self._side_stream = torch.cuda.Stream(dev) if self.overlap_shared_experts and moe.num_shared_experts else None
+        self._loader = LayerLoader(self)
+
+    def _allocate_weights(self, cfg: LayerConfig, dev: torch.device) -> None:
+        """The routed experts' tensors as the weight format stores them (w13, w2, their scales
+        and biases) and the shared expert's, uninitialized; :func:`~moe_kernels.model.memory.weight_bytes`
+        counts the same tensors before they are made."""
+        moe = cfg.moe
+        e_local, h = self.placement.num_local_experts, moe.hidden_size
         self.w13_scale: nn.Parameter | None = None
         self.w2_scale: nn.Parameter | None = None
         self.w13_bias: nn.Parameter | None = None
@@ -153,11 +168,6 @@ class FusedMoE(nn.Module):
         self.input_norm = _parameter((h,), moe.dtype, dev) if moe.input_norm_eps is not None else None
         self.output_norm = _parameter((h,), moe.dtype, dev) if moe.output_norm_eps is not None else None
         self.output_bias = _parameter((h,), moe.dtype, dev) if moe.output_bias else None
-        self.overlap_shared_experts = dev.type == "cuda" if overlap_shared_experts is None else overlap_shared_experts
-        if self.overlap_shared_experts and dev.type != "cuda":
-            raise ValueError(f"overlap_shared_experts needs a CUDA device (a side stream), not {dev}")
-        self._side_stream = torch.cuda.Stream(dev) if self.overlap_shared_experts and moe.num_shared_experts else None
-        self._loader = LayerLoader(self)
 
     @classmethod
     def from_pretrained(

@@ -159,7 +159,6 @@ class LayerLoader:
         fmt = mlp.weights
         h = mlp.hidden
         down = name == "down_proj"
-        shape = (h, shard.total) if down else (shard.total, h)  # the whole projection, as checkpoints hold it
         rows = _projection_rows(name, mlp.inter, h, mlp.activation.gated)
         projection = "w2" if down else "w13"
         owned = self._owned_tensors(name, tensors)
@@ -171,14 +170,10 @@ class LayerLoader:
         if owned_scales is not None and not fmt.is_quantized:
             raise ValueError(f"{name}_scale: the layer is unquantized ({fmt.describe()}); pass float weights")
         for expert, src in owned.items():
-            if owned_scales is None:
-                whole = _float(f"{name}[{expert}]", src, shape)
-                stored = fmt.quantize(shard.take(fmt, down, {"weight": whole})["weight"].float())
-            else:
-                if expert not in owned_scales:
-                    raise ValueError(f"{name}_scale: missing expert {expert} (its {name} was given)")
-                given = {"weight": src, "scale": owned_scales[expert]}
-                stored = shard.take(fmt, down, _stored_as(fmt, name, expert, given, shape))
+            if owned_scales is not None and expert not in owned_scales:
+                raise ValueError(f"{name}_scale: missing expert {expert} (its {name} was given)")
+            scale = None if owned_scales is None else owned_scales[expert]
+            stored = _rank_slice(fmt, shard, name, expert, src, scale, h)
             for part, tensor in stored.items():
                 param = layer.parameter(projection, part)
                 copies += [(param[local, fmt.rows(part, *rows)], tensor) for local in slots_of[expert]]
@@ -274,9 +269,11 @@ class LayerLoader:
                 why = "no shared expert gate (moe.shared_expert_gate)" if has_shared else "no shared experts"
                 raise ValueError(f"{name}: this layer's config has {why}")
             dst, shape = targets[name]
+            if name == "shared_expert_gate" or tuple(getattr(tensor, "shape", ())) == tuple(dst.shape):
+                copies.append((dst, _float(name, tensor, tuple(dst.shape))))  # the rank's slice already
+                continue
             whole = {"weight": _float(name, tensor, shape)}
-            part = whole if name == "shared_expert_gate" else shard.take(Dense(), name == "shared_down_proj", whole)
-            copies.append((dst, part["weight"]))
+            copies.append((dst, shard.take(Dense(), name == "shared_down_proj", whole)["weight"]))
         return copies
 
     # --- from a checkpoint ----------------------------------------------------------------
@@ -296,12 +293,14 @@ class LayerLoader:
         device = layer.w13.device
         moe = layer.cfg.moe
         shared = bool(moe.num_shared_experts)
+        par = layer.cfg.parallel  # a tensor-parallel rank reads its slices only
         for start in range(0, len(mine), experts_per_read):
             first = start == 0
             part = read_moe_layer(
                 reader, layer_index, mine[start : start + experts_per_read], naming=naming, shared=shared and first,
                 router_extras=any(_router_extras(moe).values()), expert_biases=moe.expert_bias,
                 layer_extras=any(_layer_extras(moe).values()), identity_experts=moe.identity_experts, device=device,
+                tensor_parallel=(par.tp_size, par.tp_rank) if par.tp_size > 1 else None,
             )  # fmt: skip
             _check_part(layer.cfg, part, f"{path}: layer {layer_index}")
             if first:
@@ -393,6 +392,30 @@ def _projection_rows(name: str, inter: int, hidden: int, gated: bool) -> tuple[i
             raise ValueError("gate_proj: this layer's activation is not gated (w13 is the up projection alone)")
         return 0, inter
     return (0, inter) if name == "gate_proj" else (inter, 2 * inter)
+
+
+def _rank_slice(
+    fmt: WeightFormat,
+    shard: IntermediateShard,
+    name: str,
+    expert: int,
+    src: torch.Tensor,
+    scale: torch.Tensor | None,
+    hidden: int,
+) -> dict[str, torch.Tensor]:
+    """The rank's slice of one projection stored in ``fmt``, from the whole projection as
+    checkpoints hold it or from the slice alone (as a tensor-parallel read gives it; told apart
+    by shape), float (quantized here) or already stored with its ``scale``."""
+    down = name == "down_proj"
+    whole = (hidden, shard.total) if down else (shard.total, hidden)
+    part = (hidden, shard.width) if down else (shard.width, hidden)
+    sliced = not shard.is_whole and isinstance(src, torch.Tensor) and tuple(src.shape) == part
+    shape = part if sliced else whole
+    if scale is None:
+        weight = {"weight": _float(f"{name}[{expert}]", src, shape)}
+        return fmt.quantize((weight if sliced else shard.take(fmt, down, weight))["weight"].float())
+    stored = _stored_as(fmt, name, expert, {"weight": src, "scale": scale}, shape)
+    return stored if sliced else shard.take(fmt, down, stored)
 
 
 def _stored_as(

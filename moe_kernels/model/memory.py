@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moe_kernels.config import LayerConfig
+from moe_kernels.model.router import Router
 
 if TYPE_CHECKING:
     from moe_kernels.selection.select import Selection
@@ -66,8 +67,13 @@ def weight_bytes(cfg: LayerConfig) -> int:
     """The layer's parameters as ``FusedMoE`` allocates them, plus the float32 copy of one
     expert that quantizing a checkpoint's expert holds at a time."""
     m, mlp = cfg.moe, cfg.mlp
-    total = cfg.num_local_experts * mlp.expert_nbytes() + m.num_experts * m.hidden_size * m.dtype.itemsize
-    total += 3 * m.hidden_size * m.shared_width * m.dtype.itemsize
+    router = Router(m, device="meta")  # its tensors' shapes and dtypes, nothing allocated
+    total = sum(t.numel() * t.element_size() for t in (*router.parameters(), *router.buffers()))
+    total += cfg.num_local_experts * mlp.expert_nbytes()
+    if m.num_shared_experts:  # as FusedMoE allocates them: this TP rank's shard, the optional gate
+        width = m.shared_width // cfg.parallel.tp_size
+        rows = m.shared_act.gemm1_rows(width) + (1 if m.shared_expert_gate else 0)
+        total += (rows + width) * m.hidden_size * m.dtype.itemsize
     if mlp.weights.is_quantized:
         total += 3 * m.hidden_size * m.intermediate_size * 4
     return total

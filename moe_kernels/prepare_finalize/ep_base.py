@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from moe_kernels.core.contract import Check, H, LayerContext, PrepareAndFinalize, TokenFormat
 from moe_kernels.core.distributed import check_agreement
-from moe_kernels.core.placement import map_expert_ids, record_load
+from moe_kernels.core.placement import choose_slots
 
 
 class ExpertParallelPrepareAndFinalize(PrepareAndFinalize[H]):
@@ -74,6 +74,4 @@ class ExpertParallelPrepareAndFinalize(PrepareAndFinalize[H]):
         (``owner * P_local + local``; with redundant experts a replica chosen per token), ``-1``
         kept: what a dispatcher that knows only contiguous ownership routes by. The chosen
         replicas are counted in ``ctx.expert_load``."""
-        slots = map_expert_ids(topk_ids, self._slot_map)
-        record_load(self.ctx.expert_load, slots)
-        return slots
+        return choose_slots(topk_ids, self._slot_map, self.ctx.expert_load)

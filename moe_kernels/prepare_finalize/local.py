@@ -27,7 +27,7 @@ from moe_kernels.core.contract import (
     WorkspaceSpec,
     align_up,
 )
-from moe_kernels.core.placement import map_expert_ids, record_load, slots_to_local
+from moe_kernels.core.placement import choose_slots, slots_to_local
 from moe_kernels.mlp.act_quant import scale_view
 
 
@@ -55,8 +55,7 @@ class _Local(PrepareAndFinalize[H]):
         none or another rank's expert; the chosen replicas are counted in ``ctx.expert_load``."""
         if self._slot_map is None:
             return topk_ids
-        slots = map_expert_ids(topk_ids, self._slot_map)
-        record_load(self.ctx.expert_load, slots)
+        slots = choose_slots(topk_ids, self._slot_map, self.ctx.expert_load)
         return slots if self.ctx.placement.ep_size == 1 else slots_to_local(slots, self.ctx.placement)
 
 

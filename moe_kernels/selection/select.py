@@ -24,6 +24,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,7 @@ from moe_kernels.core.compose import (
     TokenRangeKernel,
     WorkspaceCache,
     check_pair,
+    check_tp_agreement,
     layer_context,
     pair_name,
 )
@@ -53,6 +55,8 @@ PrepareFinalizeFactory = Callable[[LayerConfig], PrepareAndFinalize]
 ExpertsFactory = Callable[[LayerConfig], PermuteExpertsUnpermute]
 
 log = logging.getLogger("moe_kernels")
+
+PartT = TypeVar("PartT")
 
 LAYOUTS_DIFFER = "layout: the prepare/finalize hands out another token layout than the experts take"
 
@@ -219,7 +223,7 @@ class Selection:
         return text if width is None else wrap_lines(text, width)
 
 
-def _fresh(part: object) -> object:
+def _fresh(part: PartT) -> PartT:
     import copy
 
     return copy.copy(part)
@@ -370,17 +374,20 @@ def select(
     ``tune``: measure the grid points no table covers on first use
     (:mod:`moe_kernels.selection.autotune`; ``MOE_KERNELS_TUNE=0`` turns it off everywhere)."""
     ctx = layer_context(cfg, placement=placement, group=group, device=device, tp_group=tp_group)
+    check_tp_agreement(ctx)
     if memory_budget is None:
         budget, budget_why = default_memory_budget(ctx.device)
     else:
         budget, budget_why = memory_budget, "given"
-    factories = dict(prepare_finalize_factories=prepare_finalize_factories, experts_factories=experts_factories)
-    found = candidates(ctx, **factories)
+    list_candidates = functools.partial(
+        candidates, prepare_finalize_factories=prepare_finalize_factories, experts_factories=experts_factories
+    )
+    found = list_candidates(ctx)
     valid = [c for c in found if c.valid]
     grid = selection_grid(ctx, valid)
     tuned = _tune_missing(ctx, grid, tune) if valid else ""
     if tuned:
-        found = candidates(ctx, **factories)
+        found = list_candidates(ctx)
         valid = [c for c in found if c.valid]
     table = tuning.table_for(ctx.device)
     fits, over = within_budget(valid, ctx, budget, grid)

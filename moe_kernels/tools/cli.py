@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +31,8 @@ from moe_kernels.tools.harness import (
     run_activation_bytes,
     select_for_run,
 )
-from moe_kernels.tools.terminal import aligned_table, dtype_name, format_us, key_value_table, wrap
+from moe_kernels.tools.progress import Progress
+from moe_kernels.tools.terminal import aligned_table, dtype_name, format_us, key_value_table, terminal_width, wrap
 
 #: what ``list`` checks the parts against when no --config is given: a small unquantized layer
 DEFAULT_LIST_CONFIG = LayerConfig(
@@ -61,6 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as e:
         print(f"moe-kernels: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (`moe-kernels list | head`): stop quietly, as Unix tools do; the
+        # output still buffered goes to /dev/null so that the interpreter's exit flush cannot fail
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool its pipe closed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,13 +138,7 @@ def _unavailable(message: str) -> Callable[[argparse.Namespace], int]:
 def cmd_run(args: argparse.Namespace) -> int:
     from moe_kernels.tools.harness import check_and_time, default_timer, random_layer
 
-    cfg = load_layer_config(args.config, args.dtype)
-    if cfg.parallel.ep_size > 1:
-        raise CliError(
-            f"{args.config}: run is single-process, so parallel.ep_size must be 1 (got {cfg.parallel.ep_size}); "
-            "use --ep-size/--ep-rank to run one rank's share, or `moe-kernels bench ep` for expert parallelism"
-        )
-    cfg = one_rank_config(cfg, args.ep_size, args.ep_rank, args.config)
+    cfg = one_process_config(load_layer_config(args.config, args.dtype), args)
     device = resolve_device(args.device)
     start = time.perf_counter()
 
@@ -150,7 +151,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     estimate = memory.layer_memory(cfg, selection, run_activation_bytes(cfg, args.tokens))
     progress(f"{cfg.name or args.config} on {device}: {estimate.describe()}")
     _refuse_if_too_big(estimate, cfg, device, args)
-    layer = random_layer(cfg, device, seed=args.seed, progress=progress, kernel=selection.kernel)
+    with Progress(cfg.num_local_experts, "random weights", unit="expert") as drawing:
+        layer = random_layer(cfg, device, seed=args.seed, progress=drawing, kernel=selection.kernel)
     result = check_and_time(
         layer, args.tokens, timer=default_timer(device), seed=args.seed, time_reference=False, progress=progress
     )
@@ -257,15 +259,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     cfg = load_layer_config(args.config, args.dtype)
     if args.tokens is not None:
         cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"max_tokens_per_rank": args.tokens})})
-    if cfg.parallel.ep_size > 1 and args.ep_size == 1:
-        # one process cannot join an EP group: explain one rank's share, as run does
-        args.ep_size, args.ep_rank = cfg.parallel.ep_size, cfg.parallel.ep_rank
-        cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"ep_size": 1, "ep_rank": 0})})
-        print(f"{args.config}: parallel.ep_size={args.ep_size}: explaining rank {args.ep_rank}'s share")
-    cfg = one_rank_config(cfg, args.ep_size, args.ep_rank, args.config)
+    cfg = one_process_config(cfg, args)
     selection = select_for_run(cfg, resolve_device(args.device))
     print(f"{cfg.name or args.config}")
-    print(wrap(selection.explain(verbose=args.verbose)))
+    print(selection.explain(verbose=args.verbose, width=terminal_width()))
     if not selection.plan:
         print(f"moe-kernels: error: no registered kernel can run {cfg.name or args.config} here", file=sys.stderr)
         return 1
@@ -279,6 +276,21 @@ def _add_config_args(parser: argparse.ArgumentParser, *, config_required: bool) 
     parser.add_argument("--config", required=config_required, help="a layer YAML, e.g. configs/qwen3-30b-a3b.yaml")
     parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", help="override moe.dtype: bfloat16, float16 or float32")
+
+
+def one_process_config(cfg: LayerConfig, args: argparse.Namespace) -> LayerConfig:
+    """``cfg`` as one process runs it: rank ``--ep-rank`` of ``--ep-size``'s experts, or, for a
+    config with ``parallel.ep_size > 1`` and no ``--ep-size``, its own rank's share (one process
+    cannot join an expert-parallel group; `moe-kernels bench ep` measures the dispatch)."""
+    if cfg.parallel.ep_size > 1 and args.ep_size == 1:
+        args.ep_size, args.ep_rank = cfg.parallel.ep_size, cfg.parallel.ep_rank
+        single = cfg.parallel.model_copy(update={"ep_size": 1, "ep_rank": 0})
+        cfg = cfg.model_copy(update={"parallel": single})
+        print(
+            wrap(f"{args.config}: one process: rank {args.ep_rank} of ep_size={args.ep_size}'s experts (--ep-rank)"),
+            file=sys.stderr,
+        )
+    return one_rank_config(cfg, args.ep_size, args.ep_rank, args.config)
 
 
 def _add_rank_args(parser: argparse.ArgumentParser) -> None:

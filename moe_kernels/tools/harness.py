@@ -30,6 +30,7 @@ from moe_kernels.experts.reference import TorchReferenceExperts
 from moe_kernels.model.layer import FusedMoE
 from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
 from moe_kernels.selection.timing import time_cuda
+from moe_kernels.tools.progress import Progress
 
 #: ``timer(fn)`` -> median microseconds of one ``fn()`` call
 Timer = Callable[[Callable[[], object]], float]
@@ -61,26 +62,25 @@ def random_layer(
     device: torch.device,
     *,
     seed: int = 0,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
     kernel: Kernel | None = None,
 ) -> FusedMoE:
     """A ``FusedMoE`` with random weights scaled so activations stay O(1): each matrix is
     N(0, 1/fan_in). Every local expert gets its own weights, so a kernel that mixes experts
-    up shows in the error. FP8 layers quantize the drawn weights."""
+    up shows in the error. FP8 layers quantize the drawn weights. ``progress`` advances by
+    one per local expert."""
     layer = FusedMoE(cfg, device=device, kernel=kernel)
     gen = torch.Generator(device=device).manual_seed(seed)
     h, i = cfg.moe.hidden_size, cfg.moe.intermediate_size
     with torch.no_grad():
         router = torch.empty(cfg.moe.num_experts, h, device=device).normal_(0.0, h**-0.5, generator=gen)
         layer.load_weights(router_weight=router)
-        n = cfg.num_local_experts
-        step = max(1, n // 8)  # about 8 progress lines for a big layer
-        for done, e in enumerate(layer.local_experts, start=1):
+        for e in layer.local_experts:
             gate, up = torch.empty(2, i, h, device=device).normal_(0.0, h**-0.5, generator=gen)
             down = torch.empty(h, i, device=device).normal_(0.0, i**-0.5, generator=gen)
             layer.load_weights(gate_proj={e: gate}, up_proj={e: up}, down_proj={e: down})
-            if progress is not None and n >= 16 and done % step == 0:
-                progress(f"random weights: {done}/{n} experts")
+            if progress is not None:
+                progress.advance()
         if layer.shared_w13 is not None:
             width = cfg.moe.shared_width
             gate, up = torch.empty(2, width, h, device=device).normal_(0.0, h**-0.5, generator=gen)

@@ -14,6 +14,7 @@ import queue
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from multiprocessing.queues import Queue as ProcessQueue
 from typing import Any
 
 import torch
@@ -74,67 +75,67 @@ def run_ranks(
     if backend == "nccl" and torch.cuda.device_count() < world_size:
         raise ValueError(f"backend nccl needs one GPU per rank: {world_size} ranks, {torch.cuda.device_count()} GPUs")
     ctx = mp.get_context("spawn")
+    # the store lives as long as this call: the ranks rendezvous through it
     store = dist.TCPStore(
         "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s)
     )
-    results: queue.Queue = ctx.Queue()
+    results: ProcessQueue[tuple[int, Any]] = ctx.Queue()
+    rank_args = (world_size, backend, store.port, collective_timeout_s or timeout_s, tuple(args), dict(env or {}))
     procs = [
-        ctx.Process(
-            target=_rank_main,
-            args=(
-                fn,
-                rank,
-                world_size,
-                backend,
-                store.port,
-                collective_timeout_s or timeout_s,
-                tuple(args),
-                dict(env or {}),
-                results,
-            ),
-            name=f"rank{rank}",
-        )
+        ctx.Process(target=_rank_main, args=(fn, rank, *rank_args, results), name=f"rank{rank}")
         for rank in range(world_size)
     ]
     for p in procs:
         p.start()
     by_rank: dict[int, Any] = {}
-    deadline = time.monotonic() + timeout_s
     try:
-        while len(by_rank) < world_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                missing = sorted(set(range(world_size)) - set(by_rank))
-                raise TimeoutError(f"ranks {missing} did not finish within {timeout_s:.0f} s (killed)")
-            try:
-                rank, value = results.get(timeout=min(remaining, 1.0))
-                by_rank[rank] = value
-                continue
-            except queue.Empty:
-                pass
-            # a rank that died without reporting (segfault, os._exit) fails the run now
-            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in by_rank]
-            if dead:
-                time.sleep(0.5)  # its report may still be in flight
-                while not results.empty():
-                    rank, value = results.get()
-                    by_rank[rank] = value
-                dead = [r for r in dead if r not in by_rank]
-            if dead:
-                codes = {r: procs[r].exitcode for r in dead}
-                raise RuntimeError(f"ranks exited without a result (exit codes {codes})")
+        _collect(procs, results, by_rank, time.monotonic() + timeout_s, timeout_s)
     finally:
-        for p in procs:
-            p.join(timeout=30 if len(by_rank) == world_size else 0.1)
-        for p in procs:
-            if p.is_alive():  # only the processes started above
-                p.kill()
-                p.join(timeout=5)
+        _stop(procs, finished=len(by_rank) == world_size)
     ordered = [by_rank[r] for r in range(world_size)]
     failures = [v for v in ordered if isinstance(v, RankFailure)]
     if failures and not return_exceptions:
         raise RanksFailedError(failures)
     return ordered
+
+
+def _collect(
+    procs: list[Any], results: ProcessQueue[tuple[int, Any]], by_rank: dict[int, Any], deadline: float, timeout_s: float
+) -> None:
+    """Fill ``by_rank`` with every rank's result; raise when the deadline passes or a rank died
+    without reporting (segfault, ``os._exit``)."""
+    while len(by_rank) < len(procs):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            missing = sorted(set(range(len(procs))) - set(by_rank))
+            raise TimeoutError(f"ranks {missing} did not finish within {timeout_s:.0f} s (killed)")
+        try:
+            rank, value = results.get(timeout=min(remaining, 1.0))
+            by_rank[rank] = value
+            continue
+        except queue.Empty:
+            pass
+        dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in by_rank]
+        if dead:
+            time.sleep(0.5)  # its report may still be in flight
+            while not results.empty():
+                rank, value = results.get()
+                by_rank[rank] = value
+            dead = [r for r in dead if r not in by_rank]
+        if dead:
+            codes = {r: procs[r].exitcode for r in dead}
+            raise RuntimeError(f"ranks exited without a result (exit codes {codes})")
+
+
+def _stop(procs: list[Any], *, finished: bool) -> None:
+    """Join the rank processes (briefly when the run failed), then kill those still alive --
+    only the processes this launcher started."""
+    for p in procs:
+        p.join(timeout=30 if finished else 0.1)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
 
 
 def _rank_main(
@@ -146,7 +147,7 @@ def _rank_main(
     timeout_s: float,
     args: tuple[Any, ...],
     env: dict[str, str],
-    results: queue.Queue,
+    results: ProcessQueue[tuple[int, Any]],
 ) -> None:
     os.environ.update(env)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})

@@ -16,10 +16,11 @@ from moe_kernels.core.text import TEXT_WIDTH
 
 
 class Progress:
-    """A bar over ``total`` points named ``what``, with ``say(msg)`` for lines above it."""
+    """A bar over ``total`` units (measured points, experts) named ``what``, with ``say(msg)``
+    for lines above it."""
 
-    def __init__(self, total: int, what: str) -> None:
-        self.bar = tqdm(total=total, desc=what, unit="point", file=sys.stderr, ncols=TEXT_WIDTH, leave=True)
+    def __init__(self, total: int, what: str, unit: str = "point") -> None:
+        self.bar = tqdm(total=total, desc=what, unit=unit, file=sys.stderr, ncols=TEXT_WIDTH, leave=True)
 
     def say(self, message: str) -> None:
         self.bar.write(message, file=sys.stderr)

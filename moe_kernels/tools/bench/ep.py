@@ -27,6 +27,7 @@ that worst case every call).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -178,44 +179,73 @@ def _path_calls(
     path: str, group: dist.ProcessGroup, p: dict[str, Any], x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor
 ) -> tuple[Callable[[], Any], Callable[[Any], None]]:
     """``dispatch()`` -> state, ``combine(state)``, for one path at this T."""
-    from moe_kernels.backends import deep_ep as deep_ep_backend
     from moe_kernels.backends import deep_gemm
+
+    ht = path.endswith("-ht")
+    capacity = p["ht_max_tokens"] if ht else max(x.shape[0], p["ll_min_capacity"])
+    alignment = deep_gemm.alignment() or 1  # what the DeepGEMM experts would ask for
+    point = _Point(group, p, capacity, alignment, x, ids, w)
+    if path == "torch-a2a" or path.startswith("ours"):
+        return _ours_calls(path, point)
+    return _raw_calls(point, ht=ht)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Point:
+    """One path's inputs at one T: the group, the run's parameters, the buffers' capacity in
+    tokens per rank, the experts' row alignment, and ``x [T, H]``, ``ids``/``w [T, K]``."""
+
+    group: dist.ProcessGroup
+    p: dict[str, Any]
+    capacity: int
+    alignment: int
+    x: torch.Tensor
+    ids: torch.Tensor
+    w: torch.Tensor
+
+
+def _ours_calls(path: str, point: _Point) -> tuple[Callable[[], Any], Callable[[Any], None]]:
+    """Our prepare/finalize parts (DeepEP or torch all-to-all), bound as a layer binds them."""
     from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig
     from moe_kernels.core.compose import layer_context
-    from moe_kernels.core.contract import Layout, TokenFormat
-    from moe_kernels.prepare_finalize import deepep_buffer as epb
+    from moe_kernels.core.contract import Layout, PrepareAndFinalize, TokenFormat
     from moe_kernels.prepare_finalize.deepep import (
         DeepEPHighThroughputPrepareAndFinalize,
         DeepEPLowLatencyPrepareAndFinalize,
     )
     from moe_kernels.prepare_finalize.torch_a2a import TorchAllToAllPrepareAndFinalize
 
-    t, e = x.shape[0], p["num_experts"]
-    ht = path.endswith("-ht")
-    capacity = p["ht_max_tokens"] if ht else max(t, p["ll_min_capacity"])
+    group, p, x, ids, w = point.group, point.p, point.x, point.ids, point.w
+    moe = MoEConfig(num_experts=p["num_experts"], top_k=p["top_k"], hidden_size=p["hidden"], intermediate_size=8)
+    parallel = ParallelConfig(ep_size=group.size(), ep_rank=group.rank(), max_tokens_per_rank=point.capacity)
+    ctx = layer_context(LayerConfig(moe=moe, parallel=parallel), group=group)
+    pf: PrepareAndFinalize
+    if path == "torch-a2a":
+        pf, fmt = TorchAllToAllPrepareAndFinalize(), TokenFormat(Layout.STANDARD)
+    else:
+        mode = DeepEPHighThroughputPrepareAndFinalize if path.endswith("-ht") else DeepEPLowLatencyPrepareAndFinalize
+        pf, fmt = mode(num_sms=p["num_sms"]), TokenFormat(Layout.EXPANDED, point.alignment)
+    pf.bind(ctx, fmt)
     out = torch.empty_like(x)
-    alignment = deep_gemm.alignment() or 1  # what the DeepGEMM experts would ask for
 
-    if path == "torch-a2a" or path.startswith("ours"):
-        moe = MoEConfig(num_experts=e, top_k=p["top_k"], hidden_size=p["hidden"], intermediate_size=8)
-        parallel = ParallelConfig(ep_size=group.size(), ep_rank=group.rank(), max_tokens_per_rank=capacity)
-        ctx = layer_context(LayerConfig(moe=moe, parallel=parallel), group=group)
-        if path == "torch-a2a":
-            pf, fmt = TorchAllToAllPrepareAndFinalize(), TokenFormat(Layout.STANDARD)
-        else:
-            mode = DeepEPHighThroughputPrepareAndFinalize if ht else DeepEPLowLatencyPrepareAndFinalize
-            pf, fmt = mode(num_sms=p["num_sms"]), TokenFormat(Layout.EXPANDED, alignment)
-        pf.bind(ctx, fmt)
+    def dispatch() -> Any:
+        return pf.prepare(x, ids, w, {})
 
-        def dispatch() -> Any:
-            return pf.prepare(x, ids, w, {})
+    def combine(prepared: Any) -> None:
+        pf.finalize(out, prepared.tokens.x, prepared)  # the dispatched rows stand in for the experts'
 
-        def combine(prepared: Any) -> None:
-            pf.finalize(out, prepared.tokens.x, prepared)  # the dispatched rows stand in for the experts'
+    return dispatch, combine
 
-        return dispatch, combine
+
+def _raw_calls(point: _Point, *, ht: bool) -> tuple[Callable[[], Any], Callable[[Any], None]]:
+    """The same ``EPBuffer.dispatch``/``combine`` calls made directly: what our wrapper costs."""
+    from moe_kernels.backends import deep_ep as deep_ep_backend
+    from moe_kernels.prepare_finalize import deepep_buffer as epb
 
     deep_ep, _ = deep_ep_backend.probe_deep_ep()
+    assert deep_ep is not None  # the raw paths run only where the DeepEP parts' checks passed
+    x, ids, w, capacity, alignment = point.x, point.ids, point.w, point.capacity, point.alignment
+    e, group, p = point.p["num_experts"], point.group, point.p
     buffer = epb.reserve(group, num_max_tokens_per_rank=capacity, hidden=x.shape[1], top_k=ids.shape[1])
     sms = p["num_sms"] or epb.num_sms_for(buffer, e, ids.shape[1])
     idx = ids.to(deep_ep.topk_idx_t)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib
 import json
 import sys
@@ -165,7 +166,7 @@ def bench_point(
     if args.pairs == "all":
         for name, build in valid_pairs(shape.layer(tokens, args.quant)):
             pair = build()
-            record(name, lambda pair=pair: pair(x, w, tw, ids, check_values=False))
+            record(name, functools.partial(pair, x, w, tw, ids, check_values=False))
             del pair
     else:  # measured by the tuner a moment ago, in this process
         point.us.update({name: times[tokens] for name, times in tuned.items() if tokens in times})

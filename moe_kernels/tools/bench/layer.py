@@ -13,6 +13,7 @@ from moe_kernels.model.layer import FusedMoE
 from moe_kernels.tools.args import positive_ints
 from moe_kernels.tools.bench.tables import format_table
 from moe_kernels.tools.harness import LayerResult, Timer, check_and_time, cuda_timer, random_layer, require_cuda
+from moe_kernels.tools.progress import Progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,11 +51,13 @@ def run(args: argparse.Namespace) -> int:
 def measure(
     layer: FusedMoE, token_counts: list[int], *, timer: Timer, seed: int = 0, time_reference: bool = True
 ) -> list[LayerResult]:
-    """:func:`check_and_time` for each token count, printing progress to stderr."""
+    """:func:`check_and_time` for each token count, with progress on stderr."""
     results = []
-    for t in token_counts:
-        print(f"bench layer: {t} tokens ...", file=sys.stderr, flush=True)
-        results.append(check_and_time(layer, t, timer=timer, seed=seed, time_reference=time_reference))
+    with Progress(len(token_counts), "bench layer") as progress:
+        for t in token_counts:
+            results.append(check_and_time(layer, t, timer=timer, seed=seed, time_reference=time_reference))
+            progress.say(f"bench layer: T={t}: {results[-1].layer_us:.1f} us, rel err {results[-1].rel_err:.1e}")
+            progress.advance()
     return results
 
 

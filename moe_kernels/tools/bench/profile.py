@@ -34,6 +34,7 @@ from moe_kernels.tools.args import positive_ints, shape_names
 from moe_kernels.tools.bench.experts import load_peer
 from moe_kernels.tools.bench.tables import format_table
 from moe_kernels.tools.harness import require_cuda
+from moe_kernels.tools.progress import Progress
 
 #: the separator kernel's length in GPU cycles: long enough to see, short beside any call
 SEPARATOR_CYCLES = 1000
@@ -186,12 +187,14 @@ def run(args: argparse.Namespace) -> int:
     require_cuda("bench profile", "it profiles CUDA kernels")
     peer, peer_info = load_peer(Path(args.peer) if args.peer else None)
     print(f"# Kernel profile on {torch.cuda.get_device_name()}; peer: {peer_info}\n")
-    for name in args.shapes:
-        w = make_weights(SHAPES[name])
-        for tokens in args.tokens:
-            profile_point(name, tokens, w, peer, args)
-        del w
-        torch.cuda.empty_cache()
+    with Progress(len(args.shapes) * len(args.tokens), "bench profile") as progress:
+        for name in args.shapes:
+            w = make_weights(SHAPES[name])
+            for tokens in args.tokens:
+                profile_point(name, tokens, w, peer, args)
+                progress.advance()
+            del w
+            torch.cuda.empty_cache()
     return 0
 
 

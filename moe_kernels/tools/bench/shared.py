@@ -33,6 +33,7 @@ from moe_kernels.selection.timing import Timer
 from moe_kernels.tools.args import non_negative_ints, positive_ints
 from moe_kernels.tools.bench.tables import format_table
 from moe_kernels.tools.harness import require_cuda
+from moe_kernels.tools.progress import Progress
 
 if TYPE_CHECKING:
     from moe_kernels.model.layer import FusedMoE
@@ -74,19 +75,21 @@ def run(args: argparse.Namespace) -> int:
     if max(args.reserve_sms) >= sm_count:
         print(f"bench shared: --reserve-sms must leave DeepGEMM at least one of the {sm_count} SMs")
         return 2
-    for t in args.tokens:
-        x = torch.randn(t, cfg.moe.hidden_size, device=device, dtype=cfg.moe.dtype)
-        us = measure(layer, x, timer)
-        for reserve in args.reserve_sms:
-            overlapped = us["overlapped"] if reserve == 0 else overlapped_with_sms(layer, x, timer, sm_count - reserve)
-            cost = (overlapped - us["routed"]) / us["shared"]
-            rows.append([t, reserve, us["routed"], us["shared"], us["serial"], overlapped, f"{cost:.2f}"])
-            print(
-                f"bench shared: T={t}: {us}, {reserve} SMs reserved: overlapped {overlapped:.1f} us, "
-                f"shared cost {cost:.2f}",
-                file=sys.stderr,
-                flush=True,
-            )
+    with Progress(len(args.tokens) * len(args.reserve_sms), "bench shared") as progress:
+        for t in args.tokens:
+            x = torch.randn(t, cfg.moe.hidden_size, device=device, dtype=cfg.moe.dtype)
+            us = measure(layer, x, timer)
+            for reserve in args.reserve_sms:
+                overlapped = (
+                    us["overlapped"] if reserve == 0 else overlapped_with_sms(layer, x, timer, sm_count - reserve)
+                )
+                cost = (overlapped - us["routed"]) / us["shared"]
+                rows.append([t, reserve, us["routed"], us["shared"], us["serial"], overlapped, f"{cost:.2f}"])
+                progress.say(
+                    f"bench shared: T={t}: {us}, {reserve} SMs reserved: overlapped {overlapped:.1f} us, "
+                    f"shared cost {cost:.2f}"
+                )
+                progress.advance()
     title = (
         f"{cfg.name}, one rank of EP={args.ep_size} ({cfg.num_local_experts} routed experts + shared "
         f"{cfg.moe.shared_width}), {torch.cuda.get_device_name(device)}, kernel {layer.kernel.name}"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 
-def format_table(headers: list[str], rows: list[list[object]]) -> str:
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A Markdown table (readable in a terminal and in docs)."""
     cells = [[_fmt(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
