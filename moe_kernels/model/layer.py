@@ -255,8 +255,8 @@ class FusedMoE(nn.Module):
         if moe.weight_on_input:  # Llama-4: the expert sees x * w (rounded as the model rounds), unweighted out
             x = x * topk_weights.to(x.dtype)
             topk_weights = torch.ones_like(topk_weights)
-        # The router's ids are in range and distinct by construction: skip the kernel's value
-        # check, which costs a host sync per call.
+        # The router's ids are in range by construction (-1 for a zero-compute expert's slot, which
+        # every kernel skips): skip the kernel's value check, which costs a host sync per call.
         out = self.kernel(
             x,
             self.weights,
