@@ -119,3 +119,21 @@ def test_weights_without_the_configs_biases_are_refused() -> None:
     plain = compose(LocalPrepareAndFinalize(), TorchReferenceExperts(), layer_cfg(False), device="cpu")
     with pytest.raises(ValueError, match="w13_bias: the layer has no expert biases"):
         plain(x, w, weights, ids)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("experts_cls", [GroupedMMExperts, TritonExperts, FusedTritonExperts])
+def test_gpu_paths_add_the_biases(experts_cls: type) -> None:
+    """bf16 on the GPU (torch._grouped_mm's gather-add, the Triton epilogues) within bf16's 3e-2."""
+    moe = layer_cfg().moe.model_copy(update={"dtype": torch.bfloat16})
+    cfg = LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=16))
+    kernel = compose(LocalPrepareAndFinalize(), experts_cls(), cfg, device="cuda")
+    x, w, weights, ids = problem()
+    ref = plain_loop(x, w, weights, ids)
+    gpu = ExpertWeights(
+        *(t.cuda().bfloat16() for t in (w.w13, w.w2)),
+        w13_bias=w.w13_bias.cuda().bfloat16(),
+        w2_bias=w.w2_bias.cuda().bfloat16(),
+    )
+    out = kernel(x.cuda().bfloat16(), gpu, weights.cuda(), ids.cuda())
+    assert (out.float().cpu() - ref).abs().max() <= 3e-2 * ref.abs().max()

@@ -136,3 +136,30 @@ def test_shared_expert_scaled_and_with_its_own_activation() -> None:
     routed = torch.stack([sum(w[i, k] * clamped(t["x"][i], e) for k, e in enumerate(ids[i])) for i in range(T)])
     shared = swiglu(t["x"], t["shared_gate"], t["shared_up"], t["shared_down"])
     assert_close(layer(t["x"]), (routed + shared) / 2)  # Cohere2's average of the two
+
+
+def test_tensor_parallel_read_of_non_gated_experts(tmp_path) -> None:
+    """Nemotron-H's non-gated experts and shared expert (no gate projection) read as one TP rank's
+    slice: rows of up, columns of down, equal to slicing the whole read."""
+    from safetensors.torch import save_file
+
+    from moe_kernels.model.checkpoint import read_moe_layer
+
+    p, inter, width = "backbone.layers.0.mixer", 64, 48
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"{p}.gate.weight": torch.randn(2, H, generator=g), f"{p}.gate.e_score_correction_bias": torch.zeros(2)}
+    for e in range(2):
+        tensors[f"{p}.experts.{e}.up_proj.weight"] = torch.randn(inter, H, generator=g)
+        tensors[f"{p}.experts.{e}.down_proj.weight"] = torch.randn(H, inter, generator=g)
+    tensors[f"{p}.shared_experts.up_proj.weight"] = torch.randn(width, H, generator=g)
+    tensors[f"{p}.shared_experts.down_proj.weight"] = torch.randn(H, width, generator=g)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    whole = read_moe_layer(tmp_path, 0, [0, 1], naming="nemotron-h", shared=True)
+    part = read_moe_layer(tmp_path, 0, [0, 1], naming="nemotron-h", shared=True, tensor_parallel=(2, 1))
+    assert not part.gate_proj and part.shared is not None and part.shared.gate_proj is None
+    assert whole.shared is not None
+    for e in range(2):
+        assert torch.equal(part.up_proj[e], whole.up_proj[e][inter // 2 :])
+        assert torch.equal(part.down_proj[e], whole.down_proj[e][:, inter // 2 :])
+    assert torch.equal(part.shared.up_proj, whole.shared.up_proj[width // 2 :])
+    assert torch.equal(part.shared.down_proj, whole.shared.down_proj[:, width // 2 :])

@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -1120,7 +1120,7 @@ def slice_intermediate(info: MoELayerInfo, tp_size: int, tp_rank: int) -> MoELay
     """``info`` reading, of each routed and shared projection, only tensor-parallel rank
     ``tp_rank``'s slice of its intermediate dimension (rows of gate/up, columns of down, block
     scales with their blocks) where :func:`_narrow` can; other tensors stay whole."""
-    changes: dict[str, object] = {}
+    changes: dict[str, Any] = {}
     for role in _ROLES:
         axis = 1 if role == "down_proj" else 0
         weights, scales = getattr(info, role), getattr(info, f"{role}_scale")
@@ -1132,8 +1132,10 @@ def slice_intermediate(info: MoELayerInfo, tp_size: int, tp_rank: int) -> MoELay
             changes[f"{role}_scale"] = {e: s for e, (_, s) in pairs.items()}
     sh = info.shared
     if sh is not None:
-        shared: dict[str, object] = {}
+        shared: dict[str, Any] = {}
         for role in _ROLES:
+            if getattr(sh, role) is None:  # a non-gated shared expert has no gate projection
+                continue
             axis = 1 if role == "down_proj" else 0
             w, s = _narrow(getattr(sh, role), getattr(sh, f"{role}_scale"), axis, tp_size, tp_rank)
             shared[role], shared[f"{role}_scale"] = w, s

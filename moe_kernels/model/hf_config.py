@@ -4,8 +4,10 @@
 ``transformers`` ships (vision-language wrappers through their text sub-config) and returns layer
 ``N``'s config. How each ``model_type`` maps onto our fields is a table (:data:`FAMILIES`), not code
 per family. Nothing is ignored: a layer that is dense is an error, and so is a family, or a field
-value, that needs something moe_kernels does not implement (a clamped SwiGLU, GELU experts,
-experts weighted on their input, ...): the error names the field and the missing feature.
+value, that needs something moe_kernels does not implement (product-key experts, a latent projection
+around the experts, ...): the error names the field and the missing feature. The expert MLP's
+activation (SwiGLU and its clamped or soft-capped variants, GELU-tanh, relu^2), expert and router
+biases and the tensors around the experts (norms, an output bias, identity experts) are read as data.
 Per-layer values (lists of top-k or expert counts, dense first layers, ``mlp_layer_types``,
 ``mlp_only_layers``, ``moe_layer_freq``, ...) are resolved for layer ``N``.
 
@@ -242,6 +244,16 @@ _GEMMA4 = Family(
     activation=Act(name=Key(("hidden_activation", "hidden_act"), "gelu_pytorch_tanh"), kinds=("gelu_tanh", "gelu")),
     refuse=(Refuse("a model without MoE layers (enable_moe_block false)", Key(("enable_moe_block",)), (True,)),),
 )
+#: gpt-oss: top-k of the biased logits, softmax over those k, alpha-clamped SwiGLU with expert biases
+_GPT_OSS = Family(
+    naming="gpt-oss",
+    width=Key(("intermediate_size",)),
+    choose_on="logits",
+    scale=None,
+    router_bias=True,
+    expert_bias=True,
+    activation=_ALPHA_CLAMPED,
+)
 _PER_EXPERT: dict[str, _Scoring] = {"sigmoid": "sigmoid", "sqrtsoftplus": "sqrtsoftplus"}
 
 
@@ -380,7 +392,7 @@ FAMILIES: dict[str, Family] = {
         identity_experts=Key(("zero_expert_num",), 0),
         refuse=(Refuse("a router bias (transformers' LongCat drops it)", Key(("router_bias",), False), (False,)),),
     ),
-    "axk1": _deepseek_v3(naming="axk1", output_norm_eps=Key(("rms_norm_eps",), 1e-6)),
+    "axk1": _deepseek_v3(naming="axk1", output_norm_eps=_RMS_EPS),
     "bailing_hybrid": _deepseek_v3(activation=_LING, shared_activation=_LING_SHARED),
     "mistral4": _deepseek_v3(
         naming="fused",
@@ -475,26 +487,9 @@ FAMILIES: dict[str, Family] = {
         refuse=(Refuse("a latent projection around the experts", Key(("moe_latent_size",)), (None,)),),
     ),
     # families that need an expert-MLP or block feature moe_kernels does not have yet
-    "gpt_oss": Family(
-        naming="gpt-oss",
-        width=Key(("intermediate_size",)),
-        choose_on="logits",
-        scale=None,
-        router_bias=True,
-        expert_bias=True,
-        activation=_ALPHA_CLAMPED,
-    ),
+    "gpt_oss": _GPT_OSS,
     # gpt-oss with an fp32 router, weights / k and the output x k (which cancel), gate/up concatenated
-    "openai_privacy_filter": Family(
-        naming="gpt-oss-concat",
-        width=Key(("intermediate_size",)),
-        choose_on="logits",
-        scale=None,
-        router_fp32=True,
-        router_bias=True,
-        expert_bias=True,
-        activation=_ALPHA_CLAMPED,
-    ),
+    "openai_privacy_filter": replace(_GPT_OSS, naming="gpt-oss-concat", router_fp32=True),
     "llama4_text": Family(
         naming="llama4",
         width=Key(("intermediate_size",)),

@@ -44,7 +44,9 @@ from moe_kernels.selection.select import Selection, select
 
 
 class FusedMoE(nn.Module):
-    """An MoE layer: top-k router and SiLU-gated expert MLPs, run by one fused kernel.
+    """An MoE layer: top-k router and expert MLPs (the activation of ``moe.activation``), run by one
+    fused kernel, with what some families put around the experts as data (an RMSNorm on the experts'
+    input or on the output, an output bias, zero-compute experts, the router weight on the input).
 
     Parameters (inference only, ``requires_grad=False``; uninitialized until
     :meth:`load_weights`, as in inference engines, so that the weights are written once --
@@ -59,6 +61,9 @@ class FusedMoE(nn.Module):
         ``quant.scheme: fp8_w8a8_block``
         shared_w13: ``[2S, H]``, shared_w2: ``[H, S]`` (``S = moe.shared_width / parallel.tp_size``) in ``moe.dtype``,
         and shared_gate ``[1, H]`` with ``moe.shared_expert_gate``, when the layer has shared experts
+        w13_bias ``[E_local, 2I]``, w2_bias ``[E_local, H]`` in ``moe.dtype``, with ``moe.expert_bias``
+        input_norm, output_norm, output_bias ``[H]`` in ``moe.dtype``, with ``moe.input_norm_eps``,
+        ``moe.output_norm_eps``, ``moe.output_bias`` (:meth:`load_extras`)
 
     Args:
         cfg: the layer's configuration (e.g. :func:`moe_kernels.load_config`).
@@ -250,8 +255,8 @@ class FusedMoE(nn.Module):
         if moe.weight_on_input:  # Llama-4: the expert sees x * w (rounded as the model rounds), unweighted out
             x = x * topk_weights.to(x.dtype)
             topk_weights = torch.ones_like(topk_weights)
-        # The router's ids are in range and distinct by construction: skip the kernel's value
-        # check, which costs a host sync per call.
+        # The router's ids are in range by construction (-1 for a zero-compute expert's slot, which
+        # every kernel skips): skip the kernel's value check, which costs a host sync per call.
         out = self.kernel(
             x,
             self.weights,
