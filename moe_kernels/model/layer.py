@@ -32,6 +32,7 @@ from moe_kernels.core.validate import expect_device, expect_dtype, expect_tensor
 from moe_kernels.mlp.weights import PROJECTIONS as WEIGHT_PROJECTIONS
 from moe_kernels.mlp.weights import ExpertWeights
 from moe_kernels.model.loading import ExpertTensors, LayerLoader
+from moe_kernels.model.ops import register_layer
 from moe_kernels.model.router import Router
 from moe_kernels.selection.select import Selection, select
 
@@ -132,6 +133,7 @@ class FusedMoE(nn.Module):
             raise ValueError(f"overlap_shared_experts needs a CUDA device (a side stream), not {dev}")
         self._side_stream = torch.cuda.Stream(dev) if self.overlap_shared_experts and moe.num_shared_experts else None
         self._loader = LayerLoader(self)
+        self._op_key = register_layer(self)
 
     @property
     def local_experts(self) -> tuple[int, ...]:
@@ -153,7 +155,14 @@ class FusedMoE(nn.Module):
         return param
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``hidden_states [T, H]`` in ``moe.dtype`` on the layer's device -> ``[T, H]``."""
+        """``hidden_states [T, H]`` in ``moe.dtype`` on the layer's device -> ``[T, H]``.
+        Under ``torch.compile`` the call is one registered op (:mod:`moe_kernels.model.ops`)."""
+        if torch.compiler.is_compiling():
+            return torch.ops.moe_kernels.fused_moe_layer(hidden_states, self._op_key)
+        return self.forward_eager(hidden_states)
+
+    def forward_eager(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` without the op boundary (the op's implementation)."""
         moe = self.cfg.moe
         self._check_loaded()
         hidden_states = expect_tensor("hidden_states", hidden_states)
