@@ -1,0 +1,177 @@
+"""The vLLM adapter against vLLM's own classes (0.33, on the CPU): vLLM's FusedMoEKernel with our
+parts == our composed kernel == a per-token loop; our checks refuse through vLLM's interface.
+
+Runs where vLLM is installed (the second CI environment, requirements/vllm-cpu.txt); skips
+elsewhere."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")  # before the first vllm import
+pytest.importorskip("vllm", reason="vLLM is not installed (requirements/vllm-cpu.txt)")
+
+from vllm.model_executor.layers.fused_moe import config as vconfig  # noqa: E402
+from vllm.model_executor.layers.fused_moe import modular_kernel as mk  # noqa: E402
+from vllm.model_executor.layers.fused_moe.activation import MoEActivation  # noqa: E402
+
+from moe_kernels import (  # noqa: E402
+    ExpertWeights,
+    LayerConfig,
+    LocalPrepareAndFinalize,
+    MoEConfig,
+    ParallelConfig,
+    TorchReferenceExperts,
+    WorkspaceCache,
+    compose,
+)
+from moe_kernels.experts.fused_triton import FusedTritonExperts  # noqa: E402
+from moe_kernels.experts.grouped_mm import GroupedMMExperts  # noqa: E402
+from moe_kernels.experts.triton import MaskedTritonExperts  # noqa: E402
+from moe_kernels.integrations import vllm as adapter  # noqa: E402
+from moe_kernels.prepare_finalize.local import LocalMaskedPrepareAndFinalize  # noqa: E402
+
+E, K, H, INTER, MAX_TOKENS = 8, 2, 32, 64, 64
+
+
+def moe_config(num_local_experts: int = E, top_k: int = K, dtype: torch.dtype = torch.float32) -> object:
+    return vconfig.FusedMoEConfig(
+        num_experts=E,
+        experts_per_token=top_k,
+        hidden_dim=H,
+        intermediate_size=INTER,
+        num_local_experts=num_local_experts,
+        num_logical_experts=E,
+        activation=MoEActivation.SILU,
+        device="cpu",
+        routing_method=vconfig.RoutingMethodType.Renormalize,
+        moe_parallel_config=vconfig.FusedMoEParallelConfig.make_no_parallel(),
+        in_dtype=dtype,
+        max_num_tokens=MAX_TOKENS,
+    )
+
+
+def problem(t: int, e_local: int = E, top_k: int = K, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(t, E, generator=gen)
+    weights, ids = torch.topk(scores, top_k, dim=1)
+    return dict(
+        x=torch.randn(t, H, generator=gen),
+        w1=torch.randn(e_local, 2 * INTER, H, generator=gen) * H**-0.5,
+        w2=torch.randn(e_local, H, INTER, generator=gen) * INTER**-0.5,
+        topk_weights=weights / weights.sum(1, keepdim=True),
+        topk_ids=ids.to(torch.int32),
+    )
+
+
+def loop_reference(p: dict[str, torch.Tensor], expert_map: torch.Tensor | None = None, on_input: bool = False):
+    """Per token, per slot: the local expert's SwiGLU MLP, weighted, summed (fp32)."""
+    out = torch.zeros(p["x"].shape)
+    for t in range(p["x"].shape[0]):
+        for slot in range(p["topk_ids"].shape[1]):
+            e = int(p["topk_ids"][t, slot])
+            local = e if expert_map is None else int(expert_map[e])
+            if local < 0:
+                continue
+            weight = float(p["topk_weights"][t, slot])
+            x = p["x"][t] * weight if on_input else p["x"][t]
+            gate, up = (p["w1"][local] @ x).chunk(2)
+            y = p["w2"][local] @ (F.silu(gate) * up)
+            out[t] += y if on_input else weight * y
+    return out
+
+
+def vllm_kernel(pf: object, experts_type: type, cfg: object) -> object:
+    experts = adapter.experts_class(experts_type)(cfg, vconfig.FUSED_MOE_UNQUANTIZED_CONFIG)
+    return mk.FusedMoEKernel(adapter.prepare_finalize(pf, cfg), experts)
+
+
+def run_vllm(kernel: object, p: dict[str, torch.Tensor], **kwargs: object) -> torch.Tensor:
+    args = dict(activation=MoEActivation.SILU, global_num_experts=E, expert_map=None)
+    args.update(dict(apply_router_weight_on_input=False), **kwargs)
+    return kernel.apply(
+        hidden_states=p["x"], w1=p["w1"], w2=p["w2"], topk_weights=p["topk_weights"], topk_ids=p["topk_ids"], **args
+    )
+
+
+def run_ours(pf: object, experts: object, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    cfg = LayerConfig(
+        moe=MoEConfig(num_experts=E, top_k=K, hidden_size=H, intermediate_size=INTER, dtype=torch.float32),
+        parallel=ParallelConfig(max_tokens_per_rank=MAX_TOKENS),
+    )
+    kernel = compose(pf, experts, cfg, device="cpu", workspace_cache=WorkspaceCache())
+    return kernel(p["x"], ExpertWeights(p["w1"], p["w2"]), p["topk_weights"], p["topk_ids"])
+
+
+PAIRS = [
+    (LocalPrepareAndFinalize, TorchReferenceExperts),
+    (LocalPrepareAndFinalize, FusedTritonExperts),
+    (LocalMaskedPrepareAndFinalize, MaskedTritonExperts),
+]
+
+
+@pytest.mark.parametrize(("pf_type", "experts_type"), PAIRS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("tokens", [1, 13])
+def test_vllm_kernel_with_our_parts_equals_ours_and_the_loop(pf_type: type, experts_type: type, tokens: int) -> None:
+    p = problem(tokens)
+    out = run_vllm(vllm_kernel(pf_type(), experts_type, moe_config()), p)
+    ours = run_ours(pf_type(), experts_type(), p)
+    want = loop_reference(p)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, ours, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("pf_type", "experts_type"), PAIRS, ids=lambda c: c.__name__)
+def test_expert_map_computes_this_ranks_share(pf_type: type, experts_type: type) -> None:
+    """EP within TP as vLLM runs it: rank 1 of 2 holds experts 4..7 (global -> local map)."""
+    expert_map = torch.tensor([-1, -1, -1, -1, 0, 1, 2, 3], dtype=torch.int32)
+    p = problem(9, e_local=4)
+    out = run_vllm(vllm_kernel(pf_type(), experts_type, moe_config(num_local_experts=4)), p, expert_map=expert_map)
+    torch.testing.assert_close(out, loop_reference(p, expert_map), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("pf_type", "experts_type"), PAIRS, ids=lambda c: c.__name__)
+def test_router_weight_on_input(pf_type: type, experts_type: type) -> None:
+    p = problem(6, top_k=1)
+    kernel = vllm_kernel(pf_type(), experts_type, moe_config(top_k=1))
+    out = run_vllm(kernel, p, apply_router_weight_on_input=True)
+    torch.testing.assert_close(out, loop_reference(p, on_input=True), rtol=1e-4, atol=1e-5)
+
+
+def test_our_checks_refuse_through_vllms_interface() -> None:
+    """vLLM's selection asks is_supported_config; our parts answer with our reasons."""
+    grouped = adapter.experts_class(GroupedMMExperts)
+    standard = mk.FusedMoEActivationFormat.Standard
+    ok, reason = grouped.is_supported_config(grouped, moe_config(), None, None, standard)
+    assert not ok and reason.startswith("GroupedMMExperts: device:") and "needs dtype in (bfloat16)" in reason, reason
+    reference = adapter.experts_class(TorchReferenceExperts)
+    assert reference.is_supported_config(reference, moe_config(), None, None, standard) == (True, None)
+    batched = mk.FusedMoEActivationFormat.BatchedExperts
+    ok, reason = reference.is_supported_config(reference, moe_config(), None, None, batched)
+    assert not ok and "batched_experts" in reason
+    with pytest.raises(ValueError, match="GroupedMMExperts"):
+        grouped(moe_config(), vconfig.FUSED_MOE_UNQUANTIZED_CONFIG)
+
+
+def test_unmapped_activation_and_quantization_are_refused() -> None:
+    cfg = moe_config()
+    cfg.activation = MoEActivation.SWIGLUSTEP
+    reference = adapter.experts_class(TorchReferenceExperts)
+    ok, reason = reference.is_supported_config(reference, cfg, None, None, mk.FusedMoEActivationFormat.Standard)
+    assert not ok and "swiglustep" in reason.lower()
+    with pytest.raises(ValueError, match="swiglustep"):
+        adapter.local_layer_config(cfg)
+    fp8 = vconfig.fp8_w8a8_moe_quant_config(torch.ones(E, 1, 1), torch.ones(E, 1, 1), block_shape=[128, 128])
+    with pytest.raises(ValueError, match="unquantized weights only"):
+        adapter.local_layer_config(moe_config(), fp8)
+
+
+def test_fused_experts_signature_backed_by_selection() -> None:
+    expert_map = torch.tensor([0, 1, 2, 3, -1, -1, -1, -1], dtype=torch.int32)
+    p = problem(5, e_local=4)
+    out = adapter.fused_experts(p["x"], p["w1"], p["w2"], p["topk_weights"], p["topk_ids"], expert_map=expert_map)
+    torch.testing.assert_close(out, loop_reference(p, expert_map), rtol=1e-4, atol=1e-5)
