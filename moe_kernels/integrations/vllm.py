@@ -248,11 +248,16 @@ class _ExpertsAdapter:
 def prepare_finalize(part: PrepareAndFinalize, moe_config: Any) -> Any:
     """One of our local prepare/finalize parts as a vLLM ``FusedMoEPrepareAndFinalizeModular``
     for the layer ``moe_config`` describes (bound when vLLM's ``FusedMoEKernel`` pairs it)."""
-    mk = _modular_kernel()
     if part.output_layout not in FORMATS:
         raise ValueError(f"{part.name} hands out {part.output_layout.value} tokens, which vLLM has no format for")
-    cls = type("VllmPrepareAndFinalize", (_PrepareFinalizeAdapter, mk.FusedMoEPrepareAndFinalizeModular), {})
-    return cls(part, moe_config, getattr(mk.FusedMoEActivationFormat, FORMATS[part.output_layout]))
+    vllm_format = getattr(_modular_kernel().FusedMoEActivationFormat, FORMATS[part.output_layout])
+    return _prepare_finalize_class()(part, moe_config, vllm_format)
+
+
+@functools.cache
+def _prepare_finalize_class() -> type:
+    mk = _modular_kernel()
+    return type("VllmPrepareAndFinalize", (_PrepareFinalizeAdapter, mk.FusedMoEPrepareAndFinalizeModular), {})
 
 
 class _PrepareFinalizeAdapter:
