@@ -3,6 +3,8 @@ the same output as eager and as the per-token loop."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch._dynamo.testing
@@ -70,6 +72,18 @@ def test_explain_reports_no_graph_break() -> None:
     assert explained.graph_count == 1
     targets = [n.target for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"]
     assert torch.ops.moe_kernels.fused_moe_layer in targets
+
+
+def test_a_copied_layer_compiles_to_its_own_weights() -> None:
+    layer = loaded_layer(TorchReferenceExperts())
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.w2.mul_(2.0)
+    torch._dynamo.reset()
+    x = tokens(5)
+    out = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    twin_out = torch.compile(twin, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(twin_out, 2.0 * out)
 
 
 def test_layer_op_meets_the_custom_op_contract() -> None:

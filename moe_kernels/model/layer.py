@@ -161,6 +161,11 @@ class FusedMoE(nn.Module):
             return torch.ops.moe_kernels.fused_moe_layer(hidden_states, self._op_key)
         return self.forward_eager(hidden_states)
 
+    def __setstate__(self, state: dict) -> None:
+        # a copy (deepcopy, unpickling) is another layer: its own key for the registered op
+        super().__setstate__(state)
+        self._op_key = register_layer(self)
+
     def forward_eager(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` without the op boundary (the op's implementation)."""
         moe = self.cfg.moe
