@@ -238,7 +238,8 @@ class _ExpertsAdapter:
         else:
             e, capacity, _ = hidden_states.shape
             expected = expected_rows_per_expert(*topk_ids.shape, e, capacity)
-            counts = expert_tokens_meta.expert_num_tokens.to(torch.int32)
+            # vLLM's naive batched P/F sizes its counts by the global expert count: the first E_local are ours
+            counts = expert_tokens_meta.expert_num_tokens[:e].to(torch.int32)
             tokens = MaskedTokens(hidden_states, counts, expected, a1q_scale)
         specs = self.part.workspace_specs(self.ctx, tokens.num_rows)
         workspace = self.workspaces.get(specs, hidden_states.device)

@@ -142,6 +142,33 @@ def test_router_weight_on_input(pf_type: type, experts_type: type) -> None:
     torch.testing.assert_close(out, loop_reference(p, on_input=True), rtol=1e-4, atol=1e-5)
 
 
+def vllm_prepare_finalize(layout: str, e_local: int = E) -> object:
+    from vllm.model_executor.layers.fused_moe.prepare_finalize.batched import BatchedPrepareAndFinalize
+    from vllm.model_executor.layers.fused_moe.prepare_finalize.no_dp_ep import MoEPrepareAndFinalizeNoDPEPModular
+
+    if layout == "standard":
+        return MoEPrepareAndFinalizeNoDPEPModular()
+    # the naive batched P/F owns experts [rank * E_local, (rank + 1) * E_local) and ignores expert_map
+    return BatchedPrepareAndFinalize(MAX_TOKENS, e_local, num_dispatchers=1, rank=E // e_local - 1)
+
+
+@pytest.mark.parametrize(
+    ("layout", "experts_type"),
+    [("standard", TorchReferenceExperts), ("standard", FusedTritonExperts), ("batched", MaskedTritonExperts)],
+    ids=lambda c: getattr(c, "__name__", c),
+)
+@pytest.mark.parametrize("mapped", [False, True], ids=["all-local", "expert-map"])
+def test_our_experts_behind_vllms_prepare_finalize(layout: str, experts_type: type, mapped: bool) -> None:
+    """The other pairing: vLLM's own no-dispatch (Standard) or naive batched P/F, our experts."""
+    expert_map = torch.tensor([-1, -1, -1, -1, 0, 1, 2, 3], dtype=torch.int32) if mapped else None
+    e_local = 4 if mapped else E
+    p = problem(11, e_local=e_local)
+    experts = adapter.experts_class(experts_type)(moe_config(e_local), vconfig.FUSED_MOE_UNQUANTIZED_CONFIG)
+    kernel = mk.FusedMoEKernel(vllm_prepare_finalize(layout, e_local), experts)
+    out = run_vllm(kernel, p, expert_map=expert_map)
+    torch.testing.assert_close(out, loop_reference(p, expert_map), rtol=1e-4, atol=1e-5)
+
+
 def test_our_checks_refuse_through_vllms_interface() -> None:
     """vLLM's selection asks is_supported_config; our parts answer with our reasons."""
     grouped = adapter.experts_class(GroupedMMExperts)
