@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig
+from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig, QuantConfig
 from moe_kernels.core.compose import IncompatibleKernelsError, Kernel, WorkspaceCache, layer_context
 from moe_kernels.core.contract import (
     Check,
@@ -68,19 +68,31 @@ def _activation_name(activation: object) -> str:
     return ACTIVATIONS[value]
 
 
-def _check_unquantized(quant_config: Any) -> None:
-    if quant_config is not None and (quant_config.quant_dtype is not None or quant_config.w1_scale is not None):
-        raise ValueError(
-            f"quant_config: the adapter maps unquantized weights only (got quant_dtype={quant_config.quant_dtype}, "
-            f"block_shape={quant_config.block_shape}); our fp8 block experts are reached through FusedMoE"
-        )
+def quant_config_of(quant_config: Any) -> QuantConfig:
+    """vLLM's ``FusedMoEQuantConfig`` -> our ``quant`` section: unquantized, or fp8 e4m3 weights
+    with 128 x 128 block scales and activations quantized per token and 128 columns (DeepSeek-V3's
+    ``fp8_w8a8_block``); anything else is a ``ValueError``."""
+    if quant_config is None or (quant_config.quant_dtype is None and quant_config.w1_scale is None):
+        return QuantConfig()
+    block = list(quant_config.block_shape or [])
+    if quant_config.quant_dtype == torch.float8_e4m3fn and block == [128, 128] and not quant_config.per_act_token_quant:
+        return QuantConfig(scheme="fp8_w8a8_block")
+    raise ValueError(
+        f"quant_config: quant_dtype={quant_config.quant_dtype}, block_shape={quant_config.block_shape}, "
+        f"per_act_token_quant={quant_config.per_act_token_quant} has no counterpart here (mapped: unquantized, "
+        "fp8 e4m3 with block_shape=[128, 128])"
+    )
+
+
+def _weight_scales(quant_config: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(w13_scale, w2_scale)`` of a vLLM quant config (vLLM's ``w1_scale``, ``w2_scale``)."""
+    return (None, None) if quant_config is None else (quant_config.w1_scale, quant_config.w2_scale)
 
 
 def local_layer_config(moe_config: Any, quant_config: Any = None, *, max_tokens: int | None = None) -> LayerConfig:
     """vLLM's ``FusedMoEConfig`` -> the LayerConfig of one rank's local experts (``E_local``
     experts, ``intermediate_size_per_partition`` wide, no EP: vLLM's ``expert_map`` is applied at
     the adapter's boundary). Unmapped activations and quantization raise ``ValueError``."""
-    _check_unquantized(quant_config)
     moe = MoEConfig(
         num_experts=moe_config.num_local_experts,
         top_k=moe_config.experts_per_token,
@@ -89,7 +101,8 @@ def local_layer_config(moe_config: Any, quant_config: Any = None, *, max_tokens:
         dtype=moe_config.in_dtype,
         activation=_activation_name(moe_config.activation),
     )
-    return LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=max_tokens or moe_config.max_num_tokens))
+    parallel = ParallelConfig(max_tokens_per_rank=max_tokens or moe_config.max_num_tokens)
+    return LayerConfig(moe=moe, parallel=parallel, quant=quant_config_of(quant_config))
 
 
 def _failures(checks: list[Check]) -> str:
@@ -163,7 +176,10 @@ class _ExpertsAdapter:
 
     @staticmethod
     def _supports_quant_scheme(weight_key: Any, activation_key: Any) -> bool:
-        return weight_key is None and activation_key is None
+        from vllm.model_executor.layers.quantization.utils import quant_utils as qu
+
+        mapped = ((None, None), (qu.kFp8Static128BlockSym, qu.kFp8Dynamic128Sym))
+        return (weight_key, activation_key) in mapped
 
     @staticmethod
     def _supports_activation(activation: Any) -> bool:
@@ -243,7 +259,8 @@ class _ExpertsAdapter:
             tokens = MaskedTokens(hidden_states, counts, expected, a1q_scale)
         specs = self.part.workspace_specs(self.ctx, tokens.num_rows)
         workspace = self.workspaces.get(specs, hidden_states.device)
-        self.part.apply(tokens, ExpertWeights(w1, w2, format=self.ctx.mlp.weights), output, workspace)
+        weights = ExpertWeights(w1, w2, *_weight_scales(self.quant_config), format=self.ctx.mlp.weights)
+        self.part.apply(tokens, weights, output, workspace)
 
 
 def prepare_finalize(part: PrepareAndFinalize, moe_config: Any) -> Any:
@@ -353,6 +370,7 @@ class _PrepareFinalizeAdapter:
 
 # --- vLLM's functional call, backed by our selection ------------------------------------------
 
+
 _selected: dict[tuple[str, str], tuple[Kernel, str]] = {}
 
 
@@ -384,7 +402,7 @@ def fused_experts(
     mapped by ``expert_map [E]`` (global -> local or -1) when given -> ``[T, H]``. Kernels are
     built per shape, with room for T rounded up to a power of two, and called through the
     ``moe_kernels::moe_kernel`` op (``torch.compile`` sees one node)."""
-    _check_unquantized(quant_config)
+    quant = quant_config_of(quant_config)
     e_local, rows, h = w1.shape
     name = _activation_name(activation)
     t, k = topk_ids.shape
@@ -397,13 +415,13 @@ def fused_experts(
         activation=name,
     )
     max_tokens = 1 << max(t - 1, 0).bit_length()
-    cfg = LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=max_tokens))
+    cfg = LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=max_tokens), quant=quant)
     key = _kernel_for(cfg, hidden_states.device)
     ids = map_expert_ids(topk_ids, expert_map)
     return call_kernel(
         key,
         hidden_states,
-        ExpertWeights(w1, w2),
+        ExpertWeights(w1, w2, *_weight_scales(quant_config)),
         topk_weights.float(),
         ids,
         apply_router_weight_on_input=apply_router_weight_on_input,

@@ -38,12 +38,14 @@ from moe_kernels.prepare_finalize.local import LocalMaskedPrepareAndFinalize  # 
 E, K, H, INTER, MAX_TOKENS = 8, 2, 32, 64, 64
 
 
-def moe_config(num_local_experts: int = E, top_k: int = K, dtype: torch.dtype = torch.float32) -> object:
+def moe_config(
+    num_local_experts: int = E, top_k: int = K, dtype: torch.dtype = torch.float32, h: int = H, inter: int = INTER
+) -> object:
     return vconfig.FusedMoEConfig(
         num_experts=E,
         experts_per_token=top_k,
-        hidden_dim=H,
-        intermediate_size=INTER,
+        hidden_dim=h,
+        intermediate_size=inter,
         num_local_experts=num_local_experts,
         num_logical_experts=E,
         activation=MoEActivation.SILU,
@@ -55,14 +57,16 @@ def moe_config(num_local_experts: int = E, top_k: int = K, dtype: torch.dtype = 
     )
 
 
-def problem(t: int, e_local: int = E, top_k: int = K, seed: int = 0) -> dict[str, torch.Tensor]:
+def problem(
+    t: int, e_local: int = E, top_k: int = K, seed: int = 0, h: int = H, inter: int = INTER
+) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     scores = torch.rand(t, E, generator=gen)
     weights, ids = torch.topk(scores, top_k, dim=1)
     return dict(
-        x=torch.randn(t, H, generator=gen),
-        w1=torch.randn(e_local, 2 * INTER, H, generator=gen) * H**-0.5,
-        w2=torch.randn(e_local, H, INTER, generator=gen) * INTER**-0.5,
+        x=torch.randn(t, h, generator=gen),
+        w1=torch.randn(e_local, 2 * inter, h, generator=gen) * h**-0.5,
+        w2=torch.randn(e_local, h, inter, generator=gen) * inter**-0.5,
         topk_weights=weights / weights.sum(1, keepdim=True),
         topk_ids=ids.to(torch.int32),
     )
@@ -192,9 +196,37 @@ def test_unmapped_activation_and_quantization_are_refused() -> None:
     assert not ok and "swiglustep" in reason.lower()
     with pytest.raises(ValueError, match="swiglustep"):
         adapter.local_layer_config(cfg)
-    fp8 = vconfig.fp8_w8a8_moe_quant_config(torch.ones(E, 1, 1), torch.ones(E, 1, 1), block_shape=[128, 128])
-    with pytest.raises(ValueError, match="unquantized weights only"):
-        adapter.local_layer_config(moe_config(), fp8)
+    per_tensor = vconfig.fp8_w8a8_moe_quant_config(torch.ones(E), torch.ones(E))
+    with pytest.raises(ValueError, match="block_shape=None.*no counterpart"):
+        adapter.local_layer_config(moe_config(), per_tensor)
+
+
+def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [E, N, K]`` -> fp8 e4m3 ``[E, N, K]`` and float32 scales ``[E, N/128, K/128]`` (one per
+    128 x 128 block: its amax over the largest e4m3 value)."""
+    e, n, k = w.shape
+    blocks = w.view(e, n // 128, 128, k // 128, 128)
+    scale = blocks.abs().amax(dim=(2, 4)) / torch.finfo(torch.float8_e4m3fn).max
+    q = (blocks / scale[:, :, None, :, None]).to(torch.float8_e4m3fn)
+    return q.view(e, n, k), scale
+
+
+def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.repeat_interleave(128, 1).repeat_interleave(128, 2)
+
+
+def test_fp8_block_weights_map_to_our_fp8_scheme() -> None:
+    """DeepSeek-V3's format through vLLM's quant config: the loop on the dequantized weights."""
+    p = problem(5, h=128, inter=128)  # fp8 blocks need multiples of 128
+    (w1, s1), (w2, s2) = quantize_blocks(p["w1"]), quantize_blocks(p["w2"])
+    quant = vconfig.fp8_w8a8_moe_quant_config(s1, s2, block_shape=[128, 128])
+    cfg = moe_config(dtype=torch.bfloat16, h=128, inter=128)
+    experts = adapter.experts_class(TorchReferenceExperts)(cfg, quant)
+    kernel = mk.FusedMoEKernel(adapter.prepare_finalize(LocalPrepareAndFinalize(), cfg), experts)
+    x = p["x"].bfloat16()
+    out = run_vllm(kernel, {**p, "x": x, "w1": w1, "w2": w2})
+    want = loop_reference({**p, "x": x.float(), "w1": dequantize_blocks(w1, s1), "w2": dequantize_blocks(w2, s2)})
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
 
 
 def test_fused_experts_signature_backed_by_selection() -> None:
