@@ -200,7 +200,11 @@ class _ExpertsAdapter:
         if not ok:
             return ok, reason
         try:
-            ctx = layer_context(local_layer_config(moe_config), device=moe_config.device)
+            local = local_layer_config(moe_config)
+            # vLLM's quant check passed: a weight key here is fp8 with 128 x 128 blocks
+            quant = QuantConfig(scheme="fp8_w8a8_block") if weight_key is not None else QuantConfig()
+            cfg = LayerConfig(moe=local.moe, parallel=local.parallel, quant=quant)
+            ctx = layer_context(cfg, device=moe_config.device)
         except ValueError as e:
             return False, str(e)
         failed = _failures(cls.part_type().checks(ctx))

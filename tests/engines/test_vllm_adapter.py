@@ -188,6 +188,21 @@ def test_our_checks_refuse_through_vllms_interface() -> None:
         grouped(moe_config(), vconfig.FUSED_MOE_UNQUANTIZED_CONFIG)
 
 
+def test_fp8_keys_reach_our_checks() -> None:
+    from vllm.model_executor.layers.quantization.utils import quant_utils as qu
+
+    standard = mk.FusedMoEActivationFormat.Standard
+    keys = (qu.kFp8Static128BlockSym, qu.kFp8Dynamic128Sym)
+    fused = adapter.experts_class(FusedTritonExperts)
+    ok, reason = fused.is_supported_config(fused, moe_config(dtype=torch.bfloat16, h=128, inter=128), *keys, standard)
+    assert not ok and reason.startswith("FusedTritonExperts: mlp:") and "fp8" in reason, reason
+    reference = adapter.experts_class(TorchReferenceExperts)
+    cfg = moe_config(dtype=torch.bfloat16, h=128, inter=128)
+    assert reference.is_supported_config(reference, cfg, *keys, standard) == (True, None)
+    ok, reason = reference.is_supported_config(reference, moe_config(dtype=torch.bfloat16), *keys, standard)
+    assert not ok and "multiples of 128" in reason, reason
+
+
 def test_unmapped_activation_and_quantization_are_refused() -> None:
     cfg = moe_config()
     cfg.activation = MoEActivation.SWIGLUSTEP
