@@ -42,11 +42,11 @@ def compile_counted(module: torch.nn.Module) -> tuple[torch.nn.Module, torch._dy
     return torch.compile(module, backend=counter, fullgraph=True, dynamic=True), counter
 
 
-def tokens(t: int, device: str = "cpu", seed: int = 1) -> torch.Tensor:
+def tokens(t: int, device: str = "cpu", seed: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``[T, H]`` activations, the token dimension marked as unbacked: a backed symbol would be
     specialized at T = 1 (PyTorch's 0/1 specialization) and so recompile there."""
     gen = torch.Generator().manual_seed(seed + t)
-    x = torch.randn(t, layer_cfg().moe.hidden_size, generator=gen).to(device)
+    x = torch.randn(t, layer_cfg().moe.hidden_size, generator=gen).to(device=device, dtype=dtype)
     mark_unbacked(x, 0)
     return x
 
@@ -137,14 +137,14 @@ def test_compiled_layer_in_a_cuda_graph_replays_eager() -> None:
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, dynamic=True)
     for t in TOKENS:
-        static_x = tokens(t, "cuda").bfloat16()
+        static_x = tokens(t, "cuda", dtype=torch.bfloat16)
         for _ in range(2):  # compile and warm up outside the capture
             compiled(static_x)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_out = compiled(static_x)
-        fresh = tokens(t, "cuda", seed=7).bfloat16()
+        fresh = tokens(t, "cuda", seed=7, dtype=torch.bfloat16)
         static_x.copy_(fresh)
         graph.replay()
         torch.cuda.synchronize()
