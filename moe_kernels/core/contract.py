@@ -174,6 +174,12 @@ class ExpandedTokens:
 ExpertTokens = StandardTokens | MaskedTokens | ExpandedTokens
 
 
+def expected_rows_per_expert(num_tokens: int, top_k: int, num_experts: int, capacity: int) -> int:
+    """:attr:`MaskedTokens.expected_m` for ``num_tokens`` routed ``top_k`` ways over
+    ``num_experts`` local experts of ``capacity`` rows each: the even share, at least 1."""
+    return max(1, min(capacity, -(-num_tokens * top_k // num_experts)))
+
+
 H = TypeVar("H")
 
 #: a part's scratch buffers for one call, by the names its ``workspace_specs`` gave them

@@ -39,6 +39,7 @@ from moe_kernels.mlp.weights import ExpertWeights
 from moe_kernels.model.expert_moves import move_weights
 from moe_kernels.model.loading import ExpertTensors, LayerLoader
 from moe_kernels.model.memory import check_layer_fits
+from moe_kernels.model.ops import register_layer
 from moe_kernels.model.router import Router
 from moe_kernels.selection.select import Selection, select
 
@@ -141,6 +142,7 @@ class FusedMoE(nn.Module):
             raise ValueError(f"overlap_shared_experts needs a CUDA device (a side stream), not {dev}")
         self._side_stream = torch.cuda.Stream(dev) if self.overlap_shared_experts and moe.num_shared_experts else None
         self._loader = LayerLoader(self)
+        self._op_key = register_layer(self)
 
     def _allocate_weights(self, cfg: LayerConfig, dev: torch.device) -> None:
         """The routed experts' tensors as the weight format stores them (w13, w2, their scales
@@ -236,7 +238,20 @@ class FusedMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``hidden_states [T, H]`` in ``moe.dtype`` on the layer's device -> ``[T, H]``; ``input_ids
-        [T]``: the tokens' ids, which a layer routed by token id (``moe.hash_routing``) needs."""
+        [T]``: the tokens' ids, which a layer routed by token id (``moe.hash_routing``) needs. Under
+        ``torch.compile`` the call is one registered op (:mod:`moe_kernels.model.ops`); a hash-routed
+        call is traced through instead."""
+        if torch.compiler.is_compiling() and input_ids is None:
+            return torch.ops.moe_kernels.fused_moe_layer(hidden_states, self._op_key)
+        return self.forward_eager(hidden_states, input_ids)
+
+    def __setstate__(self, state: dict) -> None:
+        # a copy (deepcopy, unpickling) is another layer: its own key for the registered op
+        super().__setstate__(state)
+        self._op_key = register_layer(self)
+
+    def forward_eager(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward` without the op boundary (the op's implementation)."""
         moe = self.cfg.moe
         self._check_loaded()
         hidden_states = expect_tensor("hidden_states", hidden_states)

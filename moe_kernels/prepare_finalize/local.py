@@ -28,6 +28,7 @@ from moe_kernels.core.contract import (
     Workspace,
     WorkspaceSpec,
     align_up,
+    expected_rows_per_expert,
 )
 from moe_kernels.core.placement import choose_slots, slots_to_local
 from moe_kernels.mlp.act_quant import scale_view
@@ -174,8 +175,7 @@ class LocalMaskedPrepareAndFinalize(_Local[MaskedRoute]):
         quant = self.format.act_quant
         scale = None if quant is None else scale_view(workspace["masked_x_scale"])
         scatter_rows(x, layout.dst_row, masked_x, scale_out=scale, group=quant.group if quant is not None else 1)
-        t, k = ids.shape
-        expected_m = max(1, min(capacity, -(-t * k // e)))
+        expected_m = expected_rows_per_expert(*ids.shape, e, capacity)
         tokens = MaskedTokens(masked_x, layout.counts, expected_m, scale)
         return PrepareResult(tokens, MaskedRoute(layout.dst_row, topk_weights, workspace["masked_out"]))
 

@@ -1,0 +1,1 @@
+"""Adapters to inference engines (docs/integration.md); each imports its engine lazily."""
