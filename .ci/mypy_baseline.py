@@ -10,6 +10,7 @@ while there are new errors (it writes the first one from scratch).
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -41,6 +42,9 @@ def read_baseline() -> Counter[str]:
 
 
 def main(argv: list[str]) -> int:
+    if importlib.util.find_spec("mypy") is None:  # `python -m mypy` would exit 1, as if it found errors
+        print("mypy is not installed: pip install -e '.[dev]'", file=sys.stderr)
+        return 2
     run = subprocess.run([sys.executable, "-m", "mypy"], capture_output=True, text=True)
     if run.returncode not in (0, 1):  # 2: mypy itself failed (bad config, crash)
         print(run.stdout + run.stderr, file=sys.stderr)

@@ -38,6 +38,7 @@ from moe_kernels.core.contract import (
     expected_rows_per_expert,
 )
 from moe_kernels.core.placement import map_expert_ids
+from moe_kernels.mlp.activations import Activation
 from moe_kernels.mlp.weights import ExpertWeights
 from moe_kernels.model.ops import call_kernel, register_kernel
 from moe_kernels.selection.select import select
@@ -99,7 +100,7 @@ def local_layer_config(moe_config: Any, quant_config: Any = None, *, max_tokens:
         hidden_size=moe_config.hidden_dim,
         intermediate_size=moe_config.intermediate_size_per_partition,
         dtype=moe_config.in_dtype,
-        activation=_activation_name(moe_config.activation),
+        activation=Activation(_activation_name(moe_config.activation)),
     )
     parallel = ParallelConfig(max_tokens_per_rank=max_tokens or moe_config.max_num_tokens)
     return LayerConfig(moe=moe, parallel=parallel, quant=quant_config_of(quant_config))
@@ -207,8 +208,9 @@ class _ExpertsAdapter:
             ctx = layer_context(cfg, device=moe_config.device)
         except ValueError as e:
             return False, str(e)
-        failed = _failures(cls.part_type().checks(ctx))
-        return (False, f"{cls.part_type.__name__}: {failed}") if failed else (True, None)
+        part_type = cls.part_type  # type: ignore[attr-defined]  # set by experts_class through type()
+        failed = _failures(part_type().checks(ctx))
+        return (False, f"{part_type.__name__}: {failed}") if failed else (True, None)
 
     # --- the call --------------------------------------------------------------------------
 
@@ -251,19 +253,19 @@ class _ExpertsAdapter:
         if _activation_name(activation) != self.ctx.mlp.activation.kind:
             raise ValueError(f"activation: called with {activation}, built for {self.ctx.mlp.activation.kind}")
         if self.part.input_layout is Layout.STANDARD:
-            weights = torch.ones_like(topk_weights) if apply_router_weight_on_input else topk_weights
+            routed = torch.ones_like(topk_weights) if apply_router_weight_on_input else topk_weights
             tokens: StandardTokens | MaskedTokens = StandardTokens(
-                hidden_states, map_expert_ids(topk_ids, expert_map), weights.float(), x_scale=a1q_scale
+                hidden_states, map_expert_ids(topk_ids, expert_map), routed.float(), x_scale=a1q_scale
             )
         else:
             e, capacity, _ = hidden_states.shape
-            expected = expected_rows_per_expert(*topk_ids.shape, e, capacity)
+            expected = expected_rows_per_expert(topk_ids.shape[0], topk_ids.shape[1], e, capacity)
             # vLLM's naive batched P/F sizes its counts by the global expert count: the first E_local are ours
             counts = expert_tokens_meta.expert_num_tokens[:e].to(torch.int32)
             tokens = MaskedTokens(hidden_states, counts, expected, a1q_scale)
         specs = self.part.workspace_specs(self.ctx, tokens.num_rows)
         workspace = self.workspaces.get(specs, hidden_states.device)
-        weights = ExpertWeights(w1, w2, *_weight_scales(self.quant_config), format=self.ctx.mlp.weights)
+        weights = ExpertWeights(w1, w2, *_weight_scales(self.quant_config), format=self.ctx.mlp.weights)  # type: ignore[attr-defined]  # quant_config: vLLM's base sets it
         self.part.apply(tokens, weights, output, workspace)
 
 
@@ -416,7 +418,7 @@ def fused_experts(
         hidden_size=h,
         intermediate_size=rows // 2 if name != "relu2" else rows,
         dtype=hidden_states.dtype,
-        activation=name,
+        activation=Activation(name),
     )
     max_tokens = 1 << max(t - 1, 0).bit_length()
     cfg = LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=max_tokens), quant=quant)

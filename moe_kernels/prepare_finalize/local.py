@@ -175,7 +175,7 @@ class LocalMaskedPrepareAndFinalize(_Local[MaskedRoute]):
         quant = self.format.act_quant
         scale = None if quant is None else scale_view(workspace["masked_x_scale"])
         scatter_rows(x, layout.dst_row, masked_x, scale_out=scale, group=quant.group if quant is not None else 1)
-        expected_m = expected_rows_per_expert(*ids.shape, e, capacity)
+        expected_m = expected_rows_per_expert(ids.shape[0], ids.shape[1], e, capacity)
         tokens = MaskedTokens(masked_x, layout.counts, expected_m, scale)
         return PrepareResult(tokens, MaskedRoute(layout.dst_row, topk_weights, workspace["masked_out"]))
 
