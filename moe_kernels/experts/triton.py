@@ -24,7 +24,7 @@ from moe_kernels.core.contract import (
     WorkspaceSpec,
 )
 from moe_kernels.experts.common import GroupedGemm, contiguous_workspace, masked_workspace, run_contiguous, run_masked
-from moe_kernels.mlp.formats import Dense, Fp8Block
+from moe_kernels.mlp.formats import FP8_FORMATS, Dense, Fp8Scaled, WeightFormat
 from moe_kernels.mlp.spec import ExpertMLP
 from moe_kernels.mlp.weights import ExpertWeights
 
@@ -53,6 +53,13 @@ class TritonPart(PermuteExpertsUnpermute):
         return 50.0, "Triton grouped GEMM with the activation fused into GEMM1 (portable fallback)"
 
 
+def _scale_block(fmt: WeightFormat | None, w: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """The kernels' ``b_scale_block`` of ``w [E, N, K]`` stored as ``fmt`` (nothing unquantized)."""
+    if not isinstance(fmt, Fp8Scaled):
+        return {}
+    return {"b_scale_block": fmt.scale_block(w.shape[1], w.shape[2])}
+
+
 def _triton_contiguous(
     a: torch.Tensor,
     a_scale: torch.Tensor | None,
@@ -62,16 +69,18 @@ def _triton_contiguous(
     grouped_layout: torch.Tensor,
     *,
     mlp: ExpertMLP | None = None,
+    fmt: WeightFormat | None = None,
 ) -> None:
     """The Triton grouped GEMM as a :data:`~moe_kernels.experts.common.GroupedGemm` (``mlp``: fuse
-    its activation)."""
+    its activation; ``fmt``: how ``w`` is stored, bind it with ``functools.partial``)."""
     from moe_kernels.kernels import grouped_gemm_contiguous
     from moe_kernels.kernels.grouped_gemm import BLOCK_M
 
     activation = mlp.activation if mlp is not None else None
     grouped_gemm_contiguous(
-        a, w, grouped_layout, out, a_scale=a_scale, b_scale=w_scale, activation=activation, alignment=BLOCK_M
-    )
+        a, w, grouped_layout, out, a_scale=a_scale, b_scale=w_scale, activation=activation, alignment=BLOCK_M,
+        **_scale_block(fmt, w),
+    )  # fmt: skip
 
 
 def _triton_masked(
@@ -83,11 +92,14 @@ def _triton_masked(
     counts: torch.Tensor,
     *,
     mlp: ExpertMLP | None = None,
+    fmt: WeightFormat | None = None,
 ) -> None:
     from moe_kernels.kernels import grouped_gemm_masked
 
     activation = mlp.activation if mlp is not None else None
-    grouped_gemm_masked(a, w, counts, out, a_scale=a_scale, b_scale=w_scale, activation=activation)
+    grouped_gemm_masked(
+        a, w, counts, out, a_scale=a_scale, b_scale=w_scale, activation=activation, **_scale_block(fmt, w)
+    )
 
 
 def _fused_gemm1(mlp: ExpertMLP, gemm: GroupedGemm) -> GroupedGemm | None:
@@ -109,7 +121,7 @@ class TritonExperts(TritonPart):
     """
 
     input_layout = Layout.STANDARD
-    weight_formats = (Dense, Fp8Block)
+    weight_formats = (Dense, *FP8_FORMATS)
 
     def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
         from moe_kernels.kernels.grouped_gemm import BLOCK_M
@@ -124,8 +136,8 @@ class TritonExperts(TritonPart):
         from moe_kernels.kernels.grouped_gemm import BLOCK_M
 
         mlp = self.ctx.mlp
-        fused = _fused_gemm1(mlp, _triton_contiguous)
-        run_contiguous(tokens, weights, out, workspace, mlp, BLOCK_M, _triton_contiguous, fused)
+        gemm = functools.partial(_triton_contiguous, fmt=mlp.weights)
+        run_contiguous(tokens, weights, out, workspace, mlp, BLOCK_M, gemm, _fused_gemm1(mlp, gemm))
 
 
 class MaskedTritonExperts(TritonPart):
@@ -134,7 +146,7 @@ class MaskedTritonExperts(TritonPart):
     sync: capturable in CUDA graphs."""
 
     input_layout = Layout.MASKED
-    weight_formats = (Dense, Fp8Block)
+    weight_formats = (Dense, *FP8_FORMATS)
 
     def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
         mlp, e = ctx.mlp, ctx.placement.num_local_experts
@@ -149,10 +161,11 @@ class MaskedTritonExperts(TritonPart):
         mlp = self.ctx.mlp
         if (tokens.x_scale is None) != (mlp.act_quant is None):
             raise ValueError(f"{self.name}: the layer wants {mlp.describe()}; got {tokens.x.dtype} tokens")
-        fused = _fused_gemm1(mlp, _triton_masked)
+        gemm = functools.partial(_triton_masked, fmt=mlp.weights)
+        fused = _fused_gemm1(mlp, gemm)
         if fused is None:
-            run_masked(tokens.x, tokens.x_scale, tokens.counts, weights, out, workspace, mlp, _triton_masked)
+            run_masked(tokens.x, tokens.x_scale, tokens.counts, weights, out, workspace, mlp, gemm)
             return
         act = workspace["activation"]
         fused(tokens.x, None, weights.w13, None, act, tokens.counts)
-        _triton_masked(act, None, weights.w2, None, out, tokens.counts)
+        gemm(act, None, weights.w2, None, out, tokens.counts)

@@ -8,8 +8,9 @@ One Triton kernel serves both token layouts produced by :mod:`.permute` and both
   must start on a multiple of BLOCK_M (``alignment % block_m == 0``).
 * masked: ``a [E, M, K]`` holds ``counts[e]`` valid rows per expert.
 * fp8 (``a_scale``/``b_scale`` given): ``a`` float8_e4m3fn with one float32 scale per row and 128
-  columns, ``b [E, N, K]`` float8_e4m3fn with one per 128 x 128 block; per 128-wide K block the
-  fp8 tile product is accumulated in fp32 times ``a_scale[row, kb] * b_scale[e, nb, kb]``.
+  columns, ``b [E, N, K]`` float8_e4m3fn with one per ``b_scale_block = (bn, bk)`` block: 128 x 128
+  (DeepSeek-V3), ``(1, K)`` (one per output channel) or ``(N, K)`` (one per tensor); per K tile
+  the fp8 tile product is accumulated in fp32 times ``a_scale[row, kb] * b_scale[e, n // bn, k // bk]``.
 
 With ``activation`` the weight ``b [E, 2I, K]`` stacks gate rows over up rows; each program
 accumulates the gate and the up tile of the same output columns and writes ``act(gate, up)``
@@ -43,6 +44,17 @@ NUM_STAGES = 3
 
 
 @triton.jit
+def weight_scale(scale_ptrs, kb, stride_k, col_ok, PER_COLUMN: tl.constexpr):
+    """The weight scales of a K tile in scale column ``kb``: ``[1, BLOCK_N]`` from per-column
+    pointers (``PER_COLUMN``), or one scalar when the whole N tile shares a scale row."""
+    if PER_COLUMN:
+        scale = tl.load(scale_ptrs + kb * stride_k, mask=col_ok, other=0.0)[None, :]
+    else:
+        scale = tl.load(scale_ptrs + kb * stride_k)
+    return scale
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     a_ptr,
     b_ptr,
@@ -63,8 +75,11 @@ def _grouped_gemm_kernel(
     stride_bse,
     stride_bsn,
     stride_bsk,
+    scale_bn,
+    scale_bk,
     MASKED: tl.constexpr,
     FP8: tl.constexpr,
+    SCALE_PER_COLUMN: tl.constexpr,
     FUSED: tl.constexpr,
     ACT_KIND: tl.constexpr,
     ACT_ALPHA: tl.constexpr,
@@ -111,8 +126,12 @@ def _grouped_gemm_kernel(
     # keeps it K-major, as fp8 wgmma wants).
     b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + cols[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
     if FP8:
-        # BLOCK_N divides the scale block, so the whole N tile shares one weight-scale row
-        b_scale_row = b_scale_ptr + expert.to(tl.int64) * stride_bse + (pid_n * BLOCK_N // _SCALE_BLOCK) * stride_bsn
+        # Without SCALE_PER_COLUMN the whole N tile lies in one scale row (BLOCK_N divides bn).
+        b_scale_base = b_scale_ptr + expert.to(tl.int64) * stride_bse
+        if SCALE_PER_COLUMN:
+            b_scale_ptrs = b_scale_base + (cols // scale_bn) * stride_bsn
+        else:
+            b_scale_ptrs = b_scale_base + (pid_n * BLOCK_N // scale_bn) * stride_bsn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_dim, BLOCK_K):
@@ -127,12 +146,12 @@ def _grouped_gemm_kernel(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         if FP8:
-            # BLOCK_K divides the scale block, so the K tile lies in one scale block. A fresh
-            # partial per K tile: Hopper's fp8 tensor-core accumulation is not full fp32, so it is
-            # promoted into the fp32 accumulator at least once per scale block (as DeepGEMM).
-            kb = k0 // _SCALE_BLOCK
-            a_scale = tl.load(a_scale_ptr + scale_rows + kb * stride_ask, mask=row_ok, other=0.0)
-            b_scale = tl.load(b_scale_row + kb * stride_bsk)
+            # BLOCK_K divides the activation group and the weight's scale block, so the K tile
+            # lies in one of each. A fresh partial per K tile: Hopper's fp8 tensor-core
+            # accumulation is not full fp32, so it is promoted into the fp32 accumulator at least
+            # once per scale block (as DeepGEMM).
+            a_scale = tl.load(a_scale_ptr + scale_rows + (k0 // _SCALE_BLOCK) * stride_ask, mask=row_ok, other=0.0)
+            b_scale = weight_scale(b_scale_ptrs, k0 // scale_bk, stride_bsk, col_ok, SCALE_PER_COLUMN)
             acc += tl.dot(a, b, input_precision=INPUT_PRECISION) * (a_scale[:, None] * b_scale)
         else:
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -158,6 +177,7 @@ def _check_operands(
     b: torch.Tensor,
     b_scale: torch.Tensor | None,
     activation: Activation | None,
+    b_scale_block: tuple[int, int] = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK),
 ) -> int:
     """Validate ``b [E, N, K]`` (and the scales) against ``a``; return the output width."""
     quantized = a_scale is not None
@@ -169,7 +189,7 @@ def _check_operands(
         scale_shape = (*a.shape[:-1], triton.cdiv(a.shape[-1], fp8.SCALE_BLOCK))
         check_tensor("a_scale", a_scale, dtypes=(torch.float32,), shape=scale_shape, contiguous=False)
         e, n, k = b.shape
-        b_scale_shape = (e, triton.cdiv(n, fp8.SCALE_BLOCK), triton.cdiv(k, fp8.SCALE_BLOCK))
+        b_scale_shape = (e, triton.cdiv(n, b_scale_block[0]), triton.cdiv(k, b_scale_block[1]))
         check_tensor("b_scale", b_scale, dtypes=(torch.float32,), shape=b_scale_shape, contiguous=False)
         if activation is not None:
             raise ValueError("activation: fp8 operands take the activation as a kernel of its own (GEMM2 input)")
@@ -185,6 +205,39 @@ def _check_operands(
     return b.shape[1]
 
 
+def _scale_args(
+    a_scale: torch.Tensor | None,
+    b_scale: torch.Tensor | None,
+    b_scale_block: tuple[int, int],
+    *,
+    masked: bool,
+    k_dim: int,
+    block_n: int,
+    block_k: int,
+) -> dict[str, object]:
+    """The kernel's scale arguments: strides, the weight's scale block and whether an N tile
+    needs a scale per column; checks that a K tile lies in one activation group and one weight
+    scale block."""
+    if a_scale is None or b_scale is None:
+        return {"a_scale_strides": (0, 0, 0), "b_scale_strides": (0, 0, 0), "scale_bn": 1, "scale_bk": 1,
+                "SCALE_PER_COLUMN": False}  # fmt: skip
+    bn, bk = b_scale_block
+    if block_k < 16 or fp8.SCALE_BLOCK % block_k or (bk % block_k and bk < k_dim):
+        raise ValueError(
+            f"block_k: expected a divisor of {fp8.SCALE_BLOCK} (the activation group) and of the weight's scale "
+            f"block {bk} (or a block spanning K = {k_dim}), >= 16; got {block_k}"
+        )
+    if block_n < 16:
+        raise ValueError(f"block_n: expected >= 16, got {block_n}")
+    return {
+        "a_scale_strides": a_scale.stride() if masked else (0, a_scale.stride(0), a_scale.stride(1)),
+        "b_scale_strides": b_scale.stride(),
+        "scale_bn": bn,
+        "scale_bk": bk,
+        "SCALE_PER_COLUMN": bn % block_n != 0,
+    }
+
+
 def _launch(
     a: torch.Tensor,
     a_scale: torch.Tensor | None,
@@ -193,6 +246,7 @@ def _launch(
     out: torch.Tensor,
     group: torch.Tensor,
     *,
+    b_scale_block: tuple[int, int],
     masked: bool,
     num_row_tiles: int,
     rows_per_group: int,
@@ -206,24 +260,14 @@ def _launch(
 ) -> None:
     fp8_operands = a_scale is not None
     block_k = BLOCK_K[fp8_operands] if block_k is None else block_k
-    if fp8_operands:
-        for name, value in (("block_n", block_n), ("block_k", block_k)):
-            if value < 16 or fp8.SCALE_BLOCK % value:
-                raise ValueError(f"{name}: expected a divisor of {fp8.SCALE_BLOCK} that is >= 16, got {value}")
+    k_dim = a.shape[-1]
+    scales = _scale_args(a_scale, b_scale, b_scale_block, masked=masked, k_dim=k_dim, block_n=block_n, block_k=block_k)
     if num_row_tiles == 0 or n_out == 0:
         return
     fused = activation is not None and activation.gated
     if num_warps is None:
         # Two fp32 accumulators per program need twice the registers: spread them over 8 warps.
         num_warps = 8 if fused else 4
-    k_dim = a.shape[-1]
-    if masked and a_scale is not None:
-        a_scale_strides = a_scale.stride()
-    elif a_scale is not None:
-        a_scale_strides = (0, a_scale.stride(0), a_scale.stride(1))
-    else:
-        a_scale_strides = (0, 0, 0)
-    b_scale_strides = b_scale.stride() if b_scale is not None else (0, 0, 0)
     _grouped_gemm_kernel[(num_row_tiles, triton.cdiv(n_out, block_n))](
         a,
         b,
@@ -239,8 +283,9 @@ def _launch(
         b.stride(1),
         # Offset of the up rows from the gate rows, precomputed so the product is 64-bit on host.
         n_out * b.stride(1),
-        *a_scale_strides,
-        *b_scale_strides,
+        *scales.pop("a_scale_strides"),
+        *scales.pop("b_scale_strides"),
+        **scales,
         MASKED=masked,
         FP8=fp8_operands,
         FUSED=fused,
@@ -265,6 +310,7 @@ def grouped_gemm_contiguous(
     *,
     a_scale: torch.Tensor | None = None,
     b_scale: torch.Tensor | None = None,
+    b_scale_block: tuple[int, int] = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK),
     activation: Activation | None = None,
     alignment: int | None = None,
     block_m: int = BLOCK_M,
@@ -286,18 +332,20 @@ def grouped_gemm_contiguous(
         grouped_layout: ``[R] int32``, expert of each row, ``-1`` = skip.
         out: ``[R, N]`` (``[R, N/2]`` with a gated ``activation``), bf16/fp16/fp32, contiguous.
         a_scale: fp8: ``[R, ceil(K/128)]`` float32 per-token-group scales, any strides.
-        b_scale: fp8: ``[E, ceil(N/128), ceil(K/128)]`` float32 block scales, any strides.
+        b_scale: fp8: ``[E, ceil(N/bn), ceil(K/bk)]`` float32 scales, any strides.
+        b_scale_block: ``(bn, bk)``, the weight rows and columns one scale covers
+            (:meth:`moe_kernels.mlp.formats.Fp8Scaled.scale_block`).
         activation: fuse it: ``b``'s N = 2I rows are gate then up; write ``act(a @ gate.T,
             a @ up.T)`` (bf16/fp16/fp32 only).
         alignment: the layout's alignment, if known; checked to be a multiple of ``block_m``.
-        block_m, block_n, block_k, num_warps, num_stages: Triton tiling (fp8: ``block_n`` and
-            ``block_k`` divide 128 so a tile lies in one scale block); ``block_k=None`` is 64
+        block_m, block_n, block_k, num_warps, num_stages: Triton tiling (fp8: ``block_k``
+            divides 128 and ``bk`` so a K tile lies in one scale block); ``block_k=None`` is 64
             (128 for fp8), ``num_warps=None`` 4 (8 when fused).
 
     Returns:
         ``out``.
     """
-    n_out = _check_operands(a, a_scale, b, b_scale, activation)
+    n_out = _check_operands(a, a_scale, b, b_scale, activation, b_scale_block)
     if a.dim() != 2:
         raise ValueError(f"a: expected a 2-D tensor [R, K], got shape {list(a.shape)}")
     num_rows = a.shape[0]
@@ -307,7 +355,7 @@ def grouped_gemm_contiguous(
     if alignment is not None and alignment % block_m:
         raise ValueError(f"alignment: expected a multiple of block_m = {block_m}, got {alignment}")
     _launch(
-        a, a_scale, b, b_scale, out, grouped_layout,
+        a, a_scale, b, b_scale, out, grouped_layout, b_scale_block=b_scale_block,
         masked=False, num_row_tiles=triton.cdiv(num_rows, block_m), rows_per_group=num_rows, n_out=n_out,
         activation=activation, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
         num_stages=num_stages,
@@ -323,6 +371,7 @@ def grouped_gemm_masked(
     *,
     a_scale: torch.Tensor | None = None,
     b_scale: torch.Tensor | None = None,
+    b_scale_block: tuple[int, int] = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK),
     activation: Activation | None = None,
     block_m: int = BLOCK_M,
     block_n: int = BLOCK_N,
@@ -340,13 +389,13 @@ def grouped_gemm_masked(
         b: ``[E, N, K]`` ``a``'s dtype, contiguous (fp8: with ``b_scale``).
         counts: ``[E] int32`` valid rows per expert (``MaskedLayout.counts``).
         out: ``[E, M, N]`` (``[E, M, N/2]`` with a gated ``activation``), bf16/fp16/fp32, contiguous.
-        a_scale, b_scale, activation, block_m, block_n, block_k, num_warps, num_stages: as in
+        a_scale, b_scale, b_scale_block, activation, block_m, block_n, block_k, num_warps, num_stages: as in
             :func:`grouped_gemm_contiguous`.
 
     Returns:
         ``out``.
     """
-    n_out = _check_operands(a, a_scale, b, b_scale, activation)
+    n_out = _check_operands(a, a_scale, b, b_scale, activation, b_scale_block)
     if a.dim() != 3:
         raise ValueError(f"a: expected a 3-D tensor [E, M, K], got shape {list(a.shape)}")
     num_experts, rows_per_group = a.shape[0], a.shape[1]
@@ -356,7 +405,7 @@ def grouped_gemm_masked(
     check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(num_experts, rows_per_group, n_out))
     check_same_device(a=a, b=b, a_scale=a_scale, b_scale=b_scale, counts=counts, out=out)
     _launch(
-        a, a_scale, b, b_scale, out, counts,
+        a, a_scale, b, b_scale, out, counts, b_scale_block=b_scale_block,
         masked=True, num_row_tiles=num_experts * triton.cdiv(rows_per_group, block_m), rows_per_group=rows_per_group,
         n_out=n_out, activation=activation, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
         num_stages=num_stages,

@@ -92,29 +92,45 @@ class Dense(WeightFormat):
         return _dt(self.dtype)
 
 
-@dataclass(frozen=True)
-class Fp8Block(WeightFormat):
-    """float8_e4m3fn values with one float32 scale per ``block`` (N x K) block; the real weight is
-    ``weight * scale`` blockwise (DeepSeek-V3's ``weight_scale_inv``)."""
+class Fp8Scaled(WeightFormat):
+    """float8_e4m3fn values with float32 scales on a grid of blocks: ``scale[i, j]`` multiplies
+    weight rows ``[i * bn, (i + 1) * bn)`` and columns ``[j * bk, (j + 1) * bk)``, where
+    ``(bn, bk) = scale_block(N, K)``. The kernels apply every fp8 format by this one rule; the
+    subclasses only choose the block."""
 
-    block: tuple[int, int] = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK)
-    kind: ClassVar[str] = "fp8_block"
     # Rounding activations to e4m3 (3 mantissa bits) moves each by up to 2^-4 of itself (about
     # 3.6 % standard deviation); that passes through two GEMMs and the activation, so a few
     # percent of the output's scale is expected and 0.1 of its maximum leaves room without
     # hiding a wrong row.
     tolerance: ClassVar[float] = 0.1
 
+    @abstractmethod
+    def scale_block(self, n: int, k: int) -> tuple[int, int]:
+        """``(bn, bk)``: the rows and columns of an ``[N, K]`` projection one scale covers."""
+
     def stored(self, n: int, k: int) -> StoredSpec:
-        bn, bk = self.block
+        bn, bk = self.scale_block(n, k)
         return {"weight": ((n, k), fp8.FP8_DTYPE), "scale": ((-(-n // bn), -(-k // bk)), torch.float32)}
 
     def dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return fp8.dequantize_blocks(tensors["weight"], tensors["scale"], self.block)
+        q = tensors["weight"]
+        return fp8.dequantize_blocks(q, tensors["scale"], self.scale_block(*q.shape[-2:]))
 
     def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        q, scale = fp8.quantize_blocks(w, self.block)
+        q, scale = fp8.quantize_blocks(w, self.scale_block(*w.shape[-2:]))
         return {"weight": q, "scale": scale}
+
+
+@dataclass(frozen=True)
+class Fp8Block(Fp8Scaled):
+    """One float32 scale per ``block`` (N x K) block; the real weight is ``weight * scale``
+    blockwise (DeepSeek-V3's ``weight_scale_inv``)."""
+
+    block: tuple[int, int] = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK)
+    kind: ClassVar[str] = "fp8_block"
+
+    def scale_block(self, n: int, k: int) -> tuple[int, int]:
+        return self.block
 
     @property
     def shard_multiple(self) -> tuple[int, int]:
@@ -130,3 +146,40 @@ class Fp8Block(WeightFormat):
 
     def describe(self) -> str:
         return f"fp8 e4m3, {self.block[0]}x{self.block[1]} block scales"
+
+
+@dataclass(frozen=True)
+class Fp8Channel(Fp8Scaled):
+    """One float32 scale per output row, ``scale [N, 1]`` (the compressed-tensors / ModelOpt
+    ``channel`` strategy's ``weight_scale``): the real weight is ``weight * scale`` row by row."""
+
+    kind: ClassVar[str] = "fp8_channel"
+
+    def scale_block(self, n: int, k: int) -> tuple[int, int]:
+        return 1, max(k, 1)
+
+    def describe(self) -> str:
+        return "fp8 e4m3, one scale per output channel"
+
+
+@dataclass(frozen=True)
+class Fp8Tensor(Fp8Scaled):
+    """One float32 scale per projection of an expert, ``scale [1, 1]`` (ModelOpt /
+    compressed-tensors ``tensor`` strategy). Gate and up, which checkpoints scale apart, share
+    w13's scale: loading requantizes both to the larger of their scales (as vLLM does), which
+    moves a value by at most half an e4m3 step of that scale."""
+
+    kind: ClassVar[str] = "fp8_tensor"
+
+    def scale_block(self, n: int, k: int) -> tuple[int, int]:
+        return max(n, 1), max(k, 1)
+
+    def rows(self, part: str, start: int, stop: int) -> slice:
+        return slice(start, stop) if part == "weight" else slice(0, 1)
+
+    def describe(self) -> str:
+        return "fp8 e4m3, one scale per tensor"
+
+
+#: the float8_e4m3fn formats, all applied by the rule of :meth:`Fp8Scaled.scale_block`
+FP8_FORMATS: tuple[type[Fp8Scaled], ...] = (Fp8Block, Fp8Channel, Fp8Tensor)

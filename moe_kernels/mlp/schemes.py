@@ -17,7 +17,7 @@ import torch
 
 from moe_kernels.mlp import fp8
 from moe_kernels.mlp.act_quant import ActQuant
-from moe_kernels.mlp.formats import Dense, Fp8Block, WeightFormat
+from moe_kernels.mlp.formats import Dense, Fp8Block, Fp8Channel, Fp8Tensor, WeightFormat
 
 Params = Mapping[str, Any]
 
@@ -71,6 +71,38 @@ def _check_fp8_block_layer(params: Params, dtype: torch.dtype, hidden: int, inte
         )
 
 
+def _check_act_group(params: Params) -> None:
+    if params["act_group"] != fp8.SCALE_BLOCK:
+        raise ValueError(
+            f"act_group must be {fp8.SCALE_BLOCK} (the only activation grouping the fp8 kernels implement); "
+            f"got {params['act_group']}"
+        )
+
+
+def _check_bf16_layer(name: str) -> Callable[[Params, torch.dtype, int, int], None]:
+    def check(params: Params, dtype: torch.dtype, hidden: int, inter: int) -> None:
+        if dtype != torch.bfloat16:
+            raise ValueError(f"{name} computes in bfloat16: moe.dtype must be bfloat16, got {_dtype_name(dtype)}")
+
+    return check
+
+
+def _fp8_scheme(name: str, weights: str, fmt: WeightFormat) -> Scheme:
+    """A scheme of fp8 weights scaled per ``weights`` and activations quantized per token and
+    ``act_group`` columns: a finer grouping than vLLM's per-token scale for these checkpoints (the
+    same quantize kernels and fp8 dispatch as the block scheme; a checkpoint's static
+    ``input_scale`` is not needed)."""
+    return Scheme(
+        name,
+        f"fp8 e4m3 weights with one float32 scale per {weights}, activations quantized per token and act_group "
+        "columns (compressed-tensors / ModelOpt FP8)",
+        ("act_group",),
+        lambda params, dtype: (fmt, ActQuant(group=params["act_group"])),
+        _check_act_group,
+        _check_bf16_layer(name),
+    )
+
+
 SCHEMES: dict[str, Scheme] = {
     scheme.name: scheme
     for scheme in (
@@ -94,5 +126,7 @@ SCHEMES: dict[str, Scheme] = {
             _check_fp8_block_params,
             _check_fp8_block_layer,
         ),
+        _fp8_scheme("fp8_w8a8_channel", "output channel", Fp8Channel()),
+        _fp8_scheme("fp8_w8a8_tensor", "expert projection", Fp8Tensor()),
     )
 }

@@ -1,0 +1,106 @@
+"""Weight formats beyond bf16 and 128x128-block fp8 on the CPU: fp8 with one scale per output
+channel or per tensor, through every Triton path (grouped GEMM, fused decode) and the plain loop.
+
+Every comparison is against a plain torch loop written here on the dequantized weights
+(``w_fp8 * scale``, expanded by hand from the format's description) and unquantized
+activations. Tolerance: rounding an activation to e4m3 (3 mantissa bits) moves it by at most
+2^-4 of itself, ~3.6 % standard deviation; a K-term dot product of such independent errors has
+a relative error of that size, and the output passes two GEMMs and the SiLU. We accept
+max|out - ref| <= 0.1 max|ref| and check the error is not tiny (the activations were quantized).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_kernels import (
+    FusedTritonExperts,
+    LayerConfig,
+    LocalPrepareAndFinalize,
+    MoEConfig,
+    ParallelConfig,
+    QuantConfig,
+    TritonExperts,
+    compose,
+)
+from moe_kernels.mlp.formats import Fp8Block, Fp8Channel, Fp8Tensor
+from moe_kernels.mlp.weights import ExpertWeights
+
+E, K, H, I = 4, 2, 128, 256  # noqa: E741
+FP8_MAX = 448.0
+
+
+def cfg_for(scheme: str) -> LayerConfig:
+    moe = MoEConfig(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, dtype=torch.bfloat16)
+    return LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=32), quant=QuantConfig(scheme=scheme))
+
+
+def float_weights(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, H, generator=gen) * H**-0.5
+    w2 = torch.randn(E, H, I, generator=gen) * I**-0.5
+    # rows of very different magnitudes: a per-channel scale must follow each row
+    w13 *= torch.linspace(0.1, 4.0, 2 * I)[None, :, None]
+    return w13, w2
+
+
+def fp8_per_rows(w: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The published recipe: scale = amax / 448 over each row (channel) or the whole [N, K]
+    tensor, q = round(w / scale) to e4m3; returns (q [E, N, K], scale [E, N or 1, 1])."""
+    amax = w.abs().amax(dim=-1, keepdim=True) if per_channel else w.abs().amax(dim=(-2, -1), keepdim=True)
+    scale = amax / FP8_MAX
+    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale.float()
+
+
+def routed(t: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, H, generator=gen).bfloat16()
+    ids = torch.rand(t, E, generator=gen).argsort(dim=1)[:, :K].to(torch.int32)
+    if t > 2:
+        ids[1, 1] = -1
+    return x, torch.rand(t, K, generator=gen), ids
+
+
+def loop_reference(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    """sum_k w[t, k] * w2[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t])), one slot at a time."""
+    out = torch.zeros(x.shape[0], H)
+    for t in range(x.shape[0]):
+        for k in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, k])
+            if e < 0:
+                continue
+            h = w13[e] @ x[t].float()
+            out[t] += topk_weights[t, k] * (w2[e] @ (torch.nn.functional.silu(h[:I]) * h[I:]))
+    return out
+
+
+SCHEMES = {"fp8_w8a8_channel": (Fp8Channel(), True), "fp8_w8a8_tensor": (Fp8Tensor(), False)}
+
+
+def test_schemes_build_their_formats() -> None:
+    assert cfg_for("fp8_w8a8_channel").mlp.weights == Fp8Channel()
+    assert cfg_for("fp8_w8a8_tensor").mlp.weights == Fp8Tensor()
+    assert Fp8Channel().stored(6, 5)["scale"] == ((6, 1), torch.float32)
+    assert Fp8Tensor().stored(6, 5)["scale"] == ((1, 1), torch.float32)
+    assert Fp8Block().stored(300, 130)["scale"] == ((3, 2), torch.float32)
+    with pytest.raises(ValueError, match="act_group must be 128"):
+        QuantConfig(scheme="fp8_w8a8_channel", act_group=64)
+
+
+@pytest.mark.parametrize("experts", [TritonExperts, FusedTritonExperts])
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("t", [1, 7])
+def test_fp8_row_scaled_experts_match_the_loop(scheme: str, experts: type, t: int) -> None:
+    fmt, per_channel = SCHEMES[scheme]
+    cfg = cfg_for(scheme)
+    w13, w2 = float_weights()
+    (q13, s13), (q2, s2) = fp8_per_rows(w13, per_channel), fp8_per_rows(w2, per_channel)
+    weights = ExpertWeights(q13, q2, s13[..., :1], s2[..., :1], format=fmt)
+    kernel = compose(LocalPrepareAndFinalize(), experts(), cfg, device="cpu")
+    x, tw, ids = routed(t)
+    out = kernel(x, weights, tw, ids)
+    ref = loop_reference(x, q13.float() * s13, q2.float() * s2, tw, ids)
+    err = (out.float() - ref).abs().max().item() / ref.abs().max().item()
+    assert err <= 0.1, err
+    assert err > 1e-4, "as close as an unquantized computation: were the activations quantized at all?"
