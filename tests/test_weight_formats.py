@@ -75,6 +75,32 @@ def loop_reference(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
     return out
 
 
+def fp8_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's recipe: one scale amax / 448 per block x block tile; returns (q, scale
+    [E, N/block, K/block]) and the per-element scales expanded for the reference."""
+    e, n, k = w.shape
+    tiles = w.view(e, n // block, block, k // block, block)
+    scale = tiles.abs().amax(dim=(2, 4)) / FP8_MAX
+    q = (tiles / scale[:, :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(e, n, k)
+    return q, scale.float()
+
+
+def expand_blocks(scale: torch.Tensor, block: int = 128) -> torch.Tensor:
+    return scale.repeat_interleave(block, 1).repeat_interleave(block, 2)
+
+
+def packed(scheme: str) -> tuple[ExpertWeights, torch.Tensor, torch.Tensor]:
+    """The weights stored as ``scheme`` says, and the float weights they stand for."""
+    w13, w2 = float_weights()
+    if scheme == "fp8_w8a8_block":
+        (q13, s13), (q2, s2) = fp8_blocks(w13), fp8_blocks(w2)
+        weights = ExpertWeights(q13, q2, s13, s2, format=Fp8Block())
+        return weights, q13.float() * expand_blocks(s13), q2.float() * expand_blocks(s2)
+    fmt, per_channel = SCHEMES[scheme]
+    (q13, s13), (q2, s2) = fp8_per_rows(w13, per_channel), fp8_per_rows(w2, per_channel)
+    return ExpertWeights(q13, q2, s13, s2, format=fmt), q13.float() * s13, q2.float() * s2
+
+
 SCHEMES = {"fp8_w8a8_channel": (Fp8Channel(), True), "fp8_w8a8_tensor": (Fp8Tensor(), False)}
 
 
@@ -89,18 +115,48 @@ def test_schemes_build_their_formats() -> None:
 
 
 @pytest.mark.parametrize("experts", [TritonExperts, FusedTritonExperts])
-@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("scheme", [*SCHEMES, "fp8_w8a8_block"])
 @pytest.mark.parametrize("t", [1, 7])
-def test_fp8_row_scaled_experts_match_the_loop(scheme: str, experts: type, t: int) -> None:
-    fmt, per_channel = SCHEMES[scheme]
+def test_fp8_experts_match_the_loop(scheme: str, experts: type, t: int) -> None:
     cfg = cfg_for(scheme)
-    w13, w2 = float_weights()
-    (q13, s13), (q2, s2) = fp8_per_rows(w13, per_channel), fp8_per_rows(w2, per_channel)
-    weights = ExpertWeights(q13, q2, s13[..., :1], s2[..., :1], format=fmt)
+    weights, w13, w2 = packed(scheme)
     kernel = compose(LocalPrepareAndFinalize(), experts(), cfg, device="cpu")
     x, tw, ids = routed(t)
     out = kernel(x, weights, tw, ids)
-    ref = loop_reference(x, q13.float() * s13, q2.float() * s2, tw, ids)
+    ref = loop_reference(x, w13, w2, tw, ids)
     err = (out.float() - ref).abs().max().item() / ref.abs().max().item()
     assert err <= 0.1, err
     assert err > 1e-4, "as close as an unquantized computation: were the activations quantized at all?"
+
+
+def test_fused_fp8_kernels_refuse_bad_scales_and_tiles() -> None:
+    from moe_kernels.kernels import FusedConfig, fused_experts, fused_workspace_shapes
+
+    weights, _, _ = packed("fp8_w8a8_channel")
+    x, tw, ids = routed(3)
+    shapes = fused_workspace_shapes(3, K, E, H, I, torch.bfloat16, 16)
+    workspace = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in shapes.items()}
+    tiles = FusedConfig(16, 32, 128, 4, 2)
+    blocks = ((1, H), (1, I))
+    call = {"workspace": workspace, "gemm1": tiles, "gemm2": tiles, "scale_blocks": blocks}
+    out = torch.empty(3, H, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"w13_scale: expected shape \[4, 512, 1\], got \[4, 1, 1\]"):
+        fused_experts(
+            x,
+            weights.w13,
+            weights.w2,
+            tw,
+            ids,
+            out,
+            w13_scale=weights.w13_scale[:, :1],
+            w2_scale=weights.w2_scale,
+            **call,
+        )
+    with pytest.raises(ValueError, match="config.block_k: .* expected 128, got 64"):
+        small_k = FusedConfig(16, 32, 64, 4, 2)
+        fused_experts(x, weights.w13, weights.w2, tw, ids, out, w13_scale=weights.w13_scale, w2_scale=weights.w2_scale,
+                      **{**call, "gemm1": small_k, "gemm2": small_k})  # fmt: skip
+    fp32 = {name: t.float() for name, t in workspace.items()}
+    with pytest.raises(TypeError, match="fp8 weights take bfloat16 activations, got float32"):
+        fused_experts(x.float(), weights.w13, weights.w2, tw, ids, out.float(), w13_scale=weights.w13_scale,
+                      w2_scale=weights.w2_scale, **{**call, "workspace": fp32})  # fmt: skip
