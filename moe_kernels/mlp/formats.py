@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from moe_kernels.mlp import fp8
+from moe_kernels.mlp import fp8, packed
 
 #: ``name -> (shape, dtype)`` of the tensors a format stores for one projection of one expert
 StoredSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -40,6 +40,8 @@ class WeightFormat(ABC):
     #: the largest ``max|out - ref| / max|ref|`` a layer on this format should show against the
     #: fp32 reference on the dequantized weights (the format's own rounding excluded)
     tolerance: ClassVar[float]
+    #: weight values per stored ``weight`` element along K (two 4-bit values per byte)
+    values_per_element: ClassVar[int] = 1
 
     @abstractmethod
     def stored(self, n: int, k: int) -> StoredSpec:
@@ -181,5 +183,84 @@ class Fp8Tensor(Fp8Scaled):
         return "fp8 e4m3, one scale per tensor"
 
 
+class Packed4Bit(WeightFormat):
+    """4-bit values two to a byte (``weight [N, K/2] uint8``, :mod:`moe_kernels.mlp.packed`) with
+    scales per row and ``group`` columns; activations stay in the layer dtype and the Triton
+    GEMMs dequantize tiles in their loads. Rows shard freely, columns on whole groups."""
+
+    # The kernels multiply bf16 activations by the dequantized weight rounded to bf16 (8 bits of
+    # mantissa), the reference by the float32 one: the bf16 budget of an unquantized layer.
+    tolerance: ClassVar[float] = 3e-2
+    values_per_element: ClassVar[int] = 2
+
+    @property
+    @abstractmethod
+    def group(self) -> int:
+        """Columns sharing a scale."""
+
+    @property
+    def shard_multiple(self) -> tuple[int, int]:
+        return 1, self.group
+
+
+@dataclass(frozen=True)
+class Int4Group(Packed4Bit):
+    """int4 with one float32 scale per row and ``group_size`` columns, symmetric (nibble - 8) or
+    with a uint8 zero point per group (``zero [N, K/group]``): GPTQ, AWQ and compressed-tensors
+    ``pack-quantized`` checkpoints, repacked at load."""
+
+    group_size: int = 128
+    symmetric: bool = True
+    kind: ClassVar[str] = "int4_group"
+
+    @property
+    def group(self) -> int:
+        return self.group_size
+
+    def stored(self, n: int, k: int) -> StoredSpec:
+        groups = -(-k // self.group_size)
+        spec: StoredSpec = {"weight": ((n, k // 2), torch.uint8), "scale": ((n, groups), torch.float32)}
+        if not self.symmetric:
+            spec["zero"] = ((n, groups), torch.uint8)
+        return spec
+
+    def dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        zero = None if self.symmetric else tensors["zero"]
+        return packed.dequantize_int4(tensors["weight"], tensors["scale"], zero, self.group_size)
+
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        return packed.quantize_int4(w, self.group_size, self.symmetric)
+
+    def describe(self) -> str:
+        zeros = "symmetric" if self.symmetric else "zero points"
+        return f"int4, group {self.group_size} scales, {zeros}"
+
+
+@dataclass(frozen=True)
+class Mxfp4(Packed4Bit):
+    """mxfp4 (OCP microscaling): e2m1 values with one e8m0 scale byte per row and 32 columns
+    (``scale [N, K/32] uint8``, ``2^(s - 127)``): gpt-oss's ``*_blocks``/``*_scales``."""
+
+    kind: ClassVar[str] = "mxfp4"
+
+    @property
+    def group(self) -> int:
+        return packed.MXFP4_GROUP
+
+    def stored(self, n: int, k: int) -> StoredSpec:
+        return {"weight": ((n, k // 2), torch.uint8), "scale": ((n, -(-k // self.group)), torch.uint8)}
+
+    def dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return packed.dequantize_mxfp4(tensors["weight"], tensors["scale"])
+
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        return packed.quantize_mxfp4(w)
+
+    def describe(self) -> str:
+        return "mxfp4 (e2m1, e8m0 scales per 32)"
+
+
 #: the float8_e4m3fn formats, all applied by the rule of :meth:`Fp8Scaled.scale_block`
 FP8_FORMATS: tuple[type[Fp8Scaled], ...] = (Fp8Block, Fp8Channel, Fp8Tensor)
+#: the 4-bit weight-only formats, dequantized inside the Triton GEMMs' loads
+PACKED_FORMATS: tuple[type[Packed4Bit], ...] = (Int4Group, Mxfp4)

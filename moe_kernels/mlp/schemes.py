@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from moe_kernels.mlp import fp8
+from moe_kernels.mlp import fp8, packed
 from moe_kernels.mlp.act_quant import ActQuant
-from moe_kernels.mlp.formats import Dense, Fp8Block, Fp8Channel, Fp8Tensor, WeightFormat
+from moe_kernels.mlp.formats import Dense, Fp8Block, Fp8Channel, Fp8Tensor, Int4Group, Mxfp4, WeightFormat
 
 Params = Mapping[str, Any]
 
@@ -103,6 +103,29 @@ def _fp8_scheme(name: str, weights: str, fmt: WeightFormat) -> Scheme:
     )
 
 
+def _check_group_size(params: Params) -> None:
+    group = params["group_size"]
+    if group < 16 or group & (group - 1):
+        # a K tile of the GEMMs must lie in one group: a power of two >= their smallest tile
+        raise ValueError(f"group_size must be a power of two >= 16; got {group}")
+
+
+def _check_groups_divide(
+    name: str, group_of: Callable[[Params], int]
+) -> Callable[[Params, torch.dtype, int, int], None]:
+    def check(params: Params, dtype: torch.dtype, hidden: int, inter: int) -> None:
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"{name} computes in bf16/fp16: moe.dtype must be one of them, got {_dtype_name(dtype)}")
+        group = group_of(params)
+        bad = [f"{n}={v}" for n, v in (("hidden_size", hidden), ("intermediate_size", inter)) if v % group]
+        if bad:
+            raise ValueError(
+                f"{name} needs hidden_size and intermediate_size multiples of its group {group}; got {', '.join(bad)}"
+            )
+
+    return check
+
+
 SCHEMES: dict[str, Scheme] = {
     scheme.name: scheme
     for scheme in (
@@ -128,5 +151,22 @@ SCHEMES: dict[str, Scheme] = {
         ),
         _fp8_scheme("fp8_w8a8_channel", "output channel", Fp8Channel()),
         _fp8_scheme("fp8_w8a8_tensor", "expert projection", Fp8Tensor()),
+        Scheme(
+            "int4_w4a16",
+            "int4 weights with one float32 scale (and, not symmetric, a zero point) per row and group_size columns, "
+            "activations in moe.dtype (GPTQ, AWQ, compressed-tensors pack-quantized)",
+            ("group_size", "symmetric"),
+            lambda params, dtype: (Int4Group(params["group_size"], params["symmetric"]), None),
+            _check_group_size,
+            _check_groups_divide("int4_w4a16", lambda params: params["group_size"]),
+        ),
+        Scheme(
+            "mxfp4",
+            "mxfp4 weights (e2m1, one e8m0 scale per 32 columns), activations in moe.dtype (gpt-oss)",
+            (),
+            lambda params, dtype: (Mxfp4(), None),
+            _no_params,
+            _check_groups_divide("mxfp4", lambda params: packed.MXFP4_GROUP),
+        ),
     )
 }

@@ -25,8 +25,10 @@ class ExpertWeights:
     (:class:`~moe_kernels.mlp.formats.Dense`), or float8_e4m3fn with float32 block scales
     ``w13_scale [E_local, ceil(2I/128), ceil(H/128)]``, ``w2_scale [E_local, ceil(H/128),
     ceil(I/128)]`` (:class:`~moe_kernels.mlp.formats.Fp8Block`: the real weight is ``w * scale``
-    blockwise, DeepSeek-V3's ``weight_scale_inv``). ``format`` defaults to what the tensors are:
-    dense without scales, fp8 blocks with them.
+    blockwise, DeepSeek-V3's ``weight_scale_inv``), or any other format's tensors (``*_scale``
+    and ``*_zero`` as :meth:`~moe_kernels.mlp.formats.WeightFormat.stored` names them: e.g. int4
+    ``w13 [E_local, 2I, H/2] uint8`` with ``w13_scale [E_local, 2I, H/group]``). ``format``
+    defaults to what the tensors are: dense without scales, fp8 blocks with them.
     """
 
     w13: torch.Tensor
@@ -34,6 +36,8 @@ class ExpertWeights:
     w13_scale: torch.Tensor | None = None
     w2_scale: torch.Tensor | None = None
     format: WeightFormat | None = None
+    w13_zero: torch.Tensor | None = None
+    w2_zero: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.format is None:
@@ -58,7 +62,7 @@ class ExpertWeights:
 
     @property
     def inter(self) -> int:
-        return self.w2.shape[2]
+        return self.w2.shape[2] * self.weight_format.values_per_element
 
     @property
     def is_quantized(self) -> bool:
@@ -69,11 +73,11 @@ class ExpertWeights:
         return self.w13.device
 
     def tensors(self, projection: str) -> dict[str, torch.Tensor | None]:
-        """``{"weight": ..., "scale": ...}`` of ``"w13"`` or ``"w2"`` (all experts)."""
+        """``{"weight": ..., "scale": ..., "zero": ...}`` of ``"w13"`` or ``"w2"`` (all experts)."""
         if projection == "w13":
-            return {"weight": self.w13, "scale": self.w13_scale}
+            return {"weight": self.w13, "scale": self.w13_scale, "zero": self.w13_zero}
         if projection == "w2":
-            return {"weight": self.w2, "scale": self.w2_scale}
+            return {"weight": self.w2, "scale": self.w2_scale, "zero": self.w2_zero}
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
 
     def check(self, mlp: ExpertMLP, num_experts: int, device: torch.device) -> None:
@@ -105,14 +109,16 @@ class ExpertWeights:
         return out[0], out[1]
 
     def nbytes(self) -> int:
-        tensors = (self.w13, self.w2, self.w13_scale, self.w2_scale)
+        tensors = (self.w13, self.w2, self.w13_scale, self.w2_scale, self.w13_zero, self.w2_zero)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def quantize_weights(w13: torch.Tensor, w2: torch.Tensor, fmt: WeightFormat) -> ExpertWeights:
     """Float ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` stored as ``fmt`` (setup time, plain torch)."""
     q13, q2 = fmt.quantize(w13), fmt.quantize(w2)
-    return ExpertWeights(q13["weight"], q2["weight"], q13.get("scale"), q2.get("scale"), format=fmt)
+    return ExpertWeights(
+        q13["weight"], q2["weight"], q13.get("scale"), q2.get("scale"), fmt, q13.get("zero"), q2.get("zero")
+    )
 
 
 def _expect(name: str, t: object, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:

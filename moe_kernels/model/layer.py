@@ -115,6 +115,8 @@ class FusedMoE(nn.Module):
         # the routed experts' tensors, as the weight format stores them: w13, w2 and their scales
         self.w13_scale: nn.Parameter | None = None
         self.w2_scale: nn.Parameter | None = None
+        self.w13_zero: nn.Parameter | None = None
+        self.w2_zero: nn.Parameter | None = None
         for projection, stored in cfg.mlp.stored().items():
             for part, (shape, dtype) in stored.items():
                 setattr(self, _parameter_name(projection, part), _parameter((e_local, *shape), dtype, dev))
@@ -140,7 +142,8 @@ class FusedMoE(nn.Module):
 
     @property
     def weights(self) -> ExpertWeights:
-        return ExpertWeights(self.w13, self.w2, self.w13_scale, self.w2_scale, format=self.cfg.mlp.weights)
+        fmt = self.cfg.mlp.weights
+        return ExpertWeights(self.w13, self.w2, self.w13_scale, self.w2_scale, fmt, self.w13_zero, self.w2_zero)
 
     def parameter(self, projection: str, part: str) -> nn.Parameter:
         """The parameter holding stored tensor ``part`` (``"weight"``, ``"scale"``) of
