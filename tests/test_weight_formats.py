@@ -160,3 +160,75 @@ def test_fused_fp8_kernels_refuse_bad_scales_and_tiles() -> None:
     with pytest.raises(TypeError, match="fp8 weights take bfloat16 activations, got float32"):
         fused_experts(x.float(), weights.w13, weights.w2, tw, ids, out.float(), w13_scale=weights.w13_scale,
                       w2_scale=weights.w2_scale, **{**call, "workspace": fp32})  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- 4-bit formats
+
+
+def pack_low_first(u: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit values a byte, the even column in the low nibble (gpt-oss's ``*_blocks`` order)."""
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).to(torch.uint8)
+
+
+def int4_groups(w: torch.Tensor, group: int, symmetric: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """GPTQ's recipe per row and group: symmetric q = round(w / s) + 8 with s = amax / 7;
+    asymmetric s = (max - min) / 15, z = round(-min / s), q = clamp(round(w / s) + z, 0, 15).
+    Returns the packed tensors and the float weight they stand for."""
+    *lead, k = w.shape
+    g = w.reshape(*lead, k // group, group)
+    if symmetric:
+        s = g.abs().amax(-1) / 7
+        z = torch.full_like(s, 8)
+    else:
+        lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+        s = (hi - lo) / 15
+        z = (-lo / s).round()
+    q = ((g / s[..., None]).round() + z[..., None]).clamp(0, 15)
+    real = ((q - z[..., None]) * s[..., None]).reshape(w.shape)
+    tensors = {"weight": pack_low_first(q.reshape(w.shape).to(torch.uint8)), "scale": s.float()}
+    if not symmetric:
+        tensors["zero"] = z.to(torch.uint8)
+    return tensors, real
+
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def mxfp4_groups(w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """OCP MX: per 32 columns the exponent e = ceil(log2(amax / 6)) (stored e + 127), each value
+    the nearest of +-{0, .5, 1, 1.5, 2, 3, 4, 6} times 2^e (sign in bit 3)."""
+    *lead, k = w.shape
+    g = w.reshape(*lead, k // 32, 32)
+    e = torch.ceil(torch.log2(g.abs().amax(-1) / 6))
+    scaled = g / torch.exp2(e)[..., None]
+    idx = (scaled.abs()[..., None] - E2M1).abs().argmin(-1)
+    real = (torch.where(scaled < 0, -E2M1[idx], E2M1[idx]) * torch.exp2(e)[..., None]).reshape(w.shape)
+    nibble = (idx + 8 * (scaled < 0)).reshape(w.shape).to(torch.uint8)
+    return {"weight": pack_low_first(nibble), "scale": (e + 127).to(torch.uint8)}, real
+
+
+PACKED = {
+    "int4_sym": (QuantConfig(scheme="int4_w4a16", group_size=64), lambda w: int4_groups(w, 64, True)),
+    "int4_zero": (QuantConfig(scheme="int4_w4a16", symmetric=False), lambda w: int4_groups(w, 128, False)),
+    "mxfp4": (QuantConfig(scheme="mxfp4"), mxfp4_groups),
+}
+
+
+@pytest.mark.parametrize("experts", [FusedTritonExperts])
+@pytest.mark.parametrize("name", list(PACKED))
+@pytest.mark.parametrize("t", [1, 7])
+def test_packed_experts_match_the_loop(name: str, experts: type, t: int) -> None:
+    quant, pack = PACKED[name]
+    moe = MoEConfig(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, dtype=torch.bfloat16)
+    cfg = LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=32), quant=quant)
+    w13, w2 = float_weights()
+    (t13, real13), (t2, real2) = pack(w13), pack(w2)
+    weights = ExpertWeights(t13["weight"], t2["weight"], t13["scale"], t2["scale"], cfg.mlp.weights,
+                            t13.get("zero"), t2.get("zero"))  # fmt: skip
+    kernel = compose(LocalPrepareAndFinalize(), experts(), cfg, device="cpu")
+    x, tw, ids = routed(t)
+    out = kernel(x, weights, tw, ids)
+    ref = loop_reference(x, real13, real2, tw, ids)
+    # the kernels round each dequantized weight and the activation to bf16 (8 mantissa bits)
+    err = (out.float() - ref).abs().max().item() / ref.abs().max().item()
+    assert err <= 3e-2, err

@@ -33,7 +33,7 @@ from moe_kernels.core.contract import (
 from moe_kernels.core.tiles import HOPPER_SMS, default_configs
 from moe_kernels.experts.triton import TritonPart
 from moe_kernels.mlp import fp8
-from moe_kernels.mlp.formats import FP8_FORMATS, Dense, Fp8Scaled
+from moe_kernels.mlp.formats import FP8_FORMATS, PACKED_FORMATS, Dense, Fp8Scaled, Packed4Bit
 from moe_kernels.mlp.weights import ExpertWeights
 
 Tiles = tuple[Any, Any]  # (gemm1, gemm2) FusedConfig
@@ -50,7 +50,7 @@ class FusedTritonExperts(TritonPart):
     tokens takes the entry of the smallest T' >= T (:func:`moe_kernels.core.tuning.point_for`)."""
 
     input_layout = Layout.STANDARD
-    weight_formats = (Dense, *FP8_FORMATS)
+    weight_formats = (Dense, *FP8_FORMATS, *PACKED_FORMATS)
 
     def __init__(self, tiles: Mapping[int, Tiles] | None = None) -> None:
         self.tiles = dict(tiles) if tiles is not None else None
@@ -152,8 +152,16 @@ class FusedTritonExperts(TritonPart):
 
 
 def _scale_kwargs(weights: ExpertWeights) -> dict[str, Any]:
-    """``fused_experts``' fp8 arguments for these weights (none unquantized)."""
+    """``fused_experts``' fp8 or packed arguments for these weights (none unquantized)."""
+    from moe_kernels.kernels import PackedWeight
+
     fmt = weights.weight_format
+    if isinstance(fmt, Packed4Bit):
+        packed = (
+            PackedWeight(fmt.packing, fmt.group, weights.w13_zero),
+            PackedWeight(fmt.packing, fmt.group, weights.w2_zero),
+        )
+        return {"w13_scale": weights.w13_scale, "w2_scale": weights.w2_scale, "packed": packed}
     if not isinstance(fmt, Fp8Scaled):
         return {}
     blocks = (fmt.scale_block(*weights.w13.shape[1:]), fmt.scale_block(*weights.w2.shape[1:]))

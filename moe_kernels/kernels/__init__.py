@@ -5,7 +5,7 @@ Launch wrappers take tensors and plain numbers only; they never synchronise with
 """
 
 from .activation import activate
-from .fused_moe import FusedConfig, GatherLayout, fused_experts, fused_workspace_shapes, gather_layout
+from .fused_moe import FusedConfig, GatherLayout, PackedWeight, fused_experts, fused_workspace_shapes, gather_layout
 from .gather import weighted_gather
 from .grouped_gemm import grouped_gemm_contiguous, grouped_gemm_masked
 from .permute import (
@@ -26,6 +26,7 @@ __all__ = [
     "activate",
     "contiguous_layout",
     "contiguous_rows_bound",
+    "PackedWeight",
     "fused_experts",
     "fused_workspace_shapes",
     "gather_layout",

@@ -37,6 +37,7 @@ from moe_kernels.mlp.activations import SILU, Activation
 
 from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor, interpreting
 from .activation import apply_activation
+from .dequant import load_weight_tile, packed_constant
 from .gather import weighted_gather
 from .grouped_gemm import weight_scale
 from .permute import contiguous_rows_bound, contiguous_slot_rows
@@ -294,7 +295,11 @@ def _fused_gemm1_kernel(
     scale_bn,
     scale_bk,
     up_scale_offset,
+    w_zero_ptr,
     FP8: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    PACK: tl.constexpr,
     ACT_KIND: tl.constexpr,
     ACT_ALPHA: tl.constexpr,
     ACT_LIMIT: tl.constexpr,
@@ -324,19 +329,28 @@ def _fused_gemm1_kernel(
     a_ptrs = x_ptr + tokens[:, None] * stride_xm + offs_k[None, :]
     # w13 is [2I, H] per expert, H contiguous: a [BLOCK_K, BLOCK_N] tile of it is gate^T, so
     # tl.dot(a, tile) = a @ gate^T without a transpose.
-    gate_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    # (packed: byte k // 2 holds column k)
+    gate_ptrs = (
+        w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] // PACK
+    )
+    # the offsets of each output column's gate row scales (the up row's: + up_scale_offset)
+    scale_offs = expert.to(tl.int64) * stride_wse + (cols // scale_bn).to(tl.int64) * stride_wsn
     if FP8:
-        # the scales of each output column's gate row (the up row's: + up_scale_offset)
-        gate_scale_ptrs = w_scale_ptr + expert.to(tl.int64) * stride_wse + (cols // scale_bn) * stride_wsn
+        gate_scale_ptrs = w_scale_ptr + scale_offs
     gate_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     up_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_dim, BLOCK_K):
         k_ok = offs_k < k_dim - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_mask = k_ok[:, None] & col_ok[None, :]
-        # float `other`: the interpreter cannot cast the int 0 to fp8
-        gate = tl.load(gate_ptrs, mask=w_mask, other=0.0)
-        up = tl.load(gate_ptrs + up_offset, mask=w_mask, other=0.0)
+        k = k0 + offs_k
+        gate = load_weight_tile(gate_ptrs, w_mask, k, w_scale_ptr, w_zero_ptr, scale_offs, stride_wsk, scale_bk,
+                                PACKED, HAS_ZERO)  # fmt: skip
+        up = load_weight_tile(gate_ptrs + up_offset, w_mask, k, w_scale_ptr, w_zero_ptr, scale_offs + up_scale_offset,
+                              stride_wsk, scale_bk, PACKED, HAS_ZERO)  # fmt: skip
+        if PACKED:
+            gate = gate.to(x_ptr.dtype.element_ty)
+            up = up.to(x_ptr.dtype.element_ty)
         a, a_scale = _a_operand(a, w_ptr.dtype.element_ty, FP8, UPCAST)
         gate_scale = 1.0
         up_scale = 1.0
@@ -346,7 +360,7 @@ def _fused_gemm1_kernel(
         gate_acc = _scaled_dot(gate_acc, a, a_scale, gate, gate_scale, FP8, UPCAST, INPUT_PRECISION)
         up_acc = _scaled_dot(up_acc, a, a_scale, up, up_scale, FP8, UPCAST, INPUT_PRECISION)
         a_ptrs += BLOCK_K
-        gate_ptrs += BLOCK_K
+        gate_ptrs += BLOCK_K // PACK
     result = apply_activation(
         gate_acc, up_acc, ACT_KIND, ACT_ALPHA, ACT_LIMIT, ACT_CLAMP_OUTPUT, ACT_UP_OFFSET, ACT_GATE_CAP, ACT_UP_CAP
     )
@@ -377,7 +391,11 @@ def _fused_gemm2_kernel(
     stride_wsk,
     scale_bn,
     scale_bk,
+    w_zero_ptr,
     FP8: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    PACK: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     ZERO_EMPTY: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -408,22 +426,27 @@ def _fused_gemm2_kernel(
     row_ok = slots >= 0
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = act_ptr + rows[:, None] * stride_am + offs_k[None, :]
-    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] // PACK
+    scale_offs = expert.to(tl.int64) * stride_wse + (cols // scale_bn).to(tl.int64) * stride_wsn
     if FP8:
-        w_scale_ptrs = w_scale_ptr + expert.to(tl.int64) * stride_wse + (cols // scale_bn) * stride_wsn
+        w_scale_ptrs = w_scale_ptr + scale_offs
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_dim, BLOCK_K):
         k_ok = offs_k < k_dim - k0
         # Padding rows of act were never written: masked, so stale values never enter the dot.
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & col_ok[None, :]
+        w = load_weight_tile(w_ptrs, w_mask, k0 + offs_k, w_scale_ptr, w_zero_ptr, scale_offs, stride_wsk, scale_bk,
+                             PACKED, HAS_ZERO)  # fmt: skip
+        if PACKED:
+            w = w.to(act_ptr.dtype.element_ty)
         a, a_scale = _a_operand(a, w_ptr.dtype.element_ty, FP8, UPCAST)
         w_scale = 1.0
         if FP8:
             w_scale = weight_scale(w_scale_ptrs, k0 // scale_bk, stride_wsk, col_ok, True)
         acc = _scaled_dot(acc, a, a_scale, w, w_scale, FP8, UPCAST, INPUT_PRECISION)
         a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K // PACK
     slots = tl.where(row_ok, slots, 0).to(tl.int64)
     if HAS_WEIGHTS:
         acc *= tl.load(weights_ptr + slots, mask=row_ok, other=0).to(tl.float32)[:, None]
@@ -445,19 +468,60 @@ ScaleBlock = tuple[int, int]
 BLOCK_SCALES: ScaleBlock = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK)
 
 
+@dataclass(frozen=True)
+class PackedWeight:
+    """How a packed B operand (two 4-bit values a byte, :mod:`.dequant`) is dequantized:
+    ``packing`` ``"int4"`` or ``"mxfp4"``, one scale per row and ``group`` columns, and int4
+    zero points ``[E, N, K/group] uint8`` (None: symmetric, zero 8)."""
+
+    packing: str
+    group: int
+    zero: torch.Tensor | None = None
+
+
+_UNSCALED = {"w_scale_ptr": None, "stride_wse": 0, "stride_wsn": 0, "stride_wsk": 0, "scale_bn": 1, "scale_bk": 1,
+             "w_zero_ptr": None, "FP8": False, "PACKED": 0, "HAS_ZERO": False, "PACK": 1}  # fmt: skip
+
+
+def _packed_kwargs(
+    name: str, w: torch.Tensor, w_scale: torch.Tensor | None, packed: PackedWeight, k: int, a_dtype: torch.dtype
+) -> dict[str, object]:
+    """``w [E, N, K/2] uint8`` with ``w_scale [E, N, K/group]`` (int4: float32, mxfp4: uint8)."""
+    int4 = packed.packing == "int4"
+    kind = packed_constant(packed.packing)
+    e, n = w.shape[0], w.shape[1]
+    check_tensor(name, w, dtypes=(torch.uint8,), shape=(e, n, k // 2))
+    if k % packed.group or packed.group % 2:
+        raise ValueError(f"{name}: K = {k} is not a multiple of the (even) group size {packed.group}")
+    shape = (e, n, k // packed.group)
+    check_tensor(f"{name}_scale", w_scale, dtypes=(torch.float32 if int4 else torch.uint8,), shape=shape)
+    if packed.zero is not None:
+        if not int4:
+            raise ValueError(f"{name}_zero: {packed.packing} has no zero points")
+        check_tensor(f"{name}_zero", packed.zero, dtypes=(torch.uint8,), shape=shape)
+    if a_dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"{name}: packed weights take bf16/fp16 activations, got {str(a_dtype).removeprefix('torch.')}")
+    assert w_scale is not None  # checked above
+    strides = dict(zip(("stride_wse", "stride_wsn", "stride_wsk"), w_scale.stride(), strict=True))
+    return {**_UNSCALED, "w_scale_ptr": w_scale, **strides, "scale_bk": packed.group, "w_zero_ptr": packed.zero,
+            "PACKED": kind, "HAS_ZERO": packed.zero is not None, "PACK": 2}  # fmt: skip
+
+
 def _weight_scale_kwargs(
     name: str, w: torch.Tensor, w_scale: torch.Tensor | None, scale_block: ScaleBlock, a_dtype: torch.dtype,
-    config: FusedConfig,
+    config: FusedConfig, k: int, packed: PackedWeight | None = None,
 ) -> dict[str, object]:  # fmt: skip
-    """The kernels' weight-scale arguments for ``w [E, N, K]``: none in ``a_dtype``; float8_e4m3fn
-    with ``w_scale [E, ceil(N/bn), ceil(K/bk)]`` float32, the A tiles quantized per ``block_k =
-    128`` columns (one activation group) inside the GEMM."""
-    none = {"w_scale_ptr": None, "stride_wse": 0, "stride_wsn": 0, "stride_wsk": 0, "scale_bn": 1, "scale_bk": 1}
+    """The kernels' weight arguments for ``w [E, N, K]`` (``k`` = K): none in ``a_dtype``;
+    float8_e4m3fn with ``w_scale [E, ceil(N/bn), ceil(K/bk)]`` float32, the A tiles quantized
+    per ``block_k = 128`` columns (one activation group) inside the GEMM; or ``packed``."""
+    if packed is not None:
+        return _packed_kwargs(name, w, w_scale, packed, k, a_dtype)
+    none = _UNSCALED
     if w.dtype != fp8.FP8_DTYPE:
         check_tensor(name, w, dtypes=(a_dtype,), ndim=3)
         if w_scale is not None:
             raise ValueError(f"{name}_scale: given, but {name} is {str(w.dtype).removeprefix('torch.')}, not fp8")
-        return {**none, "FP8": False}
+        return none
     check_tensor(name, w, dtypes=(fp8.FP8_DTYPE,), ndim=3)
     if a_dtype != torch.bfloat16:
         raise TypeError(f"{name}: fp8 weights take bfloat16 activations, got {str(a_dtype).removeprefix('torch.')}")
@@ -471,7 +535,7 @@ def _weight_scale_kwargs(
         )
     assert w_scale is not None  # checked above
     strides = dict(zip(("stride_wse", "stride_wsn", "stride_wsk"), w_scale.stride(), strict=True))
-    return {"w_scale_ptr": w_scale, **strides, "scale_bn": bn, "scale_bk": bk, "FP8": True}
+    return {**none, "w_scale_ptr": w_scale, **strides, "scale_bn": bn, "scale_bk": bk, "FP8": True}
 
 
 def _gemm_kwargs(dtype: torch.dtype, config: FusedConfig) -> dict[str, object]:
@@ -498,6 +562,7 @@ def fused_gemm1(
     *,
     w13_scale: torch.Tensor | None = None,
     scale_block: ScaleBlock = BLOCK_SCALES,
+    packed: PackedWeight | None = None,
 ) -> torch.Tensor:
     """``out[r] = act(x[t] @ gate[e].T, x[t] @ up[e].T)`` for every layout row ``r`` holding a
     slot of token ``t`` routed to expert ``e``; A rows are read from ``x`` directly (no scatter).
@@ -517,7 +582,8 @@ def fused_gemm1(
         config: tiling; ``block_m`` must equal ``layout.block_m``.
         activation: a gated one (:mod:`moe_kernels.mlp.activations`).
         w13_scale: fp8 only: ``[E, ceil(2I/bn), ceil(H/bk)]`` float32, any strides, ``(bn, bk) =
-            scale_block`` (a block must not straddle gate and up rows).
+            scale_block`` (a block must not straddle gate and up rows). Packed: ``[E, 2I, H/group]``.
+        packed: ``w13`` is ``[E, 2I, H/2] uint8``, 4-bit values dequantized in the loads.
 
     Returns:
         ``out``.
@@ -526,17 +592,17 @@ def fused_gemm1(
     if x.stride(1) != 1:
         raise ValueError(f"x: expected unit stride along the hidden dim, got strides {x.stride()}")
     num_tokens, hidden = x.shape
-    scales = _weight_scale_kwargs("w13", w13, w13_scale, scale_block, x.dtype, config)
+    scales = _weight_scale_kwargs("w13", w13, w13_scale, scale_block, x.dtype, config, hidden, packed)
     if not activation.gated:
         raise ValueError(f"activation: the fused GEMM1 computes gated activations, not {activation.kind}")
-    if w13.shape[2] != hidden or w13.shape[1] % 2:
+    if w13.shape[2] * int(scales["PACK"]) != hidden or w13.shape[1] % 2:
         raise ValueError(f"w13: expected shape [E, 2I, {hidden}], got {list(w13.shape)}")
     inter = w13.shape[1] // 2
     _check_layout(layout, config, x.device)
     if layout.slot_row.shape[0] != num_tokens:
         raise ValueError(f"layout: expected {num_tokens} tokens (x's rows), got {layout.slot_row.shape[0]}")
     check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(layout.num_rows, inter))
-    check_same_device(x=x, w13=w13, w13_scale=w13_scale, out=out)
+    check_same_device(x=x, w13=w13, w13_scale=w13_scale, w13_zero=scales["w_zero_ptr"], out=out)
     if layout.num_blocks == 0 or inter == 0:
         return out
     if scales["FP8"] and inter % scale_block[0] and scale_block[0] < 2 * inter:
@@ -556,7 +622,7 @@ def fused_gemm1(
         out.stride(0),
         # Offset of the up rows from the gate rows, precomputed so the product is 64-bit on host.
         inter * w13.stride(1),
-        up_scale_offset=(inter // scale_block[0]) * int(scales["stride_wsn"]),
+        up_scale_offset=(inter // int(scales["scale_bn"])) * int(scales["stride_wsn"]),
         **scales,
         **activation.kernel_constants(),
         **_gemm_kwargs(x.dtype, config),
@@ -574,6 +640,7 @@ def fused_gemm2_weighted(
     *,
     w2_scale: torch.Tensor | None = None,
     scale_block: ScaleBlock = BLOCK_SCALES,
+    packed: PackedWeight | None = None,
 ) -> torch.Tensor:
     """``out[s] = topk_weights[s] * (act[r] @ w2[e].T)`` for every layout row ``r`` holding slot
     ``s`` routed to expert ``e``: written slot-major, the router weight applied in fp32 before
@@ -593,15 +660,15 @@ def fused_gemm2_weighted(
         topk_weights: ``[T, K]`` float32 (bf16/fp16 accepted), contiguous; ``None`` = weight 1.
         out: ``[T * K, H]`` bf16/fp16/fp32 with unit stride along H.
         config: tiling; ``block_m`` must equal ``layout.block_m``.
-        w2_scale, scale_block: fp8 only, as :func:`fused_gemm1` takes them.
+        w2_scale, scale_block, packed: as :func:`fused_gemm1` takes them for ``w13``.
 
     Returns:
         ``out``.
     """
     check_tensor("act", act, dtypes=FLOAT_DTYPES, ndim=2)
     inter = act.shape[1]
-    scales = _weight_scale_kwargs("w2", w2, w2_scale, scale_block, act.dtype, config)
-    if w2.shape[2] != inter:
+    scales = _weight_scale_kwargs("w2", w2, w2_scale, scale_block, act.dtype, config, inter, packed)
+    if w2.shape[2] * int(scales["PACK"]) != inter:
         raise ValueError(f"w2: expected shape [E, H, {inter}], got {list(w2.shape)}")
     hidden = w2.shape[1]
     _check_layout(layout, config, act.device)
@@ -614,7 +681,9 @@ def fused_gemm2_weighted(
     check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(n_slots, hidden), contiguous=False)
     if out.stride(1) != 1:
         raise ValueError(f"out: expected unit stride along the hidden dim, got strides {out.stride()}")
-    check_same_device(act=act, w2=w2, w2_scale=w2_scale, topk_weights=topk_weights, out=out)
+    check_same_device(
+        act=act, w2=w2, w2_scale=w2_scale, w2_zero=scales["w_zero_ptr"], topk_weights=topk_weights, out=out
+    )
     if n_slots == 0 or hidden == 0:
         return out
     zero_empty = top_k == 1
@@ -690,6 +759,7 @@ def fused_experts(
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     scale_blocks: tuple[ScaleBlock, ScaleBlock] = (BLOCK_SCALES, BLOCK_SCALES),
+    packed: tuple[PackedWeight, PackedWeight] | None = None,
 ) -> torch.Tensor:
     """``out[t] = residual[t] + sum_k topk_weights[t, k] * expert_mlp(topk_ids[t, k], x[t])`` on
     the fused path (no residual term without ``residual``).
@@ -714,16 +784,17 @@ def fused_experts(
             sum, in a pass of its own).
         activation: the gated activation GEMM1 applies (:mod:`moe_kernels.mlp.activations`).
         w13_scale, w2_scale, scale_blocks: fp8 weights (``x`` bf16): their float32 scales and
-            the ``(rows, cols)`` each covers, per projection (:func:`fused_gemm1`).
+            the ``(rows, cols)`` each covers, per projection (:func:`fused_gemm1`); with
+            ``packed`` (w13's, w2's) the scales of 4-bit weights ``[E, N, K/2] uint8``.
 
     Returns:
         ``out``.
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2, contiguous=False)
     num_tokens, hidden = x.shape
-    check_tensor("w13", w13, dtypes=(x.dtype, fp8.FP8_DTYPE), ndim=3)
+    check_tensor("w13", w13, dtypes=(x.dtype, fp8.FP8_DTYPE, torch.uint8), ndim=3)
     check_tensor("w2", w2, dtypes=(w13.dtype,), ndim=3)
-    num_experts, inter = w13.shape[0], w2.shape[2]
+    num_experts, inter = w13.shape[0], w13.shape[1] // 2
     if w2.shape[:2] != (num_experts, hidden):
         raise ValueError(f"w2: expected shape [{num_experts}, {hidden}, I], got {list(w2.shape)}")
     check_tensor("topk_ids", topk_ids, dtypes=INDEX_DTYPES, shape=(num_tokens, None))
@@ -737,10 +808,10 @@ def fused_experts(
     check_same_device(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids, out=out)
 
     layout = gather_layout(topk_ids, num_experts, gemm1.block_m)
-    act = fused_gemm1(
-        x, w13, layout, workspace["activation"], gemm1, activation, w13_scale=w13_scale, scale_block=scale_blocks[0]
-    )
-    gemm2_scales = {"w2_scale": w2_scale, "scale_block": scale_blocks[1]}
+    packed13, packed2 = packed if packed is not None else (None, None)
+    gemm1_scales = {"w13_scale": w13_scale, "scale_block": scale_blocks[0], "packed": packed13}
+    act = fused_gemm1(x, w13, layout, workspace["activation"], gemm1, activation, **gemm1_scales)
+    gemm2_scales = {"w2_scale": w2_scale, "scale_block": scale_blocks[1], "packed": packed2}
     if top_k == 1:
         fused_gemm2_weighted(act, w2, layout, topk_weights, out, gemm2, **gemm2_scales)
         return out if residual is None else out.add_(residual)

@@ -192,6 +192,8 @@ class Packed4Bit(WeightFormat):
     # mantissa), the reference by the float32 one: the bf16 budget of an unquantized layer.
     tolerance: ClassVar[float] = 3e-2
     values_per_element: ClassVar[int] = 2
+    #: how the kernels' dequantizing loads read the nibbles (:mod:`moe_kernels.kernels.dequant`)
+    packing: ClassVar[str]
 
     @property
     @abstractmethod
@@ -212,6 +214,7 @@ class Int4Group(Packed4Bit):
     group_size: int = 128
     symmetric: bool = True
     kind: ClassVar[str] = "int4_group"
+    packing: ClassVar[str] = "int4"
 
     @property
     def group(self) -> int:
@@ -242,6 +245,7 @@ class Mxfp4(Packed4Bit):
     (``scale [N, K/32] uint8``, ``2^(s - 127)``): gpt-oss's ``*_blocks``/``*_scales``."""
 
     kind: ClassVar[str] = "mxfp4"
+    packing: ClassVar[str] = "mxfp4"
 
     @property
     def group(self) -> int:

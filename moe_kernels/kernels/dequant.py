@@ -1,0 +1,76 @@
+"""Dequantizing weight loads: 4-bit values packed two to a byte, expanded to a GEMM's B tile in
+registers, so the weights stay packed in memory and are read once (decode is bound by that read).
+
+Layout (:mod:`moe_kernels.mlp.packed`): ``weight [E, N, K/2] uint8``, byte ``j`` of a row holds
+column ``2j`` in its low nibble and ``2j + 1`` in its high nibble; scales (and int4 zero points)
+``[E, N, K/group]``. A B tile ``[BLOCK_K, BLOCK_N]`` is loaded as bytes at ``k // 2`` (each byte
+twice, the second time from L1), the nibble of each ``k`` shifted out, and mapped to its value:
+
+* ``INT4``: ``(u - zero) * scale``, ``zero`` 8 when symmetric (no zero tensor);
+* ``MXFP4``: e2m1 ``u`` (sign, 2 exponent bits, 1 mantissa bit) times ``2^(scale - 127)``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from moe_kernels.mlp import packed
+
+#: ``PACKED`` constexpr values of the GEMM kernels
+NOT_PACKED = 0
+INT4 = 1
+MXFP4 = 2
+
+_INT4_ZERO = tl.constexpr(float(packed.INT4_SYMMETRIC_ZERO))
+_E8M0_BIAS = tl.constexpr(float(packed.E8M0_BIAS))
+
+
+@triton.jit
+def load_weight_tile(
+    w_ptrs, mask, k, scale_ptr, zero_ptr, row_offs, stride_sk, group, PACKED: tl.constexpr, HAS_ZERO: tl.constexpr
+):
+    """The B tile ``[BLOCK_K, BLOCK_N]`` at ``w_ptrs`` as stored (dense, fp8), or unpacked to
+    float32: then ``w_ptrs`` point at byte ``k // 2`` of each column's row, ``k [BLOCK_K]`` are
+    the absolute columns and ``row_offs [BLOCK_N]`` the offsets of the rows' first scale (and
+    zero point) from ``scale_ptr`` (``zero_ptr``)."""
+    if PACKED == 0:
+        # float `other`: the interpreter cannot cast the int 0 to fp8
+        w = tl.load(w_ptrs, mask=mask, other=0.0)
+    else:
+        w = _dequantize(tl.load(w_ptrs, mask=mask, other=0), k, scale_ptr, zero_ptr, row_offs, stride_sk, group, mask,
+                        PACKED, HAS_ZERO)  # fmt: skip
+    return w
+
+
+@triton.jit
+def _dequantize(
+    raw, k, scale_ptr, zero_ptr, row_offs, stride_sk, group, mask, PACKED: tl.constexpr, HAS_ZERO: tl.constexpr
+):
+    nibble = (raw >> ((k % 2) * 4).to(tl.uint8)[:, None]) & 0xF
+    offs = row_offs[None, :] + (k // group).to(tl.int64)[:, None] * stride_sk
+    if PACKED == 1:
+        scale = tl.load(scale_ptr + offs, mask=mask, other=0.0)
+        if HAS_ZERO:
+            zero = tl.load(zero_ptr + offs, mask=mask, other=0).to(tl.float32)
+        else:
+            zero = _INT4_ZERO
+        w = (nibble.to(tl.float32) - zero) * scale
+    else:
+        exponent = tl.load(scale_ptr + offs, mask=mask, other=0).to(tl.float32)
+        e = ((nibble >> 1) & 3).to(tl.float32)
+        m = (nibble & 1).to(tl.float32)
+        # e == 0: subnormal 0 or 0.5; else (1 + m / 2) * 2^(e - 1): 1, 1.5, 2, 3, 4, 6
+        magnitude = tl.where(e == 0.0, m * 0.5, (1.0 + m * 0.5) * tl.exp2(e - 1.0))
+        w = tl.where((nibble & 8) != 0, -magnitude, magnitude) * tl.exp2(exponent - _E8M0_BIAS)
+    return w
+
+
+#: the kernels' ``packing`` argument -> their ``PACKED`` constexpr
+PACKINGS = {None: NOT_PACKED, "int4": INT4, "mxfp4": MXFP4}
+
+
+def packed_constant(packing: str | None) -> int:
+    if packing not in PACKINGS:
+        raise ValueError(f"packing: expected one of {list(PACKINGS)}, got {packing!r}")
+    return PACKINGS[packing]
