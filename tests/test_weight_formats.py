@@ -17,10 +17,13 @@ import torch
 from moe_kernels import (
     FusedTritonExperts,
     LayerConfig,
+    LocalMaskedPrepareAndFinalize,
     LocalPrepareAndFinalize,
+    MaskedTritonExperts,
     MoEConfig,
     ParallelConfig,
     QuantConfig,
+    TorchReferenceExperts,
     TritonExperts,
     compose,
 )
@@ -214,7 +217,7 @@ PACKED = {
 }
 
 
-@pytest.mark.parametrize("experts", [FusedTritonExperts])
+@pytest.mark.parametrize("experts", [FusedTritonExperts, TritonExperts, MaskedTritonExperts, TorchReferenceExperts])
 @pytest.mark.parametrize("name", list(PACKED))
 @pytest.mark.parametrize("t", [1, 7])
 def test_packed_experts_match_the_loop(name: str, experts: type, t: int) -> None:
@@ -225,7 +228,8 @@ def test_packed_experts_match_the_loop(name: str, experts: type, t: int) -> None
     (t13, real13), (t2, real2) = pack(w13), pack(w2)
     weights = ExpertWeights(t13["weight"], t2["weight"], t13["scale"], t2["scale"], cfg.mlp.weights,
                             t13.get("zero"), t2.get("zero"))  # fmt: skip
-    kernel = compose(LocalPrepareAndFinalize(), experts(), cfg, device="cpu")
+    prepare = LocalMaskedPrepareAndFinalize() if experts is MaskedTritonExperts else LocalPrepareAndFinalize()
+    kernel = compose(prepare, experts(), cfg, device="cpu")
     x, tw, ids = routed(t)
     out = kernel(x, weights, tw, ids)
     ref = loop_reference(x, real13, real2, tw, ids)

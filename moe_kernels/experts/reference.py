@@ -6,7 +6,7 @@ import torch
 
 from moe_kernels.core.contract import LayerContext, Layout, PermuteExpertsUnpermute, StandardTokens
 from moe_kernels.mlp import fp8
-from moe_kernels.mlp.formats import FP8_FORMATS, Dense
+from moe_kernels.mlp.formats import FP8_FORMATS, PACKED_FORMATS, Dense
 from moe_kernels.mlp.weights import ExpertWeights
 
 
@@ -22,7 +22,7 @@ class TorchReferenceExperts(PermuteExpertsUnpermute):
     """
 
     input_layout = Layout.STANDARD
-    weight_formats = (Dense, *FP8_FORMATS)
+    weight_formats = (Dense, *FP8_FORMATS, *PACKED_FORMATS)
 
     def preference(self, ctx: LayerContext) -> tuple[float, str]:
         return 1000.0, "plain per-expert torch loop: the yardstick, chosen only when nothing else runs"

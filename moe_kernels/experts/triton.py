@@ -24,7 +24,7 @@ from moe_kernels.core.contract import (
     WorkspaceSpec,
 )
 from moe_kernels.experts.common import GroupedGemm, contiguous_workspace, masked_workspace, run_contiguous, run_masked
-from moe_kernels.mlp.formats import FP8_FORMATS, Dense, Fp8Scaled, WeightFormat
+from moe_kernels.mlp.formats import FP8_FORMATS, PACKED_FORMATS, Dense, Fp8Scaled, Packed4Bit, WeightFormat
 from moe_kernels.mlp.spec import ExpertMLP
 from moe_kernels.mlp.weights import ExpertWeights
 
@@ -53,11 +53,19 @@ class TritonPart(PermuteExpertsUnpermute):
         return 50.0, "Triton grouped GEMM with the activation fused into GEMM1 (portable fallback)"
 
 
-def _scale_block(fmt: WeightFormat | None, w: torch.Tensor) -> dict[str, tuple[int, int]]:
-    """The kernels' ``b_scale_block`` of ``w [E, N, K]`` stored as ``fmt`` (nothing unquantized)."""
-    if not isinstance(fmt, Fp8Scaled):
-        return {}
-    return {"b_scale_block": fmt.scale_block(w.shape[1], w.shape[2])}
+def _scale_block(fmt: WeightFormat | None, w: torch.Tensor, weights: ExpertWeights | None) -> dict[str, object]:
+    """The kernels' ``b_scale_block`` (fp8) or ``packed`` (4-bit; its zero points are those of
+    whichever of ``weights``' projections ``w`` is) for ``w`` stored as ``fmt``."""
+    if isinstance(fmt, Fp8Scaled):
+        return {"b_scale_block": fmt.scale_block(w.shape[1], w.shape[2])}
+    if isinstance(fmt, Packed4Bit):
+        from moe_kernels.kernels import PackedWeight
+
+        zero = None
+        if weights is not None:
+            zero = weights.w13_zero if w is weights.w13 else weights.w2_zero
+        return {"packed": PackedWeight(fmt.packing, fmt.group, zero)}
+    return {}
 
 
 def _triton_contiguous(
@@ -70,16 +78,18 @@ def _triton_contiguous(
     *,
     mlp: ExpertMLP | None = None,
     fmt: WeightFormat | None = None,
+    weights: ExpertWeights | None = None,
 ) -> None:
     """The Triton grouped GEMM as a :data:`~moe_kernels.experts.common.GroupedGemm` (``mlp``: fuse
-    its activation; ``fmt``: how ``w`` is stored, bind it with ``functools.partial``)."""
+    its activation; ``fmt``: how ``w`` is stored, and ``weights`` the layer's, for int4 zero
+    points: bind them with ``functools.partial``)."""
     from moe_kernels.kernels import grouped_gemm_contiguous
     from moe_kernels.kernels.grouped_gemm import BLOCK_M
 
     activation = mlp.activation if mlp is not None else None
     grouped_gemm_contiguous(
         a, w, grouped_layout, out, a_scale=a_scale, b_scale=w_scale, activation=activation, alignment=BLOCK_M,
-        **_scale_block(fmt, w),
+        **_scale_block(fmt, w, weights),
     )  # fmt: skip
 
 
@@ -93,12 +103,13 @@ def _triton_masked(
     *,
     mlp: ExpertMLP | None = None,
     fmt: WeightFormat | None = None,
+    weights: ExpertWeights | None = None,
 ) -> None:
     from moe_kernels.kernels import grouped_gemm_masked
 
     activation = mlp.activation if mlp is not None else None
     grouped_gemm_masked(
-        a, w, counts, out, a_scale=a_scale, b_scale=w_scale, activation=activation, **_scale_block(fmt, w)
+        a, w, counts, out, a_scale=a_scale, b_scale=w_scale, activation=activation, **_scale_block(fmt, w, weights)
     )
 
 
@@ -121,7 +132,7 @@ class TritonExperts(TritonPart):
     """
 
     input_layout = Layout.STANDARD
-    weight_formats = (Dense, *FP8_FORMATS)
+    weight_formats = (Dense, *FP8_FORMATS, *PACKED_FORMATS)
 
     def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
         from moe_kernels.kernels.grouped_gemm import BLOCK_M
@@ -136,7 +147,7 @@ class TritonExperts(TritonPart):
         from moe_kernels.kernels.grouped_gemm import BLOCK_M
 
         mlp = self.ctx.mlp
-        gemm = functools.partial(_triton_contiguous, fmt=mlp.weights)
+        gemm = functools.partial(_triton_contiguous, fmt=mlp.weights, weights=weights)
         run_contiguous(tokens, weights, out, workspace, mlp, BLOCK_M, gemm, _fused_gemm1(mlp, gemm))
 
 
@@ -146,7 +157,7 @@ class MaskedTritonExperts(TritonPart):
     sync: capturable in CUDA graphs."""
 
     input_layout = Layout.MASKED
-    weight_formats = (Dense, *FP8_FORMATS)
+    weight_formats = (Dense, *FP8_FORMATS, *PACKED_FORMATS)
 
     def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
         mlp, e = ctx.mlp, ctx.placement.num_local_experts
@@ -161,11 +172,11 @@ class MaskedTritonExperts(TritonPart):
         mlp = self.ctx.mlp
         if (tokens.x_scale is None) != (mlp.act_quant is None):
             raise ValueError(f"{self.name}: the layer wants {mlp.describe()}; got {tokens.x.dtype} tokens")
-        gemm = functools.partial(_triton_masked, fmt=mlp.weights)
+        gemm = functools.partial(_triton_masked, fmt=mlp.weights, weights=weights)
         fused = _fused_gemm1(mlp, gemm)
         if fused is None:
             run_masked(tokens.x, tokens.x_scale, tokens.counts, weights, out, workspace, mlp, gemm)
             return
         act = workspace["activation"]
-        fused(tokens.x, None, weights.w13, None, act, tokens.counts)
-        gemm(act, None, weights.w2, None, out, tokens.counts)
+        fused(tokens.x, None, weights.w13, weights.w13_scale, act, tokens.counts)
+        gemm(act, None, weights.w2, weights.w2_scale, out, tokens.counts)

@@ -5,7 +5,8 @@ Launch wrappers take tensors and plain numbers only; they never synchronise with
 """
 
 from .activation import activate
-from .fused_moe import FusedConfig, GatherLayout, PackedWeight, fused_experts, fused_workspace_shapes, gather_layout
+from .dequant import PackedWeight
+from .fused_moe import FusedConfig, GatherLayout, fused_experts, fused_workspace_shapes, gather_layout
 from .gather import weighted_gather
 from .grouped_gemm import grouped_gemm_contiguous, grouped_gemm_masked
 from .permute import (

@@ -12,18 +12,23 @@ twice, the second time from L1), the nibble of each ``k`` shifted out, and mappe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
 
-from moe_kernels.mlp import packed
+from moe_kernels.mlp import packed as packed_numbers
+
+from ._common import check_tensor
 
 #: ``PACKED`` constexpr values of the GEMM kernels
 NOT_PACKED = 0
 INT4 = 1
 MXFP4 = 2
 
-_INT4_ZERO = tl.constexpr(float(packed.INT4_SYMMETRIC_ZERO))
-_E8M0_BIAS = tl.constexpr(float(packed.E8M0_BIAS))
+_INT4_ZERO = tl.constexpr(float(packed_numbers.INT4_SYMMETRIC_ZERO))
+_E8M0_BIAS = tl.constexpr(float(packed_numbers.E8M0_BIAS))
 
 
 @triton.jit
@@ -74,3 +79,31 @@ def packed_constant(packing: str | None) -> int:
     if packing not in PACKINGS:
         raise ValueError(f"packing: expected one of {list(PACKINGS)}, got {packing!r}")
     return PACKINGS[packing]
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """How a packed B operand (two 4-bit values a byte, :mod:`.dequant`) is dequantized:
+    ``packing`` ``"int4"`` or ``"mxfp4"``, one scale per row and ``group`` columns, and int4
+    zero points ``[E, N, K/group] uint8`` (None: symmetric, zero 8)."""
+
+    packing: str
+    group: int
+    zero: torch.Tensor | None = None
+
+
+def check_packed(name: str, w: torch.Tensor, w_scale: object, packed: PackedWeight, k: int) -> None:
+    """``w [E, N, K/2] uint8`` with ``w_scale [E, N, K/group]`` (int4: float32, mxfp4: uint8) and
+    int4 zero points of the scales' shape, contiguous; ``ValueError``/``TypeError`` naming the tensor."""
+    packed_constant(packed.packing)
+    int4 = packed.packing == "int4"
+    e, n = w.shape[0], w.shape[1]
+    check_tensor(name, w, dtypes=(torch.uint8,), shape=(e, n, k // 2))
+    if k % packed.group or packed.group % 2:
+        raise ValueError(f"{name}: K = {k} is not a multiple of the (even) group size {packed.group}")
+    shape = (e, n, k // packed.group)
+    check_tensor(f"{name}_scale", w_scale, dtypes=(torch.float32 if int4 else torch.uint8,), shape=shape)
+    if packed.zero is not None:
+        if not int4:
+            raise ValueError(f"{name}_zero: {packed.packing} has no zero points")
+        check_tensor(f"{name}_zero", packed.zero, dtypes=(torch.uint8,), shape=shape)

@@ -37,7 +37,7 @@ from moe_kernels.mlp.activations import SILU, Activation
 
 from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor, interpreting
 from .activation import apply_activation
-from .dequant import load_weight_tile, packed_constant
+from .dequant import PackedWeight, check_packed, load_weight_tile, packed_constant
 from .gather import weighted_gather
 from .grouped_gemm import weight_scale
 from .permute import contiguous_rows_bound, contiguous_slot_rows
@@ -468,17 +468,6 @@ ScaleBlock = tuple[int, int]
 BLOCK_SCALES: ScaleBlock = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK)
 
 
-@dataclass(frozen=True)
-class PackedWeight:
-    """How a packed B operand (two 4-bit values a byte, :mod:`.dequant`) is dequantized:
-    ``packing`` ``"int4"`` or ``"mxfp4"``, one scale per row and ``group`` columns, and int4
-    zero points ``[E, N, K/group] uint8`` (None: symmetric, zero 8)."""
-
-    packing: str
-    group: int
-    zero: torch.Tensor | None = None
-
-
 _UNSCALED = {"w_scale_ptr": None, "stride_wse": 0, "stride_wsn": 0, "stride_wsk": 0, "scale_bn": 1, "scale_bk": 1,
              "w_zero_ptr": None, "FP8": False, "PACKED": 0, "HAS_ZERO": False, "PACK": 1}  # fmt: skip
 
@@ -486,25 +475,14 @@ _UNSCALED = {"w_scale_ptr": None, "stride_wse": 0, "stride_wsn": 0, "stride_wsk"
 def _packed_kwargs(
     name: str, w: torch.Tensor, w_scale: torch.Tensor | None, packed: PackedWeight, k: int, a_dtype: torch.dtype
 ) -> dict[str, object]:
-    """``w [E, N, K/2] uint8`` with ``w_scale [E, N, K/group]`` (int4: float32, mxfp4: uint8)."""
-    int4 = packed.packing == "int4"
-    kind = packed_constant(packed.packing)
-    e, n = w.shape[0], w.shape[1]
-    check_tensor(name, w, dtypes=(torch.uint8,), shape=(e, n, k // 2))
-    if k % packed.group or packed.group % 2:
-        raise ValueError(f"{name}: K = {k} is not a multiple of the (even) group size {packed.group}")
-    shape = (e, n, k // packed.group)
-    check_tensor(f"{name}_scale", w_scale, dtypes=(torch.float32 if int4 else torch.uint8,), shape=shape)
-    if packed.zero is not None:
-        if not int4:
-            raise ValueError(f"{name}_zero: {packed.packing} has no zero points")
-        check_tensor(f"{name}_zero", packed.zero, dtypes=(torch.uint8,), shape=shape)
+    """``w [E, N, K/2] uint8`` with ``w_scale [E, N, K/group]`` (:func:`.dequant.check_packed`)."""
+    check_packed(name, w, w_scale, packed, k)
     if a_dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"{name}: packed weights take bf16/fp16 activations, got {str(a_dtype).removeprefix('torch.')}")
     assert w_scale is not None  # checked above
     strides = dict(zip(("stride_wse", "stride_wsn", "stride_wsk"), w_scale.stride(), strict=True))
     return {**_UNSCALED, "w_scale_ptr": w_scale, **strides, "scale_bk": packed.group, "w_zero_ptr": packed.zero,
-            "PACKED": kind, "HAS_ZERO": packed.zero is not None, "PACK": 2}  # fmt: skip
+            "PACKED": packed_constant(packed.packing), "HAS_ZERO": packed.zero is not None, "PACK": 2}  # fmt: skip
 
 
 def _weight_scale_kwargs(

@@ -31,6 +31,7 @@ from moe_kernels.mlp.activations import SILU, Activation
 
 from ._common import FLOAT_DTYPES, check_same_device, check_tensor, interpreting
 from .activation import apply_activation
+from .dequant import PackedWeight, check_packed, load_weight_tile, packed_constant
 
 _SCALE_BLOCK = tl.constexpr(fp8.SCALE_BLOCK)
 
@@ -77,9 +78,13 @@ def _grouped_gemm_kernel(
     stride_bsk,
     scale_bn,
     scale_bk,
+    b_zero_ptr,
     MASKED: tl.constexpr,
     FP8: tl.constexpr,
     SCALE_PER_COLUMN: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    PACK: tl.constexpr,
     FUSED: tl.constexpr,
     ACT_KIND: tl.constexpr,
     ACT_ALPHA: tl.constexpr,
@@ -124,7 +129,9 @@ def _grouped_gemm_kernel(
     a_ptrs = a_ptr + rows[:, None] * k_dim + offs_k[None, :]
     # B is [N, K] row-major; reading it as a [BLOCK_K, BLOCK_N] tile gives A @ B^T directly (and
     # keeps it K-major, as fp8 wgmma wants).
-    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + cols[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    # (packed: byte k // 2 holds column k; its scales at b_scale_offs + k // scale_bk * stride_bsk)
+    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + cols[None, :].to(tl.int64) * stride_bn + offs_k[:, None] // PACK
+    b_scale_offs = expert.to(tl.int64) * stride_bse + cols.to(tl.int64) * stride_bsn
     if FP8:
         # Without SCALE_PER_COLUMN the whole N tile lies in one scale row (BLOCK_N divides bn).
         b_scale_base = b_scale_ptr + expert.to(tl.int64) * stride_bse
@@ -140,7 +147,10 @@ def _grouped_gemm_kernel(
         # fp8 loads take a float `other` (the interpreter cannot cast the int 0 to fp8). Zeroed
         # padding rows and K tails contribute nothing even if the memory behind them holds NaNs.
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        b = load_weight_tile(b_ptrs, b_mask, k0 + offs_k, b_scale_ptr, b_zero_ptr, b_scale_offs, stride_bsk, scale_bk,
+                             PACKED, HAS_ZERO)  # fmt: skip
+        if PACKED:
+            b = b.to(a_ptr.dtype.element_ty)
         if UPCAST:
             # The interpreter's low-precision tl.dot is wrong (triton 3.9); upcasting is exact.
             a = a.to(tl.float32)
@@ -156,12 +166,16 @@ def _grouped_gemm_kernel(
         else:
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         if FUSED:
-            b_up = tl.load(b_ptrs + up_offset, mask=b_mask, other=0.0)
+            up_scale_offs = b_scale_offs + n_out * stride_bsn
+            b_up = load_weight_tile(b_ptrs + up_offset, b_mask, k0 + offs_k, b_scale_ptr, b_zero_ptr, up_scale_offs,
+                                    stride_bsk, scale_bk, PACKED, HAS_ZERO)  # fmt: skip
+            if PACKED:
+                b_up = b_up.to(a_ptr.dtype.element_ty)
             if UPCAST:
                 b_up = b_up.to(tl.float32)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K // PACK
 
     if FUSED:
         acc = apply_activation(
@@ -178,12 +192,18 @@ def _check_operands(
     b_scale: torch.Tensor | None,
     activation: Activation | None,
     b_scale_block: tuple[int, int] = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK),
+    packed: PackedWeight | None = None,
 ) -> int:
     """Validate ``b [E, N, K]`` (and the scales) against ``a``; return the output width."""
     quantized = a_scale is not None
-    if quantized != (b_scale is not None):
+    if packed is not None:
+        check_tensor("a", a, dtypes=(torch.bfloat16, torch.float16), ndim=a.dim())
+        check_packed("b", b, b_scale, packed, a.shape[-1])
+        if quantized:
+            raise ValueError("a_scale: packed weights take unquantized activations")
+    elif quantized != (b_scale is not None):
         raise ValueError("a_scale and b_scale: give both (fp8 operands) or neither")
-    if quantized:
+    elif quantized:
         check_tensor("a", a, dtypes=(fp8.FP8_DTYPE,), ndim=a.dim())
         check_tensor("b", b, dtypes=(fp8.FP8_DTYPE,), ndim=3)
         scale_shape = (*a.shape[:-1], triton.cdiv(a.shape[-1], fp8.SCALE_BLOCK))
@@ -196,7 +216,7 @@ def _check_operands(
     else:
         check_tensor("a", a, dtypes=FLOAT_DTYPES, ndim=a.dim())
         check_tensor("b", b, dtypes=(a.dtype,), ndim=3)
-    if b.shape[2] != a.shape[-1]:
+    if packed is None and b.shape[2] != a.shape[-1]:
         raise ValueError(f"b: expected K = {a.shape[-1]} (a's last dim), got shape {list(b.shape)}")
     if activation is not None and activation.gated:
         if b.shape[1] % 2:
@@ -214,13 +234,18 @@ def _scale_args(
     k_dim: int,
     block_n: int,
     block_k: int,
+    packed: PackedWeight | None = None,
 ) -> dict[str, object]:
     """The kernel's scale arguments: strides, the weight's scale block and whether an N tile
     needs a scale per column; checks that a K tile lies in one activation group and one weight
-    scale block."""
+    scale block. ``packed``: the 4-bit weight's group scales and zero points."""
+    none = {"a_scale_strides": (0, 0, 0), "b_scale_strides": (0, 0, 0), "scale_bn": 1, "scale_bk": 1,
+            "SCALE_PER_COLUMN": False, "b_zero_ptr": None, "PACKED": 0, "HAS_ZERO": False, "PACK": 1}  # fmt: skip
+    if packed is not None and b_scale is not None:
+        return {**none, "b_scale_strides": b_scale.stride(), "scale_bk": packed.group, "b_zero_ptr": packed.zero,
+                "PACKED": packed_constant(packed.packing), "HAS_ZERO": packed.zero is not None, "PACK": 2}  # fmt: skip
     if a_scale is None or b_scale is None:
-        return {"a_scale_strides": (0, 0, 0), "b_scale_strides": (0, 0, 0), "scale_bn": 1, "scale_bk": 1,
-                "SCALE_PER_COLUMN": False}  # fmt: skip
+        return none
     bn, bk = b_scale_block
     if block_k < 16 or fp8.SCALE_BLOCK % block_k or (bk % block_k and bk < k_dim):
         raise ValueError(
@@ -230,6 +255,7 @@ def _scale_args(
     if block_n < 16:
         raise ValueError(f"block_n: expected >= 16, got {block_n}")
     return {
+        **none,
         "a_scale_strides": a_scale.stride() if masked else (0, a_scale.stride(0), a_scale.stride(1)),
         "b_scale_strides": b_scale.stride(),
         "scale_bn": bn,
@@ -247,6 +273,7 @@ def _launch(
     group: torch.Tensor,
     *,
     b_scale_block: tuple[int, int],
+    packed: PackedWeight | None,
     masked: bool,
     num_row_tiles: int,
     rows_per_group: int,
@@ -261,7 +288,9 @@ def _launch(
     fp8_operands = a_scale is not None
     block_k = BLOCK_K[fp8_operands] if block_k is None else block_k
     k_dim = a.shape[-1]
-    scales = _scale_args(a_scale, b_scale, b_scale_block, masked=masked, k_dim=k_dim, block_n=block_n, block_k=block_k)
+    scales = _scale_args(
+        a_scale, b_scale, b_scale_block, masked=masked, k_dim=k_dim, block_n=block_n, block_k=block_k, packed=packed
+    )
     if num_row_tiles == 0 or n_out == 0:
         return
     fused = activation is not None and activation.gated
@@ -311,6 +340,7 @@ def grouped_gemm_contiguous(
     a_scale: torch.Tensor | None = None,
     b_scale: torch.Tensor | None = None,
     b_scale_block: tuple[int, int] = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK),
+    packed: PackedWeight | None = None,
     activation: Activation | None = None,
     alignment: int | None = None,
     block_m: int = BLOCK_M,
@@ -335,6 +365,9 @@ def grouped_gemm_contiguous(
         b_scale: fp8: ``[E, ceil(N/bn), ceil(K/bk)]`` float32 scales, any strides.
         b_scale_block: ``(bn, bk)``, the weight rows and columns one scale covers
             (:meth:`moe_kernels.mlp.formats.Fp8Scaled.scale_block`).
+        packed: ``b`` is ``[E, N, K/2] uint8``, two 4-bit values a byte, with ``b_scale [E, N,
+            K/group]`` (and zero points), dequantized in the loads (:mod:`.dequant`); ``a``
+            bf16/fp16 without ``a_scale``.
         activation: fuse it: ``b``'s N = 2I rows are gate then up; write ``act(a @ gate.T,
             a @ up.T)`` (bf16/fp16/fp32 only).
         alignment: the layout's alignment, if known; checked to be a multiple of ``block_m``.
@@ -345,7 +378,7 @@ def grouped_gemm_contiguous(
     Returns:
         ``out``.
     """
-    n_out = _check_operands(a, a_scale, b, b_scale, activation, b_scale_block)
+    n_out = _check_operands(a, a_scale, b, b_scale, activation, b_scale_block, packed)
     if a.dim() != 2:
         raise ValueError(f"a: expected a 2-D tensor [R, K], got shape {list(a.shape)}")
     num_rows = a.shape[0]
@@ -355,7 +388,7 @@ def grouped_gemm_contiguous(
     if alignment is not None and alignment % block_m:
         raise ValueError(f"alignment: expected a multiple of block_m = {block_m}, got {alignment}")
     _launch(
-        a, a_scale, b, b_scale, out, grouped_layout, b_scale_block=b_scale_block,
+        a, a_scale, b, b_scale, out, grouped_layout, b_scale_block=b_scale_block, packed=packed,
         masked=False, num_row_tiles=triton.cdiv(num_rows, block_m), rows_per_group=num_rows, n_out=n_out,
         activation=activation, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
         num_stages=num_stages,
@@ -372,6 +405,7 @@ def grouped_gemm_masked(
     a_scale: torch.Tensor | None = None,
     b_scale: torch.Tensor | None = None,
     b_scale_block: tuple[int, int] = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK),
+    packed: PackedWeight | None = None,
     activation: Activation | None = None,
     block_m: int = BLOCK_M,
     block_n: int = BLOCK_N,
@@ -389,13 +423,13 @@ def grouped_gemm_masked(
         b: ``[E, N, K]`` ``a``'s dtype, contiguous (fp8: with ``b_scale``).
         counts: ``[E] int32`` valid rows per expert (``MaskedLayout.counts``).
         out: ``[E, M, N]`` (``[E, M, N/2]`` with a gated ``activation``), bf16/fp16/fp32, contiguous.
-        a_scale, b_scale, b_scale_block, activation, block_m, block_n, block_k, num_warps, num_stages: as in
+        a_scale, b_scale, b_scale_block, packed, activation, block_m, block_n, block_k, num_warps, num_stages: as in
             :func:`grouped_gemm_contiguous`.
 
     Returns:
         ``out``.
     """
-    n_out = _check_operands(a, a_scale, b, b_scale, activation, b_scale_block)
+    n_out = _check_operands(a, a_scale, b, b_scale, activation, b_scale_block, packed)
     if a.dim() != 3:
         raise ValueError(f"a: expected a 3-D tensor [E, M, K], got shape {list(a.shape)}")
     num_experts, rows_per_group = a.shape[0], a.shape[1]
@@ -405,7 +439,7 @@ def grouped_gemm_masked(
     check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(num_experts, rows_per_group, n_out))
     check_same_device(a=a, b=b, a_scale=a_scale, b_scale=b_scale, counts=counts, out=out)
     _launch(
-        a, a_scale, b, b_scale, out, counts, b_scale_block=b_scale_block,
+        a, a_scale, b, b_scale, out, counts, b_scale_block=b_scale_block, packed=packed,
         masked=True, num_row_tiles=num_experts * triton.cdiv(rows_per_group, block_m), rows_per_group=rows_per_group,
         n_out=n_out, activation=activation, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
         num_stages=num_stages,
