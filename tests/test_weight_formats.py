@@ -236,3 +236,192 @@ def test_packed_experts_match_the_loop(name: str, experts: type, t: int) -> None
     # the kernels round each dequantized weight and the activation to bf16 (8 mantissa bits)
     err = (out.float() - ref).abs().max().item() / ref.abs().max().item()
     assert err <= 3e-2, err
+
+
+# ----------------------------------------------------------------------------- published checkpoints
+
+
+def int32_words(nibbles: torch.Tensor) -> torch.Tensor:
+    """``[..., 8]`` values in [0, 16) -> one int32 word each, value ``i`` at bits ``4i..4i+3``."""
+    word = sum(nibbles[..., i].long() << (4 * i) for i in range(8))
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def rows_of(t: torch.Tensor, group: int) -> torch.Tensor:
+    return t.reshape(*t.shape[:-1], t.shape[-1] // group, group)
+
+
+def int4_codes(w: torch.Tensor, group: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row and group: fp16 scale, zero point, codes ``u [N, K]``; real = (u - z) * s."""
+    tensors, _ = int4_groups(w, group, symmetric)
+    s = tensors["scale"].half().float()
+    z = tensors["zero"].long() if not symmetric else torch.full_like(s, 8).long()
+    u = ((rows_of(w, group) / s[..., None]).round() + z[..., None]).clamp(0, 15).reshape(w.shape).long()
+    return u, s, z
+
+
+def gptq_tensors(w: torch.Tensor, group: int, symmetric: bool) -> dict[str, torch.Tensor]:
+    """GPTQ: qweight [K/8, N] packed along K, qzeros [K/g, N/8] along N holding zero - 1."""
+    u, s, z = int4_codes(w, group, symmetric)
+    n, k = w.shape
+    return {
+        "qweight": int32_words(u.t().reshape(k // 8, 8, n).transpose(1, 2)),
+        "qzeros": int32_words((z.t() - 1).reshape(k // group, n // 8, 8)),
+        "scales": s.t().half().contiguous(),
+        "g_idx": (torch.arange(k) // group).to(torch.int32),
+    }
+
+
+def awq_tensors(w: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
+    """AWQ: qweight [K, N/8], qzeros [K/g, N/8], nibble i holding column order[i] of 8."""
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+    u, s, z = int4_codes(w, group, symmetric=False)
+    n, k = w.shape
+    return {
+        "qweight": int32_words(u.t().reshape(k, n // 8, 8)[..., order]),
+        "qzeros": int32_words(z.t().reshape(k // group, n // 8, 8)[..., order]),
+        "scales": s.t().half().contiguous(),
+    }
+
+
+def pack_quantized_tensors(w: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
+    """compressed-tensors pack-quantized, symmetric: weight_packed [N, K/8] (signed + 8)."""
+    u, s, _ = int4_codes(w, group, symmetric=True)
+    n, k = w.shape
+    return {
+        "weight_packed": int32_words(u.reshape(n, k // 8, 8)),
+        "weight_scale": s.half(),
+        "weight_shape": torch.tensor([n, k]),
+    }
+
+
+def real_int4(w: torch.Tensor, group: int, symmetric: bool) -> torch.Tensor:
+    u, s, z = int4_codes(w, group, symmetric)
+    return ((rows_of(u.float(), group) - z[..., None]) * s[..., None]).reshape(w.shape)
+
+
+def fp8_tensors(w: torch.Tensor, per_channel: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    q, s = fp8_per_rows(w[None], per_channel)
+    scale = s[0] if per_channel else s[0].reshape(())  # ModelOpt: a 0-d per-tensor scale
+    return {"weight": q[0], "weight_scale": scale, "input_scale": torch.ones(1)}, (q.float() * s)[0]
+
+
+PROJECTIONS = {"gate_proj": slice(0, I), "up_proj": slice(I, 2 * I)}
+
+
+def per_expert_checkpoint(kind: str, w13: torch.Tensor, w2: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """``model.layers.0.mlp.experts.{e}.{proj}.<part>`` tensors and the real weights they hold."""
+    group = 64
+    make = {
+        "gptq": lambda w: (gptq_tensors(w, group, True), real_int4(w, group, True)),
+        "awq": lambda w: (awq_tensors(w, group), real_int4(w, group, False)),
+        "pack-quantized": lambda w: (pack_quantized_tensors(w, group), real_int4(w, group, True)),
+        "fp8-channel": lambda w: fp8_tensors(w, True),
+        "fp8-tensor": lambda w: fp8_tensors(w, False),
+    }[kind]
+    tensors, real13, real2 = {}, torch.empty_like(w13), torch.empty_like(w2)
+    for e in range(E):
+        for proj, rows in (*PROJECTIONS.items(), ("down_proj", None)):
+            w = w2[e] if rows is None else w13[e, rows]
+            parts, real = make(w)
+            tensors |= {f"model.layers.0.mlp.experts.{e}.{proj}.{p}": t.contiguous() for p, t in parts.items()}
+            if rows is None:
+                real2[e] = real
+            else:
+                real13[e, rows] = real
+    return tensors, real13, real2
+
+
+PUBLISHED = {
+    "gptq": ("gptq", QuantConfig(scheme="int4_w4a16", group_size=64)),
+    "awq": ("awq", QuantConfig(scheme="int4_w4a16", group_size=64, symmetric=False)),
+    "pack-quantized": ("pack-quantized", QuantConfig(scheme="int4_w4a16", group_size=64)),
+    "fp8-channel": ("fp8", QuantConfig(scheme="fp8_w8a8_channel")),
+    "fp8-tensor": ("fp8", QuantConfig(scheme="fp8_w8a8_tensor")),
+}
+
+
+def saved_and_loaded(tensors: dict[str, torch.Tensor], tmp_path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file, save_file
+
+    save_file(tensors, tmp_path / "model.safetensors")
+    return load_file(tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_checkpoints_load_and_match_the_loop(name: str, tmp_path) -> None:
+    from moe_kernels.model.naming import NAMINGS
+    from moe_kernels.model.published import published_expert_weights
+
+    kind, quant = PUBLISHED[name]
+    moe = MoEConfig(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, dtype=torch.bfloat16)
+    cfg = LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=32), quant=quant)
+    w13, w2 = float_weights()
+    tensors, real13, real2 = per_expert_checkpoint(name, w13, w2)
+    loaded = saved_and_loaded(tensors, tmp_path)
+    weights = published_expert_weights(loaded, "model.layers.0.", NAMINGS["mlp-experts"], kind, cfg.mlp, range(E))
+    # the repacked weights stand for exactly what the packer meant (fp8 per tensor: gate and up
+    # requantized to one scale, within half an e4m3 step of it)
+    for got, want in ((weights.dequantized(e), (real13[e], real2[e])) for e in range(E)):
+        for g, w in zip(got, want, strict=True):
+            step = 0.0 if name != "fp8-tensor" else w.abs().max().item() / 8
+            torch.testing.assert_close(g, w, atol=step, rtol=0)
+    kernel = compose(LocalPrepareAndFinalize(), FusedTritonExperts(), cfg, device="cpu")
+    x, tw, ids = routed(5)
+    ref = loop_reference(x, real13, real2, tw, ids)
+    err = (kernel(x, weights, tw, ids).float() - ref).abs().max().item() / ref.abs().max().item()
+    assert err <= cfg.mlp.tolerance, err
+
+
+def test_gpt_oss_mxfp4_checkpoint_loads(tmp_path) -> None:
+    from moe_kernels.model.naming import NAMINGS
+    from moe_kernels.model.published import published_expert_weights
+
+    moe = MoEConfig(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, dtype=torch.bfloat16)
+    cfg = LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=32), quant=QuantConfig(scheme="mxfp4"))
+    w13, w2 = float_weights()
+    # gpt-oss stores gate_up rows alternating gate, up
+    interleaved = torch.stack((w13[:, :I], w13[:, I:]), dim=2).reshape(E, 2 * I, H)
+    tensors = {}
+    for key, w in (("gate_up_proj", interleaved), ("down_proj", w2)):
+        parts, _ = mxfp4_groups(w)
+        n, k = w.shape[1:]
+        tensors[f"model.layers.0.mlp.experts.{key}_blocks"] = parts["weight"].reshape(E, n, k // 32, 16)
+        tensors[f"model.layers.0.mlp.experts.{key}_scales"] = parts["scale"]
+    _, real13 = mxfp4_groups(w13)
+    _, real2 = mxfp4_groups(w2)
+    loaded = saved_and_loaded(tensors, tmp_path)
+    weights = published_expert_weights(loaded, "model.layers.0.", NAMINGS["gpt-oss"], "mxfp4", cfg.mlp, [2, 0])
+    assert torch.equal(weights.dequantized(0)[0], real13[2]) and torch.equal(weights.dequantized(1)[1], real2[0])
+
+
+def test_published_checkpoints_bad_input_is_refused() -> None:
+    from moe_kernels.model.naming import NAMINGS
+    from moe_kernels.model.published import published_expert_weights
+
+    w13, w2 = float_weights()
+    naming, root = NAMINGS["mlp-experts"], "model.layers.0."
+
+    def load(name: str, quant: QuantConfig, edit) -> None:
+        moe = MoEConfig(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, dtype=torch.bfloat16)
+        cfg = LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=32), quant=quant)
+        tensors, _, _ = per_expert_checkpoint(name, w13, w2)
+        edit(tensors)
+        published_expert_weights(tensors, root, naming, PUBLISHED[name][0], cfg.mlp, range(E))
+
+    key = "model.layers.0.mlp.experts.1.up_proj."
+    gptq = PUBLISHED["gptq"][1]
+    with pytest.raises(ValueError, match="act-order"):
+        load("gptq", gptq, lambda t: t.__setitem__(key + "g_idx", t[key + "g_idx"].flip(0)))
+    with pytest.raises(ValueError, match="zero points other than 8 on a symmetric scheme"):
+        load("gptq", gptq, lambda t: t.__setitem__(key + "qzeros", t[key + "qzeros"] + 1))
+    with pytest.raises(ValueError, match=r"qweight: expected shape \[16, 256\], got \[8, 256\]"):
+        load("gptq", gptq, lambda t: t.__setitem__(key + "qweight", t[key + "qweight"][:8]))
+    with pytest.raises(ValueError, match=r"weight_shape: expected \[256, 128\]"):
+        load("pack-quantized", PUBLISHED["pack-quantized"][1],
+             lambda t: t.__setitem__(key + "weight_shape", torch.tensor([256, 64])))  # fmt: skip
+    with pytest.raises(ValueError, match="weight_scale: scales must be finite and positive"):
+        load("fp8-channel", PUBLISHED["fp8-channel"][1],
+             lambda t: t[key + "weight_scale"].__setitem__(3, float("nan")))  # fmt: skip
+    with pytest.raises(ValueError, match="layer model.layers.0: awq checkpoint: missing mlp.experts.1.up_proj.scales"):
+        load("awq", PUBLISHED["awq"][1], lambda t: t.pop(root + "mlp.experts.1.up_proj.scales"))
