@@ -79,13 +79,14 @@ def dequantize_int4(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 def quantize_mxfp4(w: torch.Tensor) -> dict[str, torch.Tensor]:
     """``w [..., N, K]`` -> ``weight [..., N, K/2] uint8`` (e2m1 nibbles) and ``scale [..., N,
     K/32] uint8`` (e8m0): the smallest power of two putting the group's amax within 6, each
-    value then rounded to the nearest e2m1 value."""
+    value then rounded to the nearest e2m1 value (ties to the smaller magnitude)."""
     g = _groups(w, MXFP4_GROUP)
     amax = g.abs().amax(dim=-1).clamp_min(2.0**-126)
     exponent = torch.ceil(torch.log2(amax / E2M1_MAX)).clamp(-E8M0_BIAS, E8M0_BIAS)
     scaled = g / torch.exp2(exponent)[..., None]
+    # the nearest magnitude by the midpoints between neighbours (a tie goes to the smaller)
     values = torch.tensor(E2M1_VALUES[:8], device=w.device)
-    nearest = (scaled.abs()[..., None] - values).abs().argmin(dim=-1)
+    nearest = torch.bucketize(scaled.abs(), (values[1:] + values[:-1]) / 2)
     u = nearest + 8 * (scaled < 0)
     return {"weight": pack_nibbles(u.flatten(-2)), "scale": (exponent + E8M0_BIAS).to(torch.uint8)}
 

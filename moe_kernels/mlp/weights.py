@@ -114,8 +114,10 @@ class ExpertWeights:
 
 
 def quantize_weights(w13: torch.Tensor, w2: torch.Tensor, fmt: WeightFormat) -> ExpertWeights:
-    """Float ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` stored as ``fmt`` (setup time, plain torch)."""
-    q13, q2 = fmt.quantize(w13), fmt.quantize(w2)
+    """Float ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` stored as ``fmt`` (setup time, plain torch;
+    one expert at a time, so the float32 temporaries stay one expert's size)."""
+    q13, q2 = ({part: torch.stack([d[part] for d in per]) for part in per[0]}
+               for per in ([fmt.quantize(w[e]) for e in range(w.shape[0])] for w in (w13, w2)))  # fmt: skip
     return ExpertWeights(
         q13["weight"], q2["weight"], q13.get("scale"), q2.get("scale"), fmt, q13.get("zero"), q2.get("zero")
     )

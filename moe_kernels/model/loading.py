@@ -22,7 +22,7 @@ from torch import nn
 from moe_kernels.config import LayerConfig
 from moe_kernels.core.validate import expect_tensor
 from moe_kernels.mlp import fp8
-from moe_kernels.mlp.formats import WeightFormat
+from moe_kernels.mlp.formats import Fp8Tensor, Packed4Bit, WeightFormat
 from moe_kernels.model.router import Router
 
 #: per-expert tensors keyed by global expert id (int or its decimal string, as checkpoint
@@ -148,6 +148,13 @@ class LayerLoader:
         copies = []
         if owned_scales is not None and not fmt.is_quantized:
             raise ValueError(f"{name}_scale: the layer is unquantized ({fmt.describe()}); pass float weights")
+        if isinstance(fmt, Fp8Tensor | Packed4Bit) and owned:
+            # gate and up share w13's one fp8 scale (requantized together); 4-bit layouts carry
+            # zero points and published packings this per-tensor path does not take
+            raise ValueError(
+                f"{name}: a {fmt.describe()} layer loads through moe_kernels.model.published.published_expert_weights "
+                "(a published checkpoint) or moe_kernels.mlp.weights.quantize_weights (float weights)"
+            )
         for expert, src in owned.items():
             if owned_scales is None:
                 stored = fmt.quantize(_float(f"{name}[{expert}]", src, shape).float())
