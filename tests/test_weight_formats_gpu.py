@@ -93,10 +93,11 @@ def loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, tw: torch.Tensor,
     return out
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("scheme", list(SCHEMES))
-@pytest.mark.parametrize("t", TOKENS)
+# pytest varies the top decorator fastest: one (shape, scheme) at a time keeps its weights cached
 @pytest.mark.parametrize("experts", [FusedTritonExperts, TritonExperts])
+@pytest.mark.parametrize("t", TOKENS)
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("shape", list(SHAPES))
 def test_format_fast_paths_match_the_loop(shape: str, scheme: str, t: int, experts: type) -> None:
     cfg = layer(shape, scheme)
     e, k, h, _ = SHAPES[shape]
