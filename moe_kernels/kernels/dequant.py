@@ -33,42 +33,58 @@ _E8M0_BIAS = tl.constexpr(float(packed_numbers.E8M0_BIAS))
 
 @triton.jit
 def load_weight_tile(
-    w_ptrs, mask, k, scale_ptr, zero_ptr, row_offs, stride_sk, group, PACKED: tl.constexpr, HAS_ZERO: tl.constexpr
-):
+    w_ptrs, mask, k0, k_dim, col_ok, scale_ptr, zero_ptr, row_offs, stride_sk, group,
+    PACKED: tl.constexpr, HAS_ZERO: tl.constexpr, GROUPS: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
     """The B tile ``[BLOCK_K, BLOCK_N]`` at ``w_ptrs`` as stored (dense, fp8), or unpacked to
-    float32: then ``w_ptrs`` point at byte ``k // 2`` of each column's row, ``k [BLOCK_K]`` are
-    the absolute columns and ``row_offs [BLOCK_N]`` the offsets of the rows' first scale (and
-    zero point) from ``scale_ptr`` (``zero_ptr``)."""
+    float32: then ``w_ptrs`` point at byte ``k // 2`` of each column's row for the columns ``k``
+    from ``k0``, ``row_offs [BLOCK_N]`` are the offsets of the rows' first scale (and zero point)
+    from ``scale_ptr`` (``zero_ptr``) and ``GROUPS`` the scale groups in a K tile (1: one group
+    spans the tile, ``BLOCK_K / group`` otherwise)."""
     if PACKED == 0:
         # float `other`: the interpreter cannot cast the int 0 to fp8
         w = tl.load(w_ptrs, mask=mask, other=0.0)
     else:
-        w = _dequantize(tl.load(w_ptrs, mask=mask, other=0), k, scale_ptr, zero_ptr, row_offs, stride_sk, group, mask,
-                        PACKED, HAS_ZERO)  # fmt: skip
+        raw = tl.load(w_ptrs, mask=mask, other=0)
+        k = k0 + tl.arange(0, BLOCK_K)
+        nibble = (raw >> ((k % 2) * 4).to(tl.uint8)[:, None]) & 0xF
+        scale = _per_group(scale_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, GROUPS, BLOCK_K)
+        if PACKED == 1:
+            if HAS_ZERO:
+                zero = _per_group(zero_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, GROUPS, BLOCK_K)
+                w = (nibble.to(tl.float32) - zero.to(tl.float32)) * scale
+            else:
+                w = (nibble.to(tl.float32) - _INT4_ZERO) * scale
+        else:
+            e = ((nibble >> 1) & 3).to(tl.float32)
+            m = (nibble & 1).to(tl.float32)
+            # e == 0: subnormal 0 or 0.5; else (1 + m / 2) * 2^(e - 1): 1, 1.5, 2, 3, 4, 6
+            magnitude = tl.where(e == 0.0, m * 0.5, (1.0 + m * 0.5) * tl.exp2(e - 1.0))
+            w = tl.where((nibble & 8) != 0, -magnitude, magnitude) * tl.exp2(scale.to(tl.float32) - _E8M0_BIAS)
     return w
 
 
 @triton.jit
-def _dequantize(
-    raw, k, scale_ptr, zero_ptr, row_offs, stride_sk, group, mask, PACKED: tl.constexpr, HAS_ZERO: tl.constexpr
-):
-    nibble = (raw >> ((k % 2) * 4).to(tl.uint8)[:, None]) & 0xF
-    offs = row_offs[None, :] + (k // group).to(tl.int64)[:, None] * stride_sk
-    if PACKED == 1:
-        scale = tl.load(scale_ptr + offs, mask=mask, other=0.0)
-        if HAS_ZERO:
-            zero = tl.load(zero_ptr + offs, mask=mask, other=0).to(tl.float32)
-        else:
-            zero = _INT4_ZERO
-        w = (nibble.to(tl.float32) - zero) * scale
+def _per_group(ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, GROUPS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The per-group values (scales, zero points) of the K tile from ``k0``: ``[1, BLOCK_N]`` when
+    one group spans the tile, else ``GROUPS`` loads per column broadcast to ``[BLOCK_K,
+    BLOCK_N]`` -- one load per group, not per element."""
+    if GROUPS == 1:
+        v = tl.load(ptr + row_offs[None, :] + (k0 // group) * stride_sk, mask=col_ok[None, :], other=0)
     else:
-        exponent = tl.load(scale_ptr + offs, mask=mask, other=0).to(tl.float32)
-        e = ((nibble >> 1) & 3).to(tl.float32)
-        m = (nibble & 1).to(tl.float32)
-        # e == 0: subnormal 0 or 0.5; else (1 + m / 2) * 2^(e - 1): 1, 1.5, 2, 3, 4, 6
-        magnitude = tl.where(e == 0.0, m * 0.5, (1.0 + m * 0.5) * tl.exp2(e - 1.0))
-        w = tl.where((nibble & 8) != 0, -magnitude, magnitude) * tl.exp2(exponent - _E8M0_BIAS)
-    return w
+        g = k0 // group + tl.arange(0, GROUPS)
+        g_ok = (g * group < k_dim)[:, None] & col_ok[None, :]
+        v = tl.load(ptr + row_offs[None, :] + g.to(tl.int64)[:, None] * stride_sk, mask=g_ok, other=0)
+        v = tl.reshape(tl.broadcast_to(v[:, None, :], (GROUPS, BLOCK_K // GROUPS, v.shape[1])), (BLOCK_K, v.shape[1]))
+    return v
+
+
+def groups_per_tile(group: int, block_k: int) -> int:
+    """The ``GROUPS`` constexpr: scale groups in a K tile (1 when a group spans it); both are
+    powers of two, so one divides the other."""
+    if group % block_k and block_k % group:
+        raise ValueError(f"block_k: {block_k} and the group size {group} must divide one another")
+    return max(1, block_k // group)
 
 
 #: the kernels' ``packing`` argument -> their ``PACKED`` constexpr

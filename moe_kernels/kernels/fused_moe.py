@@ -37,7 +37,7 @@ from moe_kernels.mlp.activations import SILU, Activation
 
 from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor, interpreting
 from .activation import apply_activation
-from .dequant import PackedWeight, check_packed, load_weight_tile, packed_constant
+from .dequant import PackedWeight, check_packed, groups_per_tile, load_weight_tile, packed_constant
 from .gather import weighted_gather
 from .grouped_gemm import weight_scale
 from .permute import contiguous_rows_bound, contiguous_slot_rows
@@ -300,6 +300,7 @@ def _fused_gemm1_kernel(
     PACKED: tl.constexpr,
     HAS_ZERO: tl.constexpr,
     PACK: tl.constexpr,
+    GROUPS: tl.constexpr,
     ACT_KIND: tl.constexpr,
     ACT_ALPHA: tl.constexpr,
     ACT_LIMIT: tl.constexpr,
@@ -343,11 +344,11 @@ def _fused_gemm1_kernel(
         k_ok = offs_k < k_dim - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_mask = k_ok[:, None] & col_ok[None, :]
-        k = k0 + offs_k
-        gate = load_weight_tile(gate_ptrs, w_mask, k, w_scale_ptr, w_zero_ptr, scale_offs, stride_wsk, scale_bk,
-                                PACKED, HAS_ZERO)  # fmt: skip
-        up = load_weight_tile(gate_ptrs + up_offset, w_mask, k, w_scale_ptr, w_zero_ptr, scale_offs + up_scale_offset,
-                              stride_wsk, scale_bk, PACKED, HAS_ZERO)  # fmt: skip
+        gate = load_weight_tile(gate_ptrs, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, scale_offs, stride_wsk,
+                                scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
+        up_scale_offs = scale_offs + up_scale_offset
+        up = load_weight_tile(gate_ptrs + up_offset, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, up_scale_offs,
+                              stride_wsk, scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
         if PACKED:
             gate = gate.to(x_ptr.dtype.element_ty)
             up = up.to(x_ptr.dtype.element_ty)
@@ -396,6 +397,7 @@ def _fused_gemm2_kernel(
     PACKED: tl.constexpr,
     HAS_ZERO: tl.constexpr,
     PACK: tl.constexpr,
+    GROUPS: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     ZERO_EMPTY: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -436,8 +438,8 @@ def _fused_gemm2_kernel(
         # Padding rows of act were never written: masked, so stale values never enter the dot.
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_mask = k_ok[:, None] & col_ok[None, :]
-        w = load_weight_tile(w_ptrs, w_mask, k0 + offs_k, w_scale_ptr, w_zero_ptr, scale_offs, stride_wsk, scale_bk,
-                             PACKED, HAS_ZERO)  # fmt: skip
+        w = load_weight_tile(w_ptrs, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, scale_offs, stride_wsk,
+                             scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
         if PACKED:
             w = w.to(act_ptr.dtype.element_ty)
         a, a_scale = _a_operand(a, w_ptr.dtype.element_ty, FP8, UPCAST)
@@ -469,12 +471,13 @@ BLOCK_SCALES: ScaleBlock = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK)
 
 
 _UNSCALED = {"w_scale_ptr": None, "stride_wse": 0, "stride_wsn": 0, "stride_wsk": 0, "scale_bn": 1, "scale_bk": 1,
-             "w_zero_ptr": None, "FP8": False, "PACKED": 0, "HAS_ZERO": False, "PACK": 1}  # fmt: skip
+             "w_zero_ptr": None, "FP8": False, "PACKED": 0, "HAS_ZERO": False, "PACK": 1, "GROUPS": 1}  # fmt: skip
 
 
 def _packed_kwargs(
-    name: str, w: torch.Tensor, w_scale: torch.Tensor | None, packed: PackedWeight, k: int, a_dtype: torch.dtype
-) -> dict[str, object]:
+    name: str, w: torch.Tensor, w_scale: torch.Tensor | None, packed: PackedWeight, k: int, a_dtype: torch.dtype,
+    block_k: int,
+) -> dict[str, object]:  # fmt: skip
     """``w [E, N, K/2] uint8`` with ``w_scale [E, N, K/group]`` (:func:`.dequant.check_packed`)."""
     check_packed(name, w, w_scale, packed, k)
     if a_dtype not in (torch.bfloat16, torch.float16):
@@ -482,7 +485,8 @@ def _packed_kwargs(
     assert w_scale is not None  # checked above
     strides = dict(zip(("stride_wse", "stride_wsn", "stride_wsk"), w_scale.stride(), strict=True))
     return {**_UNSCALED, "w_scale_ptr": w_scale, **strides, "scale_bk": packed.group, "w_zero_ptr": packed.zero,
-            "PACKED": packed_constant(packed.packing), "HAS_ZERO": packed.zero is not None, "PACK": 2}  # fmt: skip
+            "PACKED": packed_constant(packed.packing), "HAS_ZERO": packed.zero is not None, "PACK": 2,
+            "GROUPS": groups_per_tile(packed.group, block_k)}  # fmt: skip
 
 
 def _weight_scale_kwargs(
@@ -493,7 +497,7 @@ def _weight_scale_kwargs(
     float8_e4m3fn with ``w_scale [E, ceil(N/bn), ceil(K/bk)]`` float32, the A tiles quantized
     per ``block_k = 128`` columns (one activation group) inside the GEMM; or ``packed``."""
     if packed is not None:
-        return _packed_kwargs(name, w, w_scale, packed, k, a_dtype)
+        return _packed_kwargs(name, w, w_scale, packed, k, a_dtype, config.block_k)
     none = _UNSCALED
     if w.dtype != fp8.FP8_DTYPE:
         check_tensor(name, w, dtypes=(a_dtype,), ndim=3)

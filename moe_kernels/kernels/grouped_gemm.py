@@ -31,7 +31,7 @@ from moe_kernels.mlp.activations import SILU, Activation
 
 from ._common import FLOAT_DTYPES, check_same_device, check_tensor, interpreting
 from .activation import apply_activation
-from .dequant import PackedWeight, check_packed, load_weight_tile, packed_constant
+from .dequant import PackedWeight, check_packed, groups_per_tile, load_weight_tile, packed_constant
 
 _SCALE_BLOCK = tl.constexpr(fp8.SCALE_BLOCK)
 
@@ -85,6 +85,7 @@ def _grouped_gemm_kernel(
     PACKED: tl.constexpr,
     HAS_ZERO: tl.constexpr,
     PACK: tl.constexpr,
+    GROUPS: tl.constexpr,
     FUSED: tl.constexpr,
     ACT_KIND: tl.constexpr,
     ACT_ALPHA: tl.constexpr,
@@ -147,8 +148,8 @@ def _grouped_gemm_kernel(
         # fp8 loads take a float `other` (the interpreter cannot cast the int 0 to fp8). Zeroed
         # padding rows and K tails contribute nothing even if the memory behind them holds NaNs.
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = load_weight_tile(b_ptrs, b_mask, k0 + offs_k, b_scale_ptr, b_zero_ptr, b_scale_offs, stride_bsk, scale_bk,
-                             PACKED, HAS_ZERO)  # fmt: skip
+        b = load_weight_tile(b_ptrs, b_mask, k0, k_dim, col_ok, b_scale_ptr, b_zero_ptr, b_scale_offs, stride_bsk,
+                             scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
         if PACKED:
             b = b.to(a_ptr.dtype.element_ty)
         if UPCAST:
@@ -167,8 +168,8 @@ def _grouped_gemm_kernel(
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         if FUSED:
             up_scale_offs = b_scale_offs + n_out * stride_bsn
-            b_up = load_weight_tile(b_ptrs + up_offset, b_mask, k0 + offs_k, b_scale_ptr, b_zero_ptr, up_scale_offs,
-                                    stride_bsk, scale_bk, PACKED, HAS_ZERO)  # fmt: skip
+            b_up = load_weight_tile(b_ptrs + up_offset, b_mask, k0, k_dim, col_ok, b_scale_ptr, b_zero_ptr,
+                                    up_scale_offs, stride_bsk, scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
             if PACKED:
                 b_up = b_up.to(a_ptr.dtype.element_ty)
             if UPCAST:
@@ -240,10 +241,12 @@ def _scale_args(
     needs a scale per column; checks that a K tile lies in one activation group and one weight
     scale block. ``packed``: the 4-bit weight's group scales and zero points."""
     none = {"a_scale_strides": (0, 0, 0), "b_scale_strides": (0, 0, 0), "scale_bn": 1, "scale_bk": 1,
-            "SCALE_PER_COLUMN": False, "b_zero_ptr": None, "PACKED": 0, "HAS_ZERO": False, "PACK": 1}  # fmt: skip
+            "SCALE_PER_COLUMN": False, "b_zero_ptr": None, "PACKED": 0, "HAS_ZERO": False, "PACK": 1,
+            "GROUPS": 1}  # fmt: skip
     if packed is not None and b_scale is not None:
         return {**none, "b_scale_strides": b_scale.stride(), "scale_bk": packed.group, "b_zero_ptr": packed.zero,
-                "PACKED": packed_constant(packed.packing), "HAS_ZERO": packed.zero is not None, "PACK": 2}  # fmt: skip
+                "PACKED": packed_constant(packed.packing), "HAS_ZERO": packed.zero is not None, "PACK": 2,
+                "GROUPS": groups_per_tile(packed.group, block_k)}  # fmt: skip
     if a_scale is None or b_scale is None:
         return none
     bn, bk = b_scale_block
