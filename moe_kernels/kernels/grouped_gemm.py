@@ -243,6 +243,8 @@ def _scale_args(
     none = {"a_scale_strides": (0, 0, 0), "b_scale_strides": (0, 0, 0), "scale_bn": 1, "scale_bk": 1,
             "SCALE_PER_COLUMN": False, "b_zero_ptr": None, "PACKED": 0, "HAS_ZERO": False, "PACK": 1,
             "GROUPS": 1}  # fmt: skip
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n: expected a power of two >= 16, got {block_n}")
     if packed is not None and b_scale is not None:
         return {**none, "b_scale_strides": b_scale.stride(), "scale_bk": packed.group, "b_zero_ptr": packed.zero,
                 "PACKED": packed_constant(packed.packing), "HAS_ZERO": packed.zero is not None, "PACK": 2,
@@ -255,8 +257,6 @@ def _scale_args(
             f"block_k: expected a divisor of {fp8.SCALE_BLOCK} (the activation group) and of the weight's scale "
             f"block {bk} (or a block spanning K = {k_dim}), >= 16; got {block_k}"
         )
-    if block_n < 16:
-        raise ValueError(f"block_n: expected >= 16, got {block_n}")
     return {
         **none,
         "a_scale_strides": a_scale.stride() if masked else (0, a_scale.stride(0), a_scale.stride(1)),
