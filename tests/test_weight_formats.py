@@ -425,3 +425,28 @@ def test_published_checkpoints_bad_input_is_refused() -> None:
              lambda t: t[key + "weight_scale"].__setitem__(3, float("nan")))  # fmt: skip
     with pytest.raises(ValueError, match="layer model.layers.0: awq checkpoint: missing mlp.experts.1.up_proj.scales"):
         load("awq", PUBLISHED["awq"][1], lambda t: t.pop(root + "mlp.experts.1.up_proj.scales"))
+
+
+def test_fused_moe_layer_runs_a_repacked_awq_checkpoint() -> None:
+    from moe_kernels import FusedMoE
+    from moe_kernels.model.naming import NAMINGS
+    from moe_kernels.model.published import published_expert_weights
+
+    kind, quant = PUBLISHED["awq"]
+    moe = MoEConfig(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, dtype=torch.bfloat16)
+    cfg = LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=32), quant=quant)
+    layer = FusedMoE(cfg, device="cpu", kernel=compose(LocalPrepareAndFinalize(), FusedTritonExperts(), cfg))
+    w13, w2 = float_weights()
+    tensors, real13, real2 = per_expert_checkpoint("awq", w13, w2)
+    with pytest.raises(ValueError, match="loads whole experts with load_expert_weights"):
+        layer.load_weights(gate_proj={0: w13[0, :I]})
+    layer.load_expert_weights(
+        published_expert_weights(tensors, "model.layers.0.", NAMINGS["mlp-experts"], kind, cfg.mlp, range(E))
+    )
+    layer.load_weights(router_weight=torch.randn(E, H, generator=torch.Generator().manual_seed(3)))
+    x = routed(6)[0]
+    out = layer(x)
+    tw, ids = layer.router(x)
+    ref = loop_reference(x, real13, real2, tw, ids)
+    err = (out.float() - ref).abs().max().item() / ref.abs().max().item()
+    assert err <= cfg.mlp.tolerance, err

@@ -208,6 +208,13 @@ class FusedMoE(nn.Module):
             )
 
     @torch.no_grad()
+    def load_expert_weights(self, weights: ExpertWeights) -> None:
+        """All local experts' tensors stored as the layer's format says (fp8 per tensor, int4,
+        mxfp4: from :func:`moe_kernels.model.published.published_expert_weights` or
+        :func:`moe_kernels.mlp.weights.quantize_weights`); checked against the layer first."""
+        self._loader.load_expert_weights(weights)
+
+    @torch.no_grad()
     def load_weights(
         self,
         *,

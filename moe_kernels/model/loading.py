@@ -23,6 +23,7 @@ from moe_kernels.config import LayerConfig
 from moe_kernels.core.validate import expect_tensor
 from moe_kernels.mlp import fp8
 from moe_kernels.mlp.formats import Fp8Tensor, Packed4Bit, WeightFormat
+from moe_kernels.mlp.weights import ExpertWeights
 from moe_kernels.model.router import Router
 
 #: per-expert tensors keyed by global expert id (int or its decimal string, as checkpoint
@@ -67,6 +68,21 @@ class LayerLoader:
     def __init__(self, layer: LoadTarget) -> None:
         self.layer = layer
         self.state = LoadState()
+
+    # --- stored tensors as they are -------------------------------------------------------
+
+    def load_expert_weights(self, weights: ExpertWeights) -> None:
+        """Every local expert's tensors, already in the layer's format (``weights.check`` names
+        any mismatch before anything is written): what a repacked published checkpoint or
+        :func:`~moe_kernels.mlp.weights.quantize_weights` gives."""
+        layer = self.layer
+        weights.check(layer.cfg.mlp, len(layer.local_experts), layer.w13.device)
+        for projection in ("w13", "w2"):
+            for part, tensor in weights.tensors(projection).items():
+                if tensor is not None:
+                    layer.parameter(projection, part).copy_(tensor)
+        for name in PROJECTIONS:
+            self.state.experts[name] |= set(layer.local_experts)
 
     # --- what is missing ------------------------------------------------------------------
 
@@ -152,8 +168,9 @@ class LayerLoader:
             # gate and up share w13's one fp8 scale (requantized together); 4-bit layouts carry
             # zero points and published packings this per-tensor path does not take
             raise ValueError(
-                f"{name}: a {fmt.describe()} layer loads through moe_kernels.model.published.published_expert_weights "
-                "(a published checkpoint) or moe_kernels.mlp.weights.quantize_weights (float weights)"
+                f"{name}: a {fmt.describe()} layer loads whole experts with load_expert_weights(weights), the "
+                "weights from moe_kernels.model.published.published_expert_weights (a published checkpoint) or "
+                "moe_kernels.mlp.weights.quantize_weights (float weights)"
             )
         for expert, src in owned.items():
             if owned_scales is None:
