@@ -3,11 +3,14 @@
 No scatter: GEMM1 reads its A tile straight from ``x`` through the expert-sorted slots, SiLU-and-
 mul is fused into it, GEMM2 applies the router weight in its epilogue, and the top-k sum (fixed k
 order, fp32) adds the residual in the same pass: 4 launches (3 at top-1), with the layout built
-in one program at decode sizes. fp8 weights (every :data:`~moe_kernels.mlp.formats.FP8_FORMATS`
-format) take the same launches: each GEMM quantizes its bf16 A tile (one token by 128 columns,
-the schemes' activation group) in its loads and applies both scales per K tile, so the tokens
-arrive unquantized and no quantize pass runs. The tile configs come from this GPU's tuning table for the layer
+in one program at decode sizes. The tile configs come from this GPU's tuning table for the layer
 shape and token count (``moe-kernels tune``), else from the kernels' documented heuristic.
+
+fp8 weights (every :data:`~moe_kernels.mlp.formats.FP8_FORMATS` format) take the same launches:
+each GEMM quantizes its bf16 A tile (one token by 128 columns, the schemes' activation group) in
+its loads and applies both scales per K tile, so the tokens arrive unquantized and no quantize
+pass runs. 4-bit weights (:data:`~moe_kernels.mlp.formats.PACKED_FORMATS`) stay packed and are
+dequantized in the GEMMs' loads.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ DECODE_ROWS_PER_EXPERT = 128
 
 
 class FusedTritonExperts(TritonPart):
-    """STANDARD in, ``[T, H]`` out (weighted, reduced), unquantized or fp8 weights, gated activations.
+    """STANDARD in, ``[T, H]`` out (weighted, reduced), unquantized, fp8 or 4-bit weights, gated
+    activations.
     ``tiles``: ``{T: (gemm1, gemm2)}`` :class:`~moe_kernels.kernels.fused_moe.FusedConfig` pairs
     to use instead of the tuning table (the tuner measures candidates this way); a call with T
     tokens takes the entry of the smallest T' >= T (:func:`moe_kernels.core.tuning.point_for`)."""
