@@ -115,6 +115,15 @@ def test_schemes_build_their_formats() -> None:
     assert Fp8Block().stored(300, 130)["scale"] == ((3, 2), torch.float32)
     with pytest.raises(ValueError, match="act_group must be 128"):
         QuantConfig(scheme="fp8_w8a8_channel", act_group=64)
+    with pytest.raises(ValueError, match="group_size must be a power of two >= 16; got 100"):
+        QuantConfig(scheme="int4_w4a16", group_size=100)
+    with pytest.raises(ValueError, match="multiples of its group 128; got hidden_size=192"):
+        moe = MoEConfig(num_experts=E, top_k=K, hidden_size=192, intermediate_size=I, dtype=torch.bfloat16)
+        LayerConfig(moe=moe, quant=QuantConfig(scheme="int4_w4a16"))
+    with pytest.raises(ValueError, match="symmetric: not a parameter of scheme mxfp4"):
+        QuantConfig(scheme="mxfp4", symmetric=False)
+    with pytest.raises(ValueError, match=r"uint8 \(packed 4-bit\): give format="):
+        ExpertWeights(torch.zeros(1, 2, 2, dtype=torch.uint8), torch.zeros(1, 2, 1, dtype=torch.uint8))
 
 
 @pytest.mark.parametrize("experts", [TritonExperts, FusedTritonExperts])

@@ -41,6 +41,9 @@ class ExpertWeights:
 
     def __post_init__(self) -> None:
         if self.format is None:
+            if isinstance(self.w13, torch.Tensor) and self.w13.dtype == torch.uint8:
+                # packed codes say nothing of their format (int4 or mxfp4, group, zero points)
+                raise ValueError("w13 is uint8 (packed 4-bit): give format= (an Int4Group or Mxfp4)")
             if self.w13_scale is None and isinstance(self.w13, torch.Tensor):
                 inferred: WeightFormat = Dense(self.w13.dtype)
             else:
