@@ -459,3 +459,35 @@ def test_fused_moe_layer_runs_a_repacked_awq_checkpoint() -> None:
     ref = loop_reference(x, real13, real2, tw, ids)
     err = (out.float() - ref).abs().max().item() / ref.abs().max().item()
     assert err <= cfg.mlp.tolerance, err
+
+
+@pytest.mark.parametrize(
+    ("quantization_config", "expected"),
+    [
+        ({"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": True, "desc_act": False},
+         QuantConfig(scheme="int4_w4a16", group_size=64)),
+        ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+         QuantConfig(scheme="int4_w4a16", symmetric=False)),
+        ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {
+            "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}}}},
+         QuantConfig(scheme="int4_w4a16")),
+        ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"group_0": {
+            "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}}},
+         QuantConfig(scheme="fp8_w8a8_channel")),
+        ({"quant_method": "modelopt", "quant_algo": "FP8"}, QuantConfig(scheme="fp8_w8a8_tensor")),
+        ({"quant_method": "mxfp4"}, QuantConfig(scheme="mxfp4")),
+    ],
+)  # fmt: skip
+def test_quantization_configs_name_their_scheme(quantization_config: dict, expected: QuantConfig) -> None:
+    from moe_kernels.model.published import quant_from_hf
+
+    assert quant_from_hf(quantization_config) == expected
+
+
+def test_act_order_and_other_bit_widths_are_refused() -> None:
+    from moe_kernels.model.published import quant_from_hf
+
+    with pytest.raises(ValueError, match="desc_act"):
+        quant_from_hf({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True})
+    with pytest.raises(ValueError, match="8-bit weights"):
+        quant_from_hf({"quant_method": "gptq", "bits": 8, "group_size": 128})

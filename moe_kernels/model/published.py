@@ -24,9 +24,11 @@ stores them. Published layouts (facts from the formats' descriptions):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
+from moe_kernels.config import QuantConfig
 from moe_kernels.mlp import fp8, packed
 from moe_kernels.mlp.formats import Fp8Channel, Fp8Tensor, Int4Group, Mxfp4
 from moe_kernels.mlp.spec import ExpertMLP
@@ -259,3 +261,49 @@ def _gpt_oss_experts(
         index = torch.tensor(list(experts), device=blocks.device)
         out.append({part: t[index].contiguous() for part, t in stored.items()})
     return ExpertWeights(out[0]["weight"], out[1]["weight"], out[0]["scale"], out[1]["scale"], mlp.weights)
+
+
+# --- the scheme a checkpoint's quantization_config declares -------------------------------------
+
+
+def _int4(q: Mapping[str, Any], bits: object, group: object, symmetric: bool) -> QuantConfig:
+    if bits != 4:
+        raise ValueError(f"{bits}-bit weights (int4_w4a16 takes 4)")
+    return QuantConfig(scheme="int4_w4a16", group_size=int(group), symmetric=symmetric)  # type: ignore[arg-type]
+
+
+def _compressed_tensors(q: Mapping[str, Any]) -> QuantConfig:
+    groups = list((q.get("config_groups") or {}).values())
+    weights = [g.get("weights") or {} for g in groups]
+    if len(weights) != 1:
+        raise ValueError(f"{len(weights)} config_groups (one is implemented)")
+    w = weights[0]
+    kind, bits, strategy = w.get("type"), w.get("num_bits"), w.get("strategy")
+    if kind == "int" and q.get("format") == "pack-quantized" and strategy == "group":
+        return _int4(q, bits, w.get("group_size"), bool(w.get("symmetric", True)))
+    if kind == "float" and bits == 8 and strategy in ("channel", "tensor", "block"):
+        scheme = {"channel": "fp8_w8a8_channel", "tensor": "fp8_w8a8_tensor", "block": "fp8_w8a8_block"}[strategy]
+        return QuantConfig(scheme=scheme)  # type: ignore[arg-type]
+    raise ValueError(f"weights {kind} {bits}-bit, strategy {strategy!r}, format {q.get('format')!r}")
+
+
+def quant_from_hf(q: Mapping[str, Any]) -> QuantConfig:
+    """The scheme of a transformers ``quantization_config`` (GPTQ, AWQ, compressed-tensors,
+    ModelOpt FP8, gpt-oss mxfp4); ``ValueError`` saying what is not implemented."""
+    method = q.get("quant_method")
+    if method == "gptq":
+        if q.get("desc_act"):
+            raise ValueError("desc_act (act-order) permutes K, which the GEMMs would have to apply to the activations")
+        return _int4(q, q.get("bits"), q.get("group_size", 128), bool(q.get("sym", True)))
+    if method == "awq":
+        if q.get("version", "gemm") != "gemm":
+            raise ValueError(f"AWQ version {q.get('version')!r} (the GEMM packing is implemented)")
+        group = q.get("group_size", q.get("q_group_size", 128))
+        return _int4(q, q.get("bits", q.get("w_bit")), group, not q.get("zero_point", True))
+    if method == "compressed-tensors":
+        return _compressed_tensors(q)
+    if method == "modelopt" and str(q.get("quant_algo", "")).upper() == "FP8":
+        return QuantConfig(scheme="fp8_w8a8_tensor")
+    if method == "mxfp4":
+        return QuantConfig(scheme="mxfp4")
+    raise ValueError(f"quant_method {method!r} is not one moe_kernels reads")
