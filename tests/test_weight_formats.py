@@ -126,13 +126,14 @@ def test_schemes_build_their_formats() -> None:
         ExpertWeights(torch.zeros(1, 2, 2, dtype=torch.uint8), torch.zeros(1, 2, 1, dtype=torch.uint8))
 
 
-@pytest.mark.parametrize("experts", [TritonExperts, FusedTritonExperts])
+@pytest.mark.parametrize("experts", [TritonExperts, FusedTritonExperts, MaskedTritonExperts])
 @pytest.mark.parametrize("scheme", [*SCHEMES, "fp8_w8a8_block"])
 @pytest.mark.parametrize("t", [1, 7])
 def test_fp8_experts_match_the_loop(scheme: str, experts: type, t: int) -> None:
     cfg = cfg_for(scheme)
     weights, w13, w2 = packed(scheme)
-    kernel = compose(LocalPrepareAndFinalize(), experts(), cfg, device="cpu")
+    prepare = LocalMaskedPrepareAndFinalize() if experts is MaskedTritonExperts else LocalPrepareAndFinalize()
+    kernel = compose(prepare, experts(), cfg, device="cpu")
     x, tw, ids = routed(t)
     out = kernel(x, weights, tw, ids)
     ref = loop_reference(x, w13, w2, tw, ids)
