@@ -28,7 +28,7 @@ from moe_kernels import (
     compose,
 )
 from moe_kernels.mlp.formats import Fp8Block, Fp8Channel, Fp8Tensor
-from moe_kernels.mlp.weights import ExpertWeights
+from moe_kernels.mlp.weights import ExpertWeights, quantize_weights
 
 E, K, H, I = 4, 2, 128, 256  # noqa: E741
 FP8_MAX = 448.0
@@ -448,8 +448,14 @@ def test_fused_moe_layer_runs_a_repacked_awq_checkpoint() -> None:
     layer = FusedMoE(cfg, device="cpu", kernel=compose(LocalPrepareAndFinalize(), FusedTritonExperts(), cfg))
     w13, w2 = float_weights()
     tensors, real13, real2 = per_expert_checkpoint("awq", w13, w2)
+    t13, s13 = tensors["model.layers.0.mlp.experts.0.gate_proj.qweight"], torch.ones(I, H // 64)
     with pytest.raises(ValueError, match="loads whole experts with load_expert_weights"):
-        layer.load_weights(gate_proj={0: w13[0, :I]})
+        layer.load_weights(gate_proj={0: t13}, gate_proj_scale={0: s13})
+    # float weights are quantized on load, as quantize_weights does
+    layer.load_weights(gate_proj=w13[:, :I], up_proj=w13[:, I:], down_proj=w2)
+    direct = quantize_weights(w13, w2, cfg.mlp.weights)
+    for part in ("w13", "w13_scale", "w13_zero", "w2", "w2_scale", "w2_zero"):
+        assert torch.equal(getattr(layer, part), getattr(direct, part)), part
     layer.load_expert_weights(
         published_expert_weights(tensors, "model.layers.0.", NAMINGS["mlp-experts"], kind, cfg.mlp, range(E))
     )

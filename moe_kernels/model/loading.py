@@ -164,9 +164,10 @@ class LayerLoader:
         copies = []
         if owned_scales is not None and not fmt.is_quantized:
             raise ValueError(f"{name}_scale: the layer is unquantized ({fmt.describe()}); pass float weights")
-        if isinstance(fmt, Fp8Tensor | Packed4Bit) and owned:
-            # gate and up share w13's one fp8 scale (requantized together); 4-bit layouts carry
-            # zero points and published packings this per-tensor path does not take
+        shared_scale = isinstance(fmt, Fp8Tensor) and not down
+        if owned and (shared_scale or (isinstance(fmt, Packed4Bit) and owned_scales is not None)):
+            # gate and up share w13's one fp8 scale (requantized together); packed 4-bit tensors
+            # come in their checkpoints' packings, repacked whole (float weights are quantized here)
             raise ValueError(
                 f"{name}: a {fmt.describe()} layer loads whole experts with load_expert_weights(weights), the "
                 "weights from moe_kernels.model.published.published_expert_weights (a published checkpoint) or "
