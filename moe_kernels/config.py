@@ -369,6 +369,9 @@ class QuantConfig(_Strict):
     scheme: str = "none"
     weight_block: IntPair = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK)
     act_group: int = Field(default=fp8.SCALE_BLOCK, gt=0)
+    # int4_w4a16: columns per scale, and whether the checkpoint stores zero points
+    group_size: int = Field(default=128, gt=0)
+    symmetric: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> QuantConfig:

@@ -169,7 +169,7 @@ def test_quant_config_is_strict() -> None:
     assert QuantConfig().scheme == "none"
     fp8 = QuantConfig.model_validate({"scheme": "fp8_w8a8_block", "weight_block": [128, 128]})
     assert fp8.scheme == "fp8_w8a8_block" and fp8.weight_block == (128, 128) and fp8.act_group == 128
-    with pytest.raises(ValidationError, match="one of 'none', 'fp8_w8a8_block'; got 'int4'"):
+    with pytest.raises(ValidationError, match="one of 'none', 'fp8_w8a8_block', .*'int4_w4a16', 'mxfp4'; got 'int4'"):
         QuantConfig.model_validate({"scheme": "int4"})
     with pytest.raises(ValidationError, match=r"weight_block must be \[128, 128\] and act_group 128"):
         QuantConfig.model_validate({"scheme": "fp8_w8a8_block", "weight_block": [64, 64]})

@@ -19,6 +19,7 @@ from moe_kernels import (
     ExpertWeights,
     FusedMoE,
     FusedTritonExperts,
+    GroupedMMExperts,
     IncompatibleKernelsError,
     LayerConfig,
     LocalMaskedPrepareAndFinalize,
@@ -108,11 +109,12 @@ def test_compose_refuses_a_part_that_does_not_compute_the_format() -> None:
     with pytest.raises(
         IncompatibleKernelsError, match="computes with dense weights, not fp8 e4m3, 128x128 block scales"
     ):
-        compose(LocalPrepareAndFinalize(), FusedTritonExperts(), fp8_cfg(), device="cpu")
+        compose(LocalPrepareAndFinalize(), GroupedMMExperts(), fp8_cfg(), device="cpu")
     # one class, both formats: the weights' format picks the GEMM
     bf16 = LayerConfig(moe=fp8_cfg().moe, parallel=fp8_cfg().parallel)
     for cfg in (bf16, fp8_cfg()):
-        assert compose(LocalPrepareAndFinalize(), TritonExperts(), cfg, device="cpu").experts.name == "TritonExperts"
+        for part in (TritonExperts, FusedTritonExperts):
+            assert compose(LocalPrepareAndFinalize(), part(), cfg, device="cpu").experts.name == part.__name__
 
 
 @pytest.mark.parametrize("t", [0, 1, 7, 20])

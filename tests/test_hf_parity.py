@@ -276,7 +276,10 @@ def test_per_layer_lists_are_indexed_by_the_layer() -> None:
         (dict(topk_method="greedy"), "topk_method: 'greedy' needs top-k methods other than noaux_tc"),
         (dict(model_type="deepseek_v9"), "model_type 'deepseek_v9' is not an MoE family moe_kernels knows"),
         (dict(num_experts=8), "num_experts=8 and n_routed_experts=16 disagree"),
-        (dict(quantization_config={"quant_method": "awq"}), "quantization_config: quant_method 'awq'"),
+        (
+            dict(quantization_config={"quant_method": "bitsandbytes"}),
+            "quantization_config: quant_method 'bitsandbytes'",
+        ),
         (dict(torch_dtype="float64"), "dtype: 'float64' is not one of bfloat16, float16, float32"),
     ],
 )

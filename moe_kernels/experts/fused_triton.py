@@ -5,10 +5,17 @@ mul is fused into it, GEMM2 applies the router weight in its epilogue, and the t
 order, fp32) adds the residual in the same pass: 4 launches (3 at top-1), with the layout built
 in one program at decode sizes. The tile configs come from this GPU's tuning table for the layer
 shape and token count (``moe-kernels tune``), else from the kernels' documented heuristic.
+
+fp8 weights (every :data:`~moe_kernels.mlp.formats.FP8_FORMATS` format) take the same launches:
+each GEMM quantizes its bf16 A tile (one token by 128 columns, the schemes' activation group) in
+its loads and applies both scales per K tile, so the tokens arrive unquantized and no quantize
+pass runs. 4-bit weights (:data:`~moe_kernels.mlp.formats.PACKED_FORMATS`) stay packed and are
+dequantized in the GEMMs' loads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,9 +24,19 @@ import torch
 from moe_kernels.backends import cuda
 from moe_kernels.backends.triton import interpreting
 from moe_kernels.core import tuning
-from moe_kernels.core.contract import Check, LayerContext, Layout, StandardTokens, WorkspaceSpec, largest_specs
+from moe_kernels.core.contract import (
+    Check,
+    LayerContext,
+    Layout,
+    StandardTokens,
+    TokenFormat,
+    WorkspaceSpec,
+    largest_specs,
+)
 from moe_kernels.core.tiles import HOPPER_SMS, default_configs
 from moe_kernels.experts.triton import TritonPart
+from moe_kernels.mlp import fp8
+from moe_kernels.mlp.formats import FP8_FORMATS, PACKED_FORMATS, Dense, Fp8Scaled, Packed4Bit
 from moe_kernels.mlp.weights import ExpertWeights
 
 Tiles = tuple[Any, Any]  # (gemm1, gemm2) FusedConfig
@@ -30,12 +47,14 @@ DECODE_ROWS_PER_EXPERT = 128
 
 
 class FusedTritonExperts(TritonPart):
-    """STANDARD in, ``[T, H]`` out (weighted, reduced), unquantized weights, gated activations.
+    """STANDARD in, ``[T, H]`` out (weighted, reduced), unquantized, fp8 or 4-bit weights, gated
+    activations.
     ``tiles``: ``{T: (gemm1, gemm2)}`` :class:`~moe_kernels.kernels.fused_moe.FusedConfig` pairs
     to use instead of the tuning table (the tuner measures candidates this way); a call with T
     tokens takes the entry of the smallest T' >= T (:func:`moe_kernels.core.tuning.point_for`)."""
 
     input_layout = Layout.STANDARD
+    weight_formats = (Dense, *FP8_FORMATS, *PACKED_FORMATS)
 
     def __init__(self, tiles: Mapping[int, Tiles] | None = None) -> None:
         self.tiles = dict(tiles) if tiles is not None else None
@@ -45,6 +64,10 @@ class FusedTritonExperts(TritonPart):
         if verdict.ok and not ctx.mlp.activation.gated:
             return Check.failed("mlp", f"its GEMM1 computes gated activations, not {ctx.mlp.activation.kind}")
         return verdict
+
+    def input_format(self, ctx: LayerContext) -> TokenFormat:
+        # fp8 GEMMs quantize their A tiles in their loads: the tokens come unquantized
+        return TokenFormat(self.input_layout)
 
     def preference(self, ctx: LayerContext) -> tuple[float, str]:
         if ctx.device.type == "cpu" and interpreting():
@@ -71,15 +94,20 @@ class FusedTritonExperts(TritonPart):
         return "given" if self.tiles is not None else ("tuning table" if self.measured_tiles(ctx) else "heuristic")
 
     def configs_for(self, ctx: LayerContext, num_tokens: int) -> Tiles:
-        """The ``(gemm1, gemm2)`` tilings for a call of ``num_tokens`` tokens."""
+        """The ``(gemm1, gemm2)`` tilings for a call of ``num_tokens`` tokens (fp8: ``block_k`` is
+        the activation group, 128, whatever a bf16 heuristic or table says)."""
         tiles = self.measured_tiles(ctx)
         if tiles:
-            return tuning.point_for(tiles, num_tokens)[1]
-        moe = ctx.cfg.moe
-        num_sms = cuda.num_sms(ctx.device) if ctx.device.type == "cuda" else HOPPER_SMS
-        return default_configs(
-            num_tokens, moe.top_k, ctx.placement.num_local_experts, moe.hidden_size, ctx.mlp.inter, num_sms
-        )
+            pair = tuning.point_for(tiles, num_tokens)[1]
+        else:
+            moe = ctx.cfg.moe
+            num_sms = cuda.num_sms(ctx.device) if ctx.device.type == "cuda" else HOPPER_SMS
+            pair = default_configs(
+                num_tokens, moe.top_k, ctx.placement.num_local_experts, moe.hidden_size, ctx.mlp.inter, num_sms
+            )
+        if isinstance(ctx.mlp.weights, Fp8Scaled):
+            return tuple(dataclasses.replace(c, block_k=fp8.SCALE_BLOCK) for c in pair)  # type: ignore[return-value]
+        return pair
 
     def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
         from moe_kernels.kernels import fused_workspace_shapes
@@ -125,4 +153,22 @@ class FusedTritonExperts(TritonPart):
             activation=self.ctx.mlp.activation,
             w13_bias=weights.w13_bias,
             w2_bias=weights.w2_bias,
+            **_scale_kwargs(weights),
         )
+
+
+def _scale_kwargs(weights: ExpertWeights) -> dict[str, Any]:
+    """``fused_experts``' fp8 or packed arguments for these weights (none unquantized)."""
+    from moe_kernels.kernels import PackedWeight
+
+    fmt = weights.weight_format
+    if isinstance(fmt, Packed4Bit):
+        packed = (
+            PackedWeight(fmt.packing, fmt.group, weights.w13_zero),
+            PackedWeight(fmt.packing, fmt.group, weights.w2_zero),
+        )
+        return {"w13_scale": weights.w13_scale, "w2_scale": weights.w2_scale, "packed": packed}
+    if not isinstance(fmt, Fp8Scaled):
+        return {}
+    blocks = (fmt.scale_block(*weights.w13.shape[1:]), fmt.scale_block(*weights.w2.shape[1:]))
+    return {"w13_scale": weights.w13_scale, "w2_scale": weights.w2_scale, "scale_blocks": blocks}

@@ -6,7 +6,7 @@ import torch
 
 from moe_kernels.core.contract import LayerContext, Layout, PermuteExpertsUnpermute, StandardTokens
 from moe_kernels.mlp import fp8
-from moe_kernels.mlp.formats import Dense, Fp8Block
+from moe_kernels.mlp.formats import FP8_FORMATS, PACKED_FORMATS, Dense
 from moe_kernels.mlp.weights import ExpertWeights
 
 
@@ -22,7 +22,7 @@ class TorchReferenceExperts(PermuteExpertsUnpermute):
     """
 
     input_layout = Layout.STANDARD
-    weight_formats = (Dense, Fp8Block)
+    weight_formats = (Dense, *FP8_FORMATS, *PACKED_FORMATS)
     expert_biases = True
 
     def preference(self, ctx: LayerContext) -> tuple[float, str]:

@@ -23,8 +23,15 @@ from moe_kernels.core.contract import (
     StandardTokens,
     WorkspaceSpec,
 )
-from moe_kernels.experts.common import GroupedGemm, contiguous_workspace, masked_workspace, run_contiguous, run_masked
-from moe_kernels.mlp.formats import Dense, Fp8Block
+from moe_kernels.experts.common import (
+    GroupedGemm,
+    bias_kwargs,
+    contiguous_workspace,
+    masked_workspace,
+    run_contiguous,
+    run_masked,
+)
+from moe_kernels.mlp.formats import FP8_FORMATS, PACKED_FORMATS, Dense, Fp8Scaled, Packed4Bit, WeightFormat
 from moe_kernels.mlp.spec import ExpertMLP
 from moe_kernels.mlp.weights import ExpertWeights
 
@@ -54,6 +61,21 @@ class TritonPart(PermuteExpertsUnpermute):
         return 50.0, "Triton grouped GEMM with the activation fused into GEMM1 (portable fallback)"
 
 
+def _scale_block(fmt: WeightFormat | None, w: torch.Tensor, weights: ExpertWeights | None) -> dict[str, object]:
+    """The kernels' ``b_scale_block`` (fp8) or ``packed`` (4-bit; its zero points are those of
+    whichever of ``weights``' projections ``w`` is) for ``w`` stored as ``fmt``."""
+    if isinstance(fmt, Fp8Scaled):
+        return {"b_scale_block": fmt.scale_block(w.shape[1], w.shape[2])}
+    if isinstance(fmt, Packed4Bit):
+        from moe_kernels.kernels import PackedWeight
+
+        zero = None
+        if weights is not None:
+            zero = weights.w13_zero if w is weights.w13 else weights.w2_zero
+        return {"packed": PackedWeight(fmt.packing, fmt.group, zero)}
+    return {}
+
+
 def _triton_contiguous(
     a: torch.Tensor,
     a_scale: torch.Tensor | None,
@@ -64,16 +86,20 @@ def _triton_contiguous(
     *,
     mlp: ExpertMLP | None = None,
     bias: torch.Tensor | None = None,
+    fmt: WeightFormat | None = None,
+    weights: ExpertWeights | None = None,
 ) -> None:
     """The Triton grouped GEMM as a :data:`~moe_kernels.experts.common.GroupedGemm` (``mlp``: fuse
-    its activation; ``bias``: add it in the epilogue)."""
+    its activation; ``bias``: add it in the epilogue; ``fmt``: how ``w`` is stored, and ``weights``
+    the layer's, for int4 zero points: bind them with ``functools.partial``)."""
     from moe_kernels.kernels import grouped_gemm_contiguous
     from moe_kernels.kernels.grouped_gemm import BLOCK_M
 
     activation = mlp.activation if mlp is not None else None
     grouped_gemm_contiguous(
-        a, w, grouped_layout, out, a_scale=a_scale, b_scale=w_scale, activation=activation, bias=bias, alignment=BLOCK_M
-    )
+        a, w, grouped_layout, out, a_scale=a_scale, b_scale=w_scale, activation=activation, bias=bias,
+        alignment=BLOCK_M, **_scale_block(fmt, w, weights),
+    )  # fmt: skip
 
 
 def _triton_masked(
@@ -86,11 +112,16 @@ def _triton_masked(
     *,
     mlp: ExpertMLP | None = None,
     bias: torch.Tensor | None = None,
+    fmt: WeightFormat | None = None,
+    weights: ExpertWeights | None = None,
 ) -> None:
     from moe_kernels.kernels import grouped_gemm_masked
 
     activation = mlp.activation if mlp is not None else None
-    grouped_gemm_masked(a, w, counts, out, a_scale=a_scale, b_scale=w_scale, activation=activation, bias=bias)
+    grouped_gemm_masked(
+        a, w, counts, out, a_scale=a_scale, b_scale=w_scale, activation=activation, bias=bias,
+        **_scale_block(fmt, w, weights),
+    )  # fmt: skip
 
 
 def _fused_gemm1(mlp: ExpertMLP, gemm: GroupedGemm) -> GroupedGemm | None:
@@ -112,7 +143,7 @@ class TritonExperts(TritonPart):
     """
 
     input_layout = Layout.STANDARD
-    weight_formats = (Dense, Fp8Block)
+    weight_formats = (Dense, *FP8_FORMATS, *PACKED_FORMATS)
 
     def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
         from moe_kernels.kernels.grouped_gemm import BLOCK_M
@@ -127,8 +158,8 @@ class TritonExperts(TritonPart):
         from moe_kernels.kernels.grouped_gemm import BLOCK_M
 
         mlp = self.ctx.mlp
-        fused = _fused_gemm1(mlp, _triton_contiguous)
-        run_contiguous(tokens, weights, out, workspace, mlp, BLOCK_M, _triton_contiguous, fused)
+        gemm = functools.partial(_triton_contiguous, fmt=mlp.weights, weights=weights)
+        run_contiguous(tokens, weights, out, workspace, mlp, BLOCK_M, gemm, _fused_gemm1(mlp, gemm))
 
 
 class MaskedTritonExperts(TritonPart):
@@ -137,7 +168,7 @@ class MaskedTritonExperts(TritonPart):
     sync: capturable in CUDA graphs."""
 
     input_layout = Layout.MASKED
-    weight_formats = (Dense, Fp8Block)
+    weight_formats = (Dense, *FP8_FORMATS, *PACKED_FORMATS)
 
     def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
         mlp, e = ctx.mlp, ctx.placement.num_local_experts
@@ -152,10 +183,11 @@ class MaskedTritonExperts(TritonPart):
         mlp = self.ctx.mlp
         if (tokens.x_scale is None) != (mlp.act_quant is None):
             raise ValueError(f"{self.name}: the layer wants {mlp.describe()}; got {tokens.x.dtype} tokens")
-        fused = _fused_gemm1(mlp, _triton_masked)
+        gemm = functools.partial(_triton_masked, fmt=mlp.weights, weights=weights)
+        fused = _fused_gemm1(mlp, gemm)
         if fused is None:
-            run_masked(tokens.x, tokens.x_scale, tokens.counts, weights, out, workspace, mlp, _triton_masked)
+            run_masked(tokens.x, tokens.x_scale, tokens.counts, weights, out, workspace, mlp, gemm)
             return
         act = workspace["activation"]
-        _triton_masked(tokens.x, None, weights.w13, None, act, tokens.counts, mlp=mlp, bias=weights.w13_bias)
-        _triton_masked(act, None, weights.w2, None, out, tokens.counts, bias=weights.w2_bias)
+        fused(tokens.x, None, weights.w13, weights.w13_scale, act, tokens.counts, **bias_kwargs(weights.w13_bias))
+        gemm(act, None, weights.w2, weights.w2_scale, out, tokens.counts, **bias_kwargs(weights.w2_bias))

@@ -5,6 +5,7 @@ Launch wrappers take tensors and plain numbers only; they never synchronise with
 """
 
 from .activation import activate
+from .dequant import PackedWeight
 from .fused_moe import FusedConfig, GatherLayout, fused_experts, fused_workspace_shapes, gather_layout
 from .gather import weighted_gather
 from .grouped_gemm import grouped_gemm_contiguous, grouped_gemm_masked
@@ -26,6 +27,7 @@ __all__ = [
     "activate",
     "contiguous_layout",
     "contiguous_rows_bound",
+    "PackedWeight",
     "fused_experts",
     "fused_workspace_shapes",
     "gather_layout",

@@ -32,13 +32,17 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_kernels.mlp import fp8
 from moe_kernels.mlp.activations import SILU, Activation
 
 from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor, interpreting
 from .activation import apply_activation
 from .bias import bias_row, check_bias
+from .dequant import PackedWeight, check_packed, groups_per_tile, load_weight_tile, packed_constant
 from .gather import weighted_gather
+from .grouped_gemm import weight_scale
 from .permute import contiguous_rows_bound, contiguous_slot_rows
+from .quant import quantize_groups
 
 # Above this many slots the one-program layout falls back to the multi-kernel atomic build. The
 # one program sorts the next power of two of the slots inside one CTA (n log^2 n); the fallback
@@ -242,6 +246,35 @@ def gather_layout(
 
 
 @triton.jit
+def _a_operand(a, w_dtype: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr):
+    """The A tile ``[BLOCK_M, BLOCK_K]`` as the dot takes it, and its row scales (fp8: one per row
+    of the tile, which is one activation group, quantized here by the shared recipe; else 1)."""
+    if FP8:
+        q, scale = quantize_groups(a.to(tl.float32), UPCAST)
+        if not UPCAST:
+            q = q.to(w_dtype)
+    else:
+        q = a
+        scale = 1.0
+        if UPCAST:
+            q = q.to(tl.float32)
+    return q, scale
+
+
+@triton.jit
+def _scaled_dot(acc, a, a_scale, w, w_scale, FP8: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``acc + a @ w``; fp8: a fresh fp32 partial per K tile times ``a_scale[:, None] * w_scale``
+    (Hopper's fp8 accumulation is not full fp32, so it is promoted once per scale block)."""
+    if UPCAST:
+        w = w.to(tl.float32)
+    if FP8:
+        acc += tl.dot(a, w, input_precision=INPUT_PRECISION) * (a_scale[:, None] * w_scale)
+    else:
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _fused_gemm1_kernel(
     x_ptr,
     w_ptr,
@@ -256,9 +289,22 @@ def _fused_gemm1_kernel(
     stride_wn,
     stride_om,
     up_offset,
+    w_scale_ptr,
+    stride_wse,
+    stride_wsn,
+    stride_wsk,
+    scale_bn,
+    scale_bk,
+    up_scale_offset,
+    w_zero_ptr,
     bias_ptr,
     stride_bias_e,
     HAS_BIAS: tl.constexpr,
+    FP8: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    PACK: tl.constexpr,
+    GROUPS: tl.constexpr,
     ACT_KIND: tl.constexpr,
     ACT_ALPHA: tl.constexpr,
     ACT_LIMIT: tl.constexpr,
@@ -288,23 +334,38 @@ def _fused_gemm1_kernel(
     a_ptrs = x_ptr + tokens[:, None] * stride_xm + offs_k[None, :]
     # w13 is [2I, H] per expert, H contiguous: a [BLOCK_K, BLOCK_N] tile of it is gate^T, so
     # tl.dot(a, tile) = a @ gate^T without a transpose.
-    gate_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    # (packed: byte k // 2 holds column k)
+    gate_ptrs = (
+        w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] // PACK
+    )
+    # the offsets of each output column's gate row scales (the up row's: + up_scale_offset)
+    scale_offs = expert.to(tl.int64) * stride_wse + (cols // scale_bn).to(tl.int64) * stride_wsn
+    if FP8:
+        gate_scale_ptrs = w_scale_ptr + scale_offs
     gate_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     up_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_dim, BLOCK_K):
         k_ok = offs_k < k_dim - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0)
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_mask = k_ok[:, None] & col_ok[None, :]
-        gate = tl.load(gate_ptrs, mask=w_mask, other=0)
-        up = tl.load(gate_ptrs + up_offset, mask=w_mask, other=0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            gate = gate.to(tl.float32)
-            up = up.to(tl.float32)
-        gate_acc = tl.dot(a, gate, gate_acc, input_precision=INPUT_PRECISION)
-        up_acc = tl.dot(a, up, up_acc, input_precision=INPUT_PRECISION)
+        gate = load_weight_tile(gate_ptrs, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, scale_offs, stride_wsk,
+                                scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
+        up_scale_offs = scale_offs + up_scale_offset
+        up = load_weight_tile(gate_ptrs + up_offset, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, up_scale_offs,
+                              stride_wsk, scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
+        if PACKED:
+            gate = gate.to(x_ptr.dtype.element_ty)
+            up = up.to(x_ptr.dtype.element_ty)
+        a, a_scale = _a_operand(a, w_ptr.dtype.element_ty, FP8, UPCAST)
+        gate_scale = 1.0
+        up_scale = 1.0
+        if FP8:
+            gate_scale = weight_scale(gate_scale_ptrs, k0 // scale_bk, stride_wsk, col_ok, True)
+            up_scale = weight_scale(gate_scale_ptrs + up_scale_offset, k0 // scale_bk, stride_wsk, col_ok, True)
+        gate_acc = _scaled_dot(gate_acc, a, a_scale, gate, gate_scale, FP8, UPCAST, INPUT_PRECISION)
+        up_acc = _scaled_dot(up_acc, a, a_scale, up, up_scale, FP8, UPCAST, INPUT_PRECISION)
         a_ptrs += BLOCK_K
-        gate_ptrs += BLOCK_K
+        gate_ptrs += BLOCK_K // PACK
     if HAS_BIAS:
         gate_acc += bias_row(bias_ptr, expert, cols, col_ok, stride_bias_e)[None, :]
         up_acc += bias_row(bias_ptr + n_out, expert, cols, col_ok, stride_bias_e)[None, :]
@@ -332,9 +393,21 @@ def _fused_gemm2_kernel(
     stride_we,
     stride_wn,
     stride_om,
+    w_scale_ptr,
+    stride_wse,
+    stride_wsn,
+    stride_wsk,
+    scale_bn,
+    scale_bk,
+    w_zero_ptr,
     bias_ptr,
     stride_bias_e,
     HAS_BIAS: tl.constexpr,
+    FP8: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    PACK: tl.constexpr,
+    GROUPS: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     ZERO_EMPTY: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -365,19 +438,27 @@ def _fused_gemm2_kernel(
     row_ok = slots >= 0
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = act_ptr + rows[:, None] * stride_am + offs_k[None, :]
-    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] // PACK
+    scale_offs = expert.to(tl.int64) * stride_wse + (cols // scale_bn).to(tl.int64) * stride_wsn
+    if FP8:
+        w_scale_ptrs = w_scale_ptr + scale_offs
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_dim, BLOCK_K):
         k_ok = offs_k < k_dim - k0
         # Padding rows of act were never written: masked, so stale values never enter the dot.
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & col_ok[None, :]
+        w = load_weight_tile(w_ptrs, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, scale_offs, stride_wsk,
+                             scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
+        if PACKED:
+            w = w.to(act_ptr.dtype.element_ty)
+        a, a_scale = _a_operand(a, w_ptr.dtype.element_ty, FP8, UPCAST)
+        w_scale = 1.0
+        if FP8:
+            w_scale = weight_scale(w_scale_ptrs, k0 // scale_bk, stride_wsk, col_ok, True)
+        acc = _scaled_dot(acc, a, a_scale, w, w_scale, FP8, UPCAST, INPUT_PRECISION)
         a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K // PACK
     if HAS_BIAS:
         acc += bias_row(bias_ptr, expert, cols, col_ok, stride_bias_e)[None, :]
     slots = tl.where(row_ok, slots, 0).to(tl.int64)
@@ -394,6 +475,61 @@ def _check_layout(layout: GatherLayout, config: FusedConfig, device: torch.devic
         raise ValueError(f"config.block_m: expected the layout's block_m = {layout.block_m}, got {config.block_m}")
     if layout.row_slot.device != device:
         raise ValueError(f"layout: expected tensors on {device}, got {layout.row_slot.device}")
+
+
+#: ``(rows, cols)`` of a weight one scale covers (:meth:`moe_kernels.mlp.formats.Fp8Scaled.scale_block`)
+ScaleBlock = tuple[int, int]
+BLOCK_SCALES: ScaleBlock = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK)
+
+
+_UNSCALED = {"w_scale_ptr": None, "stride_wse": 0, "stride_wsn": 0, "stride_wsk": 0, "scale_bn": 1, "scale_bk": 1,
+             "w_zero_ptr": None, "FP8": False, "PACKED": 0, "HAS_ZERO": False, "PACK": 1, "GROUPS": 1}  # fmt: skip
+
+
+def _packed_kwargs(
+    name: str, w: torch.Tensor, w_scale: torch.Tensor | None, packed: PackedWeight, k: int, a_dtype: torch.dtype,
+    block_k: int,
+) -> dict[str, object]:  # fmt: skip
+    """``w [E, N, K/2] uint8`` with ``w_scale [E, N, K/group]`` (:func:`.dequant.check_packed`)."""
+    check_packed(name, w, w_scale, packed, k)
+    if a_dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"{name}: packed weights take bf16/fp16 activations, got {str(a_dtype).removeprefix('torch.')}")
+    assert w_scale is not None  # checked above
+    strides = dict(zip(("stride_wse", "stride_wsn", "stride_wsk"), w_scale.stride(), strict=True))
+    return {**_UNSCALED, "w_scale_ptr": w_scale, **strides, "scale_bk": packed.group, "w_zero_ptr": packed.zero,
+            "PACKED": packed_constant(packed.packing), "HAS_ZERO": packed.zero is not None, "PACK": 2,
+            "GROUPS": groups_per_tile(packed.group, block_k)}  # fmt: skip
+
+
+def _weight_scale_kwargs(
+    name: str, w: torch.Tensor, w_scale: torch.Tensor | None, scale_block: ScaleBlock, a_dtype: torch.dtype,
+    config: FusedConfig, k: int, packed: PackedWeight | None = None,
+) -> dict[str, object]:  # fmt: skip
+    """The kernels' weight arguments for ``w [E, N, K]`` (``k`` = K): none in ``a_dtype``;
+    float8_e4m3fn with ``w_scale [E, ceil(N/bn), ceil(K/bk)]`` float32, the A tiles quantized
+    per ``block_k = 128`` columns (one activation group) inside the GEMM; or ``packed``."""
+    if packed is not None:
+        return _packed_kwargs(name, w, w_scale, packed, k, a_dtype, config.block_k)
+    none = _UNSCALED
+    if w.dtype != fp8.FP8_DTYPE:
+        check_tensor(name, w, dtypes=(a_dtype,), ndim=3)
+        if w_scale is not None:
+            raise ValueError(f"{name}_scale: given, but {name} is {str(w.dtype).removeprefix('torch.')}, not fp8")
+        return none
+    check_tensor(name, w, dtypes=(fp8.FP8_DTYPE,), ndim=3)
+    if a_dtype != torch.bfloat16:
+        raise TypeError(f"{name}: fp8 weights take bfloat16 activations, got {str(a_dtype).removeprefix('torch.')}")
+    (e, n, k), (bn, bk) = w.shape, scale_block
+    shape = (e, triton.cdiv(n, bn), triton.cdiv(k, bk))
+    check_tensor(f"{name}_scale", w_scale, dtypes=(torch.float32,), shape=shape, contiguous=False)
+    if config.block_k != fp8.SCALE_BLOCK or (bk % config.block_k and bk < k):
+        raise ValueError(
+            f"config.block_k: fp8 quantizes each A tile as one activation group of {fp8.SCALE_BLOCK} columns inside "
+            f"the weight's {bk}-column scale blocks; expected {fp8.SCALE_BLOCK}, got {config.block_k}"
+        )
+    assert w_scale is not None  # checked above
+    strides = dict(zip(("stride_wse", "stride_wsn", "stride_wsk"), w_scale.stride(), strict=True))
+    return {**none, "w_scale_ptr": w_scale, **strides, "scale_bn": bn, "scale_bk": bk, "FP8": True}
 
 
 def _gemm_kwargs(dtype: torch.dtype, config: FusedConfig) -> dict[str, object]:
@@ -417,6 +553,10 @@ def fused_gemm1(
     out: torch.Tensor,
     config: FusedConfig,
     activation: Activation = SILU,
+    *,
+    w13_scale: torch.Tensor | None = None,
+    scale_block: ScaleBlock = BLOCK_SCALES,
+    packed: PackedWeight | None = None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[r] = act(x[t] @ gate[e].T, x[t] @ up[e].T)`` for every layout row ``r`` holding a
@@ -428,12 +568,17 @@ def fused_gemm1(
 
     Args:
         x: ``[T, H]`` bf16/fp16/fp32 with unit stride along H.
-        w13: ``[E, 2I, H]`` same dtype, contiguous; rows ``[0, I)`` gate, ``[I, 2I)`` up.
+        w13: ``[E, 2I, H]`` same dtype, contiguous; rows ``[0, I)`` gate, ``[I, 2I)`` up. Or
+            float8_e4m3fn with ``w13_scale`` (``x`` bf16, quantized per token and 128 columns
+            inside the GEMM's loads; ``config.block_k`` 128).
         layout: from :func:`gather_layout` on the ``topk_ids [T, K]`` of ``x``, built with
             ``config.block_m``.
         out: ``[R, I]`` (``R = layout.num_rows``), bf16/fp16/fp32, contiguous.
         config: tiling; ``block_m`` must equal ``layout.block_m``.
         activation: a gated one (:mod:`moe_kernels.mlp.activations`).
+        w13_scale: fp8 only: ``[E, ceil(2I/bn), ceil(H/bk)]`` float32, any strides, ``(bn, bk) =
+            scale_block`` (a block must not straddle gate and up rows). Packed: ``[E, 2I, H/group]``.
+        packed: ``w13`` is ``[E, 2I, H/2] uint8``, 4-bit values dequantized in the loads.
         bias: ``[E, 2I]`` (gate then up) added to the fp32 products before the activation.
 
     Returns:
@@ -443,10 +588,10 @@ def fused_gemm1(
     if x.stride(1) != 1:
         raise ValueError(f"x: expected unit stride along the hidden dim, got strides {x.stride()}")
     num_tokens, hidden = x.shape
-    check_tensor("w13", w13, dtypes=(x.dtype,), ndim=3)
+    scales = _weight_scale_kwargs("w13", w13, w13_scale, scale_block, x.dtype, config, hidden, packed)
     if not activation.gated:
         raise ValueError(f"activation: the fused GEMM1 computes gated activations, not {activation.kind}")
-    if w13.shape[2] != hidden or w13.shape[1] % 2:
+    if w13.shape[2] * int(scales["PACK"]) != hidden or w13.shape[1] % 2:
         raise ValueError(f"w13: expected shape [E, 2I, {hidden}], got {list(w13.shape)}")
     inter = w13.shape[1] // 2
     _check_layout(layout, config, x.device)
@@ -454,9 +599,11 @@ def fused_gemm1(
         raise ValueError(f"layout: expected {num_tokens} tokens (x's rows), got {layout.slot_row.shape[0]}")
     check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(layout.num_rows, inter))
     stride_bias_e = check_bias(bias, w13.shape[0], 2 * inter)
-    check_same_device(x=x, w13=w13, bias=bias, out=out)
+    check_same_device(x=x, w13=w13, w13_scale=w13_scale, w13_zero=scales["w_zero_ptr"], bias=bias, out=out)
     if layout.num_blocks == 0 or inter == 0:
         return out
+    if scales["FP8"] and inter % scale_block[0] and scale_block[0] < 2 * inter:
+        raise ValueError(f"scale_block: {scale_block[0]}-row scale blocks straddle the gate and up rows (I = {inter})")
     _fused_gemm1_kernel[(layout.num_blocks, triton.cdiv(inter, config.block_n))](
         x,
         w13,
@@ -472,9 +619,11 @@ def fused_gemm1(
         out.stride(0),
         # Offset of the up rows from the gate rows, precomputed so the product is 64-bit on host.
         inter * w13.stride(1),
-        bias,
-        stride_bias_e,
+        up_scale_offset=(inter // int(scales["scale_bn"])) * int(scales["stride_wsn"]),
+        bias_ptr=bias,
+        stride_bias_e=stride_bias_e,
         HAS_BIAS=bias is not None,
+        **scales,
         **activation.kernel_constants(),
         **_gemm_kwargs(x.dtype, config),
     )
@@ -488,6 +637,10 @@ def fused_gemm2_weighted(
     topk_weights: torch.Tensor | None,
     out: torch.Tensor,
     config: FusedConfig,
+    *,
+    w2_scale: torch.Tensor | None = None,
+    scale_block: ScaleBlock = BLOCK_SCALES,
+    packed: PackedWeight | None = None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[s] = topk_weights[s] * (act[r] @ w2[e].T + bias[e])`` for every layout row ``r`` holding slot
@@ -502,11 +655,13 @@ def fused_gemm2_weighted(
     Args:
         act: ``[R, I]`` bf16/fp16/fp32, contiguous, from :func:`fused_gemm1` (padding rows
             are never read).
-        w2: ``[E, H, I]`` same dtype, contiguous.
+        w2: ``[E, H, I]`` same dtype, contiguous; or float8_e4m3fn with ``w2_scale``, as
+            :func:`fused_gemm1` takes ``w13``.
         layout: the layout GEMM1 used.
         topk_weights: ``[T, K]`` float32 (bf16/fp16 accepted), contiguous; ``None`` = weight 1.
         out: ``[T * K, H]`` bf16/fp16/fp32 with unit stride along H.
         config: tiling; ``block_m`` must equal ``layout.block_m``.
+        w2_scale, scale_block, packed: as :func:`fused_gemm1` takes them for ``w13``.
         bias: optional ``[E, H]``, added in fp32 before the router weight.
 
     Returns:
@@ -514,8 +669,8 @@ def fused_gemm2_weighted(
     """
     check_tensor("act", act, dtypes=FLOAT_DTYPES, ndim=2)
     inter = act.shape[1]
-    check_tensor("w2", w2, dtypes=(act.dtype,), ndim=3)
-    if w2.shape[2] != inter:
+    scales = _weight_scale_kwargs("w2", w2, w2_scale, scale_block, act.dtype, config, inter, packed)
+    if w2.shape[2] * int(scales["PACK"]) != inter:
         raise ValueError(f"w2: expected shape [E, H, {inter}], got {list(w2.shape)}")
     hidden = w2.shape[1]
     _check_layout(layout, config, act.device)
@@ -529,7 +684,9 @@ def fused_gemm2_weighted(
     if out.stride(1) != 1:
         raise ValueError(f"out: expected unit stride along the hidden dim, got strides {out.stride()}")
     stride_bias_e = check_bias(bias, w2.shape[0], hidden)
-    check_same_device(act=act, w2=w2, topk_weights=topk_weights, bias=bias, out=out)
+    check_same_device(
+        act=act, w2=w2, w2_scale=w2_scale, w2_zero=scales["w_zero_ptr"], topk_weights=topk_weights, bias=bias, out=out
+    )
     if n_slots == 0 or hidden == 0:
         return out
     zero_empty = top_k == 1
@@ -550,11 +707,12 @@ def fused_gemm2_weighted(
         w2.stride(0),
         w2.stride(1),
         out.stride(0),
-        bias,
-        stride_bias_e,
+        bias_ptr=bias,
+        stride_bias_e=stride_bias_e,
         HAS_BIAS=bias is not None,
         HAS_WEIGHTS=topk_weights is not None,
         ZERO_EMPTY=zero_empty,
+        **scales,
         **_gemm_kwargs(act.dtype, config),
     )
     return out
@@ -584,6 +742,13 @@ def fused_workspace_shapes(
     return shapes
 
 
+def _check_workspace(workspace: dict[str, torch.Tensor], specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    for name, (shape, dtype) in specs.items():
+        if name not in workspace:
+            raise ValueError(f"workspace: expected a buffer {name!r}, got keys {sorted(workspace)}")
+        check_tensor(f"workspace[{name!r}]", workspace[name], dtypes=(dtype,), shape=shape)
+
+
 def fused_experts(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -597,6 +762,10 @@ def fused_experts(
     gemm2: FusedConfig,
     residual: torch.Tensor | None = None,
     activation: Activation = SILU,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    scale_blocks: tuple[ScaleBlock, ScaleBlock] = (BLOCK_SCALES, BLOCK_SCALES),
+    packed: tuple[PackedWeight, PackedWeight] | None = None,
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -622,6 +791,9 @@ def fused_experts(
         residual: optional ``[T, H]`` added in the top-k sum (with ``top_k == 1``, which has no
             sum, in a pass of its own).
         activation: the gated activation GEMM1 applies (:mod:`moe_kernels.mlp.activations`).
+        w13_scale, w2_scale, scale_blocks: fp8 weights (``x`` bf16): their float32 scales and
+            the ``(rows, cols)`` each covers, per projection (:func:`fused_gemm1`); with
+            ``packed`` (w13's, w2's) the scales of 4-bit weights ``[E, N, K/2] uint8``.
         w13_bias, w2_bias: optional expert biases ``[E, 2I]``, ``[E, H]`` (gpt-oss), added in the
             GEMMs' epilogues: ``w2 @ act(w13 @ x + b13) + b2``.
 
@@ -630,9 +802,9 @@ def fused_experts(
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2, contiguous=False)
     num_tokens, hidden = x.shape
-    check_tensor("w13", w13, dtypes=(x.dtype,), ndim=3)
-    check_tensor("w2", w2, dtypes=(x.dtype,), ndim=3)
-    num_experts, inter = w13.shape[0], w2.shape[2]
+    check_tensor("w13", w13, dtypes=(x.dtype, fp8.FP8_DTYPE, torch.uint8), ndim=3)
+    check_tensor("w2", w2, dtypes=(w13.dtype,), ndim=3)
+    num_experts, inter = w13.shape[0], w13.shape[1] // 2
     if w2.shape[:2] != (num_experts, hidden):
         raise ValueError(f"w2: expected shape [{num_experts}, {hidden}, I], got {list(w2.shape)}")
     check_tensor("topk_ids", topk_ids, dtypes=INDEX_DTYPES, shape=(num_tokens, None))
@@ -640,19 +812,20 @@ def fused_experts(
     check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(num_tokens, hidden), contiguous=False)
     if gemm1.block_m != gemm2.block_m:
         raise ValueError(f"gemm2.block_m: expected gemm1.block_m = {gemm1.block_m} (one layout), got {gemm2.block_m}")
-    specs = fused_workspace_shapes(num_tokens, top_k, num_experts, hidden, inter, x.dtype, gemm1.block_m)
-    for name, (shape, dtype) in specs.items():
-        if name not in workspace:
-            raise ValueError(f"workspace: expected a buffer {name!r}, got keys {sorted(workspace)}")
-        check_tensor(f"workspace[{name!r}]", workspace[name], dtypes=(dtype,), shape=shape)
+    _check_workspace(
+        workspace, fused_workspace_shapes(num_tokens, top_k, num_experts, hidden, inter, x.dtype, gemm1.block_m)
+    )
     check_same_device(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids, out=out)
 
     layout = gather_layout(topk_ids, num_experts, gemm1.block_m)
-    act = fused_gemm1(x, w13, layout, workspace["activation"], gemm1, activation, w13_bias)
+    packed13, packed2 = packed if packed is not None else (None, None)
+    gemm1_scales = {"w13_scale": w13_scale, "scale_block": scale_blocks[0], "packed": packed13, "bias": w13_bias}
+    act = fused_gemm1(x, w13, layout, workspace["activation"], gemm1, activation, **gemm1_scales)
+    gemm2_scales = {"w2_scale": w2_scale, "scale_block": scale_blocks[1], "packed": packed2, "bias": w2_bias}
     if top_k == 1:
-        fused_gemm2_weighted(act, w2, layout, topk_weights, out, gemm2, w2_bias)
+        fused_gemm2_weighted(act, w2, layout, topk_weights, out, gemm2, **gemm2_scales)
         return out if residual is None else out.add_(residual)
-    slot_rows = fused_gemm2_weighted(act, w2, layout, topk_weights, workspace["slot_rows"], gemm2, w2_bias)
+    slot_rows = fused_gemm2_weighted(act, w2, layout, topk_weights, workspace["slot_rows"], gemm2, **gemm2_scales)
     return weighted_gather(slot_rows, layout.slot_index, None, out, residual=residual)
 
 

@@ -8,8 +8,9 @@ One Triton kernel serves both token layouts produced by :mod:`.permute` and both
   must start on a multiple of BLOCK_M (``alignment % block_m == 0``).
 * masked: ``a [E, M, K]`` holds ``counts[e]`` valid rows per expert.
 * fp8 (``a_scale``/``b_scale`` given): ``a`` float8_e4m3fn with one float32 scale per row and 128
-  columns, ``b [E, N, K]`` float8_e4m3fn with one per 128 x 128 block; per 128-wide K block the
-  fp8 tile product is accumulated in fp32 times ``a_scale[row, kb] * b_scale[e, nb, kb]``.
+  columns, ``b [E, N, K]`` float8_e4m3fn with one per ``b_scale_block = (bn, bk)`` block: 128 x 128
+  (DeepSeek-V3), ``(1, K)`` (one per output channel) or ``(N, K)`` (one per tensor); per K tile
+  the fp8 tile product is accumulated in fp32 times ``a_scale[row, kb] * b_scale[e, n // bn, k // bk]``.
 
 With ``activation`` the weight ``b [E, 2I, K]`` stacks gate rows over up rows; each program
 accumulates the gate and the up tile of the same output columns and writes ``act(gate, up)``
@@ -31,6 +32,7 @@ from moe_kernels.mlp.activations import SILU, Activation
 from ._common import FLOAT_DTYPES, check_same_device, check_tensor, interpreting
 from .activation import apply_activation
 from .bias import bias_row, check_bias
+from .dequant import PackedWeight, check_packed, groups_per_tile, load_weight_tile, packed_constant
 
 _SCALE_BLOCK = tl.constexpr(fp8.SCALE_BLOCK)
 
@@ -41,6 +43,17 @@ BLOCK_M = 64
 BLOCK_N = 128
 BLOCK_K = {False: 64, True: fp8.SCALE_BLOCK}
 NUM_STAGES = 3
+
+
+@triton.jit
+def weight_scale(scale_ptrs, kb, stride_k, col_ok, PER_COLUMN: tl.constexpr):
+    """The weight scales of a K tile in scale column ``kb``: ``[1, BLOCK_N]`` from per-column
+    pointers (``PER_COLUMN``), or one scalar when the whole N tile shares a scale row."""
+    if PER_COLUMN:
+        scale = tl.load(scale_ptrs + kb * stride_k, mask=col_ok, other=0.0)[None, :]
+    else:
+        scale = tl.load(scale_ptrs + kb * stride_k)
+    return scale
 
 
 @triton.jit
@@ -64,10 +77,18 @@ def _grouped_gemm_kernel(
     stride_bse,
     stride_bsn,
     stride_bsk,
+    scale_bn,
+    scale_bk,
+    b_zero_ptr,
     bias_ptr,
     stride_bias_e,
     MASKED: tl.constexpr,
     FP8: tl.constexpr,
+    SCALE_PER_COLUMN: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    PACK: tl.constexpr,
+    GROUPS: tl.constexpr,
     FUSED: tl.constexpr,
     ACT_KIND: tl.constexpr,
     ACT_ALPHA: tl.constexpr,
@@ -113,10 +134,16 @@ def _grouped_gemm_kernel(
     a_ptrs = a_ptr + rows[:, None] * k_dim + offs_k[None, :]
     # B is [N, K] row-major; reading it as a [BLOCK_K, BLOCK_N] tile gives A @ B^T directly (and
     # keeps it K-major, as fp8 wgmma wants).
-    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + cols[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    # (packed: byte k // 2 holds column k; its scales at b_scale_offs + k // scale_bk * stride_bsk)
+    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + cols[None, :].to(tl.int64) * stride_bn + offs_k[:, None] // PACK
+    b_scale_offs = expert.to(tl.int64) * stride_bse + cols.to(tl.int64) * stride_bsn
     if FP8:
-        # BLOCK_N divides the scale block, so the whole N tile shares one weight-scale row
-        b_scale_row = b_scale_ptr + expert.to(tl.int64) * stride_bse + (pid_n * BLOCK_N // _SCALE_BLOCK) * stride_bsn
+        # Without SCALE_PER_COLUMN the whole N tile lies in one scale row (BLOCK_N divides bn).
+        b_scale_base = b_scale_ptr + expert.to(tl.int64) * stride_bse
+        if SCALE_PER_COLUMN:
+            b_scale_ptrs = b_scale_base + (cols // scale_bn) * stride_bsn
+        else:
+            b_scale_ptrs = b_scale_base + (pid_n * BLOCK_N // scale_bn) * stride_bsn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_dim, BLOCK_K):
@@ -125,28 +152,35 @@ def _grouped_gemm_kernel(
         # fp8 loads take a float `other` (the interpreter cannot cast the int 0 to fp8). Zeroed
         # padding rows and K tails contribute nothing even if the memory behind them holds NaNs.
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        b = load_weight_tile(b_ptrs, b_mask, k0, k_dim, col_ok, b_scale_ptr, b_zero_ptr, b_scale_offs, stride_bsk,
+                             scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
+        if PACKED:
+            b = b.to(a_ptr.dtype.element_ty)
         if UPCAST:
             # The interpreter's low-precision tl.dot is wrong (triton 3.9); upcasting is exact.
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         if FP8:
-            # BLOCK_K divides the scale block, so the K tile lies in one scale block. A fresh
-            # partial per K tile: Hopper's fp8 tensor-core accumulation is not full fp32, so it is
-            # promoted into the fp32 accumulator at least once per scale block (as DeepGEMM).
-            kb = k0 // _SCALE_BLOCK
-            a_scale = tl.load(a_scale_ptr + scale_rows + kb * stride_ask, mask=row_ok, other=0.0)
-            b_scale = tl.load(b_scale_row + kb * stride_bsk)
+            # BLOCK_K divides the activation group and the weight's scale block, so the K tile
+            # lies in one of each. A fresh partial per K tile: Hopper's fp8 tensor-core
+            # accumulation is not full fp32, so it is promoted into the fp32 accumulator at least
+            # once per scale block (as DeepGEMM).
+            a_scale = tl.load(a_scale_ptr + scale_rows + (k0 // _SCALE_BLOCK) * stride_ask, mask=row_ok, other=0.0)
+            b_scale = weight_scale(b_scale_ptrs, k0 // scale_bk, stride_bsk, col_ok, SCALE_PER_COLUMN)
             acc += tl.dot(a, b, input_precision=INPUT_PRECISION) * (a_scale[:, None] * b_scale)
         else:
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         if FUSED:
-            b_up = tl.load(b_ptrs + up_offset, mask=b_mask, other=0.0)
+            up_scale_offs = b_scale_offs + n_out * stride_bsn
+            b_up = load_weight_tile(b_ptrs + up_offset, b_mask, k0, k_dim, col_ok, b_scale_ptr, b_zero_ptr,
+                                    up_scale_offs, stride_bsk, scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
+            if PACKED:
+                b_up = b_up.to(a_ptr.dtype.element_ty)
             if UPCAST:
                 b_up = b_up.to(tl.float32)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K // PACK
 
     if HAS_BIAS:
         # the bias has the weight's N columns: fused, gate columns then up columns (n_out further)
@@ -167,31 +201,79 @@ def _check_operands(
     b: torch.Tensor,
     b_scale: torch.Tensor | None,
     activation: Activation | None,
+    b_scale_block: tuple[int, int] = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK),
+    packed: PackedWeight | None = None,
 ) -> int:
     """Validate ``b [E, N, K]`` (and the scales) against ``a``; return the output width."""
     quantized = a_scale is not None
-    if quantized != (b_scale is not None):
+    if packed is not None:
+        check_tensor("a", a, dtypes=(torch.bfloat16, torch.float16), ndim=a.dim())
+        check_packed("b", b, b_scale, packed, a.shape[-1])
+        if quantized:
+            raise ValueError("a_scale: packed weights take unquantized activations")
+    elif quantized != (b_scale is not None):
         raise ValueError("a_scale and b_scale: give both (fp8 operands) or neither")
-    if quantized:
+    elif quantized:
         check_tensor("a", a, dtypes=(fp8.FP8_DTYPE,), ndim=a.dim())
         check_tensor("b", b, dtypes=(fp8.FP8_DTYPE,), ndim=3)
         scale_shape = (*a.shape[:-1], triton.cdiv(a.shape[-1], fp8.SCALE_BLOCK))
         check_tensor("a_scale", a_scale, dtypes=(torch.float32,), shape=scale_shape, contiguous=False)
         e, n, k = b.shape
-        b_scale_shape = (e, triton.cdiv(n, fp8.SCALE_BLOCK), triton.cdiv(k, fp8.SCALE_BLOCK))
+        b_scale_shape = (e, triton.cdiv(n, b_scale_block[0]), triton.cdiv(k, b_scale_block[1]))
         check_tensor("b_scale", b_scale, dtypes=(torch.float32,), shape=b_scale_shape, contiguous=False)
         if activation is not None:
             raise ValueError("activation: fp8 operands take the activation as a kernel of its own (GEMM2 input)")
     else:
         check_tensor("a", a, dtypes=FLOAT_DTYPES, ndim=a.dim())
         check_tensor("b", b, dtypes=(a.dtype,), ndim=3)
-    if b.shape[2] != a.shape[-1]:
+    if packed is None and b.shape[2] != a.shape[-1]:
         raise ValueError(f"b: expected K = {a.shape[-1]} (a's last dim), got shape {list(b.shape)}")
     if activation is not None and activation.gated:
         if b.shape[1] % 2:
             raise ValueError(f"b: a gated activation needs an even N = 2I, got shape {list(b.shape)}")
         return b.shape[1] // 2
     return b.shape[1]
+
+
+def _scale_args(
+    a_scale: torch.Tensor | None,
+    b_scale: torch.Tensor | None,
+    b_scale_block: tuple[int, int],
+    *,
+    masked: bool,
+    k_dim: int,
+    block_n: int,
+    block_k: int,
+    packed: PackedWeight | None = None,
+) -> dict[str, object]:
+    """The kernel's scale arguments: strides, the weight's scale block and whether an N tile
+    needs a scale per column; checks that a K tile lies in one activation group and one weight
+    scale block. ``packed``: the 4-bit weight's group scales and zero points."""
+    none = {"a_scale_strides": (0, 0, 0), "b_scale_strides": (0, 0, 0), "scale_bn": 1, "scale_bk": 1,
+            "SCALE_PER_COLUMN": False, "b_zero_ptr": None, "PACKED": 0, "HAS_ZERO": False, "PACK": 1,
+            "GROUPS": 1}  # fmt: skip
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n: expected a power of two >= 16, got {block_n}")
+    if packed is not None and b_scale is not None:
+        return {**none, "b_scale_strides": b_scale.stride(), "scale_bk": packed.group, "b_zero_ptr": packed.zero,
+                "PACKED": packed_constant(packed.packing), "HAS_ZERO": packed.zero is not None, "PACK": 2,
+                "GROUPS": groups_per_tile(packed.group, block_k)}  # fmt: skip
+    if a_scale is None or b_scale is None:
+        return none
+    bn, bk = b_scale_block
+    if block_k < 16 or fp8.SCALE_BLOCK % block_k or (bk % block_k and bk < k_dim):
+        raise ValueError(
+            f"block_k: expected a divisor of {fp8.SCALE_BLOCK} (the activation group) and of the weight's scale "
+            f"block {bk} (or a block spanning K = {k_dim}), >= 16; got {block_k}"
+        )
+    return {
+        **none,
+        "a_scale_strides": a_scale.stride() if masked else (0, a_scale.stride(0), a_scale.stride(1)),
+        "b_scale_strides": b_scale.stride(),
+        "scale_bn": bn,
+        "scale_bk": bk,
+        "SCALE_PER_COLUMN": bn % block_n != 0,
+    }
 
 
 def _launch(
@@ -203,6 +285,8 @@ def _launch(
     group: torch.Tensor,
     bias: torch.Tensor | None,
     *,
+    b_scale_block: tuple[int, int],
+    packed: PackedWeight | None,
     masked: bool,
     num_row_tiles: int,
     rows_per_group: int,
@@ -216,25 +300,17 @@ def _launch(
 ) -> None:
     fp8_operands = a_scale is not None
     block_k = BLOCK_K[fp8_operands] if block_k is None else block_k
-    if fp8_operands:
-        for name, value in (("block_n", block_n), ("block_k", block_k)):
-            if value < 16 or fp8.SCALE_BLOCK % value:
-                raise ValueError(f"{name}: expected a divisor of {fp8.SCALE_BLOCK} that is >= 16, got {value}")
+    k_dim = a.shape[-1]
+    scales = _scale_args(
+        a_scale, b_scale, b_scale_block, masked=masked, k_dim=k_dim, block_n=block_n, block_k=block_k, packed=packed
+    )
     if num_row_tiles == 0 or n_out == 0:
         return
+    stride_bias_e = check_bias(bias, b.shape[0], b.shape[1])
     fused = activation is not None and activation.gated
     if num_warps is None:
         # Two fp32 accumulators per program need twice the registers: spread them over 8 warps.
         num_warps = 8 if fused else 4
-    k_dim = a.shape[-1]
-    if masked and a_scale is not None:
-        a_scale_strides = a_scale.stride()
-    elif a_scale is not None:
-        a_scale_strides = (0, a_scale.stride(0), a_scale.stride(1))
-    else:
-        a_scale_strides = (0, 0, 0)
-    b_scale_strides = b_scale.stride() if b_scale is not None else (0, 0, 0)
-    stride_bias_e = check_bias(bias, b.shape[0], b.shape[1])
     _grouped_gemm_kernel[(num_row_tiles, triton.cdiv(n_out, block_n))](
         a,
         b,
@@ -250,10 +326,11 @@ def _launch(
         b.stride(1),
         # Offset of the up rows from the gate rows, precomputed so the product is 64-bit on host.
         n_out * b.stride(1),
-        *a_scale_strides,
-        *b_scale_strides,
-        bias,
-        stride_bias_e,
+        *scales.pop("a_scale_strides"),
+        *scales.pop("b_scale_strides"),
+        **scales,
+        bias_ptr=bias,
+        stride_bias_e=stride_bias_e,
         MASKED=masked,
         FP8=fp8_operands,
         FUSED=fused,
@@ -279,6 +356,8 @@ def grouped_gemm_contiguous(
     *,
     a_scale: torch.Tensor | None = None,
     b_scale: torch.Tensor | None = None,
+    b_scale_block: tuple[int, int] = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK),
+    packed: PackedWeight | None = None,
     activation: Activation | None = None,
     bias: torch.Tensor | None = None,
     alignment: int | None = None,
@@ -301,20 +380,25 @@ def grouped_gemm_contiguous(
         grouped_layout: ``[R] int32``, expert of each row, ``-1`` = skip.
         out: ``[R, N]`` (``[R, N/2]`` with a gated ``activation``), bf16/fp16/fp32, contiguous.
         a_scale: fp8: ``[R, ceil(K/128)]`` float32 per-token-group scales, any strides.
-        b_scale: fp8: ``[E, ceil(N/128), ceil(K/128)]`` float32 block scales, any strides.
+        b_scale: fp8: ``[E, ceil(N/bn), ceil(K/bk)]`` float32 scales, any strides.
+        b_scale_block: ``(bn, bk)``, the weight rows and columns one scale covers
+            (:meth:`moe_kernels.mlp.formats.Fp8Scaled.scale_block`).
+        packed: ``b`` is ``[E, N, K/2] uint8``, two 4-bit values a byte, with ``b_scale [E, N,
+            K/group]`` (and zero points), dequantized in the loads (:mod:`.dequant`); ``a``
+            bf16/fp16 without ``a_scale``.
         activation: fuse it: ``b``'s N = 2I rows are gate then up; write ``act(a @ gate.T,
             a @ up.T)`` (bf16/fp16/fp32 only).
         bias: ``[E, N]`` per-expert bias added to the fp32 product before the activation (gpt-oss),
             unit stride along N.
         alignment: the layout's alignment, if known; checked to be a multiple of ``block_m``.
-        block_m, block_n, block_k, num_warps, num_stages: Triton tiling (fp8: ``block_n`` and
-            ``block_k`` divide 128 so a tile lies in one scale block); ``block_k=None`` is 64
+        block_m, block_n, block_k, num_warps, num_stages: Triton tiling (fp8: ``block_k``
+            divides 128 and ``bk`` so a K tile lies in one scale block); ``block_k=None`` is 64
             (128 for fp8), ``num_warps=None`` 4 (8 when fused).
 
     Returns:
         ``out``.
     """
-    n_out = _check_operands(a, a_scale, b, b_scale, activation)
+    n_out = _check_operands(a, a_scale, b, b_scale, activation, b_scale_block, packed)
     if a.dim() != 2:
         raise ValueError(f"a: expected a 2-D tensor [R, K], got shape {list(a.shape)}")
     num_rows = a.shape[0]
@@ -324,7 +408,7 @@ def grouped_gemm_contiguous(
     if alignment is not None and alignment % block_m:
         raise ValueError(f"alignment: expected a multiple of block_m = {block_m}, got {alignment}")
     _launch(
-        a, a_scale, b, b_scale, out, grouped_layout, bias,
+        a, a_scale, b, b_scale, out, grouped_layout, bias, b_scale_block=b_scale_block, packed=packed,
         masked=False, num_row_tiles=triton.cdiv(num_rows, block_m), rows_per_group=num_rows, n_out=n_out,
         activation=activation, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
         num_stages=num_stages,
@@ -340,6 +424,8 @@ def grouped_gemm_masked(
     *,
     a_scale: torch.Tensor | None = None,
     b_scale: torch.Tensor | None = None,
+    b_scale_block: tuple[int, int] = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK),
+    packed: PackedWeight | None = None,
     activation: Activation | None = None,
     bias: torch.Tensor | None = None,
     block_m: int = BLOCK_M,
@@ -358,13 +444,14 @@ def grouped_gemm_masked(
         b: ``[E, N, K]`` ``a``'s dtype, contiguous (fp8: with ``b_scale``).
         counts: ``[E] int32`` valid rows per expert (``MaskedLayout.counts``).
         out: ``[E, M, N]`` (``[E, M, N/2]`` with a gated ``activation``), bf16/fp16/fp32, contiguous.
-        a_scale, b_scale, activation, bias, block_m, block_n, block_k, num_warps, num_stages: as in
+        a_scale, b_scale, b_scale_block, packed, activation, bias, block_m, block_n, block_k, num_warps,
+            num_stages: as in
             :func:`grouped_gemm_contiguous`.
 
     Returns:
         ``out``.
     """
-    n_out = _check_operands(a, a_scale, b, b_scale, activation)
+    n_out = _check_operands(a, a_scale, b, b_scale, activation, b_scale_block, packed)
     if a.dim() != 3:
         raise ValueError(f"a: expected a 3-D tensor [E, M, K], got shape {list(a.shape)}")
     num_experts, rows_per_group = a.shape[0], a.shape[1]
@@ -374,7 +461,7 @@ def grouped_gemm_masked(
     check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(num_experts, rows_per_group, n_out))
     check_same_device(a=a, b=b, a_scale=a_scale, b_scale=b_scale, bias=bias, counts=counts, out=out)
     _launch(
-        a, a_scale, b, b_scale, out, counts, bias,
+        a, a_scale, b, b_scale, out, counts, bias, b_scale_block=b_scale_block, packed=packed,
         masked=True, num_row_tiles=num_experts * triton.cdiv(rows_per_group, block_m), rows_per_group=rows_per_group,
         n_out=n_out, activation=activation, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
         num_stages=num_stages,

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from moe_kernels.mlp import fp8
+from moe_kernels.mlp import fp8, packed
 from moe_kernels.mlp.act_quant import ActQuant
-from moe_kernels.mlp.formats import Dense, Fp8Block, WeightFormat
+from moe_kernels.mlp.formats import Dense, Fp8Block, Fp8Channel, Fp8Tensor, Int4Group, Mxfp4, WeightFormat
 
 Params = Mapping[str, Any]
 
@@ -71,6 +71,61 @@ def _check_fp8_block_layer(params: Params, dtype: torch.dtype, hidden: int, inte
         )
 
 
+def _check_act_group(params: Params) -> None:
+    if params["act_group"] != fp8.SCALE_BLOCK:
+        raise ValueError(
+            f"act_group must be {fp8.SCALE_BLOCK} (the only activation grouping the fp8 kernels implement); "
+            f"got {params['act_group']}"
+        )
+
+
+def _check_bf16_layer(name: str) -> Callable[[Params, torch.dtype, int, int], None]:
+    def check(params: Params, dtype: torch.dtype, hidden: int, inter: int) -> None:
+        if dtype != torch.bfloat16:
+            raise ValueError(f"{name} computes in bfloat16: moe.dtype must be bfloat16, got {_dtype_name(dtype)}")
+
+    return check
+
+
+def _fp8_scheme(name: str, weights: str, fmt: WeightFormat) -> Scheme:
+    """A scheme of fp8 weights scaled per ``weights`` and activations quantized per token and
+    ``act_group`` columns: a finer grouping than vLLM's per-token scale for these checkpoints (the
+    same quantize kernels and fp8 dispatch as the block scheme; a checkpoint's static
+    ``input_scale`` is not needed)."""
+    return Scheme(
+        name,
+        f"fp8 e4m3 weights with one float32 scale per {weights}, activations quantized per token and act_group "
+        "columns (compressed-tensors / ModelOpt FP8)",
+        ("act_group",),
+        lambda params, dtype: (fmt, ActQuant(group=params["act_group"])),
+        _check_act_group,
+        _check_bf16_layer(name),
+    )
+
+
+def _check_group_size(params: Params) -> None:
+    group = params["group_size"]
+    if group < 16 or group & (group - 1):
+        # a K tile of the GEMMs must lie in one group: a power of two >= their smallest tile
+        raise ValueError(f"group_size must be a power of two >= 16; got {group}")
+
+
+def _check_groups_divide(
+    name: str, group_of: Callable[[Params], int]
+) -> Callable[[Params, torch.dtype, int, int], None]:
+    def check(params: Params, dtype: torch.dtype, hidden: int, inter: int) -> None:
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"{name} computes in bf16/fp16: moe.dtype must be one of them, got {_dtype_name(dtype)}")
+        group = group_of(params)
+        bad = [f"{n}={v}" for n, v in (("hidden_size", hidden), ("intermediate_size", inter)) if v % group]
+        if bad:
+            raise ValueError(
+                f"{name} needs hidden_size and intermediate_size multiples of its group {group}; got {', '.join(bad)}"
+            )
+
+    return check
+
+
 SCHEMES: dict[str, Scheme] = {
     scheme.name: scheme
     for scheme in (
@@ -93,6 +148,25 @@ SCHEMES: dict[str, Scheme] = {
             ),
             _check_fp8_block_params,
             _check_fp8_block_layer,
+        ),
+        _fp8_scheme("fp8_w8a8_channel", "output channel", Fp8Channel()),
+        _fp8_scheme("fp8_w8a8_tensor", "expert projection", Fp8Tensor()),
+        Scheme(
+            "int4_w4a16",
+            "int4 weights with one float32 scale (and, not symmetric, a zero point) per row and group_size columns, "
+            "activations in moe.dtype (GPTQ, AWQ, compressed-tensors pack-quantized)",
+            ("group_size", "symmetric"),
+            lambda params, dtype: (Int4Group(params["group_size"], params["symmetric"]), None),
+            _check_group_size,
+            _check_groups_divide("int4_w4a16", lambda params: params["group_size"]),
+        ),
+        Scheme(
+            "mxfp4",
+            "mxfp4 weights (e2m1, one e8m0 scale per 32 columns), activations in moe.dtype (gpt-oss)",
+            (),
+            lambda params, dtype: (Mxfp4(), None),
+            _no_params,
+            _check_groups_divide("mxfp4", lambda params: packed.MXFP4_GROUP),
         ),
     )
 }

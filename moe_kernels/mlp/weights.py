@@ -25,10 +25,12 @@ class ExpertWeights:
     (:class:`~moe_kernels.mlp.formats.Dense`), or float8_e4m3fn with float32 block scales
     ``w13_scale [E_local, ceil(2I/128), ceil(H/128)]``, ``w2_scale [E_local, ceil(H/128),
     ceil(I/128)]`` (:class:`~moe_kernels.mlp.formats.Fp8Block`: the real weight is ``w * scale``
-    blockwise, DeepSeek-V3's ``weight_scale_inv``). ``format`` defaults to what the tensors are:
-    dense without scales, fp8 blocks with them. Expert biases (an MLP with ``biases``): ``w13_bias
-    [E_local, 2I]`` (gate then up, as ``w13``'s rows) and ``w2_bias [E_local, H]`` in the
-    activation dtype, added to each GEMM's fp32 result.
+    blockwise, DeepSeek-V3's ``weight_scale_inv``), or any other format's tensors (``*_scale``
+    and ``*_zero`` as :meth:`~moe_kernels.mlp.formats.WeightFormat.stored` names them: e.g. int4
+    ``w13 [E_local, 2I, H/2] uint8`` with ``w13_scale [E_local, 2I, H/group]``). ``format``
+    defaults to what the tensors are: dense without scales, fp8 blocks with them. Expert biases (an
+    MLP with ``biases``): ``w13_bias [E_local, 2I]`` (gate then up, as ``w13``'s rows) and ``w2_bias
+    [E_local, H]`` in the activation dtype, added to each GEMM's fp32 result.
     """
 
     w13: torch.Tensor
@@ -38,9 +40,14 @@ class ExpertWeights:
     format: WeightFormat | None = None
     w13_bias: torch.Tensor | None = None
     w2_bias: torch.Tensor | None = None
+    w13_zero: torch.Tensor | None = None
+    w2_zero: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.format is None:
+            if isinstance(self.w13, torch.Tensor) and self.w13.dtype == torch.uint8:
+                # packed codes say nothing of their format (int4 or mxfp4, group, zero points)
+                raise ValueError("w13 is uint8 (packed 4-bit): give format= (an Int4Group or Mxfp4)")
             if self.w13_scale is None and isinstance(self.w13, torch.Tensor):
                 inferred: WeightFormat = Dense(self.w13.dtype)
             else:
@@ -62,7 +69,7 @@ class ExpertWeights:
 
     @property
     def inter(self) -> int:
-        return self.w2.shape[2]
+        return self.w2.shape[2] * self.weight_format.values_per_element
 
     @property
     def is_quantized(self) -> bool:
@@ -77,11 +84,11 @@ class ExpertWeights:
         return self.w13.device
 
     def tensors(self, projection: str) -> dict[str, torch.Tensor | None]:
-        """``{"weight": ..., "scale": ..., "bias": ...}`` of ``"w13"`` or ``"w2"`` (all experts)."""
+        """``{"weight": ..., "scale": ..., "zero": ..., "bias": ...}`` of ``"w13"`` or ``"w2"`` (all experts)."""
         if projection == "w13":
-            return {"weight": self.w13, "scale": self.w13_scale, "bias": self.w13_bias}
+            return {"weight": self.w13, "scale": self.w13_scale, "zero": self.w13_zero, "bias": self.w13_bias}
         if projection == "w2":
-            return {"weight": self.w2, "scale": self.w2_scale, "bias": self.w2_bias}
+            return {"weight": self.w2, "scale": self.w2_scale, "zero": self.w2_zero, "bias": self.w2_bias}
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
 
     def check(self, mlp: ExpertMLP, num_experts: int, device: torch.device) -> None:
@@ -119,14 +126,25 @@ class ExpertWeights:
         return tuple(None if b is None else b[expert].float() for b in (self.w13_bias, self.w2_bias))  # type: ignore[return-value]
 
     def nbytes(self) -> int:
-        tensors = (self.w13, self.w2, self.w13_scale, self.w2_scale, self.w13_bias, self.w2_bias)
+        tensors = (self.w13, self.w2, self.w13_scale, self.w2_scale, self.w13_zero, self.w2_zero)
+        tensors += (self.w13_bias, self.w2_bias)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def quantize_weights(w13: torch.Tensor, w2: torch.Tensor, fmt: WeightFormat) -> ExpertWeights:
-    """Float ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` stored as ``fmt`` (setup time, plain torch)."""
-    q13, q2 = fmt.quantize(w13), fmt.quantize(w2)
-    return ExpertWeights(q13["weight"], q2["weight"], q13.get("scale"), q2.get("scale"), format=fmt)
+    """Float ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` stored as ``fmt`` (setup time, plain torch;
+    one expert at a time, so the float32 temporaries stay one expert's size)."""
+    q13, q2 = ({part: torch.stack([d[part] for d in per]) for part in per[0]}
+               for per in ([fmt.quantize(w[e]) for e in range(w.shape[0])] for w in (w13, w2)))  # fmt: skip
+    return ExpertWeights(
+        q13["weight"],
+        q2["weight"],
+        q13.get("scale"),
+        q2.get("scale"),
+        fmt,
+        w13_zero=q13.get("zero"),
+        w2_zero=q2.get("zero"),
+    )
 
 
 def _expect(name: str, t: object, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:

@@ -687,6 +687,13 @@ def _quant(cfg: Mapping[str, Any]) -> QuantConfig:
     method, fmt, block = q.get("quant_method"), q.get("fmt", "e4m3"), q.get("weight_block_size")
     if method == "fp8" and fmt == "e4m3" and list(block or ()) == [128, 128]:
         return QuantConfig(scheme="fp8_w8a8_block")
+    if method != "fp8":
+        from moe_kernels.model.published import quant_from_hf
+
+        try:
+            return quant_from_hf(q)
+        except ValueError as err:
+            raise HFConfigError(f"quantization_config: {err}") from None
     raise HFConfigError(
         f"quantization_config: quant_method {method!r} (fmt {fmt!r}, weight_block_size {block!r}) is not a scheme"
         " moe_kernels implements (fp8 e4m3 with 128x128 blocks is)"

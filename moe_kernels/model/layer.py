@@ -154,6 +154,8 @@ class FusedMoE(nn.Module):
         self.w2_scale: nn.Parameter | None = None
         self.w13_bias: nn.Parameter | None = None
         self.w2_bias: nn.Parameter | None = None
+        self.w13_zero: nn.Parameter | None = None
+        self.w2_zero: nn.Parameter | None = None
         for projection, stored in cfg.mlp.stored().items():
             for part, (shape, dtype) in stored.items():
                 setattr(self, _parameter_name(projection, part), _parameter((e_local, *shape), dtype, dev))
@@ -196,9 +198,9 @@ class FusedMoE(nn.Module):
 
     @property
     def weights(self) -> ExpertWeights:
-        return ExpertWeights(
-            self.w13, self.w2, self.w13_scale, self.w2_scale, self.cfg.mlp.weights, self.w13_bias, self.w2_bias
-        )
+        fmt = self.cfg.mlp.weights
+        return ExpertWeights(self.w13, self.w2, self.w13_scale, self.w2_scale, fmt, self.w13_bias, self.w2_bias,
+                             self.w13_zero, self.w2_zero)  # fmt: skip
 
     @property
     def expert_load(self) -> torch.Tensor | None:
@@ -327,6 +329,13 @@ class FusedMoE(nn.Module):
                 f"weights not loaded: {'; '.join(missing)}. Call load_weights(...) for them before the first forward "
                 "(the parameters are uninitialized memory until then)"
             )
+
+    @torch.no_grad()
+    def load_expert_weights(self, weights: ExpertWeights) -> None:
+        """All local experts' tensors stored as the layer's format says (fp8 per tensor, int4,
+        mxfp4: from :func:`moe_kernels.model.published.published_expert_weights` or
+        :func:`moe_kernels.mlp.weights.quantize_weights`); checked against the layer first."""
+        self._loader.load_expert_weights(weights)
 
     @torch.no_grad()
     def load_weights(

@@ -22,8 +22,9 @@ from torch import nn
 from moe_kernels.config import LayerConfig, MoEConfig
 from moe_kernels.core.validate import expect_tensor
 from moe_kernels.mlp import fp8
-from moe_kernels.mlp.formats import Dense, WeightFormat
+from moe_kernels.mlp.formats import Dense, Fp8Tensor, Packed4Bit, WeightFormat
 from moe_kernels.mlp.shard import IntermediateShard
+from moe_kernels.mlp.weights import ExpertWeights
 from moe_kernels.model.router import Router
 
 if TYPE_CHECKING:
@@ -76,6 +77,21 @@ class LayerLoader:
     def __init__(self, layer: LoadTarget) -> None:
         self.layer = layer
         self.state = LoadState()
+
+    # --- stored tensors as they are -------------------------------------------------------
+
+    def load_expert_weights(self, weights: ExpertWeights) -> None:
+        """Every local expert's tensors, already in the layer's format (``weights.check`` names
+        any mismatch before anything is written): what a repacked published checkpoint or
+        :func:`~moe_kernels.mlp.weights.quantize_weights` gives."""
+        layer = self.layer
+        weights.check(layer.cfg.mlp, len(layer.local_experts), layer.w13.device)
+        for projection in ("w13", "w2"):
+            for part, tensor in weights.tensors(projection).items():
+                if tensor is not None:
+                    layer.parameter(projection, part).copy_(tensor)
+        for name in PROJECTIONS:
+            self.state.experts[name] |= set(layer.local_experts)
 
     # --- what is missing ------------------------------------------------------------------
 
@@ -169,6 +185,15 @@ class LayerLoader:
         copies = []
         if owned_scales is not None and not fmt.is_quantized:
             raise ValueError(f"{name}_scale: the layer is unquantized ({fmt.describe()}); pass float weights")
+        shared_scale = isinstance(fmt, Fp8Tensor) and not down
+        if owned and (shared_scale or (isinstance(fmt, Packed4Bit) and owned_scales is not None)):
+            # gate and up share w13's one fp8 scale (requantized together); packed 4-bit tensors
+            # come in their checkpoints' packings, repacked whole (float weights are quantized here)
+            raise ValueError(
+                f"{name}: a {fmt.describe()} layer loads whole experts with load_expert_weights(weights), the "
+                "weights from moe_kernels.model.published.published_expert_weights (a published checkpoint) or "
+                "moe_kernels.mlp.weights.quantize_weights (float weights)"
+            )
         for expert, src in owned.items():
             if owned_scales is not None and expert not in owned_scales:
                 raise ValueError(f"{name}_scale: missing expert {expert} (its {name} was given)")

@@ -310,3 +310,19 @@ NAMINGS: dict[str, LayerNaming] = {
 #: A.X-K1: DeepSeek-V3's keys and the decoder layer's post_mlp_layernorm, a norm on the MoE output
 #: (AFMoE has a norm of that name too, outside its MoE block: not part of its layer)
 NAMINGS["axk1"] = replace(NAMINGS["mlp-experts"], layer_extras={"output_norm": "post_mlp_layernorm.weight"}, auto=False)
+
+
+#: the tensors one quantized projection ``<module>.`` publishes, by checkpoint kind
+#: (:mod:`moe_kernels.model.published` reads them): compressed-tensors / ModelOpt FP8, GPTQ, AWQ,
+#: compressed-tensors ``pack-quantized``
+PUBLISHED_PARTS: dict[str, tuple[str, ...]] = {
+    "fp8": ("weight", "weight_scale"),
+    "gptq": ("qweight", "qzeros", "scales"),
+    "awq": ("qweight", "qzeros", "scales"),
+    "pack-quantized": ("weight_packed", "weight_scale", "weight_shape"),
+}
+#: published tensors a kind may add and a loader may go without (GPTQ ``g_idx``; FP8's static
+#: ``input_scale``, which our dynamic activation quantization does not need)
+PUBLISHED_OPTIONAL: dict[str, tuple[str, ...]] = {"fp8": ("input_scale",), "gptq": ("g_idx",)}
+#: gpt-oss's mxfp4 experts: ``<stack>_blocks`` and ``<stack>_scales`` beside the bf16 stack names
+MXFP4_SUFFIXES = ("_blocks", "_scales")

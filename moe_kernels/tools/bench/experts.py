@@ -15,10 +15,12 @@ For each shape (:mod:`moe_kernels.selection.problems`) and token count T, on one
 * the limits: touched experts' weight bytes / measured copy bandwidth (``HBM bound``) and the
   GEMM FLOPs / measured dense bf16 GEMM rate (``TC bound``).
 
-``--quant fp8``: the fp8 block-scaled layer of each shape (weights quantized in 128 x 128
-blocks), beside ``bf16``: what ``select()`` picks for the unquantized layer of the same shape on
-the dequantized weights and the same routing (the peer and the GEMMs-alone columns are bf16-only
-and left out). The HBM bound then counts fp8 weight bytes plus their scales.
+``--quant fp8`` (``fp8_w8a8_block``) or any other scheme (``fp8_w8a8_channel``,
+``fp8_w8a8_tensor``, ``int4_w4a16``, ``mxfp4``): the layer of each shape in that format (random
+weights quantized by the format's ``quantize``), beside ``bf16``: what ``select()`` picks for the
+unquantized layer of the same shape on the dequantized weights and the same routing, and the
+peer in the same format where it has one (:data:`PEER_QUANT`; the GEMMs-alone columns are
+bf16-only). The HBM bound then counts the stored bytes: packed weights, scales, zero points.
 
 Times are GPU time of one call replayed from a CUDA graph (median of CUDA-event runs, L2 flushed
 before each). Ratios above 1 mean we are faster (``peer / select``) or slower (``select / bound``).
@@ -41,6 +43,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moe_kernels.mlp.formats import Int4Group
+from moe_kernels.mlp.schemes import SCHEMES
 from moe_kernels.mlp.weights import ExpertWeights
 from moe_kernels.selection.problems import SHAPES, BenchShape, dequantized, make_problem, make_weights, valid_pairs
 from moe_kernels.selection.timing import Timer, copy_bandwidth_gbs, matmul_tflops
@@ -98,6 +102,32 @@ def load_peer(folder: Path | None) -> tuple[Callable[..., torch.Tensor] | None, 
     except Exception as e:  # a missing or broken folder is reported, not fatal
         return None, f"cannot import vllm_fused_moe_peer from {folder}: {type(e).__name__}: {e}"
     return module.fused_experts, f"vLLM's fused_experts from {folder} (vllm_fused_moe_peer)"
+
+
+#: our schemes the peer also runs (its ``quant=`` names are the same)
+PEER_QUANT = ("fp8_w8a8_block", "fp8_w8a8_channel", "fp8_w8a8_tensor", "int4_w4a16")
+
+
+def peer_call(
+    peer: Callable[..., torch.Tensor], quant: str, w: ExpertWeights
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """``(x, topk_weights, topk_ids) -> out`` of the peer on our weights, converted once to its
+    layout (per-tensor scales ``[E]``; int4 zero points two per byte along N), or ``None`` where
+    the peer has no such format."""
+    if quant == "none":
+        return lambda x, tw, ids: peer(x, w.w13, w.w2, tw, ids)
+    if quant not in PEER_QUANT:
+        return None
+    kwargs: dict[str, Any] = {"quant": quant, "w13_scale": w.w13_scale, "w2_scale": w.w2_scale}
+    if quant == "fp8_w8a8_tensor":
+        kwargs |= {"w13_scale": w.w13_scale.reshape(-1), "w2_scale": w.w2_scale.reshape(-1)}
+    if quant == "int4_w4a16":
+        fmt = w.weight_format
+        assert isinstance(fmt, Int4Group)  # the format of int4_w4a16
+        kwargs["group_size"] = fmt.group_size
+        if w.w13_zero is not None and w.w2_zero is not None:
+            kwargs["w13_zp"], kwargs["w2_zp"] = (z[:, 0::2] | (z[:, 1::2] << 4) for z in (w.w13_zero, w.w2_zero))
+    return lambda x, tw, ids: peer(x, w.w13, w.w2, tw, ids, **kwargs)
 
 
 # --- measuring ----------------------------------------------------------------------------
@@ -160,8 +190,9 @@ def bench_point(
     if bf16 is not None:
         bf16_kernel = bf16[1].kernel
         record("bf16", lambda: bf16_kernel(x, plain, tw, ids, check_values=False))
-    elif peer is not None:
-        record("peer", lambda: peer(x, w.w13, w.w2, tw, ids))
+    call = peer_call(peer, args.quant, w) if peer is not None else None
+    if call is not None:
+        record("peer", lambda: call(x, tw, ids))
     record("torch-ops", lambda: torch_ops_moe(x, plain, tw, ids))
     if args.pairs == "all":
         for name, build in valid_pairs(shape.layer(tokens, args.quant)):
@@ -276,6 +307,11 @@ def summary_table(result: ShapeResult) -> str:
                 f"{max(p.max_rel_err.values(), default=0.0):.1e}",
             ]
         )
+    if peer == "bf16" and any("peer" in p.us for p in result.points):
+        # a quantized layer: the peer in the same format too
+        headers += ["peer us", "peer/select"]
+        for row, p in zip(rows, result.points, strict=True):
+            row += [p.us.get("peer", "-"), _ratio(p.us.get("peer"), p.us.get("select"))]
     return format_table(headers, rows)
 
 
@@ -345,7 +381,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tile-candidates", type=int, default=6, help="with --tune-out: tilings timed per GEMM")
     parser.add_argument(
-        "--quant", choices=("none", "fp8"), default="none", help="fp8: the fp8 block-scaled layers beside bf16"
+        "--quant",
+        choices=("none", "fp8", *SCHEMES),
+        default="none",
+        help="a quantization scheme (fp8: fp8_w8a8_block): the layers in that format beside bf16 and the peer",
     )
     parser.add_argument("--out", type=Path, help="directory for experts.md, experts.json and experts.png")
     parser.add_argument("--runs", type=int, default=30, help="most timed runs per measurement (default: %(default)s)")

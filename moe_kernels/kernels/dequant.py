@@ -1,0 +1,125 @@
+"""Dequantizing weight loads: 4-bit values packed two to a byte, expanded to a GEMM's B tile in
+registers, so the weights stay packed in memory and are read once (decode is bound by that read).
+
+Layout (:mod:`moe_kernels.mlp.packed`): ``weight [E, N, K/2] uint8``, byte ``j`` of a row holds
+column ``2j`` in its low nibble and ``2j + 1`` in its high nibble; scales (and int4 zero points)
+``[E, N, K/group]``. A B tile ``[BLOCK_K, BLOCK_N]`` is loaded as bytes at ``k // 2`` (each byte
+twice, the second time from L1), the nibble of each ``k`` shifted out, and mapped to its value:
+
+* ``INT4``: ``(u - zero) * scale``, ``zero`` 8 when symmetric (no zero tensor);
+* ``MXFP4``: e2m1 ``u`` (sign, 2 exponent bits, 1 mantissa bit) times ``2^(scale - 127)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from moe_kernels.mlp import packed as packed_numbers
+
+from ._common import check_tensor
+
+#: ``PACKED`` constexpr values of the GEMM kernels
+NOT_PACKED = 0
+INT4 = 1
+MXFP4 = 2
+
+_INT4_ZERO = tl.constexpr(float(packed_numbers.INT4_SYMMETRIC_ZERO))
+_E8M0_BIAS = tl.constexpr(float(packed_numbers.E8M0_BIAS))
+
+
+@triton.jit
+def load_weight_tile(
+    w_ptrs, mask, k0, k_dim, col_ok, scale_ptr, zero_ptr, row_offs, stride_sk, group,
+    PACKED: tl.constexpr, HAS_ZERO: tl.constexpr, GROUPS: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The B tile ``[BLOCK_K, BLOCK_N]`` at ``w_ptrs`` as stored (dense, fp8), or unpacked to
+    float32: then ``w_ptrs`` point at byte ``k // 2`` of each column's row for the columns ``k``
+    from ``k0``, ``row_offs [BLOCK_N]`` are the offsets of the rows' first scale (and zero point)
+    from ``scale_ptr`` (``zero_ptr``) and ``GROUPS`` the scale groups in a K tile (1: one group
+    spans the tile, ``BLOCK_K / group`` otherwise)."""
+    if PACKED == 0:
+        # float `other`: the interpreter cannot cast the int 0 to fp8
+        w = tl.load(w_ptrs, mask=mask, other=0.0)
+    else:
+        raw = tl.load(w_ptrs, mask=mask, other=0)
+        k = k0 + tl.arange(0, BLOCK_K)
+        nibble = (raw >> ((k % 2) * 4).to(tl.uint8)[:, None]) & 0xF
+        scale = _per_group(scale_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, GROUPS, BLOCK_K)
+        if PACKED == 1:
+            if HAS_ZERO:
+                zero = _per_group(zero_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, GROUPS, BLOCK_K)
+                w = (nibble.to(tl.float32) - zero.to(tl.float32)) * scale
+            else:
+                w = (nibble.to(tl.float32) - _INT4_ZERO) * scale
+        else:
+            e = ((nibble >> 1) & 3).to(tl.float32)
+            m = (nibble & 1).to(tl.float32)
+            # e == 0: subnormal 0 or 0.5; else (1 + m / 2) * 2^(e - 1): 1, 1.5, 2, 3, 4, 6
+            magnitude = tl.where(e == 0.0, m * 0.5, (1.0 + m * 0.5) * tl.exp2(e - 1.0))
+            w = tl.where((nibble & 8) != 0, -magnitude, magnitude) * tl.exp2(scale.to(tl.float32) - _E8M0_BIAS)
+    return w
+
+
+@triton.jit
+def _per_group(ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, GROUPS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The per-group values (scales, zero points) of the K tile from ``k0``: ``[1, BLOCK_N]`` when
+    one group spans the tile, else ``GROUPS`` loads per column broadcast to ``[BLOCK_K,
+    BLOCK_N]`` -- one load per group, not per element."""
+    if GROUPS == 1:
+        v = tl.load(ptr + row_offs[None, :] + (k0 // group) * stride_sk, mask=col_ok[None, :], other=0)
+    else:
+        g = k0 // group + tl.arange(0, GROUPS)
+        g_ok = (g * group < k_dim)[:, None] & col_ok[None, :]
+        v = tl.load(ptr + row_offs[None, :] + g.to(tl.int64)[:, None] * stride_sk, mask=g_ok, other=0)
+        v = tl.reshape(tl.broadcast_to(v[:, None, :], (GROUPS, BLOCK_K // GROUPS, v.shape[1])), (BLOCK_K, v.shape[1]))
+    return v
+
+
+def groups_per_tile(group: int, block_k: int) -> int:
+    """The ``GROUPS`` constexpr: scale groups in a K tile (1 when a group spans it); both are
+    powers of two, so one divides the other."""
+    if group % block_k and block_k % group:
+        raise ValueError(f"block_k: {block_k} and the group size {group} must divide one another")
+    return max(1, block_k // group)
+
+
+#: the kernels' ``packing`` argument -> their ``PACKED`` constexpr
+PACKINGS = {None: NOT_PACKED, "int4": INT4, "mxfp4": MXFP4}
+
+
+def packed_constant(packing: str | None) -> int:
+    if packing not in PACKINGS:
+        raise ValueError(f"packing: expected one of {list(PACKINGS)}, got {packing!r}")
+    return PACKINGS[packing]
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """How a packed B operand (two 4-bit values a byte, :mod:`.dequant`) is dequantized:
+    ``packing`` ``"int4"`` or ``"mxfp4"``, one scale per row and ``group`` columns, and int4
+    zero points ``[E, N, K/group] uint8`` (None: symmetric, zero 8)."""
+
+    packing: str
+    group: int
+    zero: torch.Tensor | None = None
+
+
+def check_packed(name: str, w: torch.Tensor, w_scale: object, packed: PackedWeight, k: int) -> None:
+    """``w [E, N, K/2] uint8`` with ``w_scale [E, N, K/group]`` (int4: float32, mxfp4: uint8) and
+    int4 zero points of the scales' shape, contiguous; ``ValueError``/``TypeError`` naming the tensor."""
+    packed_constant(packed.packing)
+    int4 = packed.packing == "int4"
+    e, n = w.shape[0], w.shape[1]
+    check_tensor(name, w, dtypes=(torch.uint8,), shape=(e, n, k // 2))
+    if k % packed.group or packed.group % 2:
+        raise ValueError(f"{name}: K = {k} is not a multiple of the (even) group size {packed.group}")
+    shape = (e, n, k // packed.group)
+    check_tensor(f"{name}_scale", w_scale, dtypes=(torch.float32 if int4 else torch.uint8,), shape=shape)
+    if packed.zero is not None:
+        if not int4:
+            raise ValueError(f"{name}_zero: {packed.packing} has no zero points")
+        check_tensor(f"{name}_zero", packed.zero, dtypes=(torch.uint8,), shape=shape)
