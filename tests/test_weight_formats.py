@@ -237,7 +237,7 @@ def test_packed_experts_match_the_loop(name: str, experts: type, t: int) -> None
     w13, w2 = float_weights()
     (t13, real13), (t2, real2) = pack(w13), pack(w2)
     weights = ExpertWeights(t13["weight"], t2["weight"], t13["scale"], t2["scale"], cfg.mlp.weights,
-                            t13.get("zero"), t2.get("zero"))  # fmt: skip
+                            w13_zero=t13.get("zero"), w2_zero=t2.get("zero"))  # fmt: skip
     prepare = LocalMaskedPrepareAndFinalize() if experts is MaskedTritonExperts else LocalPrepareAndFinalize()
     kernel = compose(prepare, experts(), cfg, device="cpu")
     x, tw, ids = routed(t)
