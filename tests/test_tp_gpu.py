@@ -60,8 +60,8 @@ def _compare_at(t: int, full_kernel, shard_kernel, full: ExpertWeights, shards: 
     summed = sum(shard_kernel(x, w, weights, ids).float() for w in shards)
     err = (summed - want).abs().max().item() / want.abs().max().item()
     assert err < 3e-2, f"T={t}: the shards' sum is off the unsharded output by {err:.3g} (relative)"
-    t_full = time_cuda(lambda: full_kernel(x, full, weights, ids)).median_us
-    t_shard = time_cuda(lambda: shard_kernel(x, shards[0], weights, ids)).median_us
+    t_full = time_cuda(lambda: full_kernel(x, full, weights, ids))
+    t_shard = time_cuda(lambda: shard_kernel(x, shards[0], weights, ids))
     ratio, limit = t_shard / t_full, (0.3 if t >= 1024 else 1.0)
     verdict = "met" if ratio <= limit else "MISSED"
     return f"{t:>6} {t_full:>13.1f} {t_shard:>9.1f} {ratio:>6.2f}  <= {limit:.2f} {verdict}"
@@ -105,8 +105,8 @@ def test_replica_choice_cost(tokens: int) -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         choose()
-    eager = time_cuda(choose, flush_l2=False).median_us
-    replay = time_cuda(graph.replay, flush_l2=False).median_us
+    eager = time_cuda(choose)
+    replay = time_cuda(graph.replay)
     print(f"\nreplica choice + load count, T={tokens}: eager {eager:.1f} us, graph replay {replay:.1f} us (target < 2)")
 
 

@@ -400,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
     limits = (copy_bandwidth_gbs(), matmul_tflops())
     header = _header(torch.cuda.get_device_name(device), peer_info, limits)
     timer = Timer(args.runs, args.target_ms / 1e3)
-    args.quant = "fp8_w8a8_block" if args.quant == "fp8" else "none"
+    args.quant = "fp8_w8a8_block" if args.quant == "fp8" else args.quant
     results: list[ShapeResult] = []
     start = time.perf_counter()
     with Progress(len(args.shapes) * len(args.tokens), "bench experts") as progress:
