@@ -74,6 +74,9 @@ class FusedTritonExperts(TritonPart):
             return 500.0, "Triton under the CPU interpreter: correct but slow"
         moe = ctx.cfg.moe
         rows = ctx.max_tokens * moe.top_k / ctx.placement.num_local_experts
+        if isinstance(ctx.mlp.weights, Fp8Scaled):
+            # measured on an H100 (docs/gpu-results.md, 2026-12-05): 1.5-6x the other fp8 pairs
+            return 60.0, "fused Triton on fp8 weights: correct, but slower than the grouped fp8 paths as measured"
         if rows <= DECODE_ROWS_PER_EXPERT:
             return 5.0, f"fused Triton decode path: weights streamed once, 4 launches ({rows:.0f} rows per expert)"
         return 30.0, f"fused Triton path at {rows:.0f} rows per expert: prefill GEMMs favour DeepGEMM/_grouped_mm"
