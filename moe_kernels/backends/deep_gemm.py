@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from moe_kernels.backends.cuda import sm_check
-from moe_kernels.core.contract import Check
+from moe_kernels.core.contract import Check, Operand
 
 #: the bf16 grouped entry points the experts call
 BF16_SYMBOLS = ("m_grouped_bf16_gemm_nt_contiguous", "m_grouped_bf16_gemm_nt_masked")
@@ -153,46 +153,31 @@ def num_sms() -> int:
 
 
 def contiguous(
-    a: torch.Tensor,
-    a_scale: torch.Tensor | None,
-    w: torch.Tensor,
-    w_scale: torch.Tensor | None,
-    out: torch.Tensor,
-    layout: torch.Tensor,
-    *,
-    psum_expected_m: int | None = None,
+    a: Operand, w: Operand, out: torch.Tensor, layout: torch.Tensor, *, psum_expected_m: int | None = None
 ) -> None:
     """``out[r] = a[r] @ w[e].T`` for the rows of expert ``e`` (fp8: both operands scaled).
 
     Contiguous layout (``psum_expected_m`` None): ``layout [R]`` int32 names each row's expert or
     ``-1`` (whole tiles of ``-1`` are skipped). Psum layout: ``layout [E]`` int32 are DeepEP's
     ``psum_num_recv_tokens_per_expert`` and ``psum_expected_m`` DeepGEMM's tuning hint (>= 1).
-    ``a [R, K]`` bf16 or float8_e4m3fn with ``a_scale [R, K/128]``; ``w [E, N, K]`` likewise with
-    ``w_scale [E, N/128, K/128]``; ``out [R, N]`` bf16.
+    ``a = (values [R, K], scale)``: bf16 without a scale, or float8_e4m3fn with ``[R, K/128]``;
+    ``w = ([E, N, K], scale)`` likewise with ``[E, N/128, K/128]``; ``out [R, N]`` bf16.
     """
     dg = module()
     psum = {} if psum_expected_m is None else dict(use_psum_layout=True, expected_m_for_psum_layout=psum_expected_m)
-    if a_scale is None:
-        dg.m_grouped_bf16_gemm_nt_contiguous(a, w, out, layout, **psum)
+    if a[1] is None:
+        dg.m_grouped_bf16_gemm_nt_contiguous(a[0], w[0], out, layout, **psum)
     else:
-        dg.m_grouped_fp8_gemm_nt_contiguous((a, a_scale), (w, w_scale), out, layout, **psum)
+        dg.m_grouped_fp8_gemm_nt_contiguous(a, w, out, layout, **psum)
 
 
-def masked(
-    a: torch.Tensor,
-    a_scale: torch.Tensor | None,
-    w: torch.Tensor,
-    w_scale: torch.Tensor | None,
-    out: torch.Tensor,
-    counts: torch.Tensor,
-    expected_m: int,
-) -> None:
-    """``out[e, m] = a[e, m] @ w[e].T`` for ``m < counts[e]``: ``a [E, M, K]`` (fp8 with
-    ``a_scale [E, M, K/128]``), ``counts [E]`` int32, ``out [E, M, N]`` bf16, ``expected_m`` a
-    host estimate of the rows per expert (clamped to ``[1, M]``)."""
-    expected_m = max(1, min(int(expected_m), a.shape[1]))
+def masked(a: Operand, w: Operand, out: torch.Tensor, counts: torch.Tensor, expected_m: int) -> None:
+    """``out[e, m] = a[e, m] @ w[e].T`` for ``m < counts[e]``: ``a = (values [E, M, K], scale)``
+    (fp8: ``[E, M, K/128]``), ``w`` as :func:`contiguous` takes it, ``counts [E]`` int32, ``out
+    [E, M, N]`` bf16, ``expected_m`` a host estimate of the rows per expert (clamped to ``[1, M]``)."""
+    expected_m = max(1, min(int(expected_m), a[0].shape[1]))
     dg = module()
-    if a_scale is None:
-        dg.m_grouped_bf16_gemm_nt_masked(a, w, out, counts, expected_m)
+    if a[1] is None:
+        dg.m_grouped_bf16_gemm_nt_masked(a[0], w[0], out, counts, expected_m)
     else:
-        dg.m_grouped_fp8_gemm_nt_masked((a, a_scale), (w, w_scale), out, counts, expected_m)
+        dg.m_grouped_fp8_gemm_nt_masked(a, w, out, counts, expected_m)

@@ -182,6 +182,9 @@ def expected_rows_per_expert(num_tokens: int, top_k: int, num_experts: int, capa
 
 H = TypeVar("H")
 
+#: a GEMM operand as DeepGEMM takes it: ``(values, scale)``, the scale ``None`` when unquantized
+Operand = tuple[torch.Tensor, torch.Tensor | None]
+
 #: a part's scratch buffers for one call, by the names its ``workspace_specs`` gave them
 Workspace = dict[str, torch.Tensor]
 

@@ -13,18 +13,16 @@ from collections.abc import Callable
 
 import torch
 
-from moe_kernels.core.contract import StandardTokens, WorkspaceSpec, align_up
+from moe_kernels.core.contract import Operand, StandardTokens, WorkspaceSpec, align_up
 from moe_kernels.mlp.act_quant import scale_view
 from moe_kernels.mlp.spec import ExpertMLP
 from moe_kernels.mlp.weights import ExpertWeights
 
-#: ``gemm(a, a_scale, w, w_scale, out, rows)``: ``out = a @ w[e].T`` per expert, ``rows`` the
-#: layout (contiguous: ``grouped_layout [R]`` int32; masked: ``counts [E]`` int32); scales None
-#: for unquantized operands. Experts classes that add expert biases pass ``bias=`` ``[E, N]`` too
-#: (:func:`bias_kwargs`); the others refuse biased MLPs in their checks and are never given one.
-GroupedGemm = Callable[
-    [torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor], None
-]
+#: ``gemm((a, a_scale), (w, w_scale), out, rows)``: ``out = a @ w[e].T`` per expert, ``rows`` the
+#: layout (contiguous: ``grouped_layout [R]`` int32; masked: ``counts [E]`` int32). Experts
+#: classes that add expert biases pass ``bias=`` ``[E, N]`` too (:func:`bias_kwargs`); the others
+#: refuse biased MLPs in their checks and are never given one.
+GroupedGemm = Callable[[Operand, Operand, torch.Tensor, torch.Tensor], None]
 
 #: the row count of a scale storage is padded to a multiple of this (TMA asks 16-byte strides)
 SCALE_ROWS_MULTIPLE = 4
@@ -101,10 +99,10 @@ def run_contiguous(
     scatter_rows(tokens.x, layout.dst_row, permuted, scale_out=permuted_scale, group=group)
     b13 = bias_kwargs(weights.w13_bias)
     if fused_gemm1 is not None:
-        fused_gemm1(permuted, permuted_scale, weights.w13, weights.w13_scale, act, layout.grouped_layout, **b13)
+        fused_gemm1((permuted, permuted_scale), (weights.w13, weights.w13_scale), act, layout.grouped_layout, **b13)
     else:
         gate_up = workspace["gate_up"]
-        gemm(permuted, permuted_scale, weights.w13, weights.w13_scale, gate_up, layout.grouped_layout, **b13)
+        gemm((permuted, permuted_scale), (weights.w13, weights.w13_scale), gate_up, layout.grouped_layout, **b13)
         activate(
             gate_up,
             act,
@@ -114,7 +112,8 @@ def run_contiguous(
             grouped_layout=layout.grouped_layout,
         )
     rows = workspace.get("expert_rows", permuted)
-    gemm(act, act_scale, weights.w2, weights.w2_scale, rows, layout.grouped_layout, **bias_kwargs(weights.w2_bias))
+    w2 = (weights.w2, weights.w2_scale)
+    gemm((act, act_scale), w2, rows, layout.grouped_layout, **bias_kwargs(weights.w2_bias))
     write_output(rows, layout.dst_row, tokens, out)
 
 
@@ -143,9 +142,9 @@ def run_masked(
     gate_up = workspace["gate_up"]
     act, act_scale = gemm_input(workspace, "activation")
     group = mlp.act_quant.group if mlp.act_quant is not None else 1
-    gemm(x, x_scale, weights.w13, weights.w13_scale, gate_up, counts, **bias_kwargs(weights.w13_bias))
+    gemm((x, x_scale), (weights.w13, weights.w13_scale), gate_up, counts, **bias_kwargs(weights.w13_bias))
     activate(gate_up, act, activation=mlp.activation, scale_out=act_scale, group=group, counts=counts)
-    gemm(act, act_scale, weights.w2, weights.w2_scale, out, counts, **bias_kwargs(weights.w2_bias))
+    gemm((act, act_scale), (weights.w2, weights.w2_scale), out, counts, **bias_kwargs(weights.w2_bias))
 
 
 def write_output(rows: torch.Tensor, dst_row: torch.Tensor, tokens: StandardTokens, out: torch.Tensor) -> None:

@@ -83,20 +83,7 @@ class DeepGemmPart(PermuteExpertsUnpermute):
 
 def deep_gemm_masked(expected_m: int) -> functools.partial[None]:
     """DeepGEMM's masked GEMM as a :data:`~moe_kernels.experts.common.GroupedGemm`."""
-    return functools.partial(_masked, expected_m=expected_m)
-
-
-def _masked(
-    a: torch.Tensor,
-    a_scale: torch.Tensor | None,
-    w: torch.Tensor,
-    w_scale: torch.Tensor | None,
-    out: torch.Tensor,
-    counts: torch.Tensor,
-    *,
-    expected_m: int,
-) -> None:
-    deep_gemm.masked(a, a_scale, w, w_scale, out, counts, expected_m)
+    return functools.partial(deep_gemm.masked, expected_m=expected_m)
 
 
 class DeepGemmExperts(DeepGemmPart):
@@ -192,13 +179,12 @@ class ExpandedDeepGemmExperts(DeepGemmPart):
         gate_up, rows = workspace["gate_up"], workspace["expert_rows"]
         act, act_scale = gemm_input(workspace, "activation")
         group = mlp.act_quant.group if mlp.act_quant is not None else 1
-        deep_gemm.contiguous(
-            tokens.x, tokens.x_scale, weights.w13, weights.w13_scale, gate_up, ends, psum_expected_m=expected_m
-        )
+        w13, w2 = (weights.w13, weights.w13_scale), (weights.w2, weights.w2_scale)
+        deep_gemm.contiguous((tokens.x, tokens.x_scale), w13, gate_up, ends, psum_expected_m=expected_m)
         # rows outside every segment are skipped: their activation keeps stale values, which
         # GEMM2 may compute from but the last step never reads
         activate(gate_up, act, activation=mlp.activation, scale_out=act_scale, group=group, grouped_layout=row_expert)
-        deep_gemm.contiguous(act, act_scale, weights.w2, weights.w2_scale, rows, ends, psum_expected_m=expected_m)
+        deep_gemm.contiguous((act, act_scale), w2, rows, ends, psum_expected_m=expected_m)
         write_expanded_output(rows, dst_row, tokens, out)
 
 

@@ -10,6 +10,7 @@ the activation is then its own kernel, which quantizes GEMM2's input on the way 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
@@ -19,6 +20,7 @@ from moe_kernels.core.contract import (
     LayerContext,
     Layout,
     MaskedTokens,
+    Operand,
     PermuteExpertsUnpermute,
     StandardTokens,
     WorkspaceSpec,
@@ -76,52 +78,35 @@ def _scale_block(fmt: WeightFormat | None, w: torch.Tensor, weights: ExpertWeigh
     return {}
 
 
-def _triton_contiguous(
-    a: torch.Tensor,
-    a_scale: torch.Tensor | None,
-    w: torch.Tensor,
-    w_scale: torch.Tensor | None,
+def _triton_gemm(
+    a: Operand,
+    w: Operand,
     out: torch.Tensor,
-    grouped_layout: torch.Tensor,
+    rows: torch.Tensor,
     *,
+    masked: bool,
     mlp: ExpertMLP | None = None,
     bias: torch.Tensor | None = None,
     fmt: WeightFormat | None = None,
     weights: ExpertWeights | None = None,
 ) -> None:
-    """The Triton grouped GEMM as a :data:`~moe_kernels.experts.common.GroupedGemm` (``mlp``: fuse
+    """The Triton grouped GEMM as a :data:`~moe_kernels.experts.common.GroupedGemm`, on the masked
+    layout (``rows``: counts) or the contiguous one (``rows``: the grouped layout). ``mlp``: fuse
     its activation; ``bias``: add it in the epilogue; ``fmt``: how ``w`` is stored, and ``weights``
-    the layer's, for int4 zero points: bind them with ``functools.partial``)."""
-    from moe_kernels.kernels import grouped_gemm_contiguous
+    the layer's, for int4 zero points: bind them with ``functools.partial``."""
+    from moe_kernels.kernels import grouped_gemm_contiguous, grouped_gemm_masked
     from moe_kernels.kernels.grouped_gemm import BLOCK_M
 
-    activation = mlp.activation if mlp is not None else None
-    grouped_gemm_contiguous(
-        a, w, grouped_layout, out, a_scale=a_scale, b_scale=w_scale, activation=activation, bias=bias,
-        alignment=BLOCK_M, **_scale_block(fmt, w, weights),
-    )  # fmt: skip
+    kwargs: dict[str, Any] = dict(a_scale=a[1], b_scale=w[1], activation=mlp.activation if mlp else None, bias=bias)
+    kwargs |= _scale_block(fmt, w[0], weights)
+    if masked:
+        grouped_gemm_masked(a[0], w[0], rows, out, **kwargs)
+    else:
+        grouped_gemm_contiguous(a[0], w[0], rows, out, alignment=BLOCK_M, **kwargs)
 
 
-def _triton_masked(
-    a: torch.Tensor,
-    a_scale: torch.Tensor | None,
-    w: torch.Tensor,
-    w_scale: torch.Tensor | None,
-    out: torch.Tensor,
-    counts: torch.Tensor,
-    *,
-    mlp: ExpertMLP | None = None,
-    bias: torch.Tensor | None = None,
-    fmt: WeightFormat | None = None,
-    weights: ExpertWeights | None = None,
-) -> None:
-    from moe_kernels.kernels import grouped_gemm_masked
-
-    activation = mlp.activation if mlp is not None else None
-    grouped_gemm_masked(
-        a, w, counts, out, a_scale=a_scale, b_scale=w_scale, activation=activation, bias=bias,
-        **_scale_block(fmt, w, weights),
-    )  # fmt: skip
+_triton_contiguous = functools.partial(_triton_gemm, masked=False)
+_triton_masked = functools.partial(_triton_gemm, masked=True)
 
 
 def _fused_gemm1(mlp: ExpertMLP, gemm: GroupedGemm) -> GroupedGemm | None:
@@ -189,5 +174,5 @@ class MaskedTritonExperts(TritonPart):
             run_masked(tokens.x, tokens.x_scale, tokens.counts, weights, out, workspace, mlp, gemm)
             return
         act = workspace["activation"]
-        fused(tokens.x, None, weights.w13, weights.w13_scale, act, tokens.counts, **bias_kwargs(weights.w13_bias))
-        gemm(act, None, weights.w2, weights.w2_scale, out, tokens.counts, **bias_kwargs(weights.w2_bias))
+        fused((tokens.x, None), (weights.w13, weights.w13_scale), act, tokens.counts, **bias_kwargs(weights.w13_bias))
+        gemm((act, None), (weights.w2, weights.w2_scale), out, tokens.counts, **bias_kwargs(weights.w2_bias))
