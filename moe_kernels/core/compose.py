@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -548,32 +548,11 @@ class TokenRangeKernel:
     def __repr__(self) -> str:
         return f"TokenRangeKernel({self.name})"
 
-    def __call__(
-        self,
-        x: torch.Tensor,
-        weights: ExpertWeights,
-        topk_weights: torch.Tensor,
-        topk_ids: torch.Tensor,
-        *,
-        residual: torch.Tensor | Residual | None = None,
-        apply_router_weight_on_input: bool = False,
-        check_values: bool = True,
-        reduce_results: bool = True,
-    ) -> torch.Tensor:
-        """As :meth:`ModularKernel.__call__`, on the member for ``x``'s token count."""
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """As :meth:`ModularKernel.__call__` (same arguments), on the member for ``x``'s token count."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor [T, H], got {type(x).__name__}")
-        kernel = self.kernel_for(x.shape[0])
-        return kernel(
-            x,
-            weights,
-            topk_weights,
-            topk_ids,
-            residual=residual,
-            apply_router_weight_on_input=apply_router_weight_on_input,
-            check_values=check_values,
-            reduce_results=reduce_results,
-        )
+        return self.kernel_for(x.shape[0])(x, *args, **kwargs)
 
 
 class Kernel(Protocol):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from moe_kernels.core.contract import Operand, StandardTokens, WorkspaceSpec, align_up
+from moe_kernels.core.contract import ExpandedTokens, MaskedTokens, Operand, StandardTokens, WorkspaceSpec, align_up
 from moe_kernels.mlp.act_quant import scale_view
 from moe_kernels.mlp.spec import ExpertMLP
 from moe_kernels.mlp.weights import ExpertWeights
@@ -26,6 +26,13 @@ GroupedGemm = Callable[[Operand, Operand, torch.Tensor, torch.Tensor], None]
 
 #: the row count of a scale storage is padded to a multiple of this (TMA asks 16-byte strides)
 SCALE_ROWS_MULTIPLE = 4
+
+
+def check_token_quant(part: str, tokens: MaskedTokens | ExpandedTokens, mlp: ExpertMLP) -> None:
+    """Tokens quantized (``x_scale`` given) exactly when the layer quantizes activations: a
+    prepare/finalize bound to another format would hand the GEMMs the wrong dtype."""
+    if (tokens.x_scale is None) != (mlp.act_quant is None):
+        raise ValueError(f"{part}: the layer wants {mlp.describe()}; got {tokens.x.dtype} tokens")
 
 
 def bias_kwargs(bias: torch.Tensor | None) -> dict[str, torch.Tensor]:

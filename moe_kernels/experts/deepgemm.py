@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch import Tensor
 
 from moe_kernels.backends import deep_gemm
 from moe_kernels.backends.triton import triton_check
@@ -35,9 +36,11 @@ from moe_kernels.core.contract import (
     PermuteExpertsUnpermute,
     StandardTokens,
     TokenFormat,
+    Workspace,
     WorkspaceSpec,
 )
 from moe_kernels.experts.common import (
+    check_token_quant,
     contiguous_workspace,
     gemm_input,
     gemm_input_specs,
@@ -104,9 +107,7 @@ class DeepGemmExperts(DeepGemmPart):
         e = ctx.placement.num_local_experts
         return contiguous_workspace(ctx.mlp, num_rows, ctx.cfg.moe.top_k, e, deep_gemm.alignment() or 1)
 
-    def apply(
-        self, tokens: StandardTokens, weights: ExpertWeights, out: torch.Tensor, workspace: dict[str, torch.Tensor]
-    ) -> None:
+    def apply(self, tokens: StandardTokens, weights: ExpertWeights, out: Tensor, workspace: Workspace) -> None:
         alignment = deep_gemm.alignment() or 1
         run_contiguous(tokens, weights, out, workspace, self.ctx.mlp, alignment, deep_gemm.contiguous)
 
@@ -125,12 +126,9 @@ class MaskedDeepGemmExperts(DeepGemmPart):
     def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
         return masked_workspace(ctx.mlp, ctx.placement.num_local_experts, num_rows)
 
-    def apply(
-        self, tokens: MaskedTokens, weights: ExpertWeights, out: torch.Tensor, workspace: dict[str, torch.Tensor]
-    ) -> None:
+    def apply(self, tokens: MaskedTokens, weights: ExpertWeights, out: Tensor, workspace: Workspace) -> None:
         mlp = self.ctx.mlp
-        if (tokens.x_scale is None) != (mlp.act_quant is None):
-            raise ValueError(f"{self.name}: the layer wants {mlp.describe()}; got {tokens.x.dtype} tokens")
+        check_token_quant(self.name, tokens, mlp)
         gemm = deep_gemm_masked(tokens.expected_m)
         run_masked(tokens.x, tokens.x_scale, tokens.counts, weights, out, workspace, mlp, gemm)
 
@@ -166,14 +164,11 @@ class ExpandedDeepGemmExperts(DeepGemmPart):
         specs |= gemm_input_specs("activation", (num_rows,), mlp.inter, mlp)
         return specs | {"expert_rows": WorkspaceSpec((num_rows, mlp.hidden), mlp.dtype)}
 
-    def apply(
-        self, tokens: ExpandedTokens, weights: ExpertWeights, out: torch.Tensor, workspace: dict[str, torch.Tensor]
-    ) -> None:
+    def apply(self, tokens: ExpandedTokens, weights: ExpertWeights, out: Tensor, workspace: Workspace) -> None:
         from moe_kernels.kernels import activate
 
         mlp = self.ctx.mlp
-        if (tokens.x_scale is None) != (mlp.act_quant is None):
-            raise ValueError(f"{self.name}: the layer wants {mlp.describe()}; got {tokens.x.dtype} tokens")
+        check_token_quant(self.name, tokens, mlp)
         row_expert, dst_row, expected_m = psum_rows(tokens)
         ends = tokens.expert_ends
         gate_up, rows = workspace["gate_up"], workspace["expert_rows"]

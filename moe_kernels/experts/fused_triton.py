@@ -19,7 +19,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import torch
+from torch import Tensor
 
 from moe_kernels.backends import cuda
 from moe_kernels.backends.triton import interpreting
@@ -30,6 +30,7 @@ from moe_kernels.core.contract import (
     Layout,
     StandardTokens,
     TokenFormat,
+    Workspace,
     WorkspaceSpec,
     largest_specs,
 )
@@ -133,9 +134,7 @@ class FusedTritonExperts(TritonPart):
             t *= 2
         return largest_specs(self.workspace_specs(ctx, rows) for rows in points)
 
-    def apply(
-        self, tokens: StandardTokens, weights: ExpertWeights, out: torch.Tensor, workspace: dict[str, torch.Tensor]
-    ) -> None:
+    def apply(self, tokens: StandardTokens, weights: ExpertWeights, out: Tensor, workspace: Workspace) -> None:
         from moe_kernels.kernels import fused_experts
 
         gemm1, gemm2 = self.configs_for(self.ctx, tokens.num_rows)

@@ -15,7 +15,7 @@ measurements.
 
 from __future__ import annotations
 
-import torch
+from torch import Tensor
 
 from moe_kernels.backends import deep_gemm
 from moe_kernels.core import tuning
@@ -23,6 +23,7 @@ from moe_kernels.core.contract import (
     LayerContext,
     Layout,
     StandardTokens,
+    Workspace,
     WorkspaceSpec,
     align_up,
     largest_specs,
@@ -133,9 +134,7 @@ class HybridDeepGemmExperts(DeepGemmPart):
             candidates.append(self.workspace_specs(ctx, masked_t))
         return largest_specs(candidates)
 
-    def apply(
-        self, tokens: StandardTokens, weights: ExpertWeights, out: torch.Tensor, workspace: dict[str, torch.Tensor]
-    ) -> None:
+    def apply(self, tokens: StandardTokens, weights: ExpertWeights, out: Tensor, workspace: Workspace) -> None:
         mlp, t = self.ctx.mlp, tokens.num_rows
         if not self.use_masked(self.ctx, t):
             run_contiguous(tokens, weights, out, workspace, mlp, deep_gemm.alignment() or 1, deep_gemm.contiguous)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from moe_kernels.core.contract import LayerContext, Layout, PermuteExpertsUnpermute, StandardTokens
+from moe_kernels.core.contract import LayerContext, Layout, PermuteExpertsUnpermute, StandardTokens, Workspace
 from moe_kernels.mlp import fp8
 from moe_kernels.mlp.formats import FP8_FORMATS, PACKED_FORMATS, Dense
 from moe_kernels.mlp.weights import ExpertWeights
@@ -28,9 +29,7 @@ class TorchReferenceExperts(PermuteExpertsUnpermute):
     def preference(self, ctx: LayerContext) -> tuple[float, str]:
         return 1000.0, "plain per-expert torch loop: the yardstick, chosen only when nothing else runs"
 
-    def apply(
-        self, tokens: StandardTokens, weights: ExpertWeights, out: torch.Tensor, workspace: dict[str, torch.Tensor]
-    ) -> None:
+    def apply(self, tokens: StandardTokens, weights: ExpertWeights, out: Tensor, workspace: Workspace) -> None:
         acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
         if tokens.residual is not None:
             tokens.residual.wait()

@@ -13,6 +13,7 @@ import functools
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from moe_kernels.backends.triton import interpreting, triton_check
 from moe_kernels.core.contract import (
@@ -23,11 +24,13 @@ from moe_kernels.core.contract import (
     Operand,
     PermuteExpertsUnpermute,
     StandardTokens,
+    Workspace,
     WorkspaceSpec,
 )
 from moe_kernels.experts.common import (
     GroupedGemm,
     bias_kwargs,
+    check_token_quant,
     contiguous_workspace,
     masked_workspace,
     run_contiguous,
@@ -137,9 +140,7 @@ class TritonExperts(TritonPart):
         fused = _fused_gemm1(mlp, _triton_contiguous) is not None
         return contiguous_workspace(mlp, num_rows, ctx.cfg.moe.top_k, e, BLOCK_M, fused_gemm1=fused)
 
-    def apply(
-        self, tokens: StandardTokens, weights: ExpertWeights, out: torch.Tensor, workspace: dict[str, torch.Tensor]
-    ) -> None:
+    def apply(self, tokens: StandardTokens, weights: ExpertWeights, out: Tensor, workspace: Workspace) -> None:
         from moe_kernels.kernels.grouped_gemm import BLOCK_M
 
         mlp = self.ctx.mlp
@@ -162,12 +163,9 @@ class MaskedTritonExperts(TritonPart):
             del specs["gate_up"]
         return specs
 
-    def apply(
-        self, tokens: MaskedTokens, weights: ExpertWeights, out: torch.Tensor, workspace: dict[str, torch.Tensor]
-    ) -> None:
+    def apply(self, tokens: MaskedTokens, weights: ExpertWeights, out: Tensor, workspace: Workspace) -> None:
         mlp = self.ctx.mlp
-        if (tokens.x_scale is None) != (mlp.act_quant is None):
-            raise ValueError(f"{self.name}: the layer wants {mlp.describe()}; got {tokens.x.dtype} tokens")
+        check_token_quant(self.name, tokens, mlp)
         gemm = functools.partial(_triton_masked, fmt=mlp.weights, weights=weights)
         fused = _fused_gemm1(mlp, gemm)
         if fused is None:
