@@ -8,6 +8,8 @@ of its epilogue (the activation, the router weight, the rounding to the output d
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -21,15 +23,12 @@ def bias_row(bias_ptr, expert, cols, col_ok, stride_e):
     return tl.load(bias_ptr + expert.to(tl.int64) * stride_e + cols, mask=col_ok, other=0.0).to(tl.float32)
 
 
-def check_bias(bias: torch.Tensor | None, num_experts: int, width: int) -> int:
-    """Validate an optional ``bias [E, N]`` (bf16/fp16/fp32, unit stride along N); return its expert
-    stride (0 without a bias)."""
-    if bias is None:
-        return 0
-    check_tensor("bias", bias, dtypes=FLOAT_DTYPES, shape=(num_experts, width), contiguous=False)
-    if bias.stride(1) != 1:
-        raise ValueError(f"bias: expected unit stride along its last dim, got strides {bias.stride()}")
-    return bias.stride(0)
+def bias_args(bias: torch.Tensor | None, num_experts: int, width: int) -> dict[str, Any]:
+    """Validate an optional ``bias [E, N]`` (bf16/fp16/fp32, unit stride along N); return the kernel
+    arguments every biased GEMM takes: ``bias_ptr``, ``stride_bias_e`` (0 without a bias), ``HAS_BIAS``."""
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, shape=(num_experts, width), unit_last_stride=True)
+    return {"bias_ptr": bias, "stride_bias_e": 0 if bias is None else bias.stride(0), "HAS_BIAS": bias is not None}
 
 
-__all__ = ["bias_row", "check_bias"]
+__all__ = ["bias_args", "bias_row"]

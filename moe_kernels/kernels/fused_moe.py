@@ -37,7 +37,7 @@ from moe_kernels.mlp.activations import SILU, Activation
 
 from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor, interpreting
 from .activation import apply_activation
-from .bias import bias_row, check_bias
+from .bias import bias_args, bias_row
 from .dequant import PackedWeight, check_packed, groups_per_tile, load_weight_tile, packed_constant
 from .gather import weighted_gather
 from .grouped_gemm import weight_scale
@@ -212,6 +212,14 @@ def gather_layout(
         slot_row, row_slot, block_expert, slot_index = contiguous_slot_rows(topk_ids, num_experts, block_m)
         return GatherLayout(row_slot, block_expert, slot_row, slot_index, num_rows, block_m, single_launch=False)
 
+    return _one_launch_layout(topk_ids, num_experts, block_m, num_rows, lanes)
+
+
+def _one_launch_layout(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int, num_rows: int, lanes: int
+) -> GatherLayout:
+    """:func:`gather_layout` built by one program over ``lanes`` (a power of two >= the slots)."""
+    n_slots = topk_ids.numel()
     device = topk_ids.device
     row_slot = torch.empty(num_rows, dtype=torch.int32, device=device)
     block_expert = torch.empty(num_rows // block_m, dtype=torch.int32, device=device)
@@ -546,6 +554,51 @@ def _gemm_kwargs(dtype: torch.dtype, config: FusedConfig) -> dict[str, object]:
     }
 
 
+def _check_gemm1(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    layout: GatherLayout,
+    out: torch.Tensor,
+    config: FusedConfig,
+    activation: Activation,
+    pack: int,
+) -> int:
+    """:func:`fused_gemm1`'s shape checks (``pack`` weight values per stored element); returns ``I``."""
+    num_tokens, hidden = x.shape
+    if not activation.gated:
+        raise ValueError(f"activation: the fused GEMM1 computes gated activations, not {activation.kind}")
+    if w13.shape[2] * pack != hidden or w13.shape[1] % 2:
+        raise ValueError(f"w13: expected shape [E, 2I, {hidden}], got {list(w13.shape)}")
+    inter = w13.shape[1] // 2
+    _check_layout(layout, config, x.device)
+    if layout.slot_row.shape[0] != num_tokens:
+        raise ValueError(f"layout: expected {num_tokens} tokens (x's rows), got {layout.slot_row.shape[0]}")
+    check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(layout.num_rows, inter))
+    return inter
+
+
+def _check_gemm2(
+    act: torch.Tensor,
+    w2: torch.Tensor,
+    layout: GatherLayout,
+    topk_weights: torch.Tensor | None,
+    out: torch.Tensor,
+    config: FusedConfig,
+    pack: int,
+) -> None:
+    """:func:`fused_gemm2_weighted`'s shape checks (``pack`` weight values per stored element)."""
+    inter = act.shape[1]
+    if w2.shape[2] * pack != inter:
+        raise ValueError(f"w2: expected shape [E, H, {inter}], got {list(w2.shape)}")
+    _check_layout(layout, config, act.device)
+    if act.shape[0] != layout.num_rows:
+        raise ValueError(f"act: expected {layout.num_rows} rows (layout.num_rows), got {act.shape[0]}")
+    num_tokens, top_k = layout.slot_row.shape
+    if topk_weights is not None:
+        check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, shape=(num_tokens, top_k))
+    check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(num_tokens * top_k, w2.shape[1]), unit_last_stride=True)
+
+
 def fused_gemm1(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -559,70 +612,51 @@ def fused_gemm1(
     packed: PackedWeight | None = None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out[r] = act(x[t] @ gate[e].T, x[t] @ up[e].T)`` for every layout row ``r`` holding a
-    slot of token ``t`` routed to expert ``e``; A rows are read from ``x`` directly (no scatter).
+    """``out[r] = act(x[t] @ gate[e].T, x[t] @ up[e].T)`` for every layout row ``r`` holding a slot of token ``t``
+    routed to expert ``e``; A rows are read from ``x`` directly (no scatter).
 
-    Padding rows of ``out`` are neither computed nor written; row blocks past the last segment
-    exit at once. The grid is (row blocks, column blocks) with row blocks fastest, so the
-    programs of a hot expert's consecutive blocks read the same weight tile close in time (L2).
+    Padding rows of ``out`` are neither computed nor written; row blocks past the last segment exit at once. The grid is
+    (row blocks, column blocks) with row blocks fastest, so the programs of a hot expert's consecutive blocks read the
+    same weight tile close in time (L2).
 
     Args:
         x: ``[T, H]`` bf16/fp16/fp32 with unit stride along H.
-        w13: ``[E, 2I, H]`` same dtype, contiguous; rows ``[0, I)`` gate, ``[I, 2I)`` up. Or
-            float8_e4m3fn with ``w13_scale`` (``x`` bf16, quantized per token and 128 columns
-            inside the GEMM's loads; ``config.block_k`` 128).
-        layout: from :func:`gather_layout` on the ``topk_ids [T, K]`` of ``x``, built with
-            ``config.block_m``.
+        w13: ``[E, 2I, H]`` same dtype, contiguous; rows ``[0, I)`` gate, ``[I, 2I)`` up. Or float8_e4m3fn with
+            ``w13_scale`` (``x`` bf16, quantized per token and 128 columns inside the GEMM's loads; ``config.block_k``
+            128).
+        layout: from :func:`gather_layout` on the ``topk_ids [T, K]`` of ``x``, built with ``config.block_m``.
         out: ``[R, I]`` (``R = layout.num_rows``), bf16/fp16/fp32, contiguous.
         config: tiling; ``block_m`` must equal ``layout.block_m``.
         activation: a gated one (:mod:`moe_kernels.mlp.activations`).
-        w13_scale: fp8 only: ``[E, ceil(2I/bn), ceil(H/bk)]`` float32, any strides, ``(bn, bk) =
-            scale_block`` (a block must not straddle gate and up rows). Packed: ``[E, 2I, H/group]``.
+        w13_scale: fp8 only: ``[E, ceil(2I/bn), ceil(H/bk)]`` float32, any strides, ``(bn, bk) = scale_block`` (a block
+            must not straddle gate and up rows). Packed: ``[E, 2I, H/group]``.
         packed: ``w13`` is ``[E, 2I, H/2] uint8``, 4-bit values dequantized in the loads.
         bias: ``[E, 2I]`` (gate then up) added to the fp32 products before the activation.
 
-    Returns:
-        ``out``.
+    Returns ``out``.
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2, contiguous=False)
-    if x.stride(1) != 1:
-        raise ValueError(f"x: expected unit stride along the hidden dim, got strides {x.stride()}")
-    num_tokens, hidden = x.shape
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2, unit_last_stride=True)
+    hidden = x.shape[1]
     scales = _weight_scale_kwargs("w13", w13, w13_scale, scale_block, x.dtype, config, hidden, packed)
-    if not activation.gated:
-        raise ValueError(f"activation: the fused GEMM1 computes gated activations, not {activation.kind}")
-    if w13.shape[2] * int(scales["PACK"]) != hidden or w13.shape[1] % 2:
-        raise ValueError(f"w13: expected shape [E, 2I, {hidden}], got {list(w13.shape)}")
-    inter = w13.shape[1] // 2
-    _check_layout(layout, config, x.device)
-    if layout.slot_row.shape[0] != num_tokens:
-        raise ValueError(f"layout: expected {num_tokens} tokens (x's rows), got {layout.slot_row.shape[0]}")
-    check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(layout.num_rows, inter))
-    stride_bias_e = check_bias(bias, w13.shape[0], 2 * inter)
+    inter = _check_gemm1(x, w13, layout, out, config, activation, int(scales["PACK"]))
+    biased = bias_args(bias, w13.shape[0], 2 * inter)
     check_same_device(x=x, w13=w13, w13_scale=w13_scale, w13_zero=scales["w_zero_ptr"], bias=bias, out=out)
     if layout.num_blocks == 0 or inter == 0:
         return out
     if scales["FP8"] and inter % scale_block[0] and scale_block[0] < 2 * inter:
         raise ValueError(f"scale_block: {scale_block[0]}-row scale blocks straddle the gate and up rows (I = {inter})")
+    tensors = (x, w13, out, layout.row_slot, layout.block_expert)
+    strides = (x.stride(0), w13.stride(0), w13.stride(1), out.stride(0))
     _fused_gemm1_kernel[(layout.num_blocks, triton.cdiv(inter, config.block_n))](
-        x,
-        w13,
-        out,
-        layout.row_slot,
-        layout.block_expert,
+        *tensors,
         layout.top_k,
         inter,
         hidden,
-        x.stride(0),
-        w13.stride(0),
-        w13.stride(1),
-        out.stride(0),
+        *strides,
         # Offset of the up rows from the gate rows, precomputed so the product is 64-bit on host.
         inter * w13.stride(1),
         up_scale_offset=(inter // int(scales["scale_bn"])) * int(scales["stride_wsn"]),
-        bias_ptr=bias,
-        stride_bias_e=stride_bias_e,
-        HAS_BIAS=bias is not None,
+        **biased,
         **scales,
         **activation.kernel_constants(),
         **_gemm_kwargs(x.dtype, config),
@@ -643,20 +677,18 @@ def fused_gemm2_weighted(
     packed: PackedWeight | None = None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out[s] = topk_weights[s] * (act[r] @ w2[e].T + bias[e])`` for every layout row ``r`` holding slot
-    ``s`` routed to expert ``e``: written slot-major, the router weight applied in fp32 before
-    rounding to ``out.dtype``.
+    """``out[s] = topk_weights[s] * (act[r] @ w2[e].T + bias[e])`` for every layout row ``r`` holding slot ``s`` routed
+    to expert ``e``: written slot-major, the router weight applied in fp32 before rounding to ``out.dtype``.
 
-    With ``top_k > 1`` rows of slots without an expert are left untouched (sum the slots with
-    ``weighted_gather(out, layout.slot_index, None, y)``). With ``top_k == 1`` slot ``s`` is token
-    ``s``, ``out`` is the final ``[T, H]`` output, and rows of tokens without an expert are
-    written with zeros (extra programs past the row blocks), so no further pass is needed.
+    With ``top_k > 1`` rows of slots without an expert are left untouched (sum the slots with ``weighted_gather(out,
+    layout.slot_index, None, y)``). With ``top_k == 1`` slot ``s`` is token ``s``, ``out`` is the final ``[T, H]``
+    output, and rows of tokens without an expert are written with zeros (extra programs past the row blocks), so no
+    further pass is needed.
 
     Args:
-        act: ``[R, I]`` bf16/fp16/fp32, contiguous, from :func:`fused_gemm1` (padding rows
-            are never read).
-        w2: ``[E, H, I]`` same dtype, contiguous; or float8_e4m3fn with ``w2_scale``, as
-            :func:`fused_gemm1` takes ``w13``.
+        act: ``[R, I]`` bf16/fp16/fp32, contiguous, from :func:`fused_gemm1` (padding rows are never read).
+        w2: ``[E, H, I]`` same dtype, contiguous; or float8_e4m3fn with ``w2_scale``, as :func:`fused_gemm1` takes
+            ``w13``.
         layout: the layout GEMM1 used.
         topk_weights: ``[T, K]`` float32 (bf16/fp16 accepted), contiguous; ``None`` = weight 1.
         out: ``[T * K, H]`` bf16/fp16/fp32 with unit stride along H.
@@ -664,26 +696,15 @@ def fused_gemm2_weighted(
         w2_scale, scale_block, packed: as :func:`fused_gemm1` takes them for ``w13``.
         bias: optional ``[E, H]``, added in fp32 before the router weight.
 
-    Returns:
-        ``out``.
+    Returns ``out``.
     """
     check_tensor("act", act, dtypes=FLOAT_DTYPES, ndim=2)
     inter = act.shape[1]
     scales = _weight_scale_kwargs("w2", w2, w2_scale, scale_block, act.dtype, config, inter, packed)
-    if w2.shape[2] * int(scales["PACK"]) != inter:
-        raise ValueError(f"w2: expected shape [E, H, {inter}], got {list(w2.shape)}")
-    hidden = w2.shape[1]
-    _check_layout(layout, config, act.device)
-    if act.shape[0] != layout.num_rows:
-        raise ValueError(f"act: expected {layout.num_rows} rows (layout.num_rows), got {act.shape[0]}")
-    num_tokens, top_k = layout.slot_row.shape
-    if topk_weights is not None:
-        check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, shape=(num_tokens, top_k))
+    _check_gemm2(act, w2, layout, topk_weights, out, config, int(scales["PACK"]))
+    hidden, (num_tokens, top_k) = w2.shape[1], layout.slot_row.shape
     n_slots = num_tokens * top_k
-    check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(n_slots, hidden), contiguous=False)
-    if out.stride(1) != 1:
-        raise ValueError(f"out: expected unit stride along the hidden dim, got strides {out.stride()}")
-    stride_bias_e = check_bias(bias, w2.shape[0], hidden)
+    biased = bias_args(bias, w2.shape[0], hidden)
     check_same_device(
         act=act, w2=w2, w2_scale=w2_scale, w2_zero=scales["w_zero_ptr"], topk_weights=topk_weights, bias=bias, out=out
     )
@@ -691,25 +712,16 @@ def fused_gemm2_weighted(
         return out
     zero_empty = top_k == 1
     grid_m = layout.num_blocks + (triton.cdiv(n_slots, config.block_m) if zero_empty else 0)
+    tensors = (act, w2, out, layout.row_slot, layout.block_expert, topk_weights, layout.slot_row)
+    strides = (act.stride(0), w2.stride(0), w2.stride(1), out.stride(0))
     _fused_gemm2_kernel[(grid_m, triton.cdiv(hidden, config.block_n))](
-        act,
-        w2,
-        out,
-        layout.row_slot,
-        layout.block_expert,
-        topk_weights,
-        layout.slot_row,
+        *tensors,
         layout.num_blocks,
         n_slots,
         hidden,
         inter,
-        act.stride(0),
-        w2.stride(0),
-        w2.stride(1),
-        out.stride(0),
-        bias_ptr=bias,
-        stride_bias_e=stride_bias_e,
-        HAS_BIAS=bias is not None,
+        *strides,
+        **biased,
         HAS_WEIGHTS=topk_weights is not None,
         ZERO_EMPTY=zero_empty,
         **scales,
@@ -749,6 +761,36 @@ def _check_workspace(workspace: dict[str, torch.Tensor], specs: dict[str, tuple[
         check_tensor(f"workspace[{name!r}]", workspace[name], dtypes=(dtype,), shape=shape)
 
 
+def _check_fused_experts(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor | None,
+    topk_ids: torch.Tensor,
+    out: torch.Tensor,
+    workspace: dict[str, torch.Tensor],
+    gemm1: FusedConfig,
+    gemm2: FusedConfig,
+) -> None:
+    """:func:`fused_experts`' argument checks beyond those of the GEMMs it calls."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2, contiguous=False)
+    num_tokens, hidden = x.shape
+    check_tensor("w13", w13, dtypes=(x.dtype, fp8.FP8_DTYPE, torch.uint8), ndim=3)
+    check_tensor("w2", w2, dtypes=(w13.dtype,), ndim=3)
+    num_experts, inter = w13.shape[0], w13.shape[1] // 2
+    if w2.shape[:2] != (num_experts, hidden):
+        raise ValueError(f"w2: expected shape [{num_experts}, {hidden}, I], got {list(w2.shape)}")
+    check_tensor("topk_ids", topk_ids, dtypes=INDEX_DTYPES, shape=(num_tokens, None))
+    top_k = topk_ids.shape[1]
+    check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(num_tokens, hidden), contiguous=False)
+    if gemm1.block_m != gemm2.block_m:
+        raise ValueError(f"gemm2.block_m: expected gemm1.block_m = {gemm1.block_m} (one layout), got {gemm2.block_m}")
+    _check_workspace(
+        workspace, fused_workspace_shapes(num_tokens, top_k, num_experts, hidden, inter, x.dtype, gemm1.block_m)
+    )
+    check_same_device(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids, out=out)
+
+
 def fused_experts(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -769,14 +811,13 @@ def fused_experts(
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out[t] = residual[t] + sum_k topk_weights[t, k] * expert_mlp(topk_ids[t, k], x[t])`` on
-    the fused path (no residual term without ``residual``).
+    """``out[t] = residual[t] + sum_k topk_weights[t, k] * expert_mlp(topk_ids[t, k], x[t])`` on the fused path (no
+    residual term without ``residual``).
 
-    Launches: the layout (one program up to ``ONE_LAUNCH_MAX_SLOTS`` slots), GEMM1+activation, GEMM2
-    with the router weights, and the top-k sum (fixed k order, fp32) -- three when ``top_k == 1``,
-    where GEMM2 writes ``out`` directly. Slots without an expert (``-1`` or any id outside
-    ``[0, E)``) contribute nothing; a token without any gets zeros. No host sync and no large
-    allocation: capturable in a CUDA graph per batch size.
+    Launches: the layout (one program up to ``ONE_LAUNCH_MAX_SLOTS`` slots), GEMM1+activation, GEMM2 with the router
+    weights, and the top-k sum (fixed k order, fp32) -- three when ``top_k == 1``, where GEMM2 writes ``out`` directly.
+    Slots without an expert (``-1`` or any id outside ``[0, E)``) contribute nothing; a token without any gets zeros. No
+    host sync and no large allocation: capturable in a CUDA graph per batch size.
 
     Args:
         x: ``[T, H]`` bf16/fp16/fp32 with unit stride along H.
@@ -785,38 +826,21 @@ def fused_experts(
         topk_weights: ``[T, K]`` float32 (bf16/fp16 accepted), contiguous; ``None`` = weight 1.
         topk_ids: ``[T, K]`` int32/int64, contiguous, local expert ids.
         out: ``[T, H]`` bf16/fp16/fp32 with unit stride along H; every row is written.
-        workspace: the buffers named by :func:`fused_workspace_shapes`, exactly those shapes and
-            dtypes.
+        workspace: the buffers named by :func:`fused_workspace_shapes`, exactly those shapes and dtypes.
         gemm1, gemm2: tilings of the two GEMMs (see :func:`default_configs`); same ``block_m``.
-        residual: optional ``[T, H]`` added in the top-k sum (with ``top_k == 1``, which has no
-            sum, in a pass of its own).
+        residual: optional ``[T, H]`` added in the top-k sum (with ``top_k == 1``, which has no sum, in a pass of its
+            own).
         activation: the gated activation GEMM1 applies (:mod:`moe_kernels.mlp.activations`).
-        w13_scale, w2_scale, scale_blocks: fp8 weights (``x`` bf16): their float32 scales and
-            the ``(rows, cols)`` each covers, per projection (:func:`fused_gemm1`); with
-            ``packed`` (w13's, w2's) the scales of 4-bit weights ``[E, N, K/2] uint8``.
-        w13_bias, w2_bias: optional expert biases ``[E, 2I]``, ``[E, H]`` (gpt-oss), added in the
-            GEMMs' epilogues: ``w2 @ act(w13 @ x + b13) + b2``.
+        w13_scale, w2_scale, scale_blocks: fp8 weights (``x`` bf16): their float32 scales and the ``(rows, cols)`` each
+            covers, per projection (:func:`fused_gemm1`); with ``packed`` (w13's, w2's) the scales of 4-bit weights
+            ``[E, N, K/2] uint8``.
+        w13_bias, w2_bias: optional expert biases ``[E, 2I]``, ``[E, H]`` (gpt-oss), added in the GEMMs' epilogues: ``w2
+            @ act(w13 @ x + b13) + b2``.
 
-    Returns:
-        ``out``.
+    Returns ``out``.
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2, contiguous=False)
-    num_tokens, hidden = x.shape
-    check_tensor("w13", w13, dtypes=(x.dtype, fp8.FP8_DTYPE, torch.uint8), ndim=3)
-    check_tensor("w2", w2, dtypes=(w13.dtype,), ndim=3)
-    num_experts, inter = w13.shape[0], w13.shape[1] // 2
-    if w2.shape[:2] != (num_experts, hidden):
-        raise ValueError(f"w2: expected shape [{num_experts}, {hidden}, I], got {list(w2.shape)}")
-    check_tensor("topk_ids", topk_ids, dtypes=INDEX_DTYPES, shape=(num_tokens, None))
-    top_k = topk_ids.shape[1]
-    check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(num_tokens, hidden), contiguous=False)
-    if gemm1.block_m != gemm2.block_m:
-        raise ValueError(f"gemm2.block_m: expected gemm1.block_m = {gemm1.block_m} (one layout), got {gemm2.block_m}")
-    _check_workspace(
-        workspace, fused_workspace_shapes(num_tokens, top_k, num_experts, hidden, inter, x.dtype, gemm1.block_m)
-    )
-    check_same_device(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids, out=out)
-
+    _check_fused_experts(x, w13, w2, topk_weights, topk_ids, out, workspace, gemm1, gemm2)
+    num_experts, top_k = w13.shape[0], topk_ids.shape[1]
     layout = gather_layout(topk_ids, num_experts, gemm1.block_m)
     packed13, packed2 = packed if packed is not None else (None, None)
     gemm1_scales = {"w13_scale": w13_scale, "scale_block": scale_blocks[0], "packed": packed13, "bias": w13_bias}

@@ -31,7 +31,7 @@ from moe_kernels.mlp.activations import SILU, Activation
 
 from ._common import FLOAT_DTYPES, check_same_device, check_tensor, interpreting
 from .activation import apply_activation
-from .bias import bias_row, check_bias
+from .bias import bias_args, bias_row
 from .dequant import PackedWeight, check_packed, groups_per_tile, load_weight_tile, packed_constant
 
 _SCALE_BLOCK = tl.constexpr(fp8.SCALE_BLOCK)
@@ -306,7 +306,7 @@ def _launch(
     )
     if num_row_tiles == 0 or n_out == 0:
         return
-    stride_bias_e = check_bias(bias, b.shape[0], b.shape[1])
+    biased = bias_args(bias, b.shape[0], b.shape[1])
     fused = activation is not None and activation.gated
     if num_warps is None:
         # Two fp32 accumulators per program need twice the registers: spread them over 8 warps.
@@ -329,13 +329,11 @@ def _launch(
         *scales.pop("a_scale_strides"),
         *scales.pop("b_scale_strides"),
         **scales,
-        bias_ptr=bias,
-        stride_bias_e=stride_bias_e,
+        **biased,
         MASKED=masked,
         FP8=fp8_operands,
         FUSED=fused,
         **(activation if fused else SILU).kernel_constants(),
-        HAS_BIAS=bias is not None,
         # The CPU interpreter's low-precision tl.dot is wrong (triton 3.9); GPUs keep tensor cores.
         UPCAST=interpreting(),
         # fp32 inputs would silently drop to tf32 on tensor cores; keep them exact.
@@ -369,10 +367,9 @@ def grouped_gemm_contiguous(
 ) -> torch.Tensor:
     """Contiguous-layout grouped GEMM: ``out[r] = a[r] @ b[grouped_layout[r]].T``.
 
-    Caller contract: every expert segment starts on a multiple of ``block_m`` (build the layout
-    with an alignment that is a multiple of ``block_m``, by default :data:`BLOCK_M`), so that
-    each row tile holds rows of one expert. Tiles whose first row is ``-1`` are skipped; ``-1``
-    rows inside a tile are neither read nor written.
+    Caller contract: every expert segment starts on a multiple of ``block_m`` (build the layout with an alignment that
+    is a multiple of ``block_m``, by default :data:`BLOCK_M`), so that each row tile holds rows of one expert. Tiles
+    whose first row is ``-1`` are skipped; ``-1`` rows inside a tile are neither read nor written.
 
     Args:
         a: ``[R, K]`` bf16/fp16/fp32, or float8_e4m3fn with ``a_scale``, contiguous.
@@ -383,20 +380,16 @@ def grouped_gemm_contiguous(
         b_scale: fp8: ``[E, ceil(N/bn), ceil(K/bk)]`` float32 scales, any strides.
         b_scale_block: ``(bn, bk)``, the weight rows and columns one scale covers
             (:meth:`moe_kernels.mlp.formats.Fp8Scaled.scale_block`).
-        packed: ``b`` is ``[E, N, K/2] uint8``, two 4-bit values a byte, with ``b_scale [E, N,
-            K/group]`` (and zero points), dequantized in the loads (:mod:`.dequant`); ``a``
-            bf16/fp16 without ``a_scale``.
-        activation: fuse it: ``b``'s N = 2I rows are gate then up; write ``act(a @ gate.T,
-            a @ up.T)`` (bf16/fp16/fp32 only).
-        bias: ``[E, N]`` per-expert bias added to the fp32 product before the activation (gpt-oss),
-            unit stride along N.
+        packed: ``b`` is ``[E, N, K/2] uint8``, two 4-bit values a byte, with ``b_scale [E, N, K/group]`` (and zero
+            points), dequantized in the loads (:mod:`.dequant`); ``a`` bf16/fp16 without ``a_scale``.
+        activation: fuse it: ``b``'s N = 2I rows are gate then up; write ``act(a @ gate.T, a @ up.T)`` (bf16/fp16/fp32
+            only).
+        bias: ``[E, N]`` per-expert bias added to the fp32 product before the activation (gpt-oss), unit stride along N.
         alignment: the layout's alignment, if known; checked to be a multiple of ``block_m``.
-        block_m, block_n, block_k, num_warps, num_stages: Triton tiling (fp8: ``block_k``
-            divides 128 and ``bk`` so a K tile lies in one scale block); ``block_k=None`` is 64
-            (128 for fp8), ``num_warps=None`` 4 (8 when fused).
+        block_m, block_n, block_k, num_warps, num_stages: Triton tiling (fp8: ``block_k`` divides 128 and ``bk`` so a K
+            tile lies in one scale block); ``block_k=None`` is 64 (128 for fp8), ``num_warps=None`` 4 (8 when fused).
 
-    Returns:
-        ``out``.
+    Returns ``out``.
     """
     n_out = _check_operands(a, a_scale, b, b_scale, activation, b_scale_block, packed)
     if a.dim() != 2:
@@ -439,17 +432,15 @@ def grouped_gemm_masked(
     Rows ``m >= counts[e]`` are neither computed nor written (counts above M act as M).
 
     Args:
-        a: ``[E, M, K]`` bf16/fp16/fp32, or float8_e4m3fn with ``a_scale [E, M, ceil(K/128)]``
-            (any strides), contiguous.
+        a: ``[E, M, K]`` bf16/fp16/fp32, or float8_e4m3fn with ``a_scale [E, M, ceil(K/128)]`` (any strides),
+            contiguous.
         b: ``[E, N, K]`` ``a``'s dtype, contiguous (fp8: with ``b_scale``).
         counts: ``[E] int32`` valid rows per expert (``MaskedLayout.counts``).
-        out: ``[E, M, N]`` (``[E, M, N/2]`` with a gated ``activation``), bf16/fp16/fp32, contiguous.
-        a_scale, b_scale, b_scale_block, packed, activation, bias, block_m, block_n, block_k, num_warps,
-            num_stages: as in
+        out: ``[E, M, N]`` (``[E, M, N/2]`` with a gated ``activation``), bf16/fp16/fp32, contiguous. a_scale, b_scale,
+            b_scale_block, packed, activation, bias, block_m, block_n, block_k, num_warps, num_stages: as in
             :func:`grouped_gemm_contiguous`.
 
-    Returns:
-        ``out``.
+    Returns ``out``.
     """
     n_out = _check_operands(a, a_scale, b, b_scale, activation, b_scale_block, packed)
     if a.dim() != 3:
