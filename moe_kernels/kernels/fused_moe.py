@@ -26,7 +26,9 @@ belongs to one expert, which the GEMMs look up once per program in ``block_exper
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -497,7 +499,7 @@ _UNSCALED = {"w_scale_ptr": None, "stride_wse": 0, "stride_wsn": 0, "stride_wsk"
 def _packed_kwargs(
     name: str, w: torch.Tensor, w_scale: torch.Tensor | None, packed: PackedWeight, k: int, a_dtype: torch.dtype,
     block_k: int,
-) -> dict[str, object]:  # fmt: skip
+) -> dict[str, Any]:  # fmt: skip
     """``w [E, N, K/2] uint8`` with ``w_scale [E, N, K/group]`` (:func:`.dequant.check_packed`)."""
     check_packed(name, w, w_scale, packed, k)
     if a_dtype not in (torch.bfloat16, torch.float16):
@@ -512,7 +514,7 @@ def _packed_kwargs(
 def _weight_scale_kwargs(
     name: str, w: torch.Tensor, w_scale: torch.Tensor | None, scale_block: ScaleBlock, a_dtype: torch.dtype,
     config: FusedConfig, k: int, packed: PackedWeight | None = None,
-) -> dict[str, object]:  # fmt: skip
+) -> dict[str, Any]:  # fmt: skip
     """The kernels' weight arguments for ``w [E, N, K]`` (``k`` = K): none in ``a_dtype``;
     float8_e4m3fn with ``w_scale [E, ceil(N/bn), ceil(K/bk)]`` float32, the A tiles quantized
     per ``block_k = 128`` columns (one activation group) inside the GEMM; or ``packed``."""
@@ -540,7 +542,7 @@ def _weight_scale_kwargs(
     return {**none, "w_scale_ptr": w_scale, **strides, "scale_bn": bn, "scale_bk": bk, "FP8": True}
 
 
-def _gemm_kwargs(dtype: torch.dtype, config: FusedConfig) -> dict[str, object]:
+def _gemm_kwargs(dtype: torch.dtype, config: FusedConfig) -> dict[str, Any]:
     return {
         # The CPU interpreter's bf16 tl.dot is wrong (triton 3.9); real GPUs keep bf16 tensor cores.
         "UPCAST": interpreting(),
@@ -843,13 +845,15 @@ def fused_experts(
     num_experts, top_k = w13.shape[0], topk_ids.shape[1]
     layout = gather_layout(topk_ids, num_experts, gemm1.block_m)
     packed13, packed2 = packed if packed is not None else (None, None)
-    gemm1_scales = {"w13_scale": w13_scale, "scale_block": scale_blocks[0], "packed": packed13, "bias": w13_bias}
-    act = fused_gemm1(x, w13, layout, workspace["activation"], gemm1, activation, **gemm1_scales)
-    gemm2_scales = {"w2_scale": w2_scale, "scale_block": scale_blocks[1], "packed": packed2, "bias": w2_bias}
+    act = fused_gemm1(x, w13, layout, workspace["activation"], gemm1, activation, w13_scale=w13_scale,
+                      scale_block=scale_blocks[0], packed=packed13, bias=w13_bias)  # fmt: skip
+    gemm2_of = functools.partial(
+        fused_gemm2_weighted, w2_scale=w2_scale, scale_block=scale_blocks[1], packed=packed2, bias=w2_bias
+    )
     if top_k == 1:
-        fused_gemm2_weighted(act, w2, layout, topk_weights, out, gemm2, **gemm2_scales)
+        gemm2_of(act, w2, layout, topk_weights, out, gemm2)
         return out if residual is None else out.add_(residual)
-    slot_rows = fused_gemm2_weighted(act, w2, layout, topk_weights, workspace["slot_rows"], gemm2, **gemm2_scales)
+    slot_rows = gemm2_of(act, w2, layout, topk_weights, workspace["slot_rows"], gemm2)
     return weighted_gather(slot_rows, layout.slot_index, None, out, residual=residual)
 
 

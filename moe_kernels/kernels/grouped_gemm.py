@@ -22,6 +22,8 @@ Rows that are skipped (padding / past ``counts``) are neither computed nor writt
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -245,7 +247,7 @@ def _scale_args(
     block_n: int,
     block_k: int,
     packed: PackedWeight | None = None,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """The kernel's scale arguments: strides, the weight's scale block and whether an N tile
     needs a scale per column; checks that a K tile lies in one activation group and one weight
     scale block. ``packed``: the 4-bit weight's group scales and zero points."""

@@ -126,8 +126,8 @@ class ExpertWeights:
         return tuple(None if b is None else b[expert].float() for b in (self.w13_bias, self.w2_bias))  # type: ignore[return-value]
 
     def nbytes(self) -> int:
-        tensors = (self.w13, self.w2, self.w13_scale, self.w2_scale, self.w13_zero, self.w2_zero)
-        tensors += (self.w13_bias, self.w2_bias)
+        tensors: tuple[torch.Tensor | None, ...] = (self.w13, self.w2, self.w13_scale, self.w2_scale)
+        tensors += (self.w13_zero, self.w2_zero, self.w13_bias, self.w2_bias)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 

@@ -151,7 +151,7 @@ def int4_from_awq(name: str, qweight: torch.Tensor, qzeros: torch.Tensor, scales
 def int4_from_pack_quantized(name: str, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                              weight_shape: torch.Tensor, fmt: Int4Group, n: int, k: int) -> Stored:  # fmt: skip
     """compressed-tensors ``pack-quantized`` (symmetric) -> ``fmt``'s tensors."""
-    if [int(v) for v in weight_shape.flatten()] != [n, k]:
+    if weight_shape.flatten().tolist() != [n, k]:
         raise ValueError(f"{name}.weight_shape: expected [{n}, {k}] (the config's), got {weight_shape.tolist()}")
     if not fmt.symmetric:
         raise ValueError(f"{name}: pack-quantized with zero points is not supported (quant.symmetric must be true)")
@@ -269,7 +269,9 @@ def _gpt_oss_experts(
 def _int4(q: Mapping[str, Any], bits: object, group: object, symmetric: bool) -> QuantConfig:
     if bits != 4:
         raise ValueError(f"{bits}-bit weights (int4_w4a16 takes 4)")
-    return QuantConfig(scheme="int4_w4a16", group_size=int(group), symmetric=symmetric)  # type: ignore[arg-type]
+    if not isinstance(group, int) or isinstance(group, bool):
+        raise ValueError(f"group_size {group!r} (int4_w4a16 takes a whole number)")
+    return QuantConfig(scheme="int4_w4a16", group_size=group, symmetric=symmetric)
 
 
 def _compressed_tensors(q: Mapping[str, Any]) -> QuantConfig:

@@ -120,6 +120,7 @@ def peer_call(
         return None
     kwargs: dict[str, Any] = {"quant": quant, "w13_scale": w.w13_scale, "w2_scale": w.w2_scale}
     if quant == "fp8_w8a8_tensor":
+        assert w.w13_scale is not None and w.w2_scale is not None  # an fp8 layer has its scales
         kwargs |= {"w13_scale": w.w13_scale.reshape(-1), "w2_scale": w.w2_scale.reshape(-1)}
     if quant == "int4_w4a16":
         fmt = w.weight_format

@@ -70,16 +70,16 @@ def _time_point(args: argparse.Namespace, timer: Timer, tokens: int) -> tuple[fl
     )
     workspace = {name: torch.empty(shape, dtype=dtype, device="cuda") for name, (shape, dtype) in shapes.items()}
     out = torch.empty_like(p["x"])
-    biases = {} if args.no_biases else {"w13_bias": p["w13_bias"], "w2_bias": p["w2_bias"]}
+    biases = (None, None) if args.no_biases else (p["w13_bias"], p["w2_bias"])
 
-    def call(activation: Activation, extra: dict[str, torch.Tensor]) -> None:
+    def call(activation: Activation, b13: torch.Tensor | None, b2: torch.Tensor | None) -> None:
         fused_experts(
             p["x"], p["w13"], p["w2"], p["topk_weights"], p["topk_ids"], out,
-            workspace=workspace, gemm1=gemm1, gemm2=gemm2, activation=activation, **extra,
+            workspace=workspace, gemm1=gemm1, gemm2=gemm2, activation=activation, w13_bias=b13, w2_bias=b2,
         )  # fmt: skip
 
-    plain = timer.graphed(lambda: call(SILU, {}), f"plain T={tokens}")
-    variant = timer.graphed(lambda: call(GPT_OSS, biases), f"variant T={tokens}")
+    plain = timer.graphed(lambda: call(SILU, None, None), f"plain T={tokens}")
+    variant = timer.graphed(lambda: call(GPT_OSS, *biases), f"variant T={tokens}")
     return plain, variant
 
 
