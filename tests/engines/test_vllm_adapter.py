@@ -193,9 +193,13 @@ def test_fp8_keys_reach_our_checks() -> None:
 
     standard = mk.FusedMoEActivationFormat.Standard
     keys = (qu.kFp8Static128BlockSym, qu.kFp8Dynamic128Sym)
+    # the fused path takes fp8 weights (its input quantized in GEMM1's loads); a pair that does not
+    # refuses with our reason
     fused = adapter.experts_class(FusedTritonExperts)
-    ok, reason = fused.is_supported_config(fused, moe_config(dtype=torch.bfloat16, h=128, inter=128), *keys, standard)
-    assert not ok and reason.startswith("FusedTritonExperts: mlp:") and "fp8" in reason, reason
+    assert fused.is_supported_config(fused, moe_config(dtype=torch.bfloat16, h=128, inter=128), *keys, standard) == (
+        True,
+        None,
+    )
     reference = adapter.experts_class(TorchReferenceExperts)
     cfg = moe_config(dtype=torch.bfloat16, h=128, inter=128)
     assert reference.is_supported_config(reference, cfg, *keys, standard) == (True, None)
