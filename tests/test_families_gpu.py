@@ -4,7 +4,7 @@
   correction bias) in bf16 with the fp32 gate: the tokens it routes differently from an fp32
   reference written here (float64 GEMM rounded to fp32, as transformers' fp32 gate computes it) stay
   below 1 in 10,000, exact ties aside; the bf16 gate's rate is printed beside it, and the gate GEMM's
-  time in both precisions.
+  time in both precisions (and in fp32 for weights off the bf16 grid).
 * A handful of families loaded on the GPU by ``FusedMoE.from_pretrained`` with ``select()``'s fast
   paths (not the reference loop) against transformers' own MoE block in bf16.
 """
@@ -59,6 +59,10 @@ def test_deepseek_v3_fp32_gate_routes_as_the_fp32_reference() -> None:
     bias = torch.randn(DS_E, device="cuda", generator=gen) * 0.05
     x = torch.randn(ROUTED_TOKENS, DS_H, device="cuda", generator=gen).bfloat16()
     ref_ids, tied = _deepseek_v3_reference(x, w.float(), bias)
+    fast_gate = _deepseek_v3_router(torch.float32, w, bias)
+    assert fast_gate.gate_lowp is not None  # a bf16-exact fp32 gate takes the bf16-in, fp32-out GEMM
+    exact_logits = (x.double() @ w.double().T).float()
+    torch.testing.assert_close(fast_gate.logits(x), exact_logits, rtol=1e-5, atol=1e-5)
     rates = {}
     for name, dtype in (("fp32 gate", torch.float32), ("bf16 gate", None)):
         _, ids = _deepseek_v3_router(dtype, w, bias)(x)
@@ -73,16 +77,24 @@ def test_deepseek_v3_fp32_gate_routes_as_the_fp32_reference() -> None:
 
 
 def _print_gate_times(w: torch.Tensor, bias: torch.Tensor) -> None:
-    """The gate GEMM (``Router.logits``: [T, 7168] x [7168, 256]) in fp32 and in bf16, CUDA-graph replays."""
+    """The gate GEMM (``Router.logits``: [T, 7168] x [7168, 256]), CUDA-graph replays: the fp32 gate
+    of bf16-exact weights (bf16 operands, fp32 output), of weights that need fp32 (an fp32 GEMM),
+    and the bf16 gate."""
     from moe_kernels.selection.timing import Timer
 
     timer = Timer(max_runs=200, target_s=0.3)
-    routers = {"fp32": _deepseek_v3_router(torch.float32, w, bias), "bf16": _deepseek_v3_router(None, w, bias)}
+    fp32_values = w.float() * (1 + 2**-12)  # off the bf16 grid: no low-precision copy
+    routers = {
+        "fp32 (bf16-exact)": _deepseek_v3_router(torch.float32, w, bias),
+        "fp32 (fp32 values)": _deepseek_v3_router(torch.float32, fp32_values, bias),
+        "bf16": _deepseek_v3_router(None, w, bias),
+    }
+    assert routers["fp32 (fp32 values)"].gate_lowp is None
     gpu = torch.cuda.get_device_name()
     for t in (1, 64, 512, 4096):
         x = torch.randn(t, DS_H, device="cuda").bfloat16()
         times = {name: timer.graphed(lambda r=r, x=x: r.logits(x), f"gate {name} T={t}") for name, r in routers.items()}
-        print(f"gate GEMM T={t}: fp32 {times['fp32']:.1f} us, bf16 {times['bf16']:.1f} us on {gpu}")
+        print(f"gate GEMM T={t}: " + ", ".join(f"{name} {us:.1f} us" for name, us in times.items()) + f" on {gpu}")
 
 
 #: families whose parity the fast paths must keep: SwiGLU and its clamps and caps, biases, relu^2

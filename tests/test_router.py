@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from moe_kernels.config import MoEConfig
+from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig
+from moe_kernels.model.layer import FusedMoE
 from moe_kernels.model.router import Router, Routing, route
 
 
@@ -394,6 +395,30 @@ def test_fp32_router_dtype_keeps_the_gate_in_fp32() -> None:
     router.load_tensors(weight=w)
     x = X.bfloat16()
     torch.testing.assert_close(router.logits(x), x.float() @ w.t(), rtol=1e-6, atol=1e-6)
+
+
+def test_fp32_gate_keeps_a_low_precision_copy_only_when_exact() -> None:
+    """The bf16 copy that feeds the GPU's bf16-in, fp32-out gate GEMM exists exactly when every fp32
+    weight is a bf16 value, and follows each way of writing the weight."""
+    moe = MoEConfig(**{**MOE, "dtype": torch.bfloat16}, router_dtype=torch.float32)
+    router = Router(moe, device="cpu")
+    exact = torch.randn(E, H_R, generator=torch.Generator().manual_seed(12)).bfloat16().float()
+    router.load_tensors(weight=exact)
+    assert router.gate_lowp is not None and router.gate_lowp.dtype == torch.bfloat16
+    assert torch.equal(router.gate_lowp.float(), exact)
+    inexact = exact.clone()
+    inexact[3, 5] += exact[3, 5].abs() * 2**-12  # below bf16's resolution: fp32 only
+    router.load_tensors(weight=inexact)
+    assert router.gate_lowp is None
+    router.load_state_dict({"weight": exact}, strict=False)
+    assert router.gate_lowp is not None and torch.equal(router.gate_lowp.float(), exact)
+    assert "gate_lowp" not in router.state_dict()
+    layer = FusedMoE(LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=8)), device="cpu")
+    layer.load_weights(router_weight=exact)
+    assert layer.router.gate_lowp is not None and torch.equal(layer.router.gate_lowp.float(), exact)
+    plain = Router(MoEConfig(**{**MOE, "dtype": torch.bfloat16}), device="cpu")
+    plain.load_tensors(weight=exact.bfloat16())
+    assert plain.gate_lowp is None  # a bf16 gate is already the fast GEMM
 
 
 @pytest.mark.parametrize(

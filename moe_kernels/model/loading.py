@@ -162,6 +162,8 @@ class LayerLoader:
             dst.copy_(src)
         for name, experts in loaded.items():
             self.state.experts[name] |= experts
+        if router_weight is not None:
+            layer.router.weight_loaded()
         self.state.router |= router_weight is not None
         self.state.shared |= {name for name, t in shared.items() if t is not None}
 

@@ -286,6 +286,13 @@ class Router(nn.Module):
 
     The gate GEMM runs in the weight's dtype (fp32 for the DeepSeek family, as ``transformers``
     computes it; the model dtype otherwise, as inference engines run it) and routing in fp32.
+
+    An fp32 gate whose loaded values are all exact in the model dtype (DeepSeek-V3 publishes its
+    gate in bf16) keeps a copy in that dtype, ``gate_lowp [E, H]``: on a GPU the GEMM then reads
+    bf16 operands and writes fp32 (``torch.mm(..., out_dtype=float32)``). Products of two bf16
+    numbers are exact in fp32 and the sum accumulates in fp32, so the logits are the fp32 GEMM's
+    up to summation order, at the bf16 GEMM's cost. The copy is refreshed by every load
+    (:meth:`load_tensors`, ``load_state_dict``, FusedMoE's loaders through :meth:`weight_loaded`).
     """
 
     #: the floating-point parameters load_tensors fills by name
@@ -312,6 +319,24 @@ class Router(nn.Module):
         )
         self.tid2eid: torch.Tensor | None
         self.register_buffer("tid2eid", None)  # sized by the checkpoint's vocabulary when loaded
+        self.gate_lowp: torch.Tensor | None
+        self.register_buffer("gate_lowp", None, persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.weight_loaded())
+
+    @torch.no_grad()
+    def weight_loaded(self) -> None:
+        """Refresh ``gate_lowp`` after ``weight`` was written: the weight in ``moe.dtype`` when it is
+        an fp32 gate whose every value that dtype holds exactly, else ``None``. Reads the weight
+        once (a host sync): call it when loading, never on the call path."""
+        lowp_dtype = self.moe.dtype
+        w = self.weight
+        keep = (
+            w.dtype == torch.float32
+            and lowp_dtype in (torch.bfloat16, torch.float16)
+            and self.input_scale is None  # the normalised input is not exact in the low dtype
+            and bool(torch.equal(w.to(lowp_dtype).float(), w))
+        )
+        self.gate_lowp = w.to(lowp_dtype) if keep else None
 
     @torch.no_grad()
     def load_tensors(self, **tensors: torch.Tensor) -> None:
@@ -345,10 +370,14 @@ class Router(nn.Module):
             dst.copy_(src)
         if table is not None:
             self.tid2eid = table.to(device=self.weight.device, dtype=torch.int64, copy=True)
+        self.weight_loaded()
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``hidden_states [T, H]`` -> ``[T, E]`` in the weight's dtype (the gate GEMM, its input norm
         and bias)."""
+        if self.gate_lowp is not None and hidden_states.is_cuda and hidden_states.dtype == self.gate_lowp.dtype:
+            logits = torch.mm(hidden_states, self.gate_lowp.t(), out_dtype=torch.float32)
+            return logits if self.bias is None else logits + self.bias
         x = hidden_states.to(self.weight.dtype)
         if self.input_scale is not None:
             # Gemma-4: RMSNorm without a weight, in fp32, then the learned scale and 1/sqrt(H)

@@ -383,7 +383,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile-candidates", type=int, default=6, help="with --tune-out: tilings timed per GEMM")
     parser.add_argument(
         "--quant",
-        choices=("none", "fp8", *SCHEMES),
+        choices=("fp8", *SCHEMES),
         default="none",
         help="a quantization scheme (fp8: fp8_w8a8_block): the layers in that format beside bf16 and the peer",
     )
