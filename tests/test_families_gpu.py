@@ -5,8 +5,8 @@
   reference written here (float64 GEMM rounded to fp32, as transformers' fp32 gate computes it) stay
   below 1 in 10,000, exact ties aside; the bf16 gate's rate is printed beside it, and the gate GEMM's
   time in both precisions (and in fp32 for weights off the bf16 grid).
-* A handful of families loaded on the GPU by ``FusedMoE.from_pretrained`` with ``select()``'s fast
-  paths (not the reference loop) against transformers' own MoE block in bf16.
+* Every family the loader accepts, loaded on the GPU by ``FusedMoE.from_pretrained`` with
+  ``select()``'s fast paths (not the reference loop) against transformers' own MoE block in bf16.
 """
 
 from __future__ import annotations
@@ -97,23 +97,8 @@ def _print_gate_times(w: torch.Tensor, bias: torch.Tensor) -> None:
         print(f"gate GEMM T={t}: " + ", ".join(f"{name} {us:.1f} us" for name, us in times.items()) + f" on {gpu}")
 
 
-#: families whose parity the fast paths must keep: SwiGLU and its clamps and caps, biases, relu^2
-#: not gated, the weight on the input, identity experts, the norms and bias around the experts
-GPU_FAMILIES = [
-    "mixtral",
-    "qwen3_moe",
-    "deepseek_v3",
-    "gpt_oss",
-    "glm5_next",
-    "bailing_hybrid_clamped",
-    "inkling2",
-    "nemotron_h",
-    "llama4",
-    "longcat_flash",
-    "gemma4",
-    "jetmoe",
-    "axk1",
-]
+#: every family the loader accepts: each must keep transformers' parity on select()'s fast paths
+GPU_FAMILIES = [name for name, case in CASES.items() if case.refused is None]
 
 
 @pytest.mark.gpu

@@ -6,11 +6,14 @@ order, fp32) adds the residual in the same pass: 4 launches (3 at top-1), with t
 in one program at decode sizes. The tile configs come from this GPU's tuning table for the layer
 shape and token count (``moe-kernels tune``), else from the kernels' documented heuristic.
 
-fp8 weights (every :data:`~moe_kernels.mlp.formats.FP8_FORMATS` format) take the same launches:
-each GEMM quantizes its bf16 A tile (one token by 128 columns, the schemes' activation group) in
-its loads and applies both scales per K tile, so the tokens arrive unquantized and no quantize
-pass runs. 4-bit weights (:data:`~moe_kernels.mlp.formats.PACKED_FORMATS`) stay packed and are
-dequantized in the GEMMs' loads.
+fp8 weights (every :data:`~moe_kernels.mlp.formats.FP8_FORMATS` format) take the same launches
+as weight-only fp8: each GEMM upcasts its e4m3 B tile to bf16 in its loads (exact) and applies
+the weight scales per K tile; the activations are not quantized. At decode the weights are the
+bytes that count, and halving them is the whole gain; quantizing the A tile in every program (the
+w8a8 recipe the grouped fp8 paths follow) measured 1.5-6x slower. The result is closer to the
+bf16 layer than the w8a8 paths' (no activation rounding). 4-bit weights
+(:data:`~moe_kernels.mlp.formats.PACKED_FORMATS`) stay packed and are dequantized in the loads
+the same way.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ class FusedTritonExperts(TritonPart):
         return verdict
 
     def input_format(self, ctx: LayerContext) -> TokenFormat:
-        # fp8 GEMMs quantize their A tiles in their loads: the tokens come unquantized
+        # weight-only on every format: the tokens stay unquantized
         return TokenFormat(self.input_layout)
 
     def preference(self, ctx: LayerContext) -> tuple[float, str]:
@@ -75,9 +78,6 @@ class FusedTritonExperts(TritonPart):
             return 500.0, "Triton under the CPU interpreter: correct but slow"
         moe = ctx.cfg.moe
         rows = ctx.max_tokens * moe.top_k / ctx.placement.num_local_experts
-        if isinstance(ctx.mlp.weights, Fp8Scaled):
-            # measured on an H100 (docs/gpu-results.md, 2026-12-05): 1.5-6x the other fp8 pairs
-            return 60.0, "fused Triton on fp8 weights: correct, but slower than the grouped fp8 paths as measured"
         if rows <= DECODE_ROWS_PER_EXPERT:
             return 5.0, f"fused Triton decode path: weights streamed once, 4 launches ({rows:.0f} rows per expert)"
         return 30.0, f"fused Triton path at {rows:.0f} rows per expert: prefill GEMMs favour DeepGEMM/_grouped_mm"
@@ -98,8 +98,8 @@ class FusedTritonExperts(TritonPart):
         return "given" if self.tiles is not None else ("tuning table" if self.measured_tiles(ctx) else "heuristic")
 
     def configs_for(self, ctx: LayerContext, num_tokens: int) -> Tiles:
-        """The ``(gemm1, gemm2)`` tilings for a call of ``num_tokens`` tokens (fp8: ``block_k`` is
-        the activation group, 128, whatever a bf16 heuristic or table says)."""
+        """The ``(gemm1, gemm2)`` tilings for a call of ``num_tokens`` tokens (fp8: ``block_k`` at
+        most the weights' 128-column scale block, whatever a bf16 heuristic or table says)."""
         tiles = self.measured_tiles(ctx)
         if tiles:
             pair = tuning.point_for(tiles, num_tokens)[1]
@@ -110,7 +110,7 @@ class FusedTritonExperts(TritonPart):
                 num_tokens, moe.top_k, ctx.placement.num_local_experts, moe.hidden_size, ctx.mlp.inter, num_sms
             )
         if isinstance(ctx.mlp.weights, Fp8Scaled):
-            return tuple(dataclasses.replace(c, block_k=fp8.SCALE_BLOCK) for c in pair)  # type: ignore[return-value]
+            return tuple(dataclasses.replace(c, block_k=min(c.block_k, fp8.SCALE_BLOCK)) for c in pair)  # type: ignore[return-value]
         return pair
 
     def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:

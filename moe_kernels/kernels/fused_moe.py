@@ -44,7 +44,6 @@ from .dequant import PackedWeight, check_packed, groups_per_tile, load_weight_ti
 from .gather import weighted_gather
 from .grouped_gemm import weight_scale
 from .permute import contiguous_rows_bound, contiguous_slot_rows
-from .quant import quantize_groups
 
 # Above this many slots the one-program layout falls back to the multi-kernel atomic build. The
 # one program sorts the next power of two of the slots inside one CTA (n log^2 n); the fallback
@@ -256,29 +255,15 @@ def _one_launch_layout(
 
 
 @triton.jit
-def _a_operand(a, w_dtype: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr):
-    """The A tile ``[BLOCK_M, BLOCK_K]`` as the dot takes it, and its row scales (fp8: one per row
-    of the tile, which is one activation group, quantized here by the shared recipe; else 1)."""
-    if FP8:
-        q, scale = quantize_groups(a.to(tl.float32), UPCAST)
-        if not UPCAST:
-            q = q.to(w_dtype)
-    else:
-        q = a
-        scale = 1.0
-        if UPCAST:
-            q = q.to(tl.float32)
-    return q, scale
-
-
-@triton.jit
-def _scaled_dot(acc, a, a_scale, w, w_scale, FP8: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """``acc + a @ w``; fp8: a fresh fp32 partial per K tile times ``a_scale[:, None] * w_scale``
-    (Hopper's fp8 accumulation is not full fp32, so it is promoted once per scale block)."""
+def _scaled_dot(acc, a, w, w_scale, FP8: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``acc + a @ w`` for the A tile ``[BLOCK_M, BLOCK_K]`` and the B tile ``[BLOCK_K, BLOCK_N]``,
+    both in the activations' dtype; fp8 (weights upcast from e4m3, exact in bf16): a fresh fp32
+    partial per K tile times its weight scales ``[1, BLOCK_N]``, a K tile lying in one scale block."""
     if UPCAST:
+        a = a.to(tl.float32)
         w = w.to(tl.float32)
     if FP8:
-        acc += tl.dot(a, w, input_precision=INPUT_PRECISION) * (a_scale[:, None] * w_scale)
+        acc += tl.dot(a, w, input_precision=INPUT_PRECISION) * w_scale
     else:
         acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
     return acc
@@ -363,17 +348,16 @@ def _fused_gemm1_kernel(
         up_scale_offs = scale_offs + up_scale_offset
         up = load_weight_tile(gate_ptrs + up_offset, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, up_scale_offs,
                               stride_wsk, scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
-        if PACKED:
+        if PACKED or FP8:
             gate = gate.to(x_ptr.dtype.element_ty)
             up = up.to(x_ptr.dtype.element_ty)
-        a, a_scale = _a_operand(a, w_ptr.dtype.element_ty, FP8, UPCAST)
         gate_scale = 1.0
         up_scale = 1.0
         if FP8:
             gate_scale = weight_scale(gate_scale_ptrs, k0 // scale_bk, stride_wsk, col_ok, True)
             up_scale = weight_scale(gate_scale_ptrs + up_scale_offset, k0 // scale_bk, stride_wsk, col_ok, True)
-        gate_acc = _scaled_dot(gate_acc, a, a_scale, gate, gate_scale, FP8, UPCAST, INPUT_PRECISION)
-        up_acc = _scaled_dot(up_acc, a, a_scale, up, up_scale, FP8, UPCAST, INPUT_PRECISION)
+        gate_acc = _scaled_dot(gate_acc, a, gate, gate_scale, FP8, UPCAST, INPUT_PRECISION)
+        up_acc = _scaled_dot(up_acc, a, up, up_scale, FP8, UPCAST, INPUT_PRECISION)
         a_ptrs += BLOCK_K
         gate_ptrs += BLOCK_K // PACK
     if HAS_BIAS:
@@ -460,13 +444,12 @@ def _fused_gemm2_kernel(
         w_mask = k_ok[:, None] & col_ok[None, :]
         w = load_weight_tile(w_ptrs, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, scale_offs, stride_wsk,
                              scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
-        if PACKED:
+        if PACKED or FP8:
             w = w.to(act_ptr.dtype.element_ty)
-        a, a_scale = _a_operand(a, w_ptr.dtype.element_ty, FP8, UPCAST)
         w_scale = 1.0
         if FP8:
             w_scale = weight_scale(w_scale_ptrs, k0 // scale_bk, stride_wsk, col_ok, True)
-        acc = _scaled_dot(acc, a, a_scale, w, w_scale, FP8, UPCAST, INPUT_PRECISION)
+        acc = _scaled_dot(acc, a, w, w_scale, FP8, UPCAST, INPUT_PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K // PACK
     if HAS_BIAS:
@@ -516,8 +499,8 @@ def _weight_scale_kwargs(
     config: FusedConfig, k: int, packed: PackedWeight | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The kernels' weight arguments for ``w [E, N, K]`` (``k`` = K): none in ``a_dtype``;
-    float8_e4m3fn with ``w_scale [E, ceil(N/bn), ceil(K/bk)]`` float32, the A tiles quantized
-    per ``block_k = 128`` columns (one activation group) inside the GEMM; or ``packed``."""
+    float8_e4m3fn with ``w_scale [E, ceil(N/bn), ceil(K/bk)]`` float32, upcast in the loads (the
+    activations stay in bf16: weight-only fp8, a K tile inside one scale block); or ``packed``."""
     if packed is not None:
         return _packed_kwargs(name, w, w_scale, packed, k, a_dtype, config.block_k)
     none = _UNSCALED
@@ -532,10 +515,10 @@ def _weight_scale_kwargs(
     (e, n, k), (bn, bk) = w.shape, scale_block
     shape = (e, triton.cdiv(n, bn), triton.cdiv(k, bk))
     check_tensor(f"{name}_scale", w_scale, dtypes=(torch.float32,), shape=shape, contiguous=False)
-    if config.block_k != fp8.SCALE_BLOCK or (bk % config.block_k and bk < k):
+    if bk % config.block_k and bk < k:
         raise ValueError(
-            f"config.block_k: fp8 quantizes each A tile as one activation group of {fp8.SCALE_BLOCK} columns inside "
-            f"the weight's {bk}-column scale blocks; expected {fp8.SCALE_BLOCK}, got {config.block_k}"
+            f"config.block_k: each K tile must lie in one of the weight's {bk}-column scale blocks; "
+            f"got {config.block_k}, which does not divide {bk}"
         )
     assert w_scale is not None  # checked above
     strides = dict(zip(("stride_wse", "stride_wsn", "stride_wsk"), w_scale.stride(), strict=True))
@@ -624,8 +607,7 @@ def fused_gemm1(
     Args:
         x: ``[T, H]`` bf16/fp16/fp32 with unit stride along H.
         w13: ``[E, 2I, H]`` same dtype, contiguous; rows ``[0, I)`` gate, ``[I, 2I)`` up. Or float8_e4m3fn with
-            ``w13_scale`` (``x`` bf16, quantized per token and 128 columns inside the GEMM's loads; ``config.block_k``
-            128).
+            ``w13_scale`` (``x`` bf16, not quantized: the weights are upcast in the GEMM's loads).
         layout: from :func:`gather_layout` on the ``topk_ids [T, K]`` of ``x``, built with ``config.block_m``.
         out: ``[R, I]`` (``R = layout.num_rows``), bf16/fp16/fp32, contiguous.
         config: tiling; ``block_m`` must equal ``layout.block_m``.
