@@ -78,6 +78,10 @@ class FusedTritonExperts(TritonPart):
             return 500.0, "Triton under the CPU interpreter: correct but slow"
         moe = ctx.cfg.moe
         rows = ctx.max_tokens * moe.top_k / ctx.placement.num_local_experts
+        if isinstance(ctx.mlp.weights, Fp8Scaled):
+            # H100, DeepSeek-V3 EP8-local (docs/gpu-results.md, 2026-11-23): 1.02-1.2x the fastest
+            # fp8 pair at T <= 64, far slower at prefill; a measured table overrides this
+            return 60.0, "fused Triton on fp8 weights (weight-only): measured behind the grouped fp8 paths"
         if rows <= DECODE_ROWS_PER_EXPERT:
             return 5.0, f"fused Triton decode path: weights streamed once, 4 launches ({rows:.0f} rows per expert)"
         return 30.0, f"fused Triton path at {rows:.0f} rows per expert: prefill GEMMs favour DeepGEMM/_grouped_mm"
