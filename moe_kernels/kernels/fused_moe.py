@@ -285,16 +285,69 @@ def _scaled_dot(acc, a, a_scale, w, w_scale, FP8: tl.constexpr, UPCAST: tl.const
 
 
 @triton.jit
-def _fused_gemm1_kernel(
-    x_ptr,
+def _weight_dot(
+    acc,
+    a,
+    a_scale,
+    w_ptrs,
+    w_mask,
+    k0,
+    k_dim,
+    col_ok,
+    w_scale_ptr,
+    w_zero_ptr,
+    scale_offs,
+    stride_wsk,
+    scale_bk,
+    a_dtype: tl.constexpr,
+    FP8: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    GROUPS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``acc`` plus the A tile (from :func:`_a_operand`) times the weight tile ``[BLOCK_K, BLOCK_N]`` at ``w_ptrs``
+    of the K tile from ``k0``: 4-bit weights dequantized (to ``a_dtype``) in the load, fp8 ones times the scales
+    of their columns' rows, at ``scale_offs`` from ``w_scale_ptr``."""
+    w = load_weight_tile(w_ptrs, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, scale_offs, stride_wsk, scale_bk,
+                         PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
+    if PACKED:
+        w = w.to(a_dtype)
+    w_scale = 1.0
+    if FP8:
+        w_scale = weight_scale(w_scale_ptr + scale_offs, k0 // scale_bk, stride_wsk, col_ok, True)
+    return _scaled_dot(acc, a, a_scale, w, w_scale, FP8, UPCAST, INPUT_PRECISION)
+
+
+@triton.jit
+def _zero_empty_slots(
+    out_ptr, slot_row_ptr, first_slot, n_slots, stride_om, cols, col_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """Write zeros into the rows of the slots ``[first_slot, first_slot + BLOCK_M)`` that have no expert."""
+    slots = first_slot + tl.arange(0, BLOCK_M)
+    in_range = slots < n_slots
+    empty = in_range & (tl.load(slot_row_ptr + slots, mask=in_range, other=0) < 0)
+    zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty)
+    tl.store(out_ptr + slots[:, None] * stride_om + cols[None, :], zeros, mask=empty[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _fused_gemm_kernel(
+    a_ptr,
     w_ptr,
     out_ptr,
     row_slot_ptr,
     block_expert_ptr,
+    weights_ptr,
+    slot_row_ptr,
     top_k,
+    num_blocks,
+    n_slots,
     n_out,
     k_dim,
-    stride_xm,
+    stride_am,
     stride_we,
     stride_wn,
     stride_om,
@@ -309,115 +362,14 @@ def _fused_gemm1_kernel(
     w_zero_ptr,
     bias_ptr,
     stride_bias_e,
+    GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr,
     PACKED: tl.constexpr,
     HAS_ZERO: tl.constexpr,
     PACK: tl.constexpr,
     GROUPS: tl.constexpr,
-    ACT_KIND: tl.constexpr,
-    ACT_ALPHA: tl.constexpr,
-    ACT_LIMIT: tl.constexpr,
-    ACT_CLAMP_OUTPUT: tl.constexpr,
-    ACT_UP_OFFSET: tl.constexpr,
-    ACT_GATE_CAP: tl.constexpr,
-    ACT_UP_CAP: tl.constexpr,
-    UPCAST: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert < 0:
-        return
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(row_slot_ptr + rows)
-    row_ok = slots >= 0
-    # The A rows come straight from x: row r computes token row_slot[r] // K.
-    tokens = tl.where(row_ok, slots // top_k, 0).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < n_out
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = x_ptr + tokens[:, None] * stride_xm + offs_k[None, :]
-    # w13 is [2I, H] per expert, H contiguous: a [BLOCK_K, BLOCK_N] tile of it is gate^T, so
-    # tl.dot(a, tile) = a @ gate^T without a transpose.
-    # (packed: byte k // 2 holds column k)
-    gate_ptrs = (
-        w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] // PACK
-    )
-    # the offsets of each output column's gate row scales (the up row's: + up_scale_offset)
-    scale_offs = expert.to(tl.int64) * stride_wse + (cols // scale_bn).to(tl.int64) * stride_wsn
-    if FP8:
-        gate_scale_ptrs = w_scale_ptr + scale_offs
-    gate_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    up_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, k_dim, BLOCK_K):
-        k_ok = offs_k < k_dim - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_mask = k_ok[:, None] & col_ok[None, :]
-        gate = load_weight_tile(gate_ptrs, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, scale_offs, stride_wsk,
-                                scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
-        up_scale_offs = scale_offs + up_scale_offset
-        up = load_weight_tile(gate_ptrs + up_offset, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, up_scale_offs,
-                              stride_wsk, scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
-        if PACKED:
-            gate = gate.to(x_ptr.dtype.element_ty)
-            up = up.to(x_ptr.dtype.element_ty)
-        a, a_scale = _a_operand(a, w_ptr.dtype.element_ty, FP8, UPCAST)
-        gate_scale = 1.0
-        up_scale = 1.0
-        if FP8:
-            gate_scale = weight_scale(gate_scale_ptrs, k0 // scale_bk, stride_wsk, col_ok, True)
-            up_scale = weight_scale(gate_scale_ptrs + up_scale_offset, k0 // scale_bk, stride_wsk, col_ok, True)
-        gate_acc = _scaled_dot(gate_acc, a, a_scale, gate, gate_scale, FP8, UPCAST, INPUT_PRECISION)
-        up_acc = _scaled_dot(up_acc, a, a_scale, up, up_scale, FP8, UPCAST, INPUT_PRECISION)
-        a_ptrs += BLOCK_K
-        gate_ptrs += BLOCK_K // PACK
-    if HAS_BIAS:
-        gate_acc += bias_row(bias_ptr, expert, cols, col_ok, stride_bias_e)[None, :]
-        up_acc += bias_row(bias_ptr + n_out, expert, cols, col_ok, stride_bias_e)[None, :]
-    result = apply_activation(
-        gate_acc, up_acc, ACT_KIND, ACT_ALPHA, ACT_LIMIT, ACT_CLAMP_OUTPUT, ACT_UP_OFFSET, ACT_GATE_CAP, ACT_UP_CAP
-    )
-    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
-    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def _fused_gemm2_kernel(
-    act_ptr,
-    w_ptr,
-    out_ptr,
-    row_slot_ptr,
-    block_expert_ptr,
-    weights_ptr,
-    slot_row_ptr,
-    num_blocks,
-    n_slots,
-    n_out,
-    k_dim,
-    stride_am,
-    stride_we,
-    stride_wn,
-    stride_om,
-    w_scale_ptr,
-    stride_wse,
-    stride_wsn,
-    stride_wsk,
-    scale_bn,
-    scale_bk,
-    w_zero_ptr,
-    bias_ptr,
-    stride_bias_e,
-    HAS_BIAS: tl.constexpr,
-    FP8: tl.constexpr,
-    PACKED: tl.constexpr,
-    HAS_ZERO: tl.constexpr,
-    PACK: tl.constexpr,
-    GROUPS: tl.constexpr,
+    ACT: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     ZERO_EMPTY: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -426,19 +378,23 @@ def _fused_gemm2_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """Both fused GEMMs over the row blocks of a :class:`GatherLayout`.
+
+    ``GATED`` (GEMM1): A row ``r`` is ``x[row_slot[r] // top_k]``; the gate tile and the up tile (``up_offset``,
+    ``up_scale_offset`` further) are accumulated side by side and ``act(gate, up)`` is stored at row ``r``. Else
+    (GEMM2): A row ``r`` is ``act[r]``; the product, times the router weight of slot ``s = row_slot[r]``
+    (``HAS_WEIGHTS``), is stored at row ``s``.
+    """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_out
+    # The programs past the row blocks zero the rows of slots without an expert, so that with
+    # top_k == 1 GEMM2's output needs no further pass.
     if ZERO_EMPTY:
-        # The programs past the row blocks zero the rows of slots without an expert, so that with
-        # top_k == 1 the output needs no further pass.
         if pid_m >= num_blocks:
-            slots = (pid_m - num_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-            in_range = slots < n_slots
-            empty = in_range & (tl.load(slot_row_ptr + slots, mask=in_range, other=0) < 0)
-            zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty)
-            tl.store(out_ptr + slots[:, None] * stride_om + cols[None, :], zeros, mask=empty[:, None] & col_ok[None, :])
+            first_slot = (pid_m - num_blocks).to(tl.int64) * BLOCK_M
+            _zero_empty_slots(out_ptr, slot_row_ptr, first_slot, n_slots, stride_om, cols, col_ok, BLOCK_M, BLOCK_N)
             return
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
@@ -446,35 +402,48 @@ def _fused_gemm2_kernel(
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     slots = tl.load(row_slot_ptr + rows)
     row_ok = slots >= 0
+    if GATED:
+        # The A rows come straight from x: row r computes token row_slot[r] // K.
+        a_rows = tl.where(row_ok, slots // top_k, 0).to(tl.int64)
+    else:
+        a_rows = rows
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = act_ptr + rows[:, None] * stride_am + offs_k[None, :]
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
+    # w is [N, K] per expert, K contiguous: a [BLOCK_K, BLOCK_N] tile of it is w^T, so
+    # tl.dot(a, tile) = a @ w^T without a transpose. (packed: byte k // 2 holds column k)
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] // PACK
+    # the offsets of each output column's (gate) row scales; the up row's are up_scale_offset further
     scale_offs = expert.to(tl.int64) * stride_wse + (cols // scale_bn).to(tl.int64) * stride_wsn
-    if FP8:
-        w_scale_ptrs = w_scale_ptr + scale_offs
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    up_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_dim, BLOCK_K):
         k_ok = offs_k < k_dim - k0
-        # Padding rows of act were never written: masked, so stale values never enter the dot.
+        # Padding rows (never written in GEMM1's output) are masked: stale values never enter the dot.
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_mask = k_ok[:, None] & col_ok[None, :]
-        w = load_weight_tile(w_ptrs, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, scale_offs, stride_wsk,
-                             scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
-        if PACKED:
-            w = w.to(act_ptr.dtype.element_ty)
         a, a_scale = _a_operand(a, w_ptr.dtype.element_ty, FP8, UPCAST)
-        w_scale = 1.0
-        if FP8:
-            w_scale = weight_scale(w_scale_ptrs, k0 // scale_bk, stride_wsk, col_ok, True)
-        acc = _scaled_dot(acc, a, a_scale, w, w_scale, FP8, UPCAST, INPUT_PRECISION)
+        w_mask = k_ok[:, None] & col_ok[None, :]
+        acc = _weight_dot(acc, a, a_scale, w_ptrs, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, scale_offs,
+                          stride_wsk, scale_bk, a_ptr.dtype.element_ty, FP8, PACKED, HAS_ZERO, GROUPS, UPCAST,
+                          INPUT_PRECISION, BLOCK_K)  # fmt: skip
+        if GATED:
+            up_acc = _weight_dot(up_acc, a, a_scale, w_ptrs + up_offset, w_mask, k0, k_dim, col_ok, w_scale_ptr,
+                                 w_zero_ptr, scale_offs + up_scale_offset, stride_wsk, scale_bk,
+                                 a_ptr.dtype.element_ty, FP8, PACKED, HAS_ZERO, GROUPS, UPCAST, INPUT_PRECISION,
+                                 BLOCK_K)  # fmt: skip
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K // PACK
     if HAS_BIAS:
         acc += bias_row(bias_ptr, expert, cols, col_ok, stride_bias_e)[None, :]
-    slots = tl.where(row_ok, slots, 0).to(tl.int64)
-    if HAS_WEIGHTS:
-        acc *= tl.load(weights_ptr + slots, mask=row_ok, other=0).to(tl.float32)[:, None]
-    out_ptrs = out_ptr + slots[:, None] * stride_om + cols[None, :]
+        if GATED:  # gate columns, then up columns n_out further
+            up_acc += bias_row(bias_ptr + n_out, expert, cols, col_ok, stride_bias_e)[None, :]
+    if GATED:
+        acc = apply_activation(acc, up_acc, ACT)
+        out_rows = rows
+    else:
+        out_rows = tl.where(row_ok, slots, 0).to(tl.int64)
+        if HAS_WEIGHTS:
+            acc *= tl.load(weights_ptr + out_rows, mask=row_ok, other=0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + out_rows[:, None] * stride_om + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -542,18 +511,33 @@ def _weight_scale_kwargs(
     return {**none, "w_scale_ptr": w_scale, **strides, "scale_bn": bn, "scale_bk": bk, "FP8": True}
 
 
-def _gemm_kwargs(dtype: torch.dtype, config: FusedConfig) -> dict[str, Any]:
-    return {
+def _launch_fused(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    layout: GatherLayout,
+    topk_weights: torch.Tensor | None,
+    config: FusedConfig,
+    *,
+    n_out: int,
+    k_dim: int,
+    grid_m: int,
+    **constants: Any,
+) -> None:
+    """Launch :func:`_fused_gemm_kernel` on ``(grid_m, column blocks)`` with the arguments both GEMMs share; the
+    GEMM's own (weight format, bias, ``GATED``...) come in ``constants``."""
+    _fused_gemm_kernel[(grid_m, triton.cdiv(n_out, config.block_n))](
+        a, w, out, layout.row_slot, layout.block_expert, topk_weights, layout.slot_row,
+        layout.top_k, layout.num_blocks, layout.slot_row.numel(), n_out, k_dim,
+        a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        **constants,
         # The CPU interpreter's bf16 tl.dot is wrong (triton 3.9); real GPUs keep bf16 tensor cores.
-        "UPCAST": interpreting(),
+        UPCAST=interpreting(),
         # fp32 inputs would silently drop to tf32 on tensor cores; keep them exact.
-        "INPUT_PRECISION": "ieee" if dtype == torch.float32 else None,
-        "BLOCK_M": config.block_m,
-        "BLOCK_N": config.block_n,
-        "BLOCK_K": config.block_k,
-        "num_warps": config.num_warps,
-        "num_stages": config.num_stages,
-    }
+        INPUT_PRECISION="ieee" if a.dtype == torch.float32 else None,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
 
 
 def _check_gemm1(
@@ -647,22 +631,11 @@ def fused_gemm1(
         return out
     if scales["FP8"] and inter % scale_block[0] and scale_block[0] < 2 * inter:
         raise ValueError(f"scale_block: {scale_block[0]}-row scale blocks straddle the gate and up rows (I = {inter})")
-    tensors = (x, w13, out, layout.row_slot, layout.block_expert)
-    strides = (x.stride(0), w13.stride(0), w13.stride(1), out.stride(0))
-    _fused_gemm1_kernel[(layout.num_blocks, triton.cdiv(inter, config.block_n))](
-        *tensors,
-        layout.top_k,
-        inter,
-        hidden,
-        *strides,
-        # Offset of the up rows from the gate rows, precomputed so the product is 64-bit on host.
-        inter * w13.stride(1),
-        up_scale_offset=(inter // int(scales["scale_bn"])) * int(scales["stride_wsn"]),
-        **biased,
-        **scales,
-        **activation.kernel_constants(),
-        **_gemm_kwargs(x.dtype, config),
-    )
+    _launch_fused(x, w13, out, layout, None, config, n_out=inter, k_dim=hidden, grid_m=layout.num_blocks,
+                  # Offsets of the up rows from the gate rows, precomputed so the products are 64-bit on host.
+                  up_offset=inter * w13.stride(1), up_scale_offset=(inter // scales["scale_bn"]) * scales["stride_wsn"],
+                  GATED=True, HAS_WEIGHTS=False, ZERO_EMPTY=False, **activation.kernel_constants(), **biased,
+                  **scales)  # fmt: skip
     return out
 
 
@@ -714,21 +687,9 @@ def fused_gemm2_weighted(
         return out
     zero_empty = top_k == 1
     grid_m = layout.num_blocks + (triton.cdiv(n_slots, config.block_m) if zero_empty else 0)
-    tensors = (act, w2, out, layout.row_slot, layout.block_expert, topk_weights, layout.slot_row)
-    strides = (act.stride(0), w2.stride(0), w2.stride(1), out.stride(0))
-    _fused_gemm2_kernel[(grid_m, triton.cdiv(hidden, config.block_n))](
-        *tensors,
-        layout.num_blocks,
-        n_slots,
-        hidden,
-        inter,
-        *strides,
-        **biased,
-        HAS_WEIGHTS=topk_weights is not None,
-        ZERO_EMPTY=zero_empty,
-        **scales,
-        **_gemm_kwargs(act.dtype, config),
-    )
+    _launch_fused(act, w2, out, layout, topk_weights, config, n_out=hidden, k_dim=inter, grid_m=grid_m, up_offset=0,
+                  up_scale_offset=0, GATED=False, HAS_WEIGHTS=topk_weights is not None, ZERO_EMPTY=zero_empty,
+                  **SILU.kernel_constants(), **biased, **scales)  # fmt: skip
     return out
 
 

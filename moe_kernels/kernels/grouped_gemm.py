@@ -92,13 +92,7 @@ def _grouped_gemm_kernel(
     PACK: tl.constexpr,
     GROUPS: tl.constexpr,
     FUSED: tl.constexpr,
-    ACT_KIND: tl.constexpr,
-    ACT_ALPHA: tl.constexpr,
-    ACT_LIMIT: tl.constexpr,
-    ACT_CLAMP_OUTPUT: tl.constexpr,
-    ACT_UP_OFFSET: tl.constexpr,
-    ACT_GATE_CAP: tl.constexpr,
-    ACT_UP_CAP: tl.constexpr,
+    ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -190,9 +184,7 @@ def _grouped_gemm_kernel(
         if FUSED:
             acc_up += bias_row(bias_ptr + n_out, expert, cols, col_ok, stride_bias_e)[None, :]
     if FUSED:
-        acc = apply_activation(
-            acc, acc_up, ACT_KIND, ACT_ALPHA, ACT_LIMIT, ACT_CLAMP_OUTPUT, ACT_UP_OFFSET, ACT_GATE_CAP, ACT_UP_CAP
-        )
+        acc = apply_activation(acc, acc_up, ACT)
     out_ptrs = out_ptr + rows[:, None] * n_out + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
