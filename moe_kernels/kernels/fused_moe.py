@@ -26,7 +26,6 @@ belongs to one expert, which the GEMMs look up once per program in ``block_exper
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -567,7 +566,6 @@ def _check_gemm2(
     act: torch.Tensor,
     w2: torch.Tensor,
     layout: GatherLayout,
-    topk_weights: torch.Tensor | None,
     out: torch.Tensor,
     config: FusedConfig,
     pack: int,
@@ -579,10 +577,15 @@ def _check_gemm2(
     _check_layout(layout, config, act.device)
     if act.shape[0] != layout.num_rows:
         raise ValueError(f"act: expected {layout.num_rows} rows (layout.num_rows), got {act.shape[0]}")
-    num_tokens, top_k = layout.slot_row.shape
+    check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(layout.slot_row.numel(), w2.shape[1]), unit_last_stride=True)
+
+
+def _check_topk_weights(topk_weights: torch.Tensor | None, topk_ids: torch.Tensor) -> None:
+    """``topk_weights``: ``None``, or float ``[T, K]`` like ``topk_ids`` (in GEMM2 the layout's ``slot_row``) and on
+    its device."""
     if topk_weights is not None:
-        check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, shape=(num_tokens, top_k))
-    check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(num_tokens * top_k, w2.shape[1]), unit_last_stride=True)
+        check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, shape=topk_ids.shape)
+        check_same_device(topk_weights=topk_weights, topk_ids=topk_ids)
 
 
 def fused_gemm1(
@@ -676,13 +679,14 @@ def fused_gemm2_weighted(
     check_tensor("act", act, dtypes=FLOAT_DTYPES, ndim=2)
     inter = act.shape[1]
     scales = _weight_scale_kwargs("w2", w2, w2_scale, scale_block, act.dtype, config, inter, packed)
-    _check_gemm2(act, w2, layout, topk_weights, out, config, int(scales["PACK"]))
+    _check_gemm2(act, w2, layout, out, config, int(scales["PACK"]))
     hidden, (num_tokens, top_k) = w2.shape[1], layout.slot_row.shape
     n_slots = num_tokens * top_k
     biased = bias_args(bias, w2.shape[0], hidden)
     check_same_device(
         act=act, w2=w2, w2_scale=w2_scale, w2_zero=scales["w_zero_ptr"], topk_weights=topk_weights, bias=bias, out=out
     )
+    _check_topk_weights(topk_weights, layout.slot_row)
     if n_slots == 0 or hidden == 0:
         return out
     zero_empty = top_k == 1
@@ -728,14 +732,14 @@ def _check_fused_experts(
     x: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
-    topk_weights: torch.Tensor | None,
     topk_ids: torch.Tensor,
     out: torch.Tensor,
     workspace: dict[str, torch.Tensor],
     gemm1: FusedConfig,
     gemm2: FusedConfig,
 ) -> None:
-    """:func:`fused_experts`' argument checks beyond those of the GEMMs it calls."""
+    """:func:`fused_experts`' argument checks beyond those of the GEMMs it calls (``topk_weights``:
+    :func:`_check_topk_weights`)."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2, contiguous=False)
     num_tokens, hidden = x.shape
     check_tensor("w13", w13, dtypes=(x.dtype, fp8.FP8_DTYPE, torch.uint8), ndim=3)
@@ -751,7 +755,7 @@ def _check_fused_experts(
     _check_workspace(
         workspace, fused_workspace_shapes(num_tokens, top_k, num_experts, hidden, inter, x.dtype, gemm1.block_m)
     )
-    check_same_device(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids, out=out)
+    check_same_device(x=x, w13=w13, w2=w2, topk_ids=topk_ids, out=out)
 
 
 def fused_experts(
@@ -774,13 +778,12 @@ def fused_experts(
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out[t] = residual[t] + sum_k topk_weights[t, k] * expert_mlp(topk_ids[t, k], x[t])`` on the fused path (no
-    residual term without ``residual``).
+    """``out[t] = [residual[t] +] sum_k topk_weights[t, k] * expert_mlp(topk_ids[t, k], x[t])`` on the fused path.
 
     Launches: the layout (one program up to ``ONE_LAUNCH_MAX_SLOTS`` slots), GEMM1+activation, GEMM2 with the router
     weights, and the top-k sum (fixed k order, fp32) -- three when ``top_k == 1``, where GEMM2 writes ``out`` directly.
     Slots without an expert (``-1`` or any id outside ``[0, E)``) contribute nothing; a token without any gets zeros. No
-    host sync and no large allocation: capturable in a CUDA graph per batch size.
+    host sync, no large allocation: capturable in a CUDA graph per batch size.
 
     Args:
         x: ``[T, H]`` bf16/fp16/fp32 with unit stride along H.
@@ -791,8 +794,7 @@ def fused_experts(
         out: ``[T, H]`` bf16/fp16/fp32 with unit stride along H; every row is written.
         workspace: the buffers named by :func:`fused_workspace_shapes`, exactly those shapes and dtypes.
         gemm1, gemm2: tilings of the two GEMMs (see :func:`default_configs`); same ``block_m``.
-        residual: optional ``[T, H]`` added in the top-k sum (with ``top_k == 1``, which has no sum, in a pass of its
-            own).
+        residual: optional ``[T, H]`` added in the top-k sum (``top_k == 1``: in a pass of its own).
         activation: the gated activation GEMM1 applies (:mod:`moe_kernels.mlp.activations`).
         w13_scale, w2_scale, scale_blocks: fp8 weights (``x`` bf16): their float32 scales and the ``(rows, cols)`` each
             covers, per projection (:func:`fused_gemm1`); with ``packed`` (w13's, w2's) the scales of 4-bit weights
@@ -802,19 +804,18 @@ def fused_experts(
 
     Returns ``out``.
     """
-    _check_fused_experts(x, w13, w2, topk_weights, topk_ids, out, workspace, gemm1, gemm2)
-    num_experts, top_k = w13.shape[0], topk_ids.shape[1]
-    layout = gather_layout(topk_ids, num_experts, gemm1.block_m)
+    _check_fused_experts(x, w13, w2, topk_ids, out, workspace, gemm1, gemm2)
+    _check_topk_weights(topk_weights, topk_ids)
+    layout = gather_layout(topk_ids, w13.shape[0], gemm1.block_m)
     packed13, packed2 = packed if packed is not None else (None, None)
     act = fused_gemm1(x, w13, layout, workspace["activation"], gemm1, activation, w13_scale=w13_scale,
                       scale_block=scale_blocks[0], packed=packed13, bias=w13_bias)  # fmt: skip
-    gemm2_of = functools.partial(
-        fused_gemm2_weighted, w2_scale=w2_scale, scale_block=scale_blocks[1], packed=packed2, bias=w2_bias
-    )
+    top_k = topk_ids.shape[1]  # 1: GEMM2's slot-major rows are the output rows, and no sum adds the residual
+    slot_rows = out if top_k == 1 else workspace["slot_rows"]
+    fused_gemm2_weighted(act, w2, layout, topk_weights, slot_rows, gemm2, w2_scale=w2_scale,
+                         scale_block=scale_blocks[1], packed=packed2, bias=w2_bias)  # fmt: skip
     if top_k == 1:
-        gemm2_of(act, w2, layout, topk_weights, out, gemm2)
         return out if residual is None else out.add_(residual)
-    slot_rows = gemm2_of(act, w2, layout, topk_weights, workspace["slot_rows"], gemm2)
     return weighted_gather(slot_rows, layout.slot_index, None, out, residual=residual)
 
 
