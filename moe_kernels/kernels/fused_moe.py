@@ -521,15 +521,15 @@ def _launch_fused(
     n_out: int,
     k_dim: int,
     grid_m: int,
-    **constants: Any,
+    **kernel_args: Any,
 ) -> None:
     """Launch :func:`_fused_gemm_kernel` on ``(grid_m, column blocks)`` with the arguments both GEMMs share; the
-    GEMM's own (weight format, bias, ``GATED``...) come in ``constants``."""
+    GEMM's own (weight format, bias, ``GATED``...) come in ``kernel_args``."""
     _fused_gemm_kernel[(grid_m, triton.cdiv(n_out, config.block_n))](
         a, w, out, layout.row_slot, layout.block_expert, topk_weights, layout.slot_row,
         layout.top_k, layout.num_blocks, layout.slot_row.numel(), n_out, k_dim,
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        **constants,
+        **kernel_args,
         # The CPU interpreter's bf16 tl.dot is wrong (triton 3.9); real GPUs keep bf16 tensor cores.
         UPCAST=interpreting(),
         # fp32 inputs would silently drop to tf32 on tensor cores; keep them exact.
