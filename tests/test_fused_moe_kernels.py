@@ -346,6 +346,22 @@ def test_bad_inputs_raise_with_argument_names() -> None:
         gather_layout(ids.float(), 3, 16)
 
 
+def test_bad_topk_weights_raise_before_any_kernel_runs() -> None:
+    ids = torch.zeros(4, 2, dtype=torch.int32, device=DEVICE)
+    x = torch.ones(4, HIDDEN, device=DEVICE)
+    w13, w2 = torch.ones(3, 2 * INTER, HIDDEN, device=DEVICE), torch.ones(3, HIDDEN, INTER, device=DEVICE)
+    workspace = poisoned_workspace(4, 2, 3, torch.float32, 16)
+    out = torch.zeros(4, HIDDEN, device=DEVICE)
+    for bad, error in [
+        (torch.ones(4, 3, device=DEVICE), r"topk_weights: expected shape \[4, 2\], got \[4, 3\]"),
+        (torch.ones(4, 2, dtype=torch.int32, device=DEVICE), "topk_weights: expected dtype .* got torch.int32"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=error):
+            fused_experts(x, w13, w2, bad, ids, out, workspace=workspace, gemm1=tiles(16), gemm2=tiles(16))
+        # GEMM1 never ran: its output buffer still holds only the poison
+        assert workspace["activation"].isnan().all()
+
+
 # ----------------------------------------------------------------------------- configs
 
 # (T, K, E, H, I): DeepSeek-V3 at 32 local experts and Qwen3-30B-A3B, decode to prefill.

@@ -26,20 +26,18 @@ def _softcap(x, CAP: tl.constexpr):
 
 
 @triton.jit
-def apply_activation(
-    gate,
-    up,
-    ACT_KIND: tl.constexpr,
-    ACT_ALPHA: tl.constexpr,
-    ACT_LIMIT: tl.constexpr,
-    ACT_CLAMP_OUTPUT: tl.constexpr,
-    ACT_UP_OFFSET: tl.constexpr,
-    ACT_GATE_CAP: tl.constexpr,
-    ACT_UP_CAP: tl.constexpr,
-):
-    """``act(gate, up)`` in fp32 (``up`` unused by non-gated kinds), the constants being
-    :meth:`moe_kernels.mlp.activations.Activation.kernel_constants` (0 = parameter unset); the
+def apply_activation(gate, up, ACT: tl.constexpr):
+    """``act(gate, up)`` in fp32 (``up`` unused by non-gated kinds); ``ACT`` is the tuple
+    :meth:`moe_kernels.mlp.activations.Activation.kernel_constants` gives (0 = parameter unset); the
     torch definitions there are the reference. Branches on constants cost nothing at run time."""
+    # (named one by one: unpacking a constexpr tuple at once loses constexpr-ness in triton 3.9)
+    ACT_KIND: tl.constexpr = ACT[0]
+    ACT_ALPHA: tl.constexpr = ACT[1]
+    ACT_LIMIT: tl.constexpr = ACT[2]
+    ACT_CLAMP_OUTPUT: tl.constexpr = ACT[3]
+    ACT_UP_OFFSET: tl.constexpr = ACT[4]
+    ACT_GATE_CAP: tl.constexpr = ACT[5]
+    ACT_UP_CAP: tl.constexpr = ACT[6]
     if ACT_LIMIT > 0 and not ACT_CLAMP_OUTPUT:
         gate = tl.minimum(gate, ACT_LIMIT)
         up = tl.minimum(tl.maximum(up, -ACT_LIMIT), ACT_LIMIT)
@@ -80,13 +78,7 @@ def _activate_kernel(
     stride_se,
     stride_sm,
     stride_sk,
-    ACT_KIND: tl.constexpr,
-    ACT_ALPHA: tl.constexpr,
-    ACT_LIMIT: tl.constexpr,
-    ACT_CLAMP_OUTPUT: tl.constexpr,
-    ACT_UP_OFFSET: tl.constexpr,
-    ACT_GATE_CAP: tl.constexpr,
-    ACT_UP_CAP: tl.constexpr,
+    ACT: tl.constexpr,
     GATED: tl.constexpr,
     SKIP_BY_LAYOUT: tl.constexpr,
     SKIP_BY_COUNTS: tl.constexpr,
@@ -112,9 +104,7 @@ def _activate_kernel(
     up = gate
     if GATED:
         up = tl.load(x_row + n_cols + cols, mask=live, other=0).to(tl.float32)
-    result = apply_activation(
-        gate, up, ACT_KIND, ACT_ALPHA, ACT_LIMIT, ACT_CLAMP_OUTPUT, ACT_UP_OFFSET, ACT_GATE_CAP, ACT_UP_CAP
-    )
+    result = apply_activation(gate, up, ACT)
     if QUANT:
         q, scale = quantize_groups(result, EXACT_CAST)
         tl.store(out_ptr + row * n_cols + cols, q.to(out_ptr.dtype.element_ty), mask=live)

@@ -26,7 +26,6 @@ belongs to one expert, which the GEMMs look up once per program in ``block_exper
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -270,16 +269,68 @@ def _scaled_dot(acc, a, w, w_scale, FP8: tl.constexpr, UPCAST: tl.constexpr, INP
 
 
 @triton.jit
-def _fused_gemm1_kernel(
-    x_ptr,
+def _weight_dot(
+    acc,
+    a,
+    w_ptrs,
+    w_mask,
+    k0,
+    k_dim,
+    col_ok,
+    w_scale_ptr,
+    w_zero_ptr,
+    scale_offs,
+    stride_wsk,
+    scale_bk,
+    a_dtype: tl.constexpr,
+    FP8: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    GROUPS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``acc`` plus the A tile times the weight tile ``[BLOCK_K, BLOCK_N]`` at ``w_ptrs`` of the K tile from
+    ``k0``: 4-bit weights dequantized (to ``a_dtype``) in the load, fp8 ones upcast to ``a_dtype`` and their
+    partial product times the scales of their columns' rows, at ``scale_offs`` from ``w_scale_ptr``."""
+    w = load_weight_tile(w_ptrs, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, scale_offs, stride_wsk, scale_bk,
+                         PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
+    if PACKED or FP8:
+        w = w.to(a_dtype)
+    w_scale = 1.0
+    if FP8:
+        w_scale = weight_scale(w_scale_ptr + scale_offs, k0 // scale_bk, stride_wsk, col_ok, True)
+    return _scaled_dot(acc, a, w, w_scale, FP8, UPCAST, INPUT_PRECISION)
+
+
+@triton.jit
+def _zero_empty_slots(
+    out_ptr, slot_row_ptr, first_slot, n_slots, stride_om, cols, col_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """Write zeros into the rows of the slots ``[first_slot, first_slot + BLOCK_M)`` that have no expert."""
+    slots = first_slot + tl.arange(0, BLOCK_M)
+    in_range = slots < n_slots
+    empty = in_range & (tl.load(slot_row_ptr + slots, mask=in_range, other=0) < 0)
+    zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty)
+    tl.store(out_ptr + slots[:, None] * stride_om + cols[None, :], zeros, mask=empty[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _fused_gemm_kernel(
+    a_ptr,
     w_ptr,
     out_ptr,
     row_slot_ptr,
     block_expert_ptr,
+    weights_ptr,
+    slot_row_ptr,
     top_k,
+    num_blocks,
+    n_slots,
     n_out,
     k_dim,
-    stride_xm,
+    stride_am,
     stride_we,
     stride_wn,
     stride_om,
@@ -294,114 +345,14 @@ def _fused_gemm1_kernel(
     w_zero_ptr,
     bias_ptr,
     stride_bias_e,
+    GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr,
     PACKED: tl.constexpr,
     HAS_ZERO: tl.constexpr,
     PACK: tl.constexpr,
     GROUPS: tl.constexpr,
-    ACT_KIND: tl.constexpr,
-    ACT_ALPHA: tl.constexpr,
-    ACT_LIMIT: tl.constexpr,
-    ACT_CLAMP_OUTPUT: tl.constexpr,
-    ACT_UP_OFFSET: tl.constexpr,
-    ACT_GATE_CAP: tl.constexpr,
-    ACT_UP_CAP: tl.constexpr,
-    UPCAST: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert < 0:
-        return
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(row_slot_ptr + rows)
-    row_ok = slots >= 0
-    # The A rows come straight from x: row r computes token row_slot[r] // K.
-    tokens = tl.where(row_ok, slots // top_k, 0).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < n_out
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = x_ptr + tokens[:, None] * stride_xm + offs_k[None, :]
-    # w13 is [2I, H] per expert, H contiguous: a [BLOCK_K, BLOCK_N] tile of it is gate^T, so
-    # tl.dot(a, tile) = a @ gate^T without a transpose.
-    # (packed: byte k // 2 holds column k)
-    gate_ptrs = (
-        w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] // PACK
-    )
-    # the offsets of each output column's gate row scales (the up row's: + up_scale_offset)
-    scale_offs = expert.to(tl.int64) * stride_wse + (cols // scale_bn).to(tl.int64) * stride_wsn
-    if FP8:
-        gate_scale_ptrs = w_scale_ptr + scale_offs
-    gate_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    up_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, k_dim, BLOCK_K):
-        k_ok = offs_k < k_dim - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_mask = k_ok[:, None] & col_ok[None, :]
-        gate = load_weight_tile(gate_ptrs, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, scale_offs, stride_wsk,
-                                scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
-        up_scale_offs = scale_offs + up_scale_offset
-        up = load_weight_tile(gate_ptrs + up_offset, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, up_scale_offs,
-                              stride_wsk, scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
-        if PACKED or FP8:
-            gate = gate.to(x_ptr.dtype.element_ty)
-            up = up.to(x_ptr.dtype.element_ty)
-        gate_scale = 1.0
-        up_scale = 1.0
-        if FP8:
-            gate_scale = weight_scale(gate_scale_ptrs, k0 // scale_bk, stride_wsk, col_ok, True)
-            up_scale = weight_scale(gate_scale_ptrs + up_scale_offset, k0 // scale_bk, stride_wsk, col_ok, True)
-        gate_acc = _scaled_dot(gate_acc, a, gate, gate_scale, FP8, UPCAST, INPUT_PRECISION)
-        up_acc = _scaled_dot(up_acc, a, up, up_scale, FP8, UPCAST, INPUT_PRECISION)
-        a_ptrs += BLOCK_K
-        gate_ptrs += BLOCK_K // PACK
-    if HAS_BIAS:
-        gate_acc += bias_row(bias_ptr, expert, cols, col_ok, stride_bias_e)[None, :]
-        up_acc += bias_row(bias_ptr + n_out, expert, cols, col_ok, stride_bias_e)[None, :]
-    result = apply_activation(
-        gate_acc, up_acc, ACT_KIND, ACT_ALPHA, ACT_LIMIT, ACT_CLAMP_OUTPUT, ACT_UP_OFFSET, ACT_GATE_CAP, ACT_UP_CAP
-    )
-    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
-    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def _fused_gemm2_kernel(
-    act_ptr,
-    w_ptr,
-    out_ptr,
-    row_slot_ptr,
-    block_expert_ptr,
-    weights_ptr,
-    slot_row_ptr,
-    num_blocks,
-    n_slots,
-    n_out,
-    k_dim,
-    stride_am,
-    stride_we,
-    stride_wn,
-    stride_om,
-    w_scale_ptr,
-    stride_wse,
-    stride_wsn,
-    stride_wsk,
-    scale_bn,
-    scale_bk,
-    w_zero_ptr,
-    bias_ptr,
-    stride_bias_e,
-    HAS_BIAS: tl.constexpr,
-    FP8: tl.constexpr,
-    PACKED: tl.constexpr,
-    HAS_ZERO: tl.constexpr,
-    PACK: tl.constexpr,
-    GROUPS: tl.constexpr,
+    ACT: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     ZERO_EMPTY: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -410,19 +361,23 @@ def _fused_gemm2_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """Both fused GEMMs over the row blocks of a :class:`GatherLayout`.
+
+    ``GATED`` (GEMM1): A row ``r`` is ``x[row_slot[r] // top_k]``; the gate tile and the up tile (``up_offset``,
+    ``up_scale_offset`` further) are accumulated side by side and ``act(gate, up)`` is stored at row ``r``. Else
+    (GEMM2): A row ``r`` is ``act[r]``; the product, times the router weight of slot ``s = row_slot[r]``
+    (``HAS_WEIGHTS``), is stored at row ``s``.
+    """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_out
+    # The programs past the row blocks zero the rows of slots without an expert, so that with
+    # top_k == 1 GEMM2's output needs no further pass.
     if ZERO_EMPTY:
-        # The programs past the row blocks zero the rows of slots without an expert, so that with
-        # top_k == 1 the output needs no further pass.
         if pid_m >= num_blocks:
-            slots = (pid_m - num_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-            in_range = slots < n_slots
-            empty = in_range & (tl.load(slot_row_ptr + slots, mask=in_range, other=0) < 0)
-            zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty)
-            tl.store(out_ptr + slots[:, None] * stride_om + cols[None, :], zeros, mask=empty[:, None] & col_ok[None, :])
+            first_slot = (pid_m - num_blocks).to(tl.int64) * BLOCK_M
+            _zero_empty_slots(out_ptr, slot_row_ptr, first_slot, n_slots, stride_om, cols, col_ok, BLOCK_M, BLOCK_N)
             return
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
@@ -430,34 +385,47 @@ def _fused_gemm2_kernel(
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     slots = tl.load(row_slot_ptr + rows)
     row_ok = slots >= 0
+    if GATED:
+        # The A rows come straight from x: row r computes token row_slot[r] // K.
+        a_rows = tl.where(row_ok, slots // top_k, 0).to(tl.int64)
+    else:
+        a_rows = rows
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = act_ptr + rows[:, None] * stride_am + offs_k[None, :]
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
+    # w is [N, K] per expert, K contiguous: a [BLOCK_K, BLOCK_N] tile of it is w^T, so
+    # tl.dot(a, tile) = a @ w^T without a transpose. (packed: byte k // 2 holds column k)
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] // PACK
+    # the offsets of each output column's (gate) row scales; the up row's are up_scale_offset further
     scale_offs = expert.to(tl.int64) * stride_wse + (cols // scale_bn).to(tl.int64) * stride_wsn
-    if FP8:
-        w_scale_ptrs = w_scale_ptr + scale_offs
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    up_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_dim, BLOCK_K):
         k_ok = offs_k < k_dim - k0
-        # Padding rows of act were never written: masked, so stale values never enter the dot.
+        # Padding rows (never written in GEMM1's output) are masked: stale values never enter the dot.
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_mask = k_ok[:, None] & col_ok[None, :]
-        w = load_weight_tile(w_ptrs, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, scale_offs, stride_wsk,
-                             scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
-        if PACKED or FP8:
-            w = w.to(act_ptr.dtype.element_ty)
-        w_scale = 1.0
-        if FP8:
-            w_scale = weight_scale(w_scale_ptrs, k0 // scale_bk, stride_wsk, col_ok, True)
-        acc = _scaled_dot(acc, a, w, w_scale, FP8, UPCAST, INPUT_PRECISION)
+        acc = _weight_dot(acc, a, w_ptrs, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, scale_offs,
+                          stride_wsk, scale_bk, a_ptr.dtype.element_ty, FP8, PACKED, HAS_ZERO, GROUPS, UPCAST,
+                          INPUT_PRECISION, BLOCK_K)  # fmt: skip
+        if GATED:
+            up_acc = _weight_dot(up_acc, a, w_ptrs + up_offset, w_mask, k0, k_dim, col_ok, w_scale_ptr,
+                                 w_zero_ptr, scale_offs + up_scale_offset, stride_wsk, scale_bk,
+                                 a_ptr.dtype.element_ty, FP8, PACKED, HAS_ZERO, GROUPS, UPCAST, INPUT_PRECISION,
+                                 BLOCK_K)  # fmt: skip
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K // PACK
     if HAS_BIAS:
         acc += bias_row(bias_ptr, expert, cols, col_ok, stride_bias_e)[None, :]
-    slots = tl.where(row_ok, slots, 0).to(tl.int64)
-    if HAS_WEIGHTS:
-        acc *= tl.load(weights_ptr + slots, mask=row_ok, other=0).to(tl.float32)[:, None]
-    out_ptrs = out_ptr + slots[:, None] * stride_om + cols[None, :]
+        if GATED:  # gate columns, then up columns n_out further
+            up_acc += bias_row(bias_ptr + n_out, expert, cols, col_ok, stride_bias_e)[None, :]
+    if GATED:
+        acc = apply_activation(acc, up_acc, ACT)
+        out_rows = rows
+    else:
+        out_rows = tl.where(row_ok, slots, 0).to(tl.int64)
+        if HAS_WEIGHTS:
+            acc *= tl.load(weights_ptr + out_rows, mask=row_ok, other=0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + out_rows[:, None] * stride_om + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -525,18 +493,33 @@ def _weight_scale_kwargs(
     return {**none, "w_scale_ptr": w_scale, **strides, "scale_bn": bn, "scale_bk": bk, "FP8": True}
 
 
-def _gemm_kwargs(dtype: torch.dtype, config: FusedConfig) -> dict[str, Any]:
-    return {
+def _launch_fused(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    layout: GatherLayout,
+    topk_weights: torch.Tensor | None,
+    config: FusedConfig,
+    *,
+    n_out: int,
+    k_dim: int,
+    grid_m: int,
+    **kernel_args: Any,
+) -> None:
+    """Launch :func:`_fused_gemm_kernel` on ``(grid_m, column blocks)`` with the arguments both GEMMs share; the
+    GEMM's own (weight format, bias, ``GATED``...) come in ``kernel_args``."""
+    _fused_gemm_kernel[(grid_m, triton.cdiv(n_out, config.block_n))](
+        a, w, out, layout.row_slot, layout.block_expert, topk_weights, layout.slot_row,
+        layout.top_k, layout.num_blocks, layout.slot_row.numel(), n_out, k_dim,
+        a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        **kernel_args,
         # The CPU interpreter's bf16 tl.dot is wrong (triton 3.9); real GPUs keep bf16 tensor cores.
-        "UPCAST": interpreting(),
+        UPCAST=interpreting(),
         # fp32 inputs would silently drop to tf32 on tensor cores; keep them exact.
-        "INPUT_PRECISION": "ieee" if dtype == torch.float32 else None,
-        "BLOCK_M": config.block_m,
-        "BLOCK_N": config.block_n,
-        "BLOCK_K": config.block_k,
-        "num_warps": config.num_warps,
-        "num_stages": config.num_stages,
-    }
+        INPUT_PRECISION="ieee" if a.dtype == torch.float32 else None,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
 
 
 def _check_gemm1(
@@ -566,7 +549,6 @@ def _check_gemm2(
     act: torch.Tensor,
     w2: torch.Tensor,
     layout: GatherLayout,
-    topk_weights: torch.Tensor | None,
     out: torch.Tensor,
     config: FusedConfig,
     pack: int,
@@ -578,10 +560,15 @@ def _check_gemm2(
     _check_layout(layout, config, act.device)
     if act.shape[0] != layout.num_rows:
         raise ValueError(f"act: expected {layout.num_rows} rows (layout.num_rows), got {act.shape[0]}")
-    num_tokens, top_k = layout.slot_row.shape
+    check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(layout.slot_row.numel(), w2.shape[1]), unit_last_stride=True)
+
+
+def _check_topk_weights(topk_weights: torch.Tensor | None, topk_ids: torch.Tensor) -> None:
+    """``topk_weights``: ``None``, or float ``[T, K]`` like ``topk_ids`` (in GEMM2 the layout's ``slot_row``) and on
+    its device."""
     if topk_weights is not None:
-        check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, shape=(num_tokens, top_k))
-    check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(num_tokens * top_k, w2.shape[1]), unit_last_stride=True)
+        check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, shape=topk_ids.shape)
+        check_same_device(topk_weights=topk_weights, topk_ids=topk_ids)
 
 
 def fused_gemm1(
@@ -629,22 +616,11 @@ def fused_gemm1(
         return out
     if scales["FP8"] and inter % scale_block[0] and scale_block[0] < 2 * inter:
         raise ValueError(f"scale_block: {scale_block[0]}-row scale blocks straddle the gate and up rows (I = {inter})")
-    tensors = (x, w13, out, layout.row_slot, layout.block_expert)
-    strides = (x.stride(0), w13.stride(0), w13.stride(1), out.stride(0))
-    _fused_gemm1_kernel[(layout.num_blocks, triton.cdiv(inter, config.block_n))](
-        *tensors,
-        layout.top_k,
-        inter,
-        hidden,
-        *strides,
-        # Offset of the up rows from the gate rows, precomputed so the product is 64-bit on host.
-        inter * w13.stride(1),
-        up_scale_offset=(inter // int(scales["scale_bn"])) * int(scales["stride_wsn"]),
-        **biased,
-        **scales,
-        **activation.kernel_constants(),
-        **_gemm_kwargs(x.dtype, config),
-    )
+    _launch_fused(x, w13, out, layout, None, config, n_out=inter, k_dim=hidden, grid_m=layout.num_blocks,
+                  # Offsets of the up rows from the gate rows, precomputed so the products are 64-bit on host.
+                  up_offset=inter * w13.stride(1), up_scale_offset=(inter // scales["scale_bn"]) * scales["stride_wsn"],
+                  GATED=True, HAS_WEIGHTS=False, ZERO_EMPTY=False, **activation.kernel_constants(), **biased,
+                  **scales)  # fmt: skip
     return out
 
 
@@ -685,32 +661,21 @@ def fused_gemm2_weighted(
     check_tensor("act", act, dtypes=FLOAT_DTYPES, ndim=2)
     inter = act.shape[1]
     scales = _weight_scale_kwargs("w2", w2, w2_scale, scale_block, act.dtype, config, inter, packed)
-    _check_gemm2(act, w2, layout, topk_weights, out, config, int(scales["PACK"]))
+    _check_gemm2(act, w2, layout, out, config, int(scales["PACK"]))
     hidden, (num_tokens, top_k) = w2.shape[1], layout.slot_row.shape
     n_slots = num_tokens * top_k
     biased = bias_args(bias, w2.shape[0], hidden)
     check_same_device(
         act=act, w2=w2, w2_scale=w2_scale, w2_zero=scales["w_zero_ptr"], topk_weights=topk_weights, bias=bias, out=out
     )
+    _check_topk_weights(topk_weights, layout.slot_row)
     if n_slots == 0 or hidden == 0:
         return out
     zero_empty = top_k == 1
     grid_m = layout.num_blocks + (triton.cdiv(n_slots, config.block_m) if zero_empty else 0)
-    tensors = (act, w2, out, layout.row_slot, layout.block_expert, topk_weights, layout.slot_row)
-    strides = (act.stride(0), w2.stride(0), w2.stride(1), out.stride(0))
-    _fused_gemm2_kernel[(grid_m, triton.cdiv(hidden, config.block_n))](
-        *tensors,
-        layout.num_blocks,
-        n_slots,
-        hidden,
-        inter,
-        *strides,
-        **biased,
-        HAS_WEIGHTS=topk_weights is not None,
-        ZERO_EMPTY=zero_empty,
-        **scales,
-        **_gemm_kwargs(act.dtype, config),
-    )
+    _launch_fused(act, w2, out, layout, topk_weights, config, n_out=hidden, k_dim=inter, grid_m=grid_m, up_offset=0,
+                  up_scale_offset=0, GATED=False, HAS_WEIGHTS=topk_weights is not None, ZERO_EMPTY=zero_empty,
+                  **SILU.kernel_constants(), **biased, **scales)  # fmt: skip
     return out
 
 
@@ -749,14 +714,14 @@ def _check_fused_experts(
     x: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
-    topk_weights: torch.Tensor | None,
     topk_ids: torch.Tensor,
     out: torch.Tensor,
     workspace: dict[str, torch.Tensor],
     gemm1: FusedConfig,
     gemm2: FusedConfig,
 ) -> None:
-    """:func:`fused_experts`' argument checks beyond those of the GEMMs it calls."""
+    """:func:`fused_experts`' argument checks beyond those of the GEMMs it calls (``topk_weights``:
+    :func:`_check_topk_weights`)."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2, contiguous=False)
     num_tokens, hidden = x.shape
     check_tensor("w13", w13, dtypes=(x.dtype, fp8.FP8_DTYPE, torch.uint8), ndim=3)
@@ -772,7 +737,7 @@ def _check_fused_experts(
     _check_workspace(
         workspace, fused_workspace_shapes(num_tokens, top_k, num_experts, hidden, inter, x.dtype, gemm1.block_m)
     )
-    check_same_device(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids, out=out)
+    check_same_device(x=x, w13=w13, w2=w2, topk_ids=topk_ids, out=out)
 
 
 def fused_experts(
@@ -795,13 +760,12 @@ def fused_experts(
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out[t] = residual[t] + sum_k topk_weights[t, k] * expert_mlp(topk_ids[t, k], x[t])`` on the fused path (no
-    residual term without ``residual``).
+    """``out[t] = [residual[t] +] sum_k topk_weights[t, k] * expert_mlp(topk_ids[t, k], x[t])`` on the fused path.
 
     Launches: the layout (one program up to ``ONE_LAUNCH_MAX_SLOTS`` slots), GEMM1+activation, GEMM2 with the router
     weights, and the top-k sum (fixed k order, fp32) -- three when ``top_k == 1``, where GEMM2 writes ``out`` directly.
     Slots without an expert (``-1`` or any id outside ``[0, E)``) contribute nothing; a token without any gets zeros. No
-    host sync and no large allocation: capturable in a CUDA graph per batch size.
+    host sync, no large allocation: capturable in a CUDA graph per batch size.
 
     Args:
         x: ``[T, H]`` bf16/fp16/fp32 with unit stride along H.
@@ -812,8 +776,7 @@ def fused_experts(
         out: ``[T, H]`` bf16/fp16/fp32 with unit stride along H; every row is written.
         workspace: the buffers named by :func:`fused_workspace_shapes`, exactly those shapes and dtypes.
         gemm1, gemm2: tilings of the two GEMMs (see :func:`default_configs`); same ``block_m``.
-        residual: optional ``[T, H]`` added in the top-k sum (with ``top_k == 1``, which has no sum, in a pass of its
-            own).
+        residual: optional ``[T, H]`` added in the top-k sum (``top_k == 1``: in a pass of its own).
         activation: the gated activation GEMM1 applies (:mod:`moe_kernels.mlp.activations`).
         w13_scale, w2_scale, scale_blocks: fp8 weights (``x`` bf16): their float32 scales and the ``(rows, cols)`` each
             covers, per projection (:func:`fused_gemm1`); with ``packed`` (w13's, w2's) the scales of 4-bit weights
@@ -823,19 +786,18 @@ def fused_experts(
 
     Returns ``out``.
     """
-    _check_fused_experts(x, w13, w2, topk_weights, topk_ids, out, workspace, gemm1, gemm2)
-    num_experts, top_k = w13.shape[0], topk_ids.shape[1]
-    layout = gather_layout(topk_ids, num_experts, gemm1.block_m)
+    _check_fused_experts(x, w13, w2, topk_ids, out, workspace, gemm1, gemm2)
+    _check_topk_weights(topk_weights, topk_ids)
+    layout = gather_layout(topk_ids, w13.shape[0], gemm1.block_m)
     packed13, packed2 = packed if packed is not None else (None, None)
     act = fused_gemm1(x, w13, layout, workspace["activation"], gemm1, activation, w13_scale=w13_scale,
                       scale_block=scale_blocks[0], packed=packed13, bias=w13_bias)  # fmt: skip
-    gemm2_of = functools.partial(
-        fused_gemm2_weighted, w2_scale=w2_scale, scale_block=scale_blocks[1], packed=packed2, bias=w2_bias
-    )
+    top_k = topk_ids.shape[1]  # 1: GEMM2's slot-major rows are the output rows, and no sum adds the residual
+    slot_rows = out if top_k == 1 else workspace["slot_rows"]
+    fused_gemm2_weighted(act, w2, layout, topk_weights, slot_rows, gemm2, w2_scale=w2_scale,
+                         scale_block=scale_blocks[1], packed=packed2, bias=w2_bias)  # fmt: skip
     if top_k == 1:
-        gemm2_of(act, w2, layout, topk_weights, out, gemm2)
         return out if residual is None else out.add_(residual)
-    slot_rows = gemm2_of(act, w2, layout, topk_weights, workspace["slot_rows"], gemm2)
     return weighted_gather(slot_rows, layout.slot_index, None, out, residual=residual)
 
 

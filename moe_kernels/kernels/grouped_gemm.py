@@ -22,7 +22,7 @@ Rows that are skipped (padding / past ``counts``) are neither computed nor writt
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 import triton
@@ -35,6 +35,9 @@ from ._common import FLOAT_DTYPES, check_same_device, check_tensor, interpreting
 from .activation import apply_activation
 from .bias import bias_args, bias_row
 from .dequant import PackedWeight, check_packed, groups_per_tile, load_weight_tile, packed_constant
+
+if TYPE_CHECKING:  # (typing.Unpack is Python 3.11+; annotations are never evaluated)
+    from typing_extensions import Unpack
 
 _SCALE_BLOCK = tl.constexpr(fp8.SCALE_BLOCK)
 
@@ -92,13 +95,7 @@ def _grouped_gemm_kernel(
     PACK: tl.constexpr,
     GROUPS: tl.constexpr,
     FUSED: tl.constexpr,
-    ACT_KIND: tl.constexpr,
-    ACT_ALPHA: tl.constexpr,
-    ACT_LIMIT: tl.constexpr,
-    ACT_CLAMP_OUTPUT: tl.constexpr,
-    ACT_UP_OFFSET: tl.constexpr,
-    ACT_GATE_CAP: tl.constexpr,
-    ACT_UP_CAP: tl.constexpr,
+    ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -190,9 +187,7 @@ def _grouped_gemm_kernel(
         if FUSED:
             acc_up += bias_row(bias_ptr + n_out, expert, cols, col_ok, stride_bias_e)[None, :]
     if FUSED:
-        acc = apply_activation(
-            acc, acc_up, ACT_KIND, ACT_ALPHA, ACT_LIMIT, ACT_CLAMP_OUTPUT, ACT_UP_OFFSET, ACT_GATE_CAP, ACT_UP_CAP
-        )
+        acc = apply_activation(acc, acc_up, ACT)
     out_ptrs = out_ptr + rows[:, None] * n_out + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -278,74 +273,92 @@ def _scale_args(
     }
 
 
-def _launch(
-    a: torch.Tensor,
-    a_scale: torch.Tensor | None,
-    b: torch.Tensor,
-    b_scale: torch.Tensor | None,
-    out: torch.Tensor,
-    group: torch.Tensor,
-    bias: torch.Tensor | None,
-    *,
-    b_scale_block: tuple[int, int],
-    packed: PackedWeight | None,
-    masked: bool,
-    num_row_tiles: int,
-    rows_per_group: int,
-    n_out: int,
-    activation: Activation | None,
-    block_m: int,
-    block_n: int,
-    block_k: int | None,
-    num_warps: int | None,
-    num_stages: int,
+class GroupedGemmOptions(TypedDict, total=False):
+    """The keyword options :func:`grouped_gemm_contiguous` and :func:`grouped_gemm_masked` share (documented at the
+    former); their defaults are :func:`_grouped_gemm`'s."""
+
+    a_scale: torch.Tensor | None
+    b_scale: torch.Tensor | None
+    b_scale_block: tuple[int, int]
+    packed: PackedWeight | None
+    activation: Activation | None
+    bias: torch.Tensor | None
+    block_m: int
+    block_n: int
+    block_k: int | None
+    num_warps: int | None
+    num_stages: int
+
+
+def _check_layout(
+    a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, n_out: int, masked: bool
 ) -> None:
-    fp8_operands = a_scale is not None
-    block_k = BLOCK_K[fp8_operands] if block_k is None else block_k
+    """The layout's checks: contiguous ``a [R, K]``, ``rows = grouped_layout [R] int32``, ``out [R, n_out]``; masked
+    ``a [E, M, K]``, ``rows = counts [E] int32``, ``out [E, M, n_out]``."""
+    if a.dim() != (3 if masked else 2):
+        want = "a 3-D tensor [E, M, K]" if masked else "a 2-D tensor [R, K]"
+        raise ValueError(f"a: expected {want}, got shape {list(a.shape)}")
+    if masked and b.shape[0] != a.shape[0]:
+        raise ValueError(f"b: expected E = {a.shape[0]} (a's first dim), got shape {list(b.shape)}")
+    check_tensor("counts" if masked else "grouped_layout", rows, dtypes=(torch.int32,), shape=(a.shape[0],))
+    check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(*a.shape[:-1], n_out))
+
+
+def _grouped_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    rows: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    masked: bool,
+    alignment: int | None = None,
+    a_scale: torch.Tensor | None = None,
+    b_scale: torch.Tensor | None = None,
+    b_scale_block: tuple[int, int] = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK),
+    packed: PackedWeight | None = None,
+    activation: Activation | None = None,
+    bias: torch.Tensor | None = None,
+    block_m: int = BLOCK_M,
+    block_n: int = BLOCK_N,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = NUM_STAGES,
+) -> torch.Tensor:
+    """Both grouped GEMMs: ``rows`` is the contiguous layout's ``grouped_layout`` or, ``masked``, the ``counts``."""
+    n_out = _check_operands(a, a_scale, b, b_scale, activation, b_scale_block, packed)
+    _check_layout(a, b, rows, out, n_out, masked)
+    rows_name = "counts" if masked else "grouped_layout"
+    check_same_device(a=a, b=b, a_scale=a_scale, b_scale=b_scale, bias=bias, **{rows_name: rows}, out=out)
+    if alignment is not None and alignment % block_m:
+        raise ValueError(f"alignment: expected a multiple of block_m = {block_m}, got {alignment}")
+    block_k = BLOCK_K[a_scale is not None] if block_k is None else block_k
     k_dim = a.shape[-1]
     scales = _scale_args(
         a_scale, b_scale, b_scale_block, masked=masked, k_dim=k_dim, block_n=block_n, block_k=block_k, packed=packed
     )
+    # masked: E groups of M rows, each tiled on its own; contiguous: one group of R rows
+    rows_per_group = a.shape[-2]
+    num_row_tiles = (a.shape[0] if masked else 1) * triton.cdiv(rows_per_group, block_m)
     if num_row_tiles == 0 or n_out == 0:
-        return
-    biased = bias_args(bias, b.shape[0], b.shape[1])
+        return out
     fused = activation is not None and activation.gated
-    if num_warps is None:
-        # Two fp32 accumulators per program need twice the registers: spread them over 8 warps.
-        num_warps = 8 if fused else 4
     _grouped_gemm_kernel[(num_row_tiles, triton.cdiv(n_out, block_n))](
-        a,
-        b,
-        out,
-        group,
-        a_scale,
-        b_scale,
-        a.numel() // max(k_dim, 1),
-        rows_per_group,
-        n_out,
-        k_dim,
-        b.stride(0),
-        b.stride(1),
+        a, b, out, rows, a_scale, b_scale, a.numel() // max(k_dim, 1), rows_per_group, n_out, k_dim,
+        b.stride(0), b.stride(1),
         # Offset of the up rows from the gate rows, precomputed so the product is 64-bit on host.
         n_out * b.stride(1),
-        *scales.pop("a_scale_strides"),
-        *scales.pop("b_scale_strides"),
-        **scales,
-        **biased,
-        MASKED=masked,
-        FP8=fp8_operands,
-        FUSED=fused,
-        **(activation if fused else SILU).kernel_constants(),
+        *scales.pop("a_scale_strides"), *scales.pop("b_scale_strides"), **scales,
+        **bias_args(bias, b.shape[0], b.shape[1]),
+        MASKED=masked, FP8=a_scale is not None, FUSED=fused, **(activation if fused else SILU).kernel_constants(),
         # The CPU interpreter's low-precision tl.dot is wrong (triton 3.9); GPUs keep tensor cores.
         UPCAST=interpreting(),
         # fp32 inputs would silently drop to tf32 on tensor cores; keep them exact.
         INPUT_PRECISION="ieee" if a.dtype == torch.float32 or interpreting() else None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        # Two fp32 accumulators per program need twice the registers: spread them over 8 warps.
+        num_warps=(8 if fused else 4) if num_warps is None else num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out
 
 
 def grouped_gemm_contiguous(
@@ -354,18 +367,8 @@ def grouped_gemm_contiguous(
     grouped_layout: torch.Tensor,
     out: torch.Tensor,
     *,
-    a_scale: torch.Tensor | None = None,
-    b_scale: torch.Tensor | None = None,
-    b_scale_block: tuple[int, int] = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK),
-    packed: PackedWeight | None = None,
-    activation: Activation | None = None,
-    bias: torch.Tensor | None = None,
     alignment: int | None = None,
-    block_m: int = BLOCK_M,
-    block_n: int = BLOCK_N,
-    block_k: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int = NUM_STAGES,
+    **options: Unpack[GroupedGemmOptions],
 ) -> torch.Tensor:
     """Contiguous-layout grouped GEMM: ``out[r] = a[r] @ b[grouped_layout[r]].T``.
 
@@ -378,56 +381,27 @@ def grouped_gemm_contiguous(
         b: ``[E, N, K]`` ``a``'s dtype, contiguous (``nn.Linear`` weight layout per expert).
         grouped_layout: ``[R] int32``, expert of each row, ``-1`` = skip.
         out: ``[R, N]`` (``[R, N/2]`` with a gated ``activation``), bf16/fp16/fp32, contiguous.
+        alignment: the layout's alignment, if known; checked to be a multiple of ``block_m``.
         a_scale: fp8: ``[R, ceil(K/128)]`` float32 per-token-group scales, any strides.
         b_scale: fp8: ``[E, ceil(N/bn), ceil(K/bk)]`` float32 scales, any strides.
         b_scale_block: ``(bn, bk)``, the weight rows and columns one scale covers
-            (:meth:`moe_kernels.mlp.formats.Fp8Scaled.scale_block`).
+            (:meth:`moe_kernels.mlp.formats.Fp8Scaled.scale_block`); default 128 x 128.
         packed: ``b`` is ``[E, N, K/2] uint8``, two 4-bit values a byte, with ``b_scale [E, N, K/group]`` (and zero
             points), dequantized in the loads (:mod:`.dequant`); ``a`` bf16/fp16 without ``a_scale``.
         activation: fuse it: ``b``'s N = 2I rows are gate then up; write ``act(a @ gate.T, a @ up.T)`` (bf16/fp16/fp32
             only).
         bias: ``[E, N]`` per-expert bias added to the fp32 product before the activation (gpt-oss), unit stride along N.
-        alignment: the layout's alignment, if known; checked to be a multiple of ``block_m``.
         block_m, block_n, block_k, num_warps, num_stages: Triton tiling (fp8: ``block_k`` divides 128 and ``bk`` so a K
-            tile lies in one scale block); ``block_k=None`` is 64 (128 for fp8), ``num_warps=None`` 4 (8 when fused).
+            tile lies in one scale block); defaults :data:`BLOCK_M`, :data:`BLOCK_N`, 64 (128 for fp8), 4 (8 when
+            fused), :data:`NUM_STAGES`.
 
     Returns ``out``.
     """
-    n_out = _check_operands(a, a_scale, b, b_scale, activation, b_scale_block, packed)
-    if a.dim() != 2:
-        raise ValueError(f"a: expected a 2-D tensor [R, K], got shape {list(a.shape)}")
-    num_rows = a.shape[0]
-    check_tensor("grouped_layout", grouped_layout, dtypes=(torch.int32,), shape=(num_rows,))
-    check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(num_rows, n_out))
-    check_same_device(a=a, b=b, a_scale=a_scale, b_scale=b_scale, bias=bias, grouped_layout=grouped_layout, out=out)
-    if alignment is not None and alignment % block_m:
-        raise ValueError(f"alignment: expected a multiple of block_m = {block_m}, got {alignment}")
-    _launch(
-        a, a_scale, b, b_scale, out, grouped_layout, bias, b_scale_block=b_scale_block, packed=packed,
-        masked=False, num_row_tiles=triton.cdiv(num_rows, block_m), rows_per_group=num_rows, n_out=n_out,
-        activation=activation, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
-        num_stages=num_stages,
-    )  # fmt: skip
-    return out
+    return _grouped_gemm(a, b, grouped_layout, out, masked=False, alignment=alignment, **options)
 
 
 def grouped_gemm_masked(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    counts: torch.Tensor,
-    out: torch.Tensor,
-    *,
-    a_scale: torch.Tensor | None = None,
-    b_scale: torch.Tensor | None = None,
-    b_scale_block: tuple[int, int] = (fp8.SCALE_BLOCK, fp8.SCALE_BLOCK),
-    packed: PackedWeight | None = None,
-    activation: Activation | None = None,
-    bias: torch.Tensor | None = None,
-    block_m: int = BLOCK_M,
-    block_n: int = BLOCK_N,
-    block_k: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int = NUM_STAGES,
+    a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, out: torch.Tensor, **options: Unpack[GroupedGemmOptions]
 ) -> torch.Tensor:
     """Masked-layout grouped GEMM: ``out[e, m] = a[e, m] @ b[e].T`` for ``m < counts[e]``.
 
@@ -438,25 +412,9 @@ def grouped_gemm_masked(
             contiguous.
         b: ``[E, N, K]`` ``a``'s dtype, contiguous (fp8: with ``b_scale``).
         counts: ``[E] int32`` valid rows per expert (``MaskedLayout.counts``).
-        out: ``[E, M, N]`` (``[E, M, N/2]`` with a gated ``activation``), bf16/fp16/fp32, contiguous. a_scale, b_scale,
-            b_scale_block, packed, activation, bias, block_m, block_n, block_k, num_warps, num_stages: as in
-            :func:`grouped_gemm_contiguous`.
+        out: ``[E, M, N]`` (``[E, M, N/2]`` with a gated ``activation``), bf16/fp16/fp32, contiguous.
+        options: keyword only, as :func:`grouped_gemm_contiguous` takes them (:class:`GroupedGemmOptions`).
 
     Returns ``out``.
     """
-    n_out = _check_operands(a, a_scale, b, b_scale, activation, b_scale_block, packed)
-    if a.dim() != 3:
-        raise ValueError(f"a: expected a 3-D tensor [E, M, K], got shape {list(a.shape)}")
-    num_experts, rows_per_group = a.shape[0], a.shape[1]
-    if b.shape[0] != num_experts:
-        raise ValueError(f"b: expected E = {num_experts} (a's first dim), got shape {list(b.shape)}")
-    check_tensor("counts", counts, dtypes=(torch.int32,), shape=(num_experts,))
-    check_tensor("out", out, dtypes=FLOAT_DTYPES, shape=(num_experts, rows_per_group, n_out))
-    check_same_device(a=a, b=b, a_scale=a_scale, b_scale=b_scale, bias=bias, counts=counts, out=out)
-    _launch(
-        a, a_scale, b, b_scale, out, counts, bias, b_scale_block=b_scale_block, packed=packed,
-        masked=True, num_row_tiles=num_experts * triton.cdiv(rows_per_group, block_m), rows_per_group=rows_per_group,
-        n_out=n_out, activation=activation, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
-        num_stages=num_stages,
-    )  # fmt: skip
-    return out
+    return _grouped_gemm(a, b, counts, out, masked=True, alignment=None, **options)

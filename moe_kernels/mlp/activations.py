@@ -123,17 +123,20 @@ class Activation:
         """Rows of ``w13`` for an intermediate size ``I``."""
         return 2 * inter if self.gated else inter
 
-    def kernel_constants(self) -> dict[str, int | float | bool]:
-        """The ``tl.constexpr`` arguments of :func:`moe_kernels.kernels.activation.apply_activation`
-        (0 stands for "none" where a parameter is unset)."""
+    def kernel_constants(self) -> dict[str, tuple[int | float | bool, ...]]:
+        """The ``ACT`` ``tl.constexpr`` argument of :func:`moe_kernels.kernels.activation.apply_activation`
+        and of every kernel that calls it: ``(kind code, alpha, limit, clamp output?, up offset, gate
+        softcap, up softcap)``, 0 standing for "none" where a parameter is unset."""
         return {
-            "ACT_KIND": self.code,
-            "ACT_ALPHA": float(self.alpha),
-            "ACT_LIMIT": float(self.limit or 0.0),
-            "ACT_CLAMP_OUTPUT": self.clamp == "output",
-            "ACT_UP_OFFSET": float(self.up_offset),
-            "ACT_GATE_CAP": float(self.gate_softcap or 0.0),
-            "ACT_UP_CAP": float(self.up_softcap or 0.0),
+            "ACT": (
+                self.code,
+                float(self.alpha),
+                float(self.limit or 0.0),
+                self.clamp == "output",
+                float(self.up_offset),
+                float(self.gate_softcap or 0.0),
+                float(self.up_softcap or 0.0),
+            )
         }
 
     def reference(self, h: torch.Tensor) -> torch.Tensor:

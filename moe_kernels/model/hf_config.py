@@ -270,6 +270,15 @@ def _inkling2() -> Family:
     )
 
 
+_KOLIBRI = _qwen(
+    scoring="sigmoid",
+    choose_on="logits",
+    correction_bias=True,
+    router_fp32=True,
+    shared=Shared(1, Key(("shared_expert_intermediate_size",), 0)),
+)
+
+
 #: every ``model_type`` (text configs of vision-language wrappers included) and how it maps
 FAMILIES: dict[str, Family] = {
     "mixtral": _mixtral(),
@@ -292,20 +301,8 @@ FAMILIES: dict[str, Family] = {
         naming="fused", router_fp32=True, shared=Shared(1, Key(("shared_expert_intermediate_size",), 0))
     ),
     "flint": _qwen(scoring="sigmoid", router_fp32=True, shared=Shared(1, Key(("shared_expert_intermediate_size",), 0))),
-    "kolibri1": _qwen(
-        scoring="sigmoid",
-        choose_on="logits",
-        correction_bias=True,
-        router_fp32=True,
-        shared=Shared(1, Key(("shared_expert_intermediate_size",), 0)),
-    ),
-    "kolibri1_1": _qwen(
-        scoring="sigmoid",
-        choose_on="logits",
-        correction_bias=True,
-        router_fp32=True,
-        shared=Shared(1, Key(("shared_expert_intermediate_size",), 0)),
-    ),
+    "kolibri1": _KOLIBRI,
+    "kolibri1_1": _KOLIBRI,  # the same MoE block
     "jamba": _qwen(naming="jamba", width=Key(("intermediate_size",)), renormalize=False),
     "hunyuan_v1_moe": _qwen(
         width=Key(("intermediate_size",)),
