@@ -32,3 +32,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _own_workspace_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's layers share a fresh default workspace cache: a CUDA graph an earlier test
+    captured pins the buffers it wrote, and a later test's larger layer must not need them to grow."""
+    from moe_kernels.core import compose
+
+    monkeypatch.setattr(compose, "default_workspace_cache", compose.WorkspaceCache())

@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 from hf_families import CASES
-from test_hf_parity import LAYER, TOKENS, H, _build, _reference, _rel_err, _same_sets, _tied
+from test_hf_parity import INPUT_IDS, LAYER, TOKENS, H, _build, _reference, _rel_err, _same_sets, _tied
 
 from moe_kernels.config import MoEConfig
 from moe_kernels.model.layer import FusedMoE
@@ -61,8 +61,12 @@ def test_deepseek_v3_fp32_gate_routes_as_the_fp32_reference() -> None:
     ref_ids, tied = _deepseek_v3_reference(x, w.float(), bias)
     fast_gate = _deepseek_v3_router(torch.float32, w, bias)
     assert fast_gate.gate_lowp is not None  # a bf16-exact fp32 gate takes the bf16-in, fp32-out GEMM
+    # fp32 accumulation over 7168 products: a few 1e-5 off the float64 sum, as an fp32 GEMM is
     exact_logits = (x.double() @ w.double().T).float()
-    torch.testing.assert_close(fast_gate.logits(x), exact_logits, rtol=1e-5, atol=1e-5)
+    fast_err = (fast_gate.logits(x) - exact_logits).abs().max().item()
+    fp32_err = (x.float() @ w.float().T - exact_logits).abs().max().item()
+    print(f"\nfast fp32 gate logits: max |error| {fast_err:.2e} (an fp32 GEMM: {fp32_err:.2e})")
+    assert fast_err <= 4 * max(fp32_err, 1e-5)
     rates = {}
     for name, dtype in (("fp32 gate", torch.float32), ("bf16 gate", None)):
         _, ids = _deepseek_v3_router(dtype, w, bias)(x)
@@ -115,8 +119,9 @@ def test_family_on_the_gpu_fast_paths(family: str, tmp_path: Path) -> None:
     print(f"\n{family}: {layer.kernel.name}")
     assert "Reference" not in layer.kernel.name, f"{family} fell back to the reference loop"
     ref16, ref_ids = _reference(model16, case, layer.cfg.moe.top_k)(x16)
-    _, ids = layer.router(x16.cuda())
-    keep = ~_tied(layer, x16.cuda()).cpu()
+    ids_in = INPUT_IDS.cuda() if case.hashed else None
+    _, ids = layer.router(x16.cuda(), ids_in)
+    keep = torch.ones(TOKENS, dtype=torch.bool) if case.hashed else ~_tied(layer, x16.cuda()).cpu()
     same = _same_sets(ids.cpu().long(), ref_ids.long())
     assert same[keep].all(), f"{family}: tokens {(keep & ~same).nonzero().flatten().tolist()} routed differently"
-    assert _rel_err(layer(x16.cuda()).cpu()[keep], ref16[keep]) < 3e-2
+    assert _rel_err(layer(x16.cuda(), ids_in).cpu()[keep], ref16[keep]) < 3e-2
