@@ -310,12 +310,18 @@ def test_fused_experts_no_tokens() -> None:
     assert out.shape == (0, HIDDEN)
 
 
-def test_bad_inputs_raise_with_argument_names() -> None:
+def _small_call(fill: float) -> tuple[torch.Tensor, ...]:
+    """``(ids [4, 2], x [4, H], w13 [3, 2I, H], w2 [3, H, I], out [4, H])`` on 3 experts, all ``fill`` but
+    ids and out (zeros), with a poisoned workspace for 16-row blocks."""
     ids = torch.zeros(4, 2, dtype=torch.int32, device=DEVICE)
-    x = torch.zeros(4, HIDDEN, device=DEVICE)
-    w13, w2 = torch.zeros(3, 2 * INTER, HIDDEN, device=DEVICE), torch.zeros(3, HIDDEN, INTER, device=DEVICE)
-    workspace = poisoned_workspace(4, 2, 3, torch.float32, 16)
-    out = torch.zeros(4, HIDDEN, device=DEVICE)
+    x = torch.full((4, HIDDEN), fill, device=DEVICE)
+    w13 = torch.full((3, 2 * INTER, HIDDEN), fill, device=DEVICE)
+    w2 = torch.full((3, HIDDEN, INTER), fill, device=DEVICE)
+    return ids, x, w13, w2, poisoned_workspace(4, 2, 3, torch.float32, 16), torch.zeros(4, HIDDEN, device=DEVICE)
+
+
+def test_bad_inputs_raise_with_argument_names() -> None:
+    ids, x, w13, w2, workspace, out = _small_call(0.0)
     with pytest.raises(ValueError, match="gemm2.block_m: expected gemm1.block_m = 16.*got 32"):
         fused_experts(x, w13, w2, None, ids, out, workspace=workspace, gemm1=tiles(16), gemm2=tiles(32))
     with pytest.raises(ValueError, match=r"workspace\['activation'\]: expected shape \[48, 24\], got \[47, 24\]"):
@@ -347,11 +353,7 @@ def test_bad_inputs_raise_with_argument_names() -> None:
 
 
 def test_bad_topk_weights_raise_before_any_kernel_runs() -> None:
-    ids = torch.zeros(4, 2, dtype=torch.int32, device=DEVICE)
-    x = torch.ones(4, HIDDEN, device=DEVICE)
-    w13, w2 = torch.ones(3, 2 * INTER, HIDDEN, device=DEVICE), torch.ones(3, HIDDEN, INTER, device=DEVICE)
-    workspace = poisoned_workspace(4, 2, 3, torch.float32, 16)
-    out = torch.zeros(4, HIDDEN, device=DEVICE)
+    ids, x, w13, w2, workspace, out = _small_call(1.0)
     for bad, error in [
         (torch.ones(4, 3, device=DEVICE), r"topk_weights: expected shape \[4, 2\], got \[4, 3\]"),
         (torch.ones(4, 2, dtype=torch.int32, device=DEVICE), "topk_weights: expected dtype .* got torch.int32"),

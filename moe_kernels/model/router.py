@@ -328,15 +328,15 @@ class Router(nn.Module):
         """Refresh ``gate_lowp`` after ``weight`` was written: the weight in ``moe.dtype`` when it is
         an fp32 gate whose every value that dtype holds exactly, else ``None``. Reads the weight
         once (a host sync): call it when loading, never on the call path."""
-        lowp_dtype = self.moe.dtype
-        w = self.weight
-        keep = (
-            w.dtype == torch.float32
-            and lowp_dtype in (torch.bfloat16, torch.float16)
-            and self.input_scale is None  # the normalised input is not exact in the low dtype
-            and bool(torch.equal(w.to(lowp_dtype).float(), w))
-        )
-        self.gate_lowp = w.to(lowp_dtype) if keep else None
+        w, lowp_dtype = self.weight, self.moe.dtype
+        self.gate_lowp = None
+        # the normalised input (router_input_norm) is not exact in the low dtype
+        low_precision = lowp_dtype in (torch.bfloat16, torch.float16)
+        if w.dtype != torch.float32 or not low_precision or self.input_scale is not None:
+            return
+        lowp = w.to(lowp_dtype)
+        if torch.equal(lowp.float(), w):
+            self.gate_lowp = lowp
 
     @torch.no_grad()
     def load_tensors(self, **tensors: torch.Tensor) -> None:
