@@ -19,6 +19,7 @@ from torch._dynamo.decorators import mark_unbacked
 
 from moe_kernels import load_config
 from moe_kernels.core.compose import resolve_device
+from moe_kernels.selection.timing import host_us
 from moe_kernels.tools.harness import default_timer, random_layer
 
 TOKENS = (7, 1, 64, 300)
@@ -52,6 +53,12 @@ def main() -> None:
     eager_us, compiled_us = timer(lambda: layer(x)), timer(lambda: compiled(x))
     overhead = 100.0 * (compiled_us - eager_us) / eager_us
     print(f"T=1 on {device}: eager {eager_us:.1f} us, compiled {compiled_us:.1f} us ({overhead:+.1f} %)")
+    if device.type == "cuda":
+        # the boundary is host work (dispatch into the op): compare the host's time per call
+        eager_host, compiled_host = host_us(lambda: layer(x)), host_us(lambda: compiled(x))
+        boundary = 100.0 * (compiled_host - eager_host) / eager_us
+        print(f"host time per call: eager {eager_host:.1f} us, compiled {compiled_host:.1f} us "
+              f"(the op boundary: {boundary:+.1f} % of the eager call)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -273,6 +273,28 @@ def test_gpu_timer_is_do_bench_median_of_graph_replays() -> None:
     assert graphed == pytest.approx(short, rel=0.25)
 
 
+@pytest.mark.gpu
+def test_host_time_is_the_hosts_alone_and_a_sync_is_refused() -> None:
+    """A call that busy-waits 200 us on the host and launches a long kernel: its host time is the
+    wait, not the kernel's 2 ms (the GPU runs behind); a call that syncs cannot be told apart."""
+    import time
+
+    from moe_kernels.selection.timing import host_us
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+    def busy_host() -> None:
+        end = time.perf_counter() + 200e-6
+        while time.perf_counter() < end:
+            pass
+        torch.cuda._sleep(4_000_000)
+
+    assert 200 <= host_us(busy_host, calls=20) < 400
+    with pytest.raises(RuntimeError, match="host sync"):
+        host_us(lambda: torch.cuda._sleep(1000) or torch.cuda.synchronize(), calls=5)
+
+
 def test_the_package_logger_is_silent_by_default() -> None:
     import logging
 

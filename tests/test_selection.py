@@ -166,3 +166,58 @@ def test_an_unmeasured_shape_is_ranked_by_the_nearest_measured_one(fake_gpu: Pat
     # a measurement of this shape itself outranks the estimate where it covers T
     write_times(fake_gpu, cfg, {FUSED: {256: 5.0}, TRITON: {256: 6.0}})
     assert select(cfg, device="cpu", tune=False).steps[-1].candidate.name == FUSED
+
+
+def _tiles_entry(block_n: int) -> dict[str, dict[str, dict[str, dict[str, int]]]]:
+    tile = {"block_m": 16, "block_n": block_n, "block_k": 32, "num_warps": 4, "num_stages": 2}
+    return {"kernels": {"FusedTritonExperts": {"1": {"gemm1": tile, "gemm2": tile}}}}
+
+
+def test_a_new_table_reaches_the_parts_that_read_the_old_one(fake_gpu: Path) -> None:
+    """Parts work out their tiles once per table; a table written later (a tuning run) must still
+    reach a part that read the earlier one."""
+    from moe_kernels import FusedTritonExperts
+
+    cfg = layer()
+    ctx = layer_context(cfg, device="cpu")
+    part = FusedTritonExperts()
+    write_table(fake_gpu, str(tuning.ShapeKey.of(cfg)), _tiles_entry(32), "made-up tiles", gpu=GPU)
+    tuning.forget_tables()
+    assert part.configs_for(ctx, 1)[0].block_n == 32
+    write_table(fake_gpu, str(tuning.ShapeKey.of(cfg)), _tiles_entry(64), "made-up tiles", gpu=GPU)
+    assert part.configs_for(ctx, 1)[0].block_n == 64
+
+
+def test_a_layer_call_reads_no_file_and_no_package_metadata(fake_gpu: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every call asks for this GPU's tiles: past the first call, asking must not touch the disk
+    or the installed packages' metadata. Before the lookups were cached each call read the
+    metadata of five packages, and an H100 spent 4-10 ms of host time per layer call on it."""
+    import builtins
+    import importlib.metadata
+    import os
+
+    from moe_kernels import FusedTritonExperts, LocalPrepareAndFinalize, compose
+    from moe_kernels.tools.harness import random_layer
+
+    cfg = layer()
+    write_table(fake_gpu, str(tuning.ShapeKey.of(cfg)), _tiles_entry(32), "made-up tiles", gpu=GPU)
+    tuning.forget_tables()
+    kernel = compose(LocalPrepareAndFinalize(), FusedTritonExperts(), cfg, device="cpu")
+    module = random_layer(cfg, torch.device("cpu"), kernel=kernel)
+    x = torch.randn(3, cfg.moe.hidden_size, dtype=cfg.moe.dtype)
+    module(x)  # the first call reads the tables
+    touched: list[str] = []
+
+    def recording(name: str, fn):  # noqa: ANN001, ANN202 - a pass-through wrapper
+        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            touched.append(f"{name}{args[:1]}")
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    watched = [(os, "stat"), (os, "listdir"), (os, "scandir"), (builtins, "open"), (importlib.metadata, "version")]
+    for owner, name in watched:
+        monkeypatch.setattr(owner, name, recording(name, getattr(owner, name)))
+    module(x)
+    monkeypatch.undo()
+    assert touched == []

@@ -33,6 +33,7 @@ EXPANDED      ``[R, H]`` rows scaled by their weight        sums each token's ro
 from __future__ import annotations
 
 import enum
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -244,7 +245,7 @@ class LayerContext:
         """The most tokens one pass through prepare -> experts -> finalize carries."""
         return self.cfg.max_tokens_per_call
 
-    @property
+    @functools.cached_property  # read several times per call; cfg is frozen
     def mlp(self) -> ExpertMLP:
         """What each local expert's MLP is (:attr:`moe_kernels.config.LayerConfig.mlp`)."""
         return self.cfg.mlp

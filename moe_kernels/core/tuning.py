@@ -28,10 +28,10 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -60,7 +60,8 @@ class ShapeKey:
     def of(cls, cfg: LayerConfig) -> ShapeKey:
         moe = cfg.moe
         dtype = str(moe.dtype).removeprefix("torch.")
-        return cls(cfg.num_local_experts, moe.top_k, moe.hidden_size, cfg.mlp.inter, dtype, cfg.quant.scheme)
+        inter = cfg.intermediate_shard.width
+        return cls(cfg.num_local_experts, moe.top_k, moe.hidden_size, inter, dtype, cfg.quant.scheme)
 
     def __str__(self) -> str:
         return f"E={self.num_experts},K={self.top_k},H={self.hidden},I={self.inter},{self.dtype},{self.quant}"
@@ -192,9 +193,11 @@ def load_table(path: Path) -> GpuTable:
     )
 
 
+@functools.cache
 def library_versions() -> str:
     """The versions a measurement depends on besides the GPU: this package and the kernel
-    libraries it runs (read from the installed distributions, nothing imported)."""
+    libraries it runs (read from the installed distributions, nothing imported; once per process:
+    each read scans the installed packages' metadata, milliseconds)."""
     found = []
     for dist in ("moe-kernels", "torch", "triton", "deepinfer-gemm", "deepinfer-ep"):
         try:
@@ -207,9 +210,13 @@ def library_versions() -> str:
 def cache_dir() -> Path:
     """Where tuning on first use writes: ``$MOE_KERNELS_CACHE`` (default ``~/.cache/moe_kernels``)
     ``/tables/<versions hash>``: measurements taken with other library versions are never read."""
-    base = Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "moe_kernels")
-    tag = hashlib.blake2b(library_versions().encode(), digest_size=6).hexdigest()
-    return base / "tables" / tag
+    return _cache_dir(os.environ.get(ENV_CACHE), library_versions())
+
+
+@functools.cache  # asked on every kernel call (parts look up their tiles per call)
+def _cache_dir(env_cache: str | None, versions: str) -> Path:
+    base = Path(env_cache or Path.home() / ".cache" / "moe_kernels")
+    return base / "tables" / hashlib.blake2b(versions.encode(), digest_size=6).hexdigest()
 
 
 def table_dirs() -> list[Path]:
@@ -255,6 +262,23 @@ def table_for(device: torch.device) -> GpuTable | None:
 def forget_tables() -> None:
     """Drop cached tables (after a tuning run wrote a new one)."""
     _table_for_gpu.cache_clear()
+
+
+class TableMemo(Generic[X]):
+    """What a part derives from this GPU's table for a layer shape (tiles, a crossover), worked
+    out once per table: parts ask on every call, and a table is re-read only after
+    :func:`forget_tables` (a tuning run), which gives :func:`table_for` a new object."""
+
+    def __init__(self) -> None:
+        self._entries: dict[ShapeKey, tuple[GpuTable | None, X]] = {}
+
+    def get(self, device: torch.device, cfg: LayerConfig, derive: Callable[[GpuTable | None, ShapeKey], X]) -> X:
+        """``derive(table, key)`` for ``cfg``'s shape on ``device``, recomputed only when the table changed."""
+        table, key = table_for(device), ShapeKey.of(cfg)
+        entry = self._entries.get(key)
+        if entry is None or entry[0] is not table:
+            entry = self._entries[key] = (table, derive(table, key))
+        return entry[1]
 
 
 def point_for(points: Mapping[int, X], num_tokens: int) -> tuple[int, X]:

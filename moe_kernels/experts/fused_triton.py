@@ -62,6 +62,7 @@ class FusedTritonExperts(TritonPart):
 
     def __init__(self, tiles: Mapping[int, Tiles] | None = None) -> None:
         self.tiles = dict(tiles) if tiles is not None else None
+        self._table_tiles: tuning.TableMemo[dict[int, Tiles]] = tuning.TableMemo()
 
     def check_mlp(self, ctx: LayerContext) -> Check:
         verdict = super().check_mlp(ctx)
@@ -88,14 +89,14 @@ class FusedTritonExperts(TritonPart):
 
     def measured_tiles(self, ctx: LayerContext) -> dict[int, Tiles]:
         """``{T: (gemm1, gemm2)}`` given or measured for the layer on this GPU (empty: none)."""
-        from moe_kernels.kernels import FusedConfig
-
         if self.tiles is not None:
             return self.tiles
-        table = tuning.table_for(ctx.device)
-        if table is None:
-            return {}
-        entries = table.kernel_configs(tuning.ShapeKey.of(ctx.cfg), self.name)
+        return self._table_tiles.get(ctx.device, ctx.cfg, self._tiles_in_table)
+
+    def _tiles_in_table(self, table: tuning.GpuTable | None, key: tuning.ShapeKey) -> dict[int, Tiles]:
+        from moe_kernels.kernels import FusedConfig
+
+        entries = {} if table is None else table.kernel_configs(key, self.name)
         return {t: (FusedConfig(**c["gemm1"]), FusedConfig(**c["gemm2"])) for t, c in entries.items()}
 
     def tiles_source(self, ctx: LayerContext) -> str:

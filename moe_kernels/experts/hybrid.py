@@ -76,6 +76,7 @@ class HybridDeepGemmExperts(DeepGemmPart):
         if masked_memory_budget is not None and masked_memory_budget < 0:
             raise ValueError(f"masked_memory_budget must be >= 0 bytes, got {masked_memory_budget}")
         self.threshold = threshold
+        self._measured_threshold: tuning.TableMemo[tuple[int, str]] = tuning.TableMemo()
         self.masked_memory_budget = (
             MASKED_WORKSPACE_BUDGET_BYTES if masked_memory_budget is None else masked_memory_budget
         )
@@ -84,19 +85,11 @@ class HybridDeepGemmExperts(DeepGemmPart):
         return f"HybridDeepGemmExperts(threshold={self.threshold}, masked_memory_budget={self.masked_memory_budget})"
 
     def threshold_for(self, ctx: LayerContext) -> tuple[int, str]:
-        """The threshold in force for the layer, and where it comes from (the tables are read
-        once per process, so asking is cheap)."""
+        """The threshold in force for the layer, and where it comes from (worked out once per
+        table: every call asks)."""
         if self.threshold is not None:
             return self.threshold, "given"
-        table = tuning.table_for(ctx.device)
-        if table is not None:
-            key = tuning.ShapeKey.of(ctx.cfg)
-            masked = table.experts_times(key, MaskedDeepGemmExperts.__name__)
-            contiguous = table.experts_times(key, DeepGemmExperts.__name__)
-            threshold, note = tuning.crossover(masked, contiguous)
-            if threshold is not None:
-                return threshold, f"measured crossover ({table.gpu}, {table.source}): {note}"
-        return DEFAULT_THRESHOLD, DEFAULT_THRESHOLD_SOURCE
+        return self._measured_threshold.get(ctx.device, ctx.cfg, _crossover_in_table)
 
     def _masked_specs(self, ctx: LayerContext, num_tokens: int) -> dict[str, WorkspaceSpec]:
         mlp, e = ctx.mlp, ctx.placement.num_local_experts
@@ -153,3 +146,14 @@ class HybridDeepGemmExperts(DeepGemmPart):
         expert_out = workspace.get("masked_out", rows)
         run_masked(rows, rows_scale, layout.counts, weights, expert_out, workspace, mlp, deep_gemm_masked(expected_m))
         write_output(expert_out, layout.dst_row, tokens, out)
+
+
+def _crossover_in_table(table: tuning.GpuTable | None, key: tuning.ShapeKey) -> tuple[int, str]:
+    """The masked/contiguous threshold the table measured for ``key``, else the default."""
+    if table is not None:
+        masked = table.experts_times(key, MaskedDeepGemmExperts.__name__)
+        contiguous = table.experts_times(key, DeepGemmExperts.__name__)
+        threshold, note = tuning.crossover(masked, contiguous)
+        if threshold is not None:
+            return threshold, f"measured crossover ({table.gpu}, {table.source}): {note}"
+    return DEFAULT_THRESHOLD, DEFAULT_THRESHOLD_SOURCE

@@ -142,6 +142,7 @@ class FusedMoE(nn.Module):
             raise ValueError(f"overlap_shared_experts needs a CUDA device (a side stream), not {dev}")
         self._side_stream = torch.cuda.Stream(dev) if self.overlap_shared_experts and moe.num_shared_experts else None
         self._loader = LayerLoader(self)
+        self._loaded_placement: ExpertPlacement | None = None  # the placement whose weights are all loaded
         self._op_key = register_layer(self)
 
     def _allocate_weights(self, cfg: LayerConfig, dev: torch.device) -> None:
@@ -323,12 +324,15 @@ class FusedMoE(nn.Module):
         return Residual(y, ready)
 
     def _check_loaded(self) -> None:
+        if self._loaded_placement is self.placement:  # loads only add: complete once, complete for good
+            return
         missing = self._loader.missing()
         if missing:
             raise RuntimeError(
                 f"weights not loaded: {'; '.join(missing)}. Call load_weights(...) for them before the first forward "
                 "(the parameters are uninitialized memory until then)"
             )
+        self._loaded_placement = self.placement
 
     @torch.no_grad()
     def load_expert_weights(self, weights: ExpertWeights) -> None:

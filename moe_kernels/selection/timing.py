@@ -2,7 +2,8 @@
 
 The measuring is ``triton.testing.do_bench`` (CUDA events per call, L2 flushed, the median);
 this module adds what it does not do: capturing the call in a CUDA graph first (decode serving
-replays graphs, so host launch overhead must not count), a per-point time budget, and the
+replays graphs, so host launch overhead must not count), a per-point time budget, the host's own
+time per call (:func:`host_us`: what an eager caller pays before the GPU is the limit), and the
 reference figures of the device (copy bandwidth, dense GEMM throughput).
 """
 
@@ -23,6 +24,40 @@ def time_cuda(fn: Callable[[], object], *, warmup_ms: float = 25.0, rep_ms: floa
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")) * 1e3
+
+
+#: GPU clock assumed to size :func:`host_us`'s busy kernel (an H100/H200 boosts to 1.98 GHz); it
+#: only needs to outlast the host loop, which the function checks
+_SLEEP_CYCLES_PER_S = 2.0e9
+
+
+def host_us(fn: Callable[[], object], calls: int = 50) -> float:
+    """Mean host microseconds one ``fn()`` takes to enqueue its GPU work: ``calls``
+    calls are issued behind a ``torch.cuda._sleep`` kernel long enough to keep the GPU busy, so
+    the host never waits for it and the wall time is the host's alone. ``RuntimeError`` when the
+    GPU finished the sleep first: then a call waited on the GPU (a host sync) or the host loop
+    outlasted the sleep, and the number would not be host time."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    single_s = time.perf_counter() - start  # an upper bound: it may include a sync
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(max(0.02, 4 * calls * single_s) * _SLEEP_CYCLES_PER_S))
+    busy = torch.cuda.Event()
+    busy.record()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    ran_dry = busy.query()
+    torch.cuda.synchronize()
+    if ran_dry:
+        raise RuntimeError(
+            f"host_us: the GPU went idle during {calls} calls ({elapsed * 1e3:.1f} ms): a call waits on the GPU "
+            "(a host sync), so its host time cannot be told from its GPU time"
+        )
+    return elapsed / calls * 1e6
 
 
 def copy_bandwidth_gbs(nbytes: int = 2**30) -> float:

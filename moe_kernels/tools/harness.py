@@ -110,6 +110,7 @@ class LayerResult:
     layer_us: float
     reference_us: float | None
     flops: float  # of the expert GEMMs: 2 x T x K x (2I x H + H x I)
+    host_us: float | None = None  # the host's time per layer call (what eager callers pay at least)
 
     @property
     def tflops(self) -> float:
@@ -125,9 +126,12 @@ def check_and_time(
     seed: int = 0,
     time_reference: bool = True,
     progress: Callable[[str], None] | None = None,
+    host_timer: Timer | None = None,
 ) -> LayerResult:
     """Run ``layer`` on ``tokens`` random rows, compare with the reference kernel on the same
-    routing, then time the layer (and the reference, when asked). Single-process only."""
+    routing, then time the layer (and the reference, when asked; and the host's share of a layer
+    call with ``host_timer``, e.g. :func:`~moe_kernels.selection.timing.host_us`). Single-process
+    only."""
     cfg = layer.cfg
     device = layer.kernel.ctx.device
     gen = torch.Generator(device=device).manual_seed(seed + 1)
@@ -148,9 +152,10 @@ def check_and_time(
         say("timing")
         layer_us = timer(lambda: layer(x))
         ref_us = timer(run_ref) if time_reference else None
+        host = host_timer(lambda: layer(x)) if host_timer is not None else None
     m = cfg.moe
     flops = 6.0 * tokens * m.top_k * m.hidden_size * m.intermediate_size
-    return LayerResult(tokens, diff, diff / scale if scale > 0 else diff, layer_us, ref_us, flops)
+    return LayerResult(tokens, diff, diff / scale if scale > 0 else diff, layer_us, ref_us, flops, host)
 
 
 class CliError(Exception):

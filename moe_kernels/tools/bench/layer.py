@@ -1,5 +1,10 @@
 """``moe-kernels bench layer``: check and time a whole ``FusedMoE`` layer (router + chosen kernel)
-against the reference pair, over token counts, on a GPU."""
+against the reference pair, over token counts, on a GPU.
+
+The layer is timed as an eager caller runs it (CUDA events around each call, L2 flushed), so
+``layer us`` is the GPU time or the host's, whichever is longer; ``host us`` is the host's alone
+(:func:`~moe_kernels.selection.timing.host_us`). Where they are close the call is host-bound:
+capture it in a CUDA graph (as engines do for decode) to pay the GPU time only."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import torch
 
 from moe_kernels.config import ConfigError, LayerConfig, load_config
 from moe_kernels.model.layer import FusedMoE
+from moe_kernels.selection.timing import host_us
 from moe_kernels.tools.args import positive_ints
 from moe_kernels.tools.bench.tables import format_table
 from moe_kernels.tools.harness import LayerResult, Timer, check_and_time, cuda_timer, random_layer, require_cuda
@@ -41,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = LayerConfig.model_validate({**cfg.model_dump(), "moe": {**cfg.moe.model_dump(), "dtype": args.dtype}})
     device = torch.device("cuda", torch.cuda.current_device())
     layer = random_layer(cfg, device, seed=args.seed)
-    results = measure(layer, args.tokens, timer=cuda_timer, seed=args.seed, time_reference=not args.no_reference)
+    results = measure(
+        layer, args.tokens, timer=cuda_timer, seed=args.seed, time_reference=not args.no_reference, host_timer=host_us
+    )
     print(f"{cfg.name or args.config} on {torch.cuda.get_device_name(device)}: {layer.kernel.name}")
     tolerance = cfg.mlp.tolerance
     print(format_results(results, tolerance))
@@ -49,23 +57,32 @@ def run(args: argparse.Namespace) -> int:
 
 
 def measure(
-    layer: FusedMoE, token_counts: list[int], *, timer: Timer, seed: int = 0, time_reference: bool = True
+    layer: FusedMoE,
+    token_counts: list[int],
+    *,
+    timer: Timer,
+    seed: int = 0,
+    time_reference: bool = True,
+    host_timer: Timer | None = None,
 ) -> list[LayerResult]:
     """:func:`check_and_time` for each token count, with progress on stderr."""
     results = []
     with Progress(len(token_counts), "bench layer") as progress:
         for t in token_counts:
-            results.append(check_and_time(layer, t, timer=timer, seed=seed, time_reference=time_reference))
+            results.append(
+                check_and_time(layer, t, timer=timer, seed=seed, time_reference=time_reference, host_timer=host_timer)
+            )
             progress.say(f"bench layer: T={t}: {results[-1].layer_us:.1f} us, rel err {results[-1].rel_err:.1e}")
             progress.advance()
     return results
 
 
 def format_results(results: list[LayerResult], tolerance: float) -> str:
-    headers = ["tokens", "layer us", "TFLOP/s", "reference us", "speed-up", "rel err", "ok"]
+    headers = ["tokens", "layer us", "host us", "TFLOP/s", "reference us", "speed-up", "rel err", "ok"]
     rows: list[list[object]] = []
     for r in results:
         ref = "-" if r.reference_us is None else r.reference_us
+        host = "-" if r.host_us is None else r.host_us
         speedup = "-" if r.reference_us is None else f"{r.reference_us / r.layer_us:.1f}x"
-        rows.append([r.tokens, r.layer_us, r.tflops, ref, speedup, f"{r.rel_err:.2e}", r.rel_err <= tolerance])
+        rows.append([r.tokens, r.layer_us, host, r.tflops, ref, speedup, f"{r.rel_err:.2e}", r.rel_err <= tolerance])
     return format_table(headers, rows)
