@@ -5,15 +5,21 @@ format); ``FusedMoE.load_expert_weights`` takes them (a published GPTQ/AWQ/compr
 gpt-oss checkpoint comes through ``moe_kernels.model.published.published_expert_weights``).
 Each output is compared with the bf16 layer's: the difference is the format's rounding.
 
-    python examples/weight_formats.py            # a CUDA GPU (fp8 on SM89+)
-    TRITON_INTERPRET=1 python examples/weight_formats.py   # the CPU, slowly
+    python examples/weight_formats.py    # a CUDA GPU (fp8 on SM89+), else the CPU (slowly)
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from moe_kernels import (
+# The fused path is Triton: without a GPU its kernels run in Triton's CPU interpreter, which
+# must be switched on before they are defined (at import)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from moe_kernels import (  # noqa: E402
     FusedMoE,
     FusedTritonExperts,
     LayerConfig,
@@ -22,7 +28,7 @@ from moe_kernels import (
     QuantConfig,
     compose,
 )
-from moe_kernels.mlp.weights import quantize_weights
+from moe_kernels.mlp.weights import quantize_weights  # noqa: E402
 
 SCHEMES = [
     QuantConfig(scheme="fp8_w8a8_channel"),
