@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig
+from moe_kernels.kernels.routing import fused_route
 from moe_kernels.model.layer import FusedMoE
 from moe_kernels.model.router import Router, Routing, route
 
@@ -64,8 +65,18 @@ def loop_route(
     return all_ids, all_weights
 
 
-def assert_matches_loop(logits: torch.Tensor, top_k: int, **kwargs) -> None:
-    weights, ids = route(logits, top_k, **kwargs)
+def fused(logits: torch.Tensor, top_k: int, correction_bias: torch.Tensor | None = None, **options):
+    """:func:`route`'s options run by the one-launch kernel (the Triton interpreter on the CPU)."""
+    routing = Routing(**options).fused(logits.shape[1], correction_bias=correction_bias is not None)
+    assert routing is not None, f"the kernel implements {options}"
+    return fused_route(logits, top_k, routing, correction_bias)
+
+
+IMPLEMENTATIONS = {"torch": route, "fused": fused}
+
+
+def assert_matches_loop(logits: torch.Tensor, top_k: int, impl: str = "torch", **kwargs) -> None:
+    weights, ids = IMPLEMENTATIONS[impl](logits, top_k, **kwargs)
     want_ids, want_weights = loop_route(logits, top_k, **kwargs)
     assert ids.dtype == torch.int32 and weights.dtype == torch.float32
     assert ids.shape == weights.shape == (logits.shape[0], top_k)
@@ -87,10 +98,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_route_matches_loop(case: str, dtype: torch.dtype) -> None:
-    kwargs = dict(CASES[case])
+def test_route_matches_loop(case: str, dtype: torch.dtype, impl: str) -> None:
+    kwargs = dict(CASES[case], impl=impl)
     gen = torch.Generator().manual_seed(list(CASES).index(case))
     num_experts = 16
     if kwargs.pop("bias", False):
@@ -140,10 +152,11 @@ def test_renormalize_and_scaling() -> None:
     groups=st.sampled_from([None, 1, 2, 4]),
     scoring=st.sampled_from(["softmax", "sigmoid"]),
     biased=st.booleans(),
+    impl=st.sampled_from(list(IMPLEMENTATIONS)),
     data=st.data(),
 )
 def test_ids_distinct_and_in_range_even_with_ties(
-    t: int, groups: int | None, scoring: str, biased: bool, data: st.DataObject
+    t: int, groups: int | None, scoring: str, biased: bool, impl: str, data: st.DataObject
 ) -> None:
     num_experts = 8
     topk_group = None if groups is None else data.draw(st.integers(1, groups))
@@ -153,7 +166,7 @@ def test_ids_distinct_and_in_range_even_with_ties(
     values = data.draw(st.lists(st.integers(-2, 2), min_size=t * num_experts, max_size=t * num_experts))
     logits = torch.tensor(values, dtype=torch.float32).view(t, num_experts)
     bias = torch.tensor(data.draw(st.lists(st.integers(-1, 1), min_size=8, max_size=8)), dtype=torch.float32)
-    weights, ids = route(
+    weights, ids = IMPLEMENTATIONS[impl](
         logits,
         top_k,
         scoring=scoring,
@@ -168,9 +181,53 @@ def test_ids_distinct_and_in_range_even_with_ties(
     torch.testing.assert_close(weights.sum(-1), torch.ones(t))
 
 
-def test_empty_batch() -> None:
-    weights, ids = route(torch.empty(0, 8), 2, num_expert_group=2, topk_group=1, correction_bias=torch.zeros(8))
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+def test_empty_batch(impl: str) -> None:
+    route_with = IMPLEMENTATIONS[impl]
+    weights, ids = route_with(torch.empty(0, 8), 2, num_expert_group=2, topk_group=1, correction_bias=torch.zeros(8))
     assert weights.shape == ids.shape == (0, 2)
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "num_experts", "kwargs"),
+    [
+        (37, 60, dict(top_k=6)),  # E not a power of two; tokens over several programs
+        (20, 256, dict(top_k=8, scoring="sigmoid", num_expert_group=8, topk_group=4, routed_scaling_factor=2.5,
+                       bias=True)),  # DeepSeek-V3's routing at its width
+        (5, 384, dict(top_k=8, scoring="sigmoid", routed_scaling_factor=2.827, bias=True)),  # Kimi-K2's
+        (9, 24, dict(top_k=4, num_expert_group=3, topk_group=2)),  # a group count that is not a power of two
+    ],
+)  # fmt: skip
+def test_fused_routing_matches_loop_at_model_widths(num_tokens: int, num_experts: int, kwargs: dict) -> None:
+    gen = torch.Generator().manual_seed(num_experts)
+    if kwargs.pop("bias", False):
+        kwargs["correction_bias"] = torch.randn(num_experts, generator=gen) * 0.1
+    assert_matches_loop(torch.randn(num_tokens, num_experts, generator=gen) * 2, impl="fused", **kwargs)
+
+
+def test_fused_routing_chooses_on_logits_as_route_does() -> None:
+    logits = torch.randn(11, 32, generator=torch.Generator().manual_seed(5))
+    bias = torch.linspace(-0.5, 0.5, 32)
+    for scoring in ("softmax", "sigmoid"):
+        want = route(logits, 4, scoring=scoring, choose_on="logits", correction_bias=bias)
+        got = fused(logits, 4, scoring=scoring, choose_on="logits", correction_bias=bias)
+        assert torch.equal(got[1], want[1])
+        torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(sparsemixer_eps=0.01),
+        dict(logit_scale=2.0),
+        dict(logit_softcap=30.0),
+        dict(scoring="sigmoid", per_expert_score="sqrtsoftplus"),
+        dict(renormalize_p=2.0),
+        dict(num_expert_group=4, topk_group=2, group_fill="zero"),
+    ],
+)
+def test_fused_routing_leaves_what_it_does_not_implement_to_route(options: dict) -> None:
+    assert Routing(**options).fused(16, correction_bias=False) is None
 
 
 @pytest.mark.parametrize(
@@ -458,3 +515,38 @@ def test_routing_options_as_data_or_keywords() -> None:
         route(logits, 2, scorin="sigmoid")
     with pytest.raises(TypeError, match="not both"):
         route(logits, 2, Routing(), scoring="sigmoid")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("name", "num_experts", "kwargs"),
+    [
+        ("qwen3-30b-a3b", 128, dict(top_k=8)),
+        ("deepseek-v3", 256, dict(top_k=8, scoring="sigmoid", num_expert_group=8, topk_group=4,
+                                  routed_scaling_factor=2.5, bias=True)),
+    ],
+)  # fmt: skip
+def test_fused_routing_on_the_gpu(name: str, num_experts: int, kwargs: dict) -> None:
+    """On CUDA tensors: the kernel's choice equals route()'s and its weights agree; then both are
+    timed inside a CUDA graph (100 calls a graph: one call alone would time the graph launch) and
+    printed (run with -s)."""
+    from moe_kernels.selection.timing import Timer
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    if kwargs.pop("bias", False):
+        kwargs["correction_bias"] = torch.randn(num_experts, generator=gen, device="cuda") * 0.1
+    top_k = kwargs.pop("top_k")
+    timer, calls = Timer(max_runs=50, target_s=0.1), 100
+    for tokens in (1, 64, 4096):
+        logits = (torch.randn(tokens, num_experts, generator=gen, device="cuda") * 2).to(torch.bfloat16)
+        want, got = route(logits, top_k, **kwargs), fused(logits, top_k, **kwargs)
+        assert torch.equal(got[1], want[1]), f"{name} T={tokens}: the choices differ"
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+        times = {
+            impl: timer.graphed(lambda f=f, x=logits: [f(x, top_k, **kwargs) for _ in range(calls)], impl) / calls
+            for impl, f in IMPLEMENTATIONS.items()
+        }
+        assert not timer.failures, timer.failures
+        print(f"\n{name} routing T={tokens}: torch {times['torch']:.2f} us, fused {times['fused']:.2f} us a call")

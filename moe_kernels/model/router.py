@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_kernels.backends.triton import interpreting
 from moe_kernels.config import MoEConfig
+from moe_kernels.kernels.routing import FusedRouting, fused_route
 
 GroupScore = Literal["max", "top2_sum"]
 Scoring = Literal["softmax", "sigmoid"]
@@ -75,6 +77,33 @@ class Routing:
     @classmethod
     def of(cls, moe: MoEConfig) -> Routing:
         return cls(**{f.name: getattr(moe, f.name) for f in fields(cls)})
+
+    def fused(self, num_experts: int, *, correction_bias: bool) -> FusedRouting | None:
+        """These options as the one-launch routing kernel takes them
+        (:func:`moe_kernels.kernels.routing.fused_route`), or ``None`` where it does not implement
+        them: sparsemixer, scaled or capped logits, sqrt-softplus scores, p-norms other than 1, and
+        other groups filled with 0 -- those experts then tie, and the model routes to whichever
+        ``torch.topk`` happens to return first, an order the kernel cannot reproduce."""
+        if (
+            self.group_fill == "zero"
+            or self.sparsemixer_eps is not None
+            or self.logit_scale != 1.0
+            or self.logit_softcap is not None
+            or (self.scoring == "sigmoid" and self.per_expert_score != "sigmoid")
+            or (self.renormalize and self.renormalize_p != 1.0)
+        ):
+            return None
+        groups = self.num_expert_group or 1
+        score = self.group_score or ("top2_sum" if correction_bias else "max")
+        return FusedRouting(
+            softmax=self.scoring == "softmax",
+            choose_on_logits=self.choose_on == "logits",
+            renormalize=self.renormalize,
+            num_groups=groups,
+            topk_group=self.topk_group or 1,
+            top2_sum=score == "top2_sum" and num_experts // groups >= 2,
+            scaling=self.routed_scaling_factor,
+        )
 
 
 def route(
@@ -321,6 +350,13 @@ class Router(nn.Module):
         self.register_buffer("tid2eid", None)  # sized by the checkpoint's vocabulary when loaded
         self.gate_lowp: torch.Tensor | None
         self.register_buffer("gate_lowp", None, persistent=False)
+        # hash routing takes its ids from a table and a per-expert scale multiplies after the
+        # choice: both stay with route()
+        self._fused = (
+            None
+            if moe.hash_routing or moe.expert_weight_scale
+            else self.routing.fused(e, correction_bias=moe.correction_bias)
+        )
         self.register_load_state_dict_post_hook(lambda module, _keys: module.weight_loaded())
 
     @torch.no_grad()
@@ -399,8 +435,11 @@ class Router(nn.Module):
             if self.tid2eid is None:
                 raise RuntimeError("tid2eid not loaded: a hash-routed layer needs its token -> experts table")
             expert_ids = self.tid2eid[input_ids.reshape(-1)]
+        logits = self.logits(hidden_states)
+        if self._fused is not None and (logits.is_cuda or interpreting()):
+            return fused_route(logits, m.top_k, self._fused, self.e_score_correction_bias)
         return route(
-            self.logits(hidden_states),
+            logits,
             m.top_k,
             self.routing,
             correction_bias=self.e_score_correction_bias,
