@@ -322,6 +322,10 @@ class Router(nn.Module):
     numbers are exact in fp32 and the sum accumulates in fp32, so the logits are the fp32 GEMM's
     up to summation order, at the bf16 GEMM's cost. The copy is refreshed by every load
     (:meth:`load_tensors`, ``load_state_dict``, FusedMoE's loaders through :meth:`weight_loaded`).
+
+    On a GPU (or under the Triton interpreter) the routing after the GEMM is one launch of
+    :func:`~moe_kernels.kernels.routing.fused_route` where :meth:`Routing.fused` allows it, and
+    :func:`route` otherwise.
     """
 
     #: the floating-point parameters load_tensors fills by name
