@@ -15,7 +15,8 @@ then builds the core from the layer's ``MoeRunnerConfig`` and hands it the dispa
   rows with ``masked_m``) into a MASKED part; other formats are refused per call.
 * Weights come from the runner's ``quant_info``, read by SGLang's own field names for
   unquantized experts (its ``TritonMoeQuantInfo``): ``w13_weight [E_local, 2I, H]`` (gate rows
-  first) and ``w2_weight [E_local, H, I]``, our layout. Quantized or biased weights are refused.
+  first) and ``w2_weight [E_local, H, I]``, our layout. Quantized, biased or interleaved weights
+  are refused.
 
 SGLang is imported only when a backend is registered or a core is built (optional extra
 ``sglang``; on a CPU-only machine see requirements/sglang-cpu.txt).
@@ -58,8 +59,10 @@ UNMAPPED_FIELDS: dict[str, object] = {
     "silu_mul_keep_fp32": False,
 }
 
-#: ``quant_info`` fields that only quantized or biased weights set (SGLang's ``TritonMoeQuantInfo``)
-QUANTIZED_FIELDS = (
+#: ``quant_info`` fields (SGLang's ``TritonMoeQuantInfo``) that only quantized, biased or
+#: interleaved weights set (``fuse_swiglu_interleaved``: gate and up rows alternate in ``w13``)
+UNMAPPED_WEIGHT_FIELDS = (
+    "fuse_swiglu_interleaved",
     "b13",
     "b2",
     "use_mxfp8",
@@ -216,11 +219,12 @@ def register_runner_backend(
 def expert_weights(quant_info: Any) -> ExpertWeights:
     """SGLang's unquantized ``quant_info`` -> our weights: ``w13_weight [E_local, 2I, H]`` (gate
     rows first; ``[E_local, I, H]`` not gated) and ``w2_weight [E_local, H, I]``, the activation
-    dtype. ``ValueError`` naming the fields of quantized or biased weights."""
-    set_fields = [f for f in QUANTIZED_FIELDS if getattr(quant_info, f, None) not in (None, False)]
+    dtype. ``ValueError`` naming the fields of quantized, biased or interleaved weights."""
+    set_fields = [f for f in UNMAPPED_WEIGHT_FIELDS if getattr(quant_info, f, None) not in (None, False)]
     if set_fields:
         raise ValueError(
-            f"quant_info: {', '.join(set_fields)} set: the SGLang adapter runs unquantized experts without biases"
+            f"quant_info: {', '.join(set_fields)} set: the SGLang adapter runs unquantized experts without "
+            "biases, gate rows then up rows"
         )
     missing = [f for f in ("w13_weight", "w2_weight") if not hasattr(quant_info, f)]
     if missing:

@@ -175,6 +175,8 @@ def test_what_we_cannot_run_is_refused_with_our_reason() -> None:
     dispatched = StandardDispatchOutput(p["x"], None, StandardTopKOutput(p["topk_weights"], p["topk_ids"], None))
     with pytest.raises(ValueError, match="quant_info: use_fp8_w8a8"):
         runner.run(dispatched, TritonMoeQuantInfo(p["w13"], p["w2"], use_fp8_w8a8=True))
+    with pytest.raises(ValueError, match="quant_info: fuse_swiglu_interleaved"):
+        runner.run(dispatched, TritonMoeQuantInfo(p["w13"], p["w2"], fuse_swiglu_interleaved=True))
     masked = DeepEPLLDispatchOutput(p["x"][None], None, p["topk_ids"], p["topk_weights"], torch.ones(1), 1)
     with pytest.raises(ValueError, match="dispatch format 'deepep_ll'"):
         runner.run(masked, TritonMoeQuantInfo(p["w13"], p["w2"]))
