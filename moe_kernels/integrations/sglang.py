@@ -80,8 +80,8 @@ UNMAPPED_WEIGHT_FIELDS = (
     "block_shape",
 )
 
-#: backend names registered by this process: name -> (experts class, max_tokens)
-_registered: dict[str, tuple[type[PermuteExpertsUnpermute], int]] = {}
+#: backend names registered by this process: name -> (experts class, max_tokens, device)
+_registered: dict[str, tuple[type[PermuteExpertsUnpermute], int, str]] = {}
 
 
 def _sglang_moe_runner() -> Any:
@@ -196,13 +196,13 @@ def register_runner_backend(
         # quantized ones included, which our parts would then refuse only at their first call
         raise ValueError(f"SGLang runner backend {name!r} is already built in: choose a new name")
 
-    wanted = (experts, max_tokens)
+    wanted = (experts, max_tokens, str(device))
     if name in _registered:
         if _registered[name] != wanted:
             have = _registered[name]
             raise ValueError(
                 f"SGLang runner backend {name!r} is already registered for {have[0].__name__} "
-                f"(max_tokens={have[1]}); SGLang keeps one factory per name"
+                f"(max_tokens={have[1]}, device={have[2]}); SGLang keeps one factory per name"
             )
         return resolve_moe_runner_backend(name)
     core_type = _core_class()
