@@ -1,5 +1,6 @@
 """On one GPU: the experts on a tensor-parallel shard of Mixtral-8x7B against the unsharded layer,
-and the cost of choosing replicas (EPLB). Benchmarks that also check results: they print a table
+the cost of choosing replicas (EPLB), and that a layer call, replicas or not, never waits on the
+GPU (issue 22: no host sync on the call path). Benchmarks that also check results: they print a table
 (run with ``-s``) and do not fail on a missed time target.
 
 A TP = 4 rank runs exactly the experts of a layer with ``intermediate_size / 4``
@@ -125,6 +126,27 @@ def test_replica_choice_cost(tokens: int) -> None:
         f"\nreplica choice + load count, T={tokens}: {in_graph:.2f} us a call inside a CUDA graph "
         f"(target < 2), host {host:.1f} us an eager call"
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("redundant", [0, 4])
+@pytest.mark.parametrize("tokens", [1, 64, 1024])
+def test_no_host_sync_on_the_call_path(redundant: int, tokens: int) -> None:
+    """A layer call (router, shared expert, the selected kernel; with replicas: their choice and
+    load count) never waits on the GPU: issued behind a long GPU sleep, the calls must all be
+    queued before the sleep ends (``host_us`` raises otherwise). Prints the host time per call."""
+    from moe_kernels import FusedMoE
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cfg = _small_cfg()
+    placement = ExpertPlacement.redundant(cfg.moe.num_experts, redundant) if redundant else None
+    layer = FusedMoE(cfg.model_copy(update={"parallel": ParallelConfig(max_tokens_per_rank=max(TOKENS))}),
+                     placement=placement, device="cuda")  # fmt: skip
+    layer.load_weights(**_checkpoint())
+    x = torch.randn(tokens, cfg.moe.hidden_size, device="cuda", dtype=torch.bfloat16)
+    host = host_us(lambda: layer(x))
+    print(f"\n{layer.kernel.name}, {redundant} redundant experts, T={tokens}: host {host:.1f} us a call")
 
 
 # --- 2 GPUs over NCCL: the layer as the docs build it ------------------------------------------
