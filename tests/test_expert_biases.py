@@ -121,6 +121,20 @@ def test_weights_without_the_configs_biases_are_refused() -> None:
         plain(x, w, weights, ids)
 
 
+def test_a_biased_layer_loads_its_experts_in_one_call() -> None:
+    """``load_expert_weights`` with biases (what a repacked gpt-oss checkpoint hands over) loads the
+    biases too: the layer runs and routes its tokens through gpt-oss's experts."""
+    from moe_kernels import FusedMoE
+
+    x, w, _, _ = problem()
+    layer = FusedMoE(layer_cfg(), device="cpu")
+    layer.load_expert_weights(w)
+    router = torch.randn(E, H, generator=torch.Generator().manual_seed(4))
+    layer.load_weights(router_weight=router)
+    weights, ids = layer.router(x)
+    torch.testing.assert_close(layer(x), plain_loop(x, w, weights, ids), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("experts_cls", [GroupedMMExperts, TritonExperts, FusedTritonExperts])
 def test_gpu_paths_add_the_biases(experts_cls: type) -> None:

@@ -90,7 +90,8 @@ class LayerLoader:
             for part, tensor in weights.tensors(projection).items():
                 if tensor is not None:
                     layer.parameter(projection, part).copy_(tensor)
-        for name in PROJECTIONS:
+        # the check above demands the biases of a biased layer: they were written too
+        for name in PROJECTIONS + (BIASES if layer.cfg.mlp.biases else ()):
             self.state.experts[name] |= set(layer.local_experts)
 
     # --- what is missing ------------------------------------------------------------------
