@@ -10,6 +10,9 @@ compiled functions, not interpreted ones)::
 
     python tests/sm90_compile.py      # one line per compiled specialization; exit 1 on a failure
 
+Each line gives the kernel's warps, shared memory, registers per thread and bytes spilled to
+local memory (a spill is reported, not failed: it costs speed, not correctness).
+
 The parts' device checks are told the CPU can run Triton (as under the interpreter); the kernels'
 own interpreter switches stay off, so what compiles is what a GPU runs.
 """
@@ -18,7 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,6 +33,21 @@ import torch
 
 #: bytes of shared memory one block may use on an H100/H200 (228 KB per SM, 1 KB reserved)
 SM90_SHARED_BYTES = 227 * 1024
+
+
+def _registers_and_spills(kernel: Any) -> str:
+    """``"R regs, S B spilled"`` from the cubin (CUDA's ``cuobjdump``, which Triton ships), or ""."""
+    import triton.backends.nvidia as nvidia
+
+    tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        out = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True).stdout
+    usage = dict(re.findall(r"(REG|LOCAL):(\d+)", out))
+    return f", {usage['REG']} regs, {usage['LOCAL']} B spilled" if usage else ""
 
 
 class _Sm90Driver:
@@ -205,7 +226,8 @@ def compile_all(say: Callable[[str], None] = print) -> list[str]:
             if shared > SM90_SHARED_BYTES:
                 failures.append(f"{label}: {name} needs {shared} bytes of shared memory, an SM90 block has at most "
                                 f"{SM90_SHARED_BYTES}")  # fmt: skip
-            say(f"{label:40s} {name:28s} {kernel.metadata.num_warps} warps, {shared:6d} B shared")
+            usage = _registers_and_spills(kernel)
+            say(f"{label:36s} {name:26s} {kernel.metadata.num_warps} warps, {shared:6d} B shared{usage}")
     return failures
 
 
