@@ -31,10 +31,11 @@ def time_cuda(fn: Callable[[], object], *, warmup_ms: float = 25.0, rep_ms: floa
 _SLEEP_CYCLES_PER_S = 2.0e9
 
 
-def host_us(fn: Callable[[], object], calls: int = 50) -> float:
+def host_us(fn: Callable[[], object], calls: int = 20) -> float:
     """Mean host microseconds one ``fn()`` takes to enqueue its GPU work: ``calls``
     calls are issued behind a ``torch.cuda._sleep`` kernel long enough to keep the GPU busy, so
-    the host never waits for it and the wall time is the host's alone. ``RuntimeError`` when the
+    the host never waits for it and the wall time is the host's alone (few calls: CUDA queues
+    about a thousand launches, and a full queue would make the host wait). ``RuntimeError`` when the
     GPU finished the sleep first: then a call waited on the GPU (a host sync) or the host loop
     outlasted the sleep, and the number would not be host time."""
     fn()
