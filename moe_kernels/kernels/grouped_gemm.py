@@ -349,7 +349,8 @@ def _grouped_gemm(
         n_out * b.stride(1),
         *scales.pop("a_scale_strides"), *scales.pop("b_scale_strides"), **scales,
         **bias_args(bias, b.shape[0], b.shape[1]),
-        MASKED=masked, FP8=a_scale is not None, FUSED=fused, **(activation if fused else SILU).kernel_constants(),
+        MASKED=masked, FP8=a_scale is not None, FUSED=fused,
+        **(activation if fused and activation is not None else SILU).kernel_constants(),
         # The CPU interpreter's low-precision tl.dot is wrong (triton 3.9); GPUs keep tensor cores.
         UPCAST=interpreting(),
         # fp32 inputs would silently drop to tf32 on tensor cores; keep them exact.

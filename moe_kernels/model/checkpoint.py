@@ -68,6 +68,16 @@ _LAYER_RE = re.compile(r"^(.*?(?:^|\.)(?:layers|blocks)\.)(\d+)\.")
 _ROLES = ("gate_proj", "up_proj", "down_proj")
 
 
+#: which rows of a fused gate|up tensor a projection takes: ``first``/``second`` half
+#: (concatenated) or the ``even``/``odd`` rows (interleaved)
+Half = Literal["first", "second", "even", "odd"]
+
+
+def _gate_up_halves(interleaved: bool) -> tuple[Half, Half]:
+    """The gate's and the up projection's rows of a fused gate|up tensor."""
+    return ("even", "odd") if interleaved else ("first", "second")
+
+
 @dataclass(frozen=True)
 class Cut:
     """How to get a canonical tensor out of a stored one, applied in this order: keep rows
@@ -80,7 +90,7 @@ class Cut:
     #: keep columns ``[a, b)`` of a 2-D stored tensor (a tensor-parallel slice), read from disk
     cols: tuple[int, int] | None = None
     transpose: bool = False
-    half: Literal["first", "second", "even", "odd"] | None = None
+    half: Half | None = None
     flatten: bool = False
 
 
@@ -636,9 +646,9 @@ def _describe_fused(
             f" hidden size {hidden}, got shape {list(down_stored.shape)}"
         )
     inter = d_in
-    parts: dict[str, tuple[Stacked, Literal["first", "second", "even", "odd"] | None]] = {"down_proj": (ex.down, None)}
+    parts: dict[str, tuple[Stacked, Half | None]] = {"down_proj": (ex.down, None)}
     if ex.gate_up is not None:
-        gate_half, up_half = ("even", "odd") if ex.interleaved else ("first", "second")
+        gate_half, up_half = _gate_up_halves(ex.interleaved)
         parts["gate_proj"] = (ex.gate_up, gate_half)
         parts["up_proj"] = (ex.gate_up, up_half)
         expected = {ex.gate_up.key: (2 * inter, hidden)}
@@ -679,9 +689,9 @@ def _describe_expert_biases(
     down = lay.stored(lay.key(ex.down_bias))
     _check_shape(gate_up, (num_experts, 2 * inter), "expert gate/up biases")
     _check_shape(down, (num_experts, hidden), "expert down biases")
-    gate_half, up_half = ("even", "odd") if ex.interleaved else ("first", "second")
+    gate_half, up_half = _gate_up_halves(ex.interleaved)
 
-    def per_expert(stored: TensorInfo, half: Literal["first", "second", "even", "odd"] | None) -> dict[int, TensorInfo]:
+    def per_expert(stored: TensorInfo, half: Half | None) -> dict[int, TensorInfo]:
         return {e: _cut_info(stored, Cut(rows=(e, e + 1), squeeze=True, half=half)) for e in ids}
 
     return {

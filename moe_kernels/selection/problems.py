@@ -7,6 +7,7 @@ An EP-local layer is what one rank computes: its ``E_local`` experts, each token
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -97,19 +98,23 @@ def dequantized(w: ExpertWeights) -> ExpertWeights:
 def valid_pairs(cfg: Any) -> list[tuple[str, Callable[[], Any]]]:
     """``(name, build)`` for every registered pair the composer accepts for ``cfg`` here
     (the reference loop left out: it syncs per expert); ``build()`` composes a fresh kernel."""
-    from moe_kernels.core.compose import WorkspaceCache, check_pair, compose, layer_context, pair_name
+    from moe_kernels.core.compose import check_pair, layer_context, pair_name
     from moe_kernels.selection import registry
 
     ctx = layer_context(cfg)
-    out = []
+    out: list[tuple[str, Callable[[], Any]]] = []
     for make_pf in registry.PREPARE_FINALIZE:
         for make_ex in registry.EXPERTS:
             pf, ex = make_pf(cfg), make_ex(cfg)
             if ex.name == "TorchReferenceExperts" or not all(c.ok for c in check_pair(pf, ex, ctx)):
                 continue
 
-            def build(make_pf=make_pf, make_ex=make_ex):  # noqa: ANN202 (a closure over the loop)
-                return compose(make_pf(cfg), make_ex(cfg), cfg, workspace_cache=WorkspaceCache())
-
-            out.append((pair_name(pf, ex), build))
+            out.append((pair_name(pf, ex), functools.partial(_compose_fresh, make_pf, make_ex, cfg)))
     return out
+
+
+def _compose_fresh(make_pf: Callable[[Any], Any], make_ex: Callable[[Any], Any], cfg: Any) -> Any:
+    """A newly composed kernel of the pair, with a workspace cache of its own."""
+    from moe_kernels.core.compose import WorkspaceCache, compose
+
+    return compose(make_pf(cfg), make_ex(cfg), cfg, workspace_cache=WorkspaceCache())

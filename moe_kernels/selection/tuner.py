@@ -138,7 +138,9 @@ def write_table(directory: Path, key: str, entry: dict[str, Any], source: str, g
     gpu = gpu or torch.cuda.get_device_name()
     path = directory / f"{tuning.slug(gpu)}.json"
     directory.mkdir(parents=True, exist_ok=True)
-    data = json.loads(path.read_text()) if path.is_file() else {"format": tuning.FORMAT, "gpu": gpu, "shapes": {}}
+    data: dict[str, Any] = (
+        json.loads(path.read_text()) if path.is_file() else {"format": tuning.FORMAT, "gpu": gpu, "shapes": {}}
+    )
     data["source"] = source
     if data.get("copy_gbps") is None and torch.cuda.is_available():
         data["copy_gbps"] = round(copy_bandwidth_gbs(), 1)
