@@ -205,6 +205,14 @@ def test_fused_routing_matches_loop_at_model_widths(num_tokens: int, num_experts
     assert_matches_loop(torch.randn(num_tokens, num_experts, generator=gen) * 2, impl="fused", **kwargs)
 
 
+def test_fused_routing_reads_logits_of_any_strides() -> None:
+    logits = torch.randn(16, 9, generator=torch.Generator().manual_seed(6)).t()  # [9, 16], column-major
+    want = route(logits, 3)
+    got = fused(logits, 3)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7)
+
+
 def test_fused_routing_chooses_on_logits_as_route_does() -> None:
     logits = torch.randn(11, 32, generator=torch.Generator().manual_seed(5))
     bias = torch.linspace(-0.5, 0.5, 32)

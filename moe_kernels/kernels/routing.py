@@ -122,10 +122,11 @@ def fused_route(
     routing: FusedRouting,
     correction_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``logits [T, E]`` (float, unit stride along E) -> ``(topk_weights [T, K] float32, topk_ids
-    [T, K] int32)``, best choice first, as :func:`moe_kernels.model.router.route` computes them for
-    the same options; ``correction_bias [E]`` is added to what experts and groups are chosen on.
-    The caller checks the arguments (``route`` does); one launch, no host sync."""
+    """``logits [T, E]`` (float) -> ``(topk_weights [T, K] float32, topk_ids [T, K] int32)``, best
+    choice first, as :func:`moe_kernels.model.router.route` computes them for the same options;
+    ``correction_bias [E]`` is added to what experts and groups are chosen on. The caller checks
+    the arguments (``route`` does); one launch, no host sync."""
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()  # the kernel reads rows
     num_tokens, num_experts = logits.shape
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=logits.device)
