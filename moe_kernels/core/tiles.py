@@ -5,8 +5,7 @@ tuning tables (:mod:`moe_kernels.core.tuning`) beside this module.
 
 from __future__ import annotations
 
-import triton
-
+from moe_kernels.kernels._common import cdiv, next_power_of_2
 from moe_kernels.kernels.fused_moe import FusedConfig
 
 # 227 KB of shared memory per block at most on Hopper; the budget leaves room for the epilogue's
@@ -56,11 +55,11 @@ def _config_for(
     else:
         # 128x128 outputs per program (GEMM1 counts its gate and up tiles).
         block_n, block_k, num_stages = 128 // weight_tiles, 64, 3
-    block_n = max(16, min(block_n, triton.next_power_of_2(n_out)))
-    block_k = min(block_k, max(16, triton.next_power_of_2(k_dim)))
+    block_n = max(16, min(block_n, next_power_of_2(n_out)))
+    block_k = min(block_k, max(16, next_power_of_2(k_dim)))
     # Narrower tiles only when a small N leaves most SMs idle: measured, 96 programs of 64
     # columns streamed faster than 192 of 32 on an H100 (132 SMs), so half of the SMs is the bar.
-    while block_n > 16 and 2 * blocks * triton.cdiv(n_out, block_n) < num_sms:
+    while block_n > 16 and 2 * blocks * cdiv(n_out, block_n) < num_sms:
         block_n //= 2
     while (
         num_stages > 2
@@ -122,8 +121,8 @@ def candidate_configs(
     position = min(_BLOCK_M_CHOICES.index(default_m), len(_BLOCK_M_CHOICES) - 2)
     spaces: list[list[FusedConfig]] = []
     for n_out, k_dim, weight_tiles in ((inter, hidden, 2), (hidden, inter, 1)):
-        cap_n = max(16, triton.next_power_of_2(n_out))
-        cap_k = max(16, triton.next_power_of_2(k_dim))
+        cap_n = max(16, next_power_of_2(n_out))
+        cap_k = max(16, next_power_of_2(k_dim))
         space: list[FusedConfig] = []
         for block_m in _BLOCK_M_CHOICES[position : position + 2]:
             stages = (3, 4, 5) if block_m == default_m else (4 if block_m <= 32 else 3,)

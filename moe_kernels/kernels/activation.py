@@ -15,7 +15,7 @@ import triton.language as tl
 from moe_kernels.mlp import fp8
 from moe_kernels.mlp.activations import SILU, Activation
 
-from ._common import FLOAT_DTYPES, check_same_device, check_tensor, interpreting, pick_row_block
+from ._common import FLOAT_DTYPES, cdiv, check_same_device, check_tensor, interpreting, pick_row_block
 from .quant import check_group, check_scale_out, quantize_groups, row_tiles, scale_row_offset, scale_strides
 
 
@@ -134,7 +134,7 @@ def _check_activate_args(
     check_tensor("out", out, dtypes=(fp8.FP8_DTYPE,) if quant else FLOAT_DTYPES, shape=(*x.shape[:-1], inter))
     if quant:
         check_group(group)
-        check_scale_out(scale_out, x.shape[:-1], triton.cdiv(inter, group))
+        check_scale_out(scale_out, x.shape[:-1], cdiv(inter, group))
     if grouped_layout is not None and counts is not None:
         raise ValueError("pass at most one of grouped_layout and counts")
     if grouped_layout is not None:
@@ -192,7 +192,7 @@ def activate(
         grouped_layout if grouped_layout is not None else counts,
         rows_per_group,
         inter,
-        triton.cdiv(inter, group),
+        cdiv(inter, group),
         stride_se,
         stride_sm,
         stride_sk,

@@ -36,7 +36,7 @@ import triton.language as tl
 from moe_kernels.mlp import fp8
 from moe_kernels.mlp.activations import SILU, Activation
 
-from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor, interpreting
+from ._common import FLOAT_DTYPES, INDEX_DTYPES, cdiv, check_same_device, check_tensor, interpreting, next_power_of_2
 from .activation import apply_activation
 from .bias import bias_args, bias_row
 from .dequant import PackedWeight, check_packed, groups_per_tile, load_weight_tile, packed_constant
@@ -205,7 +205,7 @@ def gather_layout(
         raise ValueError(f"block_m: expected >= 1, got {block_m}")
     n_slots = topk_ids.numel()
     num_rows = contiguous_rows_bound(n_slots, num_experts, block_m)
-    lanes = max(32, triton.next_power_of_2(n_slots))
+    lanes = max(32, next_power_of_2(n_slots))
     # Sort keys are expert * lanes + slot in int32.
     single = n_slots <= max_one_launch_slots and (num_experts + 1) * lanes < 2**31
     if not single:
@@ -227,7 +227,7 @@ def _one_launch_layout(
     slot_index = torch.empty(topk_ids.shape, dtype=torch.int64, device=device)
     if n_slots:
         # triton's histogram lowering splits the bins over a warp's 32 lanes: at least 32 bins.
-        bins = max(32, triton.next_power_of_2(num_experts + 1))
+        bins = max(32, next_power_of_2(num_experts + 1))
         base = torch.empty(bins, dtype=torch.int32, device=device)
         _gather_layout_kernel[(1,)](
             topk_ids,
@@ -481,7 +481,7 @@ def _weight_scale_kwargs(
     if a_dtype != torch.bfloat16:
         raise TypeError(f"{name}: fp8 weights take bfloat16 activations, got {str(a_dtype).removeprefix('torch.')}")
     (e, n, k), (bn, bk) = w.shape, scale_block
-    shape = (e, triton.cdiv(n, bn), triton.cdiv(k, bk))
+    shape = (e, cdiv(n, bn), cdiv(k, bk))
     check_tensor(f"{name}_scale", w_scale, dtypes=(torch.float32,), shape=shape, contiguous=False)
     if bk % config.block_k and bk < k:
         raise ValueError(
@@ -508,7 +508,7 @@ def _launch_fused(
 ) -> None:
     """Launch :func:`_fused_gemm_kernel` on ``(grid_m, column blocks)`` with the arguments both GEMMs share; the
     GEMM's own (weight format, bias, ``GATED``...) come in ``kernel_args``."""
-    _fused_gemm_kernel[(grid_m, triton.cdiv(n_out, config.block_n))](
+    _fused_gemm_kernel[(grid_m, cdiv(n_out, config.block_n))](
         a, w, out, layout.row_slot, layout.block_expert, topk_weights, layout.slot_row,
         layout.top_k, layout.num_blocks, layout.slot_row.numel(), n_out, k_dim,
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
@@ -672,7 +672,7 @@ def fused_gemm2_weighted(
     if n_slots == 0 or hidden == 0:
         return out
     zero_empty = top_k == 1
-    grid_m = layout.num_blocks + (triton.cdiv(n_slots, config.block_m) if zero_empty else 0)
+    grid_m = layout.num_blocks + (cdiv(n_slots, config.block_m) if zero_empty else 0)
     _launch_fused(act, w2, out, layout, topk_weights, config, n_out=hidden, k_dim=inter, grid_m=grid_m, up_offset=0,
                   up_scale_offset=0, GATED=False, HAS_WEIGHTS=topk_weights is not None, ZERO_EMPTY=zero_empty,
                   **SILU.kernel_constants(), **biased, **scales)  # fmt: skip

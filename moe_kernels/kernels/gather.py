@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_same_device, check_tensor, pick_row_block
+from ._common import FLOAT_DTYPES, cdiv, check_same_device, check_tensor, pick_row_block
 from .permute import ContiguousLayout, MaskedLayout, resolve_dst_row
 
 
@@ -90,7 +90,7 @@ def weighted_gather(
         return out
     y_rows = y.view(-1, hidden)
     block, num_warps = pick_row_block(num_tokens, hidden)
-    _weighted_gather_kernel[(num_tokens, triton.cdiv(hidden, block))](
+    _weighted_gather_kernel[(num_tokens, cdiv(hidden, block))](
         y_rows,
         dst_row,
         topk_weights,

@@ -31,7 +31,7 @@ import triton.language as tl
 from moe_kernels.mlp import fp8
 from moe_kernels.mlp.activations import SILU, Activation
 
-from ._common import FLOAT_DTYPES, check_same_device, check_tensor, interpreting
+from ._common import FLOAT_DTYPES, cdiv, check_same_device, check_tensor, interpreting
 from .activation import apply_activation
 from .bias import bias_args, bias_row
 from .dequant import PackedWeight, check_packed, groups_per_tile, load_weight_tile, packed_constant
@@ -213,10 +213,10 @@ def _check_operands(
     elif quantized:
         check_tensor("a", a, dtypes=(fp8.FP8_DTYPE,), ndim=a.dim())
         check_tensor("b", b, dtypes=(fp8.FP8_DTYPE,), ndim=3)
-        scale_shape = (*a.shape[:-1], triton.cdiv(a.shape[-1], fp8.SCALE_BLOCK))
+        scale_shape = (*a.shape[:-1], cdiv(a.shape[-1], fp8.SCALE_BLOCK))
         check_tensor("a_scale", a_scale, dtypes=(torch.float32,), shape=scale_shape, contiguous=False)
         e, n, k = b.shape
-        b_scale_shape = (e, triton.cdiv(n, b_scale_block[0]), triton.cdiv(k, b_scale_block[1]))
+        b_scale_shape = (e, cdiv(n, b_scale_block[0]), cdiv(k, b_scale_block[1]))
         check_tensor("b_scale", b_scale, dtypes=(torch.float32,), shape=b_scale_shape, contiguous=False)
         if activation is not None:
             raise ValueError("activation: fp8 operands take the activation as a kernel of its own (GEMM2 input)")
@@ -338,11 +338,11 @@ def _grouped_gemm(
     )
     # masked: E groups of M rows, each tiled on its own; contiguous: one group of R rows
     rows_per_group = a.shape[-2]
-    num_row_tiles = (a.shape[0] if masked else 1) * triton.cdiv(rows_per_group, block_m)
+    num_row_tiles = (a.shape[0] if masked else 1) * cdiv(rows_per_group, block_m)
     if num_row_tiles == 0 or n_out == 0:
         return out
     fused = activation is not None and activation.gated
-    _grouped_gemm_kernel[(num_row_tiles, triton.cdiv(n_out, block_n))](
+    _grouped_gemm_kernel[(num_row_tiles, cdiv(n_out, block_n))](
         a, b, out, rows, a_scale, b_scale, a.numel() // max(k_dim, 1), rows_per_group, n_out, k_dim,
         b.stride(0), b.stride(1),
         # Offset of the up rows from the gate rows, precomputed so the product is 64-bit on host.

@@ -22,7 +22,16 @@ import triton.language as tl
 
 from moe_kernels.mlp import fp8
 
-from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor, interpreting, pick_row_block
+from ._common import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    cdiv,
+    check_same_device,
+    check_tensor,
+    interpreting,
+    next_power_of_2,
+    pick_row_block,
+)
 from .quant import check_group, check_scale_out, quantize_groups, row_tiles, scale_row_offset, scale_strides
 
 _SLOT_BLOCK = 256
@@ -230,7 +239,7 @@ def _count_and_rank(topk_ids: torch.Tensor, dst: torch.Tensor | None, num_expert
     counts = torch.zeros(num_experts, dtype=torch.int32, device=topk_ids.device)
     n_slots = topk_ids.numel()
     if n_slots:
-        _count_rank_kernel[(triton.cdiv(n_slots, _SLOT_BLOCK),)](
+        _count_rank_kernel[(cdiv(n_slots, _SLOT_BLOCK),)](
             topk_ids, counts, dst, n_slots, num_experts, WRITE_DST=dst is not None, BLOCK=_SLOT_BLOCK
         )
     return counts
@@ -273,11 +282,11 @@ def _sorted_rows(
         segment_ends,
         num_experts,
         alignment,
-        E_PAD=triton.next_power_of_2(num_experts),
+        E_PAD=next_power_of_2(num_experts),
     )
     row_slot, block_expert, slot_index = slot_maps if slot_maps is not None else (None, None, None)
     if n_slots:
-        _place_kernel[(triton.cdiv(n_slots, _SLOT_BLOCK),)](
+        _place_kernel[(cdiv(n_slots, _SLOT_BLOCK),)](
             topk_ids,
             expert_start,
             dst_row,
@@ -377,10 +386,10 @@ def masked_layout(topk_ids: torch.Tensor, num_experts: int, capacity: int) -> Ma
     dst_row = torch.empty(topk_ids.shape, dtype=torch.int64, device=device)
     counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
     if topk_ids.numel():
-        k_pad = triton.next_power_of_2(top_k)
+        k_pad = next_power_of_2(top_k)
         # The [tokens, K, K] comparison tile stays near 2048 elements.
         block_t = max(1, min(256, 2048 // (k_pad * k_pad)))
-        _masked_rank_kernel[(triton.cdiv(num_tokens, block_t),)](
+        _masked_rank_kernel[(cdiv(num_tokens, block_t),)](
             topk_ids,
             counts,
             dst_row,
@@ -474,7 +483,7 @@ def _scatter(
         raise ValueError(f"out: expected shape [..., {hidden}], got {list(out.shape)}")
     if quant:
         check_group(group)
-        check_scale_out(scale_out, out.shape[:-1], triton.cdiv(hidden, group))
+        check_scale_out(scale_out, out.shape[:-1], cdiv(hidden, group))
     check_same_device(x=x, dst_row=dst_row, out=out, scale_out=scale_out)
     if num_tokens == 0 or hidden == 0:
         return
@@ -487,7 +496,7 @@ def _scatter(
         scale_out,
         1 if dst_row is None else dst_row.shape[1],
         hidden,
-        triton.cdiv(hidden, group),
+        cdiv(hidden, group),
         x.stride(0),
         hidden,
         *scale_strides(scale_out),

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from moe_kernels.mlp import fp8
 
-from ._common import check_tensor
+from ._common import cdiv, check_tensor
 
 _FP8_MAX = tl.constexpr(fp8.FP8_MAX)
 _EPS = tl.constexpr(fp8.EPS)
@@ -97,6 +97,6 @@ def row_tiles(num_rows: int, n_cols: int, block: int, group: int | None) -> tupl
     """``(GROUP, G, grid columns)``: a program covers ``G`` column groups of ``GROUP`` (one
     scale each when quantizing: ``GROUP = group``; otherwise one group of ``block`` columns)."""
     if group is None:
-        return block, 1, triton.cdiv(n_cols, block)
+        return block, 1, cdiv(n_cols, block)
     per_program = max(1, block // group)
-    return group, per_program, triton.cdiv(triton.cdiv(n_cols, group), per_program)
+    return group, per_program, cdiv(cdiv(n_cols, group), per_program)

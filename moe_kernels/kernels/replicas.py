@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import cdiv
+
 BLOCK = 256
 
 
@@ -36,7 +38,7 @@ def replica_slots(topk_ids: torch.Tensor, table: torch.Tensor, load: torch.Tenso
         return out
     table = table.contiguous()
     width = table.shape[1] if table.dim() == 2 else 1
-    grid = (triton.cdiv(numel, BLOCK),)
+    grid = (cdiv(numel, BLOCK),)
     record = load is not None
     _choose_slots_kernel[grid](
         ids, table, out, load if record else out, numel, ids.shape[1], width, RECORD=record, BLOCK=BLOCK

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import cdiv, next_power_of_2
+
 #: most score elements a program holds (BLOCK_T x BLOCK_E fp32, plus the choice and a mask)
 _TILE_ELEMENTS = 4096
 
@@ -132,15 +134,15 @@ def fused_route(
     ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=logits.device)
     if num_tokens == 0:
         return weights, ids
-    block_e = triton.next_power_of_2(num_experts)
-    block_t = max(1, min(16, _TILE_ELEMENTS // block_e, triton.next_power_of_2(num_tokens)))
-    _route_kernel[(triton.cdiv(num_tokens, block_t),)](
+    block_e = next_power_of_2(num_experts)
+    block_t = max(1, min(16, _TILE_ELEMENTS // block_e, next_power_of_2(num_tokens)))
+    _route_kernel[(cdiv(num_tokens, block_t),)](
         logits, correction_bias if correction_bias is not None else logits, weights, ids,
         num_tokens, num_experts, logits.stride(0), num_experts // routing.num_groups, float(routing.scaling),
-        TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), SOFTMAX=routing.softmax,
+        TOP_K=top_k, K_PAD=next_power_of_2(top_k), SOFTMAX=routing.softmax,
         CHOOSE_ON_LOGITS=routing.choose_on_logits, HAS_BIAS=correction_bias is not None,
         RENORMALIZE=routing.renormalize, GROUPS=routing.num_groups, TOPK_GROUP=routing.topk_group,
-        G_PAD=triton.next_power_of_2(routing.num_groups), TOP2_SUM=routing.top2_sum,
+        G_PAD=next_power_of_2(routing.num_groups), TOP2_SUM=routing.top2_sum,
         BLOCK_T=block_t, BLOCK_E=block_e,
     )  # fmt: skip
     return weights, ids
