@@ -20,6 +20,7 @@ own interpreter switches stay off, so what compiles is what a GPU runs.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 import subprocess
@@ -130,20 +131,49 @@ def _random_layer(cfg: Any, kernel: Any, placement: Any) -> Any:
     return layer
 
 
+def _build(label: str, pf: Any, experts: Any, moe: Any, quant: Any, placement: Any = None) -> tuple:
+    """``(label, a random layer of the pair, token counts)``."""
+    from moe_kernels import LayerConfig, ParallelConfig, compose
+
+    cfg = LayerConfig(name=label, moe=moe, quant=quant, parallel=ParallelConfig(max_tokens_per_rank=1024))
+    kernel = compose(pf, experts, cfg, placement=placement, device="cpu")
+    return label, _random_layer(cfg, kernel, placement), [1, 64, 1024]
+
+
+def _tuned_tile_layers() -> Iterator[tuple[str, Any, list[int]]]:
+    """The fused path with each tiling the shipped tables measured (per GPU, shape and format): the
+    tiles decide what compiles, not the layer's size, so a small layer stands in for each shape."""
+    from moe_kernels import FusedTritonExperts, LocalPrepareAndFinalize, MoEConfig, QuantConfig
+    from moe_kernels.core import tuning
+    from moe_kernels.kernels import FusedConfig
+
+    moe = MoEConfig(num_experts=16, top_k=4, hidden_size=256, intermediate_size=256, dtype=torch.bfloat16)
+    seen: set[tuple[str, str]] = set()
+    for path in sorted(tuning.SHIPPED_DIR.glob("*.json")):
+        for key, entry in tuning.load_table(path).shapes.items():
+            scheme = key.rsplit(",", 1)[-1]
+            for t, config in entry.get("kernels", {}).get(FusedTritonExperts.__name__, {}).items():
+                if (scheme, repr(config)) in seen:
+                    continue
+                seen.add((scheme, repr(config)))
+                tiles = (FusedConfig(**config["gemm1"]), FusedConfig(**config["gemm2"]))
+                label = f"{path.stem} {key}, tiles of T={t},"
+                part = FusedTritonExperts(tiles={1: tiles})
+                _, layer, _ = _build(label, LocalPrepareAndFinalize(), part, moe, QuantConfig(scheme=scheme))
+                yield label, layer, [64]
+
+
 def _layers() -> Iterator[tuple[str, Any, list[int]]]:
     """``(label, FusedMoE, token counts)``: the Triton pairs on every weight format, activation
     variants, biases, grouped sigmoid routing with a correction bias, and replicas."""
     from moe_kernels import (
         FusedTritonExperts,
-        LayerConfig,
         LocalMaskedPrepareAndFinalize,
         LocalPrepareAndFinalize,
         MaskedTritonExperts,
         MoEConfig,
-        ParallelConfig,
         QuantConfig,
         TritonExperts,
-        compose,
     )
     from moe_kernels.core.placement import ExpertPlacement
     from moe_kernels.mlp.activations import Activation
@@ -162,13 +192,10 @@ def _layers() -> Iterator[tuple[str, Any, list[int]]]:
         "mxfp4": QuantConfig(scheme="mxfp4"),
     }
     base = dict(num_experts=16, top_k=4, hidden_size=256, intermediate_size=256, dtype=torch.bfloat16)
-    par = ParallelConfig(max_tokens_per_rank=1024)
 
     def build(label: str, pair: str, moe: MoEConfig, quant: QuantConfig, placement: Any = None) -> tuple:
-        cfg = LayerConfig(name=label, moe=moe, quant=quant, parallel=par)
         pf, experts = pairs[pair]
-        kernel = compose(pf(), experts(), cfg, placement=placement, device="cpu")
-        return label, _random_layer(cfg, kernel, placement), [1, 64, 1024]
+        return _build(label, pf(), experts(), moe, quant, placement)
 
     for pair in pairs:
         for name, quant in quants.items():
@@ -193,7 +220,7 @@ def _calls() -> Iterator[tuple[str, Callable[[], object]]]:
     from moe_kernels.core.placement import ExpertPlacement
     from moe_kernels.kernels.replicas import replica_slots
 
-    for label, layer, token_counts in _layers():
+    for label, layer, token_counts in itertools.chain(_layers(), _tuned_tile_layers()):
         for tokens in token_counts:
             x = torch.randn(tokens, layer.cfg.moe.hidden_size, dtype=layer.cfg.moe.dtype)
             yield f"{label} T={tokens}", lambda layer=layer, x=x: layer(x)
