@@ -210,6 +210,13 @@ def test_check_and_time_measures_error_and_time() -> None:
         assert r.flops == 6 * r.tokens * 2 * 64 * 128
     table = bench_layer_cli.format_results(results, 3e-2)
     assert table.splitlines()[0].startswith("| tokens |") and len(table.splitlines()) == 4
+    # more timers (bench layer's host and graph times on a GPU) add a column each, in order
+    calls = []
+    more = {"a us": lambda fn: calls.append(fn()) or 1.0, "b us": lambda fn: 2.0}
+    timed = bench_layer_cli.measure(layer, [2], timer=bench_layer.cpu_timer, more_timers=more)
+    assert timed[0].more_us == {"a us": 1.0, "b us": 2.0} and len(calls) == 1 and calls[0].shape == (2, 64)
+    header = bench_layer_cli.format_results(timed, 3e-2).splitlines()[0]
+    assert header.index("layer us") < header.index("a us") < header.index("b us") < header.index("TFLOP/s")
 
     broken = ModularKernel(LocalPrepareAndFinalize(), ZeroExperts(), layer_context(cfg, device="cpu"))
     wrong = bench_layer.random_layer(cfg, torch.device("cpu"), kernel=broken)

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from pydantic import ValidationError
@@ -110,7 +110,8 @@ class LayerResult:
     layer_us: float
     reference_us: float | None
     flops: float  # of the expert GEMMs: 2 x T x K x (2I x H + H x I)
-    host_us: float | None = None  # the host's time per layer call (what eager callers pay at least)
+    #: the layer timed by the ``more_timers`` of :func:`check_and_time`, by their names
+    more_us: dict[str, float] = field(default_factory=dict)
 
     @property
     def tflops(self) -> float:
@@ -126,12 +127,11 @@ def check_and_time(
     seed: int = 0,
     time_reference: bool = True,
     progress: Callable[[str], None] | None = None,
-    host_timer: Timer | None = None,
+    more_timers: Mapping[str, Timer] | None = None,
 ) -> LayerResult:
     """Run ``layer`` on ``tokens`` random rows, compare with the reference kernel on the same
-    routing, then time the layer (and the reference, when asked; and the host's share of a layer
-    call with ``host_timer``, e.g. :func:`~moe_kernels.selection.timing.host_us`). Single-process
-    only."""
+    routing, then time the layer (and the reference, when asked; and the layer again with each of
+    ``more_timers``, e.g. the host's time of a call). Single-process only."""
     cfg = layer.cfg
     device = layer.kernel.ctx.device
     gen = torch.Generator(device=device).manual_seed(seed + 1)
@@ -152,10 +152,10 @@ def check_and_time(
         say("timing")
         layer_us = timer(lambda: layer(x))
         ref_us = timer(run_ref) if time_reference else None
-        host = host_timer(lambda: layer(x)) if host_timer is not None else None
+        more = {name: more_timer(lambda: layer(x)) for name, more_timer in (more_timers or {}).items()}
     m = cfg.moe
     flops = 6.0 * tokens * m.top_k * m.hidden_size * m.intermediate_size
-    return LayerResult(tokens, diff, diff / scale if scale > 0 else diff, layer_us, ref_us, flops, host)
+    return LayerResult(tokens, diff, diff / scale if scale > 0 else diff, layer_us, ref_us, flops, more)
 
 
 class CliError(Exception):
