@@ -28,7 +28,11 @@ INT4 = 1
 MXFP4 = 2
 
 _INT4_ZERO = tl.constexpr(float(packed_numbers.INT4_SYMMETRIC_ZERO))
-_E8M0_BIAS = tl.constexpr(float(packed_numbers.E8M0_BIAS))
+#: float32 bits of 0.5 (e2m1's one subnormal) and of 2^-127 (e8m0's smallest scale, subnormal)
+_HALF_BITS = tl.constexpr(0x3F000000)
+_MIN_E8M0_BITS = tl.constexpr(0x00400000)
+# e8m0 and float32 share the exponent bias, so a scale's bits are a float32 exponent field
+assert packed_numbers.E8M0_BIAS == 127
 
 
 @triton.jit
@@ -48,33 +52,57 @@ def load_weight_tile(
         raw = tl.load(w_ptrs, mask=mask, other=0)
         k = k0 + tl.arange(0, BLOCK_K)
         nibble = (raw >> ((k % 2) * 4).to(tl.uint8)[:, None]) & 0xF
-        scale = _per_group(scale_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, GROUPS, BLOCK_K)
+        # mxfp4's e8m0 scales become float per group, before they are spread over the weights
+        scale = _per_group(scale_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, PACKED == 2, GROUPS, BLOCK_K)
         if PACKED == 1:
             if HAS_ZERO:
-                zero = _per_group(zero_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, GROUPS, BLOCK_K)
+                zero = _per_group(zero_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, False, GROUPS, BLOCK_K)
                 w = (nibble.to(tl.float32) - zero.to(tl.float32)) * scale
             else:
                 w = (nibble.to(tl.float32) - _INT4_ZERO) * scale
         else:
-            e = ((nibble >> 1) & 3).to(tl.float32)
-            m = (nibble & 1).to(tl.float32)
-            # e == 0: subnormal 0 or 0.5; else (1 + m / 2) * 2^(e - 1): 1, 1.5, 2, 3, 4, 6
-            magnitude = tl.where(e == 0.0, m * 0.5, (1.0 + m * 0.5) * tl.exp2(e - 1.0))
-            w = tl.where((nibble & 8) != 0, -magnitude, magnitude) * tl.exp2(scale.to(tl.float32) - _E8M0_BIAS)
+            w = _e2m1_to_float(nibble) * scale
     return w
 
 
 @triton.jit
-def _per_group(ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, GROUPS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _e2m1_to_float(nibble):
+    """e2m1 nibbles (sign, 2 exponent bits, 1 mantissa bit) -> their float32 values, written as
+    float32 bits with integer operations: (1 + m / 2) * 2^(e - 1) is exponent e + 126 and
+    mantissa bit m; e == 0 is 0 or 0.5. The arithmetic form costs two exp2 a weight."""
+    e = ((nibble >> 1) & 3).to(tl.uint32)
+    m = (nibble & 1).to(tl.uint32)
+    bits = tl.where(e == 0, tl.where(m == 0, 0, _HALF_BITS), ((e + 126) << 23) | (m << 22))
+    bits = bits | ((nibble & 8).to(tl.uint32) << 28)  # the sign: bit 3 of the nibble to bit 31
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e8m0_to_float(s):
+    """e8m0 scales (a biased exponent) -> 2^(s - 127) in float32, as bits: the exponent field is s
+    (s == 0 is the subnormal 2^-127)."""
+    s = s.to(tl.uint32)
+    return tl.where(s == 0, _MIN_E8M0_BITS, s << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _per_group(
+    ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, E8M0: tl.constexpr, GROUPS: tl.constexpr, BLOCK_K: tl.constexpr
+):  # fmt: skip
     """The per-group values (scales, zero points) of the K tile from ``k0``: ``[1, BLOCK_N]`` when
     one group spans the tile, else ``GROUPS`` loads per column broadcast to ``[BLOCK_K,
-    BLOCK_N]`` -- one load per group, not per element."""
+    BLOCK_N]`` -- one load per group, not per element; ``E8M0`` scales are turned into floats
+    before the broadcast."""
     if GROUPS == 1:
         v = tl.load(ptr + row_offs[None, :] + (k0 // group) * stride_sk, mask=col_ok[None, :], other=0)
+        if E8M0:
+            v = _e8m0_to_float(v)
     else:
         g = k0 // group + tl.arange(0, GROUPS)
         g_ok = (g * group < k_dim)[:, None] & col_ok[None, :]
         v = tl.load(ptr + row_offs[None, :] + g.to(tl.int64)[:, None] * stride_sk, mask=g_ok, other=0)
+        if E8M0:
+            v = _e8m0_to_float(v)
         v = tl.reshape(tl.broadcast_to(v[:, None, :], (GROUPS, BLOCK_K // GROUPS, v.shape[1])), (BLOCK_K, v.shape[1]))
     return v
 
