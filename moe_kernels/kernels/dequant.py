@@ -28,6 +28,14 @@ INT4 = 1
 MXFP4 = 2
 
 _INT4_ZERO = tl.constexpr(float(packed_numbers.INT4_SYMMETRIC_ZERO))
+#: how :func:`_per_group` hands its values over: as loaded, e8m0 scales as floats, integers as
+#: floats plus 2^23
+_RAW = tl.constexpr(0)
+_E8M0_SCALE = tl.constexpr(1)
+_INT_PLUS_2_23 = tl.constexpr(2)
+#: 2^23 and its float32 bits, whose mantissa an integer below 2^23 can be OR-ed into
+_TWO_POW_23 = tl.constexpr(8388608.0)
+_TWO_POW_23_BITS = tl.constexpr(0x4B000000)
 #: float32 bits of 0.5 (e2m1's one subnormal) and of 2^-127 (e8m0's smallest scale, subnormal)
 _HALF_BITS = tl.constexpr(0x3F000000)
 _MIN_E8M0_BITS = tl.constexpr(0x00400000)
@@ -52,14 +60,21 @@ def load_weight_tile(
         raw = tl.load(w_ptrs, mask=mask, other=0)
         k = k0 + tl.arange(0, BLOCK_K)
         nibble = (raw >> ((k % 2) * 4).to(tl.uint8)[:, None]) & 0xF
-        # mxfp4's e8m0 scales become float per group, before they are spread over the weights
-        scale = _per_group(scale_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, PACKED == 2, GROUPS, BLOCK_K)
+        # per-group values become floats per group, before they are spread over the weights (a
+        # constexpr argument each: a value chosen by a conditional expression is not one)
+        if PACKED == 2:
+            scale = _per_group(scale_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, _E8M0_SCALE, GROUPS, BLOCK_K)
+        else:
+            scale = _per_group(scale_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, _RAW, GROUPS, BLOCK_K)
         if PACKED == 1:
+            # 2^23 + n, exact, by OR-ing n into 2^23's bits: no int-to-float conversion a weight
+            w = (nibble.to(tl.uint32) | _TWO_POW_23_BITS).to(tl.float32, bitcast=True)
             if HAS_ZERO:
-                zero = _per_group(zero_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, False, GROUPS, BLOCK_K)
-                w = (nibble.to(tl.float32) - zero.to(tl.float32)) * scale
+                zero = _per_group(zero_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, _INT_PLUS_2_23, GROUPS,
+                                  BLOCK_K)  # fmt: skip
+                w = (w - zero) * scale
             else:
-                w = (nibble.to(tl.float32) - _INT4_ZERO) * scale
+                w = (w - (_INT4_ZERO + _TWO_POW_23)) * scale
         else:
             w = _e2m1_to_float(nibble) * scale
     return w
@@ -87,23 +102,31 @@ def _e8m0_to_float(s):
 
 @triton.jit
 def _per_group(
-    ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, E8M0: tl.constexpr, GROUPS: tl.constexpr, BLOCK_K: tl.constexpr
+    ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, AS_FLOAT: tl.constexpr, GROUPS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """The per-group values (scales, zero points) of the K tile from ``k0``: ``[1, BLOCK_N]`` when
     one group spans the tile, else ``GROUPS`` loads per column broadcast to ``[BLOCK_K,
-    BLOCK_N]`` -- one load per group, not per element; ``E8M0`` scales are turned into floats
-    before the broadcast."""
+    BLOCK_N]`` -- one load per group, not per element. ``AS_FLOAT`` (:data:`_RAW`,
+    :data:`_E8M0_SCALE`, :data:`_INT_PLUS_2_23`) turns them into floats before the broadcast."""
     if GROUPS == 1:
-        v = tl.load(ptr + row_offs[None, :] + (k0 // group) * stride_sk, mask=col_ok[None, :], other=0)
-        if E8M0:
-            v = _e8m0_to_float(v)
+        v = _as_float(tl.load(ptr + row_offs[None, :] + (k0 // group) * stride_sk, mask=col_ok[None, :], other=0),
+                      AS_FLOAT)  # fmt: skip
     else:
         g = k0 // group + tl.arange(0, GROUPS)
         g_ok = (g * group < k_dim)[:, None] & col_ok[None, :]
         v = tl.load(ptr + row_offs[None, :] + g.to(tl.int64)[:, None] * stride_sk, mask=g_ok, other=0)
-        if E8M0:
-            v = _e8m0_to_float(v)
+        v = _as_float(v, AS_FLOAT)
         v = tl.reshape(tl.broadcast_to(v[:, None, :], (GROUPS, BLOCK_K // GROUPS, v.shape[1])), (BLOCK_K, v.shape[1]))
+    return v
+
+
+@triton.jit
+def _as_float(v, AS_FLOAT: tl.constexpr):
+    if AS_FLOAT == 1:  # _E8M0_SCALE
+        v = _e8m0_to_float(v)
+    elif AS_FLOAT == 2:  # _INT_PLUS_2_23: int4 zero points, offset like the weights they meet
+        v = v.to(tl.float32) + _TWO_POW_23
     return v
 
 
