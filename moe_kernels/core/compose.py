@@ -157,6 +157,14 @@ def check_tp_agreement(ctx: LayerContext) -> None:
     check_agreement(ctx.tp_group, "tensor-parallel experts", fields)
 
 
+def require_part(part: PrepareAndFinalize | PermuteExpertsUnpermute, ctx: LayerContext) -> None:
+    """:class:`IncompatibleKernelsError` listing every check ``part`` fails on ``ctx`` (one part
+    on its own, as an engine adapter runs it)."""
+    failed = [c for c in part.checks(ctx) if not c.ok]
+    if failed:
+        raise IncompatibleKernelsError(part.name, failed)
+
+
 def check_pair(
     prepare_finalize: PrepareAndFinalize, experts: PermuteExpertsUnpermute, ctx: LayerContext
 ) -> list[Check]:

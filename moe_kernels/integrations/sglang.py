@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig
-from moe_kernels.core.compose import IncompatibleKernelsError, WorkspaceCache, layer_context
+from moe_kernels.core.compose import WorkspaceCache, layer_context, require_part
 from moe_kernels.core.contract import LayerContext, Layout, MaskedTokens, PermuteExpertsUnpermute, StandardTokens
 from moe_kernels.mlp.activations import Activation
 from moe_kernels.mlp.weights import ExpertWeights
@@ -157,9 +157,7 @@ def _bound_part(
         if set_fields:
             raise ValueError(f"MoeRunnerConfig: {', '.join(set_fields)}: DeepEP's combine applies the routing weights")
     part = part_type()
-    failed = [c for c in part.checks(ctx) if not c.ok]
-    if failed:
-        raise IncompatibleKernelsError(part.name, failed)
+    require_part(part, ctx)
     part.bind(ctx)
     return part, ctx
 

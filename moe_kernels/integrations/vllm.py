@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from moe_kernels.config import LayerConfig, MoEConfig, ParallelConfig, QuantConfig
-from moe_kernels.core.compose import IncompatibleKernelsError, Kernel, WorkspaceCache, layer_context
+from moe_kernels.core.compose import IncompatibleKernelsError, Kernel, WorkspaceCache, layer_context, require_part
 from moe_kernels.core.contract import (
     Check,
     LayerContext,
@@ -114,9 +114,7 @@ def _bound_context(moe_config: Any, quant_config: Any, part: Any, max_tokens: in
     """The local LayerContext of ``moe_config``, checked against ``part``; ``ValueError`` naming
     every failed check."""
     ctx = layer_context(local_layer_config(moe_config, quant_config, max_tokens=max_tokens), device=moe_config.device)
-    failed = [c for c in part.checks(ctx) if not c.ok]
-    if failed:
-        raise IncompatibleKernelsError(part.name, failed)
+    require_part(part, ctx)
     return ctx
 
 

@@ -78,6 +78,11 @@ class Routing:
     def of(cls, moe: MoEConfig) -> Routing:
         return cls(**{f.name: getattr(moe, f.name) for f in fields(cls)})
 
+    def group_score_with(self, correction_bias: bool) -> GroupScore:
+        """The group score in force: ``group_score``, else ``top2_sum`` with a correction bias and
+        ``max`` without."""
+        return self.group_score or ("top2_sum" if correction_bias else "max")
+
     def fused(self, num_experts: int, *, correction_bias: bool) -> FusedRouting | None:
         """These options as the one-launch routing kernel takes them
         (:func:`moe_kernels.kernels.routing.fused_route`), or ``None`` where it does not implement
@@ -94,7 +99,7 @@ class Routing:
         ):
             return None
         groups = self.num_expert_group or 1
-        score = self.group_score or ("top2_sum" if correction_bias else "max")
+        score = self.group_score_with(correction_bias)
         return FusedRouting(
             softmax=self.scoring == "softmax",
             choose_on_logits=self.choose_on == "logits",
@@ -170,7 +175,7 @@ def _choose_ids(choice: torch.Tensor, top_k: int, correction_bias: torch.Tensor 
         choice = choice + correction_bias.float()
     if r.num_expert_group is not None:
         assert r.topk_group is not None  # checked together with num_expert_group
-        score = r.group_score or ("top2_sum" if correction_bias is not None else "max")
+        score = r.group_score_with(correction_bias is not None)
         choice = _mask_to_best_groups(choice, choice.shape[1], r.num_expert_group, r.topk_group, score, r.group_fill)
     return choice.topk(top_k, dim=-1).indices
 
