@@ -63,6 +63,30 @@ def test_run_fails_on_a_wrong_kernel(monkeypatch: pytest.MonkeyPatch, capsys: py
 
 
 @pytest.mark.parametrize(
+    "extra",
+    [
+        "  expert_bias: true\n",
+        "  expert_bias: true\nquant: {scheme: fp8_w8a8_tensor}\n",
+        "quant: {scheme: fp8_w8a8_channel}\n",
+        "quant: {scheme: int4_w4a16, group_size: 32}\n",
+        "quant: {scheme: mxfp4}\n",
+    ],
+)
+def test_run_draws_every_weight_format_and_bias(extra: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # fp8 per-tensor layers load whole experts, never one projection at a time; biases are drawn too
+    config = tmp_path / "layer.yaml"
+    config.write_text(Path(TINY).read_text() + extra)
+    assert main(["run", "--config", str(config), "--tokens", "5", "--device", "cpu"]) == 0
+    assert re.search(r"result +OK", capsys.readouterr().out)
+    layer = bench_layer.random_layer(load_config(config), torch.device("cpu"))
+    if "expert_bias" in extra:
+        assert layer.w13_bias is not None and layer.w2_bias is not None
+        assert layer.w13_bias.abs().min() > 0 and layer.w2_bias.abs().min() > 0
+        # one expert's biases are not another's
+        assert not torch.equal(layer.w13_bias[0], layer.w13_bias[1])
+
+
+@pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["run", "--config", "configs/nope.yaml"], "config file not found: configs/nope.yaml"),

@@ -393,8 +393,10 @@ def _fused_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
     # w is [N, K] per expert, K contiguous: a [BLOCK_K, BLOCK_N] tile of it is w^T, so
-    # tl.dot(a, tile) = a @ w^T without a transpose. (packed: byte k // 2 holds column k)
-    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] // PACK
+    # tl.dot(a, tile) = a @ w^T without a transpose. (packed: the BLOCK_K / 2 bytes of a column's
+    # K tile, read contiguously and unpacked in registers)
+    offs_kw = tl.arange(0, BLOCK_K // PACK)
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_kw[:, None]
     # the offsets of each output column's (gate) row scales; the up row's are up_scale_offset further
     scale_offs = expert.to(tl.int64) * stride_wse + (cols // scale_bn).to(tl.int64) * stride_wsn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -403,7 +405,7 @@ def _fused_gemm_kernel(
         k_ok = offs_k < k_dim - k0
         # Padding rows (never written in GEMM1's output) are masked: stale values never enter the dot.
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_mask = k_ok[:, None] & col_ok[None, :]
+        w_mask = (offs_kw < (k_dim - k0) // PACK)[:, None] & col_ok[None, :]
         acc = _weight_dot(acc, a, w_ptrs, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, scale_offs,
                           stride_wsk, scale_bk, a_ptr.dtype.element_ty, FP8, PACKED, HAS_ZERO, GROUPS, UPCAST,
                           INPUT_PRECISION, BLOCK_K)  # fmt: skip

@@ -133,8 +133,10 @@ def _grouped_gemm_kernel(
     a_ptrs = a_ptr + rows[:, None] * k_dim + offs_k[None, :]
     # B is [N, K] row-major; reading it as a [BLOCK_K, BLOCK_N] tile gives A @ B^T directly (and
     # keeps it K-major, as fp8 wgmma wants).
-    # (packed: byte k // 2 holds column k; its scales at b_scale_offs + k // scale_bk * stride_bsk)
-    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + cols[None, :].to(tl.int64) * stride_bn + offs_k[:, None] // PACK
+    # (packed: the BLOCK_K / 2 bytes of a column's K tile, read contiguously and unpacked in
+    # registers; its scales at b_scale_offs + k // scale_bk * stride_bsk)
+    offs_kb = tl.arange(0, BLOCK_K // PACK)
+    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + cols[None, :].to(tl.int64) * stride_bn + offs_kb[:, None]
     b_scale_offs = expert.to(tl.int64) * stride_bse + cols.to(tl.int64) * stride_bsn
     if FP8:
         # Without SCALE_PER_COLUMN the whole N tile lies in one scale row (BLOCK_N divides bn).
@@ -147,7 +149,7 @@ def _grouped_gemm_kernel(
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_dim, BLOCK_K):
         k_ok = offs_k < k_dim - k0
-        b_mask = k_ok[:, None] & col_ok[None, :]
+        b_mask = (offs_kb < (k_dim - k0) // PACK)[:, None] & col_ok[None, :]
         # fp8 loads take a float `other` (the interpreter cannot cast the int 0 to fp8). Zeroed
         # padding rows and K tails contribute nothing even if the memory behind them holds NaNs.
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)

@@ -42,6 +42,9 @@ class WeightFormat(ABC):
     tolerance: ClassVar[float]
     #: weight values per stored ``weight`` element along K (two 4-bit values per byte)
     values_per_element: ClassVar[int] = 1
+    #: gate and up share w13's scales, so an expert's gate and up are stored together (from whole
+    #: experts: ``FusedMoE.load_expert_weights``), never one projection at a time
+    gate_and_up_together: ClassVar[bool] = False
 
     @abstractmethod
     def stored(self, n: int, k: int) -> StoredSpec:
@@ -182,6 +185,7 @@ class Fp8Tensor(Fp8Scaled):
     moves a value by at most half an e4m3 step of that scale."""
 
     kind: ClassVar[str] = "fp8_tensor"
+    gate_and_up_together: ClassVar[bool] = True
 
     def scale_block(self, n: int, k: int) -> tuple[int, int]:
         return max(n, 1), max(k, 1)

@@ -22,7 +22,7 @@ from torch import nn
 from moe_kernels.config import LayerConfig, MoEConfig
 from moe_kernels.core.validate import expect_tensor
 from moe_kernels.mlp import fp8
-from moe_kernels.mlp.formats import Dense, Fp8Tensor, Packed4Bit, WeightFormat
+from moe_kernels.mlp.formats import Dense, Packed4Bit, WeightFormat
 from moe_kernels.mlp.shard import IntermediateShard
 from moe_kernels.mlp.weights import ExpertWeights
 from moe_kernels.model.router import Router
@@ -188,7 +188,7 @@ class LayerLoader:
         copies = []
         if owned_scales is not None and not fmt.is_quantized:
             raise ValueError(f"{name}_scale: the layer is unquantized ({fmt.describe()}); pass float weights")
-        shared_scale = isinstance(fmt, Fp8Tensor) and not down
+        shared_scale = fmt.gate_and_up_together and not down
         if owned and (shared_scale or (isinstance(fmt, Packed4Bit) and owned_scales is not None)):
             # gate and up share w13's one fp8 scale (requantized together); packed 4-bit tensors
             # come in their checkpoints' packings, repacked whole (float weights are quantized here)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from pydantic import ValidationError
@@ -27,6 +27,8 @@ from moe_kernels.config import ConfigError, LayerConfig, load_config
 from moe_kernels.core.compose import Kernel, ModularKernel, compose
 from moe_kernels.core.placement import ExpertPlacement
 from moe_kernels.experts.reference import TorchReferenceExperts
+from moe_kernels.mlp.spec import ExpertMLP
+from moe_kernels.mlp.weights import ExpertWeights, quantize_weights
 from moe_kernels.model.layer import FusedMoE
 from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
 from moe_kernels.selection.timing import time_cuda
@@ -66,31 +68,66 @@ def random_layer(
     kernel: Kernel | None = None,
 ) -> FusedMoE:
     """A ``FusedMoE`` with random weights scaled so activations stay O(1): each matrix is
-    N(0, 1/fan_in). Every local expert gets its own weights, so a kernel that mixes experts
-    up shows in the error. FP8 layers quantize the drawn weights. ``progress`` advances by
-    one per local expert."""
+    N(0, 1/fan_in), each expert bias N(0, 1/fan_in) too. Every local expert gets its own weights, so
+    a kernel that mixes experts up shows in the error. Quantized layers quantize the drawn weights.
+    ``progress`` advances by one per local expert."""
     layer = FusedMoE(cfg, device=device, kernel=kernel)
     gen = torch.Generator(device=device).manual_seed(seed)
     h, i = cfg.moe.hidden_size, cfg.moe.intermediate_size
+    mlp = layer.cfg.mlp
+
+    def normal(*shape: int, fan_in: int) -> torch.Tensor:
+        return torch.empty(*shape, device=device).normal_(0.0, fan_in**-0.5, generator=gen)
+
     with torch.no_grad():
-        router = torch.empty(cfg.moe.num_experts, h, device=device).normal_(0.0, h**-0.5, generator=gen)
-        layer.load_weights(router_weight=router)
-        for e in layer.local_experts:
-            gate, up = torch.empty(2, i, h, device=device).normal_(0.0, h**-0.5, generator=gen)
-            down = torch.empty(h, i, device=device).normal_(0.0, i**-0.5, generator=gen)
-            layer.load_weights(gate_proj={e: gate}, up_proj={e: up}, down_proj={e: down})
-            if progress is not None:
-                progress.advance()
+        layer.load_weights(router_weight=normal(cfg.moe.num_experts, h, fan_in=h))
+        if mlp.weights.gate_and_up_together:
+            # one expert at a time in its stored format, then all of them at once
+            stored = []
+            for _ in layer.local_experts:
+                w13, w2 = normal(*mlp.w13_shape, fan_in=h), normal(*mlp.w2_shape, fan_in=mlp.inter)
+                stored.append(quantize_weights(w13[None], w2[None], mlp.weights))
+                if progress is not None:
+                    progress.advance()
+            layer.load_expert_weights(_stacked(stored, mlp, normal))
+        else:
+            for e in layer.local_experts:
+                gate, up = normal(2, i, h, fan_in=h)
+                layer.load_weights(gate_proj={e: gate}, up_proj={e: up}, down_proj={e: normal(h, i, fan_in=i)})
+                if mlp.biases:
+                    layer.load_weights(
+                        gate_proj_bias={e: normal(i, fan_in=h)},
+                        up_proj_bias={e: normal(i, fan_in=h)},
+                        down_proj_bias={e: normal(h, fan_in=i)},
+                    )
+                if progress is not None:
+                    progress.advance()
         if layer.shared_w13 is not None:
             width = cfg.moe.shared_width
-            gate, up = torch.empty(2, width, h, device=device).normal_(0.0, h**-0.5, generator=gen)
-            down = torch.empty(h, width, device=device).normal_(0.0, width**-0.5, generator=gen)
-            gated = layer.shared_gate is not None
-            expert_gate = torch.empty(1, h, device=device).normal_(0.0, h**-0.5, generator=gen) if gated else None
+            gate, up = normal(2, width, h, fan_in=h)
+            expert_gate = normal(1, h, fan_in=h) if layer.shared_gate is not None else None
             layer.load_weights(
-                shared_gate_proj=gate, shared_up_proj=up, shared_down_proj=down, shared_expert_gate=expert_gate
+                shared_gate_proj=gate,
+                shared_up_proj=up,
+                shared_down_proj=normal(h, width, fan_in=width),
+                shared_expert_gate=expert_gate,
             )
     return layer
+
+
+def _stacked(experts: list[ExpertWeights], mlp: ExpertMLP, normal: Callable[..., torch.Tensor]) -> ExpertWeights:
+    """One :class:`ExpertWeights` of single-expert ones, with random biases where ``mlp`` has them."""
+    first = experts[0]
+    parts = {f.name: getattr(first, f.name) for f in fields(first)}
+    stacked = {
+        name: torch.cat([getattr(e, name) for e in experts]) if isinstance(value, torch.Tensor) else value
+        for name, value in parts.items()
+    }
+    if mlp.biases:
+        n, (rows, hidden), inter = len(experts), mlp.w13_shape, mlp.inter
+        stacked["w13_bias"] = normal(n, rows, fan_in=hidden).to(mlp.dtype)
+        stacked["w2_bias"] = normal(n, hidden, fan_in=inter).to(mlp.dtype)
+    return ExpertWeights(**stacked)
 
 
 def reference_kernel(cfg: LayerConfig, device: torch.device, placement: ExpertPlacement) -> ModularKernel:
