@@ -38,9 +38,10 @@ _INT_PLUS_2_23 = tl.constexpr(2)
 #: 2^23 and its float32 bits, whose mantissa an integer below 2^23 can be OR-ed into
 _TWO_POW_23 = tl.constexpr(8388608.0)
 _TWO_POW_23_BITS = tl.constexpr(0x4B000000)
-#: float32 bits of 0.5 (e2m1's one subnormal) and of 2^-127 (e8m0's smallest scale, subnormal)
-_HALF_BITS = tl.constexpr(0x3F000000)
+#: float32 bits of 2^-127 (e8m0's smallest scale, subnormal)
 _MIN_E8M0_BITS = tl.constexpr(0x00400000)
+#: what :func:`_e2m1_times_2_pow_minus_14`'s values are short of
+_TWO_POW_14 = tl.constexpr(16384.0)
 # e8m0 and float32 share the exponent bias, so a scale's bits are a float32 exponent field
 assert packed_numbers.E8M0_BIAS == 127
 
@@ -50,11 +51,17 @@ def load_weight_tile(
     w_ptrs, mask, k0, k_dim, col_ok, scale_ptr, zero_ptr, row_offs, stride_sk, group,
     PACKED: tl.constexpr, HAS_ZERO: tl.constexpr, GROUPS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """The B tile ``[BLOCK_K, BLOCK_N]`` at ``w_ptrs`` as stored (dense, fp8), or unpacked to
-    float32: then ``w_ptrs [BLOCK_K / 2, BLOCK_N]`` point at the bytes of each column's row that hold
-    the columns ``k`` from ``k0``, ``row_offs [BLOCK_N]`` are the offsets of the rows' first scale (and zero point)
-    from ``scale_ptr`` (``zero_ptr``) and ``GROUPS`` the scale groups in a K tile (1: one group
-    spans the tile, ``BLOCK_K / group`` otherwise)."""
+    """The B tile ``[BLOCK_K, BLOCK_N]`` at ``w_ptrs`` as ``(w, scale)``.
+
+    Dense and fp8 weights: ``w`` as stored, scale 1. Packed 4-bit weights: ``w_ptrs [BLOCK_K / 2,
+    BLOCK_N]`` point at the bytes of each column's row that hold the columns ``k`` from ``k0``,
+    ``row_offs [BLOCK_N]`` are the offsets of the rows' first scale (and zero point) from
+    ``scale_ptr`` (``zero_ptr``) and ``GROUPS`` the scale groups in a K tile; ``w`` holds the
+    weights' float32 values and scale 1, except where :func:`scale_after_dot`: then ``w`` holds
+    bf16 e2m1 values times 2^-14 and ``scale [1, BLOCK_N]`` float32 their columns' scales, for the
+    tile's product (one multiply per output instead of one per weight)."""
+    # one return (the compiler wants every return of one type, dead constexpr branches included)
+    scale = 1.0
     if PACKED == 0:
         # float `other`: the interpreter cannot cast the int 0 to fp8
         w = tl.load(w_ptrs, mask=mask, other=0.0)
@@ -63,36 +70,56 @@ def load_weight_tile(
         # K order: row 2j of the tile is byte j's low nibble, row 2j + 1 its high one
         raw = tl.load(w_ptrs, mask=mask, other=0)
         nibble = tl.reshape(tl.permute(tl.join(raw & 0xF, raw >> 4), (0, 2, 1)), (BLOCK_K, raw.shape[1]))
-        # per-group values become floats per group, before they are spread over the weights (a
-        # constexpr argument each: a value chosen by a conditional expression is not one)
+        # per-group values become floats per group, before they meet the weights (a constexpr
+        # argument each: a value chosen by a conditional expression is not one)
         if PACKED == 2:
             scale = _per_group(scale_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, _E8M0_SCALE, GROUPS, BLOCK_K)
+            # e2m1 times 2^-14, exact in bf16 too; the 2^14 comes back before the scale (which
+            # may be as large as 2^127), on the dot's result where the scale waits for it
+            w = _e2m1_times_2_pow_minus_14(nibble)
+            if scale_after_dot(PACKED, GROUPS):
+                w = w.to(tl.bfloat16)
+            else:
+                w = w.to(tl.float32) * _TWO_POW_14
         else:
             scale = _per_group(scale_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, _RAW, GROUPS, BLOCK_K)
-        if PACKED == 1:
-            # 2^23 + n, exact, by OR-ing n into 2^23's bits: no int-to-float conversion a weight
-            w = (nibble.to(tl.uint32) | _TWO_POW_23_BITS).to(tl.float32, bitcast=True)
             if HAS_ZERO:
                 zero = _per_group(zero_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, _INT_PLUS_2_23, GROUPS,
                                   BLOCK_K)  # fmt: skip
-                w = (w - zero) * scale
             else:
-                w = (w - (_INT4_ZERO + _TWO_POW_23)) * scale
-        else:
-            w = _e2m1_to_float(nibble) * scale
-    return w
+                zero = _INT4_ZERO + _TWO_POW_23
+            # 2^23 + n, exact, by OR-ing n into 2^23's bits: no int-to-float conversion a weight.
+            # (128 + n as bf16 bits, the zero point subtracted after the dot as offset times the
+            # A rows' sums, measured slower on an H100: 49 against 39 us at Qwen3-30B-A3B's T = 1.)
+            w = (nibble.to(tl.uint32) | _TWO_POW_23_BITS).to(tl.float32, bitcast=True) - zero
+        if not scale_after_dot(PACKED, GROUPS):
+            w = w * scale
+            scale = 1.0
+    return w, scale
 
 
 @triton.jit
-def _e2m1_to_float(nibble):
-    """e2m1 nibbles (sign, 2 exponent bits, 1 mantissa bit) -> their float32 values, written as
-    float32 bits with integer operations: (1 + m / 2) * 2^(e - 1) is exponent e + 126 and
-    mantissa bit m; e == 0 is 0 or 0.5. The arithmetic form costs two exp2 a weight."""
-    e = ((nibble >> 1) & 3).to(tl.uint32)
-    m = (nibble & 1).to(tl.uint32)
-    bits = tl.where(e == 0, tl.where(m == 0, 0, _HALF_BITS), ((e + 126) << 23) | (m << 22))
-    bits = bits | ((nibble & 8).to(tl.uint32) << 28)  # the sign: bit 3 of the nibble to bit 31
-    return bits.to(tl.float32, bitcast=True)
+def scale_after_dot(PACKED: tl.constexpr, GROUPS: tl.constexpr):
+    """Whether :func:`load_weight_tile` leaves the scale to the dot's result: mxfp4 with one group
+    across the K tile (then ``partial * 2^14 * scale``)."""
+    return PACKED == 2 and GROUPS == 1
+
+
+@triton.jit
+def scaled_partial(partial, scale):
+    """A K tile's product ``[BLOCK_M, BLOCK_N]`` of :func:`load_weight_tile`'s mxfp4 codes -> that of
+    the weights: the codes' missing 2^14 first (no overflow before the scale), then the scales."""
+    return partial * _TWO_POW_14 * scale
+
+
+@triton.jit
+def _e2m1_times_2_pow_minus_14(nibble):
+    """e2m1 nibbles (sign, 2 exponent bits, 1 mantissa bit) -> their values times 2^-14, float16:
+    the three value bits placed as float16's low exponent bits and top mantissa bit. Both formats
+    have subnormals where the exponent field is 0, so 0.5 becomes float16's subnormal 2^-15 and
+    the others normals with exponent e - 15 = (e - 1) - 14. Integer operations only: no select."""
+    bits = ((nibble & 7).to(tl.uint16) << 9) | ((nibble & 8).to(tl.uint16) << 12)
+    return bits.to(tl.float16, bitcast=True)
 
 
 @triton.jit

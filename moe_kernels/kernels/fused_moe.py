@@ -39,7 +39,15 @@ from moe_kernels.mlp.activations import SILU, Activation
 from ._common import FLOAT_DTYPES, INDEX_DTYPES, cdiv, check_same_device, check_tensor, interpreting, next_power_of_2
 from .activation import apply_activation
 from .bias import bias_args, bias_row
-from .dequant import PackedWeight, check_packed, groups_per_tile, load_weight_tile, packed_constant
+from .dequant import (
+    PackedWeight,
+    check_packed,
+    groups_per_tile,
+    load_weight_tile,
+    packed_constant,
+    scale_after_dot,
+    scaled_partial,
+)
 from .gather import weighted_gather
 from .grouped_gemm import weight_scale
 from .permute import contiguous_rows_bound, contiguous_slot_rows
@@ -254,21 +262,6 @@ def _one_launch_layout(
 
 
 @triton.jit
-def _scaled_dot(acc, a, w, w_scale, FP8: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """``acc + a @ w`` for the A tile ``[BLOCK_M, BLOCK_K]`` and the B tile ``[BLOCK_K, BLOCK_N]``,
-    both in the activations' dtype; fp8 (weights upcast from e4m3, exact in bf16): a fresh fp32
-    partial per K tile times its weight scales ``[1, BLOCK_N]``, a K tile lying in one scale block."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        w = w.to(tl.float32)
-    if FP8:
-        acc += tl.dot(a, w, input_precision=INPUT_PRECISION) * w_scale
-    else:
-        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-    return acc
-
-
-@triton.jit
 def _weight_dot(
     acc,
     a,
@@ -291,17 +284,25 @@ def _weight_dot(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``acc`` plus the A tile times the weight tile ``[BLOCK_K, BLOCK_N]`` at ``w_ptrs`` of the K tile from
-    ``k0``: 4-bit weights dequantized (to ``a_dtype``) in the load, fp8 ones upcast to ``a_dtype`` and their
-    partial product times the scales of their columns' rows, at ``scale_offs`` from ``w_scale_ptr``."""
-    w = load_weight_tile(w_ptrs, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, scale_offs, stride_wsk, scale_bk,
-                         PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
-    if PACKED or FP8:
-        w = w.to(a_dtype)
-    w_scale = 1.0
+    """``acc`` plus the A tile ``[BLOCK_M, BLOCK_K]`` times the weight tile ``[BLOCK_K, BLOCK_N]`` at
+    ``w_ptrs`` of the K tile from ``k0``, both in ``a_dtype``: 4-bit weights dequantized in the load
+    (mxfp4's scales applied to the tile's product where one group spans the tile), fp8 ones upcast
+    (exact in bf16) and a fresh fp32 partial per K tile times the scales ``[1, BLOCK_N]`` of their
+    columns' rows, at ``scale_offs`` from ``w_scale_ptr``; a K tile lies in one scale block."""
+    w, w_scale = load_weight_tile(w_ptrs, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, scale_offs, stride_wsk,
+                                  scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
+    w = w.to(a_dtype)
+    if UPCAST:
+        a = a.to(tl.float32)
+        w = w.to(tl.float32)
     if FP8:
         w_scale = weight_scale(w_scale_ptr + scale_offs, k0 // scale_bk, stride_wsk, col_ok, True)
-    return _scaled_dot(acc, a, w, w_scale, FP8, UPCAST, INPUT_PRECISION)
+        acc += tl.dot(a, w, input_precision=INPUT_PRECISION) * w_scale
+    elif scale_after_dot(PACKED, GROUPS):
+        acc += scaled_partial(tl.dot(a, w, input_precision=INPUT_PRECISION), w_scale)
+    else:
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+    return acc
 
 
 @triton.jit

@@ -34,7 +34,15 @@ from moe_kernels.mlp.activations import SILU, Activation
 from ._common import FLOAT_DTYPES, cdiv, check_same_device, check_tensor, interpreting
 from .activation import apply_activation
 from .bias import bias_args, bias_row
-from .dequant import PackedWeight, check_packed, groups_per_tile, load_weight_tile, packed_constant
+from .dequant import (
+    PackedWeight,
+    check_packed,
+    groups_per_tile,
+    load_weight_tile,
+    packed_constant,
+    scale_after_dot,
+    scaled_partial,
+)
 
 if TYPE_CHECKING:  # (typing.Unpack is Python 3.11+; annotations are never evaluated)
     from typing_extensions import Unpack
@@ -153,10 +161,9 @@ def _grouped_gemm_kernel(
         # fp8 loads take a float `other` (the interpreter cannot cast the int 0 to fp8). Zeroed
         # padding rows and K tails contribute nothing even if the memory behind them holds NaNs.
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = load_weight_tile(b_ptrs, b_mask, k0, k_dim, col_ok, b_scale_ptr, b_zero_ptr, b_scale_offs, stride_bsk,
-                             scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
-        if PACKED:
-            b = b.to(a_ptr.dtype.element_ty)
+        b, b_scale = load_weight_tile(b_ptrs, b_mask, k0, k_dim, col_ok, b_scale_ptr, b_zero_ptr, b_scale_offs,
+                                      stride_bsk, scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
+        b = b.to(a_ptr.dtype.element_ty)
         if UPCAST:
             # The interpreter's low-precision tl.dot is wrong (triton 3.9); upcasting is exact.
             a = a.to(tl.float32)
@@ -169,17 +176,22 @@ def _grouped_gemm_kernel(
             a_scale = tl.load(a_scale_ptr + scale_rows + (k0 // _SCALE_BLOCK) * stride_ask, mask=row_ok, other=0.0)
             b_scale = weight_scale(b_scale_ptrs, k0 // scale_bk, stride_bsk, col_ok, SCALE_PER_COLUMN)
             acc += tl.dot(a, b, input_precision=INPUT_PRECISION) * (a_scale[:, None] * b_scale)
+        elif scale_after_dot(PACKED, GROUPS):
+            acc += scaled_partial(tl.dot(a, b, input_precision=INPUT_PRECISION), b_scale)
         else:
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         if FUSED:
             up_scale_offs = b_scale_offs + n_out * stride_bsn
-            b_up = load_weight_tile(b_ptrs + up_offset, b_mask, k0, k_dim, col_ok, b_scale_ptr, b_zero_ptr,
-                                    up_scale_offs, stride_bsk, scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
-            if PACKED:
-                b_up = b_up.to(a_ptr.dtype.element_ty)
+            b_up, up_scale = load_weight_tile(b_ptrs + up_offset, b_mask, k0, k_dim, col_ok, b_scale_ptr, b_zero_ptr,
+                                              up_scale_offs, stride_bsk, scale_bk, PACKED, HAS_ZERO, GROUPS,
+                                              BLOCK_K)  # fmt: skip
+            b_up = b_up.to(a_ptr.dtype.element_ty)
             if UPCAST:
                 b_up = b_up.to(tl.float32)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=INPUT_PRECISION)
+            if scale_after_dot(PACKED, GROUPS):
+                acc_up += scaled_partial(tl.dot(a, b_up, input_precision=INPUT_PRECISION), up_scale)
+            else:
+                acc_up = tl.dot(a, b_up, acc_up, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K // PACK
 
