@@ -5,6 +5,8 @@ tuning tables (:mod:`moe_kernels.core.tuning`) beside this module.
 
 from __future__ import annotations
 
+import functools
+
 from moe_kernels.kernels._common import cdiv, next_power_of_2
 from moe_kernels.kernels.fused_moe import FusedConfig
 
@@ -69,6 +71,7 @@ def _config_for(
     return FusedConfig(block_m, block_n, block_k, _warps(block_m, block_n, weight_tiles), num_stages)
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of ints, asked on every layer call
 def default_configs(
     num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, num_sms: int = HOPPER_SMS
 ) -> tuple[FusedConfig, FusedConfig]:

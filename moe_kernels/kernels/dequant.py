@@ -59,7 +59,7 @@ def load_weight_tile(
     ``scale_ptr`` (``zero_ptr``) and ``GROUPS`` the scale groups in a K tile; ``w`` holds the
     weights' float32 values and scale 1, except where :func:`scale_after_dot`: then ``w`` holds
     bf16 e2m1 values times 2^-14 and ``scale [1, BLOCK_N]`` float32 their columns' scales, for the
-    tile's product (one multiply per output instead of one per weight)."""
+    tile's product (:func:`tile_dot`: one multiply per output instead of one per weight)."""
     # one return (the compiler wants every return of one type, dead constexpr branches included)
     scale = 1.0
     if PACKED == 0:
@@ -106,10 +106,15 @@ def scale_after_dot(PACKED: tl.constexpr, GROUPS: tl.constexpr):
 
 
 @triton.jit
-def scaled_partial(partial, scale):
-    """A K tile's product ``[BLOCK_M, BLOCK_N]`` of :func:`load_weight_tile`'s mxfp4 codes -> that of
-    the weights: the codes' missing 2^14 first (no overflow before the scale), then the scales."""
-    return partial * _TWO_POW_14 * scale
+def tile_dot(acc, a, w, scale, PACKED: tl.constexpr, GROUPS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``acc`` plus ``a [BLOCK_M, BLOCK_K]`` times the weights :func:`load_weight_tile` gave as ``(w,
+    scale)`` (not fp8's block scales): where the scale waits for the product, mxfp4 codes' missing
+    2^14 first (no overflow before the scale), then the scales."""
+    if scale_after_dot(PACKED, GROUPS):
+        acc += tl.dot(a, w, input_precision=INPUT_PRECISION) * _TWO_POW_14 * scale
+    else:
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+    return acc
 
 
 @triton.jit

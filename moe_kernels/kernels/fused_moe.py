@@ -39,15 +39,7 @@ from moe_kernels.mlp.activations import SILU, Activation
 from ._common import FLOAT_DTYPES, INDEX_DTYPES, cdiv, check_same_device, check_tensor, interpreting, next_power_of_2
 from .activation import apply_activation
 from .bias import bias_args, bias_row
-from .dequant import (
-    PackedWeight,
-    check_packed,
-    groups_per_tile,
-    load_weight_tile,
-    packed_constant,
-    scale_after_dot,
-    scaled_partial,
-)
+from .dequant import PackedWeight, check_packed, groups_per_tile, load_weight_tile, packed_constant, tile_dot
 from .gather import weighted_gather
 from .grouped_gemm import weight_scale
 from .permute import contiguous_rows_bound, contiguous_slot_rows
@@ -298,10 +290,8 @@ def _weight_dot(
     if FP8:
         w_scale = weight_scale(w_scale_ptr + scale_offs, k0 // scale_bk, stride_wsk, col_ok, True)
         acc += tl.dot(a, w, input_precision=INPUT_PRECISION) * w_scale
-    elif scale_after_dot(PACKED, GROUPS):
-        acc += scaled_partial(tl.dot(a, w, input_precision=INPUT_PRECISION), w_scale)
     else:
-        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        acc = tile_dot(acc, a, w, w_scale, PACKED, GROUPS, INPUT_PRECISION)
     return acc
 
 

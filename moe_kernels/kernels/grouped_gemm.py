@@ -34,15 +34,7 @@ from moe_kernels.mlp.activations import SILU, Activation
 from ._common import FLOAT_DTYPES, cdiv, check_same_device, check_tensor, interpreting
 from .activation import apply_activation
 from .bias import bias_args, bias_row
-from .dequant import (
-    PackedWeight,
-    check_packed,
-    groups_per_tile,
-    load_weight_tile,
-    packed_constant,
-    scale_after_dot,
-    scaled_partial,
-)
+from .dequant import PackedWeight, check_packed, groups_per_tile, load_weight_tile, packed_constant, tile_dot
 
 if TYPE_CHECKING:  # (typing.Unpack is Python 3.11+; annotations are never evaluated)
     from typing_extensions import Unpack
@@ -176,10 +168,8 @@ def _grouped_gemm_kernel(
             a_scale = tl.load(a_scale_ptr + scale_rows + (k0 // _SCALE_BLOCK) * stride_ask, mask=row_ok, other=0.0)
             b_scale = weight_scale(b_scale_ptrs, k0 // scale_bk, stride_bsk, col_ok, SCALE_PER_COLUMN)
             acc += tl.dot(a, b, input_precision=INPUT_PRECISION) * (a_scale[:, None] * b_scale)
-        elif scale_after_dot(PACKED, GROUPS):
-            acc += scaled_partial(tl.dot(a, b, input_precision=INPUT_PRECISION), b_scale)
         else:
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = tile_dot(acc, a, b, b_scale, PACKED, GROUPS, INPUT_PRECISION)
         if FUSED:
             up_scale_offs = b_scale_offs + n_out * stride_bsn
             b_up, up_scale = load_weight_tile(b_ptrs + up_offset, b_mask, k0, k_dim, col_ok, b_scale_ptr, b_zero_ptr,
@@ -188,10 +178,7 @@ def _grouped_gemm_kernel(
             b_up = b_up.to(a_ptr.dtype.element_ty)
             if UPCAST:
                 b_up = b_up.to(tl.float32)
-            if scale_after_dot(PACKED, GROUPS):
-                acc_up += scaled_partial(tl.dot(a, b_up, input_precision=INPUT_PRECISION), up_scale)
-            else:
-                acc_up = tl.dot(a, b_up, acc_up, input_precision=INPUT_PRECISION)
+            acc_up = tile_dot(acc_up, a, b_up, up_scale, PACKED, GROUPS, INPUT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K // PACK
 
