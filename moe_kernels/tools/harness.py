@@ -8,7 +8,7 @@ count on any device.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from moe_kernels.config import MoEConfig, ParallelConfig, describe_validation_error
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from pydantic import ValidationError
@@ -118,16 +118,16 @@ def random_layer(
 def _stacked(experts: list[ExpertWeights], mlp: ExpertMLP, normal: Callable[..., torch.Tensor]) -> ExpertWeights:
     """One :class:`ExpertWeights` of single-expert ones, with random biases where ``mlp`` has them."""
     first = experts[0]
-    parts = {f.name: getattr(first, f.name) for f in fields(first)}
-    stacked = {
-        name: torch.cat([getattr(e, name) for e in experts]) if isinstance(value, torch.Tensor) else value
-        for name, value in parts.items()
+    stacked: dict[str, Any] = {
+        f.name: torch.cat([getattr(e, f.name) for e in experts])
+        for f in fields(first)
+        if isinstance(getattr(first, f.name), torch.Tensor)
     }
     if mlp.biases:
         n, (rows, hidden), inter = len(experts), mlp.w13_shape, mlp.inter
         stacked["w13_bias"] = normal(n, rows, fan_in=hidden).to(mlp.dtype)
         stacked["w2_bias"] = normal(n, hidden, fan_in=inter).to(mlp.dtype)
-    return ExpertWeights(**stacked)
+    return replace(first, **stacked)
 
 
 def reference_kernel(cfg: LayerConfig, device: torch.device, placement: ExpertPlacement) -> ModularKernel:
