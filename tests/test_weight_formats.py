@@ -27,6 +27,7 @@ from moe_kernels import (
     TritonExperts,
     compose,
 )
+from moe_kernels.kernels import FusedConfig, PackedWeight, grouped_gemm_contiguous
 from moe_kernels.mlp.formats import Fp8Block, Fp8Channel, Fp8Tensor
 from moe_kernels.mlp.weights import ExpertWeights, quantize_weights
 
@@ -254,6 +255,43 @@ def test_packed_experts_match_the_loop(name: str, experts: type, t: int) -> None
     # the kernels round each dequantized weight and the activation to bf16 (8 mantissa bits)
     err = (out.float() - ref).abs().max().item() / ref.abs().max().item()
     assert err <= 3e-2, err
+
+
+@pytest.mark.parametrize("block_k", [32, 64])
+def test_mxfp4_with_one_or_two_scale_groups_per_k_tile(block_k: int) -> None:
+    # 32-column groups: a 32-deep K tile takes one scale, applied to the tile's product; a 64-deep
+    # one takes two, applied to each weight -- both kernels, both ways
+    quant, pack = PACKED["mxfp4"]
+    moe = MoEConfig(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, dtype=torch.bfloat16)
+    cfg = LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=32), quant=quant)
+    w13, w2 = float_weights()
+    (t13, real13), (t2, real2) = pack(w13), pack(w2)
+    weights = ExpertWeights(t13["weight"], t2["weight"], t13["scale"], t2["scale"], cfg.mlp.weights)
+    x, tw, ids = routed(7)
+    ref = loop_reference(x, real13, real2, tw, ids)
+    tile = FusedConfig(block_m=16, block_n=32, block_k=block_k, num_warps=4, num_stages=2)
+    fused = compose(LocalPrepareAndFinalize(), FusedTritonExperts(tiles={1: (tile, tile)}), cfg, device="cpu")
+    out = fused(x, weights, tw, ids)
+    # the kernels round each dequantized weight and the activation to bf16 (8 mantissa bits)
+    assert (out.float() - ref).abs().max() <= 3e-2 * ref.abs().max()
+
+    # the grouped GEMM alone: each routed row times its expert's w13, rows grouped by expert in
+    # segments padded to the 16-row block (-1: a padding row)
+    slots = ids.flatten().long()
+    source: list[int] = []
+    for e in range(E):
+        mine = (slots == e).nonzero().flatten().tolist()
+        source += mine + [-1] * (-len(mine) % 16)
+    src = torch.tensor(source)
+    layout = torch.where(src >= 0, slots[src.clamp(min=0)], -1).to(torch.int32)
+    rows = torch.where((src >= 0)[:, None], x[src.clamp(min=0) // K], 0).contiguous()
+    gemm1 = torch.empty(len(source), 2 * I, dtype=torch.bfloat16)
+    grouped_gemm_contiguous(rows, t13["weight"], layout, gemm1, b_scale=t13["scale"],
+                            packed=PackedWeight("mxfp4", 32), block_m=16, block_n=32, block_k=block_k,
+                            alignment=16)  # fmt: skip
+    live = src >= 0
+    expected = torch.einsum("rh,rnh->rn", rows[live].float(), real13[layout[live].long()])
+    assert (gemm1[live].float() - expected).abs().max() <= 3e-2 * expected.abs().max()
 
 
 # ----------------------------------------------------------------------------- published checkpoints

@@ -57,9 +57,10 @@ def load_weight_tile(
     BLOCK_N]`` point at the bytes of each column's row that hold the columns ``k`` from ``k0``,
     ``row_offs [BLOCK_N]`` are the offsets of the rows' first scale (and zero point) from
     ``scale_ptr`` (``zero_ptr``) and ``GROUPS`` the scale groups in a K tile; ``w`` holds the
-    weights' float32 values and scale 1, except where :func:`scale_after_dot`: then ``w`` holds
-    bf16 e2m1 values times 2^-14 and ``scale [1, BLOCK_N]`` float32 their columns' scales, for the
-    tile's product (:func:`tile_dot`: one multiply per output instead of one per weight)."""
+    weights' float32 values and scale 1, except for mxfp4 with one group across the K tile
+    (``GROUPS == 1``): then ``w`` holds bf16 e2m1 values times 2^-14 and ``scale [1, BLOCK_N]``
+    float32 their columns' scales, for the tile's product (:func:`tile_dot`: one multiply per
+    output instead of one per weight)."""
     # one return (the compiler wants every return of one type, dead constexpr branches included)
     scale = 1.0
     if PACKED == 0:
@@ -77,7 +78,7 @@ def load_weight_tile(
             # e2m1 times 2^-14, exact in bf16 too; the 2^14 comes back before the scale (which
             # may be as large as 2^127), on the dot's result where the scale waits for it
             w = _e2m1_times_2_pow_minus_14(nibble)
-            if scale_after_dot(PACKED, GROUPS):
+            if GROUPS == 1:
                 w = w.to(tl.bfloat16)
             else:
                 w = w.to(tl.float32) * _TWO_POW_14
@@ -92,17 +93,10 @@ def load_weight_tile(
             # (128 + n as bf16 bits, the zero point subtracted after the dot as offset times the
             # A rows' sums, measured slower on an H100: 49 against 39 us at Qwen3-30B-A3B's T = 1.)
             w = (nibble.to(tl.uint32) | _TWO_POW_23_BITS).to(tl.float32, bitcast=True) - zero
-        if not scale_after_dot(PACKED, GROUPS):
+        if PACKED == 1 or GROUPS > 1:
             w = w * scale
             scale = 1.0
     return w, scale
-
-
-@triton.jit
-def scale_after_dot(PACKED: tl.constexpr, GROUPS: tl.constexpr):
-    """Whether :func:`load_weight_tile` leaves the scale to the dot's result: mxfp4 with one group
-    across the K tile (then ``partial * 2^14 * scale``)."""
-    return PACKED == 2 and GROUPS == 1
 
 
 @triton.jit
@@ -110,7 +104,9 @@ def tile_dot(acc, a, w, scale, PACKED: tl.constexpr, GROUPS: tl.constexpr, INPUT
     """``acc`` plus ``a [BLOCK_M, BLOCK_K]`` times the weights :func:`load_weight_tile` gave as ``(w,
     scale)`` (not fp8's block scales): where the scale waits for the product, mxfp4 codes' missing
     2^14 first (no overflow before the scale), then the scales."""
-    if scale_after_dot(PACKED, GROUPS):
+    # (constexpr conditions written out: a jit helper's result is a compile-time constant on some
+    # Triton versions only)
+    if PACKED == 2 and GROUPS == 1:
         acc += tl.dot(a, w, input_precision=INPUT_PRECISION) * _TWO_POW_14 * scale
     else:
         acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
