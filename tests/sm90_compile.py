@@ -8,7 +8,8 @@ pipeline down to ptxas' cubin) and returns without running, and the results are 
 never read. Run it in a process of its own, without ``TRITON_INTERPRET`` (the kernels must be
 compiled functions, not interpreted ones)::
 
-    python tests/sm90_compile.py      # one line per compiled specialization; exit 1 on a failure
+    python tests/sm90_compile.py            # one line per compiled specialization; exit 1 on a failure
+    python tests/sm90_compile.py --loops    # ... with each kernel's longest loop in SASS
 
 Each line gives the kernel's warps, shared memory, registers per thread and bytes spilled to
 local memory (a spill is reported, not failed: it costs speed, not correctness).
@@ -19,6 +20,7 @@ own interpreter switches stay off, so what compiles is what a GPU runs.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import os
@@ -36,19 +38,42 @@ import torch
 SM90_SHARED_BYTES = 227 * 1024
 
 
-def _registers_and_spills(kernel: Any) -> str:
-    """``"R regs, S B spilled"`` from the cubin (CUDA's ``cuobjdump``, which Triton ships), or ""."""
+def _cuobjdump(kernel: Any, *args: str) -> str | None:
+    """CUDA's ``cuobjdump`` (which Triton ships) run on the kernel's cubin; None without it."""
     import triton.backends.nvidia as nvidia
 
     tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
     if not os.path.exists(tool):
-        return ""
+        return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(kernel.asm["cubin"])
         cubin.flush()
-        out = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True).stdout
-    usage = dict(re.findall(r"(REG|LOCAL):(\d+)", out))
+        return subprocess.run([tool, *args, cubin.name], capture_output=True, text=True).stdout
+
+
+def _registers_and_spills(kernel: Any) -> str:
+    """``", R regs, S B spilled"`` from the cubin, or ""."""
+    usage = dict(re.findall(r"(REG|LOCAL):(\d+)", _cuobjdump(kernel, "-res-usage") or ""))
     return f", {usage['REG']} regs, {usage['LOCAL']} B spilled" if usage else ""
+
+
+def _loop_instructions(kernel: Any) -> str:
+    """``", loop of N instructions: OP n, ..."``: the machine code (SASS) of the kernel's longest
+    loop -- the K loop of a GEMM -- and its commonest opcodes, or "". What a weight costs to
+    unpack shows here: divide by the weights one thread handles per iteration."""
+    sass = _cuobjdump(kernel, "-sass")
+    if not sass:
+        return ""
+    lines = [(int(at, 16), op) for at, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    longest: list[str] = []
+    for at, op in lines:
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", op)
+        if target and int(target.group(1), 16) < at:  # a backward branch closes a loop
+            body = [o for a, o in lines if int(target.group(1), 16) <= a <= at]
+            longest = max(longest, body, key=len)
+    opcodes = collections.Counter(o.split()[1 if o.startswith("@") else 0].split(".")[0] for o in longest)
+    top = ", ".join(f"{name} {n}" for name, n in opcodes.most_common(6))
+    return f", loop of {len(longest)} instructions: {top}" if longest else ""
 
 
 class _Sm90Driver:
@@ -231,8 +256,9 @@ def _calls() -> Iterator[tuple[str, Callable[[], object]]]:
         yield f"replica choice T={tokens}", lambda ids=ids: replica_slots(ids, table, load)
 
 
-def compile_all(say: Callable[[str], None] = print) -> list[str]:
-    """Compile every kernel :func:`_calls` launches; the failures, one line each."""
+def compile_all(say: Callable[[str], None] = print, loops: bool = False) -> list[str]:
+    """Compile every kernel :func:`_calls` launches; the failures, one line each. ``loops``: each
+    line also gives the kernel's longest loop in SASS (:func:`_loop_instructions`)."""
     _let_the_cpu_run_triton()
     failures: list[str] = []
     seen: set[int] = set()
@@ -253,7 +279,7 @@ def compile_all(say: Callable[[str], None] = print) -> list[str]:
             if shared > SM90_SHARED_BYTES:
                 failures.append(f"{label}: {name} needs {shared} bytes of shared memory, an SM90 block has at most "
                                 f"{SM90_SHARED_BYTES}")  # fmt: skip
-            usage = _registers_and_spills(kernel)
+            usage = _registers_and_spills(kernel) + (_loop_instructions(kernel) if loops else "")
             say(f"{label:36s} {name:26s} {kernel.metadata.num_warps} warps, {shared:6d} B shared{usage}")
     return failures
 
@@ -261,6 +287,6 @@ def compile_all(say: Callable[[str], None] = print) -> list[str]:
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("sm90_compile.py compiles for a GPU: run it without TRITON_INTERPRET=1")
-    failed = compile_all()
+    failed = compile_all(loops="--loops" in sys.argv[1:])
     print(f"{len(failed)} failure(s)" + "".join(f"\n  {f}" for f in failed))
     sys.exit(1 if failed else 0)
