@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_quant_kernels import contiguous_routing
 
 from moe_kernels import (
     FusedTritonExperts,
@@ -276,20 +277,15 @@ def test_mxfp4_with_one_or_two_scale_groups_per_k_tile(block_k: int) -> None:
     assert (out.float() - ref).abs().max() <= 3e-2 * ref.abs().max()
 
     # the grouped GEMM alone: each routed row times its expert's w13, rows grouped by expert in
-    # segments padded to the 16-row block (-1: a padding row)
-    slots = ids.flatten().long()
-    source: list[int] = []
-    for e in range(E):
-        mine = (slots == e).nonzero().flatten().tolist()
-        source += mine + [-1] * (-len(mine) % 16)
-    src = torch.tensor(source)
-    layout = torch.where(src >= 0, slots[src.clamp(min=0)], -1).to(torch.int32)
-    rows = torch.where((src >= 0)[:, None], x[src.clamp(min=0) // K], 0).contiguous()
-    gemm1 = torch.empty(len(source), 2 * I, dtype=torch.bfloat16)
+    # segments padded to the 16-row block
+    dst_row, layout = contiguous_routing(ids, E, alignment=16)
+    rows = torch.zeros(layout.numel(), H, dtype=torch.bfloat16)
+    rows[dst_row.flatten()] = x.repeat_interleave(K, dim=0)
+    gemm1 = torch.empty(layout.numel(), 2 * I, dtype=torch.bfloat16)
     grouped_gemm_contiguous(rows, t13["weight"], layout, gemm1, b_scale=t13["scale"],
                             packed=PackedWeight("mxfp4", 32), block_m=16, block_n=32, block_k=block_k,
                             alignment=16)  # fmt: skip
-    live = src >= 0
+    live = layout >= 0
     expected = torch.einsum("rh,rnh->rn", rows[live].float(), real13[layout[live].long()])
     assert (gemm1[live].float() - expected).abs().max() <= 3e-2 * expected.abs().max()
 

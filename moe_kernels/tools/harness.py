@@ -27,7 +27,6 @@ from moe_kernels.config import ConfigError, LayerConfig, load_config
 from moe_kernels.core.compose import Kernel, ModularKernel, compose
 from moe_kernels.core.placement import ExpertPlacement
 from moe_kernels.experts.reference import TorchReferenceExperts
-from moe_kernels.mlp.spec import ExpertMLP
 from moe_kernels.mlp.weights import ExpertWeights, quantize_weights
 from moe_kernels.model.layer import FusedMoE
 from moe_kernels.prepare_finalize.local import LocalPrepareAndFinalize
@@ -89,7 +88,12 @@ def random_layer(
                 stored.append(quantize_weights(w13[None], w2[None], mlp.weights))
                 if progress is not None:
                     progress.advance()
-            layer.load_expert_weights(_stacked(stored, mlp, normal))
+            weights = _stacked(stored)
+            if mlp.biases:
+                n = len(stored)
+                b13, b2 = normal(n, mlp.w13_shape[0], fan_in=h), normal(n, h, fan_in=mlp.inter)
+                weights = replace(weights, w13_bias=b13.to(mlp.dtype), w2_bias=b2.to(mlp.dtype))
+            layer.load_expert_weights(weights)
         else:
             for e in layer.local_experts:
                 gate, up = normal(2, i, h, fan_in=h)
@@ -115,18 +119,14 @@ def random_layer(
     return layer
 
 
-def _stacked(experts: list[ExpertWeights], mlp: ExpertMLP, normal: Callable[..., torch.Tensor]) -> ExpertWeights:
-    """One :class:`ExpertWeights` of single-expert ones, with random biases where ``mlp`` has them."""
+def _stacked(experts: list[ExpertWeights]) -> ExpertWeights:
+    """One :class:`ExpertWeights` of single-expert ones (their tensors concatenated)."""
     first = experts[0]
     stacked: dict[str, Any] = {
         f.name: torch.cat([getattr(e, f.name) for e in experts])
         for f in fields(first)
         if isinstance(getattr(first, f.name), torch.Tensor)
     }
-    if mlp.biases:
-        n, (rows, hidden), inter = len(experts), mlp.w13_shape, mlp.inter
-        stacked["w13_bias"] = normal(n, rows, fan_in=hidden).to(mlp.dtype)
-        stacked["w2_bias"] = normal(n, hidden, fan_in=inter).to(mlp.dtype)
     return replace(first, **stacked)
 
 
