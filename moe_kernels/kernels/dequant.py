@@ -5,11 +5,14 @@ Layout (:mod:`moe_kernels.mlp.packed`): ``weight [E, N, K/2] uint8``, byte ``j``
 column ``2j`` in its low nibble and ``2j + 1`` in its high nibble; scales (and int4 zero points)
 ``[E, N, K/group]``. A B tile ``[BLOCK_K, BLOCK_N]`` is loaded as its ``[BLOCK_K / 2, BLOCK_N]``
 bytes, contiguous along K as a dense tile is (one byte a weight per load would forgo vector loads
-and run 4x slower than bf16, measured on an H100), split into nibbles, interleaved back into K
-order in registers, and each mapped to its value:
+and run 4x slower than bf16, measured on an H100), decoded in registers, and multiplied
+by A's even and odd columns. A nibble ``u`` stands for
 
 * ``INT4``: ``(u - zero) * scale``, ``zero`` 8 when symmetric (no zero tensor);
 * ``MXFP4``: e2m1 ``u`` (sign, 2 exponent bits, 1 mantissa bit) times ``2^(scale - 127)``.
+
+The decoding gives exact bf16 codes (``u - 8``, ``u``, the e2m1 value); where one scale group
+spans the K tile, the group's scale and zero point are applied to the tile's product.
 """
 
 from __future__ import annotations
@@ -30,87 +33,205 @@ INT4 = 1
 MXFP4 = 2
 
 _INT4_ZERO = tl.constexpr(float(packed_numbers.INT4_SYMMETRIC_ZERO))
-#: how :func:`_per_group` hands its values over: as loaded, e8m0 scales as floats, integers as
-#: floats plus 2^23
-_RAW = tl.constexpr(0)
-_E8M0_SCALE = tl.constexpr(1)
-_INT_PLUS_2_23 = tl.constexpr(2)
-#: 2^23 and its float32 bits, whose mantissa an integer below 2^23 can be OR-ed into
-_TWO_POW_23 = tl.constexpr(8388608.0)
-_TWO_POW_23_BITS = tl.constexpr(0x4B000000)
 #: float32 bits of 2^-127 (e8m0's smallest scale, subnormal)
 _MIN_E8M0_BITS = tl.constexpr(0x00400000)
 #: what :func:`_e2m1_times_2_pow_minus_14`'s values are short of
 _TWO_POW_14 = tl.constexpr(16384.0)
+#: the most A rows whose tile product takes a K tile's scales (where one group spans the tile): up
+#: to 32 rows the product is an mma.sync tile and a multiply per output is cheaper than one per
+#: weight; from 64 rows it is a wgmma, which a fresh product per K tile would make wait for each
+#: other, and per-weight scaling costs less than the rows it serves
+_PRODUCT_SCALE_ROWS = tl.constexpr(32)
 # e8m0 and float32 share the exponent bias, so a scale's bits are a float32 exponent field
 assert packed_numbers.E8M0_BIAS == 127
+
+# The decoders below take four packed bytes (one 32-bit register, ``pack=4``) and give their
+# eight values as bf16 pairs: low nibbles in $0 (bytes 0, 1) and $1 (bytes 2, 3), high nibbles
+# in $2 and $3. ``prmt`` first spreads bytes 0, 1 (2, 3) into the two 16-bit halves of t0 (t1),
+# so that one 32-bit operation decodes two weights. About 1.5 (int4) and 2.75 (mxfp4) instructions
+# a weight, where the same decoding in Triton operations took 8 and 14 (SASS of the fused GEMM's
+# loop, tests/sm90_compile.py --loops): decode is bound by these, not by the packed read.
+_SPREAD = """
+    prmt.b32 t0, $4, 0, 0x4140;
+    prmt.b32 t1, $4, 0, 0x4342;
+"""
+#: int4: a nibble n OR-ed into the mantissa of bf16 128.0 (0x4300) is 128 + n, exact; one fma
+#: subtracts 128 + the code offset (bf16 bits 0xC300 | offset: -128 - offset for offsets < 16)
+_INT4_ASM = (
+    "{ .reg .b32 t0, t1, h0, h1, one, off;"
+    + _SPREAD
+    + """
+    shr.u32 h0, t0, 4;
+    shr.u32 h1, t1, 4;
+    mov.b32 one, 0x3F803F80;
+    mov.b32 off, OFFSET;
+    lop3.b32 t0, t0, 0x000F000F, 0x43004300, 0xEA;
+    lop3.b32 t1, t1, 0x000F000F, 0x43004300, 0xEA;
+    lop3.b32 h0, h0, 0x000F000F, 0x43004300, 0xEA;
+    lop3.b32 h1, h1, 0x000F000F, 0x43004300, 0xEA;
+    fma.rn.bf16x2 $0, t0, one, off;
+    fma.rn.bf16x2 $1, t1, one, off;
+    fma.rn.bf16x2 $2, h0, one, off;
+    fma.rn.bf16x2 $3, h1, one, off;
+}"""
+)
+#: mxfp4: e2m1's exponent and mantissa bits placed as bf16's low exponent bits and top mantissa
+#: bit (shifted up by 6 from the low nibble, 2 from the high one), its sign as bf16's (by 12 or
+#: 8; ``lop3`` 0xF8 is ``m | (s & mask)``), make e2m1 x 2^-126 (0.5 the subnormal 2^-127, as in
+#: e2m1); one multiply by 2^126 (0x7E80; an fma with -0.0, which runs on SM80 too) gives the
+#: value, exact
+_MXFP4_ASM = (
+    "{ .reg .b32 t0, t1, m, s, big, nz;"
+    + _SPREAD
+    + """
+    mov.b32 big, 0x7E807E80;
+    mov.b32 nz, 0x80008000;
+"""
+    + "".join(
+        f"""
+    and.b32 m, {src}, {bits};
+    shl.b32 m, m, {value_shift};
+    shl.b32 s, {src}, {sign_shift};
+    lop3.b32 m, m, s, 0x80008000, 0xF8;
+    fma.rn.bf16x2 {dst}, m, big, nz;"""
+        for src, dst, bits, value_shift, sign_shift in (
+            ("t0", "$0", "0x00070007", 6, 12),
+            ("t1", "$1", "0x00070007", 6, 12),
+            ("t0", "$2", "0x00700070", 2, 8),
+            ("t1", "$3", "0x00700070", 2, 8),
+        )
+    )
+    + "\n}"
+)
+_INT4_SYMMETRIC_PTX = tl.constexpr(_INT4_ASM.replace("OFFSET", "0xC308C308"))  # -136: 128 + the zero 8
+_INT4_PTX = tl.constexpr(_INT4_ASM.replace("OFFSET", "0xC300C300"))  # -128
+_MXFP4_PTX = tl.constexpr(_MXFP4_ASM)
 
 
 @triton.jit
 def load_weight_tile(
-    w_ptrs, mask, k0, k_dim, col_ok, scale_ptr, zero_ptr, row_offs, stride_sk, group,
-    PACKED: tl.constexpr, HAS_ZERO: tl.constexpr, GROUPS: tl.constexpr, BLOCK_K: tl.constexpr,
+    w_ptrs, mask, k0, k_dim, col_ok, scale_ptr, zero_ptr, row_offs, stride_sk, group, a_dtype: tl.constexpr,
+    PACKED: tl.constexpr, HAS_ZERO: tl.constexpr, GROUPS: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """The B tile ``[BLOCK_K, BLOCK_N]`` at ``w_ptrs`` as ``(w, scale)``.
+    """The B tile ``[BLOCK_K, BLOCK_N]`` at ``w_ptrs`` as ``(w, w_odd, scale, zero)`` for
+    :func:`tile_dot`.
 
-    Dense and fp8 weights: ``w`` as stored, scale 1. Packed 4-bit weights: ``w_ptrs [BLOCK_K / 2,
-    BLOCK_N]`` point at the bytes of each column's row that hold the columns ``k`` from ``k0``,
-    ``row_offs [BLOCK_N]`` are the offsets of the rows' first scale (and zero point) from
-    ``scale_ptr`` (``zero_ptr``) and ``GROUPS`` the scale groups in a K tile; ``w`` holds the
-    weights' float32 values and scale 1, except for mxfp4 with one group across the K tile
-    (``GROUPS == 1``): then ``w`` holds bf16 e2m1 values times 2^-14 and ``scale [1, BLOCK_N]``
-    float32 their columns' scales, for the tile's product (:func:`tile_dot`: one multiply per
-    output instead of one per weight)."""
-    # one return (the compiler wants every return of one type, dead constexpr branches included)
+    Dense and fp8 weights: ``w`` as stored (``w_odd`` the same), scale 1, zero 0. Packed 4-bit
+    weights: ``w_ptrs [BLOCK_K / 2, BLOCK_N]`` point at the bytes of each column's row that hold
+    the columns ``k`` from ``k0``, ``row_offs [BLOCK_N]`` are the offsets of the rows' first scale
+    (and zero point) from ``scale_ptr`` (``zero_ptr``) and ``GROUPS`` the scale groups in a K tile;
+    ``w`` and ``w_odd`` ``[BLOCK_K / 2, BLOCK_N]`` hold the tile's even and odd rows (the bytes'
+    low and high nibbles). Where one group spans the tile (``GROUPS == 1``) and the A tile has at most
+    :data:`_PRODUCT_SCALE_ROWS` rows, they hold the codes (:func:`_codes`) and ``scale`` (int4 with
+    zero points also ``zero``) ``[1, BLOCK_N]`` float32 wait for the tile's product: one multiply
+    per output instead of one per weight. Otherwise they hold the weights' float32 values, scale
+    1 and zero 0."""
     scale = 1.0
+    zero = 0.0
     if PACKED == 0:
         # float `other`: the interpreter cannot cast the int 0 to fp8
         w = tl.load(w_ptrs, mask=mask, other=0.0)
+        w_odd = w
     else:
-        # whole bytes, contiguous along K (vector loads), then their two nibbles interleaved into
-        # K order: row 2j of the tile is byte j's low nibble, row 2j + 1 its high one
+        # whole bytes, contiguous along K (vector loads)
         raw = tl.load(w_ptrs, mask=mask, other=0)
-        nibble = tl.reshape(tl.permute(tl.join(raw & 0xF, raw >> 4), (0, 2, 1)), (BLOCK_K, raw.shape[1]))
+        w, w_odd = _codes(raw, PACKED, HAS_ZERO, (not INTERPRETED) and a_dtype == tl.bfloat16)
         # per-group values become floats per group, before they meet the weights (a constexpr
-        # argument each: a value chosen by a conditional expression is not one)
+        # argument each: a value chosen by a conditional expression is not one); both rows of a
+        # byte lie in one group (groups are even)
         if PACKED == 2:
-            scale = _per_group(scale_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, _E8M0_SCALE, GROUPS, BLOCK_K)
-            # e2m1 times 2^-14, exact in bf16 too; the 2^14 comes back before the scale (which
-            # may be as large as 2^127), on the dot's result where the scale waits for it
-            w = _e2m1_times_2_pow_minus_14(nibble)
-            if GROUPS == 1:
-                w = w.to(tl.bfloat16)
-            else:
-                w = w.to(tl.float32) * _TWO_POW_14
+            scale = _per_group(scale_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, True, GROUPS, BLOCK_K // 2)
         else:
-            scale = _per_group(scale_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, _RAW, GROUPS, BLOCK_K)
+            scale = _per_group(scale_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, False, GROUPS, BLOCK_K // 2)
             if HAS_ZERO:
-                zero = _per_group(zero_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, _INT_PLUS_2_23, GROUPS,
-                                  BLOCK_K)  # fmt: skip
-            else:
-                zero = _INT4_ZERO + _TWO_POW_23
-            # 2^23 + n, exact, by OR-ing n into 2^23's bits: no int-to-float conversion a weight.
-            # (128 + n as bf16 bits, the zero point subtracted after the dot as offset times the
-            # A rows' sums, measured slower on an H100: 49 against 39 us at Qwen3-30B-A3B's T = 1.)
-            w = (nibble.to(tl.uint32) | _TWO_POW_23_BITS).to(tl.float32, bitcast=True) - zero
-        if PACKED == 1 or GROUPS > 1:
+                zero = _per_group(zero_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, False, GROUPS,
+                                  BLOCK_K // 2)  # fmt: skip
+        if PACKED == 2 and (GROUPS > 1 or BLOCK_M > _PRODUCT_SCALE_ROWS):
+            # a power of two: exact in bf16 (subnormals included), two products a pair of weights
+            scale = scale.to(tl.bfloat16)
             w = w * scale
+            w_odd = w_odd * scale
             scale = 1.0
-    return w, scale
+        elif GROUPS > 1 or BLOCK_M > _PRODUCT_SCALE_ROWS:
+            w = (w.to(tl.float32) - zero) * scale
+            w_odd = (w_odd.to(tl.float32) - zero) * scale
+            scale = 1.0
+            zero = 0.0
+    return w, w_odd, scale, zero
 
 
 @triton.jit
-def tile_dot(acc, a, w, scale, PACKED: tl.constexpr, GROUPS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """``acc`` plus ``a [BLOCK_M, BLOCK_K]`` times the weights :func:`load_weight_tile` gave as ``(w,
-    scale)`` (not fp8's block scales): where the scale waits for the product, mxfp4 codes' missing
-    2^14 first (no overflow before the scale), then the scales."""
+def tile_dot(acc, a, w, w_odd, scale, zero, PACKED: tl.constexpr, HAS_ZERO: tl.constexpr, GROUPS: tl.constexpr,
+             INTERPRETED: tl.constexpr, INPUT_PRECISION: tl.constexpr):  # fmt: skip
+    """``acc`` plus ``a [BLOCK_M, BLOCK_K]`` times the weights :func:`load_weight_tile` gave as
+    ``(w, w_odd, scale, zero)`` (not fp8's block scales), in ``a``'s dtype. Codes waiting for
+    their group's values get them on the tile's product, ``(a @ codes - rowsum(a) x zero) *
+    scale``, as two products: A's even columns with ``w``, its odd ones with ``w_odd``."""
+    w = w.to(a.dtype)
+    w_odd = w_odd.to(a.dtype)
+    if INTERPRETED:  # the interpreter's low-precision tl.dot is wrong (triton 3.9); upcasting is exact
+        a = a.to(tl.float32)
+        w = w.to(tl.float32)
+        w_odd = w_odd.to(tl.float32)
     # (constexpr conditions written out: a jit helper's result is a compile-time constant on some
     # Triton versions only)
-    if PACKED == 2 and GROUPS == 1:
-        acc += tl.dot(a, w, input_precision=INPUT_PRECISION) * _TWO_POW_14 * scale
+    if PACKED != 0 and a.shape[0] <= _PRODUCT_SCALE_ROWS:
+        # A's columns split (8x fewer values than the weights' at decode), two products
+        a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], a.shape[1] // 2, 2)))
+        if GROUPS == 1:
+            part = tl.dot(a_even, w, input_precision=INPUT_PRECISION)
+            part = tl.dot(a_odd, w_odd, part, input_precision=INPUT_PRECISION)
+            if HAS_ZERO:
+                part -= tl.sum(a.to(tl.float32), axis=1)[:, None] * zero
+            acc += part * scale
+        else:
+            acc = tl.dot(a_even, w, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(a_odd, w_odd, acc, input_precision=INPUT_PRECISION)
+    elif PACKED != 0:
+        # a wgmma tile: splitting A would cost a pass through shared memory; the rows interleave
+        w = tl.reshape(tl.permute(tl.join(w, w_odd), (0, 2, 1)), (a.shape[1], w.shape[1]))
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
     else:
         acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
     return acc
+
+
+@triton.jit
+def _codes(raw, PACKED: tl.constexpr, HAS_ZERO: tl.constexpr, PTX: tl.constexpr):
+    """Packed bytes ``[BLOCK_K / 2, BLOCK_N]`` -> the codes of their low and high nibbles (the
+    tile's even and odd rows), bf16, exact: int4 ``n - 8`` (symmetric) or ``n`` (with zero
+    points), mxfp4 the e2m1 value. ``PTX``: decoded by inline PTX (a GPU, bf16 activations); else
+    by Triton operations (the interpreter runs those)."""
+    if PTX:
+        if PACKED == 2:
+            low, high = tl.inline_asm_elementwise(
+                _MXFP4_PTX, "=r,=r,=r,=r,r", [raw], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4
+            )
+        elif HAS_ZERO:
+            low, high = tl.inline_asm_elementwise(
+                _INT4_PTX, "=r,=r,=r,=r,r", [raw], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4
+            )
+        else:
+            low, high = tl.inline_asm_elementwise(
+                _INT4_SYMMETRIC_PTX, "=r,=r,=r,=r,r", [raw], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4
+            )
+    else:
+        low = _portable_codes(raw & 0xF, PACKED, HAS_ZERO)
+        high = _portable_codes(raw >> 4, PACKED, HAS_ZERO)
+    return low, high
+
+
+@triton.jit
+def _portable_codes(nibble, PACKED: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """:func:`_codes` of nibbles in Triton operations."""
+    if PACKED == 2:
+        codes = (_e2m1_times_2_pow_minus_14(nibble).to(tl.float32) * _TWO_POW_14).to(tl.bfloat16)
+    elif HAS_ZERO:
+        codes = nibble.to(tl.float32).to(tl.bfloat16)
+    else:
+        codes = (nibble.to(tl.float32) - _INT4_ZERO).to(tl.bfloat16)
+    return codes
 
 
 @triton.jit
@@ -133,31 +254,25 @@ def _e8m0_to_float(s):
 
 @triton.jit
 def _per_group(
-    ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, AS_FLOAT: tl.constexpr, GROUPS: tl.constexpr,
+    ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, E8M0: tl.constexpr, GROUPS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """The per-group values (scales, zero points) of the K tile from ``k0``: ``[1, BLOCK_N]`` when
-    one group spans the tile, else ``GROUPS`` loads per column broadcast to ``[BLOCK_K,
-    BLOCK_N]`` -- one load per group, not per element. ``AS_FLOAT`` (:data:`_RAW`,
-    :data:`_E8M0_SCALE`, :data:`_INT_PLUS_2_23`) turns them into floats before the broadcast."""
+    """The per-group values (scales, zero points) of the K tile from ``k0`` as float32: ``[1,
+    BLOCK_N]`` when one group spans the tile, else ``GROUPS`` loads per column broadcast to
+    ``[BLOCK_K, BLOCK_N]`` -- one load per group, not per element. ``E8M0``: the values are e8m0
+    scales."""
     if GROUPS == 1:
-        v = _as_float(tl.load(ptr + row_offs[None, :] + (k0 // group) * stride_sk, mask=col_ok[None, :], other=0),
-                      AS_FLOAT)  # fmt: skip
+        v = tl.load(ptr + row_offs[None, :] + (k0 // group) * stride_sk, mask=col_ok[None, :], other=0)
     else:
         g = k0 // group + tl.arange(0, GROUPS)
         g_ok = (g * group < k_dim)[:, None] & col_ok[None, :]
         v = tl.load(ptr + row_offs[None, :] + g.to(tl.int64)[:, None] * stride_sk, mask=g_ok, other=0)
-        v = _as_float(v, AS_FLOAT)
-        v = tl.reshape(tl.broadcast_to(v[:, None, :], (GROUPS, BLOCK_K // GROUPS, v.shape[1])), (BLOCK_K, v.shape[1]))
-    return v
-
-
-@triton.jit
-def _as_float(v, AS_FLOAT: tl.constexpr):
-    if AS_FLOAT == 1:  # _E8M0_SCALE
+    if E8M0:
         v = _e8m0_to_float(v)
-    elif AS_FLOAT == 2:  # _INT_PLUS_2_23: int4 zero points, offset like the weights they meet
-        v = v.to(tl.float32) + _TWO_POW_23
+    else:
+        v = v.to(tl.float32)
+    if GROUPS > 1:
+        v = tl.reshape(tl.broadcast_to(v[:, None, :], (GROUPS, BLOCK_K // GROUPS, v.shape[1])), (BLOCK_K, v.shape[1]))
     return v
 
 

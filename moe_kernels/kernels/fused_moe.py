@@ -272,7 +272,7 @@ def _weight_dot(
     PACKED: tl.constexpr,
     HAS_ZERO: tl.constexpr,
     GROUPS: tl.constexpr,
-    UPCAST: tl.constexpr,
+    INTERPRETED: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -281,17 +281,18 @@ def _weight_dot(
     (mxfp4's scales applied to the tile's product where one group spans the tile), fp8 ones upcast
     (exact in bf16) and a fresh fp32 partial per K tile times the scales ``[1, BLOCK_N]`` of their
     columns' rows, at ``scale_offs`` from ``w_scale_ptr``; a K tile lies in one scale block."""
-    w, w_scale = load_weight_tile(w_ptrs, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, scale_offs, stride_wsk,
-                                  scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
-    w = w.to(a_dtype)
-    if UPCAST:
-        a = a.to(tl.float32)
-        w = w.to(tl.float32)
+    w, w_odd, w_scale, w_zero = load_weight_tile(w_ptrs, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr,
+                                                 scale_offs, stride_wsk, scale_bk, a_dtype, PACKED, HAS_ZERO, GROUPS,
+                                                 INTERPRETED, a.shape[0], BLOCK_K)  # fmt: skip
     if FP8:
+        w = w.to(a_dtype)
+        if INTERPRETED:  # the interpreter's low-precision tl.dot is wrong (triton 3.9); upcasting is exact
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
         w_scale = weight_scale(w_scale_ptr + scale_offs, k0 // scale_bk, stride_wsk, col_ok, True)
         acc += tl.dot(a, w, input_precision=INPUT_PRECISION) * w_scale
     else:
-        acc = tile_dot(acc, a, w, w_scale, PACKED, GROUPS, INPUT_PRECISION)
+        acc = tile_dot(acc, a, w, w_odd, w_scale, w_zero, PACKED, HAS_ZERO, GROUPS, INTERPRETED, INPUT_PRECISION)
     return acc
 
 
@@ -346,7 +347,7 @@ def _fused_gemm_kernel(
     ACT: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     ZERO_EMPTY: tl.constexpr,
-    UPCAST: tl.constexpr,
+    INTERPRETED: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -398,12 +399,12 @@ def _fused_gemm_kernel(
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_mask = (offs_kw < (k_dim - k0) // PACK)[:, None] & col_ok[None, :]
         acc = _weight_dot(acc, a, w_ptrs, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr, scale_offs,
-                          stride_wsk, scale_bk, a_ptr.dtype.element_ty, FP8, PACKED, HAS_ZERO, GROUPS, UPCAST,
+                          stride_wsk, scale_bk, a_ptr.dtype.element_ty, FP8, PACKED, HAS_ZERO, GROUPS, INTERPRETED,
                           INPUT_PRECISION, BLOCK_K)  # fmt: skip
         if GATED:
             up_acc = _weight_dot(up_acc, a, w_ptrs + up_offset, w_mask, k0, k_dim, col_ok, w_scale_ptr,
                                  w_zero_ptr, scale_offs + up_scale_offset, stride_wsk, scale_bk,
-                                 a_ptr.dtype.element_ty, FP8, PACKED, HAS_ZERO, GROUPS, UPCAST, INPUT_PRECISION,
+                                 a_ptr.dtype.element_ty, FP8, PACKED, HAS_ZERO, GROUPS, INTERPRETED, INPUT_PRECISION,
                                  BLOCK_K)  # fmt: skip
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K // PACK
@@ -506,8 +507,8 @@ def _launch_fused(
         layout.top_k, layout.num_blocks, layout.slot_row.numel(), n_out, k_dim,
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         **kernel_args,
-        # The CPU interpreter's bf16 tl.dot is wrong (triton 3.9); real GPUs keep bf16 tensor cores.
-        UPCAST=interpreting(),
+        # the CPU interpreter: dots upcast, packed weights decoded without inline PTX
+        INTERPRETED=interpreting(),
         # fp32 inputs would silently drop to tf32 on tensor cores; keep them exact.
         INPUT_PRECISION="ieee" if a.dtype == torch.float32 else None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,

@@ -97,7 +97,7 @@ def _grouped_gemm_kernel(
     FUSED: tl.constexpr,
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr,
+    INTERPRETED: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -153,32 +153,33 @@ def _grouped_gemm_kernel(
         # fp8 loads take a float `other` (the interpreter cannot cast the int 0 to fp8). Zeroed
         # padding rows and K tails contribute nothing even if the memory behind them holds NaNs.
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b, b_scale = load_weight_tile(b_ptrs, b_mask, k0, k_dim, col_ok, b_scale_ptr, b_zero_ptr, b_scale_offs,
-                                      stride_bsk, scale_bk, PACKED, HAS_ZERO, GROUPS, BLOCK_K)  # fmt: skip
-        b = b.to(a_ptr.dtype.element_ty)
-        if UPCAST:
-            # The interpreter's low-precision tl.dot is wrong (triton 3.9); upcasting is exact.
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+        b, b_odd, b_scale, b_zero = load_weight_tile(b_ptrs, b_mask, k0, k_dim, col_ok, b_scale_ptr, b_zero_ptr,
+                                                     b_scale_offs, stride_bsk, scale_bk, a_ptr.dtype.element_ty,
+                                                     PACKED, HAS_ZERO, GROUPS, INTERPRETED, BLOCK_M,
+                                                     BLOCK_K)  # fmt: skip
         if FP8:
             # BLOCK_K divides the activation group and the weight's scale block, so the K tile
             # lies in one of each. A fresh partial per K tile: Hopper's fp8 tensor-core
             # accumulation is not full fp32, so it is promoted into the fp32 accumulator at least
             # once per scale block (as DeepGEMM).
+            b = b.to(a_ptr.dtype.element_ty)
+            a_dot = a
+            if INTERPRETED:  # the interpreter's low-precision tl.dot is wrong (triton 3.9); upcasting is exact
+                a_dot = a.to(tl.float32)
+                b = b.to(tl.float32)
             a_scale = tl.load(a_scale_ptr + scale_rows + (k0 // _SCALE_BLOCK) * stride_ask, mask=row_ok, other=0.0)
             b_scale = weight_scale(b_scale_ptrs, k0 // scale_bk, stride_bsk, col_ok, SCALE_PER_COLUMN)
-            acc += tl.dot(a, b, input_precision=INPUT_PRECISION) * (a_scale[:, None] * b_scale)
+            acc += tl.dot(a_dot, b, input_precision=INPUT_PRECISION) * (a_scale[:, None] * b_scale)
         else:
-            acc = tile_dot(acc, a, b, b_scale, PACKED, GROUPS, INPUT_PRECISION)
+            acc = tile_dot(acc, a, b, b_odd, b_scale, b_zero, PACKED, HAS_ZERO, GROUPS, INTERPRETED, INPUT_PRECISION)
         if FUSED:
             up_scale_offs = b_scale_offs + n_out * stride_bsn
-            b_up, up_scale = load_weight_tile(b_ptrs + up_offset, b_mask, k0, k_dim, col_ok, b_scale_ptr, b_zero_ptr,
-                                              up_scale_offs, stride_bsk, scale_bk, PACKED, HAS_ZERO, GROUPS,
-                                              BLOCK_K)  # fmt: skip
-            b_up = b_up.to(a_ptr.dtype.element_ty)
-            if UPCAST:
-                b_up = b_up.to(tl.float32)
-            acc_up = tile_dot(acc_up, a, b_up, up_scale, PACKED, GROUPS, INPUT_PRECISION)
+            b_up, b_up_odd, up_scale, up_zero = load_weight_tile(
+                b_ptrs + up_offset, b_mask, k0, k_dim, col_ok, b_scale_ptr, b_zero_ptr, up_scale_offs, stride_bsk,
+                scale_bk, a_ptr.dtype.element_ty, PACKED, HAS_ZERO, GROUPS, INTERPRETED, BLOCK_M, BLOCK_K,
+            )  # fmt: skip
+            acc_up = tile_dot(acc_up, a, b_up, b_up_odd, up_scale, up_zero, PACKED, HAS_ZERO, GROUPS, INTERPRETED,
+                              INPUT_PRECISION)  # fmt: skip
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K // PACK
 
@@ -352,8 +353,8 @@ def _grouped_gemm(
         **bias_args(bias, b.shape[0], b.shape[1]),
         MASKED=masked, FP8=a_scale is not None, FUSED=fused,
         **(activation if fused and activation is not None else SILU).kernel_constants(),
-        # The CPU interpreter's low-precision tl.dot is wrong (triton 3.9); GPUs keep tensor cores.
-        UPCAST=interpreting(),
+        # the CPU interpreter: dots upcast, packed weights decoded without inline PTX
+        INTERPRETED=interpreting(),
         # fp32 inputs would silently drop to tf32 on tensor cores; keep them exact.
         INPUT_PRECISION="ieee" if a.dtype == torch.float32 or interpreting() else None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
