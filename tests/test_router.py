@@ -223,6 +223,26 @@ def test_fused_routing_chooses_on_logits_as_route_does() -> None:
         torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7)
 
 
+def test_fused_routing_chooses_each_tokens_replica_and_counts_it() -> None:
+    """With a replica table the kernel gives each chosen expert's replica number ``t % count`` for
+    token ``t`` (the table repeats each row's replicas to the width 6) and counts the slots, as a
+    plain loop over the tokens does; the weights are those of the routing without a table."""
+    replicas = {0: [0, 8], 3: [3, 9, 10]}  # experts 0 and 3 replicated; 11 physical experts
+    rows = [replicas.get(e, [e]) for e in range(8)]
+    table = torch.tensor([[r[j % len(r)] for j in range(6)] for r in rows], dtype=torch.int32)
+    logits = torch.randn(37, 8, generator=torch.Generator().manual_seed(9))
+    logits[:, 0] += 3.0  # most tokens pick the replicated experts
+    logits[:, 3] += 3.0
+    load = torch.zeros(11, dtype=torch.int32)
+    weights, slots = fused_route(logits, 2, Routing().fused(8, correction_bias=False), slot_table=table, load=load)
+    want_weights, ids = fused(logits, 2)
+    assert torch.equal(weights, want_weights)
+    want = torch.tensor([[rows[e][t % len(rows[e])] for e in ids[t].tolist()] for t in range(37)], dtype=torch.int32)
+    assert torch.equal(slots, want)
+    assert torch.equal(load, torch.bincount(want.flatten(), minlength=11).to(torch.int32))
+    assert {8, 9, 10} <= set(want.flatten().tolist())  # the replicas were chosen, not only the first
+
+
 @pytest.mark.parametrize(
     "options",
     [

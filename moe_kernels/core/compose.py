@@ -328,6 +328,14 @@ class ModularKernel:
         self.prepare_finalize.bind_placement(self.ctx)
         self.experts.bind(self.ctx)
 
+    def receive_slots(self) -> None:
+        """From the next call on, ``topk_ids`` are physical slots: the caller chooses each token's
+        replica by the placement's :meth:`~moe_kernels.core.placement.ExpertPlacement.slot_map`
+        and counts it in ``ctx.expert_load`` (:class:`~moe_kernels.model.layer.FusedMoE` does,
+        in its routing kernel's launch, which saves the choice a launch of its own)."""
+        self.ctx = dataclasses.replace(self.ctx, ids_are_slots=True)
+        self.prepare_finalize.bind_placement(self.ctx)
+
     def _tags(self) -> tuple[str, ...]:
         return tuple(self.workspace_tag + t for t in MICRO_BATCH_TAGS) if self.overlapped else (self.workspace_tag,)
 
@@ -385,6 +393,7 @@ class ModularKernel:
             topk_ids,
             max_tokens=self.max_tokens,
             check_values=check_values and not capturing,
+            num_ids=ctx.placement.num_physical_experts if ctx.ids_are_slots else None,
         )
         if not isinstance(weights, ExpertWeights):
             raise TypeError(f"weights: expected ExpertWeights, got {type(weights).__name__}")
@@ -549,6 +558,11 @@ class TokenRangeKernel:
         for _, kernel in self.ranges:
             kernel.rebind_placement(placement)
 
+    def receive_slots(self) -> None:
+        """:meth:`ModularKernel.receive_slots` on every member."""
+        for _, kernel in self.ranges:
+            kernel.receive_slots()
+
     def release(self) -> None:
         for _, kernel in self.ranges:
             kernel.release()
@@ -595,6 +609,8 @@ class Kernel(Protocol):
     def workspace_bytes(self) -> int: ...
 
     def rebind_placement(self, placement: ExpertPlacement) -> None: ...
+
+    def receive_slots(self) -> None: ...
 
     def release(self) -> None: ...
 

@@ -239,6 +239,10 @@ class LayerContext:
     #: ``[P]`` int32 on ``device``: tokens this rank routed to each physical expert since the
     #: caller last zeroed it (layers with redundant experts; ``None`` otherwise)
     expert_load: torch.Tensor | None = None
+    #: ``topk_ids`` reach prepare as physical slots: the caller chose each token's replica by
+    #: :meth:`ExpertPlacement.slot_map` and counted it in ``expert_load`` (FusedMoE does, in its
+    #: routing kernel's launch: :meth:`ModularKernel.receive_slots`); else prepare does both
+    ids_are_slots: bool = False
 
     @property
     def max_tokens(self) -> int:
@@ -396,7 +400,8 @@ class PrepareAndFinalize(Part, ABC, Generic[H]):
     @abstractmethod
     def prepare(self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor, workspace: Workspace) -> PrepareResult[H]:
         """Dispatch ``x [T, H]`` with ``topk_weights [T, K]`` float32 and ``topk_ids [T, K]``
-        (global ids, ``-1`` = none) to the ranks owning the experts (by the bound placement)."""
+        (global ids, or physical slots under ``ctx.ids_are_slots``; ``-1`` = none) to the ranks
+        owning the experts (by the bound placement)."""
 
     def prepare_async(
         self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor, workspace: Workspace

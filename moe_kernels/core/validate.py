@@ -42,10 +42,12 @@ def check_call(
     *,
     max_tokens: int | None,
     check_values: bool,
+    num_ids: int | None = None,
 ) -> None:
     """Types, shapes, dtypes and devices of one call, and ``T <= max_tokens``. With
-    ``check_values`` also the expert ids' range and distinctness within a token (one host sync;
-    skip it on hot paths and inside CUDA-graph capture)."""
+    ``check_values`` also the expert ids' range (``[-1, num_ids)``, default the experts; physical
+    slots range over more) and distinctness within a token (one host sync; skip it on hot paths
+    and inside CUDA-graph capture)."""
     moe = cfg.moe
     x = expect_tensor("x", x)
     topk_weights = expect_tensor("topk_weights", topk_weights)
@@ -74,9 +76,8 @@ def check_call(
         ids = topk_ids.sort(dim=1).values
         repeated = ((ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] >= 0)).sum()
         lo, hi, dup = torch.stack([ids.min(), ids.max(), repeated.to(ids.dtype)]).tolist()
-        if lo < -1 or hi >= moe.num_experts:
-            raise ValueError(
-                f"topk_ids must lie in [-1, {moe.num_experts}) (-1 = no expert), got values in [{lo}, {hi}]"
-            )
+        limit = moe.num_experts if num_ids is None else num_ids
+        if lo < -1 or hi >= limit:
+            raise ValueError(f"topk_ids must lie in [-1, {limit}) (-1 = no expert), got values in [{lo}, {hi}]")
         if dup:
             raise ValueError(f"topk_ids repeats an expert within a token's top-k ({dup} repeats)")

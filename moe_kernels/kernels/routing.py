@@ -72,8 +72,9 @@ def _group_mask(choice, cols, col_ok, per_group, GROUPS: tl.constexpr, G_PAD: tl
 
 @triton.jit
 def _route_kernel(
-    logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, stride_t, per_group, scaling,
-    TOP_K: tl.constexpr, K_PAD: tl.constexpr, SOFTMAX: tl.constexpr, CHOOSE_ON_LOGITS: tl.constexpr,
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr, slot_table_ptr, load_ptr, num_tokens, num_experts, stride_t,
+    per_group, scaling, table_width, SLOTS: tl.constexpr, RECORD: tl.constexpr, TOP_K: tl.constexpr,
+    K_PAD: tl.constexpr, SOFTMAX: tl.constexpr, CHOOSE_ON_LOGITS: tl.constexpr,
     HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr,
     G_PAD: tl.constexpr, TOP2_SUM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
@@ -114,6 +115,11 @@ def _route_kernel(
     weights = weights * scaling
     out = rows[:, None] * TOP_K + kcols[None, :]
     out_ok = row_ok[:, None] & (kcols[None, :] < TOP_K)
+    if SLOTS:  # each token's replica of each chosen expert: the token's index picks the column
+        column = (rows % table_width)[:, None]
+        ids = tl.load(slot_table_ptr + ids.to(tl.int64) * table_width + column, mask=out_ok, other=-1)
+        if RECORD:
+            tl.atomic_add(load_ptr + ids, tl.full(ids.shape, 1, tl.int32), mask=out_ok)
     tl.store(weights_ptr + out, weights, mask=out_ok)
     tl.store(ids_ptr + out, ids, mask=out_ok)
 
@@ -123,11 +129,17 @@ def fused_route(
     top_k: int,
     routing: FusedRouting,
     correction_bias: torch.Tensor | None = None,
+    slot_table: torch.Tensor | None = None,
+    load: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``logits [T, E]`` (float) -> ``(topk_weights [T, K] float32, topk_ids [T, K] int32)``, best
     choice first, as :func:`moe_kernels.model.router.route` computes them for the same options;
-    ``correction_bias [E]`` is added to what experts and groups are chosen on. The caller checks
-    the arguments (``route`` does); one launch, no host sync."""
+    ``correction_bias [E]`` is added to what experts and groups are chosen on. With a
+    ``slot_table`` (``[E]`` or ``[E, L]`` int32, :meth:`~moe_kernels.core.placement.ExpertPlacement.slot_map`)
+    the ids are the chosen experts' physical slots, the replica by token index as
+    :func:`~moe_kernels.core.placement.map_expert_ids` picks it, each counted in ``load [P]``
+    int32 when given: replicas chosen in the same launch. The caller checks the arguments
+    (``route`` does); one launch, no host sync."""
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()  # the kernel reads rows
     num_tokens, num_experts = logits.shape
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
@@ -136,9 +148,13 @@ def fused_route(
         return weights, ids
     block_e = next_power_of_2(num_experts)
     block_t = max(1, min(16, _TILE_ELEMENTS // block_e, next_power_of_2(num_tokens)))
+    table = slot_table.contiguous() if slot_table is not None else None
     _route_kernel[(cdiv(num_tokens, block_t),)](
         logits, correction_bias if correction_bias is not None else logits, weights, ids,
+        table if table is not None else ids, load if load is not None else ids,
         num_tokens, num_experts, logits.stride(0), num_experts // routing.num_groups, float(routing.scaling),
+        table.shape[1] if table is not None and table.dim() == 2 else 1,
+        SLOTS=table is not None, RECORD=table is not None and load is not None,
         TOP_K=top_k, K_PAD=next_power_of_2(top_k), SOFTMAX=routing.softmax,
         CHOOSE_ON_LOGITS=routing.choose_on_logits, HAS_BIAS=correction_bias is not None,
         RENORMALIZE=routing.renormalize, GROUPS=routing.num_groups, TOPK_GROUP=routing.topk_group,

@@ -32,7 +32,7 @@ from moe_kernels.config import LayerConfig
 from moe_kernels.core.compose import Kernel, WorkspaceCache, layer_context
 from moe_kernels.core.contract import LayerContext, Residual
 from moe_kernels.core.distributed import check_agreement
-from moe_kernels.core.placement import ExpertPlacement
+from moe_kernels.core.placement import ExpertPlacement, choose_slots
 from moe_kernels.core.validate import expect_device, expect_dtype, expect_tensor
 from moe_kernels.mlp.weights import PROJECTIONS as WEIGHT_PROJECTIONS
 from moe_kernels.mlp.weights import ExpertWeights
@@ -132,6 +132,9 @@ class FusedMoE(nn.Module):
             _check_given_kernel(kernel, ctx)
             self.selection = None
             self.kernel = kernel
+        # the router chooses the replicas and counts them, in its own launch where it runs fused
+        self.kernel.receive_slots()
+        self._slot_map = _slot_map(self.placement, dev)
         check_layer_fits(self.cfg, self.selection, dev)  # before the weights are allocated
 
         moe = cfg.moe
@@ -227,6 +230,7 @@ class FusedMoE(nn.Module):
         move_weights(tensors, self.placement, placement, self._group)
         self.kernel.rebind_placement(placement)
         self.placement = placement
+        self._slot_map = _slot_map(placement, self.kernel.ctx.device)
         self._loader.received(placement.local_experts)
 
     def parameter(self, projection: str, part: str) -> nn.Parameter:
@@ -264,10 +268,14 @@ class FusedMoE(nn.Module):
         expect_device("hidden_states", hidden_states, self.w13.device)
         x = hidden_states.contiguous()
         residual = self._start_shared_experts(x)
-        topk_weights, topk_ids = self.router(x, input_ids)
         identity = None
-        if moe.identity_experts:
+        if moe.identity_experts:  # the zero-compute experts' ids are logical: replicas chosen after them
+            topk_weights, topk_ids = self.router(x, input_ids)
             identity, topk_weights, topk_ids = _identity_experts(x, topk_weights, topk_ids, moe.num_experts)
+            if self._slot_map is not None:
+                topk_ids = choose_slots(topk_ids, self._slot_map, self.expert_load)
+        else:
+            topk_weights, topk_ids = self.router(x, input_ids, self._slot_map, self.expert_load)
         if self.input_norm is not None:  # the routed experts' input only (Gemma-4)
             x = _rms_norm(x, self.input_norm, moe.input_norm_eps)
         if moe.weight_on_input:  # Llama-4: the expert sees x * w (rounded as the model rounds), unweighted out
@@ -481,6 +489,12 @@ def _adds_whole_output_terms(cfg: LayerConfig, tp_group: dist.ProcessGroup | Non
             "partial sum is not; keep reduce_results=True"
         )
     return dist.get_rank(tp_group) == 0
+
+
+def _slot_map(placement: ExpertPlacement, device: torch.device) -> torch.Tensor | None:
+    """What the router maps global ids through (:meth:`ExpertPlacement.slot_map`); ``None`` where
+    slots are the global ids (contiguous ownership, no replicas)."""
+    return None if placement.is_contiguous else placement.slot_map(device)
 
 
 def _check_given_kernel(kernel: Kernel, ctx: LayerContext) -> None:

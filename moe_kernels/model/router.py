@@ -32,6 +32,7 @@ from torch import nn
 
 from moe_kernels.backends.triton import interpreting
 from moe_kernels.config import MoEConfig
+from moe_kernels.core.placement import choose_slots
 from moe_kernels.kernels.routing import FusedRouting, fused_route
 
 GroupScore = Literal["max", "top2_sum"]
@@ -432,10 +433,17 @@ class Router(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def forward(
-        self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        slot_table: torch.Tensor | None = None,
+        load: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``hidden_states [T, H]`` (moe.dtype), ``input_ids [T]`` (hash routing only) ->
-        ``(topk_weights [T, K] float32, topk_ids [T, K] int32)`` of global expert ids."""
+        ``(topk_weights [T, K] float32, topk_ids [T, K] int32)`` of global expert ids; with a
+        ``slot_table`` (:meth:`~moe_kernels.core.placement.ExpertPlacement.slot_map`) the chosen
+        experts' physical slots instead, each counted in ``load [P]`` int32 when given (in the
+        routing kernel's launch where it runs)."""
         m = self.moe
         expert_ids = None
         if m.hash_routing:
@@ -446,8 +454,8 @@ class Router(nn.Module):
             expert_ids = self.tid2eid[input_ids.reshape(-1)]
         logits = self.logits(hidden_states)
         if self._fused is not None and (logits.is_cuda or interpreting()):
-            return fused_route(logits, m.top_k, self._fused, self.e_score_correction_bias)
-        return route(
+            return fused_route(logits, m.top_k, self._fused, self.e_score_correction_bias, slot_table, load)
+        weights, ids = route(
             logits,
             m.top_k,
             self.routing,
@@ -455,6 +463,7 @@ class Router(nn.Module):
             expert_scale=self.expert_scale,
             expert_ids=expert_ids,
         )
+        return weights, ids if slot_table is None else choose_slots(ids, slot_table, load)
 
     def extra_repr(self) -> str:
         m = self.moe

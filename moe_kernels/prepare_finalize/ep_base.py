@@ -59,8 +59,9 @@ class ExpertParallelPrepareAndFinalize(PrepareAndFinalize[H]):
 
     def bind_placement(self, ctx: LayerContext) -> None:
         super().bind_placement(ctx)
-        # contiguous placement needs no translation: skip the gather per call
-        self._slot_map = None if ctx.placement.is_contiguous else ctx.placement.slot_map(ctx.device)
+        # contiguous placement needs no translation: skip the gather per call; slots need none
+        identity = ctx.placement.is_contiguous or ctx.ids_are_slots
+        self._slot_map = None if identity else ctx.placement.slot_map(ctx.device)
 
     @property
     def group(self) -> dist.ProcessGroup:
@@ -73,5 +74,7 @@ class ExpertParallelPrepareAndFinalize(PrepareAndFinalize[H]):
         """Global ids ``[T, K]`` -> physical expert ids under contiguous ownership
         (``owner * P_local + local``; with redundant experts a replica chosen per token), ``-1``
         kept: what a dispatcher that knows only contiguous ownership routes by. The chosen
-        replicas are counted in ``ctx.expert_load``."""
+        replicas are counted in ``ctx.expert_load``. Slots (``ctx.ids_are_slots``) pass as they are."""
+        if self.ctx.ids_are_slots:
+            return topk_ids
         return choose_slots(topk_ids, self._slot_map, self.ctx.expert_load)

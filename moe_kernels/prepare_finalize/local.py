@@ -49,17 +49,17 @@ class _Local(PrepareAndFinalize[H]):
     def bind_placement(self, ctx: LayerContext) -> None:
         super().bind_placement(ctx)
         placement = ctx.placement
-        # the identity map costs a gather per call for nothing
+        # the identity map costs a gather per call for nothing; slots need no map
         identity = placement.ep_size == 1 and placement.is_contiguous
-        self._slot_map = None if identity else placement.slot_map(ctx.device)
+        self._slot_map = None if identity or ctx.ids_are_slots else placement.slot_map(ctx.device)
 
     def local_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Global ids ``[T, K]`` -> this rank's local ids (a replica chosen per token), ``-1`` for
-        none or another rank's expert; the chosen replicas are counted in ``ctx.expert_load``."""
-        if self._slot_map is None:
-            return topk_ids
-        slots = choose_slots(topk_ids, self._slot_map, self.ctx.expert_load)
-        return slots if self.ctx.placement.ep_size == 1 else slots_to_local(slots, self.ctx.placement)
+        """Global ids ``[T, K]`` (or slots, ``ctx.ids_are_slots``) -> this rank's local ids (a
+        replica chosen per token), ``-1`` for none or another rank's expert; the chosen replicas
+        are counted in ``ctx.expert_load``."""
+        placement = self.ctx.placement
+        slots = topk_ids if self._slot_map is None else choose_slots(topk_ids, self._slot_map, self.ctx.expert_load)
+        return slots if placement.ep_size == 1 else slots_to_local(slots, placement)
 
 
 class LocalPrepareAndFinalize(_Local[None]):
