@@ -147,8 +147,9 @@ def load_weight_tile(
             if HAS_ZERO:
                 zero = _per_group(zero_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, False, GROUPS,
                                   BLOCK_K // 2)  # fmt: skip
-        if PACKED == 2 and (GROUPS > 1 or BLOCK_M > _PRODUCT_SCALE_ROWS):
+        if PACKED == 2 and (not INTERPRETED) and (GROUPS > 1 or BLOCK_M > _PRODUCT_SCALE_ROWS):
             # a power of two: exact in bf16 (subnormals included), two products a pair of weights
+            # (the interpreter multiplies bf16 bits as numbers, triton 3.9: it takes the float32 way)
             scale = scale.to(tl.bfloat16)
             w = w * scale
             w_odd = w_odd * scale
