@@ -33,7 +33,7 @@ from moe_kernels.core.contract import (
 from moe_kernels.core.placement import ExpertPlacement
 from moe_kernels.experts.deepgemm import DeepGemmExperts, ExpandedDeepGemmExperts, MaskedDeepGemmExperts
 from moe_kernels.experts.fused_triton import FusedTritonExperts
-from moe_kernels.experts.grouped_mm import GroupedMMExperts
+from moe_kernels.experts.grouped_mm import DequantizedGroupedMMExperts, GroupedMMExperts
 from moe_kernels.experts.hybrid import HybridDeepGemmExperts
 from moe_kernels.experts.reference import TorchReferenceExperts
 from moe_kernels.experts.triton import MaskedTritonExperts, TritonExperts
@@ -66,6 +66,7 @@ __all__ = [
     "FusedMoE",
     "FusedTritonExperts",
     "GroupedMMExperts",
+    "DequantizedGroupedMMExperts",
     "HybridDeepGemmExperts",
     "IncompatibleKernelsError",
     "LayerConfig",

@@ -16,6 +16,7 @@ import torch
 from test_quant_kernels import contiguous_routing
 
 from moe_kernels import (
+    DequantizedGroupedMMExperts,
     FusedTritonExperts,
     LayerConfig,
     LocalMaskedPrepareAndFinalize,
@@ -28,7 +29,8 @@ from moe_kernels import (
     TritonExperts,
     compose,
 )
-from moe_kernels.kernels import FusedConfig, PackedWeight, grouped_gemm_contiguous
+from moe_kernels.core.compose import layer_context
+from moe_kernels.kernels import FusedConfig, PackedWeight, dequantize_packed, grouped_gemm_contiguous
 from moe_kernels.mlp.formats import Fp8Block, Fp8Channel, Fp8Tensor
 from moe_kernels.mlp.weights import ExpertWeights, quantize_weights
 
@@ -288,6 +290,40 @@ def test_mxfp4_with_one_or_two_scale_groups_per_k_tile(block_k: int) -> None:
     live = layout >= 0
     expected = torch.einsum("rh,rnh->rn", rows[live].float(), real13[layout[live].long()])
     assert (gemm1[live].float() - expected).abs().max() <= 3e-2 * expected.abs().max()
+
+
+@pytest.mark.parametrize("name", list(PACKED))
+def test_dequantize_packed_gives_the_bf16_weights(name: str) -> None:
+    # the pass DequantizedGroupedMMExperts makes before its bf16 GEMMs: every weight as the
+    # packer's real value rounded to bf16; K = 192 leaves a partial 128-column tile (where the
+    # group allows it)
+    quant, pack = PACKED[name]
+    group = 32 if name == "mxfp4" else quant.group_size
+    k = 192 if group < 128 else 384
+    w = torch.randn(3, 40, k, generator=torch.Generator().manual_seed(4)) * 0.1
+    tensors, real = pack(w)
+    packing = "mxfp4" if name == "mxfp4" else "int4"
+    out = torch.full((3, 40, k), float("nan"), dtype=torch.bfloat16)
+    dequantize_packed(tensors["weight"], tensors["scale"], PackedWeight(packing, group, tensors.get("zero")), out)
+    # within one bf16 step of the real value (8 significant bits: 2^-7 relative; the interpreter
+    # rounds float32 to bf16 by truncation), exact where the value is a bf16 number (mxfp4)
+    torch.testing.assert_close(out.float(), real, rtol=2**-7, atol=0)
+    assert name != "mxfp4" or torch.equal(out.float(), real)
+    with pytest.raises(ValueError, match=rf"out: expected shape \[3, 40, {k}\]"):
+        dequantize_packed(tensors["weight"], tensors["scale"], PackedWeight(packing, group, tensors.get("zero")),
+                          out[:, :, :128])  # fmt: skip
+
+
+def test_dequantized_grouped_mm_takes_4_bit_weights_only() -> None:
+    moe = MoEConfig(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, dtype=torch.bfloat16)
+    packed_cfg = LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=32), quant=PACKED["mxfp4"][0])
+    experts, ctx = DequantizedGroupedMMExperts(), layer_context(packed_cfg, device="cpu")
+    assert experts.check_mlp(ctx).ok, experts.check_mlp(ctx).reason
+    dense = layer_context(LayerConfig(moe=moe, parallel=ParallelConfig(max_tokens_per_rank=32)), device="cpu")
+    refused = experts.check_mlp(dense)
+    assert not refused.ok and "computes with int4_group, mxfp4 weights, not" in refused.reason
+    spec = experts.workspace_specs(ctx, 32)
+    assert spec["w13"].shape == (E, 2 * I, H) and spec["w2"].shape == (E, H, I)
 
 
 # ----------------------------------------------------------------------------- published checkpoints

@@ -1,7 +1,8 @@
 """GPU tests of every weight format's Triton paths on real EP-local shapes (skipped without a GPU).
 
-Each scheme's layer runs through the fused decode path (``FusedTritonExperts``) and the grouped
-path (``TritonExperts``), composed behind the local prepare/finalize, and is compared with a
+Each scheme's layer runs through the fused decode path (``FusedTritonExperts``), the grouped
+path (``TritonExperts``) and, 4-bit formats, the bf16 copy on ``torch._grouped_mm``
+(``DequantizedGroupedMMExperts``), composed behind the local prepare/finalize, and is compared with a
 plain-torch loop on the dequantized weights in float32 (the format's own rounding excluded).
 Tolerances (``max|out - ref| <= tol * max|ref|``): fp8 formats 0.1 -- the activations are
 rounded to e4m3 (3 mantissa bits, ~3.6 % standard deviation per value) before two GEMMs and the
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_kernels import (
+    DequantizedGroupedMMExperts,
     FusedTritonExperts,
     LayerConfig,
     LocalPrepareAndFinalize,
@@ -94,12 +96,14 @@ def loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, tw: torch.Tensor,
 
 
 # pytest varies the top decorator fastest: one (shape, scheme) at a time keeps its weights cached
-@pytest.mark.parametrize("experts", [FusedTritonExperts, TritonExperts])
+@pytest.mark.parametrize("experts", [FusedTritonExperts, TritonExperts, DequantizedGroupedMMExperts])
 @pytest.mark.parametrize("t", TOKENS)
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_format_fast_paths_match_the_loop(shape: str, scheme: str, t: int, experts: type) -> None:
     cfg = layer(shape, scheme)
+    if experts is DequantizedGroupedMMExperts and not scheme.startswith(("int4", "mxfp4")):
+        pytest.skip("4-bit formats only")
     e, k, h, _ = SHAPES[shape]
     stored, w13, w2 = weights(shape, scheme)
     kernel = compose(LocalPrepareAndFinalize(), experts(), cfg, device="cuda", workspace_cache=WorkspaceCache())

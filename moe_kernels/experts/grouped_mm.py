@@ -1,5 +1,6 @@
 """Expert MLPs on ``torch._grouped_mm`` (PyTorch's CUTLASS grouped GEMM): the fast path on
 Hopper/Blackwell GPUs without DeepGEMM. Its constraints are :mod:`moe_kernels.backends.grouped_mm`.
+:class:`DequantizedGroupedMMExperts` runs 4-bit layers on it through a bf16 copy made per call.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from moe_kernels.core.contract import (
     WorkspaceSpec,
 )
 from moe_kernels.experts.common import write_output
+from moe_kernels.mlp.formats import PACKED_FORMATS, Dense, Packed4Bit
 from moe_kernels.mlp.weights import ExpertWeights
 
 
@@ -85,3 +87,46 @@ def _add_bias(rows: torch.Tensor, bias: torch.Tensor | None, grouped_layout: tor
     take expert 0's bias; nothing reads them."""
     if bias is not None:
         rows += bias.index_select(0, grouped_layout.clamp(min=0))
+
+
+class DequantizedGroupedMMExperts(GroupedMMExperts):
+    """:class:`GroupedMMExperts` for 4-bit weights (int4, mxfp4): each call first dequantizes the
+    local experts' packed weights into bf16 workspaces ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` (one
+    pass: the packed bytes read, the bf16 weights written), then runs the bf16 grouped GEMMs.
+
+    The pass costs about what reading bf16 weights costs, so it pays only where the GEMMs are
+    bound by compute (prefill): the fused Triton path dequantizes in its loads and leads at decode.
+    The workspaces hold a bf16 copy of the rank's experts (a workspace cache shares them between
+    layers); the selector measures both and picks per batch size.
+    """
+
+    weight_formats = PACKED_FORMATS
+
+    def preference(self, ctx: LayerContext) -> tuple[float, str]:
+        return 4.0, "4-bit weights dequantized to bf16 per call, then torch._grouped_mm: prefill"
+
+    def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
+        mlp, experts = ctx.mlp, ctx.placement.num_local_experts
+        return {
+            **super().workspace_specs(ctx, num_rows),
+            "w13": WorkspaceSpec((experts, *mlp.w13_shape), mlp.dtype),
+            "w2": WorkspaceSpec((experts, *mlp.w2_shape), mlp.dtype),
+        }
+
+    def apply(
+        self,
+        tokens: StandardTokens,
+        weights: ExpertWeights,
+        out: torch.Tensor,
+        workspace: dict[str, torch.Tensor],
+    ) -> None:
+        from moe_kernels.kernels import PackedWeight, dequantize_packed
+
+        fmt = weights.weight_format
+        assert isinstance(fmt, Packed4Bit)  # weight_formats: the composer refused the others
+        assert weights.w13_scale is not None and weights.w2_scale is not None
+        w13, w2 = workspace["w13"], workspace["w2"]
+        dequantize_packed(weights.w13, weights.w13_scale, PackedWeight(fmt.packing, fmt.group, weights.w13_zero), w13)
+        dequantize_packed(weights.w2, weights.w2_scale, PackedWeight(fmt.packing, fmt.group, weights.w2_zero), w2)
+        dense = ExpertWeights(w13, w2, format=Dense(), w13_bias=weights.w13_bias, w2_bias=weights.w2_bias)
+        super().apply(tokens, dense, out, workspace)

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from moe_kernels.mlp import packed as packed_numbers
 
-from ._common import check_tensor
+from ._common import check_tensor, interpreting
 
 #: ``PACKED`` constexpr values of the GEMM kernels
 NOT_PACKED = 0
@@ -275,6 +275,53 @@ def _per_group(
     if GROUPS > 1:
         v = tl.reshape(tl.broadcast_to(v[:, None, :], (GROUPS, BLOCK_K // GROUPS, v.shape[1])), (BLOCK_K, v.shape[1]))
     return v
+
+
+@triton.jit
+def _dequantize_kernel(
+    w_ptr, scale_ptr, zero_ptr, out_ptr, n_rows, k_dim, stride_se, stride_sn, stride_sk, group,
+    PACKED: tl.constexpr, HAS_ZERO: tl.constexpr, GROUPS: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One ``[BLOCK_N, BLOCK_K]`` tile of expert ``program_id(2)``'s weight, dequantized through
+    :func:`load_weight_tile` (as a wide GEMM tile: the values, scaled) and stored in bf16."""
+    expert = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    k0 = tl.program_id(1) * BLOCK_K
+    byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    bytes_per_row = k_dim // 2
+    w_ptrs = w_ptr + (expert * n_rows + rows[None, :]) * bytes_per_row + byte_cols[:, None]
+    mask = (byte_cols < bytes_per_row)[:, None] & row_ok[None, :]
+    scale_offs = expert * stride_se + rows.to(tl.int64) * stride_sn
+    w, w_odd, _, _ = load_weight_tile(w_ptrs, mask, k0, k_dim, row_ok, scale_ptr, zero_ptr, scale_offs, stride_sk,
+                                      group, tl.bfloat16, PACKED, HAS_ZERO, GROUPS, INTERPRETED,
+                                      2 * _PRODUCT_SCALE_ROWS, BLOCK_K)  # fmt: skip
+    values = tl.reshape(tl.permute(tl.join(w.to(tl.bfloat16), w_odd.to(tl.bfloat16)), (0, 2, 1)), (BLOCK_K, BLOCK_N))
+    cols = k0 + tl.arange(0, BLOCK_K)
+    out_ptrs = out_ptr + (expert * n_rows + rows[None, :]) * k_dim + cols[:, None]
+    tl.store(out_ptrs, values, mask=(cols < k_dim)[:, None] & row_ok[None, :])
+
+
+def dequantize_packed(w: torch.Tensor, w_scale: torch.Tensor, packed: PackedWeight, out: torch.Tensor) -> None:
+    """``w [E, N, K/2] uint8`` with ``w_scale`` (and ``packed.zero``) -> ``out [E, N, K]`` bf16, the
+    weights they stand for rounded to bf16, in one pass (the packed bytes read once, ``out``
+    written once): what a bf16 GEMM takes where rows enough amortize the pass."""
+    k = w.shape[2] * 2
+    check_packed("w", w, w_scale, packed, k)
+    check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(w.shape[0], w.shape[1], k))
+    if w.device != out.device:
+        raise ValueError(f"out must be on w's device ({w.device}), got {out.device}")
+    if out.numel() == 0:
+        return
+    block_n, block_k = 64, 128
+    block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))
+    grid = (-(-w.shape[1] // block_n), -(-k // block_k), w.shape[0])
+    _dequantize_kernel[grid](
+        w, w_scale, packed.zero, out, w.shape[1], k, *w_scale.stride(), packed.group,
+        PACKED=packed_constant(packed.packing), HAS_ZERO=packed.zero is not None,
+        GROUPS=groups_per_tile(packed.group, block_k), INTERPRETED=interpreting(), BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
 
 
 def groups_per_tile(group: int, block_k: int) -> int:

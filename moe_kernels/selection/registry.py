@@ -16,7 +16,7 @@ from moe_kernels.config import LayerConfig
 from moe_kernels.core.contract import PermuteExpertsUnpermute, PrepareAndFinalize
 from moe_kernels.experts.deepgemm import DeepGemmExperts, ExpandedDeepGemmExperts, MaskedDeepGemmExperts
 from moe_kernels.experts.fused_triton import FusedTritonExperts
-from moe_kernels.experts.grouped_mm import GroupedMMExperts
+from moe_kernels.experts.grouped_mm import DequantizedGroupedMMExperts, GroupedMMExperts
 from moe_kernels.experts.hybrid import HybridDeepGemmExperts
 from moe_kernels.experts.reference import TorchReferenceExperts
 from moe_kernels.experts.triton import MaskedTritonExperts, TritonExperts
@@ -43,6 +43,7 @@ EXPERTS: list[Callable[[LayerConfig], PermuteExpertsUnpermute]] = [
     lambda cfg: HybridDeepGemmExperts(),
     lambda cfg: DeepGemmExperts(),
     lambda cfg: GroupedMMExperts(),
+    lambda cfg: DequantizedGroupedMMExperts(),
     lambda cfg: MaskedDeepGemmExperts(),
     lambda cfg: ExpandedDeepGemmExperts(),
 ]
