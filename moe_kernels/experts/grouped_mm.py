@@ -113,7 +113,7 @@ class DequantizedGroupedMMExperts(GroupedMMExperts):
             "w2": WorkspaceSpec((experts, *mlp.w2_shape), mlp.dtype),
         }
 
-    def apply(
+    def apply(  # type: ignore[override]  # STANDARD only, as the class it extends
         self,
         tokens: StandardTokens,
         weights: ExpertWeights,
