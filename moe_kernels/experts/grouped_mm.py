@@ -18,6 +18,7 @@ from moe_kernels.core.contract import (
     WorkspaceSpec,
 )
 from moe_kernels.experts.common import write_output
+from moe_kernels.experts.fused_triton import DECODE_ROWS_PER_EXPERT
 from moe_kernels.mlp.formats import PACKED_FORMATS, Dense, Packed4Bit
 from moe_kernels.mlp.weights import ExpertWeights
 
@@ -103,7 +104,12 @@ class DequantizedGroupedMMExperts(GroupedMMExperts):
     weight_formats = PACKED_FORMATS
 
     def preference(self, ctx: LayerContext) -> tuple[float, str]:
-        return 4.0, "4-bit weights dequantized to bf16 per call, then torch._grouped_mm: prefill"
+        rows = ctx.max_tokens * ctx.cfg.moe.top_k / ctx.placement.num_local_experts
+        # H100 (docs/performance.md, ninth session): 1.7-1.8x the fused path at DeepSeek-V3
+        # EP8-local T = 4096, level at Qwen3-30B-A3B; at 64 rows per expert the pass costs 1.8x
+        if rows <= DECODE_ROWS_PER_EXPERT:
+            return 40.0, f"a bf16 copy per call costs more than it saves at {rows:.0f} rows per expert"
+        return 20.0, f"4-bit weights dequantized to bf16 per call, then torch._grouped_mm ({rows:.0f} rows per expert)"
 
     def workspace_specs(self, ctx: LayerContext, num_rows: int) -> dict[str, WorkspaceSpec]:
         mlp, experts = ctx.mlp, ctx.placement.num_local_experts
