@@ -5,14 +5,17 @@ Layout (:mod:`moe_kernels.mlp.packed`): ``weight [E, N, K/2] uint8``, byte ``j``
 column ``2j`` in its low nibble and ``2j + 1`` in its high nibble; scales (and int4 zero points)
 ``[E, N, K/group]``. A B tile ``[BLOCK_K, BLOCK_N]`` is loaded as its ``[BLOCK_K / 2, BLOCK_N]``
 bytes, contiguous along K as a dense tile is (one byte a weight per load would forgo vector loads
-and run 4x slower than bf16, measured on an H100), decoded in registers, and multiplied
-by A's even and odd columns. A nibble ``u`` stands for
+and run 4x slower than bf16, measured on an H100), and decoded in registers. A nibble ``u``
+stands for
 
 * ``INT4``: ``(u - zero) * scale``, ``zero`` 8 when symmetric (no zero tensor);
 * ``MXFP4``: e2m1 ``u`` (sign, 2 exponent bits, 1 mantissa bit) times ``2^(scale - 127)``.
 
-The decoding gives exact bf16 codes (``u - 8``, ``u``, the e2m1 value); where one scale group
-spans the K tile, the group's scale and zero point are applied to the tile's product.
+The decoding (inline PTX on a GPU) gives exact bf16 codes (``u - 8``, ``u``, the e2m1 value).
+Decode tiles (at most :data:`_PRODUCT_SCALE_ROWS` A rows) multiply A's even and odd columns by
+the low and high nibbles' codes, and where one scale group spans the K tile the group's scale and
+zero point go on the tile's product; wider tiles scale each weight and interleave the nibbles back
+into K order. :func:`dequantize_packed` writes the bf16 weights out in one pass.
 """
 
 from __future__ import annotations
@@ -122,11 +125,11 @@ def load_weight_tile(
     the columns ``k`` from ``k0``, ``row_offs [BLOCK_N]`` are the offsets of the rows' first scale
     (and zero point) from ``scale_ptr`` (``zero_ptr``) and ``GROUPS`` the scale groups in a K tile;
     ``w`` and ``w_odd`` ``[BLOCK_K / 2, BLOCK_N]`` hold the tile's even and odd rows (the bytes'
-    low and high nibbles). Where one group spans the tile (``GROUPS == 1``) and the A tile has at most
-    :data:`_PRODUCT_SCALE_ROWS` rows, they hold the codes (:func:`_codes`) and ``scale`` (int4 with
-    zero points also ``zero``) ``[1, BLOCK_N]`` float32 wait for the tile's product: one multiply
-    per output instead of one per weight. Otherwise they hold the weights' float32 values, scale
-    1 and zero 0."""
+    low and high nibbles). Where one group spans the tile (``GROUPS == 1``) and the A tile has at
+    most :data:`_PRODUCT_SCALE_ROWS` rows, they hold the codes (:func:`_codes`) and ``scale``
+    (int4 with zero points also ``zero``) ``[1, BLOCK_N]`` float32 wait for the tile's product:
+    one multiply per output instead of one per weight. Otherwise they hold the weights' values
+    (float32; mxfp4 on a GPU bf16, exact), scale 1 and zero 0."""
     scale = 1.0
     zero = 0.0
     if PACKED == 0:
@@ -148,8 +151,8 @@ def load_weight_tile(
                 zero = _per_group(zero_ptr, row_offs, k0, k_dim, group, stride_sk, col_ok, False, GROUPS,
                                   BLOCK_K // 2)  # fmt: skip
         if PACKED == 2 and (not INTERPRETED) and (GROUPS > 1 or BLOCK_M > _PRODUCT_SCALE_ROWS):
-            # a power of two: exact in bf16 (subnormals included), two products a pair of weights
-            # (the interpreter multiplies bf16 bits as numbers, triton 3.9: it takes the float32 way)
+            # a power of two: exact in bf16 (subnormals included), one bf16x2 multiply a pair of
+            # weights (the interpreter multiplies bf16 bits as numbers, triton 3.9: float32 there)
             scale = scale.to(tl.bfloat16)
             w = w * scale
             w_odd = w_odd * scale

@@ -278,7 +278,7 @@ def _weight_dot(
 ):
     """``acc`` plus the A tile ``[BLOCK_M, BLOCK_K]`` times the weight tile ``[BLOCK_K, BLOCK_N]`` at
     ``w_ptrs`` of the K tile from ``k0``, both in ``a_dtype``: 4-bit weights dequantized in the load
-    (mxfp4's scales applied to the tile's product where one group spans the tile), fp8 ones upcast
+    (:func:`.dequant.load_weight_tile`: at decode tiles the group scales on the product), fp8 ones upcast
     (exact in bf16) and a fresh fp32 partial per K tile times the scales ``[1, BLOCK_N]`` of their
     columns' rows, at ``scale_offs`` from ``w_scale_ptr``; a K tile lies in one scale block."""
     w, w_odd, w_scale, w_zero = load_weight_tile(w_ptrs, w_mask, k0, k_dim, col_ok, w_scale_ptr, w_zero_ptr,
