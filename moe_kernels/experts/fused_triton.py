@@ -50,6 +50,12 @@ Tiles = tuple[Any, Any]  # (gemm1, gemm2) FusedConfig
 DECODE_ROWS_PER_EXPERT = 128
 
 
+def rows_per_local_expert(ctx: LayerContext) -> float:
+    """The rows a local expert takes on average at the layer's largest call (``T * K / E_local``),
+    what :data:`DECODE_ROWS_PER_EXPERT` is compared with."""
+    return ctx.max_tokens * ctx.cfg.moe.top_k / ctx.placement.num_local_experts
+
+
 class FusedTritonExperts(TritonPart):
     """STANDARD in, ``[T, H]`` out (weighted, reduced), unquantized, fp8 or 4-bit weights, gated
     activations.
@@ -77,8 +83,7 @@ class FusedTritonExperts(TritonPart):
     def preference(self, ctx: LayerContext) -> tuple[float, str]:
         if ctx.device.type == "cpu" and interpreting():
             return 500.0, "Triton under the CPU interpreter: correct but slow"
-        moe = ctx.cfg.moe
-        rows = ctx.max_tokens * moe.top_k / ctx.placement.num_local_experts
+        rows = rows_per_local_expert(ctx)
         if isinstance(ctx.mlp.weights, Fp8Scaled):
             # H100, DeepSeek-V3 EP8-local (docs/gpu-results.md, 2026-11-23): 1.02-1.2x the fastest
             # fp8 pair at T <= 64, far slower at prefill; a measured table overrides this

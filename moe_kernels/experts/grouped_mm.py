@@ -18,7 +18,7 @@ from moe_kernels.core.contract import (
     WorkspaceSpec,
 )
 from moe_kernels.experts.common import write_output
-from moe_kernels.experts.fused_triton import DECODE_ROWS_PER_EXPERT
+from moe_kernels.experts.fused_triton import DECODE_ROWS_PER_EXPERT, rows_per_local_expert
 from moe_kernels.mlp.formats import PACKED_FORMATS, Dense, Packed4Bit
 from moe_kernels.mlp.weights import ExpertWeights
 
@@ -104,7 +104,7 @@ class DequantizedGroupedMMExperts(GroupedMMExperts):
     weight_formats = PACKED_FORMATS
 
     def preference(self, ctx: LayerContext) -> tuple[float, str]:
-        rows = ctx.max_tokens * ctx.cfg.moe.top_k / ctx.placement.num_local_experts
+        rows = rows_per_local_expert(ctx)
         # H100 (docs/performance.md, ninth session): 1.7-1.8x the fused path at DeepSeek-V3
         # EP8-local T = 4096, level at Qwen3-30B-A3B; at 64 rows per expert the pass costs 1.8x
         if rows <= DECODE_ROWS_PER_EXPERT:

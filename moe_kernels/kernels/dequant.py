@@ -28,7 +28,7 @@ import triton.language as tl
 
 from moe_kernels.mlp import packed as packed_numbers
 
-from ._common import check_tensor, interpreting
+from ._common import cdiv, check_same_device, check_tensor, interpreting, next_power_of_2
 
 #: ``PACKED`` constexpr values of the GEMM kernels
 NOT_PACKED = 0
@@ -194,11 +194,16 @@ def tile_dot(acc, a, w, w_odd, scale, zero, PACKED: tl.constexpr, HAS_ZERO: tl.c
             acc = tl.dot(a_odd, w_odd, acc, input_precision=INPUT_PRECISION)
     elif PACKED != 0:
         # a wgmma tile: splitting A would cost a pass through shared memory; the rows interleave
-        w = tl.reshape(tl.permute(tl.join(w, w_odd), (0, 2, 1)), (a.shape[1], w.shape[1]))
-        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a, _interleave(w, w_odd), acc, input_precision=INPUT_PRECISION)
     else:
         acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
     return acc
+
+
+@triton.jit
+def _interleave(even, odd):
+    """A tile's even and odd rows ``[BLOCK_K / 2, N]`` -> the tile ``[BLOCK_K, N]`` in K order."""
+    return tl.reshape(tl.permute(tl.join(even, odd), (0, 2, 1)), (2 * even.shape[0], even.shape[1]))
 
 
 @triton.jit
@@ -300,7 +305,7 @@ def _dequantize_kernel(
     w, w_odd, _, _ = load_weight_tile(w_ptrs, mask, k0, k_dim, row_ok, scale_ptr, zero_ptr, scale_offs, stride_sk,
                                       group, tl.bfloat16, PACKED, HAS_ZERO, GROUPS, INTERPRETED,
                                       2 * _PRODUCT_SCALE_ROWS, BLOCK_K)  # fmt: skip
-    values = tl.reshape(tl.permute(tl.join(w.to(tl.bfloat16), w_odd.to(tl.bfloat16)), (0, 2, 1)), (BLOCK_K, BLOCK_N))
+    values = _interleave(w.to(tl.bfloat16), w_odd.to(tl.bfloat16))
     cols = k0 + tl.arange(0, BLOCK_K)
     out_ptrs = out_ptr + (expert * n_rows + rows[None, :]) * k_dim + cols[:, None]
     tl.store(out_ptrs, values, mask=(cols < k_dim)[:, None] & row_ok[None, :])
@@ -313,13 +318,11 @@ def dequantize_packed(w: torch.Tensor, w_scale: torch.Tensor, packed: PackedWeig
     k = w.shape[2] * 2
     check_packed("w", w, w_scale, packed, k)
     check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(w.shape[0], w.shape[1], k))
-    if w.device != out.device:
-        raise ValueError(f"out must be on w's device ({w.device}), got {out.device}")
+    check_same_device(w=w, w_scale=w_scale, zero=packed.zero, out=out)
     if out.numel() == 0:
         return
-    block_n, block_k = 64, 128
-    block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))
-    grid = (-(-w.shape[1] // block_n), -(-k // block_k), w.shape[0])
+    block_n, block_k = 64, min(128, max(16, next_power_of_2(k)))
+    grid = (cdiv(w.shape[1], block_n), cdiv(k, block_k), w.shape[0])
     _dequantize_kernel[grid](
         w, w_scale, packed.zero, out, w.shape[1], k, *w_scale.stride(), packed.group,
         PACKED=packed_constant(packed.packing), HAS_ZERO=packed.zero is not None,

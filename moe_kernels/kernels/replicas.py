@@ -13,18 +13,25 @@ BLOCK = 256
 
 
 @triton.jit
+def choose_replica(expert, token, table_ptr, width, load_ptr, routed, RECORD: tl.constexpr):
+    """The slots of ``expert`` ids chosen by ``token`` indices (same shape): ``table[e, t % width]``
+    (the token's index picks the replica), ``-1`` where not ``routed``; with ``RECORD`` each
+    chosen slot counted at ``load_ptr``."""
+    slot = tl.load(table_ptr + expert.to(tl.int64) * width + token % width, mask=routed, other=-1)
+    if RECORD:
+        tl.atomic_add(load_ptr + slot, tl.full(slot.shape, 1, tl.int32), mask=routed)
+    return slot
+
+
+@triton.jit
 def _choose_slots_kernel(
     ids_ptr, table_ptr, out_ptr, load_ptr, numel, top_k, width, RECORD: tl.constexpr, BLOCK: tl.constexpr
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < numel
-    expert = tl.load(ids_ptr + offs, mask=inside, other=-1).to(tl.int64)
-    routed = inside & (expert >= 0)
-    column = (offs // top_k) % width  # the token's index picks the replica
-    slot = tl.load(table_ptr + expert * width + column, mask=routed, other=-1)
+    expert = tl.load(ids_ptr + offs, mask=inside, other=-1)
+    slot = choose_replica(expert, offs // top_k, table_ptr, width, load_ptr, inside & (expert >= 0), RECORD)
     tl.store(out_ptr + offs, slot.to(out_ptr.dtype.element_ty), mask=inside)
-    if RECORD:
-        tl.atomic_add(load_ptr + slot, tl.full([BLOCK], 1, tl.int32), mask=routed)
 
 
 def replica_slots(topk_ids: torch.Tensor, table: torch.Tensor, load: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, next_power_of_2
+from .replicas import choose_replica
 
 #: most score elements a program holds (BLOCK_T x BLOCK_E fp32, plus the choice and a mask)
 _TILE_ELEMENTS = 4096
@@ -115,11 +116,8 @@ def _route_kernel(
     weights = weights * scaling
     out = rows[:, None] * TOP_K + kcols[None, :]
     out_ok = row_ok[:, None] & (kcols[None, :] < TOP_K)
-    if SLOTS:  # each token's replica of each chosen expert: the token's index picks the column
-        column = (rows % table_width)[:, None]
-        ids = tl.load(slot_table_ptr + ids.to(tl.int64) * table_width + column, mask=out_ok, other=-1)
-        if RECORD:
-            tl.atomic_add(load_ptr + ids, tl.full(ids.shape, 1, tl.int32), mask=out_ok)
+    if SLOTS:  # each token's replica of each chosen expert
+        ids = choose_replica(ids, rows[:, None], slot_table_ptr, table_width, load_ptr, out_ok, RECORD)
     tl.store(weights_ptr + out, weights, mask=out_ok)
     tl.store(ids_ptr + out, ids, mask=out_ok)
 
